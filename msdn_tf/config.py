@@ -1,0 +1,337 @@
+"""Typed configuration: dataclasses with defaults, YAML files of overrides, command-line overrides.
+
+Resolution order (later wins):
+
+1. the dataclass defaults below;
+2. ``configs/<dataset>.yaml`` (the dataset's reference hyper-parameters);
+3. ``--config FILE`` (any number of YAML files);
+4. ``--set section.key=value`` overrides (values parsed as YAML).
+
+Unknown sections or keys and values of the wrong type raise :class:`ConfigError`
+naming the file (or override) and the key. The resolved config is written to
+``config.yaml`` in every run directory, and a run can be repeated from it with
+``--config <run>/config.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from pathlib import Path
+from typing import Any, List, Optional
+
+import yaml
+
+from msdn_tf.errors import ConfigError
+
+CONFIG_DIR = Path(os.environ.get("MSDN_CONFIG_DIR", Path(__file__).resolve().parent.parent / "configs"))
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Where the data comes from and how batches are drawn.
+
+    Attributes:
+        dataset: a name in the dataset table (``msdn_tf.data.registry``).
+        data_dir: folder with the dataset's files (see the README for each layout).
+        sampler: ``random`` (uniform batches, reference CUB), ``class_balanced``
+            (distinct seen classes, reference SUN/AWA2) or ``epoch`` (shuffled epochs).
+        batch_size: training batch size.
+        eval_batch_size: evaluation batch size (100 in the reference).
+        prefetch: batches prepared ahead by tf.data.
+        feature_file: feature file of the xlsa17 layout (made by ``msdn_tf.extract``),
+            relative to ``data_dir`` (or absolute); see docs/data.md.
+        cache: read features from a prepared channel-last float16 cache
+            (``msdn_tf.data.prepare``), building it on first use when absent or stale.
+        cache_dir: folder of the cache; default ``data_dir``.
+        cache_dtype: ``float16`` (half the size) or ``float32``.
+    """
+
+    dataset: str = "demo"
+    data_dir: Optional[str] = None
+    sampler: str = "random"
+    batch_size: int = 50
+    eval_batch_size: int = 100
+    prefetch: int = 2
+    feature_file: str = "features_resnet101_448.hdf5"
+    cache: bool = False
+    cache_dir: Optional[str] = None
+    cache_dtype: str = "float16"
+
+
+@dataclasses.dataclass
+class DemoConfig:
+    """Size of the built-in synthetic dataset (``msdn_tf.data.demo``)."""
+
+    num_classes: int = 40
+    num_unseen: int = 10
+    num_attributes: int = 24
+    attributes_per_class: int = 6
+    images_per_class: int = 60
+    map_size: int = 7
+    feature_dim: int = 256
+    embed_dim: int = 300
+    test_seen_fraction: float = 0.2
+    distractors: float = 0.3
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Architecture and test-time fusion (reference note §2, §3, §6)."""
+
+    normalize_attribute_vectors: bool = False
+    fusion_weights: List[float] = dataclasses.field(default_factory=lambda: [0.9, 0.1])
+    branches: str = "both"
+    attention: str = "softmax"
+    bias: float = 0.0
+
+
+@dataclasses.dataclass
+class LossConfig:
+    """Loss weights and forms (reference note §4; paper Eqs. 7-8)."""
+
+    lambda_cal: float = 0.1
+    distill_weight: float = 0.001
+    cross_entropy: str = "all"
+    calibration: str = "batch_mass"
+    distillation: str = "reference"
+
+
+@dataclasses.dataclass
+class OptimizerConfig:
+    """torch-style RMSprop (reference note §5)."""
+
+    learning_rate: float = 1e-4
+    rho: float = 0.99
+    epsilon: float = 1e-8
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Schedule, logging and run directory.
+
+    Attributes:
+        seed: global seed (sampler, initialisation).
+        iterations: training steps; ``None`` means ``trainval * epochs // batch_size``.
+        epochs: used only when ``iterations`` is ``None``.
+        eval_every: steps between evaluations; ``None`` means ``trainval // batch_size``.
+        log_every: steps between TensorBoard loss scalars.
+        jit_compile: compile the train/eval steps with XLA.
+        deterministic: enable TensorFlow's deterministic ops.
+        out_dir: parent of run directories.
+        run_name: run directory name; default ``<dataset>-<seed>-<time>``.
+        verbose: Keras progress display: 0 silent, 1 progress bar, 2 one line per period,
+            ``-1`` chooses 1 on a terminal and 2 otherwise.
+    """
+
+    seed: int = 214
+    iterations: Optional[int] = None
+    epochs: int = 30
+    eval_every: Optional[int] = None
+    log_every: int = 20
+    jit_compile: bool = False
+    deterministic: bool = True
+    out_dir: str = "runs"
+    run_name: Optional[str] = None
+    verbose: int = -1
+
+
+@dataclasses.dataclass
+class Config:
+    """The whole configuration of a run."""
+
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    demo: DemoConfig = dataclasses.field(default_factory=DemoConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- merging
+def _coerce(value: Any, annotation, where: str):
+    """Check (and gently convert) ``value`` against a dataclass field type."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is typing.Union:  # Optional[X]
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)][0]
+        return _coerce(value, inner, where)
+    if origin in (list, List):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, args[0] if args else Any, where) for v in value]
+    if annotation is Any:
+        return value
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def _field_types(cls) -> dict:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def merge(config: Config, updates: dict, source: str) -> Config:
+    """Apply a nested dict of overrides to ``config`` in place; unknown keys raise.
+
+    Args:
+        config: the config to update.
+        updates: ``{section: {key: value}}``.
+        source: file name or ``--set`` text, used in error messages.
+    """
+    if updates is None:
+        return config
+    if not isinstance(updates, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(updates).__name__}")
+    sections = _field_types(Config)
+    for section, values in updates.items():
+        if section not in sections:
+            raise ConfigError(
+                f"{source}: unknown section '{section}'; known sections: {', '.join(sections)}"
+            )
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section '{section}' must be a mapping, got {values!r}")
+        target = getattr(config, section)
+        types = _field_types(type(target))
+        for key, value in values.items():
+            if key not in types:
+                raise ConfigError(
+                    f"{source}: unknown key '{section}.{key}'; known keys: {', '.join(types)}"
+                )
+            setattr(target, key, _coerce(value, types[key], f"{source}: '{section}.{key}'"))
+    return config
+
+
+def load_yaml(path) -> dict:
+    """Read a YAML file of overrides; a clear error names the file if it is missing or malformed."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        with open(path) as f:
+            content = yaml.safe_load(f)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    return content or {}
+
+
+def parse_override(text: str) -> dict:
+    """``"train.iterations=100"`` -> ``{"train": {"iterations": 100}}`` (value parsed as YAML)."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. train.iterations=100")
+    key, raw = text.split("=", 1)
+    section, name = key.strip().split(".", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {text!r}: value is not valid YAML ({exc})") from exc
+    return {section: {name: value}}
+
+
+def dataset_config_path(dataset: str) -> Path:
+    return CONFIG_DIR / f"{dataset}.yaml"
+
+
+def resolve_config(dataset: Optional[str] = None, config_files=(), overrides=(), use_dataset_file=True) -> Config:
+    """Build the resolved config of a run.
+
+    Args:
+        dataset: dataset name; its ``configs/<dataset>.yaml`` is applied when it exists.
+        config_files: extra YAML files, applied in order.
+        overrides: ``section.key=value`` strings, applied last.
+        use_dataset_file: apply ``configs/<dataset>.yaml``.
+
+    Returns:
+        A validated :class:`Config`.
+    """
+    config = Config()
+    if dataset is not None:
+        config.data.dataset = dataset
+        path = dataset_config_path(dataset)
+        if use_dataset_file and path.is_file():
+            merge(config, load_yaml(path), str(path))
+    for path in config_files:
+        merge(config, load_yaml(path), str(path))
+    if dataset is not None:
+        config.data.dataset = dataset  # the explicit --dataset wins over files
+    for text in overrides:
+        merge(config, parse_override(text), f"--set {text}")
+    validate(config)
+    return config
+
+
+CHOICES = {
+    ("data", "sampler"): ("random", "class_balanced", "epoch"),
+    ("model", "branches"): ("both", "a2v", "v2a"),
+    ("model", "attention"): ("softmax", "uniform"),
+    ("loss", "cross_entropy"): ("all", "seen"),
+    ("loss", "calibration"): ("batch_mass", "indicator"),
+    ("loss", "distillation"): ("reference", "paper", "jsd", "logit", "none"),
+}
+
+
+def validate(config: Config) -> None:
+    """Value checks that types alone do not catch."""
+    for (section, key), choices in CHOICES.items():
+        value = getattr(getattr(config, section), key)
+        if value not in choices:
+            raise ConfigError(f"'{section}.{key}' must be one of {', '.join(choices)}; got {value!r}")
+    if len(config.model.fusion_weights) != 2:
+        raise ConfigError(f"'model.fusion_weights' must be [w1, w2], got {config.model.fusion_weights!r}")
+    for section, key in (("data", "batch_size"), ("data", "eval_batch_size"), ("train", "log_every")):
+        if getattr(getattr(config, section), key) <= 0:
+            raise ConfigError(f"'{section}.{key}' must be positive")
+    for key in ("iterations", "eval_every"):
+        value = getattr(config.train, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"'train.{key}' must be positive or null")
+
+
+def to_yaml(config: Config) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+def from_dict(content: dict, source: str = "<dict>") -> Config:
+    config = merge(Config(), content, source)
+    validate(config)
+    return config
+
+
+def save_config(config: Config, path) -> None:
+    """Write the resolved config as YAML atomically."""
+    from msdn_tf.utils import atomic_write_text
+
+    atomic_write_text(path, to_yaml(config))

@@ -1,0 +1,1 @@
+"""Dataset readers, the dataset table, the demo generator and tf.data pipelines."""

@@ -1,0 +1,223 @@
+"""The in-memory description of a zero-shot dataset, shared by every reader.
+
+A reader (HDF5 feature maps, xlsa17 files, the demo generator, a user's own
+data) returns a :class:`ZSLData`. Everything downstream (samplers, tf.data,
+training, evaluation, export) only sees this object, so a new data source is a
+new reader, never a new training path.
+
+Features are not held in memory: ``ZSLData.features`` is a
+:class:`FeatureSource`, which reads rows on demand as channel-last region
+vectors ``(n, R, F)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Protocol, Sequence
+
+import numpy as np
+
+from msdn_tf.errors import DataError
+
+
+class FeatureSource(Protocol):
+    """Random access to per-image feature maps.
+
+    ``shape`` is ``(N, R, F)``: images, regions (row-major over the map), channels.
+    ``read(indices)`` returns ``float32`` of shape ``(len(indices), R, F)`` in the
+    order of ``indices``. Values are raw backbone activations or already
+    per-region L2-normalised ones: the model normalises every region anyway.
+    """
+
+    shape: tuple
+
+    def read(self, indices: np.ndarray) -> np.ndarray:  # pragma: no cover - protocol
+        ...
+
+
+class ArrayFeatures:
+    """A :class:`FeatureSource` over an array already in memory (tests, small data).
+
+    Args:
+        array: ``(N, R, F)`` array (any float dtype; returned as float32).
+    """
+
+    def __init__(self, array: np.ndarray):
+        array = np.asarray(array)
+        if array.ndim != 3:
+            raise DataError(f"feature array must be (N, R, F), got shape {array.shape}")
+        self.array = array
+        self.shape = tuple(array.shape)
+
+    def read(self, indices: np.ndarray) -> np.ndarray:
+        return np.asarray(self.array[np.asarray(indices)], dtype=np.float32)
+
+
+def class_attributes_for_model(att_ck: np.ndarray, nonnegative: bool = False) -> np.ndarray:
+    """Class-attribute matrix as the reference model uses it (reference note §1.4).
+
+    Args:
+        att_ck: ``(C, K)`` class attributes (xlsa17 ``att`` transposed).
+        nonnegative: set negative entries to 0 first (the reference does this for AWA2).
+
+    Returns:
+        ``(C, K)`` float32 with every row L2-normalised (eps 1e-12).
+    """
+    att = np.asarray(att_ck, dtype=np.float64)
+    if nonnegative:
+        att = np.maximum(att, 0.0)
+    norm = np.maximum(np.linalg.norm(att, axis=1, keepdims=True), 1e-12)
+    return (att / norm).astype(np.float32)
+
+
+@dataclasses.dataclass
+class ZSLData:
+    """A zero-shot dataset: features, labels, splits and class semantics.
+
+    Args:
+        name: dataset name (``demo``, ``cub``, ...).
+        features: a :class:`FeatureSource` with ``shape == (N, R, F)``.
+        labels: ``(N,)`` 0-based class ids.
+        trainval_loc, test_seen_loc, test_unseen_loc: 0-based row indices.
+        att: ``(C, K)`` class attributes as the model uses them (§1.4).
+        w2v: ``(K, D)`` attribute word vectors.
+        class_names: ``C`` class names.
+        attribute_names: ``K`` attribute names.
+        train_loc, val_loc: optional class-disjoint split of the seen classes.
+        original_att: optional raw ``(C, K)`` class attributes.
+        source: where the data came from (used in error messages).
+    """
+
+    name: str
+    features: FeatureSource
+    labels: np.ndarray
+    trainval_loc: np.ndarray
+    test_seen_loc: np.ndarray
+    test_unseen_loc: np.ndarray
+    att: np.ndarray
+    w2v: np.ndarray
+    class_names: Sequence[str]
+    attribute_names: Sequence[str]
+    train_loc: Optional[np.ndarray] = None
+    val_loc: Optional[np.ndarray] = None
+    original_att: Optional[np.ndarray] = None
+    source: str = "<memory>"
+
+    def __post_init__(self):
+        self.labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
+        for key in ("trainval_loc", "test_seen_loc", "test_unseen_loc", "train_loc", "val_loc"):
+            value = getattr(self, key)
+            if value is not None:
+                setattr(self, key, np.asarray(value, dtype=np.int64).reshape(-1))
+        self.att = np.asarray(self.att, dtype=np.float32)
+        self.w2v = np.asarray(self.w2v, dtype=np.float32)
+        self.class_names = [str(n) for n in self.class_names]
+        self.attribute_names = [str(n) for n in self.attribute_names]
+        validate(self)
+
+    # Derived quantities (reference note §1.2: not contiguous, derived from splits).
+    @property
+    def seen_classes(self) -> np.ndarray:
+        return np.unique(self.labels[self.trainval_loc])
+
+    @property
+    def unseen_classes(self) -> np.ndarray:
+        return np.unique(self.labels[self.test_unseen_loc])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.att.shape[0])
+
+    @property
+    def num_attributes(self) -> int:
+        return int(self.att.shape[1])
+
+    @property
+    def num_regions(self) -> int:
+        return int(self.features.shape[1])
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.features.shape[2])
+
+    def summary(self) -> dict:
+        """Sizes as a plain dict (for logs and ``results.json``)."""
+        return {
+            "name": self.name,
+            "source": self.source,
+            "images": int(self.labels.shape[0]),
+            "regions": self.num_regions,
+            "channels": self.feature_dim,
+            "attributes": self.num_attributes,
+            "classes": self.num_classes,
+            "seen_classes": int(len(self.seen_classes)),
+            "unseen_classes": int(len(self.unseen_classes)),
+            "trainval": int(len(self.trainval_loc)),
+            "test_seen": int(len(self.test_seen_loc)),
+            "test_unseen": int(len(self.test_unseen_loc)),
+        }
+
+
+def validate(data: ZSLData) -> None:
+    """Consistency checks; each failure names the source, the key and what was expected.
+
+    Checks: shapes of ``att``/``w2v``/names agree, labels are in ``[0, C)``, every
+    split index is in ``[0, N)``, seen and unseen classes are disjoint, no unseen
+    class appears in trainval, test_seen only holds seen classes, and the
+    optional ``train_loc``/``val_loc`` lie inside trainval.
+    """
+    src = data.source
+    n = int(data.features.shape[0])
+    if len(data.features.shape) != 3:
+        raise DataError(f"{src}: features must be (N, R, F), got shape {tuple(data.features.shape)}")
+    if data.labels.shape[0] != n:
+        raise DataError(
+            f"{src}: 'labels' has {data.labels.shape[0]} entries but the feature file has {n} images"
+        )
+    if data.att.ndim != 2:
+        raise DataError(f"{src}: 'att' must be 2-D (classes, attributes), got shape {data.att.shape}")
+    c, k = data.att.shape
+    if data.w2v.ndim != 2 or data.w2v.shape[0] != k:
+        raise DataError(
+            f"{src}: 'w2v_att' must be ({k}, D) to match {k} attributes in 'att', got shape {data.w2v.shape}"
+        )
+    if len(data.class_names) != c:
+        raise DataError(f"{src}: {len(data.class_names)} class names but 'att' has {c} classes")
+    if len(data.attribute_names) != k:
+        raise DataError(f"{src}: {len(data.attribute_names)} attribute names but 'att' has {k} attributes")
+    if not np.all(np.isfinite(data.att)):
+        raise DataError(f"{src}: 'att' holds NaN or infinite values")
+    if not np.all(np.isfinite(data.w2v)):
+        raise DataError(f"{src}: 'w2v_att' holds NaN or infinite values")
+    if n and (data.labels.min() < 0 or data.labels.max() >= c):
+        raise DataError(
+            f"{src}: 'labels' must be 0-based class ids in [0, {c}), found range "
+            f"[{data.labels.min()}, {data.labels.max()}]"
+        )
+    for key in ("trainval_loc", "test_seen_loc", "test_unseen_loc", "train_loc", "val_loc"):
+        loc = getattr(data, key)
+        if loc is None:
+            continue
+        if key in ("trainval_loc", "test_seen_loc", "test_unseen_loc") and loc.size == 0:
+            raise DataError(f"{src}: '{key}' is empty")
+        if loc.size and (loc.min() < 0 or loc.max() >= n):
+            raise DataError(
+                f"{src}: '{key}' must hold 0-based row indices in [0, {n}), found range "
+                f"[{loc.min()}, {loc.max()}]"
+            )
+    seen, unseen = data.seen_classes, data.unseen_classes
+    both = np.intersect1d(seen, unseen)
+    if both.size:
+        raise DataError(
+            f"{src}: seen and unseen classes must be disjoint, but classes {both[:10].tolist()} "
+            "appear in both 'trainval_loc' and 'test_unseen_loc'"
+        )
+    stray = np.setdiff1d(np.unique(data.labels[data.test_seen_loc]), seen)
+    if stray.size:
+        raise DataError(
+            f"{src}: 'test_seen_loc' holds classes {stray[:10].tolist()} that are not in trainval"
+        )
+    if data.train_loc is not None and data.val_loc is not None:
+        outside = np.setdiff1d(np.concatenate([data.train_loc, data.val_loc]), data.trainval_loc)
+        if outside.size:
+            raise DataError(f"{src}: 'train_loc'/'val_loc' hold {outside.size} rows outside 'trainval_loc'")

@@ -1,0 +1,169 @@
+"""A seeded synthetic zero-shot dataset that needs no downloads.
+
+What it models:
+
+* C classes with continuous attribute vectors; the last ``num_unseen`` (after a
+  seeded shuffle) are unseen. Unseen classes are new combinations of attributes
+  that also occur in seen classes, so knowledge transfers through attributes.
+* Each attribute k has a sparse, non-negative visual pattern ``P_k`` (F,).
+* Each image is an ``H x W`` grid of regions. The object covers a random
+  rectangle; its regions carry an "object" pattern and the class's attributes,
+  each present attribute placed in one or two object regions with a strength
+  given by the class attribute value. Background regions hold non-negative
+  clutter and, with probability ``distractors``, the pattern of a random
+  attribute that the class need not have. Global average pooling mixes the
+  distractors in; attention to the object regions separates them.
+* Attribute word vectors are a fixed random linear map of the patterns plus
+  noise, so they relate to what the attribute looks like.
+
+The generator writes the reference feature-map HDF5 layout (reference note
+§1.1, channel-first maps) and the demo is read back through the same loader as
+real data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from msdn_tf.config import DemoConfig
+from msdn_tf.data.hdf5 import write_feature_map_hdf5
+
+COLOURS = ("red", "blue", "green", "yellow", "black", "white", "brown", "grey")
+PARTS = ("head", "wing", "tail", "leg", "belly", "back", "crown", "eye")
+
+
+def attribute_names(k: int) -> list:
+    """Readable names such as ``has_wing_color::blue`` for the demo's attributes."""
+    names = []
+    for i in range(k):
+        part = PARTS[i % len(PARTS)]
+        colour = COLOURS[(i // len(PARTS)) % len(COLOURS)]
+        suffix = "" if i < len(PARTS) * len(COLOURS) else f"_{i}"
+        names.append(f"has_{part}_color::{colour}{suffix}")
+    return names
+
+
+def generate_demo_arrays(cfg: DemoConfig) -> dict:
+    """Generate the demo dataset in memory.
+
+    Args:
+        cfg: sizes and seed (:class:`msdn_tf.config.DemoConfig`).
+
+    Returns:
+        dict with the keys of :func:`msdn_tf.data.hdf5.write_feature_map_hdf5`.
+    """
+    rng = np.random.default_rng(cfg.seed)
+    C, K, F, D = cfg.num_classes, cfg.num_attributes, cfg.feature_dim, cfg.embed_dim
+    H = W = cfg.map_size
+    R = H * W
+    if cfg.num_unseen >= C or cfg.num_unseen < 1:
+        raise ValueError(f"demo.num_unseen must be in [1, {C - 1}], got {cfg.num_unseen}")
+    if not 1 <= cfg.attributes_per_class <= K:
+        raise ValueError(f"demo.attributes_per_class must be in [1, {K}]")
+
+    # Class attributes: a few strong attributes per class, weak continuous noise elsewhere.
+    att = rng.uniform(0.0, 0.1, size=(C, K))
+    for c in range(C):
+        present = rng.choice(K, size=cfg.attributes_per_class, replace=False)
+        att[c, present] = rng.uniform(0.5, 1.0, size=cfg.attributes_per_class)
+    order = rng.permutation(C)
+    unseen = np.sort(order[: cfg.num_unseen])
+    seen = np.sort(order[cfg.num_unseen:])
+    # Every attribute must be learnable from seen classes.
+    missing = np.where(att[seen].max(axis=0) < 0.5)[0]
+    for k in missing:
+        att[rng.choice(seen), k] = rng.uniform(0.5, 1.0)
+
+    # Visual patterns: sparse non-negative codes, and one "object" code.
+    active = max(4, F // 16)
+    patterns = np.zeros((K, F))
+    for k in range(K):
+        idx = rng.choice(F, size=active, replace=False)
+        patterns[k, idx] = rng.uniform(0.5, 1.5, size=active)
+    object_code = np.zeros(F)
+    object_code[rng.choice(F, size=active, replace=False)] = rng.uniform(0.5, 1.0, size=active)
+
+    # Word vectors related to the patterns.
+    projection = rng.normal(size=(D, F)) / np.sqrt(F)
+    w2v = patterns @ projection.T
+    w2v += rng.normal(scale=0.3 * np.abs(w2v).mean(), size=w2v.shape)
+
+    labels = np.repeat(np.arange(C), cfg.images_per_class)
+    N = labels.shape[0]
+    maps = np.empty((N, F, H, W), dtype=np.float32)
+    for n in range(N):
+        c = labels[n]
+        region = np.abs(rng.normal(scale=0.25, size=(R, F)))  # clutter everywhere
+        h0, w0 = rng.integers(0, H - 2), rng.integers(0, W - 2)
+        h1, w1 = min(H, h0 + rng.integers(3, 5)), min(W, w0 + rng.integers(3, 5))
+        obj = np.array([h * W + w for h in range(h0, h1) for w in range(w0, w1)])
+        background = np.setdiff1d(np.arange(R), obj)
+        region[obj] += object_code
+        for k in np.where(att[c] >= 0.5)[0]:
+            if rng.random() < 0.9:
+                where = rng.choice(obj, size=rng.integers(1, 3), replace=False)
+                region[where] += att[c, k] * patterns[k] * rng.uniform(0.8, 1.2)
+        for r in background:
+            if rng.random() < cfg.distractors:
+                region[r] += rng.uniform(0.6, 1.0) * patterns[rng.integers(K)]
+        maps[n] = region.T.reshape(F, H, W)
+
+    # Splits: trainval / test_seen from seen classes, test_unseen = all unseen images.
+    trainval, test_seen = [], []
+    for c in seen:
+        rows = rng.permutation(np.where(labels == c)[0])
+        n_test = max(1, int(round(cfg.test_seen_fraction * rows.size)))
+        test_seen.extend(rows[:n_test])
+        trainval.extend(rows[n_test:])
+    test_unseen = np.where(np.isin(labels, unseen))[0]
+    # A class-disjoint train/val split of the seen classes (the role of xlsa17 train_loc/val_loc).
+    val_classes = rng.choice(seen, size=max(1, len(seen) // 5), replace=False)
+    trainval = np.sort(np.asarray(trainval))
+    val_loc = trainval[np.isin(labels[trainval], val_classes)]
+    train_loc = trainval[~np.isin(labels[trainval], val_classes)]
+
+    return {
+        "feature_map": maps,
+        "labels": labels,
+        "trainval_loc": trainval,
+        "test_seen_loc": np.sort(np.asarray(test_seen)),
+        "test_unseen_loc": test_unseen,
+        "train_loc": train_loc,
+        "val_loc": val_loc,
+        "att": att,
+        "original_att": att * 100.0,
+        "w2v_att": w2v,
+        "class_names": [f"{'unseen' if c in unseen else 'seen'}_class_{c:02d}" for c in range(C)],
+        "attribute_names": attribute_names(K),
+    }
+
+
+def demo_fingerprint(cfg: DemoConfig) -> str:
+    """A short hash of the demo settings, used in the cache file name."""
+    text = json.dumps({**cfg.__dict__, "format": 1}, sort_keys=True)
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+def default_demo_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "msdn_tf" / "demo"
+
+
+def ensure_demo_file(cfg: DemoConfig, data_dir=None) -> Path:
+    """Generate the demo HDF5 file once (atomically) and return its path.
+
+    Args:
+        cfg: demo settings; files are keyed by their fingerprint.
+        data_dir: folder for the file; default ``$XDG_CACHE_HOME/msdn_tf/demo``.
+    """
+    folder = Path(data_dir) if data_dir else default_demo_dir()
+    path = folder / f"demo_{demo_fingerprint(cfg)}.hdf5"
+    if not path.exists():
+        arrays = generate_demo_arrays(cfg)
+        write_feature_map_hdf5(path, **arrays)
+    return path

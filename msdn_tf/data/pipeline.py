@@ -1,0 +1,138 @@
+"""Batch samplers (reference note §6) and the tf.data input pipelines.
+
+Samplers are stateless: the batch of step ``s`` is a function of ``(seed, s)``
+only, so a resumed run draws exactly the batches an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from msdn_tf.data.base import ZSLData
+
+
+class RandomBatchSampler:
+    """Uniform random batches: ``batch_size`` distinct images drawn from the pool (reference CUB).
+
+    Args:
+        indices: pool of row indices (trainval).
+        batch_size: images per batch.
+        seed: int.
+    """
+
+    def __init__(self, indices, batch_size: int, seed: int):
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.batch_size = int(min(batch_size, self.indices.size))
+        self.seed = int(seed)
+
+    def batch(self, step: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, int(step)])
+        return self.indices[rng.choice(self.indices.size, size=self.batch_size, replace=False)]
+
+
+class ClassBalancedSampler:
+    """Class-balanced batches (reference SUN and AWA2).
+
+    Draws ``min(n_classes, batch_size)`` distinct seen classes without
+    replacement, then ``max(batch_size // n_classes, 1)`` images of each with
+    replacement.
+
+    Args:
+        indices: pool of row indices (trainval).
+        labels: labels of all rows.
+        batch_size: nominal batch size (50 in the reference).
+        seed: int.
+    """
+
+    def __init__(self, indices, labels, batch_size: int, seed: int):
+        indices = np.asarray(indices, dtype=np.int64)
+        pool_labels = np.asarray(labels)[indices]
+        self.classes = np.unique(pool_labels)
+        self.rows_of = [indices[pool_labels == c] for c in self.classes]
+        self.batch_size = int(batch_size)
+        self.n_classes = int(min(self.classes.size, self.batch_size))
+        self.per_class = int(max(self.batch_size // self.classes.size, 1))
+        self.seed = int(seed)
+
+    def batch(self, step: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, int(step)])
+        chosen = rng.choice(self.classes.size, size=self.n_classes, replace=False)
+        return np.concatenate([
+            self.rows_of[c][rng.integers(0, self.rows_of[c].size, size=self.per_class)] for c in chosen
+        ])
+
+
+class EpochSampler:
+    """Shuffled epochs: every image once per epoch, in a new order each epoch.
+
+    The last incomplete batch of an epoch is dropped, so every batch has the same size.
+    """
+
+    def __init__(self, indices, batch_size: int, seed: int):
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.batch_size = int(min(batch_size, self.indices.size))
+        self.per_epoch = self.indices.size // self.batch_size
+        self.seed = int(seed)
+
+    def batch(self, step: int) -> np.ndarray:
+        epoch, pos = divmod(int(step), self.per_epoch)
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.indices.size)
+        return self.indices[order[pos * self.batch_size:(pos + 1) * self.batch_size]]
+
+
+def make_sampler(data: ZSLData, kind: str, batch_size: int, seed: int, indices=None):
+    """Build the sampler named in the config (``random``, ``class_balanced`` or ``epoch``)."""
+    indices = data.trainval_loc if indices is None else indices
+    if kind == "random":
+        return RandomBatchSampler(indices, batch_size, seed)
+    if kind == "class_balanced":
+        return ClassBalancedSampler(indices, data.labels, batch_size, seed)
+    if kind == "epoch":
+        return EpochSampler(indices, batch_size, seed)
+    raise ValueError(f"unknown sampler {kind!r}; expected random, class_balanced or epoch")
+
+
+def train_dataset(data: ZSLData, sampler, start_step: int, num_steps: int, prefetch: int = 2):
+    """A tf.data pipeline of ``(features (B, R, F), labels (B,))`` for steps ``[start, start + num)``.
+
+    Feature rows are read from ``data.features`` on a background thread while the
+    model trains on the previous batch.
+    """
+    import tensorflow as tf
+
+    R, F = data.num_regions, data.feature_dim
+    labels = data.labels
+
+    def fetch(step):
+        rows = sampler.batch(int(step))
+        return data.features.read(rows), labels[rows].astype(np.int64)
+
+    def load(step):
+        x, y = tf.numpy_function(fetch, [step], [tf.float32, tf.int64], stateful=False)
+        x.set_shape([None, R, F])
+        y.set_shape([None])
+        return x, y
+
+    ds = tf.data.Dataset.range(int(start_step), int(start_step) + int(num_steps))
+    ds = ds.map(load, num_parallel_calls=1, deterministic=True)
+    return ds.prefetch(prefetch)
+
+
+def eval_dataset(data: ZSLData, indices, batch_size: int, prefetch: int = 2):
+    """A tf.data pipeline over ``indices`` in order, yielding ``features`` batches."""
+    import tensorflow as tf
+
+    indices = np.asarray(indices, dtype=np.int64)
+    n_batches = int(np.ceil(indices.size / batch_size))
+    R, F = data.num_regions, data.feature_dim
+
+    def fetch(i):
+        i = int(i)
+        return data.features.read(indices[i * batch_size:(i + 1) * batch_size])
+
+    def load(i):
+        x = tf.numpy_function(fetch, [i], tf.float32, stateful=False)
+        x.set_shape([None, R, F])
+        return x
+
+    return tf.data.Dataset.range(n_batches).map(load, num_parallel_calls=1).prefetch(prefetch)

@@ -1,0 +1,300 @@
+"""The MSDN model: two attention sub-nets, their losses, fusion and training step."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import keras
+import numpy as np
+from keras import ops
+
+from msdn_tf import losses as L
+from msdn_tf.layers import AttributeEmbedding, AttributeToVisual, VisualToAttribute
+from msdn_tf.layers.common import as_regions, l2_normalize
+
+LOSS_TERMS = ("ce_a2v", "cal_a2v", "ce_v2a", "cal_v2a", "distill", "loss")
+
+
+@keras.saving.register_keras_serializable(package="msdn_tf")
+class MSDN(keras.Model):
+    """Mutually Semantic Distillation Network for zero-shot classification.
+
+    The attribute->visual sub-net (:class:`AttributeToVisual`) and the
+    visual->attribute sub-net (:class:`VisualToAttribute`) share the attribute
+    vectors ``V`` and the class attributes ``att`` (:class:`AttributeEmbedding`).
+    Each produces class logits ``att @ scores + bias * mask_bias``; the fused
+    logits are ``w1 * S1 + w2 * S2``. ``train_step`` minimises, for each sub-net,
+    cross-entropy plus ``lambda_cal`` times self-calibration, plus
+    ``distill_weight`` times the mutual distillation (reference note §4).
+
+    Use :func:`build_msdn` to make one from a dataset's arrays.
+
+    Args:
+        num_classes: int, C.
+        num_attributes: int, K.
+        feature_dim: int, F (2048 for ResNet-101 maps).
+        seen_classes, unseen_classes: class ids (0-based).
+        embed_dim: int, D, word-vector size, default 300.
+        normalize_attribute_vectors: bool, re-normalise ``V`` on every call (AWA2).
+        fusion_weights: ``(w1, w2)`` for the A->V and V->A logits at test time.
+        lambda_cal: weight of self-calibration, one for both sub-nets.
+        distill_weight: weight of the distillation term.
+        cross_entropy: ``"all"`` (reference) or ``"seen"`` (paper Eq. 7).
+        calibration: ``"batch_mass"`` (reference) or ``"indicator"`` (paper Eq. 7).
+        distillation: ``reference``, ``paper``, ``jsd``, ``logit`` or ``none`` (Eq. 8).
+        branches: ``"both"``, ``"a2v"`` or ``"v2a"``: which sub-nets are trained
+            (the ablations of Table 2).
+        attention: ``"softmax"`` or ``"uniform"`` for the A->V sub-net (``uniform``
+            is the global-average-pooling baseline).
+        bias: float, the margin size of the reference (0 in all its scripts).
+        return_features: bool, also return ``F_p`` and ``u`` (for visualisation).
+        class_attributes, attribute_vectors: optional initial ``att`` and word vectors
+            (not part of the config; they are restored from saved weights).
+        seed: optional int seed of ``W_1``'s initializer.
+        **kwargs: forwarded to ``keras.Model``.
+
+    Call returns a dict: ``logits_a2v``, ``logits_v2a``, ``logits`` (B, C);
+    ``scores_a2v``, ``scores_v2a`` (B, K); ``attention_a2v`` (B, K, R) summing to
+    1 over regions; ``attention_v2a`` (B, K, R) summing to 1 over attributes; and
+    with ``return_features``: ``features_a2v`` (B, K, F), ``features_v2a`` (B, R, D).
+
+    Example:
+        >>> model = build_msdn(att, w2v, seen, unseen, feature_dim=2048)
+        >>> out = model(np.zeros((2, 196, 2048), "float32"))
+        >>> out["logits"].shape
+        (2, C)
+
+    Reference:
+        Chen et al., "MSDN: Mutually Semantic Distillation Network for Zero-Shot
+        Learning", CVPR 2022, §3 (Eqs. 1-11); shiming-chen/MSDN at ec3598b.
+    """
+
+    def __init__(self, num_classes, num_attributes, feature_dim, seen_classes, unseen_classes,
+                 embed_dim=300, normalize_attribute_vectors=False, fusion_weights=(0.9, 0.1),
+                 lambda_cal=0.1, distill_weight=0.001, cross_entropy="all", calibration="batch_mass",
+                 distillation="reference", branches="both", attention="softmax", bias=0.0,
+                 return_features=False, class_attributes=None, attribute_vectors=None, seed=None,
+                 **kwargs):
+        super().__init__(**kwargs)
+        _check_choice("cross_entropy", cross_entropy, ("all", "seen"))
+        _check_choice("calibration", calibration, ("batch_mass", "indicator"))
+        _check_choice("distillation", distillation, L.DISTILLATION_FORMS)
+        _check_choice("branches", branches, ("both", "a2v", "v2a"))
+        self.num_classes = int(num_classes)
+        self.num_attributes = int(num_attributes)
+        self.feature_dim = int(feature_dim)
+        self.embed_dim = int(embed_dim)
+        self.seen_classes = [int(c) for c in seen_classes]
+        self.unseen_classes = [int(c) for c in unseen_classes]
+        _check_classes(self.seen_classes, self.unseen_classes, self.num_classes)
+        self.normalize_attribute_vectors = bool(normalize_attribute_vectors)
+        self.fusion_weights = tuple(float(w) for w in fusion_weights)
+        if len(self.fusion_weights) != 2:
+            raise ValueError(f"fusion_weights must be (w1, w2), got {fusion_weights!r}")
+        self.lambda_cal = float(lambda_cal)
+        self.distill_weight = float(distill_weight)
+        self.cross_entropy = cross_entropy
+        self.calibration = calibration
+        self.distillation = distillation
+        self.branches = branches
+        self.attention = attention
+        self.bias_value = float(bias)
+        self.return_features = bool(return_features)
+        self.seed = seed
+
+        self.embedding = AttributeEmbedding(
+            self.num_attributes, self.embed_dim, self.num_classes,
+            normalize=self.normalize_attribute_vectors, attribute_vectors=attribute_vectors,
+            class_attributes=class_attributes, name="attribute_embedding")
+        self.a2v = AttributeToVisual(self.feature_dim, self.embed_dim, attention=attention, seed=seed,
+                                     name="attribute_to_visual")
+        self.v2a = VisualToAttribute(self.feature_dim, self.embed_dim, name="visual_to_attribute")
+
+        unseen = np.zeros((self.num_classes,), "float32")
+        unseen[self.unseen_classes] = 1.0
+        self._unseen_mask = unseen
+        self._seen_mask = (1.0 - unseen).astype("float32")
+        self.trackers = {name: keras.metrics.Mean(name=name) for name in LOSS_TERMS}
+
+    # ------------------------------------------------------------------ weights
+    def build(self, input_shape):
+        self.embedding.build()
+        self.a2v.build(input_shape)
+        self.v2a.build(input_shape)
+        # Reference state_dict entries: margin size and sign (+1 unseen, -1 seen).
+        self.bias = self.add_weight(name="bias", shape=(), trainable=False,
+                                    initializer=keras.initializers.Constant(self.bias_value))
+        mask = (2.0 * self._unseen_mask - 1.0).reshape(1, -1)
+        self.mask_bias = self.add_weight(
+            name="mask_bias", shape=(1, self.num_classes), trainable=False,
+            initializer=lambda shape, dtype=None: ops.convert_to_tensor(mask, dtype=dtype))
+        self.built = True
+
+    @property
+    def metrics(self):
+        return list(self.trackers.values())
+
+    # ------------------------------------------------------------------ forward
+    def margin(self):
+        """``bias * mask_bias`` (1, C): the reference's additive class margin."""
+        return self.bias * self.mask_bias
+
+    def call(self, features, training=False, return_features=None):
+        return_features = self.return_features if return_features is None else return_features
+        features = as_regions(ops.convert_to_tensor(features))
+        features = l2_normalize(features, axis=-1)  # every region over its channels
+        V = self.embedding(None)  # (K, D)
+        att = ops.convert_to_tensor(self.embedding.att)  # (C, K)
+        out_a2v = self.a2v([features, V], return_features=return_features)
+        out_v2a = self.v2a([features, V], return_features=return_features)
+        margin = self.margin()
+        logits_a2v = ops.matmul(out_a2v["scores"], ops.transpose(att)) + margin  # (B, C)
+        logits_v2a = ops.matmul(out_v2a["scores"], ops.transpose(att)) + margin  # (B, C)
+        w1, w2 = self.fusion_weights
+        out = {
+            "logits_a2v": logits_a2v,
+            "logits_v2a": logits_v2a,
+            "logits": w1 * logits_a2v + w2 * logits_v2a,
+            "scores_a2v": out_a2v["scores"],
+            "scores_v2a": out_v2a["scores"],
+            "attention_a2v": out_a2v["attention"],
+            "attention_v2a": out_v2a["attention"],
+        }
+        if return_features:
+            out["features_a2v"] = out_a2v["features"]
+            out["features_v2a"] = out_v2a["features"]
+        return out
+
+    # ------------------------------------------------------------------ losses
+    def compute_loss_terms(self, outputs, labels):
+        """Every loss term of §4 from the model outputs, as a dict of scalars (keys ``LOSS_TERMS``)."""
+        margin = self.margin()
+        terms = {}
+        for branch in ("a2v", "v2a"):
+            logits = outputs[f"logits_{branch}"]
+            if self.branches not in ("both", branch):
+                terms[f"ce_{branch}"] = ops.zeros((), logits.dtype)
+                terms[f"cal_{branch}"] = ops.zeros((), logits.dtype)
+                continue
+            raw = logits - margin  # the reference computes its losses without the margin
+            if self.cross_entropy == "all":
+                terms[f"ce_{branch}"] = L.cross_entropy(raw, labels)
+            else:
+                terms[f"ce_{branch}"] = L.cross_entropy_seen(raw, labels, self._seen_mask)
+            if self.calibration == "batch_mass":
+                terms[f"cal_{branch}"] = L.self_calibration(raw, self._unseen_mask)
+            else:
+                terms[f"cal_{branch}"] = L.self_calibration_paper(raw, self._unseen_mask)
+        if self.branches == "both":
+            terms["distill"] = L.distillation(outputs["logits_a2v"], outputs["logits_v2a"], self.distillation)
+        else:
+            terms["distill"] = ops.zeros((), outputs["logits"].dtype)
+        terms["loss"] = (terms["ce_a2v"] + self.lambda_cal * terms["cal_a2v"]
+                         + terms["ce_v2a"] + self.lambda_cal * terms["cal_v2a"]
+                         + self.distill_weight * terms["distill"])
+        return terms
+
+    def _update_trackers(self, terms):
+        for name, value in terms.items():
+            self.trackers[name].update_state(value)
+        return {name: tracker.result() for name, tracker in self.trackers.items()}
+
+    def train_step(self, data):
+        import tensorflow as tf  # TensorFlow-specific by design: the custom training step
+
+        features, labels = data[0], data[1]
+        with tf.GradientTape() as tape:
+            outputs = self(features, training=True, return_features=False)
+            terms = self.compute_loss_terms(outputs, labels)
+        variables = self.trainable_variables
+        grads = tape.gradient(terms["loss"], variables)
+        self.optimizer.apply(grads, variables)
+        return self._update_trackers(terms)
+
+    def test_step(self, data):
+        features, labels = data[0], data[1]
+        outputs = self(features, training=False, return_features=False)
+        return self._update_trackers(self.compute_loss_terms(outputs, labels))
+
+    def predict_step(self, data):
+        features = data[0] if isinstance(data, (tuple, list)) else data
+        outputs = self(features, training=False, return_features=False)
+        return {k: outputs[k] for k in ("logits", "logits_a2v", "logits_v2a")}
+
+    # ------------------------------------------------------------------ config
+    def get_config(self):
+        return {
+            "name": self.name,
+            "num_classes": self.num_classes,
+            "num_attributes": self.num_attributes,
+            "feature_dim": self.feature_dim,
+            "seen_classes": list(self.seen_classes),
+            "unseen_classes": list(self.unseen_classes),
+            "embed_dim": self.embed_dim,
+            "normalize_attribute_vectors": self.normalize_attribute_vectors,
+            "fusion_weights": list(self.fusion_weights),
+            "lambda_cal": self.lambda_cal,
+            "distill_weight": self.distill_weight,
+            "cross_entropy": self.cross_entropy,
+            "calibration": self.calibration,
+            "distillation": self.distillation,
+            "branches": self.branches,
+            "attention": self.attention,
+            "bias": self.bias_value,
+            "return_features": self.return_features,
+            "seed": self.seed,
+        }
+
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def _check_classes(seen, unseen, num_classes):
+    overlap = sorted(set(seen) & set(unseen))
+    if overlap:
+        raise ValueError(f"seen and unseen classes overlap: {overlap[:10]}")
+    bad = [c for c in list(seen) + list(unseen) if not 0 <= c < num_classes]
+    if bad:
+        raise ValueError(f"class ids must lie in [0, {num_classes}), got {bad[:10]}")
+    if not unseen:
+        raise ValueError("unseen_classes is empty: zero-shot learning needs at least one unseen class")
+
+
+def build_msdn(class_attributes, attribute_vectors, seen_classes, unseen_classes,
+               feature_dim: int = 2048, num_regions: Optional[int] = None, **options) -> MSDN:
+    """Build and initialise an MSDN model from a dataset's class semantics.
+
+    Args:
+        class_attributes: ``(C, K)`` class attributes, model-ready (rows
+            L2-normalised, reference note §1.4; see
+            :func:`msdn_tf.data.base.class_attributes_for_model`).
+        attribute_vectors: ``(K, D)`` attribute word vectors; ``V`` starts as these
+            with rows L2-normalised.
+        seen_classes, unseen_classes: 0-based class ids.
+        feature_dim: F, channels of the region features.
+        num_regions: R, if known, to build with a fixed input shape (optional).
+        **options: any other :class:`MSDN` argument (``fusion_weights``,
+            ``lambda_cal``, ``distill_weight``, ``normalize_attribute_vectors``, ...).
+
+    Returns:
+        A built :class:`MSDN` (not compiled).
+
+    Example:
+        >>> model = build_msdn(data.att, data.w2v, data.seen_classes, data.unseen_classes,
+        ...                    feature_dim=2048, fusion_weights=(0.9, 0.1))
+    """
+    att = np.asarray(class_attributes, dtype=np.float32)
+    vectors = np.asarray(attribute_vectors, dtype=np.float32)
+    if att.ndim != 2 or vectors.ndim != 2 or vectors.shape[0] != att.shape[1]:
+        raise ValueError(
+            f"class_attributes must be (C, K) and attribute_vectors (K, D) with the same K; "
+            f"got {att.shape} and {vectors.shape}"
+        )
+    model = MSDN(
+        num_classes=att.shape[0], num_attributes=att.shape[1], feature_dim=feature_dim,
+        seen_classes=np.asarray(seen_classes).tolist(), unseen_classes=np.asarray(unseen_classes).tolist(),
+        embed_dim=vectors.shape[1], class_attributes=att, attribute_vectors=vectors, **options)
+    model.build((None, num_regions, feature_dim))
+    return model

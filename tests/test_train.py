@@ -1,0 +1,149 @@
+"""End-to-end training on a tiny demo: CLI, results, TensorBoard, checkpoints, resume, determinism, errors."""
+
+import json
+
+import numpy as np
+import pytest
+
+from msdn_tf import train
+from msdn_tf.config import resolve_config
+from msdn_tf.data.registry import load_dataset
+
+TINY = """
+demo:
+  num_classes: 10
+  num_unseen: 3
+  num_attributes: 8
+  attributes_per_class: 3
+  images_per_class: 12
+  map_size: 3
+  feature_dim: 32
+  embed_dim: 16
+data:
+  batch_size: 16
+  eval_batch_size: 32
+optimizer:
+  learning_rate: 0.003
+train:
+  iterations: 60
+  eval_every: 30
+  log_every: 10
+  verbose: 0
+"""
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY)
+    return path
+
+
+def args(tiny_config, tmp_path, *extra):
+    return ["--dataset", "demo", "--config", str(tiny_config), "--data-dir", str(tmp_path / "data"), *extra]
+
+
+def test_tiny_demo_trains_end_to_end(tiny_config, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train.main(args(tiny_config, tmp_path, "--run-dir", str(run))) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    summary = json.loads(last)
+    results = json.loads((run / "results.json").read_text())
+    assert summary["final"]["acc"] == pytest.approx(results["final"]["acc"], abs=1e-4)
+    assert results["final"]["step"] == 60 and [h["step"] for h in results["history"]] == [0, 30, 60]
+    # Better than where it started, and better than chance (1/3) on unseen classes.
+    assert results["final"]["acc"] > results["initial"]["acc"]
+    assert results["final"]["acc"] > 1 / 3
+    assert "selected on the TEST split" in results["best_on_test"]["note"]
+    assert "best H during training*" in (run / "results.md").read_text()
+    for term in ("ce_a2v", "cal_a2v", "ce_v2a", "cal_v2a", "distill", "loss"):
+        assert term in results["final"]["losses"]
+    saved = resolve_config("demo", [run / "config.yaml"])
+    assert saved.train.iterations == 60 and saved.demo.num_classes == 10
+    assert (run / "model.keras").is_file()
+    # TensorBoard: loss terms and evaluation scalars.
+    tags = _tensorboard_tags(run / "tensorboard")
+    assert {"train/ce_a2v", "train/distill", "eval/H", "eval/acc", "eval/U", "eval/S"} <= tags
+
+
+def _tensorboard_tags(folder):
+    import tensorflow as tf
+
+    tags = set()
+    for path in folder.glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            tags.update(v.tag for v in event.summary.value)
+    return tags
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_reproduces_an_uninterrupted_run(tiny_config, tmp_path):
+    config = resolve_config("demo", [tiny_config], [f"data.data_dir={tmp_path / 'data'}"])
+    full = train.run_training(config, run_dir=tmp_path / "full", log=lambda *a: None)
+
+    def stop_at_60(step, **kwargs):
+        if step == 60:
+            raise Interrupt()
+
+    with pytest.raises(Interrupt):
+        train.run_training(config, run_dir=tmp_path / "cut", log=lambda *a: None, eval_hooks=[stop_at_60])
+    state = json.loads((tmp_path / "cut" / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 30 and not (tmp_path / "cut" / "model.keras").exists()
+    assert train.main(["--run-dir", str(tmp_path / "cut"), "--resume"]) == 0
+    resumed = json.loads((tmp_path / "cut" / "results.json").read_text())
+    for key in ("acc", "U", "S", "H"):
+        assert resumed["final"][key] == full["final"][key]
+    assert resumed["final"]["losses"] == full["final"]["losses"]
+
+    import keras
+
+    a = keras.models.load_model(tmp_path / "full" / "model.keras")
+    b = keras.models.load_model(tmp_path / "cut" / "model.keras")
+    for wa, wb in zip(a.weights, b.weights):
+        np.testing.assert_array_equal(np.asarray(wa), np.asarray(wb))
+
+
+def test_seeds_change_the_run(tiny_config, tmp_path):
+    base = resolve_config("demo", [tiny_config], [f"data.data_dir={tmp_path / 'data'}", "train.iterations=2",
+                                                   "train.eval_every=2"])
+    other = resolve_config("demo", [tiny_config], [f"data.data_dir={tmp_path / 'data'}", "train.iterations=2",
+                                                    "train.eval_every=2", "train.seed=7"])
+    r1 = train.run_training(base, run_dir=tmp_path / "a", log=lambda *a: None)
+    r2 = train.run_training(other, run_dir=tmp_path / "b", log=lambda *a: None)
+    assert r1["final"]["losses"] != r2["final"]["losses"]
+
+
+def test_schedule_defaults_follow_the_reference():
+    config = resolve_config("cub", overrides=["train.iterations=null", "train.eval_every=null"])
+    assert train.schedule(config, 7057) == (7057 * 30 // 50, 141)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+    (["--dataset", "cub"], "needs --data-dir"),
+    (["--dataset", "cub", "--data-dir", "/nonexistent/folder"], "does not exist"),
+    (["--dataset", "demo", "--set", "train.iteratons=3"], "unknown key 'train.iteratons'"),
+    (["--resume"], "--resume needs --run-dir"),
+])
+def test_bad_input_gives_clear_error_and_nonzero_exit(argv, message, capsys):
+    assert train.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_existing_run_is_not_overwritten(tiny_config, tmp_path, capsys):
+    run = tmp_path / "run"
+    extra = ["--run-dir", str(run), "--set", "train.iterations=2", "--set", "train.eval_every=2"]
+    assert train.main(args(tiny_config, tmp_path, *extra)) == 0
+    assert train.main(args(tiny_config, tmp_path, *extra)) == 2
+    assert "pass --resume" in capsys.readouterr().err
+
+
+def test_misspelt_key_in_config_file_names_the_file(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("loss:\n  lamda_cal: 0.2\n")
+    assert train.main(["--dataset", "demo", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.yaml" in err and "loss.lamda_cal" in err
