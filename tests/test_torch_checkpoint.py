@@ -1,0 +1,377 @@
+"""Tests for msdn_tf.torch_checkpoint (torch-free reader of torch.save state_dicts).
+
+The fixtures in tests/fixtures/ were written by real PyTorch with
+tests/fixtures/make_torch_fixtures.py; tiny_msdn_expected.npz holds their exact
+values, so these tests need neither torch nor tensorflow.
+"""
+
+import ast
+import collections
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+
+from msdn_tf.errors import DataError
+from msdn_tf.torch_checkpoint import (IGNORED_KEYS, MSDN_KEY_MAP, backbone_prefixes,
+                                      read_torch_state_dict, split_state_dict)
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+STEMS = ("tiny_msdn", "tiny_msdn_backbone", "tiny_msdn_fp16")
+C, UNSEEN = 7, (3, 6)
+
+
+def fixture(stem):
+    return os.path.join(FIXTURES, stem + ".pth")
+
+
+@pytest.fixture(scope="module")
+def expected():
+    with np.load(os.path.join(FIXTURES, "tiny_msdn_expected.npz")) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+def rewrite_zip(src, dst, transform):
+    """Copy zip ``src`` to ``dst``; ``transform(name, data)`` returns new bytes or None to drop."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            data = transform(info.filename, zin.read(info))
+            if data is not None:
+                zout.writestr(info.filename, data)
+    return dst
+
+
+def make_checkpoint(path, pickled, archive="archive"):
+    """A zip laid out like torch.save output whose data.pkl is ``pickled``."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr(archive + "/data.pkl", pickled)
+        zf.writestr(archive + "/byteorder", "little")
+        zf.writestr(archive + "/version", "3\n")
+    return str(path)
+
+
+# --------------------------------------------------------------------------- values
+
+@pytest.mark.parametrize("stem", STEMS)
+def test_values_match_npz(stem, expected):
+    state = read_torch_state_dict(fixture(stem))
+    assert list(state) == [str(k) for k in expected[stem + "::__keys__"]]
+    for key, value in state.items():
+        want = expected["%s::%s" % (stem, key)]
+        assert isinstance(value, np.ndarray), key
+        assert value.dtype == want.dtype, (key, value.dtype, want.dtype)
+        assert value.shape == want.shape, (key, value.shape, want.shape)
+        assert value.dtype.isnative and value.flags.c_contiguous, key
+        np.testing.assert_array_equal(value, want, err_msg=key)
+
+
+def test_reference_key_set_and_dtypes():
+    state = read_torch_state_dict(fixture("tiny_msdn"))
+    assert list(state) == ["V", "att", "W_1", "W_2", "W_3", "W_1_1", "W_2_1", "W_3_1",
+                           "bias", "mask_bias", "weight_ce"]
+    assert all(v.dtype == np.float32 for v in state.values())
+    assert state["bias"].shape == () and state["bias"] == 0.0
+    mask = np.full((1, C), -1.0, np.float32)
+    mask[0, list(UNSEEN)] = 1.0
+    np.testing.assert_array_equal(state["mask_bias"], mask)
+    np.testing.assert_array_equal(state["weight_ce"], np.eye(C, dtype=np.float32))
+    assert not state["W_3"].any() and not state["W_3_1"].any()
+    assert np.all(state["W_1"] != 0) and np.all(state["W_2_1"] != 0)
+
+
+def test_strided_offset_and_shared_storage_views(expected):
+    state = read_torch_state_dict(fixture("tiny_msdn_backbone"))
+    assert state["backbone.conv1.weight"].shape == (6, 3)           # transposed view
+    assert state["backbone.bn1.running_var"].dtype == np.float64
+    assert state["backbone.bn1.num_batches_tracked"].dtype == np.int64
+    assert int(state["backbone.bn1.num_batches_tracked"]) == 1234
+    # Two views of one storage come back as independent arrays.
+    fc_w, fc_b = state["backbone.fc.weight"], state["backbone.fc.bias"]
+    assert not np.shares_memory(fc_w, fc_b)
+    fc_w[...] = 0
+    np.testing.assert_array_equal(fc_b, expected["tiny_msdn_backbone::backbone.fc.bias"])
+
+
+def test_half_and_bfloat16(expected):
+    state = read_torch_state_dict(fixture("tiny_msdn_fp16"))
+    assert state["V"].dtype == np.float16
+    assert state["W_1"].dtype == np.float32  # bfloat16 widened exactly
+    # bfloat16 keeps 8 mantissa bits: the low 16 bits of every float32 are zero...
+    assert not (state["W_1"].view(np.uint32) & 0xFFFF).any()
+    # ...and the values are the float32 originals rounded, not the originals.
+    w1 = read_torch_state_dict(fixture("tiny_msdn"))["W_1"]
+    np.testing.assert_allclose(state["W_1"], w1, rtol=2 ** -8)
+    assert not np.array_equal(state["W_1"], w1)
+    for key, dtype in [("backbone.int32", np.int32), ("backbone.int16", np.int16),
+                       ("backbone.int8", np.int8), ("backbone.uint8", np.uint8),
+                       ("backbone.bool", np.bool_)]:
+        assert state[key].dtype == dtype, key
+
+
+def test_big_endian_byteorder_record(tmp_path, expected):
+    def to_big(name, data):
+        if name.endswith("/byteorder"):
+            return b"big"
+        if "/data/" in name:  # every tensor of tiny_msdn is float32
+            return np.frombuffer(data, "<f4").astype(">f4").tobytes()
+        return data
+
+    path = rewrite_zip(fixture("tiny_msdn"), tmp_path / "big.pth", to_big)
+    state = read_torch_state_dict(path)
+    for key, value in state.items():
+        assert value.dtype == np.float32 and value.dtype.isnative
+        np.testing.assert_array_equal(value, expected["tiny_msdn::" + key])
+
+
+def test_accepts_pathlike_and_other_archive_name(tmp_path, expected):
+    src = fixture("tiny_msdn")
+    dst = tmp_path / "renamed.pth"
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for info in zin.infolist():
+            zout.writestr("archive/" + info.filename.split("/", 1)[1], zin.read(info))
+    state = read_torch_state_dict(dst)
+    np.testing.assert_array_equal(state["V"], expected["tiny_msdn::V"])
+
+
+# --------------------------------------------------------------------------- split
+
+def test_split_state_dict_classification():
+    state = read_torch_state_dict(fixture("tiny_msdn"))
+    msdn, ignored, backbone = split_state_dict(state)
+    assert list(msdn) == ["V", "att", "W_1", "W_2", "W_1_1", "W_2_1", "bias", "mask_bias"]
+    assert set(msdn) == set(MSDN_KEY_MAP)
+    for key in msdn:
+        assert msdn[key] is state[key]
+    assert ignored == {
+        "W_3": "dead code in the reference, always zero",
+        "W_3_1": "dead code in the reference, always zero",
+        "weight_ce": "identity matrix of the reference loss, not a parameter",
+    }
+    assert ignored == IGNORED_KEYS
+    assert backbone == {}
+
+
+def test_split_state_dict_backbone():
+    state = read_torch_state_dict(fixture("tiny_msdn_backbone"))
+    msdn, ignored, backbone = split_state_dict(state, source="tiny_msdn_backbone.pth")
+    assert set(msdn) == set(MSDN_KEY_MAP) and set(ignored) == set(IGNORED_KEYS)
+    assert list(backbone) == ["backbone.bn1.running_var", "backbone.bn1.num_batches_tracked",
+                              "backbone.conv1.weight", "backbone.fc.weight", "backbone.fc.bias"]
+    assert backbone_prefixes(backbone) == {"backbone.": 5}
+    extra = dict(state)
+    extra["resnet101.layer1.0.conv1.weight"] = np.zeros((1,))
+    extra["stray"] = np.zeros((1,))
+    _, _, backbone = split_state_dict(extra)
+    assert backbone_prefixes(backbone) == {"backbone.": 5, "resnet101.": 1, "": 1}
+
+
+def test_split_state_dict_errors():
+    state = read_torch_state_dict(fixture("tiny_msdn"))
+    missing = {k: v for k, v in state.items() if k != "W_2_1"}
+    with pytest.raises(DataError, match="W_2_1"):
+        split_state_dict(missing, source="ckpt.pth")
+    wrong = dict(state, W_1_1=np.zeros((4, 6), np.float32))
+    with pytest.raises(DataError, match="'W_1_1' has shape"):
+        split_state_dict(wrong)
+    wrong = dict(state, mask_bias=np.zeros((1, C + 1), np.float32))
+    with pytest.raises(DataError, match="mask_bias"):
+        split_state_dict(wrong)
+
+
+# --------------------------------------------------------------------------- safety
+
+class _SystemCall:
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+class _EvalCall:
+    def __init__(self, source):
+        self.source = source
+
+    def __reduce__(self):
+        return (eval, (self.source,))
+
+
+def _assert_refused(path, global_name, side_effect):
+    with pytest.raises(DataError) as info:
+        read_torch_state_dict(path)
+    message = str(info.value)
+    assert "refusing to load %s" % path in message
+    assert "'%s'" % global_name in message
+    assert "nothing was executed" in message
+    assert not os.path.exists(side_effect)
+
+
+def test_refuses_os_system_reduce(tmp_path):
+    marker = tmp_path / "pwned.txt"
+    payload = pickle.dumps(_SystemCall("echo pwned > %s" % marker), protocol=2)
+    path = make_checkpoint(tmp_path / "evil_system.pth", payload)
+    _assert_refused(path, "%s.system" % os.system.__module__, marker)  # posix.system
+
+
+def test_refuses_os_system_global_inside_state_dict(tmp_path):
+    marker = tmp_path / "pwned.txt"
+    command = ("echo pwned > %s" % marker).encode()
+    # OrderedDict() then {"V": os.system(command)}, written with the "os" module name.
+    payload = (b"\x80\x02ccollections\nOrderedDict\n)R(X\x01\x00\x00\x00V"
+               b"cos\nsystem\nX" + struct.pack("<I", len(command)) + command
+               + b"\x85Ru.")
+    path = make_checkpoint(tmp_path / "evil_nested.pth", payload)
+    _assert_refused(path, "os.system", marker)
+
+
+def test_refuses_builtins_eval(tmp_path):
+    marker = tmp_path / "pwned_eval.txt"
+    source = "open(%r, 'w').write('pwned')" % str(marker)
+    payload = pickle.dumps(collections.OrderedDict(V=_EvalCall(source)), protocol=4)
+    path = make_checkpoint(tmp_path / "evil_eval.pth", payload)
+    _assert_refused(path, "builtins.eval", marker)
+    # Protocol 2 spells it the Python 2 way; the message names what the file says.
+    payload = pickle.dumps(_EvalCall(source), protocol=2)
+    path = make_checkpoint(tmp_path / "evil_eval2.pth", payload)
+    _assert_refused(path, "__builtin__.eval", marker)
+
+
+def test_build_cannot_tamper_with_allowed_objects(tmp_path):
+    # BUILD (None, {"fn": 1}) on the object standing in for collections.OrderedDict.
+    payload = b"\x80\x02ccollections\nOrderedDict\nN}X\x02\x00\x00\x00fnK\x01s\x86b."
+    path = make_checkpoint(tmp_path / "tamper.pth", payload)
+    with pytest.raises(DataError, match="tamper.pth"):
+        read_torch_state_dict(path)
+    assert "V" in read_torch_state_dict(fixture("tiny_msdn"))  # still works afterwards
+
+
+def test_non_state_dict_pickles(tmp_path):
+    path = make_checkpoint(tmp_path / "list.pth", pickle.dumps([1, 2], protocol=2))
+    with pytest.raises(DataError, match="not a state_dict"):
+        read_torch_state_dict(path)
+    nested = collections.OrderedDict(epoch=3, state_dict=collections.OrderedDict())
+    path = make_checkpoint(tmp_path / "nested.pth", pickle.dumps(nested, protocol=2))
+    with pytest.raises(DataError, match="not a plain state_dict.*nested"):
+        read_torch_state_dict(path)
+
+
+_TENSOR = (b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n((X\x07\x00\x00\x00storage"
+           b"ctorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x01tQK\x00")
+
+
+@pytest.mark.parametrize("shape_stride, message", [
+    (b"K\x02\x85K\x01\x85", "reaches element 1 but storage '0' holds only 1"),
+    (b"J\x00\x00\x10\x00M\x00\x04\x86K\x00K\x00\x86", "expands its storage"),
+    (b"K\x02\x85K\x01K\x01\x86", "differ in length"),
+])
+def test_rejects_malformed_tensor_records(tmp_path, shape_stride, message):
+    # One FloatStorage element; the tensor's (size, stride) do not fit it.
+    path = make_checkpoint(tmp_path / "bad_tensor.pth", _TENSOR + shape_stride + b"\x89)tR.")
+    with zipfile.ZipFile(path, "a") as zf:
+        zf.writestr("archive/data/0", b"\x00\x00\x80\x3f")
+    with pytest.raises(DataError, match=message):
+        read_torch_state_dict(path)
+    with pytest.raises(DataError, match="'torch.load', which this reader does not allow"):
+        read_torch_state_dict(make_checkpoint(tmp_path / "load.pth",
+                                              b"\x80\x02ctorch\nload\n."))
+
+
+# --------------------------------------------------------------------------- corrupt files
+
+def test_truncated_file(tmp_path):
+    data = open(fixture("tiny_msdn"), "rb").read()
+    path = tmp_path / "half.pth"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match="truncated or corrupt zip") as info:
+        read_torch_state_dict(path)
+    assert str(path) in str(info.value)
+
+
+def test_short_storage_record(tmp_path):
+    def cut(name, data):
+        return data[: len(data) // 2] if name == "tiny_msdn/data/0" else data
+
+    path = rewrite_zip(fixture("tiny_msdn"), tmp_path / "short.pth", cut)
+    with pytest.raises(DataError, match=r"truncated: storage record 'tiny_msdn/data/0' has 40 "
+                                        r"bytes but 20 FloatStorage elements need 80"):
+        read_torch_state_dict(path)
+
+
+def test_missing_storage_record(tmp_path):
+    def drop(name, data):
+        return None if name == "tiny_msdn/data/3" else data
+
+    path = rewrite_zip(fixture("tiny_msdn"), tmp_path / "missing.pth", drop)
+    with pytest.raises(DataError, match="storage record 'tiny_msdn/data/3' is missing"):
+        read_torch_state_dict(path)
+
+
+def test_corrupt_record_bytes(tmp_path):
+    data = bytearray(open(fixture("tiny_msdn"), "rb").read())
+    with zipfile.ZipFile(fixture("tiny_msdn")) as zf:
+        offset = zf.getinfo("tiny_msdn/data/2").header_offset
+    name_len, extra_len = struct.unpack("<HH", bytes(data[offset + 26: offset + 30]))
+    data[offset + 30 + name_len + extra_len] ^= 0xFF  # first byte of the stored record
+    path = tmp_path / "crc.pth"
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="corrupt"):
+        read_torch_state_dict(path)
+
+
+def test_not_a_zip(tmp_path):
+    path = tmp_path / "notes.pth"
+    path.write_text("hello, I am not a checkpoint\n")
+    with pytest.raises(DataError, match="not a PyTorch zip checkpoint"):
+        read_torch_state_dict(path)
+    legacy = tmp_path / "legacy.pth"  # pickled magic number, as old torch.save wrote
+    legacy.write_bytes(pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2))
+    with pytest.raises(DataError, match="legacy"):
+        read_torch_state_dict(legacy)
+    with pytest.raises(DataError, match="does not exist"):
+        read_torch_state_dict(tmp_path / "absent.pth")
+    other = tmp_path / "other.zip"
+    with zipfile.ZipFile(other, "w") as zf:
+        zf.writestr("readme.txt", "hi")
+    with pytest.raises(DataError, match="no '<archive>/data.pkl'"):
+        read_torch_state_dict(other)
+
+
+def test_module_does_not_import_tensorflow_keras_or_torch():
+    import msdn_tf.torch_checkpoint as mod
+
+    tree = ast.parse(open(mod.__file__).read())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module.split(".")[0])
+    assert not imported & {"tensorflow", "keras", "torch"}
+
+
+# --------------------------------------------------------------------------- against torch
+
+def test_matches_torch_load(tmp_path):
+    torch = pytest.importorskip("torch")
+    script = os.path.join(FIXTURES, "make_torch_fixtures.py")
+    run = subprocess.run([sys.executable, script, "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "tiny_msdn_expected.npz" in run.stdout
+    paths = [tmp_path / (stem + ".pth") for stem in STEMS] + [fixture(s) for s in STEMS]
+    for path in paths:
+        assert os.path.getsize(path) < 20 * 1024
+        ours = read_torch_state_dict(path)
+        theirs = torch.load(path, map_location="cpu", weights_only=True)
+        assert list(ours) == list(theirs)
+        for key, tensor in theirs.items():
+            if tensor.dtype == torch.bfloat16:
+                tensor = tensor.float()
+            want = tensor.detach().contiguous().numpy()
+            assert ours[key].dtype == want.dtype, (path, key)
+            np.testing.assert_array_equal(ours[key], want, err_msg="%s %s" % (path, key))
