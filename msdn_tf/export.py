@@ -1,0 +1,698 @@
+"""Export a trained MSDN as a TensorFlow Serving SavedModel with fused predictions.
+
+Usage::
+
+    python -m msdn_tf.export --run RUN_DIR --out export/models/msdn_cub [--version N] \\
+        [--gamma G] [--top-k 5] [--overwrite] [--no-verify] [--json] \\
+        [--with-images --backbone-weights FILE|imagenet|none --image-size 448]
+
+Writes ``OUT/<version>/`` (default version 1) in the TF Serving model-base-path
+layout, through ``keras.export.ExportArchive`` (``tf.saved_model.save`` of a Keras 3
+model fails in the C++ loader TF Serving uses). The SavedModel is written to a
+hidden temporary folder in ``OUT`` and renamed into place, so TF Serving never sees
+a half-written version; an existing version is only replaced with ``--overwrite``.
+
+Signatures (all ``tensorflow/serving/predict``):
+
+============== ============================================ =============================
+name           input                                        note
+============== ============================================ =============================
+serving_default ``features`` float32 (None, None, F)        region vectors (B, R, F), any R
+serving_maps   ``feature_maps`` float32 (None, None, None, F) channel-last maps (B, H, W, F)
+serving_images ``images`` string (None,)                    encoded JPEG/PNG (``--with-images``)
+metadata       (no input)                                   ``metadata_json``, ``class_names``
+============== ============================================ =============================
+
+The three prediction signatures return the same outputs:
+
+* ``scores`` float32 (B, C): fused logits ``w1 * S1 + w2 * S2`` over all classes
+  (no calibration);
+* ``gzsl_class`` int64 (B,): argmax over all classes after subtracting ``gamma`` from
+  the seen-class scores (calibrated stacking; ``gamma`` is baked into the export);
+* ``czsl_class`` int64 (B,): argmax over the unseen classes only, as a class id;
+* ``top_k_classes`` int64 (B, k) and ``top_k_scores`` float32 (B, k): the ``k =
+  min(top_k, C)`` best classes of the *calibrated* scores (``scores`` minus ``gamma``
+  on seen classes), best first, so ``top_k_classes[:, 0] == gzsl_class``.
+  ``top_k_scores`` are those calibrated scores.
+
+``serving_images`` decodes each image (JPEG/PNG/BMP/GIF first frame) to RGB, resizes
+the shorter side to ``image_size`` (bilinear, antialiased), centre-crops a square,
+applies ``keras.applications.resnet.preprocess_input`` -- the preprocessing of
+:mod:`msdn_tf.extract` -- and runs the backbone inside the graph.
+
+Metadata (class names, seen/unseen ids, fusion weights, gamma, top_k, the run
+config) is written to ``OUT/<version>/assets/msdn_metadata.json``, beside the
+version folders as ``OUT/msdn_metadata.json`` (for clients; it describes the last
+export), and is returned by the ``metadata`` signature.
+
+After writing, :func:`verify_export` loads the export with TensorFlow's C++ loader
+(:mod:`msdn_tf.serving.cc_loader`), runs every signature, compares with the Keras
+model and runs ``saved_model_cli show --all`` (``--no-verify`` skips this).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from msdn_tf.errors import MSDNError
+from msdn_tf.utils import write_json
+
+METADATA_FILE = "msdn_metadata.json"
+METADATA_FORMAT = "msdn_tf.export/1"
+FEATURES_SIGNATURE = "serving_default"
+MAPS_SIGNATURE = "serving_maps"
+IMAGES_SIGNATURE = "serving_images"
+METADATA_SIGNATURE = "metadata"
+PREDICTION_OUTPUTS = ("scores", "gzsl_class", "czsl_class", "top_k_classes", "top_k_scores")
+PREPROCESSING_NOTE = ("decode to RGB, resize the shorter side to image_size (bilinear, antialias), centre "
+                      "crop, keras.applications.resnet.preprocess_input (caffe), as msdn_tf.extract")
+
+
+# ---------------------------------------------------------------------------------------------
+# In-graph pieces (TensorFlow-specific by design: this is the export)
+
+
+def preprocess_encoded_image(encoded, image_size: int):
+    """One encoded image (scalar tf.string) -> float32 (S, S, 3) RGB in 0..255.
+
+    The same steps as :func:`msdn_tf.extract._load_image` after reading the file
+    (shorter side to ``image_size`` as ``torchvision.transforms.Resize(int)``,
+    centre crop as ``CenterCrop``); ``keras.applications.resnet.preprocess_input``
+    is applied to the batch afterwards, as in :func:`msdn_tf.extract.make_dataset`.
+    Undecodable bytes raise ``InvalidArgumentError`` (TF Serving: INVALID_ARGUMENT).
+    """
+    import tensorflow as tf
+
+    img = tf.io.decode_image(encoded, channels=3, dtype=tf.uint8, expand_animations=False)
+    img.set_shape([None, None, 3])
+    shape = tf.shape(img)
+    h, w = shape[0], shape[1]
+    size = tf.constant(image_size, tf.int32)
+    long_h = tf.cast(tf.math.floor(image_size * tf.cast(h, tf.float64) / tf.cast(w, tf.float64)), tf.int32)
+    long_w = tf.cast(tf.math.floor(image_size * tf.cast(w, tf.float64) / tf.cast(h, tf.float64)), tf.int32)
+    new_h = tf.where(w <= h, long_h, size)
+    new_w = tf.where(w <= h, size, long_w)
+    img = tf.image.resize(tf.cast(img, tf.float32), tf.stack([new_h, new_w]), method="bilinear", antialias=True)
+    top = tf.cast(tf.round(tf.cast(new_h - size, tf.float32) / 2.0), tf.int32)
+    left = tf.cast(tf.round(tf.cast(new_w - size, tf.float32) / 2.0), tf.int32)
+    img = img[top:top + image_size, left:left + image_size, :]
+    img = tf.clip_by_value(img, 0.0, 255.0)
+    img.set_shape([image_size, image_size, 3])
+    return img
+
+
+def preprocess_image_batch(images, image_size: int):
+    """(B,) encoded images -> (B, S, S, 3) backbone input (``resnet.preprocess_input`` applied)."""
+    import keras
+    import tensorflow as tf
+
+    def one(encoded):
+        return preprocess_encoded_image(encoded, image_size)
+
+    batch = tf.map_fn(one, images, fn_output_signature=tf.TensorSpec((image_size, image_size, 3), tf.float32))
+    return keras.applications.resnet.preprocess_input(batch)
+
+
+def fused_predictions(scores, seen_mask, unseen_ids, gamma: float, top_k: int) -> dict:
+    """The prediction outputs from fused scores ``(B, C)`` (keras.ops; runs in the export graph).
+
+    Args:
+        scores: fused logits (B, C).
+        seen_mask: (C,) float, 1 for seen classes.
+        unseen_ids: (U,) int class ids of the unseen classes.
+        gamma: calibrated-stacking constant subtracted from seen-class scores.
+        top_k: k of the top-k outputs (at most C).
+    """
+    from keras import ops
+
+    calibrated = scores - gamma * ops.convert_to_tensor(seen_mask, scores.dtype)[None, :]  # (B, C)
+    unseen_ids = ops.convert_to_tensor(unseen_ids, "int64")
+    unseen_scores = ops.take(scores, unseen_ids, axis=1)  # (B, U)
+    values, indices = ops.top_k(calibrated, k=top_k, sorted=True)  # (B, k)
+    return {
+        "scores": scores,
+        "gzsl_class": ops.cast(ops.argmax(calibrated, axis=-1), "int64"),
+        "czsl_class": ops.take(unseen_ids, ops.argmax(unseen_scores, axis=-1), axis=0),
+        "top_k_classes": ops.cast(indices, "int64"),
+        "top_k_scores": values,
+    }
+
+
+def reference_predictions(scores, seen_classes, unseen_classes, gamma: float, top_k: int) -> dict:
+    """NumPy version of :func:`fused_predictions`, via :mod:`msdn_tf.metrics` (for verification)."""
+    from msdn_tf.metrics import czsl_predictions, gzsl_predictions
+
+    scores = np.asarray(scores, np.float32)
+    calibrated = scores.astype(np.float64).copy()
+    calibrated[:, np.asarray(seen_classes, dtype=np.int64)] -= gamma
+    k = min(int(top_k), scores.shape[1])
+    order = np.argsort(-calibrated, axis=1, kind="stable")[:, :k]
+    return {
+        "scores": scores,
+        "gzsl_class": gzsl_predictions(scores, seen_classes, gamma).astype(np.int64),
+        "czsl_class": czsl_predictions(scores, unseen_classes).astype(np.int64),
+        "top_k_classes": order.astype(np.int64),
+        "top_k_scores": np.take_along_axis(calibrated, order, axis=1).astype(np.float32),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Metadata
+
+
+def _config_dict(config):
+    if config is None:
+        return None
+    if isinstance(config, dict):
+        return config
+    if hasattr(config, "to_dict"):
+        return config.to_dict()
+    raise MSDNError(f"config must be a Config, a dict or None, got {type(config).__name__}")
+
+
+def build_metadata(model, *, class_names, seen_classes, unseen_classes, gamma, top_k, config=None,
+                   version=1, image_size=None, backbone_id=None) -> dict:
+    """The ``msdn_metadata.json`` content (see the module docstring)."""
+    import keras
+    import tensorflow as tf
+
+    c = int(model.num_classes)
+    signatures = {
+        FEATURES_SIGNATURE: {"inputs": {"features": f"float32 (batch, regions, {model.feature_dim})"}},
+        MAPS_SIGNATURE: {"inputs": {"feature_maps": f"float32 (batch, height, width, {model.feature_dim})"}},
+    }
+    if image_size is not None:
+        signatures[IMAGES_SIGNATURE] = {"inputs": {"images": "string (batch,) encoded JPEG/PNG bytes"}}
+    for sig in signatures.values():
+        sig["outputs"] = {"scores": f"float32 (batch, {c})", "gzsl_class": "int64 (batch,)",
+                          "czsl_class": "int64 (batch,)", "top_k_classes": f"int64 (batch, {top_k})",
+                          "top_k_scores": f"float32 (batch, {top_k}) calibrated scores"}
+    signatures[METADATA_SIGNATURE] = {"inputs": {}, "outputs": {"metadata_json": "string ()",
+                                                                "class_names": f"string ({c},)"}}
+    return {
+        "format": METADATA_FORMAT,
+        "version": int(version),
+        "class_names": [str(n) for n in class_names],
+        "seen_classes": [int(i) for i in seen_classes],
+        "unseen_classes": [int(i) for i in unseen_classes],
+        "num_classes": c,
+        "num_attributes": int(model.num_attributes),
+        "feature_dim": int(model.feature_dim),
+        "fusion_weights": [float(w) for w in model.fusion_weights],
+        "gamma": float(gamma),
+        "top_k": int(top_k),
+        "scores": "fused logits w1*S1 + w2*S2 (uncalibrated); gzsl_class and top_k use scores - gamma on seen "
+                  "classes",
+        "images": None if image_size is None else {
+            "image_size": int(image_size), "backbone": backbone_id or "custom",
+            "preprocessing": PREPROCESSING_NOTE},
+        "signatures": signatures,
+        "config": _config_dict(config),
+        "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+    }
+
+
+def read_metadata(path) -> dict:
+    """Read and check an ``msdn_metadata.json`` (a file, a version dir or a model base dir)."""
+    path = Path(path)
+    if path.is_dir():
+        candidates = [path / METADATA_FILE, path / "assets" / METADATA_FILE]
+        path = next((p for p in candidates if p.is_file()), candidates[0])
+    if not path.is_file():
+        raise MSDNError(f"{path}: metadata file not found (python -m msdn_tf.export writes {METADATA_FILE} beside "
+                        "the version folders and in <version>/assets/)")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise MSDNError(f"{path}: not valid JSON ({exc})") from exc
+    missing = [k for k in ("class_names", "seen_classes", "unseen_classes", "gamma", "top_k") if k not in meta]
+    if missing or not isinstance(meta.get("class_names"), list):
+        raise MSDNError(f"{path}: not an msdn-tf export metadata file (missing keys {missing}; "
+                        f"expected format {METADATA_FORMAT})")
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------
+# Export
+
+
+def _check_inputs(model, class_names, seen_classes, unseen_classes, gamma, top_k, version, image_size, backbone):
+    c = int(model.num_classes)
+    if len(class_names) != c:
+        raise MSDNError(f"{len(class_names)} class names for a model with {c} classes")
+    seen = [int(i) for i in seen_classes]
+    unseen = [int(i) for i in unseen_classes]
+    if sorted(seen) != sorted(model.seen_classes) or sorted(unseen) != sorted(model.unseen_classes):
+        raise MSDNError("seen_classes/unseen_classes differ from the model's own (model.seen_classes, "
+                        f"model.unseen_classes): got {len(seen)}/{len(unseen)} ids, the model has "
+                        f"{len(model.seen_classes)}/{len(model.unseen_classes)}")
+    if not np.isfinite(gamma):
+        raise MSDNError(f"gamma must be a finite number, got {gamma}")
+    if int(top_k) < 1:
+        raise MSDNError(f"top_k must be >= 1, got {top_k}")
+    if int(version) < 1:
+        raise MSDNError(f"version must be a positive integer (TF Serving version folder), got {version}")
+    if backbone is not None and int(image_size) < 32:
+        raise MSDNError(f"image_size must be >= 32, got {image_size}")
+    return seen, unseen
+
+
+def _backbone_output_check(backbone, image_size, feature_dim):
+    try:
+        out = backbone.compute_output_shape((None, image_size, image_size, 3))
+    except Exception:  # a backbone without shape inference: checked when the endpoint is traced
+        return
+    out = tuple(out)
+    if len(out) != 4 or out[-1] != feature_dim:
+        raise MSDNError(f"the backbone must map (batch, {image_size}, {image_size}, 3) to (batch, h, w, "
+                        f"{feature_dim}) for this model; it gives {out}")
+
+
+def export_saved_model(model, out_base, *, version: int = 1, class_names: Sequence[str],
+                       seen_classes, unseen_classes, gamma: float = 0.0, top_k: int = 5, config=None,
+                       backbone=None, image_size: int = 448, overwrite: bool = False,
+                       backbone_id: Optional[str] = None) -> str:
+    """Write ``out_base/<version>/`` as a TF Serving SavedModel of ``model``.
+
+    Args:
+        model: a built :class:`msdn_tf.model.MSDN`.
+        out_base: the TF Serving model base path (e.g. ``export/models/msdn_cub``).
+        version: the version folder (positive int).
+        class_names: C names, in class-id order.
+        seen_classes, unseen_classes: class ids (must match the model's).
+        gamma: calibrated-stacking constant baked into ``gzsl_class`` and top-k.
+        top_k: k of ``top_k_classes``/``top_k_scores`` (clipped to C).
+        config: the run's config (Config or dict), stored in the metadata.
+        backbone: optional Keras model ``(B, S, S, 3) -> (B, h, w, F)`` (inputs
+            already through ``resnet.preprocess_input``); adds ``serving_images``.
+        image_size: S for ``serving_images``.
+        overwrite: replace an existing ``out_base/<version>``.
+        backbone_id: a description of the backbone for the metadata.
+
+    Returns:
+        The version directory path.
+
+    Raises:
+        MSDNError: bad arguments, or the version exists and ``overwrite`` is False.
+    """
+    import keras
+    import tensorflow as tf
+
+    seen, unseen = _check_inputs(model, class_names, seen_classes, unseen_classes, gamma, top_k, version,
+                                 image_size, backbone)
+    out_base = Path(out_base)
+    final = out_base / str(int(version))
+    if final.exists() and not overwrite:
+        raise MSDNError(f"{final} already exists; choose another --version or pass --overwrite")
+    c = int(model.num_classes)
+    k = min(int(top_k), c)
+    f = int(model.feature_dim)
+    seen_mask = np.zeros((c,), np.float32)
+    seen_mask[seen] = 1.0
+    unseen_ids = np.asarray(unseen, np.int64)
+    gamma = float(gamma)
+    if backbone is not None:
+        _backbone_output_check(backbone, int(image_size), f)
+
+    def head(features):
+        scores = keras.ops.cast(model(features, training=False)["logits"], "float32")  # (B, C), even if mixed
+        return fused_predictions(scores, seen_mask, unseen_ids, gamma, k)
+
+    meta = build_metadata(model, class_names=class_names, seen_classes=seen, unseen_classes=unseen, gamma=gamma,
+                          top_k=k, config=config, version=version,
+                          image_size=None if backbone is None else int(image_size), backbone_id=backbone_id)
+    meta_text = json.dumps(meta, indent=2) + "\n"
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(FEATURES_SIGNATURE, head,
+                         input_signature=[tf.TensorSpec((None, None, f), tf.float32, name="features")])
+    archive.add_endpoint(MAPS_SIGNATURE, head,
+                         input_signature=[tf.TensorSpec((None, None, None, f), tf.float32, name="feature_maps")])
+    if backbone is not None:
+        archive.track(backbone)
+        size = int(image_size)
+
+        def images_fn(images):
+            x = preprocess_image_batch(images, size)  # (B, S, S, 3)
+            maps = backbone(x, training=False) if isinstance(backbone, keras.layers.Layer) else backbone(x)
+            return head(maps)  # (B, h, w, F)
+
+        archive.add_endpoint(IMAGES_SIGNATURE, images_fn,
+                             input_signature=[tf.TensorSpec((None,), tf.string, name="images")])
+    names = [str(n) for n in class_names]
+
+    def metadata_fn():
+        return {"metadata_json": tf.constant(meta_text), "class_names": tf.constant(names)}
+
+    archive.add_endpoint(METADATA_SIGNATURE, tf.function(metadata_fn, input_signature=[]))
+
+    out_base.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{int(version)}-", dir=out_base))  # not numeric: TF Serving skips it
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; a server running as another user must read it
+    old = None
+    try:
+        archive.write_out(str(tmp), verbose=False)
+        (tmp / "assets").mkdir(exist_ok=True)
+        (tmp / "assets" / METADATA_FILE).write_text(meta_text)
+        if final.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".old-{int(version)}-", dir=out_base))
+            os.rmdir(old)
+            os.replace(final, old)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and old.exists():
+            shutil.rmtree(old, ignore_errors=True)
+    write_json(out_base / METADATA_FILE, meta)
+    return str(final)
+
+
+# ---------------------------------------------------------------------------------------------
+# Verification
+
+
+def synthetic_images(count: int = 3, seed: int = 0) -> list:
+    """Encoded test images of different sizes and formats (PNG and JPEG), as bytes."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(seed)
+    sizes = [(50, 70), (80, 40), (64, 64), (33, 90)]
+    out = []
+    for i in range(count):
+        h, w = sizes[i % len(sizes)]
+        pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        out.append((tf.io.encode_png if i % 2 == 0 else tf.io.encode_jpeg)(pixels).numpy())
+    return out
+
+
+def _saved_model_cli() -> Optional[str]:
+    near = Path(sys.executable).with_name("saved_model_cli")
+    return str(near) if near.exists() else shutil.which("saved_model_cli")
+
+
+def run_saved_model_cli(export_dir) -> dict:
+    """``saved_model_cli show --dir EXPORT_DIR --all``: return code, listed signatures, output."""
+    cli = _saved_model_cli()
+    if cli is None:
+        return {"ok": False, "skipped": "saved_model_cli not found", "signatures": []}
+    env = dict(os.environ)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    proc = subprocess.run([cli, "show", "--dir", str(export_dir), "--all"], capture_output=True, text=True,
+                          timeout=600, env=env)
+    sigs = sorted({line.split("'")[1] for line in proc.stdout.splitlines()
+                   if line.startswith("signature_def['")} - {"__saved_model_init_op"})
+    return {"ok": proc.returncode == 0, "returncode": proc.returncode, "command":
+            f"saved_model_cli show --dir {export_dir} --all", "signatures": sigs,
+            "output": proc.stdout if proc.returncode == 0 else proc.stderr[-4000:]}
+
+
+def _compare(sig, want: dict, got: dict, tol: float) -> list:
+    """One check row per output; class outputs may differ only where the reference scores tie within tol."""
+    rows = []
+    calibrated = want["_calibrated"]
+    for key in PREDICTION_OUTPUTS:
+        if key not in got:
+            rows.append({"signature": sig, "output": key, "ok": False, "detail": "missing output"})
+            continue
+        g, w = np.asarray(got[key]), np.asarray(want[key])
+        if g.shape != w.shape:
+            rows.append({"signature": sig, "output": key, "ok": False,
+                         "detail": f"shape {list(g.shape)} != expected {list(w.shape)}"})
+            continue
+        if key in ("scores", "top_k_scores"):
+            diff = float(np.max(np.abs(g.astype(np.float64) - w))) if g.size else 0.0
+            rows.append({"signature": sig, "output": key, "ok": diff <= tol, "max_abs_diff": diff,
+                         "tolerance": tol})
+            continue
+        mismatch = np.argwhere(g != w)
+        if key == "czsl_class":
+            ref = want["scores"].astype(np.float64)
+        else:
+            ref = calibrated
+        bad = 0
+        for idx in mismatch:
+            b = idx[0]
+            if abs(ref[b, int(g[tuple(idx)])] - ref[b, int(w[tuple(idx)])]) > tol:
+                bad += 1
+        rows.append({"signature": sig, "output": key, "ok": bad == 0, "mismatches": int(len(mismatch)),
+                     "mismatches_beyond_ties": bad})
+    return rows
+
+
+def _expected(model, inputs, meta) -> dict:
+    from keras import ops
+
+    scores = np.asarray(ops.convert_to_numpy(model(inputs, training=False)["logits"]), np.float32)
+    ref = reference_predictions(scores, meta["seen_classes"], meta["unseen_classes"], meta["gamma"], meta["top_k"])
+    calibrated = scores.astype(np.float64).copy()
+    calibrated[:, np.asarray(meta["seen_classes"], dtype=np.int64)] -= meta["gamma"]
+    ref["_calibrated"] = calibrated
+    return ref
+
+
+def verify_export(export_dir, model, sample_features, *, sample_images=None, backbone=None,
+                  binary: Optional[str] = None, rtol: float = 1e-4, saved_model_cli: bool = True) -> dict:
+    """Load ``export_dir`` with TF's C++ loader, run every signature and compare with ``model``.
+
+    Args:
+        export_dir: a version directory written by :func:`export_saved_model`.
+        model: the Keras MSDN it was exported from.
+        sample_features: float (B, R, F) region vectors or (B, H, W, F) maps; both
+            ``serving_default`` and ``serving_maps`` are run (maps are reshaped to
+            regions; regions are reshaped to maps when R is a perfect square).
+        sample_images: encoded images for ``serving_images`` (default: synthetic ones
+            when the export has that signature and ``backbone`` is given).
+        backbone: the backbone used for the export (needed to check ``serving_images``).
+        binary: a compiled C++ loader (default: :func:`cc_loader.compile_loader`).
+        rtol: tolerance relative to the score scale: ``atol = rtol * max(1, max|scores|)``.
+        saved_model_cli: also run ``saved_model_cli show --all``.
+
+    Returns:
+        A JSON-able report: ``ok``, ``loader`` (``"c++"`` or ``"python"`` when the C++
+        loader cannot be built here), ``signatures`` (as the loader lists them),
+        ``checks`` (one row per signature and output), ``saved_model_cli``, ``errors``.
+    """
+    import keras
+
+    from msdn_tf.serving import cc_loader
+
+    export_dir = Path(export_dir)
+    meta = read_metadata(export_dir / "assets" / METADATA_FILE)
+    report = {"export_dir": str(export_dir), "ok": True, "loader": "c++", "signatures": {}, "checks": [],
+              "errors": []}
+    x = np.asarray(sample_features, np.float32)
+    if x.ndim == 4:
+        maps, regions = x, x.reshape(x.shape[0], -1, x.shape[-1])
+    elif x.ndim == 3:
+        side = int(round(np.sqrt(x.shape[1])))
+        regions, maps = x, (x.reshape(x.shape[0], side, side, x.shape[-1]) if side * side == x.shape[1] else None)
+    else:
+        raise MSDNError(f"sample_features must be (B, R, F) or (B, H, W, F), got shape {x.shape}")
+
+    def run_python(sig, inputs):
+        import tensorflow as tf
+
+        fn = loaded.signatures[sig]
+        feeds = {k: tf.constant(v) if not isinstance(v, list) else tf.constant(v, tf.string) for k, v in inputs.items()}
+        return {k: np.asarray(v) for k, v in fn(**feeds).items()}
+
+    loaded = None
+    try:
+        binary = binary or cc_loader.compile_loader()
+        info = cc_loader.inspect_saved_model(export_dir, binary=binary)
+        report["signatures"] = info["signatures"]
+        run = lambda sig, inputs: cc_loader.run_signature(export_dir, sig, inputs, binary=binary)  # noqa: E731
+    except cc_loader.CcLoaderUnavailable as exc:
+        import tensorflow as tf
+
+        report["loader"] = f"python (C++ loader unavailable: {exc})"
+        loaded = tf.saved_model.load(str(export_dir), tags=["serve"])
+        report["signatures"] = {k: {"inputs": sorted(v.structured_input_signature[1]),
+                                    "outputs": sorted(v.structured_outputs)} for k, v in loaded.signatures.items()}
+        run = run_python
+    except cc_loader.CcLoaderError as exc:
+        report.update(ok=False)
+        report["errors"].append(str(exc))
+        return report
+
+    cases = [(FEATURES_SIGNATURE, {"features": regions}, regions)]
+    if maps is not None:
+        cases.append((MAPS_SIGNATURE, {"feature_maps": maps}, maps))
+    if IMAGES_SIGNATURE in report["signatures"]:
+        if backbone is None:
+            report["errors"].append(f"{IMAGES_SIGNATURE} not checked: no backbone given")
+            report["ok"] = False
+        else:
+            import tensorflow as tf
+
+            images = list(sample_images) if sample_images is not None else synthetic_images()
+            size = int(meta["images"]["image_size"])
+            pre = preprocess_image_batch(tf.constant(images, tf.string), size)
+            feats = backbone(pre, training=False) if isinstance(backbone, keras.layers.Layer) else backbone(pre)
+            cases.append((IMAGES_SIGNATURE, {"images": images}, feats))
+    for sig, inputs, model_input in cases:
+        try:
+            got = run(sig, inputs)
+        except cc_loader.CcLoaderError as exc:
+            report["errors"].append(f"{sig}: {exc}")
+            report["ok"] = False
+            continue
+        want = _expected(model, model_input, meta)
+        tol = rtol * max(1.0, float(np.max(np.abs(want["scores"]))) if want["scores"].size else 1.0)
+        report["checks"].extend(_compare(sig, want, got, tol))
+    try:
+        got = run(METADATA_SIGNATURE, {})
+        names = [b.decode("utf-8") for b in np.asarray(got["class_names"]).reshape(-1)]
+        text = np.asarray(got["metadata_json"]).reshape(-1)[0]
+        ok = names == meta["class_names"] and json.loads(text)["gamma"] == meta["gamma"]
+        report["checks"].append({"signature": METADATA_SIGNATURE, "output": "class_names+metadata_json", "ok": ok})
+    except (cc_loader.CcLoaderError, KeyError, ValueError) as exc:
+        report["errors"].append(f"{METADATA_SIGNATURE}: {exc}")
+    if saved_model_cli:
+        report["saved_model_cli"] = run_saved_model_cli(export_dir)
+        if not report["saved_model_cli"]["ok"] and "skipped" not in report["saved_model_cli"]:
+            report["errors"].append("saved_model_cli show --all failed")
+    report["ok"] = report["ok"] and not report["errors"] and all(c["ok"] for c in report["checks"])
+    return report
+
+
+def report_markdown(report: dict) -> str:
+    """A short markdown rendering of a :func:`verify_export` report."""
+    from msdn_tf.utils import markdown_table
+
+    lines = [f"# Export check: {report['export_dir']}", "",
+             f"- result: {'OK' if report['ok'] else 'FAILED'}", f"- loader: {report['loader']}"]
+    for name, sig in sorted(report["signatures"].items()):
+        ins = ", ".join(f"{k} {v['dtype']} {v['shape']}" if isinstance(v, dict) else str(k)
+                        for k, v in (sig["inputs"].items() if isinstance(sig["inputs"], dict)
+                                     else [(s, s) for s in sig["inputs"]]))
+        lines.append(f"- signature `{name}`: inputs {ins or '(none)'}; outputs {', '.join(sorted(sig['outputs']))}")
+    cli = report.get("saved_model_cli")
+    if cli:
+        lines.append(f"- saved_model_cli show --all: {'ok' if cli['ok'] else cli.get('skipped', 'FAILED')}, "
+                     f"signatures {cli['signatures']}")
+    rows = []
+    for c in report["checks"]:
+        detail = (f"max abs diff {c['max_abs_diff']:.3g} (tol {c['tolerance']:.3g})" if "max_abs_diff" in c else
+                  f"{c.get('mismatches', 0)} mismatches ({c.get('mismatches_beyond_ties', 0)} beyond ties)"
+                  if "mismatches" in c else c.get("detail", ""))
+        rows.append([c["signature"], c["output"], "ok" if c["ok"] else "FAIL", detail])
+    lines += ["", markdown_table(["signature", "output", "result", "detail"], rows)]
+    if report["errors"]:
+        lines += ["", "Errors:"] + [f"- {e}" for e in report["errors"]]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Run directories and the command line
+
+
+def class_names_for_run(run_dir, config) -> list:
+    """Class names of a run: ``RUN/metadata.json`` ``class_names`` if present, else the dataset's."""
+    meta_path = Path(run_dir) / "metadata.json"
+    if meta_path.is_file():
+        try:
+            names = json.loads(meta_path.read_text()).get("class_names")
+        except (OSError, ValueError) as exc:
+            raise MSDNError(f"{meta_path}: not valid JSON ({exc})") from exc
+        if names is not None:
+            return [str(n) for n in names]
+    from msdn_tf.data.registry import load_dataset
+
+    try:
+        return list(load_dataset(config).class_names)  # feature maps stay on disk: only metadata is read
+    except MSDNError as exc:
+        raise MSDNError(f"cannot get the class names of {run_dir}: no metadata.json with 'class_names' and the "
+                        f"dataset does not load ({exc}); pass --set data.data_dir=... or add "
+                        f"{meta_path}") from exc
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m msdn_tf.export",
+                                description="Export a trained MSDN run as a TF Serving SavedModel "
+                                            "(OUT/<version>/) and check it with TF's C++ loader.")
+    p.add_argument("--run", required=True, help="run directory (config.yaml + model.keras)")
+    p.add_argument("--out", required=True, help="TF Serving model base path, e.g. export/models/msdn_cub")
+    p.add_argument("--version", type=int, default=1, help="version folder (default 1)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing version folder")
+    p.add_argument("--gamma", type=float, default=0.0,
+                   help="calibrated stacking: subtracted from seen-class scores for gzsl_class/top-k (default 0)")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--with-images", action="store_true", help="add serving_images (JPEG/PNG bytes -> backbone)")
+    p.add_argument("--backbone-weights", default="imagenet",
+                   help="ResNet-101 weights for --with-images: 'imagenet' (Keras download), a local .h5 file or "
+                        "'none' (random, for tests)")
+    p.add_argument("--image-size", type=int, default=448)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the run config when reading class names (e.g. data.data_dir=...)")
+    p.add_argument("--no-verify", action="store_true", help="skip the C++ loader / saved_model_cli check")
+    p.add_argument("--verify-samples", type=int, default=3, help="random samples used by the check")
+    p.add_argument("--json", action="store_true", help="print the check report as JSON instead of markdown")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        from msdn_tf.config import merge, parse_override
+        from msdn_tf.runs import load_run
+
+        config, model = load_run(args.run)
+        for text in args.set:
+            config = merge(config, parse_override(text), f"--set {text}")
+        names = class_names_for_run(args.run, config)
+        backbone = backbone_id = None
+        if args.with_images:
+            if model.feature_dim != 2048:
+                raise MSDNError(f"--with-images builds a ResNet-101 backbone (2048 channels) but the model takes "
+                                f"{model.feature_dim}-channel features")
+            from msdn_tf.extract import build_backbone
+
+            backbone = build_backbone(args.backbone_weights, args.image_size)
+            backbone_id = f"keras.applications.ResNet101(include_top=False, weights={args.backbone_weights})"
+        path = export_saved_model(model, args.out, version=args.version, class_names=names,
+                                  seen_classes=model.seen_classes, unseen_classes=model.unseen_classes,
+                                  gamma=args.gamma, top_k=args.top_k, config=config, backbone=backbone,
+                                  image_size=args.image_size, overwrite=args.overwrite, backbone_id=backbone_id)
+        print(f"wrote {path} (metadata: {Path(args.out) / METADATA_FILE})", file=sys.stderr)
+        if args.no_verify:
+            return 0
+        rng = np.random.default_rng(0)
+        side = max(1, args.image_size // 32)
+        sample = np.abs(rng.standard_normal((args.verify_samples, side, side, model.feature_dim))).astype(np.float32)
+        report = verify_export(path, model, sample, backbone=backbone)
+        if args.json:
+            print(json.dumps({k: v for k, v in report.items() if k != "saved_model_cli"} |
+                             {"saved_model_cli": {k: v for k, v in report.get("saved_model_cli", {}).items()
+                                                  if k != "output"}}, indent=2))
+        else:
+            print(report_markdown(report))
+        if not report["ok"]:
+            print("error: the export failed its check (see the report above)", file=sys.stderr)
+            return 1
+    except MSDNError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,408 @@
+"""SavedModel export of MSDN (msdn_tf.export), its C++ loader check, and the clients.
+
+One small random MSDN (C=12 with 4 unseen, K=8, F=32, D=16) and a tiny conv
+backbone (32x32 images -> 4x4x32 maps) are exported once per module with a gamma
+crafted so that calibrated stacking changes the GZSL answer of one sample.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import grpc
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc  # noqa: E402
+
+from msdn_tf import client, export  # noqa: E402
+from msdn_tf.errors import MSDNError  # noqa: E402
+from msdn_tf.metrics import czsl_predictions, gzsl_predictions  # noqa: E402
+from msdn_tf.model import build_msdn  # noqa: E402
+from msdn_tf.serving import bench, cc_loader  # noqa: E402
+from msdn_tf.serving.local_server import start_local_server  # noqa: E402
+
+C, K, F, D = 12, 8, 32, 16
+UNSEEN = [1, 4, 7, 10]
+SEEN = [c for c in range(C) if c not in UNSEEN]
+NAMES = [f"{'unseen' if c in UNSEEN else 'seen'}_bird_{c:02d}" for c in range(C)]
+IMAGE_SIZE = 32
+TOP_K = 3
+MODEL_NAME = "msdn_tiny"
+
+
+def _tiny_model(seed=0):
+    rng = np.random.default_rng(seed)
+    att = np.abs(rng.standard_normal((C, K))).astype(np.float32)
+    att /= np.linalg.norm(att, axis=1, keepdims=True)
+    model = build_msdn(att, rng.standard_normal((K, D)).astype(np.float32), SEEN, UNSEEN, feature_dim=F,
+                       fusion_weights=(0.7, 0.3))
+    for w in model.trainable_weights:  # W_2, W_1_1, W_2_1 start at zero: make both sub-nets matter
+        w.assign(keras.ops.convert_to_tensor(0.5 * rng.standard_normal(tuple(w.shape)), w.dtype))
+    return model
+
+
+def _tiny_backbone():
+    keras.utils.set_random_seed(1)
+    inp = keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3))
+    x = keras.layers.Rescaling(1.0 / 128.0)(inp)
+    x = keras.layers.Conv2D(8, 3, strides=4, padding="same", activation="relu")(x)
+    x = keras.layers.Conv2D(F, 1, strides=2, activation="relu")(x)
+    return keras.Model(inp, x, name="tiny_backbone")  # (B, 4, 4, F)
+
+
+def _scores(model, x):
+    return np.asarray(keras.ops.convert_to_numpy(model(x, training=False)["logits"]))
+
+
+def _crafted_gamma(scores):
+    """A gamma that moves exactly one sample's GZSL answer from a seen to an unseen class (no near tie)."""
+    gaps = scores[:, SEEN].max(1) - scores[:, UNSEEN].max(1)  # > 0: a seen class wins without calibration
+    b = int(np.argmin(np.where(gaps > 0, gaps, np.inf)))
+    assert gaps[b] > 0, "no sample predicts a seen class"
+    others = np.sort(gaps[gaps > gaps[b]])
+    upper = others[0] if others.size else gaps[b] + 1.0
+    return float((gaps[b] + upper) / 2 if others.size else gaps[b] + 0.5), b
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    model = _tiny_model()
+    backbone = _tiny_backbone()
+    for seed in range(3, 50):  # sparse, varied maps until some samples predict seen and some unseen classes
+        rng = np.random.default_rng(seed)
+        maps = (rng.exponential(1.0, (6, 4, 4, F)) * (rng.random((6, 4, 4, F)) < 0.2)).astype(np.float32)
+        regions = maps.reshape(6, 16, F)  # (B, R, F)
+        winners = set(np.argmax(_scores(model, regions), axis=1).tolist())
+        if winners & set(SEEN) and winners & set(UNSEEN):
+            break
+    gamma, flipped = _crafted_gamma(_scores(model, regions))
+    base = tmp_path_factory.mktemp("export") / "msdn_tiny"
+    path = export.export_saved_model(model, base, version=1, class_names=NAMES, seen_classes=SEEN,
+                                     unseen_classes=UNSEEN, gamma=gamma, top_k=TOP_K,
+                                     config={"data": {"dataset": "tiny"}}, backbone=backbone,
+                                     image_size=IMAGE_SIZE, backbone_id="tiny conv")
+    images = export.synthetic_images(3)
+    pre = export.preprocess_image_batch(tf.constant(images), IMAGE_SIZE)
+    image_scores = _scores(model, backbone(pre, training=False))
+    return {"model": model, "backbone": backbone, "base": base, "dir": path, "maps": maps, "regions": regions,
+            "gamma": gamma, "flipped": flipped, "images": images, "image_scores": image_scores}
+
+
+@pytest.fixture(scope="module")
+def cc_binary():
+    try:
+        return cc_loader.compile_loader()
+    except cc_loader.CcLoaderUnavailable as exc:
+        pytest.skip(f"C++ SavedModel loader cannot be built here: {exc}")
+
+
+@pytest.fixture(scope="module")
+def report(setup, cc_binary):
+    return export.verify_export(setup["dir"], setup["model"], setup["maps"], sample_images=setup["images"],
+                                backbone=setup["backbone"], binary=cc_binary)
+
+
+@pytest.fixture(scope="module")
+def cc_default(setup, cc_binary):
+    return cc_loader.run_signature(setup["dir"], "serving_default", {"features": setup["regions"]}, binary=cc_binary)
+
+
+@pytest.fixture(scope="module")
+def server(setup):
+    handle = start_local_server(setup["base"], MODEL_NAME, grpc_port=0, rest_port=0)
+    yield handle
+    handle.stop()
+
+
+# ------------------------------------------------------------------------------ export + C++ loader
+
+
+def test_layout_and_metadata_asset(setup):
+    base, path = setup["base"], setup["dir"]
+    assert path == str(base / "1")
+    assert (base / "1" / "saved_model.pb").is_file()
+    assert not [p for p in base.iterdir() if p.name.startswith(".")], "temporary folder left behind"
+    asset = json.loads((base / "1" / "assets" / export.METADATA_FILE).read_text())
+    beside = export.read_metadata(base)  # OUT/msdn_metadata.json
+    assert beside == asset
+    assert asset["class_names"] == NAMES
+    assert asset["seen_classes"] == SEEN and asset["unseen_classes"] == UNSEEN
+    assert asset["gamma"] == pytest.approx(setup["gamma"]) and asset["top_k"] == TOP_K
+    assert asset["fusion_weights"] == [0.7, 0.3]
+    assert asset["config"] == {"data": {"dataset": "tiny"}}
+    assert asset["images"]["image_size"] == IMAGE_SIZE
+
+
+def test_cc_loader_and_saved_model_cli_list_signatures(report):
+    assert report["loader"] == "c++"
+    sigs = report["signatures"]
+    assert sorted(sigs) == ["metadata", "serving_default", "serving_images", "serving_maps"]
+    features = sigs["serving_default"]["inputs"]["features"]
+    assert (features["dtype"], features["shape"]) == ("DT_FLOAT", [-1, -1, F])
+    assert sigs["serving_maps"]["inputs"]["feature_maps"]["shape"] == [-1, -1, -1, F]
+    assert sigs["serving_images"]["inputs"]["images"]["dtype"] == "DT_STRING"
+    for name in ("serving_default", "serving_maps", "serving_images"):
+        assert sorted(sigs[name]["outputs"]) == sorted(export.PREDICTION_OUTPUTS)
+        assert sigs[name]["outputs"]["gzsl_class"]["dtype"] == "DT_INT64"
+    cli = report["saved_model_cli"]
+    if "skipped" not in cli:
+        assert cli["ok"] and cli["signatures"] == ["metadata", "serving_default", "serving_images", "serving_maps"]
+
+
+def test_verify_report_passes_for_every_signature(report):
+    assert report["ok"], export.report_markdown(report)
+    checked = {c["signature"] for c in report["checks"]}
+    assert checked == {"serving_default", "serving_maps", "serving_images", "metadata"}
+    assert "| serving_images" in export.report_markdown(report)
+
+
+def test_cc_outputs_equal_keras_and_gamma_is_baked_in(setup, cc_default):
+    out, gamma, b = cc_default, setup["gamma"], setup["flipped"]
+    scores = _scores(setup["model"], setup["regions"])
+    tol = 1e-4 * max(1.0, np.abs(scores).max())
+    np.testing.assert_allclose(out["scores"], scores, atol=tol)
+    want = gzsl_predictions(scores, SEEN, gamma)
+    np.testing.assert_array_equal(out["gzsl_class"], want)
+    uncalibrated = gzsl_predictions(scores, SEEN, 0.0)
+    assert uncalibrated[b] in SEEN and out["gzsl_class"][b] in UNSEEN  # the crafted case flips
+    assert out["gzsl_class"][b] != uncalibrated[b]
+    np.testing.assert_array_equal(out["czsl_class"], czsl_predictions(scores, UNSEEN))
+    assert set(out["czsl_class"].tolist()) <= set(UNSEEN)
+    assert out["top_k_classes"].shape == (6, TOP_K) and out["top_k_classes"].dtype == np.int64
+    np.testing.assert_array_equal(out["top_k_classes"][:, 0], out["gzsl_class"])
+    ref = export.reference_predictions(scores, SEEN, UNSEEN, gamma, TOP_K)
+    np.testing.assert_array_equal(out["top_k_classes"], ref["top_k_classes"])
+    np.testing.assert_allclose(out["top_k_scores"], ref["top_k_scores"], atol=tol)
+    assert np.all(np.diff(out["top_k_scores"], axis=1) <= 0)
+
+
+def test_cc_maps_and_images_signatures(setup, cc_binary, cc_default):
+    maps = cc_loader.run_signature(setup["dir"], "serving_maps", {"feature_maps": setup["maps"]}, binary=cc_binary)
+    for key in export.PREDICTION_OUTPUTS:
+        np.testing.assert_allclose(maps[key], cc_default[key], atol=1e-5, err_msg=key)
+    imgs = cc_loader.run_signature(setup["dir"], "serving_images", {"images": setup["images"]}, binary=cc_binary)
+    want = setup["image_scores"]
+    np.testing.assert_allclose(imgs["scores"], want, atol=1e-4 * max(1.0, np.abs(want).max()))
+    np.testing.assert_array_equal(imgs["czsl_class"], czsl_predictions(want, UNSEEN))
+    with pytest.raises(cc_loader.CcLoaderError, match="Unknown image file format|decode"):
+        cc_loader.run_signature(setup["dir"], "serving_images", {"images": [b"not an image"]}, binary=cc_binary)
+
+
+def test_preprocessing_matches_extract(tmp_path):
+    from msdn_tf.extract import _load_image
+
+    for i, (h, w) in enumerate([(50, 70), (81, 40)]):
+        pixels = np.random.default_rng(i).integers(0, 256, (h, w, 3), dtype=np.uint8)
+        data = tf.io.encode_png(pixels).numpy()
+        (tmp_path / f"{i}.png").write_bytes(data)
+        a = export.preprocess_encoded_image(tf.constant(data), 32).numpy()
+        b = _load_image(tf.constant(str(tmp_path / f"{i}.png")), 32).numpy()
+        np.testing.assert_array_equal(a, b)
+
+
+def test_refuses_to_overwrite_and_checks_arguments(setup):
+    kwargs = dict(class_names=NAMES, seen_classes=SEEN, unseen_classes=UNSEEN)
+    with pytest.raises(MSDNError, match="already exists"):
+        export.export_saved_model(setup["model"], setup["base"], version=1, **kwargs)
+    with pytest.raises(MSDNError, match="11 class names"):
+        export.export_saved_model(setup["model"], setup["base"], version=9, class_names=NAMES[:-1],
+                                  seen_classes=SEEN, unseen_classes=UNSEEN)
+    with pytest.raises(MSDNError, match="differ from the model"):
+        export.export_saved_model(setup["model"], setup["base"], version=9, class_names=NAMES,
+                                  seen_classes=SEEN[1:], unseen_classes=UNSEEN + SEEN[:1])
+    wrong_width = keras.Sequential([keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3)), keras.layers.Conv2D(5, 8, 8)])
+    with pytest.raises(MSDNError, match="backbone must map"):
+        export.export_saved_model(setup["model"], setup["base"], version=9, backbone=wrong_width,
+                                  image_size=IMAGE_SIZE, **kwargs)
+    assert not (setup["base"] / "9").exists()
+
+
+def test_export_cli_from_run_dir(setup, tmp_path, capsys):
+    """The CLI on a run directory: gamma 0 export + default C++ check; refuse / allow overwrite."""
+    from msdn_tf.config import Config, save_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    save_config(Config(), run / "config.yaml")
+    setup["model"].save(run / "model.keras")
+    (run / "metadata.json").write_text(json.dumps({"class_names": NAMES}))
+    out = tmp_path / "models" / "msdn_tiny"
+    rc = export.main(["--run", str(run), "--out", str(out), "--top-k", "4", "--verify-samples", "2",
+                      "--image-size", "128"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "result: OK" in captured.out and "serving_maps" in captured.out
+    meta = export.read_metadata(out)
+    assert meta["gamma"] == 0.0 and meta["top_k"] == 4 and meta["config"]["data"]["dataset"] == "demo"
+    # gamma 0 answers the crafted sample with the seen class; the gamma export with an unseen one.
+    loaded = tf.saved_model.load(str(out / "1"))
+    got = loaded.signatures["serving_default"](features=tf.constant(setup["regions"]))
+    b = setup["flipped"]
+    assert int(got["gzsl_class"][b]) in SEEN
+    assert int(got["top_k_classes"].shape[1]) == 4
+
+    assert export.main(["--run", str(run), "--out", str(out), "--no-verify"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert export.main(["--run", str(run), "--out", str(out), "--no-verify", "--overwrite", "--gamma", "2"]) == 0
+    assert export.read_metadata(out / "1")["gamma"] == 2.0
+    assert sorted(p.name for p in out.iterdir()) == ["1", export.METADATA_FILE]
+    assert export.main(["--run", str(run), "--out", str(out), "--with-images", "--backbone-weights", "none"]) == 2
+    assert "2048 channels" in capsys.readouterr().err
+    assert export.main(["--run", str(tmp_path / "nope"), "--out", str(out)]) == 2
+
+
+# ------------------------------------------------------------------------------ clients + test double
+
+
+def _expected_names(scores, k=TOP_K, gamma=0.0):
+    ref = export.reference_predictions(scores, SEEN, UNSEEN, gamma, k)
+    return [[NAMES[c] for c in row] for row in ref["top_k_classes"]]
+
+
+def _names(answer):
+    return [[t["name"] for t in r["top_k"]] for r in answer["results"]]
+
+
+def test_client_library_grpc_and_rest_agree(setup, server):
+    meta = export.read_metadata(setup["base"])
+    want = _expected_names(_scores(setup["model"], setup["regions"]), gamma=setup["gamma"])
+    by_grpc = client.classify(model=MODEL_NAME, server=server.grpc_address, features=setup["regions"], metadata=meta)
+    by_rest = client.classify(model=MODEL_NAME, rest=server.rest_url, features=setup["maps"])  # metadata signature
+    assert _names(by_grpc) == want and _names(by_rest) == want
+    assert by_rest["signature"] == "serving_maps" and by_grpc["signature"] == "serving_default"
+    b = setup["flipped"]
+    assert by_grpc["results"][b]["gzsl"]["unseen"] is True
+    assert all(r["czsl"]["class"] in UNSEEN for r in by_grpc["results"])
+    more = client.classify(model=MODEL_NAME, server=server.grpc_address, features=setup["regions"], metadata=meta,
+                           top_k=6)
+    assert _names(more) == _expected_names(_scores(setup["model"], setup["regions"]), k=6, gamma=setup["gamma"])
+
+
+def test_client_images_grpc_and_rest_agree(setup, server):
+    want = _expected_names(setup["image_scores"], gamma=setup["gamma"])
+    meta = export.read_metadata(setup["base"])
+    a = client.classify(model=MODEL_NAME, server=server.grpc_address, images=setup["images"], metadata=meta)
+    b = client.classify(model=MODEL_NAME, rest=server.rest_url, images=setup["images"], metadata=meta)
+    assert _names(a) == _names(b) == want
+
+
+def test_client_cli(setup, server, tmp_path, capsys):
+    np.save(tmp_path / "x.npy", setup["regions"][:2])
+    meta = str(setup["base"] / export.METADATA_FILE)
+    want = _expected_names(_scores(setup["model"], setup["regions"][:2]), gamma=setup["gamma"])
+    answers = []
+    for transport in (["--server", server.grpc_address], ["--rest", server.rest_url]):
+        rc = client.main(transport + ["--model", MODEL_NAME, "--features", str(tmp_path / "x.npy"),
+                                      "--metadata", meta, "--json"])
+        captured = capsys.readouterr()
+        assert rc == 0, captured.err
+        answers.append(json.loads(captured.out))
+    assert _names(answers[0]) == _names(answers[1]) == want
+    paths = []
+    for i, data in enumerate(setup["images"]):
+        paths.append(str(tmp_path / f"img{i}.{'png' if i % 2 == 0 else 'jpg'}"))
+        with open(paths[-1], "wb") as fh:
+            fh.write(data)
+    assert client.main(["--server", server.grpc_address, "--model", MODEL_NAME, "--images", *paths,
+                        "--top-k", "2"]) == 0
+    text = capsys.readouterr().out
+    first = _expected_names(setup["image_scores"], gamma=setup["gamma"])[0]
+    assert f"{paths[0]}: GZSL" in text and f"1. {first[0]}" in text
+    # errors: unknown model, wrong feature width, missing file
+    assert client.main(["--server", server.grpc_address, "--model", "other", "--features", str(tmp_path / "x.npy"),
+                        "--metadata", meta]) == 2
+    assert "NOT_FOUND" in capsys.readouterr().err
+    np.save(tmp_path / "bad.npy", np.zeros((1, 16, F + 1), np.float32))
+    assert client.main(["--server", server.grpc_address, "--model", MODEL_NAME, "--features",
+                        str(tmp_path / "bad.npy"), "--metadata", meta]) == 2
+    assert f"expects {F}" in capsys.readouterr().err
+    assert client.main(["--server", server.grpc_address, "--model", MODEL_NAME, "--images",
+                        str(tmp_path / "missing.jpg")]) == 2
+
+
+def test_client_reads_hdf5_rows(tmp_path):
+    import h5py
+
+    maps = np.random.default_rng(0).random((3, F, 2, 2)).astype(np.float32)
+    with h5py.File(tmp_path / "f.hdf5", "w") as f:
+        f["feature_map"] = maps
+    x = client.read_features(tmp_path / "f.hdf5", [2, 0], F)
+    np.testing.assert_array_equal(x, maps[[2, 0]].transpose(0, 2, 3, 1))
+    with pytest.raises(MSDNError, match="outside"):
+        client.read_features(tmp_path / "f.hdf5", [3], F)
+
+
+def _raw(inputs, signature="serving_default"):
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = MODEL_NAME
+    request.model_spec.signature_name = signature
+    for key, value in inputs.items():
+        request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
+    return request
+
+
+@pytest.mark.parametrize("case, code, message", [
+    ("wrong_shape", grpc.StatusCode.INVALID_ARGUMENT, "expects shape"),
+    ("wrong_rank", grpc.StatusCode.INVALID_ARGUMENT, "expects shape"),
+    ("wrong_dtype", grpc.StatusCode.INVALID_ARGUMENT, "expects DT_FLOAT"),
+    ("malformed_image", grpc.StatusCode.INVALID_ARGUMENT, "Unknown image file format"),
+    # TF Serving answers FAILED_PRECONDITION 'Serving signature key "..." not found.' (kept by the test double)
+    ("unknown_signature", grpc.StatusCode.FAILED_PRECONDITION, 'Serving signature key "serving_nope" not found'),
+])
+def test_bad_requests_keep_the_server_answering(setup, server, case, code, message):
+    x = setup["regions"]
+    requests = {
+        "wrong_shape": lambda: _raw({"features": np.zeros((2, 16, F + 3), np.float32)}),
+        "wrong_rank": lambda: _raw({"features": np.zeros((16, F), np.float32)}),
+        "wrong_dtype": lambda: _raw({"features": x.astype(np.float64)}),
+        "malformed_image": lambda: _raw({"images": np.array([setup["images"][0], b"\xff\xd8garbage"], dtype=object)},
+                                        signature="serving_images"),
+        "unknown_signature": lambda: _raw({"features": x}, signature="serving_nope"),
+    }
+    channel = grpc.insecure_channel(server.grpc_address)
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Predict(requests[case](), timeout=30)
+        assert info.value.code() == code, info.value.details()
+        assert message in info.value.details()
+        response = stub.Predict(_raw({"features": x}), timeout=30)
+        np.testing.assert_array_equal(tf.make_ndarray(response.outputs["gzsl_class"]),
+                                      gzsl_predictions(_scores(setup["model"], x), SEEN, setup["gamma"]))
+    finally:
+        channel.close()
+
+
+# ------------------------------------------------------------------------------ benchmark
+
+
+def test_bench_reports_numbers(setup, capsys):
+    assert bench.main(["--export", str(setup["base"]), "--batches", "1", "3", "--iterations", "2",
+                       "--warmup", "1", "--regions", "16"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [r["batch"] for r in report["results"]] == [1, 3]
+    assert report["feature_dim"] == F and report["export_dir"].endswith("1")
+    for r in report["results"]:
+        assert r["p99_ms"] >= r["p50_ms"] > 0 and r["images_per_s"] > 0
+    assert bench.main(["--export", str(setup["base"] / "nope")]) == 2
+
+
+def test_rest_bad_requests_keep_the_server_answering(setup, server):
+    from msdn_tf.serving import client_lib
+
+    bad = [({"features": np.zeros((1, 16, F + 1), np.float32)}, "serving_default", "expects shape"),
+           ({"features": setup["regions"]}, "serving_nope", "not found"),
+           ({"images": [b"\x89PNG not really"]}, "serving_images", "Unknown image file format")]
+    for inputs, signature, message in bad:
+        with pytest.raises(client_lib.PredictError) as info:
+            client_lib.predict_rest(server.rest_url, MODEL_NAME, inputs, signature_name=signature)
+        assert info.value.http_status == 400 and message in info.value.message
+    out = client_lib.predict_rest(server.rest_url, MODEL_NAME, {"features": setup["regions"]})
+    np.testing.assert_array_equal(out["gzsl_class"], gzsl_predictions(_scores(setup["model"], setup["regions"]),
+                                                                      SEEN, setup["gamma"]))
