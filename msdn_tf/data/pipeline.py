@@ -92,47 +92,72 @@ def make_sampler(data: ZSLData, kind: str, batch_size: int, seed: int, indices=N
     raise ValueError(f"unknown sampler {kind!r}; expected random, class_balanced or epoch")
 
 
-def train_dataset(data: ZSLData, sampler, start_step: int, num_steps: int, prefetch: int = 2):
+def _native_reader(features):
+    """``(read, tf_dtype)``: read rows in the source's stored dtype when it offers that.
+
+    A float16 cache is moved through Python at half the bytes and cast to float32
+    inside TensorFlow (the cast is exact).
+    """
+    import tensorflow as tf
+
+    read_native = getattr(features, "read_native", None)
+    dtype = np.dtype(getattr(features, "dtype", np.float32))
+    if read_native is None or dtype not in (np.float16, np.float32):
+        return features.read, tf.float32
+    # A fresh array per batch: tf.numpy_function may wrap a suitably aligned output array
+    # without copying it, so a buffer reused for the next batch could change a batch
+    # already handed to the model.
+    return read_native, tf.as_dtype(dtype)
+
+
+def train_dataset(data: ZSLData, sampler, start_step: int, num_steps: int, prefetch: int = 2,
+                  parallel_reads: int = 2):
     """A tf.data pipeline of ``(features (B, R, F), labels (B,))`` for steps ``[start, start + num)``.
 
-    Feature rows are read from ``data.features`` on a background thread while the
-    model trains on the previous batch.
+    Feature rows are read from ``data.features`` on background threads while the
+    model trains on the previous batch. ``parallel_reads`` batches are read at
+    once (the batch of a step depends only on the step, so this is
+    deterministic: batches come out in step order, exactly as with one reader).
     """
     import tensorflow as tf
 
     R, F = data.num_regions, data.feature_dim
     labels = data.labels
+    read, tf_dtype = _native_reader(data.features)
 
     def fetch(step):
         rows = sampler.batch(int(step))
-        return data.features.read(rows), labels[rows].astype(np.int64)
+        return read(rows), labels[rows].astype(np.int64)
 
     def load(step):
-        x, y = tf.numpy_function(fetch, [step], [tf.float32, tf.int64], stateful=False)
+        x, y = tf.numpy_function(fetch, [step], [tf_dtype, tf.int64], stateful=False)
         x.set_shape([None, R, F])
         y.set_shape([None])
-        return x, y
+        return tf.cast(x, tf.float32), y
 
     ds = tf.data.Dataset.range(int(start_step), int(start_step) + int(num_steps))
-    ds = ds.map(load, num_parallel_calls=1, deterministic=True)
+    ds = ds.map(load, num_parallel_calls=max(1, int(parallel_reads)), deterministic=True)
     return ds.prefetch(prefetch)
 
 
-def eval_dataset(data: ZSLData, indices, batch_size: int, prefetch: int = 2):
+def eval_dataset(data: ZSLData, indices, batch_size: int, prefetch: int = 2, parallel_reads: int = 2):
     """A tf.data pipeline over ``indices`` in order, yielding ``features`` batches."""
     import tensorflow as tf
 
     indices = np.asarray(indices, dtype=np.int64)
     n_batches = int(np.ceil(indices.size / batch_size))
     R, F = data.num_regions, data.feature_dim
+    read, tf_dtype = _native_reader(data.features)
 
     def fetch(i):
         i = int(i)
-        return data.features.read(indices[i * batch_size:(i + 1) * batch_size])
+        return read(indices[i * batch_size:(i + 1) * batch_size])
 
     def load(i):
-        x = tf.numpy_function(fetch, [i], tf.float32, stateful=False)
+        x = tf.numpy_function(fetch, [i], tf_dtype, stateful=False)
         x.set_shape([None, R, F])
-        return x
+        return tf.cast(x, tf.float32)
 
-    return tf.data.Dataset.range(n_batches).map(load, num_parallel_calls=1).prefetch(prefetch)
+    return (tf.data.Dataset.range(n_batches)
+            .map(load, num_parallel_calls=max(1, int(parallel_reads)), deterministic=True)
+            .prefetch(prefetch))
