@@ -44,8 +44,11 @@ class DataConfig:
             relative to ``data_dir`` (or absolute); see docs/data.md.
         cache: read features from a prepared channel-last float16 cache
             (``msdn_tf.data.prepare``), building it on first use when absent or stale.
-        cache_dir: folder of the cache; default ``data_dir``.
+        cache_dir: folder of the cache; default: the feature file's folder.
         cache_dtype: ``float16`` (half the size) or ``float32``.
+        on_device: hold the training rows in TensorFlow memory and gather batches in
+            the graph (``msdn_tf.data.device``): ``true``, ``false`` or ``auto`` (when
+            they fit half the available memory, at most 8 GiB).
     """
 
     dataset: str = "demo"
@@ -58,6 +61,7 @@ class DataConfig:
     cache: bool = False
     cache_dir: Optional[str] = None
     cache_dtype: str = "float16"
+    on_device: Any = "auto"
 
 
 @dataclasses.dataclass
@@ -122,6 +126,12 @@ class TrainConfig:
         log_every: steps between TensorBoard loss scalars.
         jit_compile: compile the train/eval steps with XLA.
         deterministic: enable TensorFlow's deterministic ops.
+        strategy: ``none``, ``mirrored`` (all local GPUs, or all logical CPU devices)
+            or ``multi_worker`` (cluster from ``TF_CONFIG``); see ``msdn_tf.distribute``.
+        eval_initial: evaluate the untrained model (step 0) as well.
+        tensorboard_images: after each evaluation also write attention images, the
+            seen/unseen confusion and per-class accuracy histograms (``msdn_tf.viz.tensorboard``).
+        tensorboard_examples: test images shown in those attention images.
         out_dir: parent of run directories.
         run_name: run directory name; default ``<dataset>-<seed>-<time>``.
         verbose: Keras progress display: 0 silent, 1 progress bar, 2 one line per period,
@@ -135,6 +145,10 @@ class TrainConfig:
     log_every: int = 20
     jit_compile: bool = False
     deterministic: bool = True
+    strategy: str = "none"
+    eval_initial: bool = True
+    tensorboard_images: bool = False
+    tensorboard_examples: int = 4
     out_dir: str = "runs"
     run_name: Optional[str] = None
     verbose: int = -1
@@ -300,6 +314,9 @@ CHOICES = {
     ("loss", "cross_entropy"): ("all", "seen"),
     ("loss", "calibration"): ("batch_mass", "indicator"),
     ("loss", "distillation"): ("reference", "paper", "jsd", "logit", "none"),
+    ("data", "cache_dtype"): ("float16", "float32"),
+    ("data", "on_device"): (True, False, "auto"),
+    ("train", "strategy"): ("none", "mirrored", "multi_worker"),
 }
 
 

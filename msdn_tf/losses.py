@@ -70,13 +70,22 @@ def self_calibration(logits, unseen_mask):
         >>> float(self_calibration(np.zeros((3, 4), "float32"), np.array([0, 0, 0, 1.])))  # -ln(1/4)
         1.386...
     """
+    log_unseen = log_unseen_mass(logits, unseen_mask)  # (B,)
+    batch = ops.cast(ops.shape(log_unseen)[0], log_unseen.dtype)
+    return -(ops.logsumexp(log_unseen) - ops.log(batch))
+
+
+def log_unseen_mass(logits, unseen_mask):
+    """Per sample, ``log sum_{u in U} softmax(S)_b[u]`` ``(B,)``, computed in log space for stability.
+
+    :func:`self_calibration` is ``-log`` of the batch mean of its exponential;
+    training on several replicas averages it over the global batch
+    (:func:`msdn_tf.distribute.cross_replica_log_mean_exp`).
+    """
     logits = ops.convert_to_tensor(logits)
     mask = ops.cast(ops.convert_to_tensor(unseen_mask), logits.dtype)
     logp = _log_softmax(logits)
-    # log sum_u p_u per sample, computed in log space for stability.
-    log_unseen = ops.logsumexp(ops.where(mask > 0, logp, ops.full_like(logp, -1e9)), axis=-1)
-    batch = ops.cast(ops.shape(logits)[0], logits.dtype)
-    return -(ops.logsumexp(log_unseen) - ops.log(batch))
+    return ops.logsumexp(ops.where(mask > 0, logp, ops.full_like(logp, -1e9)), axis=-1)
 
 
 def self_calibration_paper(logits, unseen_mask, margin=1.0):

@@ -8,9 +8,10 @@ import keras
 import numpy as np
 from keras import ops
 
+from msdn_tf import distribute as D
 from msdn_tf import losses as L
 from msdn_tf.layers import AttributeEmbedding, AttributeToVisual, VisualToAttribute
-from msdn_tf.layers.common import as_regions, l2_normalize
+from msdn_tf.layers.common import as_regions, contract, l2_normalize, split_last
 
 LOSS_TERMS = ("ce_a2v", "cal_a2v", "ce_v2a", "cal_v2a", "distill", "loss")
 
@@ -28,6 +29,12 @@ class MSDN(keras.Model):
     ``distill_weight`` times the mutual distillation (reference note §4).
 
     Use :func:`build_msdn` to make one from a dataset's arrays.
+
+    ``call`` runs the four feature contractions of both sub-nets as ONE
+    ``(B*R, F) x (F, 4K)`` product on the sub-nets' projections (their
+    ``projections``/``attend`` methods; the layers' own ``call`` does the same per
+    sub-net). Under a mixed-precision policy the product runs in the compute dtype
+    while norms, softmaxes, scores, logits and losses stay float32.
 
     Args:
         num_classes: int, C.
@@ -122,11 +129,11 @@ class MSDN(keras.Model):
         self.a2v.build(input_shape)
         self.v2a.build(input_shape)
         # Reference state_dict entries: margin size and sign (+1 unseen, -1 seen).
-        self.bias = self.add_weight(name="bias", shape=(), trainable=False,
+        self.bias = self.add_weight(name="bias", shape=(), trainable=False, autocast=False,
                                     initializer=keras.initializers.Constant(self.bias_value))
         mask = (2.0 * self._unseen_mask - 1.0).reshape(1, -1)
         self.mask_bias = self.add_weight(
-            name="mask_bias", shape=(1, self.num_classes), trainable=False,
+            name="mask_bias", shape=(1, self.num_classes), trainable=False, autocast=False,
             initializer=lambda shape, dtype=None: ops.convert_to_tensor(mask, dtype=dtype))
         self.built = True
 
@@ -142,12 +149,20 @@ class MSDN(keras.Model):
     def call(self, features, training=False, return_features=None):
         return_features = self.return_features if return_features is None else return_features
         features = as_regions(ops.convert_to_tensor(features))
-        features = l2_normalize(features, axis=-1)  # every region over its channels
+        # Every region over its channels; the norm in float32 also under a mixed policy.
+        features = ops.cast(l2_normalize(ops.cast(features, "float32"), axis=-1), self.compute_dtype)
         V = self.embedding(None)  # (K, D)
-        att = ops.convert_to_tensor(self.embedding.att)  # (C, K)
-        out_a2v = self.a2v([features, V], return_features=return_features)
-        out_v2a = self.v2a([features, V], return_features=return_features)
-        margin = self.margin()
+        # One (B*R, F) x (F, 4K) product for the four contractions of both sub-nets:
+        # [(V W_1)^T, (V W_2)^T | W_1_1 V^T, (V W_2_1)^T], each (F, K), V contracted first.
+        blocks_a2v = self.a2v.projections(V)
+        blocks_v2a = self.v2a.projections(V)
+        products = contract(features, ops.concatenate(blocks_a2v + blocks_v2a, axis=1))  # (B, R, 4K)
+        parts = split_last(products, [self.num_attributes] * (len(blocks_a2v) + len(blocks_v2a)))
+        out_a2v = self.a2v.attend(parts[:len(blocks_a2v)], features, return_features=return_features)
+        out_v2a = self.v2a.attend(parts[len(blocks_a2v):], V, return_features=return_features)
+        dtype = out_a2v["scores"].dtype  # float32 also under a mixed policy
+        att = ops.cast(self.embedding.att, dtype)  # (C, K)
+        margin = ops.cast(self.margin(), dtype)
         logits_a2v = ops.matmul(out_a2v["scores"], ops.transpose(att)) + margin  # (B, C)
         logits_v2a = ops.matmul(out_v2a["scores"], ops.transpose(att)) + margin  # (B, C)
         w1, w2 = self.fusion_weights
@@ -167,8 +182,14 @@ class MSDN(keras.Model):
 
     # ------------------------------------------------------------------ losses
     def compute_loss_terms(self, outputs, labels):
-        """Every loss term of §4 from the model outputs, as a dict of scalars (keys ``LOSS_TERMS``)."""
-        margin = self.margin()
+        """Every loss term of §4 from the model outputs, as a dict of scalars (keys ``LOSS_TERMS``).
+
+        Under a ``tf.distribute`` strategy with several replicas, the batch-mass
+        self-calibration is that of the global batch (all-reduced); the other terms
+        are means over this replica's slice (see :meth:`train_step` for their weighting).
+        """
+        distributed = _distributed()
+        margin = ops.cast(self.margin(), outputs["logits_a2v"].dtype)
         terms = {}
         for branch in ("a2v", "v2a"):
             logits = outputs[f"logits_{branch}"]
@@ -181,7 +202,10 @@ class MSDN(keras.Model):
                 terms[f"ce_{branch}"] = L.cross_entropy(raw, labels)
             else:
                 terms[f"ce_{branch}"] = L.cross_entropy_seen(raw, labels, self._seen_mask)
-            if self.calibration == "batch_mass":
+            if self.calibration == "batch_mass" and distributed:
+                # -log of the GLOBAL batch-mean unseen mass: all-reduced over the replicas.
+                terms[f"cal_{branch}"] = -D.cross_replica_log_mean_exp(L.log_unseen_mass(raw, self._unseen_mask))
+            elif self.calibration == "batch_mass":
                 terms[f"cal_{branch}"] = L.self_calibration(raw, self._unseen_mask)
             else:
                 terms[f"cal_{branch}"] = L.self_calibration_paper(raw, self._unseen_mask)
@@ -194,27 +218,35 @@ class MSDN(keras.Model):
                          + self.distill_weight * terms["distill"])
         return terms
 
-    def _update_trackers(self, terms):
+    def _update_trackers(self, terms, batch_size=None):
+        # Weighted by the (replica's) batch size: the trackers then hold global-batch means.
         for name, value in terms.items():
-            self.trackers[name].update_state(value)
+            self.trackers[name].update_state(value, sample_weight=batch_size)
         return {name: tracker.result() for name, tracker in self.trackers.items()}
 
     def train_step(self, data):
         import tensorflow as tf  # TensorFlow-specific by design: the custom training step
 
         features, labels = data[0], data[1]
+        batch = tf.shape(labels)[0]
         with tf.GradientTape() as tape:
             outputs = self(features, training=True, return_features=False)
             terms = self.compute_loss_terms(outputs, labels)
+            # The optimizer SUMS the replicas' gradients: weighting each replica's
+            # batch-mean loss by its share of the global batch makes the sum the
+            # gradient of the global-batch mean (weight 1 on one device).
+            loss = terms["loss"] * D.local_batch_weight(batch, terms["loss"].dtype)
+            loss = self.optimizer.scale_loss(loss)  # a LossScaleOptimizer scales; others pass through
         variables = self.trainable_variables
-        grads = tape.gradient(terms["loss"], variables)
+        grads = tape.gradient(loss, variables)
         self.optimizer.apply(grads, variables)
-        return self._update_trackers(terms)
+        return self._update_trackers(terms, _replica_batch_weight(batch, terms["loss"].dtype))
 
     def test_step(self, data):
         features, labels = data[0], data[1]
         outputs = self(features, training=False, return_features=False)
-        return self._update_trackers(self.compute_loss_terms(outputs, labels))
+        terms = self.compute_loss_terms(outputs, labels)
+        return self._update_trackers(terms, _replica_batch_weight(ops.shape(labels)[0], terms["loss"].dtype))
 
     def predict_step(self, data):
         features = data[0] if isinstance(data, (tuple, list)) else data
@@ -244,6 +276,16 @@ class MSDN(keras.Model):
             "return_features": self.return_features,
             "seed": self.seed,
         }
+
+
+def _distributed() -> bool:
+    """True inside a replica context of a strategy with more than one replica."""
+    return D.num_replicas() > 1
+
+
+def _replica_batch_weight(batch, dtype):
+    """Tracker sample weight: the replica's batch size under several replicas, else ``None`` (plain mean)."""
+    return ops.cast(batch, dtype) if _distributed() else None
 
 
 def _check_choice(name, value, choices):

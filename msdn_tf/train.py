@@ -32,6 +32,13 @@ from msdn_tf.utils import atomic_path, markdown_table, write_json
 
 BEST_NOTE = ("selected on the TEST split over all evaluations during training, as the reference "
              "implementation does; not an unbiased estimate")
+VALIDATION_NOTE = ("selected over all evaluations during training on this run's held-out split, which is a "
+                   "VALIDATION split (the test split is not used by this run)")
+
+
+def best_note(dataset_name: str) -> str:
+    """What the best-during-training figures were selected on, for a dataset (view) name."""
+    return VALIDATION_NOTE if dataset_name.endswith("-validation") else BEST_NOTE
 
 
 # --------------------------------------------------------------------------- setup helpers
@@ -139,7 +146,7 @@ def results_table(results: dict) -> str:
             rows.append([label, entry["step"], _pct(entry["acc"]), _pct(entry["U"]), _pct(entry["S"]),
                          _pct(entry["H"])])
     table = markdown_table(["selection", "step", "CZSL acc %", "GZSL U %", "GZSL S %", "GZSL H %"], rows)
-    return f"{table}\n\n* {BEST_NOTE}."
+    return f"{table}\n\n* {results['best_on_test']['note']}."
 
 
 def _metric_entry(step, metrics, losses=None):
@@ -199,19 +206,41 @@ def run_training(config: Config, run_dir=None, resume: bool = False, data=None, 
     set_seeds(config)
     data = data if data is not None else load_dataset(config)
     iterations, eval_every = schedule(config, len(data.trainval_loc))
-    model = build_model_from_config(config, data)
+    from msdn_tf.distribute import get_strategy
+
+    try:
+        strategy = get_strategy(config.train.strategy)
+    except ValueError as exc:
+        raise ConfigError(f"'train.strategy': {exc}") from exc
+    if config.data.batch_size % strategy.num_replicas_in_sync:
+        raise ConfigError(f"'data.batch_size' {config.data.batch_size} must be divisible by the "
+                          f"{strategy.num_replicas_in_sync} replicas of train.strategy={config.train.strategy}")
+    with strategy.scope():  # variables (model and optimizer) mirrored over the replicas
+        model = build_model_from_config(config, data)
     sampler = make_sampler(data, config.data.sampler, config.data.batch_size, config.train.seed)
     log(f"msdn-tf: {json.dumps(data.summary())}")
     log(f"msdn-tf: {iterations} iterations, evaluation every {eval_every}, run dir {run_dir}")
 
     history, step = [], 0
     if resume:
-        state = checkpointer.restore(model)
+        with strategy.scope():
+            state = checkpointer.restore(model)
         history, step = state["history"], int(state["step"])
         log(f"msdn-tf: resumed at step {step}")
-    else:
+    elif config.train.eval_initial:
         initial = evaluate_model(model, data, config.data.eval_batch_size)
         history.append(_metric_entry(0, initial))
+    if config.train.tensorboard_images:
+        from msdn_tf.viz.tensorboard import make_eval_hooks
+
+        eval_hooks = tuple(eval_hooks) + tuple(make_eval_hooks(config, data))
+
+    from msdn_tf.data.device import DeviceFeatures, device_train_dataset, use_on_device
+
+    device_store = None  # training rows held in TensorFlow memory (outside the strategy scope)
+    if use_on_device(config.data.on_device, data):
+        device_store = DeviceFeatures(data.features, data.trainval_loc)
+        log(f"msdn-tf: training features on device ({device_store.nbytes / 1e6:.0f} MB, {device_store.dtype})")
 
     writer = tf.summary.create_file_writer(str(run_dir / "tensorboard"))
     verbose = config.train.verbose if config.train.verbose >= 0 else (1 if sys.stdout.isatty() else 2)
@@ -224,7 +253,11 @@ def run_training(config: Config, run_dir=None, resume: bool = False, data=None, 
         if verbose:
             log(f"period {period}/{n_periods}: steps {step + 1}-{step + steps}")
         log_cb.offset = step
-        fit = model.fit(train_dataset(data, sampler, step, steps, config.data.prefetch), epochs=1,
+        if device_store is not None:
+            dataset = device_train_dataset(device_store, data.labels, sampler, step, steps, config.data.prefetch)
+        else:
+            dataset = train_dataset(data, sampler, step, steps, config.data.prefetch)
+        fit = model.fit(dataset, epochs=1,
                         verbose=verbose, callbacks=[log_cb], shuffle=False)
         step += steps
         losses = {k: v[-1] for k, v in fit.history.items()}
@@ -254,7 +287,7 @@ def run_training(config: Config, run_dir=None, resume: bool = False, data=None, 
         "train_seconds_this_session": round(time.time() - started, 2),
         "initial": history[0] if history and history[0]["step"] == 0 else None,
         "final": history[-1],
-        "best_on_test": {"note": BEST_NOTE, "best_H": _best(history, "H"), "best_acc": _best(history, "acc")},
+        "best_on_test": {"note": best_note(data.name), "best_H": _best(history, "H"), "best_acc": _best(history, "acc")},
         "history": history,
     }
     write_json(run_dir / "results.json", results)
@@ -315,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, help="shortcut for --set train.iterations=N")
     p.add_argument("--run-dir", help="output folder (default runs/<dataset>-seed<N>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
+    p.add_argument("--strategy", choices=["none", "mirrored", "multi_worker"],
+                   help="shortcut for --set train.strategy=NAME (tf.distribute; multi_worker reads TF_CONFIG)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return p
 
@@ -327,6 +362,8 @@ def config_from_args(args) -> Config:
         overrides.append(f"train.seed={args.seed}")
     if args.iterations is not None:
         overrides.append(f"train.iterations={args.iterations}")
+    if getattr(args, "strategy", None):
+        overrides.append(f"train.strategy={args.strategy}")
     return resolve_config(args.dataset or "demo", args.config, overrides)
 
 

@@ -75,8 +75,9 @@ class AttributeEmbedding(keras.layers.Layer):
 
         self.V = self.add_weight(name="V", shape=(self.num_attributes, self.embed_dim),
                                  initializer=init(self._initial_V), trainable=True)
+        # autocast=False: the logits att @ scores stay float32 under a mixed-precision policy.
         self.att = self.add_weight(name="att", shape=(self.num_classes, self.num_attributes),
-                                   initializer=init(self._initial_att), trainable=False)
+                                   initializer=init(self._initial_att), trainable=False, autocast=False)
         self.built = True
 
     def call(self, inputs=None):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from msdn_tf.layers.common import contract, softmax_dtype, split_last
+
 
 @keras.saving.register_keras_serializable(package="msdn_tf")
 class AttributeToVisual(keras.layers.Layer):
@@ -19,7 +21,11 @@ class AttributeToVisual(keras.layers.Layer):
         F_p = A Fs                         # attribute-based features  (B, K, F), optional
 
     ``V`` is contracted with the weights first (K x F), then with ``Fs``, the
-    cheaper order. The class logits ``att psi`` are formed by the model.
+    cheaper order; both projections go through ONE ``(B*R, F) x (F, 2K)`` product
+    (:meth:`projections`, then :meth:`attend`). :class:`~msdn_tf.model.MSDN` joins
+    them with the V->A sub-net's into a single ``(F, 4K)`` product. Softmax and
+    scores are computed in float32 under a mixed-precision policy. The class
+    logits ``att psi`` are formed by the model.
 
     Args:
         feature_dim: int, F, channels of the region features (2048 for ResNet-101).
@@ -74,19 +80,43 @@ class AttributeToVisual(keras.layers.Layer):
         self.W_2 = self.add_weight(name="W_2", shape=shape, initializer=self.attention_initializer)
         self.built = True
 
+    def projections(self, V):
+        """The ``(F, K)`` matrices this sub-net contracts with the features, ``V`` first.
+
+        ``[(V W_1)^T, (V W_2)^T]`` (score, attention logits); only the first with
+        uniform attention. :meth:`attend` takes the products in this order.
+        """
+        dtype = self.compute_dtype
+        V = ops.cast(V, dtype)
+        weights = [self.W_1] if self.attention == "uniform" else [self.W_1, self.W_2]
+        return [ops.transpose(ops.matmul(V, ops.cast(w, dtype))) for w in weights]  # (F, K) each
+
+    def attend(self, contracted, features=None, return_features=False):
+        """Scores and attention from the contracted products.
+
+        Args:
+            contracted: list of ``(B, R, K)`` tensors, ``features @ p`` for each
+                ``p`` of :meth:`projections`, in that order.
+            features: ``(B, R, F)`` normalised features, needed only for ``F_p``.
+            return_features: also return ``F_p``.
+        """
+        S = contracted[0]
+        S = ops.cast(S, softmax_dtype(S.dtype))  # (B, R, K)
+        if self.attention == "uniform":
+            A = ops.ones_like(S) / ops.cast(ops.shape(S)[1], S.dtype)
+        else:
+            A = ops.softmax(ops.cast(contracted[1], S.dtype), axis=1)  # over regions (B, R, K)
+        out = {"scores": ops.sum(A * S, axis=1), "attention": ops.transpose(A, (0, 2, 1))}  # (B, K), (B, K, R)
+        if return_features:
+            out["features"] = ops.einsum("brk,brf->bkf", A, ops.cast(features, A.dtype))  # (B, K, F)
+        return out
+
     def call(self, inputs, return_features=False):
         features, V = inputs
-        score_proj = ops.matmul(V, self.W_1)  # (K, F)
-        S = ops.einsum("kf,brf->bkr", score_proj, features)  # (B, K, R)
-        if self.attention == "uniform":
-            A = ops.ones_like(S) / ops.cast(ops.shape(S)[-1], S.dtype)
-        else:
-            att_proj = ops.matmul(V, self.W_2)  # (K, F)
-            A = ops.softmax(ops.einsum("kf,brf->bkr", att_proj, features), axis=-1)  # over regions
-        out = {"scores": ops.sum(A * S, axis=-1), "attention": A}  # (B, K), (B, K, R)
-        if return_features:
-            out["features"] = ops.einsum("bkr,brf->bkf", A, features)  # (B, K, F)
-        return out
+        blocks = self.projections(V)
+        products = contract(features, ops.concatenate(blocks, axis=1))  # (B, R, nK)
+        K = ops.shape(V)[0]
+        return self.attend(split_last(products, [K] * len(blocks)), features, return_features)
 
     def get_config(self):
         config = super().get_config()

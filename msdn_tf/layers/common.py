@@ -29,3 +29,34 @@ def as_regions(features):
             f"features must be (batch, regions, channels) or (batch, height, width, channels), got shape {features.shape}"
         )
     return features
+
+
+def contract(features, projection):
+    """``features (B, R, F) @ projection (F, N) -> (B, R, N)`` as ONE 2-D matrix product.
+
+    Reshaping to ``(B*R, F)`` gives a single large GEMM (the shape a CPU or GPU
+    runs fastest) instead of a batched product broadcast over ``B``; its weight
+    gradient ``(F, B*R) x (B*R, N)`` is one GEMM too.
+    """
+    shape = ops.shape(features)
+    flat = ops.reshape(features, (-1, shape[-1]))
+    out = ops.matmul(flat, projection)  # (B*R, N)
+    return ops.reshape(out, (shape[0], shape[1], ops.shape(projection)[-1]))
+
+
+def split_last(x, sizes):
+    """Split ``x`` along its last axis into consecutive pieces of the given sizes.
+
+    One split op: its gradient is one concatenation (slicing piece by piece would
+    back-propagate a zero-padded full-size tensor per piece).
+    """
+    if len(sizes) == 1:
+        return [x]
+    bounds = [int(sum(sizes[:i + 1])) for i in range(len(sizes) - 1)]
+    return ops.split(x, bounds, axis=-1)
+
+
+def softmax_dtype(dtype):
+    """float32 for half-precision compute dtypes (softmax and sums stay in float32), else ``dtype``."""
+    name = getattr(dtype, "name", str(dtype))
+    return "float32" if name in ("float16", "bfloat16") else name

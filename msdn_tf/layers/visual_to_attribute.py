@@ -5,6 +5,8 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from msdn_tf.layers.common import contract, softmax_dtype, split_last
+
 
 @keras.saving.register_keras_serializable(package="msdn_tf")
 class VisualToAttribute(keras.layers.Layer):
@@ -19,7 +21,11 @@ class VisualToAttribute(keras.layers.Layer):
         u   = Bw^T V                       # visual-based attribute features (B, R, D), optional
 
     Both weights start at zero (reference note §2), so at initialisation the
-    scores are 0 and the attention is uniform over attributes.
+    scores are 0 and the attention is uniform over attributes. Both ``(F, K)``
+    projections go through ONE ``(B*R, F) x (F, 2K)`` product (:meth:`projections`,
+    then :meth:`attend`); :class:`~msdn_tf.model.MSDN` joins them with the A->V
+    sub-net's into a single ``(F, 4K)`` product. Softmax and scores are computed
+    in float32 under a mixed-precision policy.
 
     Args:
         feature_dim: int, F, channels of the region features.
@@ -65,17 +71,42 @@ class VisualToAttribute(keras.layers.Layer):
                                      initializer=self.attention_initializer)
         self.built = True
 
+    def projections(self, V):
+        """The ``(F, K)`` matrices this sub-net contracts with the features, ``V`` first.
+
+        ``[W_1_1 V^T, (V W_2_1)^T]`` (score, attention logits); :meth:`attend` takes
+        the products in this order.
+        """
+        dtype = self.compute_dtype
+        V = ops.cast(V, dtype)
+        score = ops.matmul(ops.cast(self.W_1_1, dtype), ops.transpose(V))  # (F, K)
+        attention = ops.transpose(ops.matmul(V, ops.cast(self.W_2_1, dtype)))  # (F, K)
+        return [score, attention]
+
+    def attend(self, contracted, V=None, return_features=False):
+        """Scores and attention from the contracted products.
+
+        Args:
+            contracted: ``[T, attention logits]``, each ``(B, R, K)``: ``features @ p``
+                for each ``p`` of :meth:`projections`.
+            V: ``(K, D)`` attribute vectors, needed only for ``u``.
+            return_features: also return ``u``.
+        """
+        T = contracted[0]
+        T = ops.cast(T, softmax_dtype(T.dtype))  # (B, R, K)
+        Bw = ops.softmax(ops.cast(contracted[1], T.dtype), axis=-1)  # over attributes (B, R, K)
+        phi = ops.sum(Bw * T, axis=1)  # (B, K), a sum over regions
+        out = {"scores": phi, "attention": ops.transpose(Bw, (0, 2, 1))}  # (B, K), (B, K, R)
+        if return_features:
+            out["features"] = ops.matmul(Bw, ops.cast(V, Bw.dtype))  # (B, R, D)
+        return out
+
     def call(self, inputs, return_features=False):
         features, V = inputs
-        score_proj = ops.matmul(self.W_1_1, ops.transpose(V))  # (F, K)
-        T = ops.einsum("brf,fk->brk", features, score_proj)  # (B, R, K)
-        att_proj = ops.matmul(V, self.W_2_1)  # (K, F)
-        Bw = ops.softmax(ops.einsum("kf,brf->bkr", att_proj, features), axis=1)  # over attributes
-        phi = ops.sum(Bw * ops.transpose(T, (0, 2, 1)), axis=-1)  # (B, K)
-        out = {"scores": phi, "attention": Bw}
-        if return_features:
-            out["features"] = ops.einsum("bkr,kd->brd", Bw, V)  # (B, R, D)
-        return out
+        blocks = self.projections(V)
+        products = contract(features, ops.concatenate(blocks, axis=1))  # (B, R, 2K)
+        K = ops.shape(V)[0]
+        return self.attend(split_last(products, [K, K]), V, return_features)
 
     def get_config(self):
         config = super().get_config()

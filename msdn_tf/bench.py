@@ -1,0 +1,386 @@
+"""Benchmark MSDN training and evaluation against this machine's own matrix-multiply rate.
+
+``python -m msdn_tf.bench [--regions 196 49] [--batch 50] [--steps N] [--jit/--no-jit]
+[--precision float32|mixed_bfloat16|mixed_float16] [--json OUT]``
+
+At CUB shapes (K=312 attributes, C=200 classes of which 50 unseen, F=2048, D=300)
+with synthetic inputs already in memory as tensors, it times
+
+* one training step (the exact function ``fit`` runs: ``model.train_function``)
+  at the training batch (50), and
+* one evaluation step (``model.predict_function``, the predict path) at the
+  evaluation batch (100),
+
+and, in the same process, ``tf.matmul`` at shapes of the model's own contractions
+(``(B*R, F) x (F, 4K)`` forward, ``(F, B*R) x (B*R, 4K)`` weight gradient) and one
+big square product. The essential work of the model is counted analytically
+(:func:`essential_flops`, reference note §10), and the report gives the ratio of
+the achieved essential FLOP/s to the representative matmul rate ("the limit").
+
+Every timing is ``--repeats`` runs of ``--steps`` calls after ``--warmup`` calls;
+the JSON reports the median and the minimum of the per-call time over the repeats,
+and the machine load (``os.getloadavg``) before and after. Numbers taken on a busy
+machine are low; compare runs by their load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+CUB = {"attributes": 312, "classes": 200, "unseen": 50, "features": 2048, "embed": 300}
+IMPLS = ("fused", "einsum")
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+REFERENCE = {  # reference PyTorch code, 2-core x86 CPU, CUB, R=196, batch 50 (reference note §10)
+    "train_images_per_s": 21.5, "train_step_s": 2.3, "eval_images_per_s": 32.0,
+}
+
+
+# --------------------------------------------------------------------------- FLOP count
+def forward_flops_per_image(regions: int, features: int, attributes: int) -> int:
+    """Essential forward FLOPs of one image: the four ``K x F x R`` contractions.
+
+    ``S`` and the A->V attention logits (``V W_1``, ``V W_2`` against ``Fs``), ``T`` and
+    the V->A attention logits (``W_1_1 V^T``, ``V W_2_1`` against ``Fs``): each is
+    ``R * F * K`` multiply-adds, 2 FLOP each::
+
+        forward = 4 * 2 * R * F * K
+
+    Everything else per image (softmaxes, ``sum_r A * S``, ``att @ scores``) is
+    O(R * K + C * K), three orders of magnitude less. The projections ``V W`` are
+    per step, not per image (:func:`projection_flops_per_step`).
+    """
+    return 4 * 2 * regions * features * attributes
+
+
+def train_flops_per_image(regions: int, features: int, attributes: int) -> int:
+    """Essential training FLOPs of one image: the forward plus the weight gradients.
+
+    The gradient of each contraction ``Y = Fs P^T`` with respect to the projected
+    weights ``P`` (K x F) is ``dY^T Fs``, as many multiply-adds as the forward; the
+    input features need no gradient. So::
+
+        train = 2 * forward = 16 * R * F * K
+
+    (CUB, R=196: 2.0 GFLOP, reference note §10.)
+    """
+    return 2 * forward_flops_per_image(regions, features, attributes)
+
+
+def projection_flops_per_step(features: int, attributes: int, embed: int, training: bool) -> int:
+    """FLOPs of the per-step projections ``V W`` (four ``K x D x F`` products; x3 with gradients).
+
+    Not counted as essential: they do not grow with the batch.
+    """
+    forward = 4 * 2 * attributes * embed * features
+    return 3 * forward if training else forward
+
+
+# --------------------------------------------------------------------------- timing
+def _load():
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # pragma: no cover - not on every platform
+        return None
+
+
+def time_interleaved(fns: dict, steps: dict, repeats: int, warmup: int) -> dict:
+    """Per-call seconds of every ``fns[name]()`` (each must block until its result exists).
+
+    After ``warmup`` untimed calls of each, every repeat times ``steps[name]`` calls of
+    each function in turn, so that the model steps and the matrix products of one
+    repeat see the same machine load; ratios are taken per repeat.
+
+    Returns:
+        ``{name: [seconds per call in repeat 0, 1, ...]}``.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    per_call = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(steps[name]):
+                fn()
+            per_call[name].append((time.perf_counter() - start) / steps[name])
+    return per_call
+
+
+def matmul_fn(m: int, k: int, n: int, dtype="float32", transpose_a: bool = False):
+    """A blocking call of ``tf.matmul`` of an ``(m, k) x (k, n)`` product, and its FLOPs."""
+    import tensorflow as tf
+
+    a = tf.random.uniform((k, m) if transpose_a else (m, k), dtype=dtype)
+    b = tf.random.uniform((k, n), dtype=dtype)
+
+    @tf.function
+    def product(a, b):
+        return tf.reduce_sum(tf.matmul(a, b, transpose_a=transpose_a)[:1, :1])
+
+    return (lambda: product(a, b).numpy()), 2.0 * m * k * n
+
+
+# --------------------------------------------------------------------------- model
+def _einsum_forward(model, features, return_features=False):
+    """The forward pass as first written (before issue 7), kept to measure "before" numbers.
+
+    Four separate ``einsum`` contractions of the (K, F) projections with the
+    (B, R, F) features, output layout (B, K, R); no fusion. Same numbers as
+    ``MSDN.call`` up to float rounding.
+    """
+    from keras import ops
+
+    from msdn_tf.layers.common import as_regions, l2_normalize
+
+    Fs = l2_normalize(as_regions(ops.convert_to_tensor(features)), axis=-1)
+    V = model.embedding(None)
+    S = ops.einsum("kf,brf->bkr", ops.matmul(V, model.a2v.W_1), Fs)
+    A = ops.softmax(ops.einsum("kf,brf->bkr", ops.matmul(V, model.a2v.W_2), Fs), axis=-1)
+    psi = ops.sum(A * S, axis=-1)
+    T = ops.einsum("brf,fk->brk", Fs, ops.matmul(model.v2a.W_1_1, ops.transpose(V)))
+    Bw = ops.softmax(ops.einsum("kf,brf->bkr", ops.matmul(V, model.v2a.W_2_1), Fs), axis=1)
+    phi = ops.sum(Bw * ops.transpose(T, (0, 2, 1)), axis=-1)
+    att = ops.convert_to_tensor(model.embedding.att)
+    margin = model.margin()
+    logits_a2v = ops.matmul(psi, ops.transpose(att)) + margin
+    logits_v2a = ops.matmul(phi, ops.transpose(att)) + margin
+    w1, w2 = model.fusion_weights
+    return {"logits_a2v": logits_a2v, "logits_v2a": logits_v2a, "logits": w1 * logits_a2v + w2 * logits_v2a,
+            "scores_a2v": psi, "scores_v2a": phi, "attention_a2v": A, "attention_v2a": Bw}
+
+
+def build_bench_model(regions: int, features: int, attributes: int, classes: int, unseen: int,
+                      embed: int, jit: bool, seed: int = 0, precision: str = "float32", **options):
+    """An MSDN at the given shapes with random non-zero weights, compiled as ``train.py`` does.
+
+    Under ``mixed_float16`` the optimizer is wrapped in a ``LossScaleOptimizer``.
+    Build it under the Keras dtype policy ``precision``.
+    """
+    import keras
+
+    import numpy as np
+
+    from msdn_tf.model import build_msdn
+    from msdn_tf.optimizers import TorchRMSprop
+
+    rng = np.random.default_rng(seed)
+    unseen_ids = sorted(rng.choice(classes, size=unseen, replace=False).tolist())
+    seen_ids = [c for c in range(classes) if c not in unseen_ids]
+    model = build_msdn(rng.random((classes, attributes)), rng.normal(size=(attributes, embed)),
+                       seen_ids, unseen_ids, feature_dim=features, num_regions=regions, seed=seed, **options)
+    for w in (model.a2v.W_2, model.v2a.W_1_1, model.v2a.W_2_1):  # zero at init: make the softmaxes non-trivial
+        w.assign(rng.normal(scale=0.05, size=w.shape).astype("float32"))
+    optimizer = TorchRMSprop()
+    if precision == "mixed_float16":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    model.compile(optimizer=optimizer, jit_compile=jit)
+    return model, seen_ids
+
+
+def _use_einsum_forward(model):
+    """Route ``model.call`` through :func:`_einsum_forward` (``--impl einsum``)."""
+    model.call = lambda features, training=False, return_features=None: _einsum_forward(model, features)
+
+
+def parse_variant(text: str) -> dict:
+    """``"fused:jit:float32"`` -> ``{"impl": "fused", "jit": True, "precision": "float32"}`` (later parts optional)."""
+    parts = text.split(":")
+    impl = parts[0]
+    jit = parts[1] if len(parts) > 1 else "jit"
+    precision = parts[2] if len(parts) > 2 else "float32"
+    if impl not in IMPLS or jit not in ("jit", "nojit") or precision not in PRECISIONS:
+        raise ValueError(f"variant {text!r}: expected IMPL[:jit|nojit[:PRECISION]] with IMPL in {IMPLS} "
+                         f"and PRECISION in {PRECISIONS}")
+    return {"name": f"{impl}:{jit}:{precision}", "impl": impl, "jit": jit == "jit", "precision": precision}
+
+
+def _variant_fns(variant, regions, args, x_train, y_train, x_eval):
+    """Blocking ``train`` and ``eval`` calls of one model variant."""
+    import keras
+
+    K, C, U, F, D = args.attributes, args.classes, args.unseen, args.features, args.embed
+    keras.mixed_precision.set_global_policy(variant["precision"])  # layers take the policy at construction
+    try:
+        model, _ = build_bench_model(regions, F, K, C, U, D, jit=variant["jit"], precision=variant["precision"])
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    if variant["impl"] == "einsum":
+        _use_einsum_forward(model)
+    model.make_train_function()
+    model.make_predict_function()
+    batch = (x_train, y_train)
+    return {
+        "train": lambda: float(model.train_function([batch])["loss"]),
+        "eval": lambda: model.predict_function([x_eval])["logits"].numpy(),
+    }
+
+
+def bench_shape(regions: int, args, variants) -> dict:
+    """Time every variant's train and eval step and the matmul limits, interleaved per repeat."""
+    import numpy as np
+    import tensorflow as tf
+
+    K, F = args.attributes, args.features
+    B, E = args.batch, args.eval_batch
+    rng = np.random.default_rng(1)
+    x_train = tf.constant(rng.random((B, regions, F), dtype=np.float32))
+    y_train = tf.constant(np.asarray(_seen_classes(args))[rng.integers(0, args.classes - args.unseen, size=B)])
+    x_eval = tf.constant(rng.random((E, regions, F), dtype=np.float32))
+    fns, steps, flops = {}, {}, {}
+    for v in variants:
+        for mode, fn in _variant_fns(v, regions, args, x_train, y_train, x_eval).items():
+            fns[f"{v['name']}/{mode}"] = fn
+            steps[f"{v['name']}/{mode}"] = args.steps
+    matmuls = {  # the model's own product shapes: forward and weight gradient (train), forward (eval)
+        "forward": dict(m=B * regions, k=F, n=4 * K),
+        "weight_gradient": dict(m=F, k=B * regions, n=4 * K, transpose_a=True),
+        "forward_eval": dict(m=E * regions, k=F, n=4 * K),
+    }
+    for name, shape in matmuls.items():
+        fns[name], flops[name] = matmul_fn(**shape)
+        steps[name] = args.matmul_steps
+    seconds = time_interleaved(fns, steps, args.repeats, args.warmup)
+
+    gflops = {name: [flops[name] / t / 1e9 for t in seconds[name]] for name in matmuls}
+    # Training does as many FLOPs in forward-shaped as in gradient-shaped products:
+    # its limit is the harmonic mean of the two rates, per repeat.
+    limits = {
+        "train": [2.0 / (1.0 / f + 1.0 / g) for f, g in zip(gflops["forward"], gflops["weight_gradient"])],
+        "eval": gflops["forward_eval"],
+    }
+    essential = {"train": train_flops_per_image(regions, F, K), "eval": forward_flops_per_image(regions, F, K)}
+    images = {"train": B, "eval": E}
+
+    def summary(t, mode):
+        achieved = [images[mode] * essential[mode] / s / 1e9 for s in t]  # essential GFLOP/s per repeat
+        fractions = [a / lim for a, lim in zip(achieved, limits[mode])]
+        return {
+            "batch": images[mode],
+            "step_s_median": statistics.median(t), "step_s_min": min(t),
+            "step_s_all": [round(x, 4) for x in t],
+            "images_per_s_median": images[mode] / statistics.median(t), "images_per_s_best": images[mode] / min(t),
+            "essential_gflop_per_image": essential[mode] / 1e9,
+            "essential_gflop_per_s_median": statistics.median(achieved),
+            "limit_gflop_per_s_median": statistics.median(limits[mode]),
+            "limit_gflop_per_s_all": [round(x, 1) for x in limits[mode]],
+            "fraction_of_limit_median": statistics.median(fractions),
+            "fraction_of_limit_best": max(fractions),
+            "fraction_of_limit_all": [round(x, 3) for x in fractions],
+            # Load only ever slows a measurement down: the fastest step against the
+            # fastest matmul of the run is the most load-robust ratio.
+            "fraction_best_vs_best_limit": max(achieved) / max(limits[mode]),
+            "projection_gflop_per_step": projection_flops_per_step(F, K, args.embed, mode == "train") / 1e9,
+        }
+
+    result = {"regions": regions, "variants": {}}
+    for v in variants:
+        entry = {mode: summary(seconds[f"{v['name']}/{mode}"], mode) for mode in ("train", "eval")}
+        if regions == 196 and (K, args.classes, args.unseen, F, B) == (312, 200, 50, 2048, 50):
+            entry["vs_reference"] = {
+                "train": entry["train"]["images_per_s_median"] / REFERENCE["train_images_per_s"],
+                "eval": entry["eval"]["images_per_s_median"] / REFERENCE["eval_images_per_s"],
+            }
+        result["variants"][v["name"]] = entry
+    result["matmul"] = {name: {"shape": [v["m"], v["k"], v["n"]], "transpose_a": v.get("transpose_a", False),
+                               "gflop_per_s_median": statistics.median(gflops[name]),
+                               "gflop_per_s_max": max(gflops[name])}
+                        for name, v in matmuls.items()}
+    result["limit_note"] = ("fraction = achieved essential FLOP/s / float32 tf.matmul FLOP/s measured in the same "
+                            "repeat; train limit: harmonic mean of the forward- and gradient-shaped rates; "
+                            "eval limit: the forward-shaped rate at the eval batch")
+    return result
+
+
+def _seen_classes(args):
+    """The seen class ids of :func:`build_bench_model` (seed 0)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    unseen = set(rng.choice(args.classes, size=args.unseen, replace=False).tolist())
+    return np.array([c for c in range(args.classes) if c not in unseen], dtype=np.int64)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m msdn_tf.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--regions", type=int, nargs="+", default=[196, 49], help="R values to run (default 196 49)")
+    p.add_argument("--batch", type=int, default=50, help="training batch (default 50)")
+    p.add_argument("--eval-batch", type=int, default=100, help="evaluation batch (default 100)")
+    p.add_argument("--steps", type=int, default=3, help="calls per timed repeat (default 3)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats (default 5)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls first, incl. compilation (default 2)")
+    p.add_argument("--matmul-steps", type=int, default=3, help="products per timed matmul repeat (default 3)")
+    p.add_argument("--jit", action=argparse.BooleanOptionalAction, default=None,
+                   help="XLA-compile the steps (default: the model's training default, train.jit_compile)")
+    p.add_argument("--impl", default="fused", choices=list(IMPLS),
+                   help="forward pass: fused (MSDN.call, one (B*R, F) x (F, 4K) product; default) or einsum "
+                        "(four separate einsum contractions, the code before issue 7)")
+    p.add_argument("--precision", default="float32", choices=list(PRECISIONS),
+                   help="Keras dtype policy (default float32)")
+    p.add_argument("--variants", nargs="+", metavar="IMPL:JIT:PRECISION",
+                   help="several variants timed in the same run, interleaved (e.g. einsum:nojit fused:nojit "
+                        "fused:jit fused:jit:mixed_bfloat16); overrides --impl/--jit/--precision")
+    p.add_argument("--attributes", type=int, default=CUB["attributes"], help="K (default 312, CUB)")
+    p.add_argument("--classes", type=int, default=CUB["classes"], help="C (default 200, CUB)")
+    p.add_argument("--unseen", type=int, default=CUB["unseen"], help="unseen classes (default 50, CUB)")
+    p.add_argument("--features", type=int, default=CUB["features"], help="F (default 2048)")
+    p.add_argument("--embed", type=int, default=CUB["embed"], help="D (default 300)")
+    p.add_argument("--json", dest="json_out", help="also write the JSON report to this file")
+    return p
+
+
+def run(args) -> dict:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+    import tensorflow as tf
+
+    from msdn_tf.config import TrainConfig
+
+    if args.jit is None:
+        args.jit = TrainConfig().jit_compile
+    names = args.variants or [f"{args.impl}:{'jit' if args.jit else 'nojit'}:{args.precision}"]
+    variants = [parse_variant(v) for v in names]
+    load_before = _load()
+    started = time.time()
+    shapes = [bench_shape(r, args, variants) for r in args.regions]
+    square_fn, square_flops = matmul_fn(2048, 2048, 2048)
+    square_s = time_interleaved({"square": square_fn}, {"square": args.matmul_steps}, args.repeats, 1)["square"]
+    square = {"shape": [2048, 2048, 2048], "gflop_per_s_median": square_flops / statistics.median(square_s) / 1e9,
+              "gflop_per_s_max": square_flops / min(square_s) / 1e9}
+    report = {
+        "command": "python -m msdn_tf.bench " + " ".join(sys.argv[1:]) if __name__ == "__main__" else None,
+        "config": {"variants": [v["name"] for v in variants],
+                   "batch": args.batch, "eval_batch": args.eval_batch, "steps": args.steps,
+                   "repeats": args.repeats, "warmup": args.warmup, "attributes": args.attributes,
+                   "classes": args.classes, "unseen": args.unseen, "features": args.features,
+                   "embed": args.embed},
+        "machine": {"cpu_count": os.cpu_count(), "load_before": load_before, "load_after": _load(),
+                    "tensorflow": tf.__version__, "keras": keras.__version__,
+                    "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads()},
+        "flop_formula": {"forward_per_image": "4 * 2 * R * F * K",
+                         "train_per_image": "2 * forward = 16 * R * F * K"},
+        "matmul_square": square,
+        "shapes": shapes,
+        "reference": REFERENCE,
+        "wall_s": round(time.time() - started, 1),
+    }
+    return report
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    report = run(args)
+    text = json.dumps(report, indent=1)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            f.write(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""The benchmark command: valid JSON with the expected keys at tiny shapes, and the FLOP count.
+
+Speed itself is measured by ``python -m msdn_tf.bench``, never asserted here.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+from msdn_tf import bench
+
+TINY = ["--regions", "9", "4", "--batch", "4", "--eval-batch", "6", "--attributes", "8", "--classes", "10",
+        "--unseen", "3", "--features", "16", "--embed", "5", "--steps", "1", "--repeats", "2", "--warmup", "1",
+        "--matmul-steps", "1"]
+
+
+def test_flop_formula_against_a_hand_count():
+    R, F, K = 196, 2048, 312
+    # Hand count: each of the four contractions maps R regions x F channels to R x K
+    # outputs, every output a sum of F products (F multiply-adds = 2F FLOP).
+    contractions = {"S (V W_1)": (R, F, K), "A logits (V W_2)": (R, F, K),
+                    "T (W_1_1 V^T)": (R, F, K), "Bw logits (V W_2_1)": (R, F, K)}
+    hand = sum(2 * r * k * f for r, f, k in contractions.values())
+    assert bench.forward_flops_per_image(R, F, K) == hand == 1_001_914_368  # ~1.0 GFLOP (note §10)
+    # Training adds the weight gradient dP = dY^T Fs of each contraction (same size); no input gradient.
+    assert bench.train_flops_per_image(R, F, K) == 2 * hand == 2_003_828_736  # ~2.0 GFLOP (note §10)
+    assert bench.forward_flops_per_image(49, F, K) * 4 == hand
+    assert bench.projection_flops_per_step(F, K, 300, training=False) == 4 * 2 * K * 300 * F
+
+
+@pytest.mark.parametrize("extra", [[], ["--variants", "einsum:nojit", "fused:jit:mixed_bfloat16"]])
+def test_bench_prints_valid_json(tmp_path, capsys, extra):
+    out = tmp_path / "bench.json"
+    assert bench.main(TINY + ["--json", str(out)] + extra) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads(out.read_text())
+    for key in ("config", "machine", "flop_formula", "matmul_square", "shapes", "reference"):
+        assert key in printed
+    assert printed["machine"]["load_before"] is None or len(printed["machine"]["load_before"]) == 3
+    assert [s["regions"] for s in printed["shapes"]] == [9, 4]
+    names = printed["config"]["variants"]
+    assert len(names) == (2 if extra else 1)
+    for shape in printed["shapes"]:
+        assert set(shape["matmul"]) == {"forward", "weight_gradient", "forward_eval"}
+        assert shape["matmul"]["forward"]["shape"] == [4 * shape["regions"], 16, 32]
+        assert set(shape["variants"]) == set(names)
+        for entry in shape["variants"].values():
+            for mode, batch in (("train", 4), ("eval", 6)):
+                m = entry[mode]
+                assert m["batch"] == batch
+                assert m["step_s_min"] <= m["step_s_median"]
+                assert len(m["step_s_all"]) == 2
+                assert m["images_per_s_median"] == pytest.approx(batch / m["step_s_median"])
+                assert m["fraction_of_limit_median"] > 0 and np.isfinite(m["fraction_of_limit_median"])
+                assert m["fraction_best_vs_best_limit"] > 0
+            R = shape["regions"]
+            assert entry["train"]["essential_gflop_per_image"] == pytest.approx(16 * R * 16 * 8 / 1e9)
+            assert entry["eval"]["essential_gflop_per_image"] == pytest.approx(8 * R * 16 * 8 / 1e9)
+
+
+def test_variant_parsing():
+    assert bench.parse_variant("fused") == {"name": "fused:jit:float32", "impl": "fused", "jit": True,
+                                            "precision": "float32"}
+    assert bench.parse_variant("einsum:nojit:mixed_float16")["jit"] is False
+    with pytest.raises(ValueError, match="variant"):
+        bench.parse_variant("fused:maybe")
