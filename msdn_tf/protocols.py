@@ -283,6 +283,7 @@ def _validation(config, data, run_root: Path, seed: int, train_fn, log, lambda_g
     cfg.loss.lambda_cal = float(chosen["lambda_cal"])
     cfg.train.iterations = steps
     cfg.train.eval_every = steps
+    cfg.train.eval_initial = False  # the test split is read once, after training
     final_eval = _FinalEvaluation(chosen["gamma"], steps)
     run_dir = root / "final"
     results_path = run_dir / PROTOCOL_RESULT
