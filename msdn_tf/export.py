@@ -86,30 +86,14 @@ PREPROCESSING_NOTE = ("decode to RGB, resize the shorter side to image_size (bil
 def preprocess_encoded_image(encoded, image_size: int):
     """One encoded image (scalar tf.string) -> float32 (S, S, 3) RGB in 0..255.
 
-    The same steps as :func:`msdn_tf.extract._load_image` after reading the file
-    (shorter side to ``image_size`` as ``torchvision.transforms.Resize(int)``,
-    centre crop as ``CenterCrop``); ``keras.applications.resnet.preprocess_input``
-    is applied to the batch afterwards, as in :func:`msdn_tf.extract.make_dataset`.
-    Undecodable bytes raise ``InvalidArgumentError`` (TF Serving: INVALID_ARGUMENT).
+    Exactly :func:`msdn_tf.extract.decode_and_crop`, the preprocessing the features were
+    extracted with; ``keras.applications.resnet.preprocess_input`` is applied to the
+    batch afterwards, as in :func:`msdn_tf.extract.make_dataset`. Undecodable bytes raise
+    ``InvalidArgumentError`` (TF Serving: INVALID_ARGUMENT).
     """
-    import tensorflow as tf
+    from msdn_tf.extract import decode_and_crop
 
-    img = tf.io.decode_image(encoded, channels=3, dtype=tf.uint8, expand_animations=False)
-    img.set_shape([None, None, 3])
-    shape = tf.shape(img)
-    h, w = shape[0], shape[1]
-    size = tf.constant(image_size, tf.int32)
-    long_h = tf.cast(tf.math.floor(image_size * tf.cast(h, tf.float64) / tf.cast(w, tf.float64)), tf.int32)
-    long_w = tf.cast(tf.math.floor(image_size * tf.cast(w, tf.float64) / tf.cast(h, tf.float64)), tf.int32)
-    new_h = tf.where(w <= h, long_h, size)
-    new_w = tf.where(w <= h, size, long_w)
-    img = tf.image.resize(tf.cast(img, tf.float32), tf.stack([new_h, new_w]), method="bilinear", antialias=True)
-    top = tf.cast(tf.round(tf.cast(new_h - size, tf.float32) / 2.0), tf.int32)
-    left = tf.cast(tf.round(tf.cast(new_w - size, tf.float32) / 2.0), tf.int32)
-    img = img[top:top + image_size, left:left + image_size, :]
-    img = tf.clip_by_value(img, 0.0, 255.0)
-    img.set_shape([image_size, image_size, 3])
-    return img
+    return decode_and_crop(encoded, image_size)
 
 
 def preprocess_image_batch(images, image_size: int):

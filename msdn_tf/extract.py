@@ -250,12 +250,18 @@ def build_backbone(weights: str = "imagenet", image_size: int = 448):
         raise
 
 
-def _load_image(path, image_size: int):
-    """Decode, resize the shorter side to ``image_size`` (bilinear), centre-crop; float32 0..255 RGB."""
+def decode_and_crop(encoded, image_size: int):
+    """One encoded JPEG/PNG (scalar tf.string) -> float32 (S, S, 3) RGB in 0..255.
+
+    Resize the shorter side to ``image_size`` (bilinear, antialiased) and centre-crop,
+    as the reference's ``torchvision`` Resize(int) + CenterCrop. Undecodable bytes raise
+    ``InvalidArgumentError``. Shared by extraction, visualisation and the exported
+    ``serving_images`` signature, so served images are preprocessed exactly as training
+    features were.
+    """
     import tensorflow as tf
 
-    raw = tf.io.read_file(path)
-    img = tf.io.decode_image(raw, channels=3, dtype=tf.uint8, expand_animations=False)
+    img = tf.io.decode_image(encoded, channels=3, dtype=tf.uint8, expand_animations=False)
     img.set_shape([None, None, 3])
     shape = tf.shape(img)
     h, w = shape[0], shape[1]
@@ -273,6 +279,13 @@ def _load_image(path, image_size: int):
     img = tf.clip_by_value(img, 0.0, 255.0)
     img.set_shape([image_size, image_size, 3])
     return img
+
+
+def _load_image(path, image_size: int):
+    """Read an image file and :func:`decode_and_crop` it; float32 0..255 RGB."""
+    import tensorflow as tf
+
+    return decode_and_crop(tf.io.read_file(path), image_size)
 
 
 def make_dataset(paths: Sequence[str], start: int, image_size: int, batch_size: int):
