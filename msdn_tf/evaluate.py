@@ -148,7 +148,9 @@ def evaluate_run(run_dir, gamma: float = 0.0, data_dir=None, calibration_curve: 
             f"({len(data.seen_classes)}/{len(data.unseen_classes)}); wrong --data-dir?")
     protocol = run_protocol_name(run_dir)
     log(f"msdn-tf evaluate: {run_dir} ({config.data.dataset}, protocol {protocol}, gamma {gamma:g})")
-    result = evaluate_model(model, data, config.data.eval_batch_size, gamma=gamma, return_logits=True)
+    # Progress while predicting: a bar on a terminal, one line per split otherwise.
+    result = evaluate_model(model, data, config.data.eval_batch_size, gamma=gamma, return_logits=True,
+                            verbose=1 if sys.stdout.isatty() else 2)
     logits = result.pop("_logits")
     rows = per_class_rows(data, logits, gamma)
 
