@@ -147,3 +147,13 @@ def test_misspelt_key_in_config_file_names_the_file(tmp_path, capsys):
     assert train.main(["--dataset", "demo", "--config", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "bad.yaml" in err and "loss.lamda_cal" in err
+
+
+def test_tensorboard_images_option_wires_the_visualisation_hooks(tiny_config, tmp_path):
+    config = resolve_config("demo", [tiny_config], [f"data.data_dir={tmp_path / 'data'}", "train.iterations=2",
+                                                     "train.eval_every=2", "train.tensorboard_images=true",
+                                                     "train.eval_initial=false"])
+    results = train.run_training(config, run_dir=tmp_path / "run", log=lambda *a: None)
+    assert results["initial"] is None and [h["step"] for h in results["history"]] == [2]
+    tags = _tensorboard_tags(tmp_path / "run" / "tensorboard")
+    assert {"attention/maps", "gzsl/unseen_predicted_seen", "gzsl/per_class_acc_unseen"} <= tags
