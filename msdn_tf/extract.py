@@ -450,8 +450,6 @@ def extract_features(image_paths: Sequence[str], out_path: str, backbone=None, *
     Returns:
         ``out_path``.
     """
-    import h5py
-
     log = log or (lambda msg: print(msg, file=sys.stderr))
     out_path = str(out_path)
     if os.path.exists(out_path) and not overwrite:

@@ -12,6 +12,21 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_ZSL = Path(os.environ.get("MSDN_SHARED_DATA", REPO.parent / "shared" / "data" / "zsl"))
 
 
+TORCH_FIXTURES = str(REPO / "tests" / "fixtures")
+
+
+def torch_fixture(stem: str) -> str:
+    """Path of a tiny .pth fixture written once by real PyTorch (tests/fixtures/make_torch_fixtures.py)."""
+    return os.path.join(TORCH_FIXTURES, stem + ".pth")
+
+
+@pytest.fixture(scope="module")
+def expected():
+    """The exact values of every tensor in the .pth fixtures."""
+    with np.load(os.path.join(TORCH_FIXTURES, "tiny_msdn_expected.npz")) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
 def shared_zsl_dir() -> Path:
     """The real CUB/SUN/AWA2 metadata, or skip: it is provided beside the checkout in CI only."""
     if not SHARED_ZSL.is_dir():

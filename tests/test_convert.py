@@ -23,21 +23,11 @@ from msdn_tf.convert import convert_checkpoint, convert_state_dict, main
 from msdn_tf.errors import DataError, MSDNError
 from tests import reference_numpy as ref
 from tests.conftest import shared_zsl_dir
+from tests.conftest import torch_fixture as fixture
 
-FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 K, D, F, C = 5, 4, 6, 7
 SEEN, UNSEEN = [0, 1, 2, 4, 5], [3, 6]
 WEIGHT_KEYS = ("V", "att", "W_1", "W_2", "W_1_1", "W_2_1")
-
-
-def fixture(stem):
-    return os.path.join(FIXTURES, stem + ".pth")
-
-
-@pytest.fixture(scope="module")
-def expected():
-    with np.load(os.path.join(FIXTURES, "tiny_msdn_expected.npz")) as npz:
-        return {k: npz[k] for k in npz.files}
 
 
 @pytest.fixture(scope="module")

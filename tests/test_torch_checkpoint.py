@@ -18,22 +18,13 @@ import numpy as np
 import pytest
 
 from msdn_tf.errors import DataError
+from tests.conftest import TORCH_FIXTURES as FIXTURES
+from tests.conftest import torch_fixture as fixture
 from msdn_tf.torch_checkpoint import (IGNORED_KEYS, MSDN_KEY_MAP, backbone_prefixes,
                                       read_torch_state_dict, split_state_dict)
 
-FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 STEMS = ("tiny_msdn", "tiny_msdn_backbone", "tiny_msdn_fp16")
 C, UNSEEN = 7, (3, 6)
-
-
-def fixture(stem):
-    return os.path.join(FIXTURES, stem + ".pth")
-
-
-@pytest.fixture(scope="module")
-def expected():
-    with np.load(os.path.join(FIXTURES, "tiny_msdn_expected.npz")) as npz:
-        return {k: npz[k] for k in npz.files}
 
 
 def rewrite_zip(src, dst, transform):

@@ -7,7 +7,6 @@ import pytest
 
 from msdn_tf import train
 from msdn_tf.config import resolve_config
-from msdn_tf.data.registry import load_dataset
 
 TINY = """
 demo:
