@@ -89,7 +89,7 @@ class ModelConfig:
     fusion_weights: List[float] = dataclasses.field(default_factory=lambda: [0.9, 0.1])
     branches: str = "both"
     attention: str = "softmax"
-    bias: float = 0.0
+    bias: float = 1.0  # the margin: +bias unseen, -bias seen logits (note §2, §4, §7)
 
 
 @dataclasses.dataclass

@@ -56,10 +56,12 @@ def cross_entropy_seen(logits, labels, seen_mask):
 def self_calibration(logits, unseen_mask):
     """Reference self-calibration: ``-log(mean_b sum_{u in U} softmax(S)_b[u])`` (§4).
 
-    The log of the batch-mean unseen probability mass, not a mean of logs.
+    The log of the batch-mean unseen probability mass, not a mean of logs. The
+    reference computes it on the logits WITH the margin ``bias * mask_bias``
+    (+bias unseen, -bias seen): the code's form of the paper's ±1 indicator.
 
     Args:
-        logits: ``(B, C)`` class logits, margin already removed.
+        logits: ``(B, C)`` class logits including the margin.
         unseen_mask: ``(C,)`` 1 for unseen classes, 0 for seen ones.
 
     Returns:

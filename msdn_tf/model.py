@@ -53,7 +53,11 @@ class MSDN(keras.Model):
             (the ablations of Table 2).
         attention: ``"softmax"`` or ``"uniform"`` for the A->V sub-net (``uniform``
             is the global-average-pooling baseline).
-        bias: float, the margin size of the reference (0 in all its scripts).
+        bias: float, the margin size: ``bias * mask_bias`` adds +bias to unseen and
+            -bias to seen logits, in training and at test (the reference's default 1,
+            note §2). Self-calibration and distillation see it; the cross-entropy
+            removes it; the fused test logits keep it, which is calibrated stacking
+            with gamma = 2 * bias. 0 disables it.
         return_features: bool, also return ``F_p`` and ``u`` (for visualisation).
         class_attributes, attribute_vectors: optional initial ``att`` and word vectors
             (not part of the config; they are restored from saved weights).
@@ -79,7 +83,7 @@ class MSDN(keras.Model):
     def __init__(self, num_classes, num_attributes, feature_dim, seen_classes, unseen_classes,
                  embed_dim=300, normalize_attribute_vectors=False, fusion_weights=(0.9, 0.1),
                  lambda_cal=0.1, distill_weight=0.001, cross_entropy="all", calibration="batch_mass",
-                 distillation="reference", branches="both", attention="softmax", bias=0.0,
+                 distillation="reference", branches="both", attention="softmax", bias=1.0,
                  return_features=False, class_attributes=None, attribute_vectors=None, seed=None,
                  **kwargs):
         super().__init__(**kwargs)
@@ -197,19 +201,24 @@ class MSDN(keras.Model):
                 terms[f"ce_{branch}"] = ops.zeros((), logits.dtype)
                 terms[f"cal_{branch}"] = ops.zeros((), logits.dtype)
                 continue
-            raw = logits - margin  # the reference computes its losses without the margin
+            # Only the cross-entropy removes the margin (reference note §4).
+            raw = logits - margin
             if self.cross_entropy == "all":
                 terms[f"ce_{branch}"] = L.cross_entropy(raw, labels)
             else:
                 terms[f"ce_{branch}"] = L.cross_entropy_seen(raw, labels, self._seen_mask)
             if self.calibration == "batch_mass" and distributed:
-                # -log of the GLOBAL batch-mean unseen mass: all-reduced over the replicas.
-                terms[f"cal_{branch}"] = -D.cross_replica_log_mean_exp(L.log_unseen_mass(raw, self._unseen_mask))
+                # -log of the GLOBAL batch-mean unseen mass (logits WITH the margin),
+                # all-reduced over the replicas.
+                terms[f"cal_{branch}"] = -D.cross_replica_log_mean_exp(L.log_unseen_mass(logits, self._unseen_mask))
             elif self.calibration == "batch_mass":
-                terms[f"cal_{branch}"] = L.self_calibration(raw, self._unseen_mask)
+                # Reference: on the logits WITH the margin, the code's form of the ±1 indicator.
+                terms[f"cal_{branch}"] = L.self_calibration(logits, self._unseen_mask)
             else:
+                # Paper Eq. 7: its own ±1 indicator on the margin-free logits, whatever ``bias`` is.
                 terms[f"cal_{branch}"] = L.self_calibration_paper(raw, self._unseen_mask)
         if self.branches == "both":
+            # On the logits WITH the margin: it cancels in S1 - S2 but not in the JSD.
             terms["distill"] = L.distillation(outputs["logits_a2v"], outputs["logits_v2a"], self.distillation)
         else:
             terms["distill"] = ops.zeros((), outputs["logits"].dtype)
