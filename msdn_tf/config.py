@@ -128,6 +128,13 @@ class TrainConfig:
         deterministic: enable TensorFlow's deterministic ops.
         strategy: ``none``, ``mirrored`` (all local GPUs, or all logical CPU devices)
             or ``multi_worker`` (cluster from ``TF_CONFIG``); see ``msdn_tf.distribute``.
+        precision: ``float32`` (reference numerics), ``mixed_bfloat16``, ``mixed_float16``
+            (with loss scaling) or ``auto`` (bfloat16 where the hardware runs it natively,
+            else float32); see ``msdn_tf.precision``. A run's saved config holds the
+            precision actually used (``auto`` resolved).
+        worker_timeout: ``multi_worker`` only: seconds to wait for every worker of
+            ``TF_CONFIG`` to connect (a worker that stops later is noticed within
+            ``min(worker_timeout, 30)`` s); see docs/distributed.md.
         eval_initial: evaluate the untrained model (step 0) as well.
         tensorboard_images: after each evaluation also write attention images, the
             seen/unseen confusion and per-class accuracy histograms (``msdn_tf.viz.tensorboard``).
@@ -146,6 +153,8 @@ class TrainConfig:
     jit_compile: bool = False
     deterministic: bool = True
     strategy: str = "none"
+    precision: str = "float32"
+    worker_timeout: float = 120.0
     eval_initial: bool = True
     tensorboard_images: bool = False
     tensorboard_examples: int = 4
@@ -317,6 +326,7 @@ CHOICES = {
     ("data", "cache_dtype"): ("float16", "float32"),
     ("data", "on_device"): (True, False, "auto"),
     ("train", "strategy"): ("none", "mirrored", "multi_worker"),
+    ("train", "precision"): ("float32", "mixed_bfloat16", "mixed_float16", "auto"),
 }
 
 
@@ -331,6 +341,8 @@ def validate(config: Config) -> None:
     for section, key in (("data", "batch_size"), ("data", "eval_batch_size"), ("train", "log_every")):
         if getattr(getattr(config, section), key) <= 0:
             raise ConfigError(f"'{section}.{key}' must be positive")
+    if config.train.worker_timeout <= 0:
+        raise ConfigError("'train.worker_timeout' must be positive (seconds)")
     for key in ("iterations", "eval_every"):
         value = getattr(config.train, key)
         if value is not None and value <= 0:

@@ -24,10 +24,131 @@ loss and its gradient are those of the global batch.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from typing import Optional
+
+from msdn_tf.errors import ConfigError
 
 STRATEGIES = ("none", "mirrored", "multi_worker")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterInfo:
+    """This process's place in a ``TF_CONFIG`` cluster.
+
+    Attributes:
+        jobs: ``{"chief": [...], "worker": [...]}`` addresses (``host:port``).
+        task_type: ``chief`` or ``worker``.
+        index: this task's index in its job.
+        is_chief: the task that writes the run's outputs (``chief`` 0, else ``worker`` 0).
+        rank: position among all tasks (chief first), which is also this worker's
+            input shard.
+        num_workers: tasks in the cluster.
+    """
+
+    jobs: dict
+    task_type: str
+    index: int
+    is_chief: bool
+    rank: int
+    num_workers: int
+
+    @property
+    def address(self) -> str:
+        return self.jobs[self.task_type][self.index]
+
+
+def parse_tf_config(text: Optional[str]) -> ClusterInfo:
+    """Check a ``TF_CONFIG`` value and say where this process is in the cluster.
+
+    Args:
+        text: the JSON text, or ``None`` (no ``TF_CONFIG``: a cluster of one worker).
+
+    Raises:
+        ConfigError: naming the ``TF_CONFIG`` key that is wrong (malformed JSON, no
+            ``cluster.worker``, a bad address, ``task.index`` out of range, ...).
+
+    Example:
+        >>> parse_tf_config('{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 1}}').rank
+        1
+    """
+    if text is None:
+        return ClusterInfo({"worker": ["localhost:0"]}, "worker", 0, True, 0, 1)
+    try:
+        spec = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"TF_CONFIG is not valid JSON ({exc})") from exc
+    if not isinstance(spec, dict) or not isinstance(spec.get("cluster"), dict):
+        raise ConfigError('TF_CONFIG needs a "cluster" mapping, e.g. {"cluster": {"worker": ["host1:port", '
+                          '"host2:port"]}, "task": {"type": "worker", "index": 0}}')
+    cluster = spec["cluster"]
+    unknown = sorted(set(cluster) - {"chief", "worker"})
+    if unknown:
+        raise ConfigError(f"TF_CONFIG cluster.{unknown[0]}: only 'chief' and 'worker' jobs are supported")
+    jobs, seen = {}, set()
+    for job in ("chief", "worker"):
+        if job not in cluster:
+            continue
+        addresses = cluster[job]
+        if not isinstance(addresses, list) or not addresses:
+            raise ConfigError(f"TF_CONFIG cluster.{job} must be a non-empty list of 'host:port' addresses")
+        if job == "chief" and len(addresses) != 1:
+            raise ConfigError(f"TF_CONFIG cluster.chief must hold exactly one address, got {len(addresses)}")
+        for i, address in enumerate(addresses):
+            host, _, port = str(address).rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ConfigError(f"TF_CONFIG cluster.{job}[{i}] = {address!r}: expected 'host:port'")
+            if address in seen:
+                raise ConfigError(f"TF_CONFIG cluster.{job}[{i}] = {address!r} appears twice")
+            seen.add(address)
+        jobs[job] = [str(a) for a in addresses]
+    if "worker" not in jobs and "chief" not in jobs:
+        raise ConfigError("TF_CONFIG cluster has no 'worker' (or 'chief') addresses")
+    task = spec.get("task")
+    if not isinstance(task, dict):
+        raise ConfigError('TF_CONFIG needs a "task" mapping, e.g. {"type": "worker", "index": 0}')
+    task_type = task.get("type")
+    if task_type not in jobs:
+        raise ConfigError(f"TF_CONFIG task.type = {task_type!r}: expected one of the cluster's jobs {sorted(jobs)}")
+    index = task.get("index", 0)
+    if not isinstance(index, int) or isinstance(index, bool):
+        raise ConfigError(f"TF_CONFIG task.index = {index!r}: expected an integer")
+    if not 0 <= index < len(jobs[task_type]):
+        raise ConfigError(f"TF_CONFIG task.index = {index} is out of range: cluster.{task_type} has "
+                          f"{len(jobs[task_type])} address(es), so the index must lie in 0..{len(jobs[task_type]) - 1}")
+    has_chief = "chief" in jobs
+    is_chief = task_type == "chief" or (not has_chief and index == 0)
+    rank = index if task_type == "chief" else index + (1 if has_chief else 0)
+    return ClusterInfo(jobs, task_type, index, is_chief, rank, sum(len(v) for v in jobs.values()))
+
+
+def cluster_info(strategy_name: str) -> ClusterInfo:
+    """This process's :class:`ClusterInfo` (a cluster of one unless ``multi_worker``)."""
+    if strategy_name != "multi_worker":
+        return parse_tf_config(None)
+    return parse_tf_config(os.environ.get("TF_CONFIG"))
+
+
+def _configure_coordination(info: ClusterInfo, timeout_s: float) -> None:
+    """Start TensorFlow's coordination service with our timeouts (before the strategy does).
+
+    ``cluster_register_timeout``: how long the workers wait for each other at start;
+    ``heartbeat_timeout``: how soon a stopped worker is noticed by the others.
+    """
+    from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
+    from tensorflow.python.eager import context
+
+    if context.context().coordination_service is not None:
+        return
+    leader = f"/job:{'chief' if 'chief' in info.jobs else 'worker'}/replica:0/task:0"
+    jobs = [coordination_config_pb2.CoordinatedJob(name=job, num_tasks=len(addresses))
+            for job, addresses in info.jobs.items()]
+    context.context().configure_coordination_service(
+        service_type="standalone", service_leader=leader, coordinated_jobs=jobs,
+        cluster_register_timeout_in_ms=int(timeout_s * 1000),
+        heartbeat_timeout_in_ms=int(max(5.0, min(timeout_s, 30.0)) * 1000))
 
 
 def split_cpu_devices(n: int) -> None:
@@ -41,11 +162,14 @@ def split_cpu_devices(n: int) -> None:
     tf.config.set_logical_device_configuration(cpus[0], [tf.config.LogicalDeviceConfiguration()] * int(n))
 
 
-def get_strategy(name: str = "none"):
+def get_strategy(name: str = "none", timeout_s: float = 120.0):
     """The ``tf.distribute`` strategy named in the config.
 
     Args:
         name: ``none``, ``mirrored`` or ``multi_worker``.
+        timeout_s: ``multi_worker`` only: seconds to wait for every worker of
+            ``TF_CONFIG`` to connect (``train.worker_timeout``); a worker that stops
+            later is noticed within ``min(timeout_s, 30)`` seconds.
 
     Returns:
         A :class:`tf.distribute.Strategy` (the default strategy for ``none``).
@@ -66,9 +190,23 @@ def get_strategy(name: str = "none"):
             cross_device = tf.distribute.ReductionToOneDevice(reduce_to_device=devices[0])
         return tf.distribute.MirroredStrategy(devices=devices, cross_device_ops=cross_device)
     if name == "multi_worker":
-        if "TF_CONFIG" in os.environ:
-            json.loads(os.environ["TF_CONFIG"])  # fail early on malformed JSON
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        info = cluster_info(name)  # a clear error on a malformed or inconsistent TF_CONFIG
+        if "TF_CONFIG" not in os.environ:
+            return tf.distribute.MultiWorkerMirroredStrategy()  # a cluster of one
+        _configure_coordination(info, timeout_s)
+        try:
+            strategy = tf.distribute.MultiWorkerMirroredStrategy()
+            # A first collective: every worker is up and reachable.
+            strategy.reduce("SUM", strategy.run(lambda: tf.ones(())), axis=None)
+        except (tf.errors.OpError, RuntimeError) as exc:
+            others = [f"{job}[{i}] {a}" for job, addrs in info.jobs.items() for i, a in enumerate(addrs)
+                      if (job, i) != (info.task_type, info.index)]
+            raise ConfigError(
+                f"TF_CONFIG: this {info.task_type} ({info.task_type}[{info.index}] {info.address}) could not "
+                f"reach every other worker ({', '.join(others)}) within train.worker_timeout = {timeout_s:g} s; "
+                f"start every worker, check the addresses and ports. "
+                f"TensorFlow said: {str(exc).splitlines()[0][:300]}") from exc
+        return strategy
     raise ValueError(f"unknown strategy {name!r}; expected one of {STRATEGIES}")
 
 

@@ -62,7 +62,9 @@ class MSDN(keras.Model):
         class_attributes, attribute_vectors: optional initial ``att`` and word vectors
             (not part of the config; they are restored from saved weights).
         seed: optional int seed of ``W_1``'s initializer.
-        **kwargs: forwarded to ``keras.Model``.
+        **kwargs: forwarded to ``keras.Model``; ``dtype`` (a Keras dtype policy such as
+            ``"mixed_bfloat16"``, default the global policy) also sets the sub-layers'
+            policy and is saved by ``get_config`` (``msdn_tf.precision``).
 
     Call returns a dict: ``logits_a2v``, ``logits_v2a``, ``logits`` (B, C);
     ``scores_a2v``, ``scores_v2a`` (B, K); ``attention_a2v`` (B, K, R) summing to
@@ -113,13 +115,16 @@ class MSDN(keras.Model):
         self.return_features = bool(return_features)
         self.seed = seed
 
+        # The sub-layers follow the model's dtype policy (``dtype=`` or the global one),
+        # which get_config saves, so a model trained mixed loads mixed.
+        policy = self.dtype_policy
         self.embedding = AttributeEmbedding(
             self.num_attributes, self.embed_dim, self.num_classes,
             normalize=self.normalize_attribute_vectors, attribute_vectors=attribute_vectors,
-            class_attributes=class_attributes, name="attribute_embedding")
+            class_attributes=class_attributes, name="attribute_embedding", dtype=policy)
         self.a2v = AttributeToVisual(self.feature_dim, self.embed_dim, attention=attention, seed=seed,
-                                     name="attribute_to_visual")
-        self.v2a = VisualToAttribute(self.feature_dim, self.embed_dim, name="visual_to_attribute")
+                                     name="attribute_to_visual", dtype=policy)
+        self.v2a = VisualToAttribute(self.feature_dim, self.embed_dim, name="visual_to_attribute", dtype=policy)
 
         unseen = np.zeros((self.num_classes,), "float32")
         unseen[self.unseen_classes] = 1.0
@@ -284,6 +289,7 @@ class MSDN(keras.Model):
             "bias": self.bias_value,
             "return_features": self.return_features,
             "seed": self.seed,
+            "dtype": keras.dtype_policies.serialize(self.dtype_policy),
         }
 
 

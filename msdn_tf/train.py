@@ -17,9 +17,13 @@ The last line of standard output is ``results.json``'s summary as one JSON objec
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
 import json
 import math
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -59,9 +63,18 @@ def set_seeds(config: Config) -> None:
 
 
 def build_model_from_config(config: Config, data):
-    """An initialised, compiled :class:`~msdn_tf.model.MSDN` for ``data`` as ``config`` says."""
+    """An initialised, compiled :class:`~msdn_tf.model.MSDN` for ``data`` as ``config`` says.
+
+    The model takes the dtype policy of ``train.precision`` (``auto`` resolved here);
+    under ``mixed_float16`` the optimizer is wrapped in a ``LossScaleOptimizer``.
+    """
+    import keras
+
     from msdn_tf.model import build_msdn
     from msdn_tf.optimizers import TorchRMSprop
+    from msdn_tf.precision import resolve_precision
+
+    precision = resolve_precision(config.train.precision)
 
     model = build_msdn(
         data.att, data.w2v, data.seen_classes, data.unseen_classes,
@@ -71,14 +84,14 @@ def build_model_from_config(config: Config, data):
         attention=config.model.attention, bias=config.model.bias,
         lambda_cal=config.loss.lambda_cal, distill_weight=config.loss.distill_weight,
         cross_entropy=config.loss.cross_entropy, calibration=config.loss.calibration,
-        distillation=config.loss.distillation, seed=config.train.seed,
+        distillation=config.loss.distillation, seed=config.train.seed, dtype=precision.policy,
     )
     opt = config.optimizer
-    model.compile(
-        optimizer=TorchRMSprop(learning_rate=opt.learning_rate, rho=opt.rho, epsilon=opt.epsilon,
-                               momentum=opt.momentum, coupled_weight_decay=opt.weight_decay),
-        jit_compile=config.train.jit_compile,
-    )
+    optimizer = TorchRMSprop(learning_rate=opt.learning_rate, rho=opt.rho, epsilon=opt.epsilon,
+                             momentum=opt.momentum, coupled_weight_decay=opt.weight_decay)
+    if precision.loss_scaling:
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    model.compile(optimizer=optimizer, jit_compile=config.train.jit_compile)
     return model
 
 
@@ -192,23 +205,56 @@ def run_training(config: Config, run_dir=None, resume: bool = False, data=None, 
     from msdn_tf.data.registry import load_dataset
     from msdn_tf.evaluation import evaluate_model
 
+    from msdn_tf.distribute import cluster_info, get_strategy
+    from msdn_tf.precision import resolve_precision
+
+    precision = resolve_precision(config.train.precision)  # clear error before anything is written
+    config = copy.deepcopy(config)
+    config.train.precision = precision.policy  # the saved config holds the precision actually used
+    cluster = cluster_info(config.train.strategy)  # clear error on a bad TF_CONFIG
     run_dir = Path(run_dir) if run_dir else default_run_dir(config)
     checkpointer = Checkpointer(run_dir)
-    if checkpointer.exists() and not resume:
-        raise MSDNError(f"{run_dir} already holds a checkpoint; pass --resume to continue it, "
-                        "or choose another --run-dir")
     if resume and not checkpointer.exists():
-        raise MSDNError(f"--resume: no checkpoint in {run_dir / 'checkpoint'}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / "config.yaml")
+        raise MSDNError(f"--resume: no checkpoint in {run_dir / 'checkpoint'}"
+                        + ("" if cluster.is_chief else
+                           f" (worker {cluster.task_type}[{cluster.index}] resumes from the chief's checkpoint: "
+                           "give every worker the same --run-dir on a shared file system, or copy the "
+                           "chief's run directory to this path first)"))
+    if cluster.is_chief:
+        if checkpointer.exists() and not resume:
+            raise MSDNError(f"{run_dir} already holds a checkpoint; pass --resume to continue it, "
+                            "or choose another --run-dir")
+        out_dir = run_dir
+    else:
+        # Only the chief writes the run; the others write to a temporary folder, removed at the end.
+        out_dir = Path(tempfile.mkdtemp(prefix=f"msdn-{cluster.task_type}{cluster.index}-"))
+        log(f"msdn-tf: {cluster.task_type}[{cluster.index}] of {cluster.num_workers}: not the chief, "
+            f"writing to the temporary {out_dir} (removed at the end)")
+    try:
+        return _train(config, run_dir, out_dir, checkpointer, resume, data, log, eval_hooks, precision, cluster)
+    finally:
+        if out_dir != run_dir:
+            shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def _train(config, run_dir, out_dir, checkpointer, resume, data, log, eval_hooks, precision, cluster):
+    """:func:`run_training` after the run directory checks; writes go to ``out_dir``."""
+    import tensorflow as tf
+
+    from msdn_tf.data.pipeline import make_sampler, train_dataset
+    from msdn_tf.data.registry import load_dataset
+    from msdn_tf.distribute import get_strategy
+    from msdn_tf.evaluation import evaluate_model
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, out_dir / "config.yaml")
+    log(f"msdn-tf: precision {precision.policy} ({precision.reason})")
 
     set_seeds(config)
     data = data if data is not None else load_dataset(config)
     iterations, eval_every = schedule(config, len(data.trainval_loc))
-    from msdn_tf.distribute import get_strategy
-
     try:
-        strategy = get_strategy(config.train.strategy)
+        strategy = get_strategy(config.train.strategy, timeout_s=config.train.worker_timeout)
     except ValueError as exc:
         raise ConfigError(f"'train.strategy': {exc}") from exc
     if config.data.batch_size % strategy.num_replicas_in_sync:
@@ -216,6 +262,12 @@ def run_training(config: Config, run_dir=None, resume: bool = False, data=None, 
                           f"{strategy.num_replicas_in_sync} replicas of train.strategy={config.train.strategy}")
     with strategy.scope():  # variables (model and optimizer) mirrored over the replicas
         model = build_model_from_config(config, data)
+    multi_worker = config.train.strategy == "multi_worker"
+    # Keras' fit cannot run under MultiWorkerMirroredStrategy (it reduces a first
+    # batch, then the scalar logs, along axis 0: "PerReplica ... unsupported type");
+    # across processes the same train_step runs in a small loop (_MultiWorkerLoop).
+    loop = _MultiWorkerLoop(model, strategy) if multi_worker else None
+    saver = Checkpointer(out_dir)  # restores come from run_dir's (the chief's) checkpoint
     sampler = make_sampler(data, config.data.sampler, config.data.batch_size, config.train.seed)
     log(f"msdn-tf: {json.dumps(data.summary())}")
     log(f"msdn-tf: {iterations} iterations, evaluation every {eval_every}, run dir {run_dir}")
@@ -241,7 +293,7 @@ def run_training(config: Config, run_dir=None, resume: bool = False, data=None, 
         device_store = DeviceFeatures(data.features, data.trainval_loc)
         log(f"msdn-tf: training features on device ({device_store.nbytes / 1e6:.0f} MB, {device_store.dtype})")
 
-    writer = tf.summary.create_file_writer(str(run_dir / "tensorboard"))
+    writer = tf.summary.create_file_writer(str(out_dir / "tensorboard"))
     verbose = config.train.verbose if config.train.verbose >= 0 else (1 if sys.stdout.isatty() else 2)
     log_cb = _TensorBoardLosses(writer, config.train.log_every)
     started = time.time()
@@ -253,13 +305,26 @@ def run_training(config: Config, run_dir=None, resume: bool = False, data=None, 
             log(f"period {period}/{n_periods}: steps {step + 1}-{step + steps}")
         log_cb.offset = step
         if device_store is not None:
-            dataset = device_train_dataset(device_store, data.labels, sampler, step, steps, config.data.prefetch)
+            make = functools.partial(device_train_dataset, device_store, data.labels, sampler, step, steps,
+                                     config.data.prefetch)
         else:
-            dataset = train_dataset(data, sampler, step, steps, config.data.prefetch)
-        fit = model.fit(dataset, epochs=1,
-                        verbose=verbose, callbacks=[log_cb], shuffle=False)
+            make = functools.partial(train_dataset, data, sampler, step, steps, config.data.prefetch)
+        if multi_worker:
+            dataset = strategy.distribute_datasets_from_function(
+                lambda ctx: make(shard=_worker_shard(ctx, strategy.num_replicas_in_sync)))
+            try:
+                losses = loop.run(dataset, steps, log_cb)
+            except (tf.errors.OpError, RuntimeError) as exc:
+                last = f"from the checkpoint of step {step}" if checkpointer.exists() or step else "from the start"
+                raise MSDNError(
+                    f"{cluster.task_type}[{cluster.index}]: training across the TF_CONFIG cluster stopped in "
+                    f"steps {step + 1}-{step + steps} (a worker stopped or is unreachable). Restart EVERY "
+                    f"worker with: python -m msdn_tf.train --run-dir {run_dir} --resume (continues {last}). "
+                    f"TensorFlow said: {str(exc).splitlines()[0][:300]}") from exc
+        else:
+            fit = model.fit(make(), epochs=1, verbose=verbose, callbacks=[log_cb], shuffle=False)
+            losses = {k: v[-1] for k, v in fit.history.items()}
         step += steps
-        losses = {k: v[-1] for k, v in fit.history.items()}
         metrics = evaluate_model(model, data, config.data.eval_batch_size, return_logits=bool(eval_hooks))
         entry = _metric_entry(step, metrics, losses)
         history.append(entry)
@@ -271,11 +336,12 @@ def run_training(config: Config, run_dir=None, resume: bool = False, data=None, 
         for hook in eval_hooks:
             hook(model=model, data=data, step=step, metrics=metrics, writer=writer)
         writer.flush()
-        checkpointer.save(model, step, history)
+        _check_finite(losses, step)
+        saver.save(model, step, history)
         log(f"step {step}: CZSL acc {_pct(entry['acc']):.2f}  U {_pct(entry['U']):.2f}  "
             f"S {_pct(entry['S']):.2f}  H {_pct(entry['H']):.2f}  loss {losses.get('loss', float('nan')):.4f}")
 
-    with atomic_path(run_dir / "model.keras") as tmp:
+    with atomic_path(out_dir / "model.keras") as tmp:
         model.save(tmp)
     results = {
         "dataset": config.data.dataset,
@@ -283,19 +349,72 @@ def run_training(config: Config, run_dir=None, resume: bool = False, data=None, 
         "data": data.summary(),
         "iterations": iterations,
         "seed": config.train.seed,
+        "precision": precision.to_dict(),
+        "strategy": {"name": config.train.strategy, "replicas": int(strategy.num_replicas_in_sync),
+                     "workers": cluster.num_workers},
         "train_seconds_this_session": round(time.time() - started, 2),
         "initial": history[0] if history and history[0]["step"] == 0 else None,
         "final": history[-1],
         "best_on_test": {"note": best_note(data.name), "best_H": _best(history, "H"), "best_acc": _best(history, "acc")},
         "history": history,
     }
-    write_json(run_dir / "results.json", results)
+    write_json(out_dir / "results.json", results)
     table = results_table(results)
     from msdn_tf.utils import atomic_write_text
 
-    atomic_write_text(run_dir / "results.md", f"# {config.data.dataset} (seed {config.train.seed})\n\n{table}\n")
+    atomic_write_text(out_dir / "results.md", f"# {config.data.dataset} (seed {config.train.seed})\n\n{table}\n")
     log(table)
     return results
+
+
+class _MultiWorkerLoop:
+    """``model.train_step`` over a distributed dataset under MultiWorkerMirroredStrategy.
+
+    What ``fit`` does for one epoch, reduced to what training needs: the loss
+    trackers are reset, every step runs ``train_step`` on each replica (the
+    optimizer all-reduces the gradients), and the returned logs are the running
+    means over the period, as ``fit``'s history holds.
+    """
+
+    def __init__(self, model, strategy):
+        import tensorflow as tf
+
+        self.model, self.strategy = model, strategy
+
+        @tf.function
+        def step_fn(iterator):
+            per_replica = strategy.run(model.train_step, args=(next(iterator),))
+            # Equal slices on every replica: the mean of the replicas' means is the global mean.
+            return {k: strategy.reduce("MEAN", v, axis=None) for k, v in per_replica.items()}
+
+        self.step_fn = step_fn
+
+    def run(self, dataset, steps: int, callback) -> dict:
+        self.model.reset_metrics()
+        iterator = iter(dataset)
+        logs = {}
+        for batch in range(steps):
+            logs = {k: float(v) for k, v in self.step_fn(iterator).items()}
+            callback.on_train_batch_end(batch, logs)
+        return logs
+
+
+def _worker_shard(ctx, num_replicas: int):
+    """``(parts, count)``: the slices of every global batch this worker's replicas train on.
+
+    ``count`` is the number of replicas in sync; a worker with ``L`` local replicas
+    (input pipeline ``i`` of ``n``) takes slices ``i*L .. i*L + L - 1``, one per replica.
+    """
+    local = num_replicas // ctx.num_input_pipelines
+    return list(range(ctx.input_pipeline_id * local, (ctx.input_pipeline_id + 1) * local)), num_replicas
+
+
+def _check_finite(losses: dict, step: int) -> None:
+    """Stop with a message on a NaN or infinite loss (never a result)."""
+    bad = {k: v for k, v in losses.items() if not math.isfinite(float(v))}
+    if bad:
+        raise MSDNError(f"step {step}: non-finite loss terms {bad}; training stopped "
+                        "(under train.precision=mixed_float16 try mixed_bfloat16 or float32)")
 
 
 class _TensorBoardLosses:
@@ -349,6 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
     p.add_argument("--strategy", choices=["none", "mirrored", "multi_worker"],
                    help="shortcut for --set train.strategy=NAME (tf.distribute; multi_worker reads TF_CONFIG)")
+    p.add_argument("--precision", choices=["float32", "mixed_bfloat16", "mixed_float16", "auto"],
+                   help="shortcut for --set train.precision=NAME (auto: bfloat16 where the hardware runs it "
+                        "natively, else float32)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return p
 
@@ -363,6 +485,8 @@ def config_from_args(args) -> Config:
         overrides.append(f"train.iterations={args.iterations}")
     if getattr(args, "strategy", None):
         overrides.append(f"train.strategy={args.strategy}")
+    if getattr(args, "precision", None):
+        overrides.append(f"train.precision={args.precision}")
     return resolve_config(args.dataset or "demo", args.config, overrides)
 
 

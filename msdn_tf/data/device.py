@@ -116,17 +116,22 @@ class DeviceFeatures:
 
 
 def device_train_dataset(store: DeviceFeatures, labels, sampler, start_step: int, num_steps: int,
-                         prefetch: int = 2):
+                         prefetch: int = 2, shard=None):
     """The batches of :func:`~msdn_tf.data.pipeline.train_dataset`, gathered from ``store`` in the graph.
 
     The sampler's rows for steps ``[start, start + num)`` are computed up front (a
     ``(num, B)`` index table, a few kB); each element then is a gather from the
     held features and labels: ``(features (B, R, F) float32, labels (B,) int64)``.
+    ``shard=(parts, count)``: this worker's slices of each global batch, as in
+    :func:`~msdn_tf.data.pipeline.train_dataset`.
     """
     import tensorflow as tf
 
+    from msdn_tf.data.pipeline import shard_of_batch
+
     steps = range(int(start_step), int(start_step) + int(num_steps))
-    batches = [sampler.batch(s) for s in steps]
+    parts, count = ([0], 1) if shard is None else (list(shard[0]), int(shard[1]))
+    batches = [shard_of_batch(sampler.batch(s), p, count) for s in steps for p in parts]
     table = np.stack([store.positions(b) for b in batches])  # (num, B)
     batch_labels = np.stack([np.asarray(labels)[b] for b in batches]).astype(np.int64)  # (num, B)
 

@@ -110,32 +110,52 @@ def _native_reader(features):
     return read_native, tf.as_dtype(dtype)
 
 
+def shard_of_batch(rows, part: int, count: int):
+    """Rows ``part`` of ``count`` equal consecutive slices of a global batch (multi-worker input).
+
+    Every worker draws the same global batch from the sampler (it depends only on the
+    seed and the step) and keeps its own slice, so the workers' slices are disjoint
+    and together are exactly the single-process batch.
+    """
+    rows = np.asarray(rows)
+    if rows.shape[0] % count:
+        raise ValueError(f"a global batch of {rows.shape[0]} rows does not split into {count} equal shards")
+    size = rows.shape[0] // count
+    return rows[part * size:(part + 1) * size]
+
+
 def train_dataset(data: ZSLData, sampler, start_step: int, num_steps: int, prefetch: int = 2,
-                  parallel_reads: int = 2):
+                  parallel_reads: int = 2, shard=None):
     """A tf.data pipeline of ``(features (B, R, F), labels (B,))`` for steps ``[start, start + num)``.
 
     Feature rows are read from ``data.features`` on background threads while the
     model trains on the previous batch. ``parallel_reads`` batches are read at
     once (the batch of a step depends only on the step, so this is
     deterministic: batches come out in step order, exactly as with one reader).
+
+    ``shard=(parts, count)``: for multi-worker training, each global batch is cut
+    into ``count`` equal slices (:func:`shard_of_batch`) and this pipeline yields
+    slices ``parts`` (this worker's replicas) of each step in turn.
     """
     import tensorflow as tf
 
     R, F = data.num_regions, data.feature_dim
     labels = data.labels
     read, tf_dtype = _native_reader(data.features)
+    parts, count = ([0], 1) if shard is None else (list(shard[0]), int(shard[1]))
 
-    def fetch(step):
-        rows = sampler.batch(int(step))
+    def fetch(element):
+        step, part = divmod(int(element), len(parts))
+        rows = shard_of_batch(sampler.batch(int(start_step) + step), parts[part], count)
         return read(rows), labels[rows].astype(np.int64)
 
-    def load(step):
-        x, y = tf.numpy_function(fetch, [step], [tf_dtype, tf.int64], stateful=False)
+    def load(element):
+        x, y = tf.numpy_function(fetch, [element], [tf_dtype, tf.int64], stateful=False)
         x.set_shape([None, R, F])
         y.set_shape([None])
         return tf.cast(x, tf.float32), y
 
-    ds = tf.data.Dataset.range(int(start_step), int(start_step) + int(num_steps))
+    ds = tf.data.Dataset.range(int(num_steps) * len(parts))
     ds = ds.map(load, num_parallel_calls=max(1, int(parallel_reads)), deterministic=True)
     return ds.prefetch(prefetch)
 
