@@ -131,24 +131,36 @@ def cluster_info(strategy_name: str) -> ClusterInfo:
     return parse_tf_config(os.environ.get("TF_CONFIG"))
 
 
-def _configure_coordination(info: ClusterInfo, timeout_s: float) -> None:
-    """Start TensorFlow's coordination service with our timeouts (before the strategy does).
+_WATCHDOG = """
+import os, signal, sys, time
+parent, deadline, message = int(sys.argv[1]), time.time() + float(sys.argv[2]), sys.argv[3]
+while time.time() < deadline:
+    time.sleep(0.2)
+    if os.getppid() != parent:
+        sys.exit(0)
+sys.stderr.write("error: " + message + "\\n")
+sys.stderr.flush()
+os.kill(parent, signal.SIGTERM)
+time.sleep(2)
+if os.getppid() == parent:
+    os.kill(parent, signal.SIGKILL)  # TensorFlow's gRPC layer may hold SIGTERM back
+"""
 
-    ``cluster_register_timeout``: how long the workers wait for each other at start;
-    ``heartbeat_timeout``: how soon a stopped worker is noticed by the others.
+
+def _exit_after(seconds: float, message: str):
+    """A watchdog process that prints ``error: message`` and ends this process after ``seconds``.
+
+    It sends SIGTERM, then SIGKILL 2 s later (the exit status is then 137).
+
+    TensorFlow waits for the workers of a cluster in C++, holding Python's global
+    lock and without a deadline, so neither an exception nor a Python thread can
+    end that wait; a separate process can. ``.terminate()`` the returned process
+    to cancel it.
     """
-    from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
-    from tensorflow.python.eager import context
+    import subprocess
+    import sys
 
-    if context.context().coordination_service is not None:
-        return
-    leader = f"/job:{'chief' if 'chief' in info.jobs else 'worker'}/replica:0/task:0"
-    jobs = [coordination_config_pb2.CoordinatedJob(name=job, num_tasks=len(addresses))
-            for job, addresses in info.jobs.items()]
-    context.context().configure_coordination_service(
-        service_type="standalone", service_leader=leader, coordinated_jobs=jobs,
-        cluster_register_timeout_in_ms=int(timeout_s * 1000),
-        heartbeat_timeout_in_ms=int(max(5.0, min(timeout_s, 30.0)) * 1000))
+    return subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(seconds), message])
 
 
 def split_cpu_devices(n: int) -> None:
@@ -167,9 +179,10 @@ def get_strategy(name: str = "none", timeout_s: float = 120.0):
 
     Args:
         name: ``none``, ``mirrored`` or ``multi_worker``.
-        timeout_s: ``multi_worker`` only: seconds to wait for every worker of
-            ``TF_CONFIG`` to connect (``train.worker_timeout``); a worker that stops
-            later is noticed within ``min(timeout_s, 30)`` seconds.
+        timeout_s: ``multi_worker`` only (``train.worker_timeout``): seconds to wait
+            for every worker of ``TF_CONFIG`` to connect (else the process ends with
+            status 2 and a message naming TF_CONFIG), and the deadline of every
+            collective operation (a worker that stops later is noticed within it).
 
     Returns:
         A :class:`tf.distribute.Strategy` (the default strategy for ``none``).
@@ -193,19 +206,22 @@ def get_strategy(name: str = "none", timeout_s: float = 120.0):
         info = cluster_info(name)  # a clear error on a malformed or inconsistent TF_CONFIG
         if "TF_CONFIG" not in os.environ:
             return tf.distribute.MultiWorkerMirroredStrategy()  # a cluster of one
-        _configure_coordination(info, timeout_s)
+        others = [f"{job}[{i}] {a}" for job, addrs in info.jobs.items() for i, a in enumerate(addrs)
+                  if (job, i) != (info.task_type, info.index)]
+        message = (f"TF_CONFIG: this {info.task_type} ({info.task_type}[{info.index}] {info.address}) did not "
+                   f"reach every other worker ({', '.join(others)}) within train.worker_timeout = {timeout_s:g} s; "
+                   "start every worker with its own task.index, and check the addresses and ports")
+        watchdog = _exit_after(timeout_s, message)
         try:
-            strategy = tf.distribute.MultiWorkerMirroredStrategy()
+            options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=float(timeout_s))
+            strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
             # A first collective: every worker is up and reachable.
             strategy.reduce("SUM", strategy.run(lambda: tf.ones(())), axis=None)
         except (tf.errors.OpError, RuntimeError) as exc:
-            others = [f"{job}[{i}] {a}" for job, addrs in info.jobs.items() for i, a in enumerate(addrs)
-                      if (job, i) != (info.task_type, info.index)]
-            raise ConfigError(
-                f"TF_CONFIG: this {info.task_type} ({info.task_type}[{info.index}] {info.address}) could not "
-                f"reach every other worker ({', '.join(others)}) within train.worker_timeout = {timeout_s:g} s; "
-                f"start every worker, check the addresses and ports. "
-                f"TensorFlow said: {str(exc).splitlines()[0][:300]}") from exc
+            raise ConfigError(f"{message}. TensorFlow said: {str(exc).splitlines()[0][:300]}") from exc
+        finally:
+            watchdog.terminate()
+            watchdog.wait()
         return strategy
     raise ValueError(f"unknown strategy {name!r}; expected one of {STRATEGIES}")
 

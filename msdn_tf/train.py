@@ -199,12 +199,6 @@ def run_training(config: Config, run_dir=None, resume: bool = False, data=None, 
     Returns:
         The content of ``results.json``.
     """
-    import tensorflow as tf
-
-    from msdn_tf.data.pipeline import make_sampler, train_dataset
-    from msdn_tf.data.registry import load_dataset
-    from msdn_tf.evaluation import evaluate_model
-
     from msdn_tf.distribute import cluster_info, get_strategy
     from msdn_tf.precision import resolve_precision
 
@@ -220,10 +214,14 @@ def run_training(config: Config, run_dir=None, resume: bool = False, data=None, 
                            f" (worker {cluster.task_type}[{cluster.index}] resumes from the chief's checkpoint: "
                            "give every worker the same --run-dir on a shared file system, or copy the "
                            "chief's run directory to this path first)"))
+    if cluster.is_chief and checkpointer.exists() and not resume:
+        raise MSDNError(f"{run_dir} already holds a checkpoint; pass --resume to continue it, "
+                        "or choose another --run-dir")
+    try:
+        strategy = get_strategy(config.train.strategy, timeout_s=config.train.worker_timeout)
+    except ValueError as exc:
+        raise ConfigError(f"'train.strategy': {exc}") from exc
     if cluster.is_chief:
-        if checkpointer.exists() and not resume:
-            raise MSDNError(f"{run_dir} already holds a checkpoint; pass --resume to continue it, "
-                            "or choose another --run-dir")
         out_dir = run_dir
     else:
         # Only the chief writes the run; the others write to a temporary folder, removed at the end.
@@ -231,19 +229,19 @@ def run_training(config: Config, run_dir=None, resume: bool = False, data=None, 
         log(f"msdn-tf: {cluster.task_type}[{cluster.index}] of {cluster.num_workers}: not the chief, "
             f"writing to the temporary {out_dir} (removed at the end)")
     try:
-        return _train(config, run_dir, out_dir, checkpointer, resume, data, log, eval_hooks, precision, cluster)
+        return _train(config, run_dir, out_dir, checkpointer, resume, data, log, eval_hooks, precision, cluster,
+                      strategy)
     finally:
         if out_dir != run_dir:
             shutil.rmtree(out_dir, ignore_errors=True)
 
 
-def _train(config, run_dir, out_dir, checkpointer, resume, data, log, eval_hooks, precision, cluster):
+def _train(config, run_dir, out_dir, checkpointer, resume, data, log, eval_hooks, precision, cluster, strategy):
     """:func:`run_training` after the run directory checks; writes go to ``out_dir``."""
     import tensorflow as tf
 
     from msdn_tf.data.pipeline import make_sampler, train_dataset
     from msdn_tf.data.registry import load_dataset
-    from msdn_tf.distribute import get_strategy
     from msdn_tf.evaluation import evaluate_model
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -253,10 +251,6 @@ def _train(config, run_dir, out_dir, checkpointer, resume, data, log, eval_hooks
     set_seeds(config)
     data = data if data is not None else load_dataset(config)
     iterations, eval_every = schedule(config, len(data.trainval_loc))
-    try:
-        strategy = get_strategy(config.train.strategy, timeout_s=config.train.worker_timeout)
-    except ValueError as exc:
-        raise ConfigError(f"'train.strategy': {exc}") from exc
     if config.data.batch_size % strategy.num_replicas_in_sync:
         raise ConfigError(f"'data.batch_size' {config.data.batch_size} must be divisible by the "
                           f"{strategy.num_replicas_in_sync} replicas of train.strategy={config.train.strategy}")
