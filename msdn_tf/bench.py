@@ -34,7 +34,7 @@ import time
 
 CUB = {"attributes": 312, "classes": 200, "unseen": 50, "features": 2048, "embed": 300}
 IMPLS = ("fused", "einsum")
-PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16", "auto")
 REFERENCE = {  # reference PyTorch code, 2-core x86 CPU, CUB, R=196, batch 50 (reference note §10)
     "train_images_per_s": 21.5, "train_step_s": 2.3, "eval_images_per_s": 32.0,
 }
@@ -69,6 +69,24 @@ def train_flops_per_image(regions: int, features: int, attributes: int) -> int:
     (CUB, R=196: 2.0 GFLOP, reference note §10.)
     """
     return 2 * forward_flops_per_image(regions, features, attributes)
+
+
+def all_matrix_flops_per_step(batch: int, regions: int, features: int, attributes: int, embed: int,
+                              classes: int, training: bool) -> int:
+    """Every matrix product of one step, per-step work included (issue 16's accounting).
+
+    The essential contractions of the batch (:func:`train_flops_per_image` or
+    :func:`forward_flops_per_image` per image), the projections ``V W`` with, in
+    training, their gradients (:func:`projection_flops_per_step`), and the class
+    logits ``scores @ att^T`` of both sub-nets (``2 * 2 * B * K * C``; in training
+    also their input gradient, ``att`` being constant)::
+
+        train = B * 16 R F K + 3 * 8 K D F + 2 * 4 B K C
+        eval  = B *  8 R F K +     8 K D F +     4 B K C
+    """
+    per_image = (train_flops_per_image if training else forward_flops_per_image)(regions, features, attributes)
+    logits = 2 * 2 * batch * attributes * classes * (2 if training else 1)
+    return batch * per_image + projection_flops_per_step(features, attributes, embed, training) + logits
 
 
 def projection_flops_per_step(features: int, attributes: int, embed: int, training: bool) -> int:
@@ -199,14 +217,29 @@ def parse_variant(text: str) -> dict:
     return {"name": f"{impl}:{jit}:{precision}", "impl": impl, "jit": jit == "jit", "precision": precision}
 
 
+def resolve_variant_precision(variant: dict) -> dict:
+    """Add ``policy`` (the dtype policy used) and ``precision_reason``; ``auto`` follows the hardware.
+
+    Explicit policies are timed as asked, also where the hardware lacks them
+    (that is what the bench is for); only ``auto`` is resolved (``msdn_tf.precision``).
+    """
+    from msdn_tf.precision import resolve_precision
+
+    if variant["precision"] == "auto":
+        chosen = resolve_precision("auto", setting="--variants")
+        return {**variant, "policy": chosen.policy, "precision_reason": chosen.reason}
+    return {**variant, "policy": variant["precision"], "precision_reason": "requested"}
+
+
 def _variant_fns(variant, regions, args, x_train, y_train, x_eval):
     """Blocking ``train`` and ``eval`` calls of one model variant."""
     import keras
 
     K, C, U, F, D = args.attributes, args.classes, args.unseen, args.features, args.embed
-    keras.mixed_precision.set_global_policy(variant["precision"])  # layers take the policy at construction
+    policy = variant.get("policy", variant["precision"])  # "auto" resolved by resolve_variant_precision
+    keras.mixed_precision.set_global_policy(policy)  # layers take the policy at construction
     try:
-        model, _ = build_bench_model(regions, F, K, C, U, D, jit=variant["jit"], precision=variant["precision"])
+        model, _ = build_bench_model(regions, F, K, C, U, D, jit=variant["jit"], precision=policy)
     finally:
         keras.mixed_precision.set_global_policy("float32")
     if variant["impl"] == "einsum":
@@ -255,10 +288,14 @@ def bench_shape(regions: int, args, variants) -> dict:
     }
     essential = {"train": train_flops_per_image(regions, F, K), "eval": forward_flops_per_image(regions, F, K)}
     images = {"train": B, "eval": E}
+    all_matrix = {mode: all_matrix_flops_per_step(images[mode], regions, F, K, args.embed, args.classes,
+                                                  mode == "train") for mode in ("train", "eval")}
 
     def summary(t, mode):
         achieved = [images[mode] * essential[mode] / s / 1e9 for s in t]  # essential GFLOP/s per repeat
         fractions = [a / lim for a, lim in zip(achieved, limits[mode])]
+        achieved_all = [all_matrix[mode] / s / 1e9 for s in t]  # every matrix product of the step
+        fractions_all = [a / lim for a, lim in zip(achieved_all, limits[mode])]
         return {
             "batch": images[mode],
             "step_s_median": statistics.median(t), "step_s_min": min(t),
@@ -275,6 +312,10 @@ def bench_shape(regions: int, args, variants) -> dict:
             # fastest matmul of the run is the most load-robust ratio.
             "fraction_best_vs_best_limit": max(achieved) / max(limits[mode]),
             "projection_gflop_per_step": projection_flops_per_step(F, K, args.embed, mode == "train") / 1e9,
+            "all_matrix_gflop_per_step": all_matrix[mode] / 1e9,
+            "fraction_all_matrix_median": statistics.median(fractions_all),
+            "fraction_all_matrix_all": [round(x, 3) for x in fractions_all],
+            "fraction_all_matrix_best_vs_best_limit": max(achieved_all) / max(limits[mode]),
         }
 
     result = {"regions": regions, "variants": {}}
@@ -285,6 +326,13 @@ def bench_shape(regions: int, args, variants) -> dict:
                 "train": entry["train"]["images_per_s_median"] / REFERENCE["train_images_per_s"],
                 "eval": entry["eval"]["images_per_s_median"] / REFERENCE["eval_images_per_s"],
             }
+        entry["precision"] = {"requested": v["precision"], "used": v["policy"], "reason": v["precision_reason"]}
+        base = f"{v['impl']}:{'jit' if v['jit'] else 'nojit'}:float32"
+        if v["name"] != base and base in [w["name"] for w in variants]:
+            # Per repeat (the same load for both), then the median: speed-up over float32.
+            entry["vs_float32"] = {mode: statistics.median(
+                b / x for b, x in zip(seconds[f"{base}/{mode}"], seconds[f"{v['name']}/{mode}"]))
+                for mode in ("train", "eval")}
         result["variants"][v["name"]] = entry
     result["matmul"] = {name: {"shape": [v["m"], v["k"], v["n"]], "transpose_a": v.get("transpose_a", False),
                                "gflop_per_s_median": statistics.median(gflops[name]),
@@ -294,6 +342,12 @@ def bench_shape(regions: int, args, variants) -> dict:
                             "repeat; train limit: harmonic mean of the forward- and gradient-shaped rates; "
                             "eval limit: the forward-shaped rate at the eval batch")
     return result
+
+
+def _cpu_bf16_flags() -> set:
+    from msdn_tf.precision import BF16_CPU_FLAGS, FP16_CPU_FLAGS, cpu_flags
+
+    return cpu_flags() & set(BF16_CPU_FLAGS + FP16_CPU_FLAGS)
 
 
 def _seen_classes(args):
@@ -320,7 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="forward pass: fused (MSDN.call, one (B*R, F) x (F, 4K) product; default) or einsum "
                         "(four separate einsum contractions, the code before issue 7)")
     p.add_argument("--precision", default="float32", choices=list(PRECISIONS),
-                   help="Keras dtype policy (default float32)")
+                   help="Keras dtype policy (default float32); auto: bfloat16 where the hardware runs it "
+                        "natively, else float32 (the choice is in the report)")
     p.add_argument("--variants", nargs="+", metavar="IMPL:JIT:PRECISION",
                    help="several variants timed in the same run, interleaved (e.g. einsum:nojit fused:nojit "
                         "fused:jit fused:jit:mixed_bfloat16); overrides --impl/--jit/--precision")
@@ -343,7 +398,7 @@ def run(args) -> dict:
     if args.jit is None:
         args.jit = TrainConfig().jit_compile
     names = args.variants or [f"{args.impl}:{'jit' if args.jit else 'nojit'}:{args.precision}"]
-    variants = [parse_variant(v) for v in names]
+    variants = [resolve_variant_precision(parse_variant(v)) for v in names]
     load_before = _load()
     started = time.time()
     shapes = [bench_shape(r, args, variants) for r in args.regions]
@@ -354,6 +409,7 @@ def run(args) -> dict:
     report = {
         "command": "python -m msdn_tf.bench " + " ".join(sys.argv[1:]) if __name__ == "__main__" else None,
         "config": {"variants": [v["name"] for v in variants],
+                   "precision_used": {v["name"]: v["policy"] for v in variants},
                    "batch": args.batch, "eval_batch": args.eval_batch, "steps": args.steps,
                    "repeats": args.repeats, "warmup": args.warmup, "attributes": args.attributes,
                    "classes": args.classes, "unseen": args.unseen, "features": args.features,
@@ -362,7 +418,10 @@ def run(args) -> dict:
                     "tensorflow": tf.__version__, "keras": keras.__version__,
                     "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads()},
         "flop_formula": {"forward_per_image": "4 * 2 * R * F * K",
-                         "train_per_image": "2 * forward = 16 * R * F * K"},
+                         "train_per_image": "2 * forward = 16 * R * F * K",
+                         "all_matrix_train_per_step": "B * 16 R F K + 3 * 8 K D F + 2 * 4 B K C",
+                         "all_matrix_eval_per_step": "B * 8 R F K + 8 K D F + 4 B K C"},
+        "cpu_bf16_flags": sorted(_cpu_bf16_flags()),
         "matmul_square": square,
         "shapes": shapes,
         "reference": REFERENCE,

@@ -59,6 +59,32 @@ def test_bench_prints_valid_json(tmp_path, capsys, extra):
             assert entry["eval"]["essential_gflop_per_image"] == pytest.approx(8 * R * 16 * 8 / 1e9)
 
 
+def test_all_matrix_flops_count_the_projections_and_logits():
+    B, R, F, K, D, C = 50, 49, 2048, 312, 300, 200
+    projections = 4 * 2 * K * D * F  # V W_1, V W_2, W_1_1 V^T, V W_2_1
+    logits = 2 * 2 * B * K * C  # scores @ att^T, both sub-nets
+    assert bench.all_matrix_flops_per_step(B, R, F, K, D, C, training=False) == \
+        B * bench.forward_flops_per_image(R, F, K) + projections + logits
+    # training: + weight gradients of the contractions, dW and dV of each projection, dscores of the logits
+    assert bench.all_matrix_flops_per_step(B, R, F, K, D, C, training=True) == \
+        B * bench.train_flops_per_image(R, F, K) + 3 * projections + 2 * logits
+
+
+def test_auto_variant_reports_the_chosen_precision(capsys):
+    from msdn_tf.precision import resolve_precision
+
+    assert bench.main(TINY[:2] + TINY[4:] + ["--variants", "fused:nojit", "fused:nojit:auto"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    chosen = resolve_precision("auto").policy
+    assert report["config"]["precision_used"] == {"fused:nojit:float32": "float32", "fused:nojit:auto": chosen}
+    entry = report["shapes"][0]["variants"]["fused:nojit:auto"]
+    assert entry["precision"]["requested"] == "auto" and entry["precision"]["used"] == chosen
+    assert entry["precision"]["reason"].startswith("auto:")
+    assert set(entry["vs_float32"]) == {"train", "eval"} and entry["vs_float32"]["train"] > 0
+    assert "vs_float32" not in report["shapes"][0]["variants"]["fused:nojit:float32"]
+    assert entry["train"]["fraction_all_matrix_median"] > 0
+
+
 def test_variant_parsing():
     assert bench.parse_variant("fused") == {"name": "fused:jit:float32", "impl": "fused", "jit": True,
                                             "precision": "float32"}
