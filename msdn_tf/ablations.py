@@ -44,6 +44,12 @@ ROWS = {
     "full": "full MSDN (JSD + logit term)",
 }
 
+# Rows outside Table 2, run only when named (not part of "all").
+EXTRA_ROWS = {
+    "full_bf16": "full MSDN, train.precision=mixed_bfloat16",
+}
+PARITY_POINTS = 0.01  # --check-precision: |mixed_bfloat16 - float32| of the mean final CZSL acc and H
+
 CHECK_CHANCE_FACTOR = 3.0
 CHECK_MARGIN_OVER_GAP = 0.05
 
@@ -53,8 +59,8 @@ def parse_rows(text: str) -> list:
         return list(ROWS)
     rows = [r.strip() for r in text.split(",") if r.strip()]
     for r in rows:
-        if r not in ROWS:
-            raise ConfigError(f"--rows: unknown row {r!r}; known rows: all, {', '.join(ROWS)}")
+        if r not in ROWS and r not in EXTRA_ROWS:
+            raise ConfigError(f"--rows: unknown row {r!r}; known rows: all, {', '.join(list(ROWS) + list(EXTRA_ROWS))}")
     return rows
 
 
@@ -113,7 +119,7 @@ def run_ablations(config, rows: Sequence[str], out_dir, seeds: int = 1, data=Non
             per_seed.append({"seed": seed, "final": fin, "reference": ref})
             done += 1
         result["rows"][row] = {
-            "label": ROWS[row],
+            "label": ROWS.get(row) or EXTRA_ROWS[row],
             "config": str(Path(ablation_dir or ABLATION_DIR) / f"{row}.yaml"),
             "seeds": per_seed,
             "final": aggregate([s["final"] for s in per_seed]),
@@ -168,6 +174,21 @@ def quality_check(result: dict, log=print) -> bool:
     return bool(ok)
 
 
+def precision_check(result: dict, log=print) -> bool:
+    """Learning parity of the fast path: ``full_bf16`` within 1 point of ``full`` (mean final CZSL acc and H)."""
+    rows = result["rows"]
+    if "full" not in rows or "full_bf16" not in rows:
+        raise ConfigError("--check-precision needs the rows full and full_bf16 (e.g. --rows full,full_bf16)")
+    ok = True
+    for key, name in (("acc", "CZSL acc"), ("H", "H")):
+        a, b = rows["full"]["final"][key]["mean"], rows["full_bf16"]["final"][key]["mean"]
+        passed = abs(b - a) <= PARITY_POINTS + 1e-12
+        ok &= passed
+        log(f"{'PASS' if passed else 'FAIL'}: mean final {name}: mixed_bfloat16 {pct(b):.2f}% vs float32 "
+            f"{pct(a):.2f}% (difference {pct(b - a):+.2f} points, allowed ±{pct(PARITY_POINTS):.0f})")
+    return bool(ok)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m msdn_tf.ablations", description="Run the ablations of Table 2.")
     p.add_argument("--dataset", default="demo", help="dataset name (default demo)")
@@ -179,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default runs/ablations/<dataset>)")
     p.add_argument("--check", action="store_true",
                    help="assert full >= 3x chance on every seed and >= GAP mean + 5 points; exit 1 if not")
+    p.add_argument("--check-precision", action="store_true",
+                   help="assert the rows full_bf16 and full agree within 1 point (mean final CZSL acc and H); "
+                        "exit 1 if not")
     return p
 
 
@@ -196,10 +220,16 @@ def main(argv=None) -> int:
         get_spec(config.data.dataset)
         out = Path(args.out) if args.out else Path(config.train.out_dir) / "ablations" / config.data.dataset
         result = run_ablations(config, rows, out, seeds=args.seeds)
+        status = 0
         if args.check:
             passed = quality_check(result)
             print("quality check: " + ("PASSED" if passed else "FAILED"))
-            return 0 if passed else 1
+            status = status or (0 if passed else 1)
+        if args.check_precision:
+            passed = precision_check(result)
+            print("precision parity check: " + ("PASSED" if passed else "FAILED"))
+            status = status or (0 if passed else 1)
+        return status
     except MSDNError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

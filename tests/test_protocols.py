@@ -202,6 +202,20 @@ def test_every_ablation_row_has_a_config_that_applies(tiny):
     with pytest.raises(ConfigError, match="unknown row 'nope'"):
         ablations.parse_rows("gap,nope")
     assert ablations.parse_rows("all") == list(ablations.ROWS)
+    assert ablations.parse_rows("full,full_bf16") == ["full", "full_bf16"]  # extra rows only when named
+    assert ablations.row_config(config, "full_bf16").train.precision == "mixed_bfloat16"
+
+
+def test_precision_parity_check():
+    def rows(acc_bf16, h_bf16):
+        return {"rows": {"full": {"final": {"acc": {"mean": 0.95}, "H": {"mean": 0.94}}},
+                         "full_bf16": {"final": {"acc": {"mean": acc_bf16}, "H": {"mean": h_bf16}}}}}
+
+    assert ablations.precision_check(rows(0.945, 0.949), log=lambda *a: None)
+    assert not ablations.precision_check(rows(0.935, 0.94), log=lambda *a: None)
+    assert not ablations.precision_check(rows(0.95, 0.9501 + 0.01), log=lambda *a: None)
+    with pytest.raises(ConfigError, match="--check-precision needs the rows full and full_bf16"):
+        ablations.precision_check({"rows": {"full": {}}})
 
 
 @pytest.mark.parametrize("argv,message", [
