@@ -1,7 +1,7 @@
 """Benchmark MSDN training and evaluation against this machine's own matrix-multiply rate.
 
 ``python -m msdn_tf.bench [--regions 196 49] [--batch 50] [--steps N] [--jit/--no-jit]
-[--precision float32|mixed_bfloat16|mixed_float16] [--json OUT]``
+[--precision float32|mixed_bfloat16|mixed_float16|auto] [--variants IMPL:JIT:PRECISION ...] [--json OUT]``
 
 At CUB shapes (K=312 attributes, C=200 classes of which 50 unseen, F=2048, D=300)
 with synthetic inputs already in memory as tensors, it times
@@ -16,6 +16,11 @@ and, in the same process, ``tf.matmul`` at shapes of the model's own contraction
 big square product. The essential work of the model is counted analytically
 (:func:`essential_flops`, reference note §10), and the report gives the ratio of
 the achieved essential FLOP/s to the representative matmul rate ("the limit").
+It also gives the fraction with ALL the matrix work of a step counted
+(:func:`all_matrix_flops_per_step`: the per-step ``V W`` projections, their
+gradients and the class logits included). A variant with precision ``auto`` runs
+the policy :mod:`msdn_tf.precision` chooses for this hardware and reports it, and a
+variant with a float32 twin reports its speed-up over it (``vs_float32``).
 
 Every timing is ``--repeats`` runs of ``--steps`` calls after ``--warmup`` calls;
 the JSON reports the median and the minimum of the per-call time over the repeats,
