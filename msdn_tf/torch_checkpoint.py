@@ -1,7 +1,7 @@
 """Read PyTorch ``state_dict`` checkpoints (``torch.save`` zip format) without torch.
 
 The authors of MSDN released ``{CUB,SUN,AWA2}_MSDN_{CZSL,GZSL}.pth``: state_dicts
-written by ``torch.save`` in torch's zip format (reference note §2 and §9). This
+written by ``torch.save`` in torch's zip format (docs/reference.md §2 and §9). This
 module reads such files with :mod:`zipfile` and a *restricted* unpickler, so the
 checkpoints can be converted without installing torch and without trusting them.
 
