@@ -75,8 +75,18 @@ def check_backend() -> str:
     return name
 
 
-def on_tensorflow() -> bool:
-    """True when Keras runs on TensorFlow (imports Keras, not TensorFlow)."""
+def current() -> str:
+    """The backend Keras runs on (imports Keras, not TensorFlow)."""
     import keras
 
-    return keras.backend.backend() == "tensorflow"
+    return keras.backend.backend()
+
+
+def on_tensorflow() -> bool:
+    """True when Keras runs on TensorFlow."""
+    return current() == "tensorflow"
+
+
+def on_jax() -> bool:
+    """True when Keras runs on JAX."""
+    return current() == "jax"

@@ -37,6 +37,7 @@ import statistics
 import sys
 import time
 
+from msdn_tf.backend import current as _backend
 from msdn_tf.errors import ConfigError, MSDNError
 
 CUB = {"attributes": 312, "classes": 200, "unseen": 50, "features": 2048, "embed": 300}
@@ -150,12 +151,6 @@ def _jax_matmul_fn(m, k, n, dtype, transpose_a):
         return jnp.sum(jnp.matmul(a.T if transpose_a else a, b)[:1, :1])
 
     return (lambda: float(product(a, b))), 2.0 * m * k * n
-
-
-def _backend() -> str:
-    import keras
-
-    return keras.backend.backend()
 
 
 # --------------------------------------------------------------------------- model

@@ -78,9 +78,9 @@ def _replica_context():
     ``None`` on a backend other than TensorFlow (``tf.distribute`` is TensorFlow's;
     TensorFlow is not imported there).
     """
-    import keras
+    from msdn_tf.backend import on_tensorflow
 
-    if keras.backend.backend() != "tensorflow":
+    if not on_tensorflow():
         return None
     import tensorflow as tf
 

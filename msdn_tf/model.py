@@ -9,6 +9,7 @@ import numpy as np
 from keras import ops
 
 from msdn_tf import distribute as D
+from msdn_tf.backend import on_jax as _on_jax  # Keras' JAX trainer calls the steps with an explicit state
 from msdn_tf import losses as L
 from msdn_tf.layers import AttributeEmbedding, AttributeToVisual, VisualToAttribute
 from msdn_tf.layers.common import as_regions, contract, l2_normalize, split_last
@@ -306,11 +307,6 @@ class MSDN(keras.Model):
             "return_features": self.return_features,
             "seed": self.seed,
         }
-
-
-def _on_jax() -> bool:
-    """True on Keras' JAX backend, whose trainer calls the steps with an explicit state."""
-    return keras.backend.backend() == "jax"
 
 
 def _distributed() -> bool:

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from msdn_tf.backend import current as current_backend
+from msdn_tf.backend import on_tensorflow
 from msdn_tf.config import Config, load_yaml, resolve_config, save_config, from_dict
 from msdn_tf.errors import ConfigError, MSDNError
 from msdn_tf.utils import atomic_path, markdown_table, write_json
@@ -73,8 +75,6 @@ def build_model_from_config(config: Config, data):
         cross_entropy=config.loss.cross_entropy, calibration=config.loss.calibration,
         distillation=config.loss.distillation, seed=config.train.seed,
     )
-    from msdn_tf.backend import on_tensorflow
-
     opt = config.optimizer
     model.compile(
         optimizer=TorchRMSprop(learning_rate=opt.learning_rate, rho=opt.rho, epsilon=opt.epsilon,
@@ -165,12 +165,6 @@ def _best(history, key):
     return max(candidates, key=lambda h: (h[key], -h["step"])) if candidates else None
 
 
-def keras_backend() -> str:
-    import keras
-
-    return keras.backend.backend()
-
-
 def _strategy(config: Config):
     """The ``tf.distribute`` strategy of ``train.strategy`` (TensorFlow), or ``None`` on JAX.
 
@@ -178,7 +172,6 @@ def _strategy(config: Config):
         ConfigError: an unknown strategy; a strategy other than ``none`` on a backend
             other than TensorFlow; a batch size the replicas cannot share evenly.
     """
-    from msdn_tf.backend import on_tensorflow
     from msdn_tf.distribute import STRATEGIES, get_strategy
 
     name = config.train.strategy
@@ -188,7 +181,7 @@ def _strategy(config: Config):
         if name != "none":
             raise ConfigError(
                 f"'train.strategy' {name!r}: tf.distribute strategies are TensorFlow-only and Keras runs on "
-                f"{keras_backend()}; use train.strategy=none (--strategy none), or KERAS_BACKEND=tensorflow "
+                f"{current_backend()}; use train.strategy=none (--strategy none), or KERAS_BACKEND=tensorflow "
                 "to train with tf.distribute")
         return None
     try:
@@ -272,14 +265,13 @@ def run_training(config: Config, run_dir=None, resume: bool = False, data=None, 
 
         eval_hooks = tuple(eval_hooks) + tuple(make_eval_hooks(config, data))
 
-    from msdn_tf.backend import on_tensorflow
     from msdn_tf.data.device import DeviceFeatures, device_train_dataset, use_on_device
 
     device_store = None  # training rows held in TensorFlow memory (outside the strategy scope)
     if not on_tensorflow():
         if config.data.on_device is not False:
             log(f"msdn-tf: data.on_device={config.data.on_device} holds rows in TensorFlow memory, which only "
-                f"the TensorFlow backend can use; on {keras_backend()} batches come from the host pipeline")
+                f"the TensorFlow backend can use; on {current_backend()} batches come from the host pipeline")
     elif use_on_device(config.data.on_device, data):
         device_store = DeviceFeatures(data.features, data.trainval_loc)
         log(f"msdn-tf: training features on device ({device_store.nbytes / 1e6:.0f} MB, {device_store.dtype})")
@@ -326,7 +318,7 @@ def run_training(config: Config, run_dir=None, resume: bool = False, data=None, 
         "data": data.summary(),
         "iterations": iterations,
         "seed": config.train.seed,
-        "backend": keras_backend(),
+        "backend": current_backend(),
         "train_seconds_this_session": round(time.time() - started, 2),
         "initial": history[0] if history and history[0]["step"] == 0 else None,
         "final": history[-1],
