@@ -9,6 +9,7 @@ import numpy as np
 from keras import ops
 
 from msdn_tf import distribute as D
+from msdn_tf.backend import on_jax as _on_jax  # Keras' JAX trainer calls the steps with an explicit state
 from msdn_tf import losses as L
 from msdn_tf.layers import AttributeEmbedding, AttributeToVisual, VisualToAttribute
 from msdn_tf.layers.common import as_regions, contract, l2_normalize, split_last
@@ -233,9 +234,20 @@ class MSDN(keras.Model):
             self.trackers[name].update_state(value, sample_weight=batch_size)
         return {name: tracker.result() for name, tracker in self.trackers.items()}
 
-    def train_step(self, data):
+    def train_step(self, *args):
+        """One optimizer step on ``(features, labels)``.
+
+        TensorFlow: ``train_step(data)``, the gradient by ``tf.GradientTape``. JAX
+        (Keras calls ``train_step(state, data)``): :func:`msdn_tf.training_jax.train_step`,
+        the stateless form of the same step. Both minimise :meth:`compute_loss_terms`.
+        """
+        if _on_jax():
+            from msdn_tf import training_jax
+
+            return training_jax.train_step(self, *args)
         import tensorflow as tf  # TensorFlow-specific by design: the custom training step
 
+        (data,) = args
         features, labels = data[0], data[1]
         batch = tf.shape(labels)[0]
         with tf.GradientTape() as tape:
@@ -251,13 +263,23 @@ class MSDN(keras.Model):
         self.optimizer.apply(grads, variables)
         return self._update_trackers(terms, _replica_batch_weight(batch, terms["loss"].dtype))
 
-    def test_step(self, data):
+    def test_step(self, *args):
+        if _on_jax():  # Keras' JAX trainer calls test_step(state, data)
+            from msdn_tf import training_jax
+
+            return training_jax.test_step(self, *args)
+        (data,) = args
         features, labels = data[0], data[1]
         outputs = self(features, training=False, return_features=False)
         terms = self.compute_loss_terms(outputs, labels)
         return self._update_trackers(terms, _replica_batch_weight(ops.shape(labels)[0], terms["loss"].dtype))
 
-    def predict_step(self, data):
+    def predict_step(self, *args):
+        if _on_jax():  # Keras' JAX trainer calls predict_step(state, data)
+            from msdn_tf import training_jax
+
+            return training_jax.predict_step(self, *args)
+        (data,) = args
         features = data[0] if isinstance(data, (tuple, list)) else data
         outputs = self(features, training=False, return_features=False)
         return {k: outputs[k] for k in ("logits", "logits_a2v", "logits_v2a")}
