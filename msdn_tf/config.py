@@ -48,7 +48,8 @@ class DataConfig:
         cache_dtype: ``float16`` (half the size) or ``float32``.
         on_device: hold the training rows in TensorFlow memory and gather batches in
             the graph (``msdn_tf.data.device``): ``true``, ``false`` or ``auto`` (when
-            they fit half the available memory, at most 8 GiB).
+            they fit half the available memory, at most 8 GiB). TensorFlow backend
+            only; on JAX batches always come from the host pipeline.
     """
 
     dataset: str = "demo"
@@ -83,18 +84,18 @@ class DemoConfig:
 
 @dataclasses.dataclass
 class ModelConfig:
-    """Architecture and test-time fusion (reference note §2, §3, §6)."""
+    """Architecture and test-time fusion (docs/reference.md §2, §3, §6)."""
 
     normalize_attribute_vectors: bool = False
     fusion_weights: List[float] = dataclasses.field(default_factory=lambda: [0.9, 0.1])
     branches: str = "both"
     attention: str = "softmax"
-    bias: float = 1.0  # the margin: +bias unseen, -bias seen logits (note §2, §4, §7)
+    bias: float = 1.0  # the margin: +bias unseen, -bias seen logits (docs/reference.md §2, §4, §7)
 
 
 @dataclasses.dataclass
 class LossConfig:
-    """Loss weights and forms (reference note §4; paper Eqs. 7-8)."""
+    """Loss weights and forms (docs/reference.md §4; paper Eqs. 7-8)."""
 
     lambda_cal: float = 0.1
     distill_weight: float = 0.001
@@ -105,7 +106,7 @@ class LossConfig:
 
 @dataclasses.dataclass
 class OptimizerConfig:
-    """torch-style RMSprop (reference note §5)."""
+    """torch-style RMSprop (docs/reference.md §5)."""
 
     learning_rate: float = 1e-4
     rho: float = 0.99
@@ -124,17 +125,19 @@ class TrainConfig:
         epochs: used only when ``iterations`` is ``None``.
         eval_every: steps between evaluations; ``None`` means ``trainval // batch_size``.
         log_every: steps between TensorBoard loss scalars.
-        jit_compile: compile the train/eval steps with XLA.
+        jit_compile: compile the train/eval steps with XLA (TensorFlow backend; on
+            JAX every step is ``jax.jit``-compiled whatever this says).
         deterministic: enable TensorFlow's deterministic ops.
         strategy: ``none``, ``mirrored`` (all local GPUs, or all logical CPU devices)
             or ``multi_worker`` (cluster from ``TF_CONFIG``); see ``msdn_tf.distribute``.
+            TensorFlow backend only: on JAX anything but ``none`` is an error.
         precision: ``float32`` (reference numerics), ``mixed_bfloat16``, ``mixed_float16``
             (with loss scaling) or ``auto`` (bfloat16 where the hardware runs it natively,
             else float32); see ``msdn_tf.precision``. A run's saved config holds the
             precision actually used (``auto`` resolved).
         worker_timeout: ``multi_worker`` only: seconds to wait for every worker of
-            ``TF_CONFIG`` to connect (a worker that stops later is noticed within
-            ``min(worker_timeout, 30)`` s); see docs/distributed.md.
+            ``TF_CONFIG`` to connect and the deadline of every all-reduce (a worker
+            that stops later is noticed within it); see docs/distributed.md.
         eval_initial: evaluate the untrained model (step 0) as well.
         tensorboard_images: after each evaluation also write attention images, the
             seen/unseen confusion and per-class accuracy histograms (``msdn_tf.viz.tensorboard``).

@@ -9,6 +9,7 @@ import numpy as np
 from keras import ops
 
 from msdn_tf import distribute as D
+from msdn_tf.backend import on_jax as _on_jax  # Keras' JAX trainer calls the steps with an explicit state
 from msdn_tf import losses as L
 from msdn_tf.layers import AttributeEmbedding, AttributeToVisual, VisualToAttribute
 from msdn_tf.layers.common import as_regions, contract, l2_normalize, split_last
@@ -26,7 +27,7 @@ class MSDN(keras.Model):
     Each produces class logits ``att @ scores + bias * mask_bias``; the fused
     logits are ``w1 * S1 + w2 * S2``. ``train_step`` minimises, for each sub-net,
     cross-entropy plus ``lambda_cal`` times self-calibration, plus
-    ``distill_weight`` times the mutual distillation (reference note §4).
+    ``distill_weight`` times the mutual distillation (docs/reference.md §4).
 
     Use :func:`build_msdn` to make one from a dataset's arrays.
 
@@ -55,7 +56,7 @@ class MSDN(keras.Model):
             is the global-average-pooling baseline).
         bias: float, the margin size: ``bias * mask_bias`` adds +bias to unseen and
             -bias to seen logits, in training and at test (the reference's default 1,
-            note §2). Self-calibration and distillation see it; the cross-entropy
+            docs/reference.md §2). Self-calibration and distillation see it; the cross-entropy
             removes it; the fused test logits keep it, which is calibrated stacking
             with gamma = 2 * bias. 0 disables it.
         return_features: bool, also return ``F_p`` and ``u`` (for visualisation).
@@ -206,7 +207,7 @@ class MSDN(keras.Model):
                 terms[f"ce_{branch}"] = ops.zeros((), logits.dtype)
                 terms[f"cal_{branch}"] = ops.zeros((), logits.dtype)
                 continue
-            # Only the cross-entropy removes the margin (reference note §4).
+            # Only the cross-entropy removes the margin (docs/reference.md §4).
             raw = logits - margin
             if self.cross_entropy == "all":
                 terms[f"ce_{branch}"] = L.cross_entropy(raw, labels)
@@ -238,9 +239,20 @@ class MSDN(keras.Model):
             self.trackers[name].update_state(value, sample_weight=batch_size)
         return {name: tracker.result() for name, tracker in self.trackers.items()}
 
-    def train_step(self, data):
+    def train_step(self, *args):
+        """One optimizer step on ``(features, labels)``.
+
+        TensorFlow: ``train_step(data)``, the gradient by ``tf.GradientTape``. JAX
+        (Keras calls ``train_step(state, data)``): :func:`msdn_tf.training_jax.train_step`,
+        the stateless form of the same step. Both minimise :meth:`compute_loss_terms`.
+        """
+        if _on_jax():
+            from msdn_tf import training_jax
+
+            return training_jax.train_step(self, *args)
         import tensorflow as tf  # TensorFlow-specific by design: the custom training step
 
+        (data,) = args
         features, labels = data[0], data[1]
         batch = tf.shape(labels)[0]
         with tf.GradientTape() as tape:
@@ -256,13 +268,23 @@ class MSDN(keras.Model):
         self.optimizer.apply(grads, variables)
         return self._update_trackers(terms, _replica_batch_weight(batch, terms["loss"].dtype))
 
-    def test_step(self, data):
+    def test_step(self, *args):
+        if _on_jax():  # Keras' JAX trainer calls test_step(state, data)
+            from msdn_tf import training_jax
+
+            return training_jax.test_step(self, *args)
+        (data,) = args
         features, labels = data[0], data[1]
         outputs = self(features, training=False, return_features=False)
         terms = self.compute_loss_terms(outputs, labels)
         return self._update_trackers(terms, _replica_batch_weight(ops.shape(labels)[0], terms["loss"].dtype))
 
-    def predict_step(self, data):
+    def predict_step(self, *args):
+        if _on_jax():  # Keras' JAX trainer calls predict_step(state, data)
+            from msdn_tf import training_jax
+
+            return training_jax.predict_step(self, *args)
+        (data,) = args
         features = data[0] if isinstance(data, (tuple, list)) else data
         outputs = self(features, training=False, return_features=False)
         return {k: outputs[k] for k in ("logits", "logits_a2v", "logits_v2a")}
@@ -325,7 +347,7 @@ def build_msdn(class_attributes, attribute_vectors, seen_classes, unseen_classes
 
     Args:
         class_attributes: ``(C, K)`` class attributes, model-ready (rows
-            L2-normalised, reference note §1.4; see
+            L2-normalised, docs/reference.md §1.4; see
             :func:`msdn_tf.data.base.class_attributes_for_model`).
         attribute_vectors: ``(K, D)`` attribute word vectors; ``V`` starts as these
             with rows L2-normalised.

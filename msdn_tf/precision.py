@@ -75,7 +75,18 @@ def cpu_flags(cpuinfo_path: str = "/proc/cpuinfo") -> set:
 
 
 def gpu_compute_capabilities() -> list:
-    """``[(major, minor), ...]`` of the visible GPUs (empty on a CPU-only machine)."""
+    """``[(major, minor), ...]`` of the visible GPUs (empty on a CPU-only machine), from the Keras backend."""
+    from msdn_tf.backend import current
+
+    if current() == "jax":
+        import jax
+
+        out = []
+        for d in jax.devices():
+            if d.platform == "gpu":
+                cc = str(getattr(d, "compute_capability", "0.0")).split(".")
+                out.append((int(cc[0]), int(cc[1]) if len(cc) > 1 else 0))
+        return out
     import tensorflow as tf
 
     out = []

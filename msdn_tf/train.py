@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from msdn_tf.backend import current as current_backend
+from msdn_tf.backend import on_tensorflow
 from msdn_tf.config import Config, load_yaml, resolve_config, save_config, from_dict
 from msdn_tf.errors import ConfigError, MSDNError
 from msdn_tf.utils import atomic_path, markdown_table, write_json
@@ -91,7 +93,9 @@ def build_model_from_config(config: Config, data):
                              momentum=opt.momentum, coupled_weight_decay=opt.weight_decay)
     if precision.loss_scaling:
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    model.compile(optimizer=optimizer, jit_compile=config.train.jit_compile)
+    model.compile(optimizer=optimizer,
+                  # train.jit_compile chooses XLA on TensorFlow; on JAX every step is jax.jit-compiled (XLA).
+                  jit_compile=config.train.jit_compile or not on_tensorflow())
     return model
 
 
@@ -175,6 +179,42 @@ def _best(history, key):
     return max(candidates, key=lambda h: (h[key], -h["step"])) if candidates else None
 
 
+def _strategy(config: Config):
+    """The ``tf.distribute`` strategy of ``train.strategy`` (TensorFlow), or ``None`` on JAX.
+
+    Raises:
+        ConfigError: an unknown strategy; a strategy other than ``none`` on a backend
+            other than TensorFlow; a batch size the replicas cannot share evenly.
+    """
+    from msdn_tf.distribute import STRATEGIES, get_strategy
+
+    name = config.train.strategy
+    if not on_tensorflow():
+        if name not in STRATEGIES:
+            raise ConfigError(f"'train.strategy': unknown strategy {name!r}; expected one of {STRATEGIES}")
+        if name != "none":
+            raise ConfigError(
+                f"'train.strategy' {name!r}: tf.distribute strategies are TensorFlow-only and Keras runs on "
+                f"{current_backend()}; use train.strategy=none (--strategy none), or KERAS_BACKEND=tensorflow "
+                "to train with tf.distribute")
+        return None
+    try:
+        strategy = get_strategy(name, timeout_s=config.train.worker_timeout)
+    except ValueError as exc:
+        raise ConfigError(f"'train.strategy': {exc}") from exc
+    if config.data.batch_size % strategy.num_replicas_in_sync:
+        raise ConfigError(f"'data.batch_size' {config.data.batch_size} must be divisible by the "
+                          f"{strategy.num_replicas_in_sync} replicas of train.strategy={name}")
+    return strategy
+
+
+def _scope(strategy):
+    """``strategy.scope()``, or no scope at all without a strategy (JAX)."""
+    import contextlib
+
+    return contextlib.nullcontext() if strategy is None else strategy.scope()
+
+
 # --------------------------------------------------------------------------- training
 def default_run_dir(config: Config) -> Path:
     name = config.train.run_name or f"{config.data.dataset}-seed{config.train.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -199,7 +239,7 @@ def run_training(config: Config, run_dir=None, resume: bool = False, data=None, 
     Returns:
         The content of ``results.json``.
     """
-    from msdn_tf.distribute import cluster_info, get_strategy
+    from msdn_tf.distribute import cluster_info
     from msdn_tf.precision import resolve_precision
 
     precision = resolve_precision(config.train.precision)  # clear error before anything is written
@@ -217,10 +257,7 @@ def run_training(config: Config, run_dir=None, resume: bool = False, data=None, 
     if cluster.is_chief and checkpointer.exists() and not resume:
         raise MSDNError(f"{run_dir} already holds a checkpoint; pass --resume to continue it, "
                         "or choose another --run-dir")
-    try:
-        strategy = get_strategy(config.train.strategy, timeout_s=config.train.worker_timeout)
-    except ValueError as exc:
-        raise ConfigError(f"'train.strategy': {exc}") from exc
+    strategy = _strategy(config)  # a bad train.strategy or TF_CONFIG fails before anything is written
     if cluster.is_chief:
         out_dir = run_dir
     else:
@@ -251,10 +288,7 @@ def _train(config, run_dir, out_dir, checkpointer, resume, data, log, eval_hooks
     set_seeds(config)
     data = data if data is not None else load_dataset(config)
     iterations, eval_every = schedule(config, len(data.trainval_loc))
-    if config.data.batch_size % strategy.num_replicas_in_sync:
-        raise ConfigError(f"'data.batch_size' {config.data.batch_size} must be divisible by the "
-                          f"{strategy.num_replicas_in_sync} replicas of train.strategy={config.train.strategy}")
-    with strategy.scope():  # variables (model and optimizer) mirrored over the replicas
+    with _scope(strategy):  # variables (model and optimizer) mirrored over the replicas
         model = build_model_from_config(config, data)
     multi_worker = config.train.strategy == "multi_worker"
     # Keras' fit cannot run under MultiWorkerMirroredStrategy (it reduces a first
@@ -268,7 +302,7 @@ def _train(config, run_dir, out_dir, checkpointer, resume, data, log, eval_hooks
 
     history, step = [], 0
     if resume:
-        with strategy.scope():
+        with _scope(strategy):
             state = checkpointer.restore(model)
         history, step = state["history"], int(state["step"])
         log(f"msdn-tf: resumed at step {step}")
@@ -283,7 +317,11 @@ def _train(config, run_dir, out_dir, checkpointer, resume, data, log, eval_hooks
     from msdn_tf.data.device import DeviceFeatures, device_train_dataset, use_on_device
 
     device_store = None  # training rows held in TensorFlow memory (outside the strategy scope)
-    if use_on_device(config.data.on_device, data):
+    if not on_tensorflow():
+        if config.data.on_device is not False:
+            log(f"msdn-tf: data.on_device={config.data.on_device} holds rows in TensorFlow memory, which only "
+                f"the TensorFlow backend can use; on {current_backend()} batches come from the host pipeline")
+    elif use_on_device(config.data.on_device, data):
         device_store = DeviceFeatures(data.features, data.trainval_loc)
         log(f"msdn-tf: training features on device ({device_store.nbytes / 1e6:.0f} MB, {device_store.dtype})")
 
@@ -343,9 +381,10 @@ def _train(config, run_dir, out_dir, checkpointer, resume, data, log, eval_hooks
         "data": data.summary(),
         "iterations": iterations,
         "seed": config.train.seed,
+        "backend": current_backend(),
         "precision": precision.to_dict(),
-        "strategy": {"name": config.train.strategy, "replicas": int(strategy.num_replicas_in_sync),
-                     "workers": cluster.num_workers},
+        "strategy": {"name": config.train.strategy, "workers": cluster.num_workers,
+                     "replicas": 1 if strategy is None else int(strategy.num_replicas_in_sync)},
         "train_seconds_this_session": round(time.time() - started, 2),
         "initial": history[0] if history and history[0]["step"] == 0 else None,
         "final": history[-1],

@@ -1,4 +1,4 @@
-"""An independent NumPy (float64) implementation of the reference equations (msdn-official.md §3-§5).
+"""An independent NumPy (float64) implementation of the reference equations (docs/reference.md §3-§5).
 
 Written from the note, channel-first like the reference (Fs is (B, F, R)), so
 that it shares no code with the Keras model it checks.
