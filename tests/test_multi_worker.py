@@ -69,7 +69,8 @@ def weights(run_dir):
     import keras
 
     model = keras.models.load_model(Path(run_dir) / "model.keras", compile=False)
-    return {w.path: np.asarray(w) for w in model.weights}
+    # Paths without the model's own name (msdn, msdn_1, ... depending on what the process built before).
+    return {w.path.split("/", 1)[-1]: np.asarray(w) for w in model.weights}
 
 
 def assert_same_weights(a, b):
