@@ -9,7 +9,10 @@
 * ``multi_worker``: :class:`tf.distribute.MultiWorkerMirroredStrategy`; the
   cluster comes from the ``TF_CONFIG`` environment variable, which every worker
   sets before starting (``{"cluster": {"worker": ["host1:port", ...]}, "task":
-  {"type": "worker", "index": i}}``).
+  {"type": "worker", "index": i}}``). :func:`parse_tf_config` checks it first;
+  ``train.worker_timeout`` bounds the wait for the cluster and every all-reduce.
+  Each worker trains on its slice of every global batch and only the chief
+  writes the run (``msdn_tf.train``; docs/distributed.md).
 
 The model and its optimizer are built inside ``strategy.scope()``; Keras' ``fit``
 splits each global batch over the replicas. Gradients are SUMMED over replicas
