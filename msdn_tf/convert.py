@@ -63,7 +63,7 @@ from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
-from msdn_tf.errors import ConfigError, DataError, MSDNError
+from msdn_tf.errors import ConfigError, DataError, MSDNError, cli_main
 from msdn_tf.torch_checkpoint import (MSDN_KEY_MAP, backbone_prefixes, read_torch_state_dict,
                                       split_state_dict)
 
@@ -485,15 +485,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli_main
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        report = convert_checkpoint(args.torch_checkpoint, args.dataset, args.out,
-                                    data_dir=args.data_dir, overrides=args.set,
-                                    overwrite=args.overwrite)
-    except (MSDNError, ConfigError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    report = convert_checkpoint(args.torch_checkpoint, args.dataset, args.out,
+                                data_dir=args.data_dir, overrides=args.set,
+                                overwrite=args.overwrite)
     print(summary(report))
     print(f"report: {Path(args.out) / REPORT_FILE}")
     return 0

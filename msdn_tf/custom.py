@@ -35,7 +35,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 import msdn_tf.data.custom as custom_data  # registers the "custom" dataset
-from msdn_tf.errors import MSDNError
+from msdn_tf.errors import MSDNError, cli_main
 
 # prepare options that may also come from a dataset.yaml (--spec); path-valued ones are
 # resolved relative to the YAML file's folder.
@@ -491,14 +491,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli_main
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    try:
-        return args.func(args)
-    except MSDNError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return args.func(args)
 
 
 if __name__ == "__main__":

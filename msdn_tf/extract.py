@@ -50,7 +50,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from msdn_tf.errors import DataError, MSDNError
+from msdn_tf.errors import DataError, MSDNError, cli_main
 
 WEIGHTS_NOTE = (
     "Keras' ResNet-101 ImageNet weights differ from torchvision's (used by TransZero/MSDN), so "
@@ -560,35 +560,32 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli_main
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    try:
-        if args.att_splits and not args.attributes_pkl:
-            raise MSDNError("--att-splits needs --attributes-pkl too (a complete §1.1 file has w2v_att)")
-        if args.limit is not None and (args.att_splits or args.attributes_pkl):
-            raise MSDNError("--limit makes a partial image set; it cannot be combined with --att-splits/"
-                            "--attributes-pkl (the splits index the full list)")
-        files, labels = read_image_list(args.image_list)
-        if args.limit is not None:
-            if args.limit < 1:
-                raise MSDNError("--limit must be >= 1")
-            files = files[: args.limit]
-            labels = None if labels is None else labels[: args.limit]
-        metadata = build_metadata(labels, len(files), att_splits=args.att_splits,
-                                  attributes_pkl=args.attributes_pkl, sent_splits=args.sent_splits,
-                                  attribute_names=args.attribute_names)
-        if args.weights not in ("imagenet", "none", "None") and not os.path.isfile(args.weights):
-            raise DataError(f"{args.weights}: weights file not found (--weights takes 'imagenet', 'none' or a "
-                            "local .h5/.weights.h5 file)")
-        extract_features(files, args.out, images_root=args.images_root, weights=args.weights,
-                         batch_size=args.batch_size, image_size=args.image_size,
-                         compression=None if args.compression == "none" else args.compression,
-                         metadata=metadata, restart=args.restart, overwrite=args.overwrite,
-                         progress=not args.no_progress)
-    except MSDNError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    if args.att_splits and not args.attributes_pkl:
+        raise MSDNError("--att-splits needs --attributes-pkl too (a complete §1.1 file has w2v_att)")
+    if args.limit is not None and (args.att_splits or args.attributes_pkl):
+        raise MSDNError("--limit makes a partial image set; it cannot be combined with --att-splits/"
+                        "--attributes-pkl (the splits index the full list)")
+    files, labels = read_image_list(args.image_list)
+    if args.limit is not None:
+        if args.limit < 1:
+            raise MSDNError("--limit must be >= 1")
+        files = files[: args.limit]
+        labels = None if labels is None else labels[: args.limit]
+    metadata = build_metadata(labels, len(files), att_splits=args.att_splits,
+                              attributes_pkl=args.attributes_pkl, sent_splits=args.sent_splits,
+                              attribute_names=args.attribute_names)
+    if args.weights not in ("imagenet", "none", "None") and not os.path.isfile(args.weights):
+        raise DataError(f"{args.weights}: weights file not found (--weights takes 'imagenet', 'none' or a "
+                        "local .h5/.weights.h5 file)")
+    extract_features(files, args.out, images_root=args.images_root, weights=args.weights,
+                     batch_size=args.batch_size, image_size=args.image_size,
+                     compression=None if args.compression == "none" else args.compression,
+                     metadata=metadata, restart=args.restart, overwrite=args.overwrite,
+                     progress=not args.no_progress)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
