@@ -50,9 +50,10 @@ def describe_os_error(exc: OSError) -> str:
     where = exc.filename if exc.filename is not None else None
     if getattr(exc, "filename2", None):
         where = f"{where} -> {exc.filename2}"
-    what = _OS_ADVICE.get(exc.errno) or (exc.strerror or str(exc))
+    detail = (exc.strerror or str(exc) or type(exc).__name__).strip().splitlines()[0][:200]
+    what = _OS_ADVICE.get(exc.errno) or detail
     head = f"{where}: " if where else ""
-    return f"{head}{what} ({exc.strerror or type(exc).__name__}). Files written earlier are unchanged."
+    return f"{head}{what} ({detail}); files written before are unchanged."
 
 
 def report_error(exc: BaseException) -> int:

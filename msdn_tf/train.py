@@ -101,12 +101,15 @@ class Checkpointer:
         self.dir.mkdir(parents=True, exist_ok=True)
         stem = f"step_{step:08d}"
         try:
-            with atomic_path(self.dir / f"{stem}.weights.h5") as tmp:
-                model.save_weights(tmp)
+            # numpy, not Keras' HDF5 weights file: HDF5 keeps a failed handle open and the
+            # process then crashes at exit (signal 11) on a full disk instead of exiting with 2
+            with atomic_path(self.dir / f"{stem}.weights.npz") as tmp:
+                with open(tmp, "wb") as f:
+                    np.savez(f, *[np.asarray(v) for v in model.weights])
             with atomic_path(self.dir / f"{stem}.optimizer.npz") as tmp:
                 with open(tmp, "wb") as f:
                     np.savez(f, *[np.asarray(v) for v in model.optimizer.variables])
-            write_json(self.state_path, {"step": step, "weights": f"{stem}.weights.h5",
+            write_json(self.state_path, {"step": step, "weights": f"{stem}.weights.npz",
                                          "optimizer": f"{stem}.optimizer.npz", "history": history,
                                          "resumes": list(resumes)})
         except BaseException:
@@ -141,15 +144,18 @@ class Checkpointer:
 
     def restore(self, model) -> dict:
         state = self.read_state()
+        path = self.dir / state["weights"]
         try:
-            model.load_weights(self.dir / state["weights"])
-        except (OSError, ValueError) as exc:
-            raise MSDNError(f"{self.dir / state['weights']}: unreadable checkpoint weights ({exc}); "
+            if path.name.endswith(".h5"):  # checkpoints written before the .npz format
+                model.load_weights(path)
+            else:
+                _assign_all(model.weights, _load_arrays(path), path, "model weights")
+        except (OSError, ValueError, KeyError) as exc:
+            raise MSDNError(f"{path}: unreadable checkpoint weights ({exc}); "
                             "restore the file or start a new run") from exc
         model.optimizer.build(model.trainable_variables)
         try:
-            with np.load(self.dir / state["optimizer"]) as saved:
-                values = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+            values = _load_arrays(self.dir / state["optimizer"])
         except (OSError, ValueError, KeyError) as exc:
             raise MSDNError(f"{self.dir / state['optimizer']}: unreadable optimizer state ({exc}); "
                             "restore the file or start a new run") from exc
@@ -162,6 +168,22 @@ class Checkpointer:
         for var, value in zip(variables, values):
             var.assign(value)
         return state
+
+
+def _load_arrays(path) -> list:
+    """The arrays ``arr_0, arr_1, ...`` of an ``.npz`` written by :meth:`Checkpointer.save`."""
+    with np.load(path) as saved:
+        return [saved[f"arr_{i}"] for i in range(len(saved.files))]
+
+
+def _assign_all(variables, values, path, what) -> None:
+    if len(values) != len(variables):
+        raise MSDNError(f"{path}: holds {len(values)} {what}, the model has {len(variables)}")
+    for var, value in zip(variables, values):
+        if tuple(value.shape) != tuple(var.shape):
+            raise MSDNError(f"{path}: {what} '{var.path}' has shape {value.shape} in the checkpoint, "
+                            f"{tuple(var.shape)} in the model")
+        var.assign(value)
 
 
 # --------------------------------------------------------------------------- reporting
@@ -338,14 +360,20 @@ def run_training(config: Config, run_dir=None, resume: bool = False, data=None, 
         try:
             checkpointer.save(model, step, history, resumes)
         except OSError as exc:
+            then = (f"; once there is room, continue with python -m msdn_tf.train --run-dir {run_dir} --resume"
+                    if checkpointer.exists() else "")
             raise MSDNError(f"saving the checkpoint of step {step}: {describe_os_error(exc)} "
-                            f"{_checkpoint_note(checkpointer)}; then continue with "
-                            f"python -m msdn_tf.train --run-dir {run_dir} --resume") from exc
+                            f"{_checkpoint_note(checkpointer)}{then}") from exc
         log(f"step {step}: CZSL acc {_pct(entry['acc']):.2f}  U {_pct(entry['U']):.2f}  "
             f"S {_pct(entry['S']):.2f}  H {_pct(entry['H']):.2f}  loss {losses.get('loss', float('nan')):.4f}")
 
-    with atomic_path(run_dir / "model.keras") as tmp:
-        model.save(tmp)
+    try:
+        with atomic_path(run_dir / "model.keras") as tmp:
+            model.save(tmp)
+    except OSError as exc:
+        raise MSDNError(f"saving the trained model: {describe_os_error(exc)} {_checkpoint_note(checkpointer)}; "
+                        f"once there is room, python -m msdn_tf.train --run-dir {run_dir} --resume "
+                        "writes the model and results from it") from exc
     results = {
         "dataset": config.data.dataset,
         "run_dir": str(run_dir),
@@ -386,7 +414,8 @@ class _TensorBoardLosses:
 
                     with writer.as_default(step=step):
                         for key, value in logs.items():
-                            tf.summary.scalar(f"train/{key}", float(value))
+                            if key != "nonfinite":  # a check code (0 while all is finite), not a loss
+                                tf.summary.scalar(f"train/{key}", float(value))
 
         return Callback()
 

@@ -61,7 +61,8 @@ def test_bench_prints_valid_json(tmp_path, capsys, extra):
 
 def test_variant_parsing():
     assert bench.parse_variant("fused") == {"name": "fused:jit:float32", "impl": "fused", "jit": True,
-                                            "precision": "float32"}
+                                            "precision": "float32", "check": True}
+    assert bench.parse_variant("fused:nojit:float32:nocheck")["check"] is False
     assert bench.parse_variant("einsum:nojit:mixed_float16")["jit"] is False
     with pytest.raises(ValueError, match="variant"):
         bench.parse_variant("fused:maybe")

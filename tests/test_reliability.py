@@ -276,9 +276,9 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tiny, tmp_path, ca
     run = tmp_path / "run"
     real_savez, calls = np.savez, []
 
-    def savez(*args, **kwargs):  # the second checkpoint's optimizer file hits a full disk
+    def savez(*args, **kwargs):  # the second checkpoint's optimizer file (4th .npz) hits a full disk
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == 4:
             _enospc()
         return real_savez(*args, **kwargs)
 
@@ -290,7 +290,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tiny, tmp_path, ca
     state = json.loads((run / "checkpoint" / "state.json").read_text())
     assert state["step"] == 30
     assert sorted(p.name for p in (run / "checkpoint").iterdir()) == [
-        "state.json", "step_00000030.optimizer.npz", "step_00000030.weights.h5"]
+        "state.json", "step_00000030.optimizer.npz", "step_00000030.weights.npz"]
     assert_no_result(run)
     monkeypatch.setattr(np, "savez", real_savez)
     assert train.main(["--run-dir", str(run), "--resume"]) == 0  # and it continues once there is room
@@ -335,7 +335,7 @@ def test_corrupt_state_json(finished_run, capsys):
 
 
 def test_missing_checkpoint_weights(finished_run, capsys):
-    weights = finished_run / "checkpoint" / "step_00000002.weights.h5"
+    weights = finished_run / "checkpoint" / "step_00000002.weights.npz"
     weights.unlink()
     assert train.main(["--run-dir", str(finished_run), "--resume", "--iterations", "4"]) == 2
     assert f"{weights}: the checkpoint's weights file is missing" in one_error_line(capsys)
