@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import re
 import sys
 
 
@@ -50,8 +51,14 @@ def describe_os_error(exc: OSError) -> str:
     where = exc.filename if exc.filename is not None else None
     if getattr(exc, "filename2", None):
         where = f"{where} -> {exc.filename2}"
-    detail = (exc.strerror or str(exc) or type(exc).__name__).strip().splitlines()[0][:200]
-    what = _OS_ADVICE.get(exc.errno) or detail
+    code, text = exc.errno, str(exc)
+    if code is None:  # h5py puts the errno and the file name only into its message
+        found = re.search(r"errno = (\d+)", text)
+        code = int(found.group(1)) if found else None
+        named = re.search(r"name = '([^']+)'", text)
+        where = where or (named.group(1) if named else None)
+    detail = (exc.strerror or text or type(exc).__name__).strip().splitlines()[0][:200]
+    what = _OS_ADVICE.get(code) or detail
     head = f"{where}: " if where else ""
     return f"{head}{what} ({detail}); files written before are unchanged."
 

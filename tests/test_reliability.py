@@ -465,3 +465,14 @@ def test_tfds_demo_with_an_empty_manual_dir_generates_the_demo(tmp_path, monkeyp
     splits = tfds.load("msdn_zsl/demo", data_dir=str(tmp_path / "tfds"), download_and_prepare_kwargs={
         "download_config": tfds.download.DownloadConfig(manual_dir=str(manual))})
     assert len(list(splits["trainval"])) > 0 and list(manual.glob("demo_*.hdf5"))
+
+
+def test_os_errors_read_as_one_line_with_the_path():
+    from msdn_tf.errors import describe_os_error
+
+    line = describe_os_error(OSError(errno.ENOSPC, "No space left on device", "runs/x/model.keras"))
+    assert line.startswith("runs/x/model.keras: no space left on the device")
+    h5py_style = OSError("Unable to synchronously create file (unable to open file: name = '/d/f.hdf5.tmp-7', "
+                         "errno = 30, error message = 'Read-only file system', flags = 13)\nsecond line")
+    line = describe_os_error(h5py_style)
+    assert line.startswith("/d/f.hdf5.tmp-7: the file system is read-only") and "\n" not in line
