@@ -137,9 +137,10 @@ class TrainConfig:
         run_name: run directory name; default ``<dataset>-<seed>-<time>``.
         verbose: Keras progress display: 0 silent, 1 progress bar, 2 one line per period,
             ``-1`` chooses 1 on a terminal and 2 otherwise.
-        check_numerics: stop at the first training step whose input features, loss
-            terms, gradients or updated weights hold a NaN or inf, naming the step and
-            what went non-finite (docs/reliability.md; its cost is measured there).
+        check_numerics: stop at the first training step whose input features,
+            gradients or updated weights hold a NaN or inf, naming the step and what
+            went non-finite (docs/reliability.md; its cost is measured there). The loss
+            terms and the evaluation outputs are checked either way.
     """
 
     seed: int = 214

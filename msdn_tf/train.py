@@ -469,10 +469,12 @@ def _nonfinite_message(guard, data, sampler, checkpointer, strategy) -> str:
     head = f"training step {step}: "
     tail = f". Nothing was saved for this run's result. {_checkpoint_note(checkpointer)}."
     if "input features" in failed:
-        rows = nonfinite_rows(data.features, sampler.batch(step - 1))
+        batch = sampler.batch(step - 1)
+        rows = nonfinite_rows(data.features, batch)
         where = feature_file(data.features, data.source)
-        return (head + f"the input batch holds NaN or infinite values: {where}, feature "
-                f"{describe_rows(rows)}; fix or drop these images" + tail)
+        which = (f"feature {describe_rows(rows)}" if rows.size else
+                 f"one of the feature {describe_rows(np.unique(batch), limit=60)} (they read back finite now)")
+        return head + f"the input batch holds NaN or infinite values: {where}, {which}; fix or drop these images" + tail
     if terms:
         return (head + f"loss term{'s' if len(terms) > 1 else ''} {', '.join(terms)} became NaN or infinite "
                 "(inputs were finite); lower optimizer.learning_rate or check the loss settings" + tail)

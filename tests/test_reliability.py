@@ -476,3 +476,17 @@ def test_os_errors_read_as_one_line_with_the_path():
                          "errno = 30, error message = 'Read-only file system', flags = 13)\nsecond line")
     line = describe_os_error(h5py_style)
     assert line.startswith("/d/f.hdf5.tmp-7: the file system is read-only") and "\n" not in line
+
+
+def test_checkpoints_with_keras_h5_weights_still_resume(finished_run):
+    import keras
+
+    ckpt = finished_run / "checkpoint"
+    state = json.loads((ckpt / "state.json").read_text())
+    model = keras.models.load_model(finished_run / "model.keras")  # the weights of step 2
+    model.save_weights(ckpt / "step_00000002.weights.h5")  # the format before .npz
+    (ckpt / state["weights"]).unlink()
+    state["weights"] = "step_00000002.weights.h5"
+    (ckpt / "state.json").write_text(json.dumps(state))
+    assert train.main(["--run-dir", str(finished_run), "--resume", "--iterations", "4"]) == 0
+    assert json.loads((finished_run / "results.json").read_text())["final"]["step"] == 4
