@@ -52,11 +52,13 @@ def describe_os_error(exc: OSError) -> str:
     if getattr(exc, "filename2", None):
         where = f"{where} -> {exc.filename2}"
     code, text = exc.errno, str(exc)
-    if code is None:  # h5py puts the errno and the file name only into its message
+    # h5py may put the errno and the file name only into its message
+    if code is None:
         found = re.search(r"errno = (\d+)", text)
         code = int(found.group(1)) if found else None
+    if where is None:
         named = re.search(r"name = '([^']+)'", text)
-        where = where or (named.group(1) if named else None)
+        where = named.group(1) if named else None
     detail = (exc.strerror or text or type(exc).__name__).strip().splitlines()[0][:200]
     what = _OS_ADVICE.get(code) or detail
     head = f"{where}: " if where else ""

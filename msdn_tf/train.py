@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from msdn_tf.config import Config, load_yaml, resolve_config, save_config, from_dict
+from msdn_tf.config import Config, from_dict, load_yaml, resolve_config, save_config, value_source
 from msdn_tf.errors import ConfigError, MSDNError, NonFiniteError, cli_main, describe_os_error
 from msdn_tf.utils import atomic_path, markdown_table, write_json
 
@@ -277,9 +277,10 @@ def run_training(config: Config, run_dir=None, resume: bool = False, data=None, 
     try:
         strategy = get_strategy(config.train.strategy)
     except ValueError as exc:
-        raise ConfigError(f"'train.strategy': {exc}") from exc
+        raise ConfigError(f"{value_source(config, 'train', 'strategy')}: 'train.strategy': {exc}") from exc
     if config.data.batch_size % strategy.num_replicas_in_sync:
-        raise ConfigError(f"'data.batch_size' {config.data.batch_size} must be divisible by the "
+        raise ConfigError(f"{value_source(config, 'data', 'batch_size')}: 'data.batch_size' "
+                          f"{config.data.batch_size} must be divisible by the "
                           f"{strategy.num_replicas_in_sync} replicas of train.strategy={config.train.strategy}")
     with strategy.scope():  # variables (model and optimizer) mirrored over the replicas
         model = build_model_from_config(config, data)

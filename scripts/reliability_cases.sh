@@ -56,7 +56,7 @@ case_ "--dataset CUB --print-config" $PY -m msdn_tf.train --dataset CUB --print-
 case_ "--dataset CUB (training)" $PY -m msdn_tf.train --dataset CUB
 cp -r $W/run $W/run_corrupt; echo '{"step": 90, "weig' > $W/run_corrupt/checkpoint/state.json
 case_ "corrupt state.json" $PY -m msdn_tf.train --run-dir $W/run_corrupt --resume --iterations 120
-cp -r $W/run $W/run_missing; rm $W/run_missing/checkpoint/*.weights.h5
+cp -r $W/run $W/run_missing; rm $W/run_missing/checkpoint/*.weights.*
 case_ "missing checkpoint weights" $PY -m msdn_tf.train --run-dir $W/run_missing --resume --iterations 120
 # real disk full and read-only file systems (tmpfs)
 M=$W/small; mkdir -p $M; mount -t tmpfs -o size=${FULL_SIZE:-7M} tmpfs $M

@@ -476,6 +476,8 @@ def test_os_errors_read_as_one_line_with_the_path():
                          "errno = 30, error message = 'Read-only file system', flags = 13)\nsecond line")
     line = describe_os_error(h5py_style)
     assert line.startswith("/d/f.hdf5.tmp-7: the file system is read-only") and "\n" not in line
+    h5py_style.errno = errno.EROFS  # some h5py errors carry the errno but not the file name
+    assert describe_os_error(h5py_style).startswith("/d/f.hdf5.tmp-7: the file system is read-only")
 
 
 def test_checkpoints_with_keras_h5_weights_still_resume(finished_run):
