@@ -242,6 +242,7 @@ def convert_state_dict(state: Mapping[str, np.ndarray], dataset: str, out_dir,
     # Config first: a bad --set fails before anything heavy.
     overrides = list(overrides)
     config = resolve_config(dataset, overrides=overrides)
+    dataset = config.data.dataset  # case-insensitive: --dataset CUB is cub
     if data_dir and not any(o.split("=", 1)[0].strip() == "data.data_dir" for o in overrides):
         config.data.data_dir = str(data_dir)  # set directly: a path need not be valid YAML
     spec = _dataset_spec(dataset)
