@@ -266,6 +266,11 @@ def run_training(config: Config, run_dir=None, resume: bool = False, data=None, 
                         "or choose another --run-dir")
     if resume and not checkpointer.exists():
         raise MSDNError(f"--resume: no checkpoint in {run_dir / 'checkpoint'}")
+    if resume:  # check the checkpoint before config.yaml is rewritten: a refused resume changes nothing
+        done = int(checkpointer.read_state()["step"])
+        if config.train.iterations is not None and done > config.train.iterations:
+            raise ConfigError(f"--resume: the checkpoint is at step {done}, past train.iterations = "
+                              f"{config.train.iterations}; pass --iterations {done} or more")
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml")
 

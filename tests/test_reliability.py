@@ -257,14 +257,19 @@ def test_resume_with_more_iterations_trains_on_and_records_it(tiny, tmp_path, ca
     run = tmp_path / "run"
     base = cli(tiny, tmp_path, "--run-dir", str(run), "--set", "train.eval_every=2")
     assert train.main([*base, "--iterations", "2"]) == 0
+    import shutil
+
+    shutil.copytree(tmp_path / "data", tmp_path / "moved")  # the data moved: allowed, recorded
     assert train.main(["--run-dir", str(run), "--resume", "--iterations", "4",
-                       "--dataset", "DEMO", "--data-dir", str(tmp_path / "data")]) == 0
+                       "--dataset", "DEMO", "--data-dir", str(tmp_path / "moved")]) == 0
     results = json.loads((run / "results.json").read_text())
     assert results["final"]["step"] == 4 and [h["step"] for h in results["history"]] == [2, 4]
-    assert results["resumes"] == [{"step": 2, "changes": {"train.iterations": [2, 4]}}]
+    assert results["resumes"] == [{"step": 2, "changes": {
+        "train.iterations": [2, 4], "data.data_dir": [str(tmp_path / "data"), str(tmp_path / "moved")]}}]
     assert resolve_config("demo", [run / "config.yaml"]).train.iterations == 4
     assert train.main(["--run-dir", str(run), "--resume", "--iterations", "3"]) == 2
     assert "checkpoint is at step 4, past train.iterations = 3" in one_error_line(capsys)
+    assert resolve_config("demo", [run / "config.yaml"]).train.iterations == 4  # config.yaml unchanged
 
 
 # --------------------------------------------------------------------------- operating-system failures
@@ -332,6 +337,7 @@ def test_corrupt_state_json(finished_run, capsys):
     line = one_error_line(capsys)
     assert f"{state}: corrupt checkpoint state" in line
     assert state.read_text() == '{"step": 2, "weights": '
+    assert "iterations: 2\n" in (finished_run / "config.yaml").read_text()  # not rewritten with 4
 
 
 def test_missing_checkpoint_weights(finished_run, capsys):
