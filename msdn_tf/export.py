@@ -621,6 +621,23 @@ def _compare(sig, want: dict, got: dict, tol: float) -> list:
     return rows
 
 
+def _check_refuses_nan(run, regions) -> dict:
+    """The in-graph guard: a NaN input must fail inside the signature (TF Serving: INVALID_ARGUMENT)."""
+    import tensorflow as tf
+
+    from msdn_tf.serving import cc_loader
+
+    bad = np.array(regions[:1], np.float32)
+    bad[0, 0, 0] = np.nan
+    row = {"signature": FEATURES_SIGNATURE, "output": "refuses a NaN input"}
+    try:
+        run(FEATURES_SIGNATURE, {"features": bad})
+    except (cc_loader.CcLoaderError, tf.errors.InvalidArgumentError) as exc:
+        ok = "NaN or inf" in str(exc)
+        return row | {"ok": ok, "detail": "InvalidArgumentError" if ok else f"failed otherwise: {str(exc)[:200]}"}
+    return row | {"ok": False, "detail": "answered a NaN input with status OK"}
+
+
 def _expected(model, inputs, meta) -> dict:
     from keras import ops
 
@@ -722,6 +739,7 @@ def verify_export(export_dir, model, sample_features, *, sample_images=None, bac
         want = _expected(model, model_input, meta)
         tol = rtol * max(1.0, float(np.max(np.abs(want["scores"]))) if want["scores"].size else 1.0)
         report["checks"].extend(_compare(sig, want, got, tol))
+    report["checks"].append(_check_refuses_nan(run, regions))
     try:
         got = run(METADATA_SIGNATURE, {})
         names = [b.decode("utf-8") for b in np.asarray(got["class_names"]).reshape(-1)]

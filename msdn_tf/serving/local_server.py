@@ -533,15 +533,22 @@ def _make_rest_handler(servable: _Servable, request_timeout: float = DEFAULT_REQ
                 self.close_connection = True
                 raise _bad(f"request body too large ({length} > {servable.max_request_bytes} bytes, "
                            "--max_request_bytes)")
+            chunks, got = [], 0
             try:
-                body = self.rfile.read(length)
+                while got < length:  # each read waits at most request_timeout (the socket timeout)
+                    chunk = self.rfile.read1(min(1 << 20, length - got))
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+                    got += len(chunk)
             except TimeoutError:
-                body = b""
+                pass
+            body = b"".join(chunks)
             if len(body) < length:
                 self.close_connection = True
                 raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                    f"request body incomplete: got {len(body)} of {length} bytes "
-                                   f"(Content-Length) within {request_timeout:g} s")
+                                   f"(Content-Length); nothing more arrived within {request_timeout:g} s")
             return body
 
         def do_POST(self):
