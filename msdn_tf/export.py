@@ -465,18 +465,23 @@ class ExportCheckFailed(MSDNError):
 
 def _write_error(exc: Exception, out_base: Path) -> MSDNError:
     """One line for an operating-system failure while writing an export (exit 2 in the CLI)."""
+    import re
+
     import tensorflow as tf
 
     if isinstance(exc, OSError):
-        where = exc.filename or out_base
-        why = _WRITE_ERRNOS.get(exc.errno, exc.strerror or str(exc))
+        code, detail = exc.errno, exc.strerror or str(exc)
+        if exc.filename and Path(exc.filename).exists():
+            detail += f" at {exc.filename}"
     else:  # tf.errors.OpError from the SavedModel writer (TF maps ENOSPC to RESOURCE_EXHAUSTED)
-        where = out_base
-        why = {tf.errors.ResourceExhaustedError: "the disk is full",
-               tf.errors.PermissionDeniedError: "permission denied or read-only"}.get(type(exc), exc.message)
-        why = f"{why} ({exc.message.strip().splitlines()[0][:200]})" if why != exc.message else why
-    return MSDNError(f"cannot write the export to {where}: {why}; free disk space or pass a writable --out "
-                     f"(versions already in {out_base} are unchanged)")
+        code = {tf.errors.ResourceExhaustedError: errno.ENOSPC,
+                tf.errors.PermissionDeniedError: errno.EACCES}.get(type(exc))
+        detail = re.sub(r"\{\{[^}]*\}\}\s*", "", exc.message).strip().splitlines()[0][:300]
+    why = _WRITE_ERRNOS.get(code, "it failed")
+    todo = ("free disk space or pass --out on a disk with room" if code in (errno.ENOSPC, errno.EDQUOT) else
+            f"pass a writable --out or make {out_base} writable")
+    return MSDNError(f"cannot write the export to {out_base}: {why} ({detail}); {todo}. Versions already in "
+                     f"{out_base} are unchanged; no partial export is left")
 
 
 def _pid_alive(pid: int) -> bool:
