@@ -518,12 +518,13 @@ def test_signatures_refuse_what_they_cannot_answer_in_cpp(setup, cc_binary, repo
     """The guards are inside the SavedModel: TF's C++ loader (TF Serving's) refuses NaN, inf, empty inputs."""
     x = setup["regions"][:2].copy()
     x[1, 3, 5] = np.nan
-    cases = [("serving_default", {"features": x}, "input 'features' holds NaN or inf"),
+    cases = [("serving_default", {"features": x}, "NaN or inf in input features"),
              ("serving_maps", {"feature_maps": np.full((1, 2, 2, F), np.inf, np.float32)},
-              "input 'feature_maps' holds NaN or inf"),
-             ("serving_default", {"features": np.zeros((0, 16, F), np.float32)}, "empty batch"),
-             ("serving_default", {"features": np.zeros((2, 0, F), np.float32)}, "zero regions"),
-             ("serving_maps", {"feature_maps": np.zeros((2, 0, 4, F), np.float32)}, "zero regions")]
+              "NaN or inf in input feature_maps"),
+             ("serving_default", {"features": np.zeros((0, 16, F), np.float32)}, "empty batch in input features"),
+             ("serving_default", {"features": np.zeros((2, 0, F), np.float32)}, "zero regions in input features"),
+             ("serving_maps", {"feature_maps": np.zeros((2, 0, 4, F), np.float32)},
+              "zero regions in input feature_maps")]
     for sig, inputs, message in cases:
         with pytest.raises(cc_loader.CcLoaderError, match="InvalidArgument|INVALID_ARGUMENT|Session::Run") as info:
             cc_loader.run_signature(setup["dir"], sig, inputs, binary=cc_binary)
@@ -533,10 +534,10 @@ def test_signatures_refuse_what_they_cannot_answer_in_cpp(setup, cc_binary, repo
 
 
 @pytest.mark.parametrize("case, message", [
-    ("nan", "input 'features' holds NaN or inf"),
-    ("inf_maps", "input 'feature_maps' holds NaN or inf"),
-    ("empty_batch", "empty batch"),
-    ("zero_regions", "zero regions"),
+    ("nan", "NaN or inf in input features"),
+    ("inf_maps", "NaN or inf in input feature_maps"),
+    ("empty_batch", "empty batch in input features"),
+    ("zero_regions", "zero regions in input features"),
 ])
 def test_grpc_refuses_what_the_model_cannot_answer(setup, server, case, message):
     """INVALID_ARGUMENT raised by the exported signature itself (the test double does not check values)."""
@@ -566,7 +567,7 @@ def test_rest_out_of_range_json_number_is_400(setup, server, number):
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(req, timeout=30)
     assert info.value.code == 400
-    assert "input 'features' holds NaN or inf" in json.loads(info.value.read())["error"]
+    assert "NaN or inf in input features" in json.loads(info.value.read())["error"]
 
 
 def _client_cli(args, capsys):
