@@ -21,7 +21,9 @@ Usage::
   ``metadata`` signature.
 
 Prints, per input, the top-k class names with their (calibrated) scores, the GZSL
-and CZSL predictions; ``--json`` prints the same as one JSON object.
+and CZSL predictions; ``--json`` prints the same as one JSON object. Errors (no server,
+a REST URL at the gRPC port or the reverse, a refused request, a file that is not a
+numeric ``.npy``) are one line on stderr and exit code 2.
 """
 
 from __future__ import annotations

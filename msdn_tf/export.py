@@ -8,9 +8,12 @@ Usage::
 
 Writes ``OUT/<version>/`` (default version 1) in the TF Serving model-base-path
 layout, through ``keras.export.ExportArchive`` (``tf.saved_model.save`` of a Keras 3
-model fails in the C++ loader TF Serving uses). The SavedModel is written to a
-hidden temporary folder in ``OUT`` and renamed into place, so TF Serving never sees
-a half-written version; an existing version is only replaced with ``--overwrite``.
+model fails in the C++ loader TF Serving uses). The SavedModel is written to
+``OUT/.tmp-<version>-<pid>-*`` (not numeric: TF Serving ignores it), checked there and
+only then renamed into place, so TF Serving never sees a half-written version nor one
+that failed its check; an existing version is only replaced with ``--overwrite``.
+Temporary folders of a killed export are removed by the next one. A full disk or a
+read-only ``OUT`` is one error line and exit code 2, versions already there unchanged.
 
 Signatures (all ``tensorflow/serving/predict``):
 
@@ -45,9 +48,15 @@ config) is written to ``OUT/<version>/assets/msdn_metadata.json``, beside the
 version folders as ``OUT/msdn_metadata.json`` (for clients; it describes the last
 export), and is returned by the ``metadata`` signature.
 
-After writing, :func:`verify_export` loads the export with TensorFlow's C++ loader
+The prediction signatures refuse a NaN/inf input, an empty batch and zero regions
+with ``InvalidArgumentError`` raised in the graph (:func:`guard_features`), which TF
+Serving answers with INVALID_ARGUMENT / HTTP 400.
+
+Before publishing, :func:`verify_export` loads the export with TensorFlow's C++ loader
 (:mod:`msdn_tf.serving.cc_loader`), runs every signature, compares with the Keras
-model and runs ``saved_model_cli show --all`` (``--no-verify`` skips this).
+model, checks that a NaN input is refused and runs ``saved_model_cli show --all``
+(``--no-verify`` skips this). Exit codes: 0 published, 1 the check failed (nothing
+published), 2 bad arguments or a write failure.
 """
 
 from __future__ import annotations
@@ -679,7 +688,8 @@ def verify_export(export_dir, model, sample_features, *, sample_images=None, bac
     Returns:
         A JSON-able report: ``ok``, ``loader`` (``"c++"`` or ``"python"`` when the C++
         loader cannot be built here), ``signatures`` (as the loader lists them),
-        ``checks`` (one row per signature and output), ``saved_model_cli``, ``errors``.
+        ``checks`` (one row per signature and output, and ``refuses a NaN input``),
+        ``saved_model_cli``, ``errors``.
     """
     import keras
 

@@ -227,13 +227,7 @@ def test_refuses_to_overwrite_and_checks_arguments(setup):
 
 def test_export_cli_from_run_dir(setup, tmp_path, capsys):
     """The CLI on a run directory: gamma 0 export + default C++ check; refuse / allow overwrite."""
-    from msdn_tf.config import Config, save_config
-
-    run = tmp_path / "run"
-    run.mkdir()
-    save_config(Config(), run / "config.yaml")
-    setup["model"].save(run / "model.keras")
-    (run / "metadata.json").write_text(json.dumps({"class_names": NAMES}))
+    run = _run_dir(setup["model"], tmp_path / "run")
     out = tmp_path / "models" / "msdn_tiny"
     rc = export.main(["--run", str(run), "--out", str(out), "--top-k", "4", "--verify-samples", "2",
                       "--image-size", "128"])

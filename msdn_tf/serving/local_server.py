@@ -26,6 +26,15 @@ raised inside the signature) -> INVALID_ARGUMENT.  REST maps INVALID_ARGUMENT
 and FAILED_PRECONDITION to HTTP 400 and NOT_FOUND to 404, with
 ``{"error": "..."}`` bodies.  A bad request never stops the server.
 
+Limits (``start_local_server`` arguments / command-line flags): ``max_batch``
+(``--max_batch_size``, 1024) caps every input's first dimension;
+``max_request_bytes`` (``--max_request_bytes``, 256 MiB) caps the gRPC message, the
+REST body and the size a gRPC ``TensorProto`` *declares* (checked before
+``make_ndarray`` allocates it); ``request_timeout`` (``--request_timeout``, 30 s) is
+the socket timeout of REST connections, so a body shorter than its Content-Length
+ends in HTTP 408.  JSON nested deeper than 32 lists is a 400, and the REST listen
+backlog is 128 (Python's default 5 stalls the 7th concurrent client by 1 s).
+
 Both servers bind to 127.0.0.1 only.  Usage::
 
     handle = start_local_server("export/models/msdn", "msdn", rest_port=0)
@@ -261,7 +270,9 @@ def _check_proto_size(servable: _Servable, key: str, proto) -> None:
         try:
             itemsize = tf.dtypes.as_dtype(proto.dtype).size
         except TypeError as exc:
-            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, f"input '{key}': unsupported dtype {proto.dtype}") from exc
+            raise ServingError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"input '{key}': unsupported dtype {proto.dtype}"
+            ) from exc
     servable.check_size(key, shape, itemsize)
 
 
@@ -698,7 +709,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max_request_bytes", type=int, default=MAX_MESSAGE_BYTES,
                         help=f"largest request / declared tensor in bytes (default {MAX_MESSAGE_BYTES})")
     parser.add_argument("--request_timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT,
-                        help=f"seconds a REST client may take to send its request (default {DEFAULT_REQUEST_TIMEOUT:g})")
+                        help="seconds a REST client may stay silent while sending its request "
+                        f"(default {DEFAULT_REQUEST_TIMEOUT:g})")
     args = parser.parse_args(argv)
     handle = start_local_server(
         args.model_base_path, args.model_name, args.port, None if args.rest_api_port < 0 else args.rest_api_port,
