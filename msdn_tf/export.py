@@ -143,7 +143,7 @@ def guard_features(features, input_name: str):
         tf.debugging.assert_positive(tf.reduce_prod(shape[1:-1]), message=f"zero regions in input {input_name}: "
                                      "send at least one region (or a non-empty H x W map) per sample"),
     ]
-    # reduce_all(is_finite) rather than check_numerics: 12 ms instead of 75 ms at (64, 196, 2048) on 2 CPU cores.
+    # reduce_all(is_finite), not check_numerics: 12 ms instead of 72 ms at (64, 196, 2048), shared 2-core CPU.
     checks.append(tf.debugging.Assert(tf.reduce_all(tf.math.is_finite(features)), [
         f"NaN or inf in input {input_name} (JSON numbers outside the float32 range become inf): send finite "
         "float32 values"]))
