@@ -57,6 +57,9 @@ __all__ = [
     "expected_state_shapes",
     "normalize_backbone_keys",
     "load_torchvision_weights",
+    "check_trunk_state",
+    "trunk_from_checkpoint",
+    "save_trunk_npz",
     "load_backbone_file",
     "infer_architecture",
 ]
@@ -230,21 +233,12 @@ def infer_architecture(keys) -> Tuple[Tuple[int, int, int, int], Optional[int]]:
     return tuple(counts), None
 
 
-def load_torchvision_weights(model, state: Mapping[str, np.ndarray], source: str = "state_dict") -> None:
-    """Set ``model``'s weights from torchvision-layout tensors, every one mapped by name.
-
-    Args:
-        model: from :func:`build_torchvision_resnet`.
-        state: torchvision trunk keys (``conv1.weight``...), e.g. from
-            :func:`normalize_backbone_keys`.
-        source: the file name for error messages.
+def check_trunk_state(state: Mapping[str, np.ndarray], blocks: Sequence[int], width: int, source: str) -> None:
+    """Every expected trunk tensor present, none extra, right shape, floating, finite.
 
     Raises:
-        DataError: a tensor is missing, unexpected (e.g. a ResNet-50 file misses
-            ``layer3.6.*``; a ResNet-18 file has ``layer1.0.conv1.weight`` of shape
-            (64, 64, 3, 3)), has the wrong shape, or is not finite.
+        DataError: naming ``source`` and the first offending key(s).
     """
-    blocks, width = _model_arch(model)
     want = expected_state_shapes(blocks, width)
     missing = [k for k in want if k not in state]
     extra = [k for k in state if k not in want]
@@ -266,6 +260,77 @@ def load_torchvision_weights(model, state: Mapping[str, np.ndarray], source: str
             raise DataError(f"{source}: '{key}' has dtype {arr.dtype}, expected floating point")
         if not np.all(np.isfinite(arr)):
             raise DataError(f"{source}: '{key}' holds NaN or infinite values")
+
+
+def trunk_from_checkpoint(backbone: Mapping[str, np.ndarray], source: str):
+    """The ``resnet101.*`` tensors of an MSDN checkpoint as checked torchvision trunk keys.
+
+    Args:
+        backbone: the non-MSDN tensors of a checkpoint (third value of
+            :func:`msdn_tf.torch_checkpoint.split_state_dict`).
+        source: file name for messages.
+
+    Returns:
+        ``(trunk, blocks, width)`` or ``None`` when there are no ``resnet101.*`` keys.
+        The depth is read from the keys (the released files hold ResNet-101).
+
+    Raises:
+        DataError: the tensors do not form a complete torchvision-layout trunk.
+    """
+    picked = {k: v for k, v in backbone.items() if _MSDN_KEY.match(k)}
+    if not picked:
+        return None
+    trunk = normalize_backbone_keys(picked, source)
+    blocks, _ = infer_architecture(trunk)
+    if min(blocks) < 1 or "conv1.weight" not in trunk or np.ndim(trunk["conv1.weight"]) != 4:
+        raise DataError(f"{source}: the resnet101.* tensors do not form a ResNet trunk (stages {list(blocks)}, "
+                        f"conv1 {'present' if 'conv1.weight' in trunk else 'missing'})")
+    width = int(np.shape(trunk["conv1.weight"])[0])
+    check_trunk_state(trunk, blocks, width, source)
+    return trunk, blocks, width
+
+
+def save_trunk_npz(path, trunk: Mapping[str, np.ndarray], blocks: Sequence[int], width: int) -> None:
+    """Write trunk tensors (torchvision keys, float32) and their architecture to ``path`` atomically."""
+    from msdn_tf.utils import atomic_path
+
+    arrays = {k: np.asarray(v, np.float32) for k, v in trunk.items()}
+    arrays["__blocks__"] = np.asarray(list(blocks), np.int64)
+    arrays["__width__"] = np.asarray(int(width), np.int64)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+
+
+def _read_trunk_npz(path: str):
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except Exception as exc:
+        raise DataError(f"{path}: not a readable .npz backbone file ({type(exc).__name__}: {exc})") from None
+    if "__blocks__" not in arrays or "__width__" not in arrays:
+        raise DataError(f"{path}: lacks '__blocks__'/'__width__' (not written by msdn_tf.convert)")
+    blocks = tuple(int(b) for b in arrays.pop("__blocks__"))
+    width = int(arrays.pop("__width__"))
+    return arrays, blocks, width
+
+
+def load_torchvision_weights(model, state: Mapping[str, np.ndarray], source: str = "state_dict") -> None:
+    """Set ``model``'s weights from torchvision-layout tensors, every one mapped by name.
+
+    Args:
+        model: from :func:`build_torchvision_resnet`.
+        state: torchvision trunk keys (``conv1.weight``...), e.g. from
+            :func:`normalize_backbone_keys`.
+        source: the file name for error messages.
+
+    Raises:
+        DataError: a tensor is missing, unexpected (e.g. a ResNet-50 file misses
+            ``layer3.6.*``; a ResNet-18 file has ``layer1.0.conv1.weight`` of shape
+            (64, 64, 3, 3)), has the wrong shape, or is not finite.
+    """
+    blocks, width = _model_arch(model)
+    check_trunk_state(state, blocks, width, source)
     for name, kind, _ in _module_specs(blocks, width):
         layer = model.get_layer(name)
         if kind == "conv":
@@ -311,6 +376,14 @@ def load_backbone_file(path, blocks: Optional[Sequence[int]] = None, width: int 
     from msdn_tf.torch_checkpoint import read_torch_state_dict
 
     path = str(path)
+    if path.lower().endswith(".npz"):
+        trunk, file_blocks, file_width = _read_trunk_npz(path)
+        if blocks is not None and tuple(blocks) != file_blocks:
+            raise DataError(f"{path}: holds a ResNet with blocks {list(file_blocks)}, expected {list(blocks)}")
+        model = build_torchvision_resnet(file_blocks, file_width, image_size=image_size)
+        load_torchvision_weights(model, trunk, path)
+        return model, {"source": path, "format": "npz", "blocks": list(file_blocks), "width": file_width,
+                       "tensors": len(trunk)}
     try:
         with open(path, "rb") as fh:
             head = fh.read(8)
