@@ -373,6 +373,8 @@ def _torchvision_batches(backbone, paths, start, batch_size, image_size):
     """
     from concurrent.futures import ThreadPoolExecutor
 
+    import keras
+
     from msdn_tf.backbones.preprocessing import load_and_preprocess
 
     n = len(paths)
@@ -391,7 +393,10 @@ def _torchvision_batches(backbone, paths, start, batch_size, image_size):
             if nxt < len(starts):
                 pending.append(pool.submit(load, starts[nxt]))
                 nxt += 1
-            feats = _to_numpy(_call_backbone(backbone, x))
+            if isinstance(backbone, keras.Model):
+                feats = _to_numpy(backbone.predict_on_batch(x))  # compiled: ~5x faster than eager on CPU
+            else:
+                feats = _to_numpy(_call_backbone(backbone, x))
             if not np.all(np.isfinite(feats)):
                 raise MSDNError(f"the backbone returned NaN or infinite values for images {list(paths[lo:lo + len(x)])}")
             yield np.arange(lo, lo + len(x), dtype=np.int64), feats
