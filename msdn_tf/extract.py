@@ -637,8 +637,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="res101.mat, image_list.npz, or a .txt/.csv of image paths (row order of the output)")
     p.add_argument("--out", required=True, help="output .hdf5 (work goes to OUT.partial until complete)")
     p.add_argument("--backbone", default="torchvision_resnet101", choices=list(BACKBONES),
-                   help="torchvision_resnet101 (default): the reference network and PIL-exact preprocessing, the "
-                   "paper's features; keras_resnet101: keras.applications.ResNet101 with caffe preprocessing "
+                   help="torchvision_resnet101 (default): the network and PIL-exact preprocessing of TransZero/MSDN, "
+                   "the paper's features; keras_resnet101: keras.applications.ResNet101 with caffe preprocessing "
                    "(not the paper's features)")
     p.add_argument("--weights", default=None,
                    help="torchvision_resnet101: a torchvision resnet101 state_dict .pth (resnet101-63fe2227.pth) or "

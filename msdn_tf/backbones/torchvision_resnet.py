@@ -105,7 +105,7 @@ def expected_state_shapes(blocks: Sequence[int] = RESNET101_BLOCKS, width: int =
     Example:
         >>> shapes = expected_state_shapes()
         >>> len(shapes), shapes["layer4.2.conv3.weight"]
-        (312, (2048, 512, 1, 1))
+        (520, (2048, 512, 1, 1))
     """
     out = {}
     for name, kind, shape in _module_specs(blocks, width):
@@ -348,7 +348,7 @@ def _model_arch(model) -> Tuple[Tuple[int, ...], int]:
     return blocks, width
 
 
-def load_backbone_file(path, blocks: Optional[Sequence[int]] = None, width: int = 64,
+def load_backbone_file(path, blocks: Optional[Sequence[int]] = RESNET101_BLOCKS, width: int = 64,
                        image_size: Optional[int] = None):
     """Build the trunk and load a torchvision state_dict or MSDN checkpoint file into it.
 
