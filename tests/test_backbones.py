@@ -297,3 +297,13 @@ def test_convert_stores_backbone_and_export_serves_images(tmp_path, tv):
     for i in range(len(IMAGES)):
         assert rel_l2(scores[i], want[i]) < 2e-2
     np.testing.assert_array_equal(np.argmax(scores, 1), np.argmax(want, 1))
+
+
+def test_verify_figures_on_tiny_fixtures(tv):
+    from msdn_tf.backbones.verify import compare
+
+    rows = compare(TV_PTH, [os.path.join(IMG_DIR, n) for n in IMAGES], tv, image_size=SIZE, blocks=None)
+    assert [r["image"] for r in rows] == list(IMAGES)
+    for r in rows:
+        assert r["extract_rel_l2"] < 1e-5 and r["serving_rel_l2"] < 1e-5
+        assert r["decode_pixels_differing"] == 0 and r["serving_input_max_abs_diff"] == 0.0
