@@ -4,7 +4,8 @@ Usage::
 
     python -m msdn_tf.export --run RUN_DIR --out export/models/msdn_cub [--version N] \\
         [--gamma G] [--top-k 5] [--overwrite] [--no-verify] [--json] \\
-        [--with-images --backbone-weights FILE|imagenet|none --image-size 448]
+        [--with-images [--backbone auto|torchvision_resnet101|keras_resnet101] \\
+         [--backbone-weights FILE|imagenet|none] --image-size 448]
 
 Writes ``OUT/<version>/`` (default version 1) in the TF Serving model-base-path
 layout, through ``keras.export.ExportArchive`` (``tf.saved_model.save`` of a Keras 3
@@ -35,10 +36,14 @@ The three prediction signatures return the same outputs:
   on seen classes), best first, so ``top_k_classes[:, 0] == gzsl_class``.
   ``top_k_scores`` are those calibrated scores.
 
-``serving_images`` decodes each image (JPEG/PNG/BMP/GIF first frame) to RGB, resizes
-the shorter side to ``image_size`` (bilinear, antialiased), centre-crops a square,
-applies ``keras.applications.resnet.preprocess_input`` -- the preprocessing of
-:mod:`msdn_tf.extract` -- and runs the backbone inside the graph.
+``serving_images`` decodes each image (JPEG/PNG/BMP/GIF first frame) to RGB and runs
+the preprocessing of the backbone and the backbone inside the graph: for the
+torchvision-layout ResNet-101 (``--backbone torchvision_resnet101``, the default when
+the run holds ``backbone_resnet101.npz`` from ``msdn_tf.convert``) the reference's
+torchvision/PIL preprocessing, exactly (:mod:`msdn_tf.backbones.preprocessing`); for
+Keras' ResNet-101 the shorter side resized to ``image_size`` (bilinear, antialiased),
+a centre crop and ``keras.applications.resnet.preprocess_input``, as
+``msdn_tf.extract --backbone keras_resnet101``.
 
 Metadata (class names, seen/unseen ids, fusion weights, gamma, top_k, the run
 config) is written to ``OUT/<version>/assets/msdn_metadata.json``, beside the
