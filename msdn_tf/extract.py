@@ -40,8 +40,11 @@ The run is resumable and crash-safe: rows are written to ``OUT.partial`` (the
 ``feature_map`` dataset is preallocated; the attribute ``done_count`` is flushed
 after every batch). Re-running the same command continues at the first row not
 done. Only a complete file, with the metadata keys added, is renamed to ``OUT``
-(atomically), so a killed run never leaves a partial ``OUT``. With more than one
-visible GPU the batches are split over them with ``tf.distribute.MirroredStrategy``.
+(atomically), so a killed run never leaves a partial ``OUT``. With
+``keras_resnet101`` and more than one visible GPU the batches are split over them
+with ``tf.distribute.MirroredStrategy``; ``torchvision_resnet101`` decodes and
+preprocesses with a small thread pool, one batch ahead, and runs the network
+compiled (``predict_on_batch``) on the default device.
 """
 
 from __future__ import annotations

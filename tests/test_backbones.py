@@ -307,3 +307,13 @@ def test_verify_figures_on_tiny_fixtures(tv):
     for r in rows:
         assert r["extract_rel_l2"] < 1e-5 and r["serving_rel_l2"] < 1e-5
         assert r["decode_pixels_differing"] == 0 and r["serving_input_max_abs_diff"] == 0.0
+
+
+def test_keras_file_round_trip(tmp_path, tiny_model):
+    import keras
+
+    tiny_model.save(tmp_path / "b.keras")
+    again = keras.models.load_model(tmp_path / "b.keras")
+    x = np.random.default_rng(4).standard_normal((2, SIZE, SIZE, 3)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(again(x)), np.asarray(tiny_model(x)))
+    assert again.get_layer("layer2.1.bn3").epsilon == 1e-5

@@ -223,7 +223,10 @@ def normalize_backbone_keys(state: Mapping[str, np.ndarray], source: str) -> Dic
 
 
 def infer_architecture(keys) -> Tuple[Tuple[int, int, int, int], Optional[int]]:
-    """``(blocks, width)`` of a torchvision-layout key set (width from conv1 if present)."""
+    """``(blocks, None)``: the bottleneck blocks per stage of a torchvision-layout key set.
+
+    The second value is reserved for the width, which callers read from ``conv1.weight``.
+    """
     counts = [0, 0, 0, 0]
     for key in keys:
         m = re.match(r"^layer([1-4])\.(\d+)\.", key)
