@@ -14,7 +14,7 @@ with synthetic inputs already in memory as tensors, it times
 and, in the same process, ``tf.matmul`` at shapes of the model's own contractions
 (``(B*R, F) x (F, 4K)`` forward, ``(F, B*R) x (B*R, 4K)`` weight gradient) and one
 big square product. The essential work of the model is counted analytically
-(:func:`essential_flops`, reference note §10), and the report gives the ratio of
+(:func:`essential_flops`, docs/reference.md §10), and the report gives the ratio of
 the achieved essential FLOP/s to the representative matmul rate ("the limit").
 
 Every timing is ``--repeats`` runs of ``--steps`` calls after ``--warmup`` calls;
@@ -35,7 +35,7 @@ import time
 CUB = {"attributes": 312, "classes": 200, "unseen": 50, "features": 2048, "embed": 300}
 IMPLS = ("fused", "einsum")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
-REFERENCE = {  # reference PyTorch code, 2-core x86 CPU, CUB, R=196, batch 50 (reference note §10)
+REFERENCE = {  # reference PyTorch code, 2-core x86 CPU, CUB, R=196, batch 50 (docs/reference.md §10)
     "train_images_per_s": 21.5, "train_step_s": 2.3, "eval_images_per_s": 32.0,
 }
 
@@ -66,7 +66,7 @@ def train_flops_per_image(regions: int, features: int, attributes: int) -> int:
 
         train = 2 * forward = 16 * R * F * K
 
-    (CUB, R=196: 2.0 GFLOP, reference note §10.)
+    (CUB, R=196: 2.0 GFLOP, docs/reference.md §10.)
     """
     return 2 * forward_flops_per_image(regions, features, attributes)
 

@@ -16,6 +16,12 @@ therefore step functions of ``gamma`` that change only at those values, and
 neighbouring switch points, plus beyond both ends: the whole curve, exactly,
 in ``O(N log N)``.
 
+The constant acts on top of the model's own margin: MSDN's logits keep
+``bias * mask_bias`` (+bias unseen, -bias seen) at test, as the reference's do,
+so the fused scores already favour unseen classes by ``2 * bias * (w1 + w2)``
+(2 with the reference's bias 1): ``gamma = 0`` is the reference's prediction,
+and the curve's ``gamma`` axis is relative to it (docs/reference.md §7).
+
 AUSUC is the area under the curve of ``U`` (y) against ``S`` (x), by the
 trapezoid rule after sorting by ``S``.
 

@@ -83,18 +83,18 @@ class DemoConfig:
 
 @dataclasses.dataclass
 class ModelConfig:
-    """Architecture and test-time fusion (reference note §2, §3, §6)."""
+    """Architecture and test-time fusion (docs/reference.md §2, §3, §6)."""
 
     normalize_attribute_vectors: bool = False
     fusion_weights: List[float] = dataclasses.field(default_factory=lambda: [0.9, 0.1])
     branches: str = "both"
     attention: str = "softmax"
-    bias: float = 1.0  # the margin: +bias unseen, -bias seen logits (note §2, §4, §7)
+    bias: float = 1.0  # the margin: +bias unseen, -bias seen logits (docs/reference.md §2, §4, §7)
 
 
 @dataclasses.dataclass
 class LossConfig:
-    """Loss weights and forms (reference note §4; paper Eqs. 7-8)."""
+    """Loss weights and forms (docs/reference.md §4; paper Eqs. 7-8)."""
 
     lambda_cal: float = 0.1
     distill_weight: float = 0.001
@@ -105,7 +105,7 @@ class LossConfig:
 
 @dataclasses.dataclass
 class OptimizerConfig:
-    """torch-style RMSprop (reference note §5)."""
+    """torch-style RMSprop (docs/reference.md §5)."""
 
     learning_rate: float = 1e-4
     rho: float = 0.99

@@ -5,7 +5,7 @@ Command::
     python -m msdn_tf.convert --torch-checkpoint CUB_MSDN_GZSL.pth --dataset cub \\
         --out runs/cub-official-gzsl [--data-dir data/CUB] [--set section.key=value ...]
 
-The released files ``{CUB,SUN,AWA2}_MSDN_{CZSL,GZSL}.pth`` (reference note §9)
+The released files ``{CUB,SUN,AWA2}_MSDN_{CZSL,GZSL}.pth`` (docs/reference.md §9)
 are ``torch.save`` state_dicts. They are read by
 :mod:`msdn_tf.torch_checkpoint` (no torch needed; a restricted unpickler that
 executes nothing from the file) and written as a run directory that
@@ -286,7 +286,7 @@ def convert_state_dict(state: Mapping[str, np.ndarray], dataset: str, out_dir,
         metadata_report["att_max_abs_diff"] = diff
         if diff > ATT_TOLERANCE:
             warnings.append(f"'att' differs from the one recomputed from {meta['att_splits']} "
-                            f"(reference note §1.4) by up to {diff:.3g} (> {ATT_TOLERANCE:g}); the "
+                            f"(docs/reference.md §1.4) by up to {diff:.3g} (> {ATT_TOLERANCE:g}); the "
                             "checkpoint's att is used")
         if meta["seen"] is not None:
             for what, mine, theirs, loc in (("seen", seen, meta["seen"], "trainval_loc"),

@@ -161,6 +161,8 @@ def evaluate_run(run_dir, gamma: float = 0.0, data_dir=None, calibration_curve: 
         "protocol": protocol,
         "protocol_note": PROTOCOL_NOTES[protocol],
         "gamma": float(gamma),
+        "bias": float(model.bias_value),
+        "margin_gap": margin_gap(model),
         "fusion_weights": list(model.fusion_weights),
         **{k: float(result[k]) for k in ("acc", "U", "S", "H")},
         "a2v": result["a2v"],
@@ -227,11 +229,22 @@ def reference_selection(history: list) -> dict:
             "acc": best_acc["acc"], "U": best_h["U"], "S": best_h["S"], "H": best_h["H"]}
 
 
+def margin_gap(model) -> float:
+    """How much the model's own margin favours unseen over seen classes in the fused scores.
+
+    Both sub-nets' logits carry ``+bias`` (unseen) / ``-bias`` (seen), so the fused
+    ``w1 * S1 + w2 * S2`` carries a gap of ``2 * bias * (w1 + w2)``: calibrated stacking
+    built into the model (docs/reference.md §7). ``--gamma`` adds to it.
+    """
+    return float(2.0 * model.bias_value * sum(model.fusion_weights))
+
+
 def render_report(metrics: dict) -> str:
     lines = [f"# Evaluation of {metrics['run_dir']} ({metrics['dataset']})", "",
              f"## protocol: {metrics['protocol']}", "", f"{metrics['protocol_note']}.", "",
-             f"Calibrated stacking gamma = {metrics['gamma']:g} (subtracted from seen-class scores); "
-             f"fusion weights {metrics['fusion_weights']}.", ""]
+             f"Calibrated stacking gamma = {metrics['gamma']:g} (subtracted from seen-class scores) on top of "
+             f"the model's margin bias = {metrics.get('bias', 0.0):g}, which already favours unseen classes by "
+             f"{metrics.get('margin_gap', 0.0):g} in the fused scores; fusion weights {metrics['fusion_weights']}.", ""]
     if metrics.get("validation_choice"):
         c = metrics["validation_choice"]
         lines += [f"Chosen on validation: lambda_cal {c.get('lambda_cal')}, {c.get('step')} steps, "
@@ -267,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Evaluate a run directory (trained or converted) on the test split.")
     p.add_argument("--run", required=True, help="run directory with config.yaml and model.keras")
     p.add_argument("--gamma", type=float, default=0.0,
-                   help="calibrated stacking: subtract G from seen-class scores (default 0, as the reference)")
+                   help="calibrated stacking: subtract G from seen-class scores, on top of the model's margin "
+                        "(which already favours unseen classes by 2*bias; default 0, as the reference)")
     p.add_argument("--data-dir", help="override the run's data.data_dir")
     p.add_argument("--calibration-curve", action="store_true",
                    help="also compute the seen-unseen accuracy curve over gamma, its AUSUC and curve.png")

@@ -1,4 +1,4 @@
-"""Run a model over the test splits and compute the zero-shot metrics (reference note §7)."""
+"""Run a model over the test splits and compute the zero-shot metrics (docs/reference.md §7)."""
 
 from __future__ import annotations
 

@@ -215,9 +215,11 @@ def build_metadata(model, *, class_names, seen_classes, unseen_classes, gamma, t
         "feature_dim": int(model.feature_dim),
         "fusion_weights": [float(w) for w in model.fusion_weights],
         "gamma": float(gamma),
+        "bias": float(model.bias_value),
         "top_k": int(top_k),
-        "scores": "fused logits w1*S1 + w2*S2 (uncalibrated); gzsl_class and top_k use scores - gamma on seen "
-                  "classes",
+        "scores": "the reference's fused logits w1*S1 + w2*S2, which keep the margin bias*mask_bias (+bias unseen, "
+                  "-bias seen: unseen classes are favoured by 2*bias*(w1+w2)); gzsl_class and top_k use "
+                  "scores - gamma on seen classes, gamma on top of that margin",
         "images": None if image_size is None else {
             "image_size": int(image_size), "backbone": backbone_id or "custom",
             "preprocessing_kind": preprocessing,

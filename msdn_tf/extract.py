@@ -1,4 +1,4 @@
-"""Extract ResNet-101 feature maps into the feature-map HDF5 layout (reference note §1.1).
+"""Extract ResNet-101 feature maps into the feature-map HDF5 layout (docs/reference.md §1.1).
 
 Usage::
 

@@ -1,7 +1,7 @@
 """MSDN losses as pure functions of class logits, written in ``keras.ops``.
 
 Every function takes logits ``(B, C)`` (and labels or masks) and returns a
-scalar. The defaults are what the reference code computes (reference note §4);
+scalar. The defaults are what the reference code computes (docs/reference.md §4);
 the paper's forms are the ``*_paper`` variants and are chosen in the config
 (``loss.cross_entropy``, ``loss.calibration``, ``loss.distillation``).
 

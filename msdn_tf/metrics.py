@@ -1,4 +1,4 @@
-"""Zero-shot evaluation metrics (reference note §7), on NumPy arrays of logits.
+"""Zero-shot evaluation metrics (docs/reference.md §7), on NumPy arrays of logits.
 
 All accuracies are per-class means of top-1 accuracy, as fractions in [0, 1].
 

@@ -26,7 +26,7 @@ class MSDN(keras.Model):
     Each produces class logits ``att @ scores + bias * mask_bias``; the fused
     logits are ``w1 * S1 + w2 * S2``. ``train_step`` minimises, for each sub-net,
     cross-entropy plus ``lambda_cal`` times self-calibration, plus
-    ``distill_weight`` times the mutual distillation (reference note §4).
+    ``distill_weight`` times the mutual distillation (docs/reference.md §4).
 
     Use :func:`build_msdn` to make one from a dataset's arrays.
 
@@ -55,7 +55,7 @@ class MSDN(keras.Model):
             is the global-average-pooling baseline).
         bias: float, the margin size: ``bias * mask_bias`` adds +bias to unseen and
             -bias to seen logits, in training and at test (the reference's default 1,
-            note §2). Self-calibration and distillation see it; the cross-entropy
+            docs/reference.md §2). Self-calibration and distillation see it; the cross-entropy
             removes it; the fused test logits keep it, which is calibrated stacking
             with gamma = 2 * bias. 0 disables it.
         return_features: bool, also return ``F_p`` and ``u`` (for visualisation).
@@ -201,7 +201,7 @@ class MSDN(keras.Model):
                 terms[f"ce_{branch}"] = ops.zeros((), logits.dtype)
                 terms[f"cal_{branch}"] = ops.zeros((), logits.dtype)
                 continue
-            # Only the cross-entropy removes the margin (reference note §4).
+            # Only the cross-entropy removes the margin (docs/reference.md §4).
             raw = logits - margin
             if self.cross_entropy == "all":
                 terms[f"ce_{branch}"] = L.cross_entropy(raw, labels)
@@ -319,7 +319,7 @@ def build_msdn(class_attributes, attribute_vectors, seen_classes, unseen_classes
 
     Args:
         class_attributes: ``(C, K)`` class attributes, model-ready (rows
-            L2-normalised, reference note §1.4; see
+            L2-normalised, docs/reference.md §1.4; see
             :func:`msdn_tf.data.base.class_attributes_for_model`).
         attribute_vectors: ``(K, D)`` attribute word vectors; ``V`` starts as these
             with rows L2-normalised.

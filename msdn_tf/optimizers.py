@@ -1,4 +1,4 @@
-"""RMSprop with the semantics of ``torch.optim.RMSprop`` (reference note §5)."""
+"""RMSprop with the semantics of ``torch.optim.RMSprop`` (docs/reference.md §5)."""
 
 from __future__ import annotations
 

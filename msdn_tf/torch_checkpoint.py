@@ -1,7 +1,7 @@
 """Read PyTorch ``state_dict`` checkpoints (``torch.save`` zip format) without torch.
 
 The authors of MSDN released ``{CUB,SUN,AWA2}_MSDN_{CZSL,GZSL}.pth``: state_dicts
-written by ``torch.save`` in torch's zip format (reference note §2 and §9). This
+written by ``torch.save`` in torch's zip format (docs/reference.md §2 and §9). This
 module reads such files with :mod:`zipfile` and a *restricted* unpickler, so the
 checkpoints can be converted without installing torch and without trusting them.
 
@@ -88,7 +88,8 @@ ALLOWED_GLOBALS = frozenset(
 
 #: Reference state_dict key -> (msdn-tf Keras layer, weight name in that layer,
 #: role). The weight names are identical to the reference keys. ``bias`` and
-#: ``mask_bias`` are constants of the self-calibration loss, not layer weights.
+#: ``mask_bias`` are the model's own non-trainable margin weights, not layer weights
+#: (docs/reference.md §2).
 MSDN_KEY_MAP: Dict[str, Tuple[Optional[str], str, str]] = {
     "V": ("AttributeEmbedding", "V", "attribute word vectors (K, D), shared by both sub-nets"),
     "att": ("AttributeEmbedding", "att", "class attribute matrix (C, K)"),
@@ -96,7 +97,7 @@ MSDN_KEY_MAP: Dict[str, Tuple[Optional[str], str, str]] = {
     "W_2": ("AttributeToVisual", "W_2", "A->V attention (D, F)"),
     "W_1_1": ("VisualToAttribute", "W_1_1", "V->A attribute score (F, D)"),
     "W_2_1": ("VisualToAttribute", "W_2_1", "V->A attention (D, F)"),
-    "bias": (None, "bias", "self-calibration margin size (scalar, 0 in all scripts)"),
+    "bias": (None, "bias", "margin size (scalar; the reference code creates it as 1)"),
     "mask_bias": (None, "mask_bias", "self-calibration margin sign (1, C): +1 unseen, -1 seen"),
 }
 

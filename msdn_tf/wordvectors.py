@@ -1,4 +1,4 @@
-"""Attribute word vectors from a word-vector text file (reference note §1.3).
+"""Attribute word vectors from a word-vector text file (docs/reference.md §1.3).
 
 The reference ``{CUB,SUN,AWA2}_attribute.pkl`` files hold, for each attribute
 name, the SUM of the word vectors of its words; rows are not normalised. This

@@ -43,6 +43,8 @@ def rng():
 def tiny_problem(rng, B=4, R=6, F=10, K=5, D=4, C=7, unseen=(3, 6)):
     """Random non-zero weights and inputs of a tiny MSDN (channel-first features like the reference)."""
     seen = [c for c in range(C) if c not in unseen]
+    mask_bias = -np.ones((1, C))
+    mask_bias[0, list(unseen)] = 1.0
     return {
         "fmap_bfr": rng.random((B, F, R)) + 0.05,
         "V": rng.normal(size=(K, D)),
@@ -54,4 +56,7 @@ def tiny_problem(rng, B=4, R=6, F=10, K=5, D=4, C=7, unseen=(3, 6)):
         "labels": rng.choice(seen, size=B),
         "seen": seen,
         "unseen": list(unseen),
+        # The margin (docs/reference.md §2): random and non-zero, so that every term sees it.
+        "bias": float(rng.uniform(0.3, 1.7)),
+        "mask_bias": mask_bias,
     }

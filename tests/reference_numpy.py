@@ -1,4 +1,4 @@
-"""An independent NumPy (float64) implementation of the reference equations (msdn-official.md §3-§5).
+"""An independent NumPy (float64) implementation of the reference equations (docs/reference.md §3-§5).
 
 Written from the note, channel-first like the reference (Fs is (B, F, R)), so
 that it shares no code with the Keras model it checks.
@@ -72,8 +72,9 @@ def sq_l2(S1, S2):
     return float(np.mean(np.sum((S1 - S2) ** 2, axis=1)))
 
 
-def total_loss(S1, S2, y, unseen, lam, wd):
-    return (ce(S1, y) + lam * cal(S1, unseen) + ce(S2, y) + lam * cal(S2, unseen)
+def total_loss(S1, S2, y, unseen, lam, wd, margin=0.0):
+    """§4 on logits S1, S2 that INCLUDE the margin: only the cross-entropy removes it."""
+    return (ce(S1 - margin, y) + lam * cal(S1, unseen) + ce(S2 - margin, y) + lam * cal(S2, unseen)
             + wd * (jsd(S1, S2) + logit_term(S1, S2)))
 
 

@@ -22,9 +22,9 @@ def test_flop_formula_against_a_hand_count():
     contractions = {"S (V W_1)": (R, F, K), "A logits (V W_2)": (R, F, K),
                     "T (W_1_1 V^T)": (R, F, K), "Bw logits (V W_2_1)": (R, F, K)}
     hand = sum(2 * r * k * f for r, f, k in contractions.values())
-    assert bench.forward_flops_per_image(R, F, K) == hand == 1_001_914_368  # ~1.0 GFLOP (note §10)
+    assert bench.forward_flops_per_image(R, F, K) == hand == 1_001_914_368  # ~1.0 GFLOP (docs/reference.md §10)
     # Training adds the weight gradient dP = dY^T Fs of each contraction (same size); no input gradient.
-    assert bench.train_flops_per_image(R, F, K) == 2 * hand == 2_003_828_736  # ~2.0 GFLOP (note §10)
+    assert bench.train_flops_per_image(R, F, K) == 2 * hand == 2_003_828_736  # ~2.0 GFLOP (docs/reference.md §10)
     assert bench.forward_flops_per_image(49, F, K) * 4 == hand
     assert bench.projection_flops_per_step(F, K, 300, training=False) == 4 * 2 * K * 300 * F
 

@@ -40,8 +40,9 @@ def _tiny_model(seed=0):
     rng = np.random.default_rng(seed)
     att = np.abs(rng.standard_normal((C, K))).astype(np.float32)
     att /= np.linalg.norm(att, axis=1, keepdims=True)
+    # A small non-zero margin: the scores keep it, and both seen and unseen classes still win somewhere.
     model = build_msdn(att, rng.standard_normal((K, D)).astype(np.float32), SEEN, UNSEEN, feature_dim=F,
-                       fusion_weights=(0.7, 0.3))
+                       fusion_weights=(0.7, 0.3), bias=0.1)
     for w in model.trainable_weights:  # W_2, W_1_1, W_2_1 start at zero: make both sub-nets matter
         w.assign(keras.ops.convert_to_tensor(0.5 * rng.standard_normal(tuple(w.shape)), w.dtype))
     return model
@@ -134,7 +135,7 @@ def test_layout_and_metadata_asset(setup):
     assert asset["class_names"] == NAMES
     assert asset["seen_classes"] == SEEN and asset["unseen_classes"] == UNSEEN
     assert asset["gamma"] == pytest.approx(setup["gamma"]) and asset["top_k"] == TOP_K
-    assert asset["fusion_weights"] == [0.7, 0.3]
+    assert asset["fusion_weights"] == [0.7, 0.3] and asset["bias"] == pytest.approx(0.1)  # the scores keep this margin
     assert asset["config"] == {"data": {"dataset": "tiny"}}
     assert asset["images"]["image_size"] == IMAGE_SIZE
 

@@ -14,6 +14,7 @@ RTOL = 1e-5
 def make_model(p, **options):
     C, K = p["att"].shape
     F = p["W_1"].shape[1]
+    options.setdefault("bias", p["bias"])
     model = build_msdn(p["att"], p["V"], p["seen"], p["unseen"], feature_dim=F, **options)
     # Random non-zero values for every weight (V is set verbatim, not normalised).
     model.embedding.V.assign(p["V"].astype("float32"))
@@ -29,6 +30,8 @@ def channel_last(fmap_bfr):
 
 
 def reference(p, **kw):
+    kw.setdefault("bias", p["bias"])
+    kw.setdefault("mask_bias", p["mask_bias"])
     return ref.forward(p["fmap_bfr"], p["V"], p["W_1"], p["W_2"], p["W_1_1"], p["W_2_1"], p["att"], **kw)
 
 
@@ -64,30 +67,51 @@ def test_map_input_equals_region_input(rng):
 def test_bias_margin_matches_reference(rng):
     p = tiny_problem(rng)
     model = make_model(p, bias=0.5)
-    mask = -np.ones((1, p["att"].shape[0]))
-    mask[0, p["unseen"]] = 1.0
-    np.testing.assert_array_equal(np.asarray(model.mask_bias), mask)
-    want = reference(p, bias=0.5, mask_bias=mask)
+    np.testing.assert_array_equal(np.asarray(model.mask_bias), p["mask_bias"])
+    want = reference(p, bias=0.5)
     out = model(channel_last(p["fmap_bfr"]))
     np.testing.assert_allclose(np.asarray(out["logits_a2v"]), want["S1"], rtol=RTOL, atol=1e-6)
-    # The losses use the logits without the margin.
-    terms = model.compute_loss_terms(out, p["labels"])
-    np.testing.assert_allclose(float(terms["ce_a2v"]), ref.ce(want["S1"] - 0.5 * mask, p["labels"]), rtol=RTOL)
+    np.testing.assert_allclose(np.asarray(out["logits_v2a"]), want["S2"], rtol=RTOL, atol=1e-6)
+    # The fused test logits keep the margin: unseen classes are favoured by 2 * bias (w1 + w2 = 1).
+    no_margin = make_model(p, bias=0.0)(channel_last(p["fmap_bfr"]))["logits"]
+    np.testing.assert_allclose(np.asarray(out["logits"]) - np.asarray(no_margin),
+                               np.broadcast_to(0.5 * p["mask_bias"], no_margin.shape), atol=1e-5)
 
 
-def test_every_loss_term_matches_reference(rng):
+@pytest.mark.parametrize("bias", [None, 0.0])
+def test_every_loss_term_matches_reference(rng, bias):
+    """Every §4 term, with a random non-zero margin (and without one): CE removes it, the rest see it."""
     p = tiny_problem(rng)
+    if bias is not None:
+        p["bias"] = bias
     model = make_model(p, lambda_cal=0.3, distill_weight=0.05)
     out = model(channel_last(p["fmap_bfr"]))
     want = reference(p)
     S1, S2, y, U = want["S1"], want["S2"], p["labels"], p["unseen"]
+    margin = p["bias"] * p["mask_bias"]
     terms = {k: float(v) for k, v in model.compute_loss_terms(out, y).items()}
-    np.testing.assert_allclose(terms["ce_a2v"], ref.ce(S1, y), rtol=RTOL)
-    np.testing.assert_allclose(terms["ce_v2a"], ref.ce(S2, y), rtol=RTOL)
+    np.testing.assert_allclose(terms["ce_a2v"], ref.ce(S1 - margin, y), rtol=RTOL)
+    np.testing.assert_allclose(terms["ce_v2a"], ref.ce(S2 - margin, y), rtol=RTOL)
     np.testing.assert_allclose(terms["cal_a2v"], ref.cal(S1, U), rtol=RTOL)
     np.testing.assert_allclose(terms["cal_v2a"], ref.cal(S2, U), rtol=RTOL)
     np.testing.assert_allclose(terms["distill"], ref.jsd(S1, S2) + ref.logit_term(S1, S2), rtol=RTOL)
-    np.testing.assert_allclose(terms["loss"], ref.total_loss(S1, S2, y, U, 0.3, 0.05), rtol=RTOL)
+    np.testing.assert_allclose(terms["loss"], ref.total_loss(S1, S2, y, U, 0.3, 0.05, margin), rtol=RTOL)
+    if p["bias"]:
+        # The margin changes self-calibration and the JSD: a check that cannot pass by ignoring it.
+        assert abs(terms["cal_a2v"] - ref.cal(S1 - margin, U)) > 1e-3
+        assert abs(terms["distill"] - ref.jsd(S1 - margin, S2 - margin) - ref.logit_term(S1, S2)) > 1e-6
+
+
+def test_paper_forms_relate_to_the_margin_as_documented(rng):
+    """Paper Eq. 7 forms: seen-only CE and the ±1 indicator act on the margin-free logits."""
+    p = tiny_problem(rng)
+    model = make_model(p, cross_entropy="seen", calibration="indicator")
+    out = model(channel_last(p["fmap_bfr"]))
+    want = reference(p)
+    raw1 = want["S1"] - p["bias"] * p["mask_bias"]
+    terms = {k: float(v) for k, v in model.compute_loss_terms(out, p["labels"]).items()}
+    np.testing.assert_allclose(terms["ce_a2v"], ref.ce(raw1, p["labels"], classes=p["seen"]), rtol=RTOL)
+    np.testing.assert_allclose(terms["cal_a2v"], ref.cal_paper(raw1, p["unseen"]), rtol=RTOL)
 
 
 def test_loss_functions_and_paper_variants(rng):
@@ -127,16 +151,18 @@ def test_identical_logits_give_zero_distillation_without_nan():
     assert np.all(np.isfinite(tape.gradient(value, S)))
 
 
-@pytest.mark.parametrize("C,U,ce_want,cal_want", [
-    (200, 50, 5.2983, 1.3863),   # CUB
-    (717, 72, 6.5751, 2.2984),   # SUN
-    (50, 10, 3.9120, 1.6094),    # AWA2
+@pytest.mark.parametrize("C,U,ce_want,cal_want,cal_want_no_margin", [
+    (200, 50, 5.2983, 0.3408, 1.3863),   # CUB
+    (717, 72, 6.5751, 0.7941, 2.2984),   # SUN
+    (50, 10, 3.9120, 0.4327, 1.6094),    # AWA2
 ])
-def test_values_at_initialisation(rng, C, U, ce_want, cal_want):
+def test_values_at_initialisation(rng, C, U, ce_want, cal_want, cal_want_no_margin):
+    """docs/reference.md §4: S2 = bias * mask_bias at initialisation, with the default bias 1 and with 0."""
     K, D, F, R, B = 12, 8, 16, 9, 6
     unseen = sorted(rng.choice(C, size=U, replace=False).tolist())
     seen = [c for c in range(C) if c not in unseen]
     model = build_msdn(rng.random((C, K)), rng.normal(size=(K, D)), seen, unseen, feature_dim=F, seed=3)
+    assert float(np.asarray(model.bias)) == 1.0  # the reference's default margin
     # Reference initialisation (§2): V = normalised w2v, W_1 ~ N(0, 1), the others zero.
     np.testing.assert_allclose(np.linalg.norm(np.asarray(model.embedding.V), axis=1), 1.0, rtol=1e-6)
     for w in (model.a2v.W_2, model.v2a.W_1_1, model.v2a.W_2_1):
@@ -145,12 +171,17 @@ def test_values_at_initialisation(rng, C, U, ce_want, cal_want):
     assert abs(w1.mean()) < 0.2 and 0.8 < w1.std() < 1.2
     x = rng.random((B, R, F)).astype("float32")
     out = model(x)
-    assert not np.any(np.asarray(out["logits_v2a"]))  # S2 = 0 at initialisation
+    np.testing.assert_array_equal(np.asarray(out["logits_v2a"]),
+                                  np.broadcast_to(np.asarray(model.mask_bias), (B, C)))  # S2 = margin
     np.testing.assert_allclose(np.asarray(out["attention_v2a"]), 1.0 / K, rtol=1e-6)
     np.testing.assert_allclose(np.asarray(out["attention_a2v"]), 1.0 / R, rtol=1e-6)
     terms = model.compute_loss_terms(out, np.array(seen[:B]))
     assert float(terms["ce_v2a"]) == pytest.approx(ce_want, abs=1e-4)
     assert float(terms["cal_v2a"]) == pytest.approx(cal_want, abs=1e-4)
+    no_margin = build_msdn(rng.random((C, K)), rng.normal(size=(K, D)), seen, unseen, feature_dim=F, bias=0.0)
+    terms = no_margin.compute_loss_terms(no_margin(x), np.array(seen[:B]))
+    assert float(terms["ce_v2a"]) == pytest.approx(ce_want, abs=1e-4)
+    assert float(terms["cal_v2a"]) == pytest.approx(cal_want_no_margin, abs=1e-4)
 
 
 def test_zero_word_vector_row_stays_zero(rng):

@@ -23,7 +23,7 @@ from msdn_tf.data.registry import DATASETS, load_dataset
 from msdn_tf.errors import DataError
 from tests.conftest import shared_zsl_dir
 
-# dataset: (images, K, C, seen, unseen, trainval, test_seen, test_unseen), reference note §1.2
+# dataset: (images, K, C, seen, unseen, trainval, test_seen, test_unseen), docs/reference.md §1.2
 TABLE = {
     "cub": (11788, 312, 200, 150, 50, 7057, 1764, 2967),
     "sun": (14340, 102, 717, 645, 72, 10320, 2580, 1440),

@@ -54,7 +54,7 @@ class ArrayFeatures:
 
 
 def class_attributes_for_model(att_ck: np.ndarray, nonnegative: bool = False) -> np.ndarray:
-    """Class-attribute matrix as the reference model uses it (reference note §1.4).
+    """Class-attribute matrix as the reference model uses it (docs/reference.md §1.4).
 
     Args:
         att_ck: ``(C, K)`` class attributes (xlsa17 ``att`` transposed).
@@ -115,7 +115,7 @@ class ZSLData:
         self.attribute_names = [str(n) for n in self.attribute_names]
         validate(self)
 
-    # Derived quantities (reference note §1.2: not contiguous, derived from splits).
+    # Derived quantities (docs/reference.md §1.2: not contiguous, derived from splits).
     @property
     def seen_classes(self) -> np.ndarray:
         return np.unique(self.labels[self.trainval_loc])

@@ -1,6 +1,6 @@
 """A prepared feature cache for datasets larger than memory.
 
-The reference feature-map HDF5 (reference note §1.1) is channel-first
+The reference feature-map HDF5 (docs/reference.md §1.1) is channel-first
 ``(N, 2048, 14, 14)`` float32, often gzip-compressed: AWA2 is 60 GB, and every
 batch needs 50 scattered rows, each decompressed and transposed. The cache is the
 same data prepared once for training:

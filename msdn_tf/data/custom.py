@@ -5,7 +5,7 @@ format, validates it, computes the splits and the attribute vectors, and
 extracts ResNet-101 feature maps through :func:`msdn_tf.extract.extract_features`
 into a prepared folder ``DATA_DIR``:
 
-* ``features.hdf5``: the reference §1.1 layout (``feature_map``, ``labels``,
+* ``features.hdf5``: the docs/reference.md §1.1 layout (``feature_map``, ``labels``,
   ``trainval_loc``/``test_seen_loc``/``test_unseen_loc``, optional
   ``train_loc``/``val_loc``, ``att`` = ``original_att`` = the user's table (rows are
   L2-normalised when loaded, §1.4), ``w2v_att``, ``allclasses_names``,

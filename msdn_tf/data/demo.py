@@ -16,7 +16,7 @@ What it models:
 * Attribute word vectors are a fixed random linear map of the patterns plus
   noise, so they relate to what the attribute looks like.
 
-The generator writes the reference feature-map HDF5 layout (reference note
+The generator writes the reference feature-map HDF5 layout (docs/reference.md
 §1.1, channel-first maps) and the demo is read back through the same loader as
 real data.
 """

@@ -1,4 +1,4 @@
-"""Reader for the feature-map HDF5 layout (reference note §1.1).
+"""Reader for the feature-map HDF5 layout (docs/reference.md §1.1).
 
 Keys: ``feature_map`` (N, F, H, W) channel-first float, ``labels`` (N,),
 ``trainval_loc``/``test_seen_loc``/``test_unseen_loc`` (0-based), ``att`` (C, K),
@@ -106,7 +106,7 @@ def load_feature_map_hdf5(
     class_names=None,
     attribute_names=None,
 ) -> ZSLData:
-    """Read a feature-map HDF5 file (reference note §1.1) into a :class:`ZSLData`.
+    """Read a feature-map HDF5 file (docs/reference.md §1.1) into a :class:`ZSLData`.
 
     Args:
         path: the HDF5 file.

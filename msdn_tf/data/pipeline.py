@@ -1,4 +1,4 @@
-"""Batch samplers (reference note §6) and the tf.data input pipelines.
+"""Batch samplers (docs/reference.md §6) and the tf.data input pipelines.
 
 Samplers are stateless: the batch of step ``s`` is a function of ``(seed, s)``
 only, so a resumed run draws exactly the batches an uninterrupted run would.

@@ -8,7 +8,7 @@ The three benchmarks (CUB, SUN, AWA2) load from either of two folder layouts
 (docs/data.md):
 
 (a) the reference feature-map HDF5 ``feature_map_ResNet_101_{CUB,SUN,AWA2}.hdf5``
-    (reference note §1.1; features, labels, splits, ``att`` and ``w2v_att`` in one
+    (docs/reference.md §1.1; features, labels, splits, ``att`` and ``w2v_att`` in one
     file). Class and attribute names come from ``att_splits.mat`` and the
     attribute-name file in the same folder (or its ``CUB/``... sub-folder) when present;
 (b) the xlsa17 metadata (``att_splits.mat``, ``res101.mat`` or ``image_list.npz``,
@@ -41,7 +41,7 @@ class DatasetSpec:
         description: one line for ``--help`` and errors.
         loader: ``loader(config, spec) -> ZSLData``.
         required_files: files (relative to ``data.data_dir``) to name when they are missing.
-        nonnegative_att: clip negative class attributes before normalising (reference §1.4).
+        nonnegative_att: clip negative class attributes before normalising (docs/reference.md §1.4).
         expected: sizes the loaded data must have (keys of ``ZSLData.summary()``).
         upstream_name: file-name stem used by the standard files (``CUB``, ``SUN``, ``AWA2``).
         alternative_files: the files of the second layout (xlsa17 + extracted features);

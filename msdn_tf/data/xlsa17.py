@@ -1,4 +1,4 @@
-"""Readers for the standard zero-shot benchmark metadata (reference note §1.2, §1.3).
+"""Readers for the standard zero-shot benchmark metadata (docs/reference.md §1.2, §1.3).
 
 Files handled:
 

@@ -29,7 +29,7 @@ class AttributeEmbedding(keras.layers.Layer):
         attribute_vectors: optional ``(K, D)`` array, the word vectors that
             initialise ``V`` (rows are L2-normalised here). Zeros if omitted.
         class_attributes: optional ``(C, K)`` array, the model-ready class
-            attributes (reference note §1.4). Zeros if omitted.
+            attributes (docs/reference.md §1.4). Zeros if omitted.
         **kwargs: forwarded to ``keras.layers.Layer``.
 
     Example:
@@ -39,7 +39,7 @@ class AttributeEmbedding(keras.layers.Layer):
 
     Reference:
         Chen et al., MSDN, CVPR 2022, §3 (semantic attribute vectors v_a, class
-        semantic vectors z^c); reference note §2 (``V``, ``att``).
+        semantic vectors z^c); docs/reference.md §2 (``V``, ``att``).
     """
 
     def __init__(self, num_attributes, embed_dim, num_classes, normalize=False,

@@ -58,7 +58,7 @@ class AttributeToVisual(keras.layers.Layer):
     Reference:
         Chen et al., MSDN, CVPR 2022, Eqs. 1-3 (A->V sub-net). The attention is a
         softmax over regions as in the released code; the paper's Eq. 1
-        normalises over attributes (reference note §3, §8).
+        normalises over attributes (docs/reference.md §3, §8).
     """
 
     def __init__(self, feature_dim, embed_dim, attention="softmax", score_initializer=None,

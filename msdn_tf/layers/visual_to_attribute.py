@@ -20,7 +20,7 @@ class VisualToAttribute(keras.layers.Layer):
         phi = sum_r Bw[:, k, r] T[:, r, k] # attribute scores, a sum over regions (B, K)
         u   = Bw^T V                       # visual-based attribute features (B, R, D), optional
 
-    Both weights start at zero (reference note §2), so at initialisation the
+    Both weights start at zero (docs/reference.md §2), so at initialisation the
     scores are 0 and the attention is uniform over attributes. Both ``(F, K)``
     projections go through ONE ``(B*R, F) x (F, 2K)`` product (:meth:`projections`,
     then :meth:`attend`); :class:`~msdn_tf.model.MSDN` joins them with the A->V
@@ -53,7 +53,7 @@ class VisualToAttribute(keras.layers.Layer):
         Chen et al., MSDN, CVPR 2022, Eqs. 4-6 (V->A sub-net). As in the released
         code the attention is a softmax over attributes (the paper's Eq. 4 says
         regions) and the score is ``sum_r Bw * (f_r^T W_1_1 v_i)`` without the
-        paper's ``W_att`` projection (reference note §3, §8).
+        paper's ``W_att`` projection (docs/reference.md §3, §8).
     """
 
     def __init__(self, feature_dim, embed_dim, score_initializer="zeros",

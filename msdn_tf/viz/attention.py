@@ -17,7 +17,7 @@ maps are upsampled bilinearly to the image and overlaid; with features only
 (a dataset row) they are drawn on the region grid.
 
 Reference:
-    Chen et al., "MSDN", CVPR 2022, Fig. 4; reference note §3 (attention axes of the code).
+    Chen et al., "MSDN", CVPR 2022, Fig. 4; docs/reference.md §3 (attention axes of the code).
 """
 
 from __future__ import annotations
