@@ -4,7 +4,8 @@ Usage::
 
     python -m msdn_tf.export --run RUN_DIR --out export/models/msdn_cub [--version N] \\
         [--gamma G] [--top-k 5] [--overwrite] [--no-verify] [--json] \\
-        [--with-images --backbone-weights FILE|imagenet|none --image-size 448]
+        [--with-images [--backbone auto|torchvision_resnet101|keras_resnet101] \\
+         [--backbone-weights FILE|imagenet|none] --image-size 448]
 
 Writes ``OUT/<version>/`` (default version 1) in the TF Serving model-base-path
 layout, through ``keras.export.ExportArchive`` (``tf.saved_model.save`` of a Keras 3
@@ -38,10 +39,14 @@ The three prediction signatures return the same outputs:
   on seen classes), best first, so ``top_k_classes[:, 0] == gzsl_class``.
   ``top_k_scores`` are those calibrated scores.
 
-``serving_images`` decodes each image (JPEG/PNG/BMP/GIF first frame) to RGB, resizes
-the shorter side to ``image_size`` (bilinear, antialiased), centre-crops a square,
-applies ``keras.applications.resnet.preprocess_input`` -- the preprocessing of
-:mod:`msdn_tf.extract` -- and runs the backbone inside the graph.
+``serving_images`` decodes each image (JPEG/PNG/BMP/GIF first frame) to RGB and runs
+the preprocessing of the backbone and the backbone inside the graph: for the
+torchvision-layout ResNet-101 (``--backbone torchvision_resnet101``, the default when
+the run holds ``backbone_resnet101.npz`` from ``msdn_tf.convert``) the reference's
+torchvision/PIL preprocessing, exactly (:mod:`msdn_tf.backbones.preprocessing`); for
+Keras' ResNet-101 the shorter side resized to ``image_size`` (bilinear, antialiased),
+a centre crop and ``keras.applications.resnet.preprocess_input``, as
+``msdn_tf.extract --backbone keras_resnet101``.
 
 Metadata (class names, seen/unseen ids, fusion weights, gamma, top_k, the run
 config) is written to ``OUT/<version>/assets/msdn_metadata.json``, beside the
@@ -85,6 +90,11 @@ MAPS_SIGNATURE = "serving_maps"
 IMAGES_SIGNATURE = "serving_images"
 METADATA_SIGNATURE = "metadata"
 PREDICTION_OUTPUTS = ("scores", "gzsl_class", "czsl_class", "top_k_classes", "top_k_scores")
+#: Reference (torchvision + PIL) preprocessing in-graph, for the torchvision-layout backbone.
+TORCHVISION_PREPROCESSING_NOTE = (
+    "decode (JPEG: accurate integer IDCT) to RGB, torchvision Resize(image_size) with Pillow's bilinear "
+    "fixed-point resampling computed exactly in-graph, CenterCrop, /255, ImageNet mean/std "
+    "(msdn_tf.backbones.preprocessing)")
 PREPROCESSING_NOTE = ("decode to RGB, resize the shorter side to image_size (bilinear, antialias), centre "
                       "crop, keras.applications.resnet.preprocess_input (caffe), as msdn_tf.extract")
 
@@ -106,10 +116,20 @@ def preprocess_encoded_image(encoded, image_size: int):
     return decode_and_crop(encoded, image_size)
 
 
-def preprocess_image_batch(images, image_size: int):
-    """(B,) encoded images -> (B, S, S, 3) backbone input (``resnet.preprocess_input`` applied)."""
+def preprocess_image_batch(images, image_size: int, preprocessing: str = "keras"):
+    """(B,) encoded images -> (B, S, S, 3) backbone input.
+
+    ``preprocessing="keras"``: :func:`preprocess_encoded_image` then ``resnet.preprocess_input``;
+    ``"torchvision"``: the reference's PIL/torchvision preprocessing in-graph
+    (:func:`msdn_tf.backbones.preprocessing.tf_preprocess_batch`).
+    """
     import keras
     import tensorflow as tf
+
+    if preprocessing == "torchvision":
+        from msdn_tf.backbones.preprocessing import tf_preprocess_batch
+
+        return tf_preprocess_batch(images, image_size)
 
     def one(encoded):
         return preprocess_encoded_image(encoded, image_size)
@@ -220,7 +240,7 @@ def _config_dict(config):
 
 
 def build_metadata(model, *, class_names, seen_classes, unseen_classes, gamma, top_k, config=None,
-                   version=1, image_size=None, backbone_id=None) -> dict:
+                   version=1, image_size=None, backbone_id=None, preprocessing: str = "keras") -> dict:
     """The ``msdn_metadata.json`` content (see the module docstring)."""
     import keras
     import tensorflow as tf
@@ -256,7 +276,8 @@ def build_metadata(model, *, class_names, seen_classes, unseen_classes, gamma, t
                   "scores - gamma on seen classes, gamma on top of that margin",
         "images": None if image_size is None else {
             "image_size": int(image_size), "backbone": backbone_id or "custom",
-            "preprocessing": PREPROCESSING_NOTE},
+            "preprocessing_kind": preprocessing,
+            "preprocessing": TORCHVISION_PREPROCESSING_NOTE if preprocessing == "torchvision" else PREPROCESSING_NOTE},
         "signatures": signatures,
         "config": _config_dict(config),
         "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -324,7 +345,7 @@ def _backbone_output_check(backbone, image_size, feature_dim):
 def export_saved_model(model, out_base, *, version: int = 1, class_names: Sequence[str],
                        seen_classes, unseen_classes, gamma: float = 0.0, top_k: int = 5, config=None,
                        backbone=None, image_size: int = 448, overwrite: bool = False,
-                       backbone_id: Optional[str] = None, check=None) -> str:
+                       backbone_id: Optional[str] = None, preprocessing: str = "keras", check=None) -> str:
     """Write ``out_base/<version>/`` as a TF Serving SavedModel of ``model``.
 
     The SavedModel is written to ``out_base/.tmp-<version>-<pid>-*`` (not a number, so TF
@@ -350,6 +371,9 @@ def export_saved_model(model, out_base, *, version: int = 1, class_names: Sequen
             published folder (e.g. :func:`verify_export`); the export is published only
             if ``report["ok"]``. ``report["export_dir"]`` is set to the version folder
             and ``report["published"]`` to the outcome.
+        preprocessing: ``"keras"`` (the backbone takes ``resnet.preprocess_input`` images)
+            or ``"torchvision"`` (ImageNet mean/std images from the reference preprocessing,
+            for :mod:`msdn_tf.backbones.torchvision_resnet`).
 
     Returns:
         The version directory path.
@@ -391,7 +415,8 @@ def export_saved_model(model, out_base, *, version: int = 1, class_names: Sequen
 
     meta = build_metadata(model, class_names=class_names, seen_classes=seen, unseen_classes=unseen, gamma=gamma,
                           top_k=k, config=config, version=version,
-                          image_size=None if backbone is None else int(image_size), backbone_id=backbone_id)
+                          image_size=None if backbone is None else int(image_size), backbone_id=backbone_id,
+                          preprocessing=preprocessing)
     meta_text = json.dumps(meta, indent=2) + "\n"
 
     archive = keras.export.ExportArchive()
@@ -405,7 +430,7 @@ def export_saved_model(model, out_base, *, version: int = 1, class_names: Sequen
         size = int(image_size)
 
         def images_fn(images):
-            x = preprocess_image_batch(images, size)  # (B, S, S, 3)
+            x = preprocess_image_batch(images, size, preprocessing)  # (B, S, S, 3)
             maps = backbone(x, training=False) if isinstance(backbone, keras.layers.Layer) else backbone(x)
             return head(maps)  # (B, h, w, F)
 
@@ -748,7 +773,8 @@ def verify_export(export_dir, model, sample_features, *, sample_images=None, bac
 
             images = list(sample_images) if sample_images is not None else synthetic_images()
             size = int(meta["images"]["image_size"])
-            pre = preprocess_image_batch(tf.constant(images, tf.string), size)
+            pre = preprocess_image_batch(tf.constant(images, tf.string), size,
+                                         meta["images"].get("preprocessing_kind", "keras"))
             feats = backbone(pre, training=False) if isinstance(backbone, keras.layers.Layer) else backbone(pre)
             cases.append((IMAGES_SIGNATURE, {"images": images}, feats))
     for sig, inputs, model_input in cases:
@@ -845,9 +871,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="calibrated stacking: subtracted from seen-class scores for gzsl_class/top-k (default 0)")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--with-images", action="store_true", help="add serving_images (JPEG/PNG bytes -> backbone)")
-    p.add_argument("--backbone-weights", default="imagenet",
-                   help="ResNet-101 weights for --with-images: 'imagenet' (Keras download), a local .h5 file or "
-                        "'none' (random, for tests)")
+    p.add_argument("--backbone", default="auto", choices=["auto", "torchvision_resnet101", "keras_resnet101"],
+                   help="backbone of serving_images: auto (default) = torchvision_resnet101 from the run's "
+                        "backbone_resnet101.npz (written by msdn_tf.convert from a released checkpoint) when "
+                        "present, else keras_resnet101")
+    p.add_argument("--backbone-weights", default=None,
+                   help="torchvision_resnet101: a .pth/.npz (default: RUN/backbone_resnet101.npz); "
+                        "keras_resnet101: 'imagenet' (default, Keras download), a local .h5 file or 'none' "
+                        "(random, for tests)")
     p.add_argument("--image-size", type=int, default=448)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override the run config when reading class names (e.g. data.data_dir=...)")
@@ -878,14 +909,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             config = merge(config, parse_override(text), f"--set {text}")
         names = class_names_for_run(args.run, config)
         backbone = backbone_id = None
+        preprocessing = "keras"
         if args.with_images:
-            if model.feature_dim != 2048:
-                raise MSDNError(f"--with-images builds a ResNet-101 backbone (2048 channels) but the model takes "
-                                f"{model.feature_dim}-channel features")
-            from msdn_tf.extract import build_backbone
+            run_backbone = Path(args.run) / "backbone_resnet101.npz"
+            kind = args.backbone
+            if kind == "auto":
+                kind = "torchvision_resnet101" if (run_backbone.exists() or (
+                    args.backbone_weights or "").lower().endswith((".pth", ".pt", ".npz"))) else "keras_resnet101"
+            if kind == "torchvision_resnet101":
+                from msdn_tf.backbones.torchvision_resnet import load_backbone_file
 
-            backbone = build_backbone(args.backbone_weights, args.image_size)
-            backbone_id = f"keras.applications.ResNet101(include_top=False, weights={args.backbone_weights})"
+                weights = args.backbone_weights or str(run_backbone)
+                if not os.path.isfile(weights):
+                    raise MSDNError(f"--backbone torchvision_resnet101: {weights} not found (convert a released "
+                                    "checkpoint with msdn_tf.convert, or pass --backbone-weights resnet101.pth)")
+                backbone, info = load_backbone_file(weights, blocks=None, image_size=args.image_size)
+                backbone_id = (f"torchvision-layout ResNet (blocks {info['blocks']}, width {info['width']}) from "
+                               f"{os.path.basename(weights)}")
+                preprocessing = "torchvision"
+            else:
+                if model.feature_dim != 2048:
+                    raise MSDNError(f"--with-images builds a ResNet-101 backbone (2048 channels) but the model "
+                                    f"takes {model.feature_dim}-channel features")
+                from msdn_tf.extract import build_backbone
+
+                weights = args.backbone_weights or "imagenet"
+                backbone = build_backbone(weights, args.image_size)
+                backbone_id = f"keras.applications.ResNet101(include_top=False, weights={weights})"
         check, reports = None, []
         if not args.no_verify:
             rng = np.random.default_rng(0)
@@ -902,7 +952,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                       seen_classes=model.seen_classes, unseen_classes=model.unseen_classes,
                                       gamma=args.gamma, top_k=args.top_k, config=config, backbone=backbone,
                                       image_size=args.image_size, overwrite=args.overwrite,
-                                      backbone_id=backbone_id, check=check)
+                                      backbone_id=backbone_id, preprocessing=preprocessing,
+                                      check=check)
         except ExportCheckFailed as exc:
             _print_report(exc.report, args.json)
             print(f"error: {exc}", file=sys.stderr)
