@@ -11,7 +11,8 @@ with synthetic inputs already in memory as tensors, it times
 * one evaluation step (``model.predict_function``, the predict path) at the
   evaluation batch (100),
 
-and, in the same process, ``tf.matmul`` at shapes of the model's own contractions
+and, in the same process, the backend's matmul (``tf.matmul``; ``jnp.matmul`` under
+``jax.jit`` on JAX) at shapes of the model's own contractions
 (``(B*R, F) x (F, 4K)`` forward, ``(F, B*R) x (B*R, 4K)`` weight gradient) and one
 big square product. The essential work of the model is counted analytically
 (:func:`essential_flops`, docs/reference.md §10), and the report gives the ratio of
@@ -21,6 +22,10 @@ Every timing is ``--repeats`` runs of ``--steps`` calls after ``--warmup`` calls
 the JSON reports the median and the minimum of the per-call time over the repeats,
 and the machine load (``os.getloadavg``) before and after. Numbers taken on a busy
 machine are low; compare runs by their load.
+
+The backend is Keras': ``KERAS_BACKEND=jax python -m msdn_tf.bench`` runs the same
+shapes on JAX (every step ``jax.jit``-compiled, as in training; TensorFlow is not
+imported) and names the backend and its devices under ``machine``.
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ import statistics
 import sys
 import time
 
-from msdn_tf.errors import cli_main
+from msdn_tf.backend import current as _backend
+from msdn_tf.errors import ConfigError, cli_main
 
 CUB = {"attributes": 312, "classes": 200, "unseen": 50, "features": 2048, "embed": 300}
 IMPLS = ("fused", "einsum")
@@ -114,7 +120,12 @@ def time_interleaved(fns: dict, steps: dict, repeats: int, warmup: int) -> dict:
 
 
 def matmul_fn(m: int, k: int, n: int, dtype="float32", transpose_a: bool = False):
-    """A blocking call of ``tf.matmul`` of an ``(m, k) x (k, n)`` product, and its FLOPs."""
+    """A blocking call of the backend's matmul of an ``(m, k) x (k, n)`` product, and its FLOPs.
+
+    ``tf.matmul`` in a ``tf.function`` on TensorFlow, ``jnp.matmul`` under ``jax.jit`` on JAX.
+    """
+    if _backend() == "jax":
+        return _jax_matmul_fn(m, k, n, dtype, transpose_a)
     import tensorflow as tf
 
     a = tf.random.uniform((k, m) if transpose_a else (m, k), dtype=dtype)
@@ -125,6 +136,21 @@ def matmul_fn(m: int, k: int, n: int, dtype="float32", transpose_a: bool = False
         return tf.reduce_sum(tf.matmul(a, b, transpose_a=transpose_a)[:1, :1])
 
     return (lambda: product(a, b).numpy()), 2.0 * m * k * n
+
+
+def _jax_matmul_fn(m, k, n, dtype, transpose_a):
+    import jax
+    import jax.numpy as jnp
+
+    keys = jax.random.split(jax.random.key(0))
+    a = jax.random.uniform(keys[0], (k, m) if transpose_a else (m, k), dtype=dtype)
+    b = jax.random.uniform(keys[1], (k, n), dtype=dtype)
+
+    @jax.jit
+    def product(a, b):
+        return jnp.sum(jnp.matmul(a.T if transpose_a else a, b)[:1, :1])
+
+    return (lambda: float(product(a, b))), 2.0 * m * k * n
 
 
 # --------------------------------------------------------------------------- model
@@ -202,7 +228,7 @@ def parse_variant(text: str) -> dict:
     check = parts[3] if len(parts) > 3 else "check"
     if (impl not in IMPLS or jit not in ("jit", "nojit") or precision not in PRECISIONS
             or check not in ("check", "nocheck") or len(parts) > 4):
-        raise ValueError(f"variant {text!r}: expected IMPL[:jit|nojit[:PRECISION[:check|nocheck]]] with IMPL in "
+        raise ConfigError(f"variant {text!r}: expected IMPL[:jit|nojit[:PRECISION[:check|nocheck]]] with IMPL in "
                          f"{IMPLS} and PRECISION in {PRECISIONS}")
     name = f"{impl}:{jit}:{precision}" + (":nocheck" if check == "nocheck" else "")
     return {"name": name, "impl": impl, "jit": jit == "jit", "precision": precision, "check": check == "check"}
@@ -224,23 +250,60 @@ def _variant_fns(variant, regions, args, x_train, y_train, x_eval):
     model.make_train_function()
     model.make_predict_function()
     batch = (x_train, y_train)
+    if _backend() == "jax":
+        return _jax_step_fns(model, batch, x_eval)
     return {
         "train": lambda: float(model.train_function([batch])["loss"]),
         "eval": lambda: model.predict_function([x_eval])["logits"].numpy(),
     }
 
 
+def _jax_step_fns(model, batch, x_eval):
+    """Blocking ``train`` and ``eval`` calls on JAX: Keras' jitted step functions, the state threaded through.
+
+    As in ``fit``/``predict``, the functions take the model state as arrays and
+    return the new state (their input state is donated to them).
+    """
+    import jax
+
+    import jax.numpy as jnp
+
+    model.optimizer.build(model.trainable_variables)  # fit does this before its first step
+
+    def values(*groups):  # copies: each function donates (frees) the state it is given
+        return tuple([jnp.array(v.value, copy=True) for v in variables] for variables in groups)
+
+    state = {
+        "train": values(model.trainable_variables, model.non_trainable_variables, model.optimizer.variables,
+                        model.metrics_variables),
+        "eval": values(model.trainable_variables, model.non_trainable_variables),
+    }
+
+    def train():
+        logs, state["train"] = model.train_function(state["train"], iter([batch]))
+        jax.block_until_ready(state["train"])
+        return float(logs["loss"])
+
+    def evaluate():
+        outputs, state["eval"] = model.predict_function(state["eval"], iter([x_eval]))
+        return jax.block_until_ready(outputs["logits"])
+
+    return {"train": train, "eval": evaluate}
+
+
 def bench_shape(regions: int, args, variants) -> dict:
     """Time every variant's train and eval step and the matmul limits, interleaved per repeat."""
     import numpy as np
-    import tensorflow as tf
+    from keras import ops
 
     K, F = args.attributes, args.features
     B, E = args.batch, args.eval_batch
     rng = np.random.default_rng(1)
-    x_train = tf.constant(rng.random((B, regions, F), dtype=np.float32))
-    y_train = tf.constant(np.asarray(_seen_classes(args))[rng.integers(0, args.classes - args.unseen, size=B)])
-    x_eval = tf.constant(rng.random((E, regions, F), dtype=np.float32))
+    # Backend tensors (on the accelerator, if any), so that no step copies its input from the host.
+    x_train = ops.convert_to_tensor(rng.random((B, regions, F), dtype=np.float32))
+    y_train = ops.convert_to_tensor(np.asarray(_seen_classes(args))[rng.integers(0, args.classes - args.unseen,
+                                                                                 size=B)])
+    x_eval = ops.convert_to_tensor(rng.random((E, regions, F), dtype=np.float32))
     fns, steps, flops = {}, {}, {}
     for v in variants:
         for mode, fn in _variant_fns(v, regions, args, x_train, y_train, x_eval).items():
@@ -300,10 +363,30 @@ def bench_shape(regions: int, args, variants) -> dict:
                                "gflop_per_s_median": statistics.median(gflops[name]),
                                "gflop_per_s_max": max(gflops[name])}
                         for name, v in matmuls.items()}
-    result["limit_note"] = ("fraction = achieved essential FLOP/s / float32 tf.matmul FLOP/s measured in the same "
+    result["limit_note"] = (f"fraction = achieved essential FLOP/s / float32 {_MATMUL_NAME[_backend()]} FLOP/s "
+                            "measured in the same "
                             "repeat; train limit: harmonic mean of the forward- and gradient-shaped rates; "
                             "eval limit: the forward-shaped rate at the eval batch")
     return result
+
+
+def _backend_info() -> dict:
+    """The backend, its version and devices (imports only the backend in use)."""
+    import keras
+
+    if _backend() == "jax":
+        import jax
+
+        return {"backend": "jax", "jax": jax.__version__, "keras": keras.__version__,
+                "devices": [str(d) for d in jax.devices()]}
+    import tensorflow as tf
+
+    return {"backend": "tensorflow", "tensorflow": tf.__version__, "keras": keras.__version__,
+            "devices": [d.name for d in tf.config.list_logical_devices()],
+            "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads()}
+
+
+_MATMUL_NAME = {"tensorflow": "tf.matmul", "jax": "jax.numpy.matmul (jax.jit)"}
 
 
 def _seen_classes(args):
@@ -345,15 +428,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args) -> dict:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import keras
-    import tensorflow as tf
-
     from msdn_tf.config import TrainConfig
 
-    if args.jit is None:
-        args.jit = TrainConfig().jit_compile
+    backend = _backend()
+    if args.jit is None:  # training's default: train.jit_compile on TensorFlow; JAX always jits
+        args.jit = TrainConfig().jit_compile or backend == "jax"
     names = args.variants or [f"{args.impl}:{'jit' if args.jit else 'nojit'}:{args.precision}"]
     variants = [parse_variant(v) for v in names]
+    if backend == "jax" and not all(v["jit"] for v in variants):
+        raise ConfigError("on the JAX backend every step is jax.jit-compiled, as in training; 'nojit' (a TensorFlow "
+                         "graph without XLA) has no JAX counterpart: use jit variants (or --jit)")
     load_before = _load()
     started = time.time()
     shapes = [bench_shape(r, args, variants) for r in args.regions]
@@ -369,8 +453,7 @@ def run(args) -> dict:
                    "classes": args.classes, "unseen": args.unseen, "features": args.features,
                    "embed": args.embed},
         "machine": {"cpu_count": os.cpu_count(), "load_before": load_before, "load_after": _load(),
-                    "tensorflow": tf.__version__, "keras": keras.__version__,
-                    "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads()},
+                    **_backend_info()},
         "flop_formula": {"forward_per_image": "4 * 2 * R * F * K",
                          "train_per_image": "2 * forward = 16 * R * F * K"},
         "matmul_square": square,

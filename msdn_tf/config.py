@@ -49,7 +49,8 @@ class DataConfig:
         cache_dtype: ``float16`` (half the size) or ``float32``.
         on_device: hold the training rows in TensorFlow memory and gather batches in
             the graph (``msdn_tf.data.device``): ``true``, ``false`` or ``auto`` (when
-            they fit half the available memory, at most 8 GiB).
+            they fit half the available memory, at most 8 GiB). TensorFlow backend
+            only; on JAX batches always come from the host pipeline.
     """
 
     dataset: str = "demo"
@@ -125,10 +126,12 @@ class TrainConfig:
         epochs: used only when ``iterations`` is ``None``.
         eval_every: steps between evaluations; ``None`` means ``trainval // batch_size``.
         log_every: steps between TensorBoard loss scalars.
-        jit_compile: compile the train/eval steps with XLA.
+        jit_compile: compile the train/eval steps with XLA (TensorFlow backend; on
+            JAX every step is ``jax.jit``-compiled whatever this says).
         deterministic: enable TensorFlow's deterministic ops.
         strategy: ``none``, ``mirrored`` (all local GPUs, or all logical CPU devices)
             or ``multi_worker`` (cluster from ``TF_CONFIG``); see ``msdn_tf.distribute``.
+            TensorFlow backend only: on JAX anything but ``none`` is an error.
         eval_initial: evaluate the untrained model (step 0) as well.
         tensorboard_images: after each evaluation also write attention images, the
             seen/unseen confusion and per-class accuracy histograms (``msdn_tf.viz.tensorboard``).

@@ -73,7 +73,15 @@ def get_strategy(name: str = "none"):
 
 
 def _replica_context():
-    """The current replica context if it has more than one replica in sync, else ``None``."""
+    """The current replica context if it has more than one replica in sync, else ``None``.
+
+    ``None`` on a backend other than TensorFlow (``tf.distribute`` is TensorFlow's;
+    TensorFlow is not imported there).
+    """
+    from msdn_tf.backend import on_tensorflow
+
+    if not on_tensorflow():
+        return None
     import tensorflow as tf
 
     ctx = tf.distribute.get_replica_context()

@@ -9,6 +9,7 @@ import numpy as np
 from keras import ops
 
 from msdn_tf import distribute as D
+from msdn_tf.backend import on_jax as _on_jax  # Keras' JAX trainer calls the steps with an explicit state
 from msdn_tf import losses as L
 from msdn_tf.layers import AttributeEmbedding, AttributeToVisual, VisualToAttribute
 from msdn_tf.layers.common import as_regions, contract, l2_normalize, split_last
@@ -129,7 +130,7 @@ class MSDN(keras.Model):
         self._seen_mask = (1.0 - unseen).astype("float32")
         self.trackers = {name: keras.metrics.Mean(name=name) for name in LOSS_TERMS}
         # Sum over the steps of a fit() of the non-finite code (see nonfinite_code); 0 while all is finite.
-        self.trackers[NONFINITE] = keras.metrics.Sum(name=NONFINITE, dtype="float64")
+        self.trackers[NONFINITE] = keras.metrics.Sum(name=NONFINITE)
         self.check_numerics = True  # a run-time switch, not part of the config (train.check_numerics)
 
     # ------------------------------------------------------------------ weights
@@ -238,9 +239,20 @@ class MSDN(keras.Model):
             self.trackers[name].update_state(value, sample_weight=batch_size)
         return {name: self.trackers[name].result() for name in terms}
 
-    def train_step(self, data):
+    def train_step(self, *args):
+        """One optimizer step on ``(features, labels)``.
+
+        TensorFlow: ``train_step(data)``, the gradient by ``tf.GradientTape``. JAX
+        (Keras calls ``train_step(state, data)``): :func:`msdn_tf.training_jax.train_step`,
+        the stateless form of the same step. Both minimise :meth:`compute_loss_terms`.
+        """
+        if _on_jax():
+            from msdn_tf import training_jax
+
+            return training_jax.train_step(self, *args)
         import tensorflow as tf  # TensorFlow-specific by design: the custom training step
 
+        (data,) = args
         features, labels = data[0], data[1]
         batch = tf.shape(labels)[0]
         with tf.GradientTape() as tape:
@@ -274,17 +286,27 @@ class MSDN(keras.Model):
 
         def bad(tensors):
             flags = [ops.all(ops.isfinite(t)) for t in tensors if t is not None]
-            return 1.0 - ops.cast(ops.all(ops.stack(flags)), "float64")
+            return 1.0 - ops.cast(ops.all(ops.stack(flags)), "float32")  # small integers: exact
 
         return bad([features]) + base * bad(grads) + base * base * bad(variables)
 
-    def test_step(self, data):
+    def test_step(self, *args):
+        if _on_jax():  # Keras' JAX trainer calls test_step(state, data)
+            from msdn_tf import training_jax
+
+            return training_jax.test_step(self, *args)
+        (data,) = args
         features, labels = data[0], data[1]
         outputs = self(features, training=False, return_features=False)
         terms = self.compute_loss_terms(outputs, labels)
         return self._update_trackers(terms, _replica_batch_weight(ops.shape(labels)[0], terms["loss"].dtype))
 
-    def predict_step(self, data):
+    def predict_step(self, *args):
+        if _on_jax():  # Keras' JAX trainer calls predict_step(state, data)
+            from msdn_tf import training_jax
+
+            return training_jax.predict_step(self, *args)
+        (data,) = args
         features = data[0] if isinstance(data, (tuple, list)) else data
         outputs = self(features, training=False, return_features=False)
         return {k: outputs[k] for k in ("logits", "logits_a2v", "logits_v2a")}

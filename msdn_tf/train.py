@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from msdn_tf.backend import current as current_backend
+from msdn_tf.backend import on_tensorflow
 from msdn_tf.config import Config, from_dict, load_yaml, resolve_config, save_config, value_source
 from msdn_tf.errors import ConfigError, MSDNError, NonFiniteError, cli_main, describe_os_error
 from msdn_tf.utils import atomic_path, markdown_table, write_json
@@ -77,7 +79,8 @@ def build_model_from_config(config: Config, data):
     model.compile(
         optimizer=TorchRMSprop(learning_rate=opt.learning_rate, rho=opt.rho, epsilon=opt.epsilon,
                                momentum=opt.momentum, coupled_weight_decay=opt.weight_decay),
-        jit_compile=config.train.jit_compile,
+        # train.jit_compile chooses XLA on TensorFlow; on JAX every step is jax.jit-compiled (XLA).
+        jit_compile=config.train.jit_compile or not on_tensorflow(),
     )
     return model
 
@@ -219,6 +222,42 @@ def _best(history, key):
     return max(candidates, key=lambda h: (h[key], -h["step"])) if candidates else None
 
 
+def _strategy(config: Config):
+    """The ``tf.distribute`` strategy of ``train.strategy`` (TensorFlow), or ``None`` on JAX.
+
+    Raises:
+        ConfigError: an unknown strategy; a strategy other than ``none`` on a backend
+            other than TensorFlow; a batch size the replicas cannot share evenly.
+    """
+    from msdn_tf.distribute import STRATEGIES, get_strategy
+
+    name = config.train.strategy
+    if not on_tensorflow():
+        if name not in STRATEGIES:
+            raise ConfigError(f"'train.strategy': unknown strategy {name!r}; expected one of {STRATEGIES}")
+        if name != "none":
+            raise ConfigError(
+                f"'train.strategy' {name!r}: tf.distribute strategies are TensorFlow-only and Keras runs on "
+                f"{current_backend()}; use train.strategy=none (--strategy none), or KERAS_BACKEND=tensorflow "
+                "to train with tf.distribute")
+        return None
+    try:
+        strategy = get_strategy(name)
+    except ValueError as exc:
+        raise ConfigError(f"'train.strategy': {exc}") from exc
+    if config.data.batch_size % strategy.num_replicas_in_sync:
+        raise ConfigError(f"'data.batch_size' {config.data.batch_size} must be divisible by the "
+                          f"{strategy.num_replicas_in_sync} replicas of train.strategy={name}")
+    return strategy
+
+
+def _scope(strategy):
+    """``strategy.scope()``, or no scope at all without a strategy (JAX)."""
+    import contextlib
+
+    return contextlib.nullcontext() if strategy is None else strategy.scope()
+
+
 # --------------------------------------------------------------------------- training
 def default_run_dir(config: Config) -> Path:
     name = config.train.run_name or f"{config.data.dataset}-seed{config.train.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -271,23 +310,14 @@ def run_training(config: Config, run_dir=None, resume: bool = False, data=None, 
         if config.train.iterations is not None and done > config.train.iterations:
             raise ConfigError(f"--resume: the checkpoint is at step {done}, past train.iterations = "
                               f"{config.train.iterations}; pass --iterations {done} or more")
+    strategy = _strategy(config)  # a bad train.strategy fails before the run directory is made
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml")
 
     set_seeds(config)
     data = data if data is not None else load_dataset(config)
     iterations, eval_every = schedule(config, len(data.trainval_loc))
-    from msdn_tf.distribute import get_strategy
-
-    try:
-        strategy = get_strategy(config.train.strategy)
-    except ValueError as exc:
-        raise ConfigError(f"{value_source(config, 'train', 'strategy')}: 'train.strategy': {exc}") from exc
-    if config.data.batch_size % strategy.num_replicas_in_sync:
-        raise ConfigError(f"{value_source(config, 'data', 'batch_size')}: 'data.batch_size' "
-                          f"{config.data.batch_size} must be divisible by the "
-                          f"{strategy.num_replicas_in_sync} replicas of train.strategy={config.train.strategy}")
-    with strategy.scope():  # variables (model and optimizer) mirrored over the replicas
+    with _scope(strategy):  # variables (model and optimizer) mirrored over the replicas
         model = build_model_from_config(config, data)
     sampler = make_sampler(data, config.data.sampler, config.data.batch_size, config.train.seed)
     log(f"msdn-tf: {json.dumps(data.summary())}")
@@ -295,7 +325,7 @@ def run_training(config: Config, run_dir=None, resume: bool = False, data=None, 
 
     history, step, resumes = [], 0, []
     if resume:
-        with strategy.scope():
+        with _scope(strategy):
             state = checkpointer.restore(model)
         history, step = state["history"], int(state["step"])
         resumes = list(state.get("resumes", []))
@@ -321,7 +351,11 @@ def run_training(config: Config, run_dir=None, resume: bool = False, data=None, 
     from msdn_tf.data.device import DeviceFeatures, device_train_dataset, use_on_device
 
     device_store = None  # training rows held in TensorFlow memory (outside the strategy scope)
-    if use_on_device(config.data.on_device, data):
+    if not on_tensorflow():
+        if config.data.on_device is not False:
+            log(f"msdn-tf: data.on_device={config.data.on_device} holds rows in TensorFlow memory, which only "
+                f"the TensorFlow backend can use; on {current_backend()} batches come from the host pipeline")
+    elif use_on_device(config.data.on_device, data):
         device_store = DeviceFeatures(data.features, data.trainval_loc)
         log(f"msdn-tf: training features on device ({device_store.nbytes / 1e6:.0f} MB, {device_store.dtype})")
 
@@ -386,6 +420,7 @@ def run_training(config: Config, run_dir=None, resume: bool = False, data=None, 
         "data": data.summary(),
         "iterations": iterations,
         "seed": config.train.seed,
+        "backend": current_backend(),
         "train_seconds_this_session": round(time.time() - started, 2),
         "initial": history[0] if history and history[0]["step"] == 0 else None,
         "final": history[-1],
@@ -470,7 +505,7 @@ def _nonfinite_message(guard, data, sampler, checkpointer, strategy) -> str:
     from msdn_tf.model import NONFINITE_CHECKS
 
     step, terms, code = guard.failure
-    base = strategy.num_replicas_in_sync + 1
+    base = (1 if strategy is None else strategy.num_replicas_in_sync) + 1  # no strategy on JAX
     failed = [name for i, name in enumerate(NONFINITE_CHECKS) if int(code) // base ** i % base]
     head = f"training step {step}: "
     tail = f". Nothing was saved for this run's result. {_checkpoint_note(checkpointer)}."
