@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from msdn_tf.config import CONFIG_DIR, load_yaml, merge, validate
-from msdn_tf.errors import ConfigError, MSDNError
+from msdn_tf.errors import ConfigError, cli_main
 from msdn_tf.evaluate import PROTOCOL_NOTES, pct
 from msdn_tf.protocols import METRICS, _reference_and_final, aggregate, default_train_fn, mean_std
 from msdn_tf.utils import atomic_write_text, markdown_table, write_json
@@ -206,34 +206,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli_main
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        from msdn_tf.config import resolve_config
-        from msdn_tf.data.registry import get_spec
+    from msdn_tf.config import resolve_config
+    from msdn_tf.data.registry import get_spec
 
-        rows = parse_rows(args.rows)
-        if args.check and not {"gap", "full"} <= set(rows):
-            raise ConfigError("--check needs the rows gap and full (e.g. --rows gap,full)")
-        overrides = list(args.set) + ([f"data.data_dir={args.data_dir}"] if args.data_dir else [])
-        config = resolve_config(args.dataset, args.config, overrides)
-        get_spec(config.data.dataset)
-        out = Path(args.out) if args.out else Path(config.train.out_dir) / "ablations" / config.data.dataset
-        result = run_ablations(config, rows, out, seeds=args.seeds)
-        status = 0
-        if args.check:
-            passed = quality_check(result)
-            print("quality check: " + ("PASSED" if passed else "FAILED"))
-            status = status or (0 if passed else 1)
-        if args.check_precision:
-            passed = precision_check(result)
-            print("precision parity check: " + ("PASSED" if passed else "FAILED"))
-            status = status or (0 if passed else 1)
-        return status
-    except MSDNError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    rows = parse_rows(args.rows)
+    if args.check and not {"gap", "full"} <= set(rows):
+        raise ConfigError("--check needs the rows gap and full (e.g. --rows gap,full)")
+    overrides = list(args.set) + ([f"data.data_dir={args.data_dir}"] if args.data_dir else [])
+    config = resolve_config(args.dataset, args.config, overrides)
+    get_spec(config.data.dataset)
+    out = Path(args.out) if args.out else Path(config.train.out_dir) / "ablations" / config.data.dataset
+    result = run_ablations(config, rows, out, seeds=args.seeds)
+    status = 0
+    if args.check:
+        passed = quality_check(result)
+        print("quality check: " + ("PASSED" if passed else "FAILED"))
+        status = status or (0 if passed else 1)
+    if args.check_precision:
+        passed = precision_check(result)
+        print("precision parity check: " + ("PASSED" if passed else "FAILED"))
+        status = status or (0 if passed else 1)
+    return status
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Benchmark MSDN training and evaluation against this machine's own matrix-multiply rate.
 
 ``python -m msdn_tf.bench [--regions 196 49] [--batch 50] [--steps N] [--jit/--no-jit]
-[--precision float32|mixed_bfloat16|mixed_float16|auto] [--variants IMPL:JIT:PRECISION ...] [--json OUT]``
+[--precision float32|mixed_bfloat16|mixed_float16|auto] [--variants IMPL:JIT:PRECISION[:nocheck] ...] [--json OUT]``
 
 At CUB shapes (K=312 attributes, C=200 classes of which 50 unseen, F=2048, D=300)
 with synthetic inputs already in memory as tensors, it times
@@ -43,7 +43,7 @@ import sys
 import time
 
 from msdn_tf.backend import current as _backend
-from msdn_tf.errors import ConfigError, MSDNError
+from msdn_tf.errors import ConfigError, cli_main
 
 CUB = {"attributes": 312, "classes": 200, "unseen": 50, "features": 2048, "embed": 300}
 IMPLS = ("fused", "einsum")
@@ -239,15 +239,22 @@ def _use_einsum_forward(model):
 
 
 def parse_variant(text: str) -> dict:
-    """``"fused:jit:float32"`` -> ``{"impl": "fused", "jit": True, "precision": "float32"}`` (later parts optional)."""
+    """``"fused:jit:float32"`` -> ``{"impl": "fused", "jit": True, "precision": "float32"}`` (later parts optional).
+
+    A fourth part ``nocheck`` turns off the training step's non-finite checks
+    (``train.check_numerics``), to measure what they cost.
+    """
     parts = text.split(":")
     impl = parts[0]
     jit = parts[1] if len(parts) > 1 else "jit"
     precision = parts[2] if len(parts) > 2 else "float32"
-    if impl not in IMPLS or jit not in ("jit", "nojit") or precision not in PRECISIONS:
-        raise ConfigError(f"variant {text!r}: expected IMPL[:jit|nojit[:PRECISION]] with IMPL in {IMPLS} "
-                         f"and PRECISION in {PRECISIONS}")
-    return {"name": f"{impl}:{jit}:{precision}", "impl": impl, "jit": jit == "jit", "precision": precision}
+    check = parts[3] if len(parts) > 3 else "check"
+    if (impl not in IMPLS or jit not in ("jit", "nojit") or precision not in PRECISIONS
+            or check not in ("check", "nocheck") or len(parts) > 4):
+        raise ConfigError(f"variant {text!r}: expected IMPL[:jit|nojit[:PRECISION[:check|nocheck]]] with IMPL in "
+                         f"{IMPLS} and PRECISION in {PRECISIONS}")
+    name = f"{impl}:{jit}:{precision}" + (":nocheck" if check == "nocheck" else "")
+    return {"name": name, "impl": impl, "jit": jit == "jit", "precision": precision, "check": check == "check"}
 
 
 def resolve_variant_precision(variant: dict) -> dict:
@@ -277,6 +284,7 @@ def _variant_fns(variant, regions, args, x_train, y_train, x_eval):
         keras.mixed_precision.set_global_policy("float32")
     if variant["impl"] == "einsum":
         _use_einsum_forward(model)
+    model.check_numerics = variant.get("check", True)
     model.make_train_function()
     model.make_predict_function()
     batch = (x_train, y_train)
@@ -520,13 +528,10 @@ def run(args) -> dict:
     return report
 
 
+@cli_main
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        report = run(args)
-    except MSDNError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    report = run(args)
     text = json.dumps(report, indent=1)
     if args.json_out:
         with open(args.json_out, "w") as f:

@@ -21,7 +21,9 @@ Usage::
   ``metadata`` signature.
 
 Prints, per input, the top-k class names with their (calibrated) scores, the GZSL
-and CZSL predictions; ``--json`` prints the same as one JSON object.
+and CZSL predictions; ``--json`` prints the same as one JSON object. Errors (no server,
+a REST URL at the gRPC port or the reverse, a refused request, a file that is not a
+numeric ``.npy``) are one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -79,10 +81,7 @@ def read_features(path, rows: Optional[Sequence[int]] = None, feature_dim: Optio
         except OSError as exc:
             raise MSDNError(f"{path}: cannot read as HDF5 ({exc})") from exc
     elif low.endswith(".npy"):
-        try:
-            x = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise MSDNError(f"{path}: cannot read as .npy ({exc})") from exc
+        x = _load_npy(path)
         if x.ndim == 2:
             x = x[None]
         if x.ndim == 4 and feature_dim is not None and x.shape[-1] != feature_dim and x.shape[1] == feature_dim:
@@ -99,6 +98,28 @@ def read_features(path, rows: Optional[Sequence[int]] = None, feature_dim: Optio
     if not np.issubdtype(x.dtype, np.number):
         raise MSDNError(f"{path}: features must be numbers, got dtype {x.dtype}")
     return np.ascontiguousarray(x, dtype=np.float32)  # TF Serving does not cast: the signature wants float32
+
+
+def _load_npy(path: str) -> np.ndarray:
+    """A numeric ``.npy`` array; anything else is one clear MSDNError (pickles are never loaded)."""
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(6)
+    except OSError as exc:
+        raise MSDNError(f"{path}: cannot read ({exc.strerror})") from exc
+    if magic != b"\x93NUMPY":
+        raise MSDNError(f"{path}: not a .npy file (it does not start with the NumPy magic bytes); write features "
+                        "with numpy.save, or give a feature-map .hdf5")
+    try:
+        x = np.load(path, allow_pickle=False)
+    except ValueError as exc:
+        if "pickle" in str(exc):
+            raise MSDNError(f"{path}: holds Python objects, not numbers; save a float32 array with numpy.save"
+                            ) from exc
+        raise MSDNError(f"{path}: a damaged .npy file ({exc})") from exc
+    except OSError as exc:
+        raise MSDNError(f"{path}: a damaged .npy file ({exc})") from exc
+    return x
 
 
 def read_images(paths: Sequence[str]) -> list:
@@ -127,7 +148,25 @@ def _predict(inputs: dict, signature: str, *, model: str, server: Optional[str],
         return client_lib.predict_grpc(server, model, inputs, signature_name=signature, version=version,
                                        timeout=timeout)
     except client_lib.PredictError as exc:
-        raise MSDNError(f"the server refused the request ({exc.transport} {exc.code}): {exc.message}") from exc
+        where = rest or server
+        if exc.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
+            raise ServerRefused(exc.code, f"no TF Serving answer from {where} ({exc.transport} {exc.code}): "
+                                f"{_one_line(exc.message)}") from exc
+        raise ServerRefused(exc.code, f"the server refused the request ({exc.transport} {exc.code}): "
+                            f"{_one_line(exc.message)}") from exc
+
+
+class ServerRefused(MSDNError):
+    """A serving call failed; ``code`` is the gRPC status name (from :class:`client_lib.PredictError`)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def _one_line(text: str, limit: int = 500) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def fetch_metadata(*, model: str, server: Optional[str] = None, rest: Optional[str] = None,
@@ -136,7 +175,9 @@ def fetch_metadata(*, model: str, server: Optional[str] = None, rest: Optional[s
     try:
         out = _predict({}, METADATA_SIGNATURE, model=model, server=server, rest=rest, version=version,
                        timeout=timeout)
-    except MSDNError as exc:
+    except ServerRefused as exc:
+        if exc.code not in ("FAILED_PRECONDITION", "INVALID_ARGUMENT") or "signature" not in str(exc):
+            raise  # no server, wrong model name, ...: --metadata would not help
         raise MSDNError(f"cannot read the class names from the server's '{METADATA_SIGNATURE}' signature ({exc}); "
                         "pass --metadata MODEL_BASE/msdn_metadata.json (written by python -m msdn_tf.export)"
                         ) from exc

@@ -16,6 +16,7 @@ naming the file (or override) and the key. The resolved config is written to
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from pathlib import Path
@@ -146,6 +147,10 @@ class TrainConfig:
         run_name: run directory name; default ``<dataset>-<seed>-<time>``.
         verbose: Keras progress display: 0 silent, 1 progress bar, 2 one line per period,
             ``-1`` chooses 1 on a terminal and 2 otherwise.
+        check_numerics: stop at the first training step whose input features,
+            gradients or updated weights hold a NaN or inf, naming the step and what
+            went non-finite (docs/reliability.md; its cost is measured there). The loss
+            terms and the evaluation outputs are checked either way.
     """
 
     seed: int = 214
@@ -164,6 +169,7 @@ class TrainConfig:
     out_dir: str = "runs"
     run_name: Optional[str] = None
     verbose: int = -1
+    check_numerics: bool = True
 
 
 @dataclasses.dataclass
@@ -258,7 +264,25 @@ def merge(config: Config, updates: dict, source: str) -> Config:
                     f"{source}: unknown key '{section}.{key}'; known keys: {', '.join(types)}"
                 )
             setattr(target, key, _coerce(value, types[key], f"{source}: '{section}.{key}'"))
+            sources_of(config)[(section, key)] = source
     return config
+
+
+def sources_of(config: Config) -> dict:
+    """``{(section, key): source}``: the file or ``--set`` text that last set each value.
+
+    Kept beside the dataclass fields (not one of them), so it is neither saved nor compared.
+    """
+    sources = config.__dict__.get("_sources")
+    if sources is None:
+        sources = {}
+        object.__setattr__(config, "_sources", sources)
+    return sources
+
+
+def value_source(config: Config, section: str, key: str) -> str:
+    """Where ``section.key`` came from, for error messages (``the default`` when nothing set it)."""
+    return sources_of(config).get((section, key), "the default")
 
 
 def load_yaml(path) -> dict:
@@ -305,7 +329,9 @@ def resolve_config(dataset: Optional[str] = None, config_files=(), overrides=(),
     """
     config = Config()
     if dataset is not None:
+        dataset = canonical_dataset_name(dataset)
         config.data.dataset = dataset
+        sources_of(config)[("data", "dataset")] = f"--dataset {dataset}"
         path = dataset_config_path(dataset)
         if use_dataset_file and path.is_file():
             merge(config, load_yaml(path), str(path))
@@ -313,6 +339,7 @@ def resolve_config(dataset: Optional[str] = None, config_files=(), overrides=(),
         merge(config, load_yaml(path), str(path))
     if dataset is not None:
         config.data.dataset = dataset  # the explicit --dataset wins over files
+        sources_of(config)[("data", "dataset")] = f"--dataset {dataset}"
     for text in overrides:
         merge(config, parse_override(text), f"--set {text}")
     validate(config)
@@ -333,23 +360,85 @@ CHOICES = {
 }
 
 
+def canonical_dataset_name(name):
+    """Dataset names are case-insensitive: ``CUB``, ``cub`` and ``Cub`` all mean ``cub``.
+
+    The upstream files spell them in capitals (``feature_map_ResNet_101_CUB.hdf5``), so
+    users type both; the dataset table and ``configs/`` use lower case.
+    """
+    return name.lower() if isinstance(name, str) else name
+
+
+# (section, key): (lowest, highest, lowest allowed?, highest allowed?), for numbers; None: unbounded
+RANGES = {
+    ("data", "batch_size"): (1, None, True, True),
+    ("data", "eval_batch_size"): (1, None, True, True),
+    ("data", "prefetch"): (0, None, True, True),
+    ("demo", "num_classes"): (2, None, True, True),
+    ("demo", "num_unseen"): (1, None, True, True),
+    ("demo", "num_attributes"): (1, None, True, True),
+    ("demo", "attributes_per_class"): (1, None, True, True),
+    ("demo", "images_per_class"): (2, None, True, True),
+    ("demo", "map_size"): (1, None, True, True),
+    ("demo", "feature_dim"): (1, None, True, True),
+    ("demo", "embed_dim"): (1, None, True, True),
+    ("demo", "test_seen_fraction"): (0.0, 1.0, False, False),
+    ("demo", "distractors"): (0.0, None, True, True),
+    ("loss", "lambda_cal"): (0.0, None, True, True),
+    ("loss", "distill_weight"): (0.0, None, True, True),
+    ("optimizer", "learning_rate"): (0.0, None, False, True),
+    ("optimizer", "rho"): (0.0, 1.0, False, False),
+    ("optimizer", "epsilon"): (0.0, None, False, True),
+    ("optimizer", "momentum"): (0.0, 1.0, True, False),
+    ("optimizer", "weight_decay"): (0.0, None, True, True),
+    ("train", "iterations"): (1, None, True, True),
+    ("train", "eval_every"): (1, None, True, True),
+    ("train", "epochs"): (1, None, True, True),
+    ("train", "log_every"): (1, None, True, True),
+    ("train", "tensorboard_examples"): (0, None, True, True),
+    ("train", "worker_timeout"): (0.0, None, False, True),
+}
+
+
+def _interval(lo, hi, lo_in, hi_in) -> str:
+    if hi is None:
+        return f">= {lo}" if lo_in else f"> {lo}"
+    return f"in {'[' if lo_in else '('}{lo}, {hi}{']' if hi_in else ')'}"
+
+
 def validate(config: Config) -> None:
-    """Value checks that types alone do not catch."""
+    """Value checks that types alone do not catch; each error names where the value came from.
+
+    Every number must be finite; the numbers of :data:`RANGES` must lie in their range
+    (e.g. a positive learning rate, ``rho`` in (0, 1), batch sizes of at least 1); choices
+    must be among :data:`CHOICES`. This runs before TensorFlow starts.
+    """
+    config.data.dataset = canonical_dataset_name(config.data.dataset)
+
+    def fail(section, key, text):
+        raise ConfigError(f"{value_source(config, section, key)}: '{section}.{key}' {text}")
+
+    for section, types in _field_types(Config).items():
+        target = getattr(config, section)
+        for key in _field_types(types):
+            value = getattr(target, key)
+            values = value if isinstance(value, list) else [value]
+            for v in values:
+                if isinstance(v, float) and not math.isfinite(v):
+                    fail(section, key, f"must be a finite number, got {value!r}")
     for (section, key), choices in CHOICES.items():
         value = getattr(getattr(config, section), key)
         if value not in choices:
-            raise ConfigError(f"'{section}.{key}' must be one of {', '.join(choices)}; got {value!r}")
+            fail(section, key, f"must be one of {', '.join(map(str, choices))}; got {value!r}")
     if len(config.model.fusion_weights) != 2:
-        raise ConfigError(f"'model.fusion_weights' must be [w1, w2], got {config.model.fusion_weights!r}")
-    for section, key in (("data", "batch_size"), ("data", "eval_batch_size"), ("train", "log_every")):
-        if getattr(getattr(config, section), key) <= 0:
-            raise ConfigError(f"'{section}.{key}' must be positive")
-    if config.train.worker_timeout <= 0:
-        raise ConfigError("'train.worker_timeout' must be positive (seconds)")
-    for key in ("iterations", "eval_every"):
-        value = getattr(config.train, key)
-        if value is not None and value <= 0:
-            raise ConfigError(f"'train.{key}' must be positive or null")
+        fail("model", "fusion_weights", f"must be [w1, w2], got {config.model.fusion_weights!r}")
+    for (section, key), (lo, hi, lo_in, hi_in) in RANGES.items():
+        value = getattr(getattr(config, section), key)
+        if value is None:
+            continue  # iterations/eval_every: null means "from the epochs"
+        ok = (value >= lo if lo_in else value > lo) and (hi is None or (value <= hi if hi_in else value < hi))
+        if not ok:
+            fail(section, key, f"must be {_interval(lo, hi, lo_in, hi_in)}, got {value!r}")
 
 
 def to_yaml(config: Config) -> str:

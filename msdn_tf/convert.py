@@ -41,7 +41,11 @@ writes nothing):
 A checkpoint ``att`` that differs from the one recomputed from
 ``att_splits.mat`` (§1.4) by more than 1e-4 is reported as a warning, not an
 error. Backbone tensors (any key outside the MSDN and ignored sets) are
-counted and reported but never loaded: msdn-tf takes pre-extracted features.
+counted and reported. When they include the ``resnet101.<child>.*`` trunk of the
+released files, it is checked tensor by tensor (missing, extra or wrong-shape
+tensors are errors naming the key) and stored as ``backbone_resnet101.npz``
+(torchvision key names, float32) so that ``msdn_tf.export --with-images`` serves the
+checkpoint's own backbone from images.
 All weights are cast to float32.
 
 Library use (what the tests call)::
@@ -63,7 +67,7 @@ from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
-from msdn_tf.errors import ConfigError, DataError, MSDNError
+from msdn_tf.errors import ConfigError, DataError, MSDNError, cli_main
 from msdn_tf.torch_checkpoint import (MSDN_KEY_MAP, backbone_prefixes, read_torch_state_dict,
                                       split_state_dict)
 
@@ -84,7 +88,9 @@ _MODEL_ATTRS = {
     "mask_bias": (None, "mask_bias"),
 }
 _MATRIX_KEYS = ("V", "att", "W_1", "W_2", "W_1_1", "W_2_1")
-_RUN_FILES = ("config.yaml", "model.keras", REPORT_FILE, METADATA_FILE)
+#: The checkpoint's ResNet trunk (torchvision keys, float32) in the run directory.
+BACKBONE_FILE = "backbone_resnet101.npz"
+_RUN_FILES = ("config.yaml", "model.keras", REPORT_FILE, METADATA_FILE, BACKBONE_FILE)
 _RELEASED_NAME = re.compile(r"^(CUB|SUN|AWA2)_MSDN_(CZSL|GZSL)\.pth?$", re.IGNORECASE)
 
 __all__ = ["convert_checkpoint", "convert_state_dict", "main"]
@@ -242,6 +248,7 @@ def convert_state_dict(state: Mapping[str, np.ndarray], dataset: str, out_dir,
     # Config first: a bad --set fails before anything heavy.
     overrides = list(overrides)
     config = resolve_config(dataset, overrides=overrides)
+    dataset = config.data.dataset  # case-insensitive: --dataset CUB is cub
     if data_dir and not any(o.split("=", 1)[0].strip() == "data.data_dir" for o in overrides):
         config.data.data_dir = str(data_dir)  # set directly: a path need not be valid YAML
     spec = _dataset_spec(dataset)
@@ -308,10 +315,23 @@ def convert_state_dict(state: Mapping[str, np.ndarray], dataset: str, out_dir,
                             f"{bias:g} is used")
         config.model.bias = bias
 
+    from msdn_tf.backbones.torchvision_resnet import save_trunk_npz, trunk_from_checkpoint
+
+    trunk = trunk_from_checkpoint(backbone, name)
+    if trunk is not None and trunk[0]["conv1.weight"].shape[0] * 32 != F:
+        raise DataError(f"{name}: the resnet101.* trunk gives {trunk[0]['conv1.weight'].shape[0] * 32} channels but "
+                        f"W_1 expects F = {F}")
+
     # Everything is checked: build, fill and save the Keras model.
     _check_out_dir(out_dir, overwrite)
     model = _build_model(config, weights, K, D, F, C, seen, unseen)
     files = _write_run(out_dir, config, model, weights, meta)
+    stale_backbone = out_dir / BACKBONE_FILE
+    if trunk is not None:
+        save_trunk_npz(out_dir / BACKBONE_FILE, *trunk)
+        files.append(BACKBONE_FILE)
+    elif stale_backbone.exists():
+        stale_backbone.unlink()  # --overwrite: do not leave another checkpoint's backbone behind
 
     mapped = {}
     for key in MSDN_KEY_MAP:
@@ -337,9 +357,14 @@ def convert_state_dict(state: Mapping[str, np.ndarray], dataset: str, out_dir,
             "count": len(backbone),
             "prefixes": prefixes,
             "total_parameters": int(sum(int(np.size(v)) for v in backbone.values())),
-            "loaded": False,
-            "note": ("backbone tensors are reported, not loaded: msdn-tf takes pre-extracted "
-                     "ResNet-101 feature maps" if backbone else "none found"),
+            "loaded": trunk is not None,
+            "stored": BACKBONE_FILE if trunk is not None else None,
+            "architecture": ({"blocks": list(trunk[1]), "width": trunk[2], "tensors": len(trunk[0])}
+                             if trunk is not None else None),
+            "note": (f"resnet101.* trunk stored as {BACKBONE_FILE} (torchvision keys); "
+                     "msdn_tf.export --with-images serves from it" if trunk is not None else
+                     "backbone tensors are reported, not loaded: no resnet101.* trunk" if backbone
+                     else "none found"),
         },
         "bias": bias,
         "mask_bias": {"seen_classes": seen, "unseen_classes": unseen,
@@ -448,7 +473,8 @@ def summary(report: dict) -> str:
         "  ignored    " + (", ".join(f"{k} ({r})" for k, r in report["ignored_keys"].items()) or "none"),
         f"  backbone   {back['count']} tensor{'' if back['count'] == 1 else 's'}, {back['total_parameters']:,} parameters"
         + (" (" + ", ".join(f"{n} under '{p}'" if p else f"{n} without prefix"
-                            for p, n in back["prefixes"].items()) + "; reported, not loaded)"
+                            for p, n in back["prefixes"].items())
+           + (f"; trunk stored as {back['stored']})" if back.get("stored") else "; reported, not loaded)")
            if back["count"] else ""),
         f"  bias       {report['bias']:g}",
         f"  fusion     {report['config']['fusion_weights']} (A->V, V->A)",
@@ -485,15 +511,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli_main
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        report = convert_checkpoint(args.torch_checkpoint, args.dataset, args.out,
-                                    data_dir=args.data_dir, overrides=args.set,
-                                    overwrite=args.overwrite)
-    except (MSDNError, ConfigError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    report = convert_checkpoint(args.torch_checkpoint, args.dataset, args.out,
+                                data_dir=args.data_dir, overrides=args.set,
+                                overwrite=args.overwrite)
     print(summary(report))
     print(f"report: {Path(args.out) / REPORT_FILE}")
     return 0

@@ -35,7 +35,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 import msdn_tf.data.custom as custom_data  # registers the "custom" dataset
-from msdn_tf.errors import MSDNError
+from msdn_tf.errors import MSDNError, cli_main
 
 # prepare options that may also come from a dataset.yaml (--spec); path-valued ones are
 # resolved relative to the YAML file's folder.
@@ -121,7 +121,9 @@ def run_custom(data_dir, out, *, config_files=(), overrides=(), export_dir=None,
             features can be rebuilt here (``--weights none`` or a weights file, or ImageNet
             weights with network).
         gamma, top_k: baked into the export (calibrated stacking, top-k outputs).
-        verify_export: reload the export with TF's C++ loader and compare (slow).
+        verify_export: check the export with TF's C++ loader against the Keras model
+            before it is published (slow); a failed check publishes nothing and sets
+            ``export_check_ok`` False (``run`` then exits 1).
         visualize: write an attention figure of one unseen test image.
         resume: continue a run interrupted during training.
 
@@ -174,21 +176,34 @@ def run_custom(data_dir, out, *, config_files=(), overrides=(), export_dir=None,
             base = Path(export_dir) if export_dir else out / "export"
             version = _next_version(base)
             use_images = backbone if with_images else None
-            path = export_mod.export_saved_model(
-                model, base, version=version, class_names=list(data.class_names),
-                seen_classes=model.seen_classes, unseen_classes=model.unseen_classes, gamma=gamma, top_k=top_k,
-                config=config, backbone=use_images, image_size=size or 448,
-                backbone_id=None if use_images is None else note)
-            summary["export_dir"] = str(base)
-            summary["export_version_dir"] = path
-            summary["signatures"] = ["serving_default", "serving_maps", "metadata"] + (
-                ["serving_images"] if use_images is not None else [])
-            log(f"msdn-tf custom: exported {path} (signatures {', '.join(summary['signatures'])})")
-            if verify_export:
+            check, reports = None, []
+            if verify_export:  # checked before it is published: a failed export never reaches TF Serving
                 sample = data.features.read(data.test_unseen_loc[:3])
-                report = export_mod.verify_export(path, model, sample, backbone=use_images)
-                summary["export_check_ok"] = bool(report["ok"])
-                log(export_mod.report_markdown(report))
+
+                def check(version_dir):
+                    reports.append(export_mod.verify_export(version_dir, model, sample, backbone=use_images))
+                    return reports[-1]
+
+            try:
+                path = export_mod.export_saved_model(
+                    model, base, version=version, class_names=list(data.class_names),
+                    seen_classes=model.seen_classes, unseen_classes=model.unseen_classes, gamma=gamma, top_k=top_k,
+                    config=config, backbone=use_images, image_size=size or 448,
+                    backbone_id=None if use_images is None else note, check=check)
+            except export_mod.ExportCheckFailed as exc:
+                log(export_mod.report_markdown(exc.report))
+                log(f"msdn-tf custom: {exc}")
+                summary["export_check_ok"] = False
+                path = None
+            if path is not None:
+                summary["export_dir"] = str(base)
+                summary["export_version_dir"] = path
+                summary["signatures"] = ["serving_default", "serving_maps", "metadata"] + (
+                    ["serving_images"] if use_images is not None else [])
+                log(f"msdn-tf custom: exported {path} (signatures {', '.join(summary['signatures'])})")
+            if reports and path is not None:
+                summary["export_check_ok"] = True
+                log(export_mod.report_markdown(reports[-1]))
             timings["export_s"] = round(time.time() - t0, 2)
     if visualize:
         from msdn_tf.visualize import visualize_attention
@@ -218,7 +233,7 @@ def cmd_run(args) -> int:
                          gamma=args.gamma, top_k=args.top_k, verify_export=args.verify_export,
                          visualize=args.visualize, resume=args.resume, log=_log)
     print(json.dumps(summary))
-    return 0
+    return 1 if summary.get("export_check_ok") is False else 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -491,14 +506,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli_main
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    try:
-        return args.func(args)
-    except MSDNError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return args.func(args)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from msdn_tf.errors import MSDNError
+from msdn_tf.errors import MSDNError, cli_main
 from msdn_tf.utils import atomic_write_text, markdown_table, write_json
 
 PROTOCOL_NOTES = {
@@ -289,14 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli_main
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        evaluate_run(args.run, gamma=args.gamma, data_dir=args.data_dir,
-                     calibration_curve=args.calibration_curve, out_dir=args.out)
-    except MSDNError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    evaluate_run(args.run, gamma=args.gamma, data_dir=args.data_dir,
+                 calibration_curve=args.calibration_curve, out_dir=args.out)
     return 0
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from msdn_tf.data.base import ZSLData
+from msdn_tf.data.base import ZSLData, describe_rows, feature_file, nonfinite_rows
 from msdn_tf.data.pipeline import eval_dataset
+from msdn_tf.errors import NonFiniteError
 from msdn_tf.metrics import zsl_metrics
 
 LOGIT_KEYS = ("logits", "logits_a2v", "logits_v2a")
@@ -18,6 +19,29 @@ def predict_logits(model, data: ZSLData, indices, batch_size: int = 100, verbose
     """
     outputs = model.predict(eval_dataset(data, indices, batch_size), verbose=verbose)
     return {k: np.asarray(outputs[k]) for k in LOGIT_KEYS}
+
+
+def check_finite_outputs(model, data: ZSLData, indices, logits: dict, split: str) -> None:
+    """Raise :class:`NonFiniteError` if any logit is NaN or inf, naming the cause.
+
+    The cause is looked for where it can be: first the model's weights, then the
+    feature rows whose logits are non-finite (file and 0-based row). Costs one
+    ``isfinite`` over the logits when all is well.
+    """
+    bad = np.zeros(len(indices), dtype=bool)
+    for value in logits.values():
+        bad |= ~np.isfinite(value.reshape(len(indices), -1)).all(axis=1)
+    if not bad.any():
+        return
+    weights = [w.path for w in model.weights if not np.all(np.isfinite(np.asarray(w)))]
+    if weights:
+        raise NonFiniteError(f"the model's weights {', '.join(weights[:5])} hold NaN or infinite values")
+    rows = nonfinite_rows(data.features, np.asarray(indices)[bad])
+    if rows.size:
+        raise NonFiniteError(f"{feature_file(data.features, data.source)}: feature {describe_rows(rows)} "
+                             f"({split}) hold NaN or infinite values; fix or drop these images")
+    raise NonFiniteError(f"the model's outputs for {int(bad.sum())} {split} images are NaN or infinite "
+                         "although its weights and inputs are finite (an overflow)")
 
 
 def evaluate_model(model, data: ZSLData, batch_size: int = 100, gamma: float = 0.0,
@@ -34,9 +58,15 @@ def evaluate_model(model, data: ZSLData, batch_size: int = 100, gamma: float = 0
 
     Returns:
         ``{"acc", "U", "S", "H", "a2v": {...}, "v2a": {...}}`` with fractions in [0, 1].
+
+    Raises:
+        NonFiniteError: a logit is NaN or inf (the message names the weights or the
+            feature file and rows responsible); no metric is computed from it.
     """
     seen_logits = predict_logits(model, data, data.test_seen_loc, batch_size, verbose)
     unseen_logits = predict_logits(model, data, data.test_unseen_loc, batch_size, verbose)
+    check_finite_outputs(model, data, data.test_seen_loc, seen_logits, "test_seen_loc")
+    check_finite_outputs(model, data, data.test_unseen_loc, unseen_logits, "test_unseen_loc")
     y_s = data.labels[data.test_seen_loc]
     y_u = data.labels[data.test_unseen_loc]
     seen, unseen = data.seen_classes, data.unseen_classes

@@ -4,13 +4,17 @@ Usage::
 
     python -m msdn_tf.export --run RUN_DIR --out export/models/msdn_cub [--version N] \\
         [--gamma G] [--top-k 5] [--overwrite] [--no-verify] [--json] \\
-        [--with-images --backbone-weights FILE|imagenet|none --image-size 448]
+        [--with-images [--backbone auto|torchvision_resnet101|keras_resnet101] \\
+         [--backbone-weights FILE|imagenet|none] --image-size 448]
 
 Writes ``OUT/<version>/`` (default version 1) in the TF Serving model-base-path
 layout, through ``keras.export.ExportArchive`` (``tf.saved_model.save`` of a Keras 3
-model fails in the C++ loader TF Serving uses). The SavedModel is written to a
-hidden temporary folder in ``OUT`` and renamed into place, so TF Serving never sees
-a half-written version; an existing version is only replaced with ``--overwrite``.
+model fails in the C++ loader TF Serving uses). The SavedModel is written to
+``OUT/.tmp-<version>-<pid>-*`` (not numeric: TF Serving ignores it), checked there and
+only then renamed into place, so TF Serving never sees a half-written version nor one
+that failed its check; an existing version is only replaced with ``--overwrite``.
+Temporary folders of a killed export are removed by the next one. A full disk or a
+read-only ``OUT`` is one error line and exit code 2, versions already there unchanged.
 
 Signatures (all ``tensorflow/serving/predict``):
 
@@ -35,25 +39,36 @@ The three prediction signatures return the same outputs:
   on seen classes), best first, so ``top_k_classes[:, 0] == gzsl_class``.
   ``top_k_scores`` are those calibrated scores.
 
-``serving_images`` decodes each image (JPEG/PNG/BMP/GIF first frame) to RGB, resizes
-the shorter side to ``image_size`` (bilinear, antialiased), centre-crops a square,
-applies ``keras.applications.resnet.preprocess_input`` -- the preprocessing of
-:mod:`msdn_tf.extract` -- and runs the backbone inside the graph.
+``serving_images`` decodes each image (JPEG/PNG/BMP/GIF first frame) to RGB and runs
+the preprocessing of the backbone and the backbone inside the graph: for the
+torchvision-layout ResNet-101 (``--backbone torchvision_resnet101``, the default when
+the run holds ``backbone_resnet101.npz`` from ``msdn_tf.convert``) the reference's
+torchvision/PIL preprocessing, exactly (:mod:`msdn_tf.backbones.preprocessing`); for
+Keras' ResNet-101 the shorter side resized to ``image_size`` (bilinear, antialiased),
+a centre crop and ``keras.applications.resnet.preprocess_input``, as
+``msdn_tf.extract --backbone keras_resnet101``.
 
 Metadata (class names, seen/unseen ids, fusion weights, gamma, top_k, the run
 config) is written to ``OUT/<version>/assets/msdn_metadata.json``, beside the
 version folders as ``OUT/msdn_metadata.json`` (for clients; it describes the last
 export), and is returned by the ``metadata`` signature.
 
-After writing, :func:`verify_export` loads the export with TensorFlow's C++ loader
+The prediction signatures refuse a NaN/inf input, an empty batch and zero regions
+with ``InvalidArgumentError`` raised in the graph (:func:`guard_features`), which TF
+Serving answers with INVALID_ARGUMENT / HTTP 400.
+
+Before publishing, :func:`verify_export` loads the export with TensorFlow's C++ loader
 (:mod:`msdn_tf.serving.cc_loader`), runs every signature, compares with the Keras
-model and runs ``saved_model_cli show --all`` (``--no-verify`` skips this).
+model, checks that a NaN input is refused and runs ``saved_model_cli show --all``
+(``--no-verify`` skips this). Exit codes: 0 published, 1 the check failed (nothing
+published), 2 bad arguments or a write failure.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import errno
 import json
 import os
 import shutil
@@ -75,6 +90,11 @@ MAPS_SIGNATURE = "serving_maps"
 IMAGES_SIGNATURE = "serving_images"
 METADATA_SIGNATURE = "metadata"
 PREDICTION_OUTPUTS = ("scores", "gzsl_class", "czsl_class", "top_k_classes", "top_k_scores")
+#: Reference (torchvision + PIL) preprocessing in-graph, for the torchvision-layout backbone.
+TORCHVISION_PREPROCESSING_NOTE = (
+    "decode (JPEG: accurate integer IDCT) to RGB, torchvision Resize(image_size) with Pillow's bilinear "
+    "fixed-point resampling computed exactly in-graph, CenterCrop, /255, ImageNet mean/std "
+    "(msdn_tf.backbones.preprocessing)")
 PREPROCESSING_NOTE = ("decode to RGB, resize the shorter side to image_size (bilinear, antialias), centre "
                       "crop, keras.applications.resnet.preprocess_input (caffe), as msdn_tf.extract")
 
@@ -96,16 +116,70 @@ def preprocess_encoded_image(encoded, image_size: int):
     return decode_and_crop(encoded, image_size)
 
 
-def preprocess_image_batch(images, image_size: int):
-    """(B,) encoded images -> (B, S, S, 3) backbone input (``resnet.preprocess_input`` applied)."""
+def preprocess_image_batch(images, image_size: int, preprocessing: str = "keras"):
+    """(B,) encoded images -> (B, S, S, 3) backbone input.
+
+    ``preprocessing="keras"``: :func:`preprocess_encoded_image` then ``resnet.preprocess_input``;
+    ``"torchvision"``: the reference's PIL/torchvision preprocessing in-graph
+    (:func:`msdn_tf.backbones.preprocessing.tf_preprocess_batch`).
+    """
     import keras
     import tensorflow as tf
+
+    if preprocessing == "torchvision":
+        from msdn_tf.backbones.preprocessing import tf_preprocess_batch
+
+        return tf_preprocess_batch(images, image_size)
 
     def one(encoded):
         return preprocess_encoded_image(encoded, image_size)
 
     batch = tf.map_fn(one, images, fn_output_signature=tf.TensorSpec((image_size, image_size, 3), tf.float32))
     return keras.applications.resnet.preprocess_input(batch)
+
+
+def guard_features(features, input_name: str):
+    """In-graph checks of a feature input: the checked ``features`` or ``InvalidArgumentError``.
+
+    TF Serving turns an ``InvalidArgumentError`` raised inside a signature into gRPC
+    ``INVALID_ARGUMENT`` / HTTP 400, so the exported model itself refuses what it cannot
+    answer (without these checks a NaN input, an empty batch or zero regions answered
+    class 0 with status OK):
+
+    * an empty batch (batch size 0);
+    * zero regions (``R = 0`` or ``H * W = 0``): the attention softmax over no regions;
+    * a NaN or inf value (also what an out-of-range JSON number becomes in float32).
+
+    Args:
+        features: float32 ``(B, R, F)`` or ``(B, H, W, F)``.
+        input_name: the signature's input key, named in the messages.
+    """
+    import tensorflow as tf
+
+    shape = tf.shape(features)
+    checks = [
+        tf.debugging.assert_positive(shape[0], message=f"empty batch in input {input_name} (batch size 0): send "
+                                                       "at least one sample"),
+        tf.debugging.assert_positive(tf.reduce_prod(shape[1:-1]), message=f"zero regions in input {input_name}: "
+                                     "send at least one region (or a non-empty H x W map) per sample"),
+    ]
+    # reduce_all(is_finite), not check_numerics: 12 ms instead of 72 ms at (64, 196, 2048), shared 2-core CPU.
+    checks.append(tf.debugging.Assert(tf.reduce_all(tf.math.is_finite(features)), [
+        f"NaN or inf in input {input_name} (JSON numbers outside the float32 range become inf): send finite "
+        "float32 values"]))
+    with tf.control_dependencies(checks):
+        return tf.identity(features)
+
+
+def guard_scores(scores, input_name: str):
+    """In-graph check that the model's scores are finite (``InvalidArgumentError`` otherwise)."""
+    import tensorflow as tf
+
+    check = tf.debugging.Assert(tf.reduce_all(tf.math.is_finite(scores)), [
+        f"NaN or inf in the model's scores for input {input_name}: its values are too large for float32 "
+        "arithmetic"])
+    with tf.control_dependencies([check]):
+        return tf.identity(scores)
 
 
 def fused_predictions(scores, seen_mask, unseen_ids, gamma: float, top_k: int) -> dict:
@@ -166,7 +240,7 @@ def _config_dict(config):
 
 
 def build_metadata(model, *, class_names, seen_classes, unseen_classes, gamma, top_k, config=None,
-                   version=1, image_size=None, backbone_id=None) -> dict:
+                   version=1, image_size=None, backbone_id=None, preprocessing: str = "keras") -> dict:
     """The ``msdn_metadata.json`` content (see the module docstring)."""
     import keras
     import tensorflow as tf
@@ -202,7 +276,8 @@ def build_metadata(model, *, class_names, seen_classes, unseen_classes, gamma, t
                   "scores - gamma on seen classes, gamma on top of that margin",
         "images": None if image_size is None else {
             "image_size": int(image_size), "backbone": backbone_id or "custom",
-            "preprocessing": PREPROCESSING_NOTE},
+            "preprocessing_kind": preprocessing,
+            "preprocessing": TORCHVISION_PREPROCESSING_NOTE if preprocessing == "torchvision" else PREPROCESSING_NOTE},
         "signatures": signatures,
         "config": _config_dict(config),
         "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -270,8 +345,13 @@ def _backbone_output_check(backbone, image_size, feature_dim):
 def export_saved_model(model, out_base, *, version: int = 1, class_names: Sequence[str],
                        seen_classes, unseen_classes, gamma: float = 0.0, top_k: int = 5, config=None,
                        backbone=None, image_size: int = 448, overwrite: bool = False,
-                       backbone_id: Optional[str] = None) -> str:
+                       backbone_id: Optional[str] = None, preprocessing: str = "keras", check=None) -> str:
     """Write ``out_base/<version>/`` as a TF Serving SavedModel of ``model``.
+
+    The SavedModel is written to ``out_base/.tmp-<version>-<pid>-*`` (not a number, so TF
+    Serving ignores it), checked with ``check`` if given, and only then renamed to
+    ``out_base/<version>``. Temporary folders a killed export left behind are removed
+    first (:func:`remove_stale_temporaries`, one line each on stderr).
 
     Args:
         model: a built :class:`msdn_tf.model.MSDN`.
@@ -287,12 +367,27 @@ def export_saved_model(model, out_base, *, version: int = 1, class_names: Sequen
         image_size: S for ``serving_images``.
         overwrite: replace an existing ``out_base/<version>``.
         backbone_id: a description of the backbone for the metadata.
+        check: optional ``callable(export_dir) -> report`` run on the written, not yet
+            published folder (e.g. :func:`verify_export`); the export is published only
+            if ``report["ok"]``. ``report["export_dir"]`` is set to the version folder
+            and ``report["published"]`` to the outcome.
+        preprocessing: ``"keras"`` (the backbone takes ``resnet.preprocess_input`` images)
+            or ``"torchvision"`` (ImageNet mean/std images from the reference preprocessing,
+            for :mod:`msdn_tf.backbones.torchvision_resnet`).
 
     Returns:
         The version directory path.
 
     Raises:
-        MSDNError: bad arguments, or the version exists and ``overwrite`` is False.
+        ExportCheckFailed: ``check`` failed; the folder was removed, nothing published.
+        MSDNError: bad arguments, the version exists and ``overwrite`` is False, or
+            writing failed (disk full, read-only folder: the message names the path;
+            versions already there are unchanged).
+
+    Example:
+        >>> export_saved_model(model, "export/models/msdn_cub", class_names=names,
+        ...                    seen_classes=model.seen_classes, unseen_classes=model.unseen_classes,
+        ...                    check=lambda d: verify_export(d, model, sample))  # doctest: +SKIP
     """
     import keras
     import tensorflow as tf
@@ -313,27 +408,29 @@ def export_saved_model(model, out_base, *, version: int = 1, class_names: Sequen
     if backbone is not None:
         _backbone_output_check(backbone, int(image_size), f)
 
-    def head(features):
+    def head(features, input_name="images"):  # serving_images passes the backbone's maps
+        features = guard_features(features, input_name)  # InvalidArgumentError: TF Serving INVALID_ARGUMENT
         scores = keras.ops.cast(model(features, training=False)["logits"], "float32")  # (B, C), even if mixed
-        return fused_predictions(scores, seen_mask, unseen_ids, gamma, k)
+        return fused_predictions(guard_scores(scores, input_name), seen_mask, unseen_ids, gamma, k)
 
     meta = build_metadata(model, class_names=class_names, seen_classes=seen, unseen_classes=unseen, gamma=gamma,
                           top_k=k, config=config, version=version,
-                          image_size=None if backbone is None else int(image_size), backbone_id=backbone_id)
+                          image_size=None if backbone is None else int(image_size), backbone_id=backbone_id,
+                          preprocessing=preprocessing)
     meta_text = json.dumps(meta, indent=2) + "\n"
 
     archive = keras.export.ExportArchive()
     archive.track(model)
-    archive.add_endpoint(FEATURES_SIGNATURE, head,
+    archive.add_endpoint(FEATURES_SIGNATURE, lambda features: head(features, "features"),
                          input_signature=[tf.TensorSpec((None, None, f), tf.float32, name="features")])
-    archive.add_endpoint(MAPS_SIGNATURE, head,
+    archive.add_endpoint(MAPS_SIGNATURE, lambda feature_maps: head(feature_maps, "feature_maps"),
                          input_signature=[tf.TensorSpec((None, None, None, f), tf.float32, name="feature_maps")])
     if backbone is not None:
         archive.track(backbone)
         size = int(image_size)
 
         def images_fn(images):
-            x = preprocess_image_batch(images, size)  # (B, S, S, 3)
+            x = preprocess_image_batch(images, size, preprocessing)  # (B, S, S, 3)
             maps = backbone(x, training=False) if isinstance(backbone, keras.layers.Layer) else backbone(x)
             return head(maps)  # (B, h, w, F)
 
@@ -346,28 +443,156 @@ def export_saved_model(model, out_base, *, version: int = 1, class_names: Sequen
 
     archive.add_endpoint(METADATA_SIGNATURE, tf.function(metadata_fn, input_signature=[]))
 
-    out_base.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{int(version)}-", dir=out_base))  # not numeric: TF Serving skips it
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; a server running as another user must read it
-    old = None
     try:
-        archive.write_out(str(tmp), verbose=False)
-        (tmp / "assets").mkdir(exist_ok=True)
-        (tmp / "assets" / METADATA_FILE).write_text(meta_text)
-        if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".old-{int(version)}-", dir=out_base))
-            os.rmdir(old)
-            os.replace(final, old)
-        os.replace(tmp, final)
+        out_base.mkdir(parents=True, exist_ok=True)
+        for line in remove_stale_temporaries(out_base):
+            print(line, file=sys.stderr)
+        # Not numeric: TF Serving only loads version folders named by an integer.
+        tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{int(version)}-{os.getpid()}-", dir=out_base))
+    except OSError as exc:
+        raise _write_error(exc, out_base) from exc
+    published = False
+    try:
+        try:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; a server running as another user must read it
+            archive.write_out(str(tmp), verbose=False)
+            (tmp / "assets").mkdir(exist_ok=True)
+            (tmp / "assets" / METADATA_FILE).write_text(meta_text)
+        except (OSError, tf.errors.OpError) as exc:
+            raise _write_error(exc, out_base) from exc
+        if check is not None:
+            report = check(tmp)
+            report["export_dir"] = str(final)
+            report["checked_as"] = str(tmp)
+            report["published"] = bool(report.get("ok"))
+            if not report["published"]:
+                raise ExportCheckFailed(report, f"{final} was not published: the export failed its check "
+                                                f"(checked as {tmp}, now removed)")
+        try:
+            write_json(out_base / METADATA_FILE, meta)  # atomic; before the version appears
+            _publish(tmp, final, version, out_base)
+        except OSError as exc:
+            raise _write_error(exc, out_base) from exc
+        published = True
     finally:
-        if tmp.exists():
+        if not published and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and old.exists():
-            shutil.rmtree(old, ignore_errors=True)
-    write_json(out_base / METADATA_FILE, meta)
     return str(final)
+
+
+# Temporary folders in the model base path: ``.tmp-<version>-<pid>-<random>`` while an export is
+# written and checked, ``.old-<version>-<pid>-<random>`` while --overwrite swaps versions. Neither
+# name is numeric, so TF Serving never loads them.
+TMP_PREFIX = ".tmp-"
+OLD_PREFIX = ".old-"
+_WRITE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+                 errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+                 errno.EPERM: "permission denied"}
+
+
+class ExportCheckFailed(MSDNError):
+    """The written export failed :func:`verify_export`; it was removed, nothing was published.
+
+    Attributes:
+        report: the :func:`verify_export` report (``published`` is False).
+    """
+
+    def __init__(self, report: dict, message: str):
+        super().__init__(message)
+        self.report = report
+
+
+def _write_error(exc: Exception, out_base: Path) -> MSDNError:
+    """One line for an operating-system failure while writing an export (exit 2 in the CLI)."""
+    import re
+
+    import tensorflow as tf
+
+    if isinstance(exc, OSError):
+        code, detail = exc.errno, exc.strerror or str(exc)
+        if exc.filename and Path(exc.filename).exists():
+            detail += f" at {exc.filename}"
+    else:  # tf.errors.OpError from the SavedModel writer (TF maps ENOSPC to RESOURCE_EXHAUSTED)
+        code = {tf.errors.ResourceExhaustedError: errno.ENOSPC,
+                tf.errors.PermissionDeniedError: errno.EACCES}.get(type(exc))
+        detail = re.sub(r"\{\{[^}]*\}\}\s*", "", exc.message).strip().splitlines()[0][:300]
+    why = _WRITE_ERRNOS.get(code, "it failed")
+    todo = ("free disk space or pass --out on a disk with room" if code in (errno.ENOSPC, errno.EDQUOT) else
+            f"pass a writable --out or make {out_base} writable")
+    return MSDNError(f"cannot write the export to {out_base}: {why} ({detail}); {todo}. Versions already in "
+                     f"{out_base} are unchanged; no partial export is left")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def _folder_bytes(path: Path) -> int:
+    total = 0
+    for p in path.rglob("*"):
+        try:
+            total += p.stat().st_size if p.is_file() else 0
+        except OSError:
+            pass
+    return total
+
+
+def remove_stale_temporaries(out_base) -> list:
+    """Clean up what a killed export left in ``out_base``; return one line per folder handled.
+
+    ``.tmp-<version>-<pid>-*`` folders (a version being written or checked) are removed
+    unless process ``pid`` still runs (another export in progress). A ``.old-<version>-*``
+    folder (the previous version, moved aside by ``--overwrite``) is renamed back to
+    ``<version>`` when that version folder is missing (the export was killed between the
+    two renames), and removed otherwise.
+    """
+    out_base = Path(out_base)
+    lines = []
+    if not out_base.is_dir():
+        return lines
+    for path in sorted(out_base.iterdir()):
+        if not path.is_dir() or not path.name.startswith((TMP_PREFIX, OLD_PREFIX)):
+            continue
+        parts = path.name.split("-")
+        pid = int(parts[2]) if len(parts) > 3 and parts[2].isdigit() else None
+        if pid is not None and pid != os.getpid() and _pid_alive(pid):
+            lines.append(f"note: left {path} alone: export process {pid} is still running")
+            continue
+        version = parts[1] if len(parts) > 1 and parts[1].isdigit() else None
+        who = f"export process {pid}, no longer running" if pid is not None else "an earlier export"
+        if path.name.startswith(OLD_PREFIX) and version is not None and not (out_base / version).exists():
+            os.replace(path, out_base / version)
+            lines.append(f"note: restored {out_base / version} from {path} (left by {who} between the two "
+                         "renames of --overwrite)")
+            continue
+        size = _folder_bytes(path)
+        shutil.rmtree(path)
+        lines.append(f"note: removed {path} ({size / 1e6:.1f} MB), a temporary export folder left by {who}")
+    return lines
+
+
+def _publish(tmp: Path, final: Path, version: int, out_base: Path) -> None:
+    """Rename the checked ``tmp`` to ``final``; an existing ``final`` is swapped out and removed."""
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f"{OLD_PREFIX}{int(version)}-{os.getpid()}-", dir=out_base))
+    os.rmdir(old)
+    os.replace(final, old)
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        os.replace(old, final)  # put the previous version back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -442,6 +667,23 @@ def _compare(sig, want: dict, got: dict, tol: float) -> list:
     return rows
 
 
+def _check_refuses_nan(run, regions) -> dict:
+    """The in-graph guard: a NaN input must fail inside the signature (TF Serving: INVALID_ARGUMENT)."""
+    import tensorflow as tf
+
+    from msdn_tf.serving import cc_loader
+
+    bad = np.array(regions[:1], np.float32)
+    bad[0, 0, 0] = np.nan
+    row = {"signature": FEATURES_SIGNATURE, "output": "refuses a NaN input"}
+    try:
+        run(FEATURES_SIGNATURE, {"features": bad})
+    except (cc_loader.CcLoaderError, tf.errors.InvalidArgumentError) as exc:
+        ok = "NaN or inf" in str(exc)
+        return row | {"ok": ok, "detail": "InvalidArgumentError" if ok else f"failed otherwise: {str(exc)[:200]}"}
+    return row | {"ok": False, "detail": "answered a NaN input with status OK"}
+
+
 def _expected(model, inputs, meta) -> dict:
     from keras import ops
 
@@ -473,7 +715,8 @@ def verify_export(export_dir, model, sample_features, *, sample_images=None, bac
     Returns:
         A JSON-able report: ``ok``, ``loader`` (``"c++"`` or ``"python"`` when the C++
         loader cannot be built here), ``signatures`` (as the loader lists them),
-        ``checks`` (one row per signature and output), ``saved_model_cli``, ``errors``.
+        ``checks`` (one row per signature and output, and ``refuses a NaN input``),
+        ``saved_model_cli``, ``errors``.
     """
     import keras
 
@@ -530,7 +773,8 @@ def verify_export(export_dir, model, sample_features, *, sample_images=None, bac
 
             images = list(sample_images) if sample_images is not None else synthetic_images()
             size = int(meta["images"]["image_size"])
-            pre = preprocess_image_batch(tf.constant(images, tf.string), size)
+            pre = preprocess_image_batch(tf.constant(images, tf.string), size,
+                                         meta["images"].get("preprocessing_kind", "keras"))
             feats = backbone(pre, training=False) if isinstance(backbone, keras.layers.Layer) else backbone(pre)
             cases.append((IMAGES_SIGNATURE, {"images": images}, feats))
     for sig, inputs, model_input in cases:
@@ -543,6 +787,7 @@ def verify_export(export_dir, model, sample_features, *, sample_images=None, bac
         want = _expected(model, model_input, meta)
         tol = rtol * max(1.0, float(np.max(np.abs(want["scores"]))) if want["scores"].size else 1.0)
         report["checks"].extend(_compare(sig, want, got, tol))
+    report["checks"].append(_check_refuses_nan(run, regions))
     try:
         got = run(METADATA_SIGNATURE, {})
         names = [b.decode("utf-8") for b in np.asarray(got["class_names"]).reshape(-1)]
@@ -565,6 +810,10 @@ def report_markdown(report: dict) -> str:
 
     lines = [f"# Export check: {report['export_dir']}", "",
              f"- result: {'OK' if report['ok'] else 'FAILED'}", f"- loader: {report['loader']}"]
+    if "published" in report:
+        lines.append(f"- checked as {report['checked_as']} before publishing; " +
+                     ("published" if report["published"] else "NOT published: the folder was removed, TF Serving "
+                      "sees no new version"))
     for name, sig in sorted(report["signatures"].items()):
         ins = ", ".join(f"{k} {v['dtype']} {v['shape']}" if isinstance(v, dict) else str(k)
                         for k, v in (sig["inputs"].items() if isinstance(sig["inputs"], dict)
@@ -622,9 +871,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="calibrated stacking: subtracted from seen-class scores for gzsl_class/top-k (default 0)")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--with-images", action="store_true", help="add serving_images (JPEG/PNG bytes -> backbone)")
-    p.add_argument("--backbone-weights", default="imagenet",
-                   help="ResNet-101 weights for --with-images: 'imagenet' (Keras download), a local .h5 file or "
-                        "'none' (random, for tests)")
+    p.add_argument("--backbone", default="auto", choices=["auto", "torchvision_resnet101", "keras_resnet101"],
+                   help="backbone of serving_images: auto (default) = torchvision_resnet101 from the run's "
+                        "backbone_resnet101.npz (written by msdn_tf.convert from a released checkpoint) when "
+                        "present, else keras_resnet101")
+    p.add_argument("--backbone-weights", default=None,
+                   help="torchvision_resnet101: a .pth/.npz (default: RUN/backbone_resnet101.npz); "
+                        "keras_resnet101: 'imagenet' (default, Keras download), a local .h5 file or 'none' "
+                        "(random, for tests)")
     p.add_argument("--image-size", type=int, default=448)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override the run config when reading class names (e.g. data.data_dir=...)")
@@ -632,6 +886,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--verify-samples", type=int, default=3, help="random samples used by the check")
     p.add_argument("--json", action="store_true", help="print the check report as JSON instead of markdown")
     return p
+
+
+def _print_report(report: dict, as_json: bool) -> None:
+    if as_json:
+        cli = {k: v for k, v in report.get("saved_model_cli", {}).items() if k != "output"}
+        print(json.dumps({k: v for k, v in report.items() if k != "saved_model_cli"} | {"saved_model_cli": cli},
+                         indent=2))
+    else:
+        print(report_markdown(report))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -646,34 +909,58 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             config = merge(config, parse_override(text), f"--set {text}")
         names = class_names_for_run(args.run, config)
         backbone = backbone_id = None
+        preprocessing = "keras"
         if args.with_images:
-            if model.feature_dim != 2048:
-                raise MSDNError(f"--with-images builds a ResNet-101 backbone (2048 channels) but the model takes "
-                                f"{model.feature_dim}-channel features")
-            from msdn_tf.extract import build_backbone
+            run_backbone = Path(args.run) / "backbone_resnet101.npz"
+            kind = args.backbone
+            if kind == "auto":
+                kind = "torchvision_resnet101" if (run_backbone.exists() or (
+                    args.backbone_weights or "").lower().endswith((".pth", ".pt", ".npz"))) else "keras_resnet101"
+            if kind == "torchvision_resnet101":
+                from msdn_tf.backbones.torchvision_resnet import load_backbone_file
 
-            backbone = build_backbone(args.backbone_weights, args.image_size)
-            backbone_id = f"keras.applications.ResNet101(include_top=False, weights={args.backbone_weights})"
-        path = export_saved_model(model, args.out, version=args.version, class_names=names,
-                                  seen_classes=model.seen_classes, unseen_classes=model.unseen_classes,
-                                  gamma=args.gamma, top_k=args.top_k, config=config, backbone=backbone,
-                                  image_size=args.image_size, overwrite=args.overwrite, backbone_id=backbone_id)
-        print(f"wrote {path} (metadata: {Path(args.out) / METADATA_FILE})", file=sys.stderr)
-        if args.no_verify:
-            return 0
-        rng = np.random.default_rng(0)
-        side = max(1, args.image_size // 32)
-        sample = np.abs(rng.standard_normal((args.verify_samples, side, side, model.feature_dim))).astype(np.float32)
-        report = verify_export(path, model, sample, backbone=backbone)
-        if args.json:
-            print(json.dumps({k: v for k, v in report.items() if k != "saved_model_cli"} |
-                             {"saved_model_cli": {k: v for k, v in report.get("saved_model_cli", {}).items()
-                                                  if k != "output"}}, indent=2))
-        else:
-            print(report_markdown(report))
-        if not report["ok"]:
-            print("error: the export failed its check (see the report above)", file=sys.stderr)
+                weights = args.backbone_weights or str(run_backbone)
+                if not os.path.isfile(weights):
+                    raise MSDNError(f"--backbone torchvision_resnet101: {weights} not found (convert a released "
+                                    "checkpoint with msdn_tf.convert, or pass --backbone-weights resnet101.pth)")
+                backbone, info = load_backbone_file(weights, blocks=None, image_size=args.image_size)
+                backbone_id = (f"torchvision-layout ResNet (blocks {info['blocks']}, width {info['width']}) from "
+                               f"{os.path.basename(weights)}")
+                preprocessing = "torchvision"
+            else:
+                if model.feature_dim != 2048:
+                    raise MSDNError(f"--with-images builds a ResNet-101 backbone (2048 channels) but the model "
+                                    f"takes {model.feature_dim}-channel features")
+                from msdn_tf.extract import build_backbone
+
+                weights = args.backbone_weights or "imagenet"
+                backbone = build_backbone(weights, args.image_size)
+                backbone_id = f"keras.applications.ResNet101(include_top=False, weights={weights})"
+        check, reports = None, []
+        if not args.no_verify:
+            rng = np.random.default_rng(0)
+            side = max(1, args.image_size // 32)
+            sample = np.abs(rng.standard_normal((args.verify_samples, side, side, model.feature_dim))
+                            ).astype(np.float32)
+
+            def check(export_dir):
+                reports.append(verify_export(export_dir, model, sample, backbone=backbone))
+                return reports[-1]
+
+        try:
+            path = export_saved_model(model, args.out, version=args.version, class_names=names,
+                                      seen_classes=model.seen_classes, unseen_classes=model.unseen_classes,
+                                      gamma=args.gamma, top_k=args.top_k, config=config, backbone=backbone,
+                                      image_size=args.image_size, overwrite=args.overwrite,
+                                      backbone_id=backbone_id, preprocessing=preprocessing,
+                                      check=check)
+        except ExportCheckFailed as exc:
+            _print_report(exc.report, args.json)
+            print(f"error: {exc}", file=sys.stderr)
             return 1
+        print(f"wrote {path} (metadata: {Path(args.out) / METADATA_FILE})", file=sys.stderr)
+        if reports:
+            _print_report(reports[-1], args.json)
     except MSDNError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -3,7 +3,8 @@
 Usage::
 
     python -m msdn_tf.extract --images-root DIR --image-list LIST --out FILE.hdf5 \\
-        [--weights imagenet|FILE|none] [--batch-size 16] [--image-size 448] \\
+        [--backbone torchvision_resnet101|keras_resnet101] [--weights FILE|imagenet|none] \\
+        [--batch-size 16] [--image-size 448] \\
         [--compression gzip|none] [--limit N] [--att-splits att_splits.mat \\
         --attributes-pkl CUB_attribute.pkl [--sent-splits sent_splits.mat] \\
         [--attribute-names attributes.txt]]
@@ -16,26 +17,34 @@ For training, write the file next to the xlsa17 metadata as
 ``DIR/features_resnet101_448.hdf5`` (the default ``data.feature_file``; layout (b) of
 docs/data.md) and run ``python -m msdn_tf.train --dataset cub --data-dir DIR``.
 
-Per image: decoded to RGB, resized (bilinear, antialiased) so the shorter side is
-``--image-size``, centre-cropped to a square, then
-``keras.applications.resnet.preprocess_input`` (caffe style: RGB->BGR and ImageNet
-mean subtraction, no scaling). The backbone is
-``keras.applications.ResNet101(include_top=False)``; its last activation (layer4
-after the final ReLU) is stored channel-first as ``feature_map`` ``(N, 2048, 14, 14)``
-float32 for 448-pixel inputs.
+Two backbones (``--backbone``):
 
-**Not the reference features.** Keras' ResNet-101 ImageNet weights (converted from
-the original Caffe model, caffe preprocessing) differ from torchvision's ResNet-101
-weights used by TransZero/MSDN, so these features differ from the reference files
-and results will not match the paper exactly. For parity with the paper use
-feature files in the TransZero format (``feature_map_ResNet_101_{CUB,SUN,AWA2}.hdf5``).
+* ``torchvision_resnet101`` (default; **the paper's features**): the reference pipeline
+  of TransZero/MSDN. Each image is decoded with Pillow and ``convert("RGB")``, resized
+  with torchvision's ``Resize(448)`` rule and Pillow's bilinear resampling, centre
+  cropped, ``/255`` and ImageNet mean/std -- bit-exact in numpy
+  (:mod:`msdn_tf.backbones.preprocessing`) -- then run through the torchvision-layout
+  ResNet-101 trunk in Keras (:mod:`msdn_tf.backbones.torchvision_resnet`) with weights
+  from ``--weights FILE.pth``: torchvision's ``resnet101-63fe2227.pth`` (ImageNet V1, what
+  the reference used) or a released MSDN checkpoint (its ``resnet101.*`` tensors). No
+  torch needed.
+* ``keras_resnet101``: ``keras.applications.ResNet101(include_top=False)`` (stride in the
+  first 1x1 convolution, caffe weights) with TF decoding, antialiased bilinear resize,
+  centre crop and ``keras.applications.resnet.preprocess_input``. **Not the reference
+  features**: results will not match the paper exactly.
+
+Both store layer4 after the final ReLU channel-first as ``feature_map``
+``(N, 2048, 14, 14)`` float32 for 448-pixel inputs.
 
 The run is resumable and crash-safe: rows are written to ``OUT.partial`` (the
 ``feature_map`` dataset is preallocated; the attribute ``done_count`` is flushed
 after every batch). Re-running the same command continues at the first row not
 done. Only a complete file, with the metadata keys added, is renamed to ``OUT``
-(atomically), so a killed run never leaves a partial ``OUT``. With more than one
-visible GPU the batches are split over them with ``tf.distribute.MirroredStrategy``.
+(atomically), so a killed run never leaves a partial ``OUT``. With
+``keras_resnet101`` and more than one visible GPU the batches are split over them
+with ``tf.distribute.MirroredStrategy``; ``torchvision_resnet101`` decodes and
+preprocesses with a small thread pool, one batch ahead, and runs the network
+compiled (``predict_on_batch``) on the default device.
 """
 
 from __future__ import annotations
@@ -50,13 +59,22 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from msdn_tf.errors import DataError, MSDNError
+from msdn_tf.errors import DataError, MSDNError, cli_main
 
 WEIGHTS_NOTE = (
     "Keras' ResNet-101 ImageNet weights differ from torchvision's (used by TransZero/MSDN), so "
     "these features differ from the reference feature files; for parity with the paper use "
     "TransZero-format feature files."
 )
+#: ``--backbone`` choices -> what they compute.
+BACKBONES = {
+    "torchvision_resnet101": "torchvision ResNet-101 trunk + PIL-exact reference preprocessing (the paper's features)",
+    "keras_resnet101": "keras.applications.ResNet101 + caffe preprocessing (not the paper's features)",
+}
+TORCHVISION_WEIGHTS_HINT = (
+    "--backbone torchvision_resnet101 needs --weights FILE: a torchvision resnet101 state_dict (the ImageNet V1 "
+    "weights the reference used: https://download.pytorch.org/models/resnet101-63fe2227.pth) or a released MSDN "
+    "checkpoint (CUB_MSDN_GZSL.pth...)")
 PARTIAL_SUFFIX = ".partial"
 FORMAT_VERSION = 1
 
@@ -250,6 +268,25 @@ def build_backbone(weights: str = "imagenet", image_size: int = 448):
         raise
 
 
+def build_torchvision_backbone(weights, image_size: Optional[int] = None):
+    """torchvision-layout ResNet-101 trunk with weights from a ``.pth``/``.npz`` file.
+
+    Args:
+        weights: a torchvision ``resnet101`` state_dict (e.g. ``resnet101-63fe2227.pth``,
+            the ImageNet V1 weights TransZero/MSDN used), a released MSDN checkpoint
+            (its ``resnet101.*`` keys) or the ``backbone_resnet101.npz`` that
+            ``msdn_tf.convert`` writes into a run directory.
+    """
+    from msdn_tf.backbones.torchvision_resnet import load_backbone_file
+
+    if weights in (None, "", "imagenet", "none", "None"):
+        raise DataError(TORCHVISION_WEIGHTS_HINT)
+    if not os.path.isfile(str(weights)):
+        raise DataError(f"{weights}: weights file not found")
+    model, _ = load_backbone_file(str(weights), image_size=image_size)
+    return model
+
+
 def decode_and_crop(encoded, image_size: int):
     """One encoded JPEG/PNG (scalar tf.string) -> float32 (S, S, 3) RGB in 0..255.
 
@@ -328,6 +365,44 @@ def _to_numpy(value) -> np.ndarray:
     import keras
 
     return np.asarray(keras.ops.convert_to_numpy(value))
+
+
+def _torchvision_batches(backbone, paths, start, batch_size, image_size):
+    """Yield ``(row_indices, features (b, h, w, c))``: PIL decoding + the reference preprocessing.
+
+    Images are decoded and preprocessed in numpy (:mod:`msdn_tf.backbones.preprocessing`,
+    bit-exact to torchvision + Pillow 4.3-12.x) by a small thread pool, one batch ahead.
+    A bad image raises :class:`DataError` naming the file.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    import keras
+
+    from msdn_tf.backbones.preprocessing import load_and_preprocess
+
+    n = len(paths)
+    starts = list(range(start, n, batch_size))
+
+    def load(lo):
+        hi = min(lo + batch_size, n)
+        return lo, np.stack([load_and_preprocess(p, image_size) for p in paths[lo:hi]])
+
+    workers = max(1, min(4, os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending = [pool.submit(load, lo) for lo in starts[:2]]
+        nxt = 2
+        while pending:
+            lo, x = pending.pop(0).result()
+            if nxt < len(starts):
+                pending.append(pool.submit(load, starts[nxt]))
+                nxt += 1
+            if isinstance(backbone, keras.Model):
+                feats = _to_numpy(backbone.predict_on_batch(x))  # compiled: ~5x faster than eager on CPU
+            else:
+                feats = _to_numpy(_call_backbone(backbone, x))
+            if not np.all(np.isfinite(feats)):
+                raise MSDNError(f"the backbone returned NaN or infinite values for images {list(paths[lo:lo + len(x)])}")
+            yield np.arange(lo, lo + len(x), dtype=np.int64), feats
 
 
 def _batches(backbone, ds, paths, start, batch_size, image_size, strategy=None):
@@ -428,7 +503,7 @@ def extract_features(image_paths: Sequence[str], out_path: str, backbone=None, *
                      metadata: Optional[dict] = None, backbone_id: Optional[str] = None,
                      restart: bool = False, overwrite: bool = False, progress: bool = True,
                      after_batch: Optional[Callable[[int], None]] = None, strategy=None,
-                     log: Callable[[str], None] = None) -> str:
+                     preprocessing: str = "keras", log: Callable[[str], None] = None) -> str:
     """Extract feature maps of ``image_paths`` into ``out_path`` (resumable, crash-safe).
 
     Args:
@@ -446,6 +521,10 @@ def extract_features(image_paths: Sequence[str], out_path: str, backbone=None, *
         restart: discard an existing partial file. overwrite: replace an existing ``out_path``.
         after_batch: called with the number of rows done after every flushed batch (tests).
         strategy: a ``tf.distribute`` strategy; default MirroredStrategy with >1 GPU.
+        preprocessing: ``"keras"`` (TF decoding, caffe ``preprocess_input``, for the Keras
+            ResNet-101) or ``"torchvision"`` (Pillow decoding and the reference's PIL-exact
+            Resize/CenterCrop/Normalize, :mod:`msdn_tf.backbones.preprocessing`; the
+            backbone must then be given, e.g. from :func:`build_torchvision_backbone`).
 
     Returns:
         ``out_path``.
@@ -466,7 +545,12 @@ def extract_features(image_paths: Sequence[str], out_path: str, backbone=None, *
     if compression in ("none", "None", ""):
         compression = None
     if backbone_id is None:
-        backbone_id = "custom" if backbone is not None else f"keras.ResNet101:{weights}"
+        if backbone is not None:
+            backbone_id = "custom"
+        elif preprocessing == "torchvision":
+            backbone_id = f"torchvision.resnet101:{weights}"
+        else:
+            backbone_id = f"keras.ResNet101:{weights}"
     partial = out_path + PARTIAL_SUFFIX
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     f, done = _open_partial(partial, n, _fingerprint(listed, image_size, backbone_id), restart, log)
@@ -474,6 +558,8 @@ def extract_features(image_paths: Sequence[str], out_path: str, backbone=None, *
         if done < n:
             if done:
                 log(f"resuming {partial}: {done}/{n} images already done")
+            if backbone is None and preprocessing == "torchvision":
+                backbone = build_torchvision_backbone(weights, image_size)
             if strategy is None and backbone is None:
                 import tensorflow as tf
 
@@ -485,22 +571,31 @@ def extract_features(image_paths: Sequence[str], out_path: str, backbone=None, *
                         backbone = build_backbone(weights, image_size)
                 else:
                     backbone = build_backbone(weights, image_size)
-            ds = make_dataset(paths, done, image_size, batch_size)
+            if preprocessing == "torchvision":
+                batches = _torchvision_batches(backbone, paths, done, batch_size, image_size)
+                prep_note = ("Pillow decoding, convert('RGB'), torchvision Resize(image_size) (PIL bilinear), "
+                             "CenterCrop, ToTensor, Normalize(ImageNet mean/std)")
+            elif preprocessing == "keras":
+                ds = make_dataset(paths, done, image_size, batch_size)
+                batches = _batches(backbone, ds, paths, done, batch_size, image_size, strategy)
+                prep_note = ("shorter side to image_size (bilinear, antialias), centre "
+                             "crop, keras.applications.resnet.preprocess_input (caffe)")
+            else:
+                raise MSDNError(f"preprocessing must be 'keras' or 'torchvision', got {preprocessing!r}")
             bar = None
             if progress:
                 from tqdm import tqdm
 
                 bar = tqdm(total=n, initial=done, unit="img", desc="extract", file=sys.stderr)
             try:
-                for idx, feats in _batches(backbone, ds, paths, done, batch_size, image_size, strategy):
+                for idx, feats in batches:
                     maps = np.ascontiguousarray(np.transpose(feats, (0, 3, 1, 2)), dtype=np.float32)
                     if "feature_map" not in f:
                         f.create_dataset("feature_map", shape=(n,) + maps.shape[1:], dtype=np.float32,
                                          chunks=(1,) + maps.shape[1:], compression=compression)
                         f.attrs["image_size"] = int(image_size)
                         f.attrs["backbone"] = backbone_id
-                        f.attrs["preprocessing"] = ("shorter side to image_size (bilinear, antialias), centre "
-                                                    "crop, keras.applications.resnet.preprocess_input (caffe)")
+                        f.attrs["preprocessing"] = prep_note
                     ds_map = f["feature_map"]
                     if ds_map.shape[1:] != maps.shape[1:]:
                         raise MSDNError(f"{partial}: 'feature_map' rows are {ds_map.shape[1:]} but the backbone "
@@ -537,15 +632,21 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m msdn_tf.extract",
         description="Extract ResNet-101 feature maps (N, 2048, 14, 14) into the §1.1 HDF5 layout. "
-        "Resumable: re-run the same command after an interruption. " + WEIGHTS_NOTE,
+        "Resumable: re-run the same command after an interruption. The default backbone, torchvision_resnet101, "
+        "gives the paper's features.",
     )
     p.add_argument("--images-root", required=True, help="folder the listed image paths are relative to")
     p.add_argument("--image-list", required=True,
                    help="res101.mat, image_list.npz, or a .txt/.csv of image paths (row order of the output)")
     p.add_argument("--out", required=True, help="output .hdf5 (work goes to OUT.partial until complete)")
-    p.add_argument("--weights", default="imagenet",
-                   help="'imagenet' (Keras download, needs network), a local .h5/.weights.h5 file, or 'none' "
-                   "(random, for tests). " + WEIGHTS_NOTE)
+    p.add_argument("--backbone", default="torchvision_resnet101", choices=list(BACKBONES),
+                   help="torchvision_resnet101 (default): the network and PIL-exact preprocessing of TransZero/MSDN, "
+                   "the paper's features; keras_resnet101: keras.applications.ResNet101 with caffe preprocessing "
+                   "(not the paper's features)")
+    p.add_argument("--weights", default=None,
+                   help="torchvision_resnet101: a torchvision resnet101 state_dict .pth (resnet101-63fe2227.pth) or "
+                   "a released MSDN checkpoint .pth (required). keras_resnet101: 'imagenet' (default; Keras "
+                   "download, needs network), a local .h5/.weights.h5 file, or 'none' (random, for tests)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--image-size", type=int, default=448, help="square input size (448 gives 14x14 maps)")
     p.add_argument("--compression", default="gzip", choices=["gzip", "none"])
@@ -560,35 +661,40 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli_main
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    try:
-        if args.att_splits and not args.attributes_pkl:
-            raise MSDNError("--att-splits needs --attributes-pkl too (a complete §1.1 file has w2v_att)")
-        if args.limit is not None and (args.att_splits or args.attributes_pkl):
-            raise MSDNError("--limit makes a partial image set; it cannot be combined with --att-splits/"
-                            "--attributes-pkl (the splits index the full list)")
-        files, labels = read_image_list(args.image_list)
-        if args.limit is not None:
-            if args.limit < 1:
-                raise MSDNError("--limit must be >= 1")
-            files = files[: args.limit]
-            labels = None if labels is None else labels[: args.limit]
-        metadata = build_metadata(labels, len(files), att_splits=args.att_splits,
-                                  attributes_pkl=args.attributes_pkl, sent_splits=args.sent_splits,
-                                  attribute_names=args.attribute_names)
-        if args.weights not in ("imagenet", "none", "None") and not os.path.isfile(args.weights):
-            raise DataError(f"{args.weights}: weights file not found (--weights takes 'imagenet', 'none' or a "
-                            "local .h5/.weights.h5 file)")
-        extract_features(files, args.out, images_root=args.images_root, weights=args.weights,
-                         batch_size=args.batch_size, image_size=args.image_size,
-                         compression=None if args.compression == "none" else args.compression,
-                         metadata=metadata, restart=args.restart, overwrite=args.overwrite,
-                         progress=not args.no_progress)
-    except MSDNError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    if args.att_splits and not args.attributes_pkl:
+        raise MSDNError("--att-splits needs --attributes-pkl too (a complete §1.1 file has w2v_att)")
+    if args.limit is not None and (args.att_splits or args.attributes_pkl):
+        raise MSDNError("--limit makes a partial image set; it cannot be combined with --att-splits/"
+                        "--attributes-pkl (the splits index the full list)")
+    files, labels = read_image_list(args.image_list)
+    if args.limit is not None:
+        if args.limit < 1:
+            raise MSDNError("--limit must be >= 1")
+        files = files[: args.limit]
+        labels = None if labels is None else labels[: args.limit]
+    metadata = build_metadata(labels, len(files), att_splits=args.att_splits,
+                              attributes_pkl=args.attributes_pkl, sent_splits=args.sent_splits,
+                              attribute_names=args.attribute_names)
+    torchvision = args.backbone == "torchvision_resnet101"
+    weights = args.weights if args.weights is not None else (None if torchvision else "imagenet")
+    if torchvision:
+        if weights is None or weights in ("imagenet", "none", "None"):
+            raise DataError(TORCHVISION_WEIGHTS_HINT)
+        if not os.path.isfile(weights):
+            raise DataError(f"{weights}: weights file not found")
+    elif weights not in ("imagenet", "none", "None") and not os.path.isfile(weights):
+        raise DataError(f"{weights}: weights file not found (--weights takes 'imagenet', 'none' or a "
+                        "local .h5/.weights.h5 file)")
+    extract_features(files, args.out, images_root=args.images_root, weights=weights,
+                     preprocessing="torchvision" if torchvision else "keras",
+                     batch_size=args.batch_size, image_size=args.image_size,
+                     compression=None if args.compression == "none" else args.compression,
+                     metadata=metadata, restart=args.restart, overwrite=args.overwrite,
+                     progress=not args.no_progress)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 

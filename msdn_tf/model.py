@@ -15,6 +15,8 @@ from msdn_tf.layers import AttributeEmbedding, AttributeToVisual, VisualToAttrib
 from msdn_tf.layers.common import as_regions, contract, l2_normalize, split_last
 
 LOSS_TERMS = ("ce_a2v", "cal_a2v", "ce_v2a", "cal_v2a", "distill", "loss")
+NONFINITE = "nonfinite"
+NONFINITE_CHECKS = ("input features", "gradients", "weights after the update")
 
 
 @keras.saving.register_keras_serializable(package="msdn_tf")
@@ -132,6 +134,9 @@ class MSDN(keras.Model):
         self._unseen_mask = unseen
         self._seen_mask = (1.0 - unseen).astype("float32")
         self.trackers = {name: keras.metrics.Mean(name=name) for name in LOSS_TERMS}
+        # Sum over the steps of a fit() of the non-finite code (see nonfinite_code); 0 while all is finite.
+        self.trackers[NONFINITE] = keras.metrics.Sum(name=NONFINITE)
+        self.check_numerics = True  # a run-time switch, not part of the config (train.check_numerics)
 
     # ------------------------------------------------------------------ weights
     def build(self, input_shape):
@@ -237,7 +242,7 @@ class MSDN(keras.Model):
         # Weighted by the (replica's) batch size: the trackers then hold global-batch means.
         for name, value in terms.items():
             self.trackers[name].update_state(value, sample_weight=batch_size)
-        return {name: tracker.result() for name, tracker in self.trackers.items()}
+        return {name: self.trackers[name].result() for name in terms}
 
     def train_step(self, *args):
         """One optimizer step on ``(features, labels)``.
@@ -266,7 +271,29 @@ class MSDN(keras.Model):
         variables = self.trainable_variables
         grads = tape.gradient(loss, variables)
         self.optimizer.apply(grads, variables)
-        return self._update_trackers(terms, _replica_batch_weight(batch, terms["loss"].dtype))
+        logs = self._update_trackers(terms, _replica_batch_weight(batch, terms["loss"].dtype))
+        if self.check_numerics:
+            self.trackers[NONFINITE].update_state(self.nonfinite_code(features, grads, variables))
+            logs[NONFINITE] = self.trackers[NONFINITE].result()
+        return logs
+
+    @staticmethod
+    def nonfinite_code(features, grads, variables):
+        """One number saying which of :data:`NONFINITE_CHECKS` found a NaN or inf in this step.
+
+        Digit ``i`` in base ``replicas + 1`` counts the replicas whose check ``i`` failed
+        (input features, gradients, weights after the update), so the all-reduced sum
+        over replicas still says which check failed; 0 when everything is finite. The
+        loss terms need no check here: their running means in the logs turn non-finite
+        at the same step. Cost: one ``isfinite`` pass over the batch and the weights.
+        """
+        base = float(D.num_replicas() + 1)
+
+        def bad(tensors):
+            flags = [ops.all(ops.isfinite(t)) for t in tensors if t is not None]
+            return 1.0 - ops.cast(ops.all(ops.stack(flags)), "float32")  # small integers: exact
+
+        return bad([features]) + base * bad(grads) + base * base * bad(variables)
 
     def test_step(self, *args):
         if _on_jax():  # Keras' JAX trainer calls test_step(state, data)

@@ -32,7 +32,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from msdn_tf.data.base import ZSLData
-from msdn_tf.errors import ConfigError, DataError, MSDNError
+from msdn_tf.errors import ConfigError, DataError, MSDNError, cli_main
 from msdn_tf.evaluate import PROTOCOL_NOTES, PROTOCOL_RESULT, pct, reference_selection
 from msdn_tf.utils import atomic_write_text, markdown_table, write_json
 
@@ -458,23 +458,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli_main
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        from msdn_tf.config import resolve_config
-        from msdn_tf.data.registry import get_spec
+    from msdn_tf.config import resolve_config
+    from msdn_tf.data.registry import get_spec
 
-        overrides = list(args.set) + ([f"data.data_dir={args.data_dir}"] if args.data_dir else [])
-        config = resolve_config(args.dataset, args.config, overrides)
-        get_spec(config.data.dataset)
-        out = Path(args.out) if args.out else Path(config.train.out_dir) / "protocols" / config.data.dataset
-        run_protocol(config, args.protocol, out, seeds=args.seeds,
-                     lambda_grid=parse_floats(args.lambda_grid, "--lambda-grid"),
-                     gamma_grid=parse_floats(args.gamma_grid, "--gamma-grid"),
-                     holdout_fraction=args.holdout, scale_steps=args.scale_steps)
-    except MSDNError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    overrides = list(args.set) + ([f"data.data_dir={args.data_dir}"] if args.data_dir else [])
+    config = resolve_config(args.dataset, args.config, overrides)
+    get_spec(config.data.dataset)
+    out = Path(args.out) if args.out else Path(config.train.out_dir) / "protocols" / config.data.dataset
+    run_protocol(config, args.protocol, out, seeds=args.seeds,
+                 lambda_grid=parse_floats(args.lambda_grid, "--lambda-grid"),
+                 gamma_grid=parse_floats(args.gamma_grid, "--gamma-grid"),
+                 holdout_fraction=args.holdout, scale_steps=args.scale_steps)
     return 0
 
 

@@ -31,8 +31,8 @@ import numpy as np
 
 from msdn_tf.backend import current as current_backend
 from msdn_tf.backend import on_tensorflow
-from msdn_tf.config import Config, load_yaml, resolve_config, save_config, from_dict
-from msdn_tf.errors import ConfigError, MSDNError
+from msdn_tf.config import Config, from_dict, load_yaml, resolve_config, save_config, value_source
+from msdn_tf.errors import ConfigError, MSDNError, NonFiniteError, cli_main, describe_os_error
 from msdn_tf.utils import atomic_path, markdown_table, write_json
 
 BEST_NOTE = ("selected on the TEST split over all evaluations during training, as the reference "
@@ -114,27 +114,68 @@ class Checkpointer:
     def exists(self) -> bool:
         return self.state_path.is_file()
 
-    def save(self, model, step: int, history: list) -> None:
+    def save(self, model, step: int, history: list, resumes: list = ()) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         stem = f"step_{step:08d}"
-        with atomic_path(self.dir / f"{stem}.weights.h5") as tmp:
-            model.save_weights(tmp)
-        with atomic_path(self.dir / f"{stem}.optimizer.npz") as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, *[np.asarray(v) for v in model.optimizer.variables])
-        write_json(self.state_path, {"step": step, "weights": f"{stem}.weights.h5",
-                                     "optimizer": f"{stem}.optimizer.npz", "history": history})
+        try:
+            # numpy, not Keras' HDF5 weights file: HDF5 keeps a failed handle open and the
+            # process then crashes at exit (signal 11) on a full disk instead of exiting with 2
+            with atomic_path(self.dir / f"{stem}.weights.npz") as tmp:
+                with open(tmp, "wb") as f:
+                    np.savez(f, *[np.asarray(v) for v in model.weights])
+            with atomic_path(self.dir / f"{stem}.optimizer.npz") as tmp:
+                with open(tmp, "wb") as f:
+                    np.savez(f, *[np.asarray(v) for v in model.optimizer.variables])
+            write_json(self.state_path, {"step": step, "weights": f"{stem}.weights.npz",
+                                         "optimizer": f"{stem}.optimizer.npz", "history": history,
+                                         "resumes": list(resumes)})
+        except BaseException:
+            # state.json still names the previous checkpoint: drop this one's partial files
+            current = self.state_path.read_text() if self.state_path.is_file() else ""
+            if stem not in current:
+                for new in self.dir.glob(f"{stem}.*"):
+                    new.unlink()
+            raise
         for old in self.dir.glob("step_*"):
             if not old.name.startswith(stem):
                 old.unlink()
 
+    def read_state(self) -> dict:
+        """``state.json``, checked: a clear error names the file if it is corrupt or incomplete."""
+        try:
+            with open(self.state_path) as f:
+                state = json.load(f)
+        except ValueError as exc:
+            raise MSDNError(f"{self.state_path}: corrupt checkpoint state ({exc}); the run cannot be "
+                            "resumed from it: start a new run (another --run-dir)") from exc
+        missing = [k for k in ("step", "weights", "optimizer", "history") if not isinstance(state, dict)
+                   or k not in state]
+        if missing:
+            raise MSDNError(f"{self.state_path}: corrupt checkpoint state (missing {', '.join(missing)}); "
+                            "start a new run (another --run-dir)")
+        for key in ("weights", "optimizer"):
+            if not (self.dir / state[key]).is_file():
+                raise MSDNError(f"{self.dir / state[key]}: the checkpoint's {key} file is missing; "
+                                "the run cannot be resumed: restore the file or start a new run")
+        return state
+
     def restore(self, model) -> dict:
-        with open(self.state_path) as f:
-            state = json.load(f)
-        model.load_weights(self.dir / state["weights"])
+        state = self.read_state()
+        path = self.dir / state["weights"]
+        try:
+            if path.name.endswith(".h5"):  # checkpoints written before the .npz format
+                model.load_weights(path)
+            else:
+                _assign_all(model.weights, _load_arrays(path), path, "model weights")
+        except (OSError, ValueError, KeyError) as exc:
+            raise MSDNError(f"{path}: unreadable checkpoint weights ({exc}); "
+                            "restore the file or start a new run") from exc
         model.optimizer.build(model.trainable_variables)
-        with np.load(self.dir / state["optimizer"]) as saved:
-            values = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+        try:
+            values = _load_arrays(self.dir / state["optimizer"])
+        except (OSError, ValueError, KeyError) as exc:
+            raise MSDNError(f"{self.dir / state['optimizer']}: unreadable optimizer state ({exc}); "
+                            "restore the file or start a new run") from exc
         variables = model.optimizer.variables
         if len(values) != len(variables):
             raise MSDNError(
@@ -144,6 +185,22 @@ class Checkpointer:
         for var, value in zip(variables, values):
             var.assign(value)
         return state
+
+
+def _load_arrays(path) -> list:
+    """The arrays ``arr_0, arr_1, ...`` of an ``.npz`` written by :meth:`Checkpointer.save`."""
+    with np.load(path) as saved:
+        return [saved[f"arr_{i}"] for i in range(len(saved.files))]
+
+
+def _assign_all(variables, values, path, what) -> None:
+    if len(values) != len(variables):
+        raise MSDNError(f"{path}: holds {len(values)} {what}, the model has {len(variables)}")
+    for var, value in zip(variables, values):
+        if tuple(value.shape) != tuple(var.shape):
+            raise MSDNError(f"{path}: {what} '{var.path}' has shape {value.shape} in the checkpoint, "
+                            f"{tuple(var.shape)} in the model")
+        var.assign(value)
 
 
 # --------------------------------------------------------------------------- reporting
@@ -222,7 +279,7 @@ def default_run_dir(config: Config) -> Path:
 
 
 def run_training(config: Config, run_dir=None, resume: bool = False, data=None, log=print,
-                 eval_hooks=()) -> dict:
+                 eval_hooks=(), resume_changes=None) -> dict:
     """Train and evaluate one MSDN run.
 
     Args:
@@ -235,9 +292,17 @@ def run_training(config: Config, run_dir=None, resume: bool = False, data=None, 
         eval_hooks: callables ``hook(model=, data=, step=, metrics=, writer=)`` run after
             every evaluation; ``metrics`` is :func:`~msdn_tf.evaluation.evaluate_model`'s
             result with ``"_logits"`` (e.g. TensorBoard images, see ``msdn_tf.viz``).
+        resume_changes: ``{"section.key": (old, new)}`` applied on ``--resume``
+            (recorded under ``resumes`` in the checkpoint and ``results.json``).
 
     Returns:
         The content of ``results.json``.
+
+    Raises:
+        NonFiniteError: a NaN or inf appeared (input features, a loss term, the
+            gradients, the weights or the evaluation outputs); the message names the
+            step and what went non-finite. The last checkpoint stays as it was and
+            neither ``model.keras`` nor ``results.json`` is written.
     """
     from msdn_tf.distribute import cluster_info
     from msdn_tf.precision import resolve_precision
@@ -247,6 +312,8 @@ def run_training(config: Config, run_dir=None, resume: bool = False, data=None, 
     config.train.precision = precision.policy  # the saved config holds the precision actually used
     cluster = cluster_info(config.train.strategy)  # clear error on a bad TF_CONFIG
     run_dir = Path(run_dir) if run_dir else default_run_dir(config)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise MSDNError(f"--run-dir {run_dir}: is a file, not a folder; choose another --run-dir")
     checkpointer = Checkpointer(run_dir)
     if resume and not checkpointer.exists():
         raise MSDNError(f"--resume: no checkpoint in {run_dir / 'checkpoint'}"
@@ -257,6 +324,11 @@ def run_training(config: Config, run_dir=None, resume: bool = False, data=None, 
     if cluster.is_chief and checkpointer.exists() and not resume:
         raise MSDNError(f"{run_dir} already holds a checkpoint; pass --resume to continue it, "
                         "or choose another --run-dir")
+    if resume:  # check the checkpoint before config.yaml is rewritten: a refused resume changes nothing
+        done = int(checkpointer.read_state()["step"])
+        if config.train.iterations is not None and done > config.train.iterations:
+            raise ConfigError(f"--resume: the checkpoint is at step {done}, past train.iterations = "
+                              f"{config.train.iterations}; pass --iterations {done} or more")
     strategy = _strategy(config)  # a bad train.strategy or TF_CONFIG fails before anything is written
     if cluster.is_chief:
         out_dir = run_dir
@@ -267,13 +339,14 @@ def run_training(config: Config, run_dir=None, resume: bool = False, data=None, 
             f"writing to the temporary {out_dir} (removed at the end)")
     try:
         return _train(config, run_dir, out_dir, checkpointer, resume, data, log, eval_hooks, precision, cluster,
-                      strategy)
+                      strategy, resume_changes)
     finally:
         if out_dir != run_dir:
             shutil.rmtree(out_dir, ignore_errors=True)
 
 
-def _train(config, run_dir, out_dir, checkpointer, resume, data, log, eval_hooks, precision, cluster, strategy):
+def _train(config, run_dir, out_dir, checkpointer, resume, data, log, eval_hooks, precision, cluster, strategy,
+           resume_changes):
     """:func:`run_training` after the run directory checks; writes go to ``out_dir``."""
     import tensorflow as tf
 
@@ -300,12 +373,23 @@ def _train(config, run_dir, out_dir, checkpointer, resume, data, log, eval_hooks
     log(f"msdn-tf: {json.dumps(data.summary())}")
     log(f"msdn-tf: {iterations} iterations, evaluation every {eval_every}, run dir {run_dir}")
 
-    history, step = [], 0
+    history, step, resumes = [], 0, []
     if resume:
         with _scope(strategy):
             state = checkpointer.restore(model)
         history, step = state["history"], int(state["step"])
-        log(f"msdn-tf: resumed at step {step}")
+        resumes = list(state.get("resumes", []))
+        if step > iterations:
+            raise ConfigError(f"--resume: the checkpoint is at step {step}, past train.iterations = "
+                              f"{iterations}; pass --iterations {step} or more")
+        if resume_changes:
+            resumes.append({"step": step, "changes": resume_changes})
+        log(f"msdn-tf: resumed at step {step}"
+            + (f" with {', '.join(f'{k}: {a} -> {b}' for k, (a, b) in resume_changes.items())}"
+               if resume_changes else ""))
+        purged = purge_events_after(run_dir / "tensorboard", step) if cluster.is_chief else 0
+        if purged:
+            log(f"msdn-tf: removed {purged} TensorBoard events past step {step} (written before the interruption)")
     elif config.train.eval_initial:
         initial = evaluate_model(model, data, config.data.eval_batch_size)
         history.append(_metric_entry(0, initial))
@@ -328,6 +412,8 @@ def _train(config, run_dir, out_dir, checkpointer, resume, data, log, eval_hooks
     writer = tf.summary.create_file_writer(str(out_dir / "tensorboard"))
     verbose = config.train.verbose if config.train.verbose >= 0 else (1 if sys.stdout.isatty() else 2)
     log_cb = _TensorBoardLosses(writer, config.train.log_every)
+    guard = _NonFiniteGuard()
+    model.check_numerics = config.train.check_numerics
     started = time.time()
     n_periods = math.ceil(iterations / eval_every)
     while step < iterations:
@@ -335,7 +421,7 @@ def _train(config, run_dir, out_dir, checkpointer, resume, data, log, eval_hooks
         period = step // eval_every + 1
         if verbose:
             log(f"period {period}/{n_periods}: steps {step + 1}-{step + steps}")
-        log_cb.offset = step
+        log_cb.offset = guard.offset = step
         if device_store is not None:
             make = functools.partial(device_train_dataset, device_store, data.labels, sampler, step, steps,
                                      config.data.prefetch)
@@ -345,7 +431,7 @@ def _train(config, run_dir, out_dir, checkpointer, resume, data, log, eval_hooks
             dataset = strategy.distribute_datasets_from_function(
                 lambda ctx: make(shard=_worker_shard(ctx, strategy.num_replicas_in_sync)))
             try:
-                losses = loop.run(dataset, steps, log_cb)
+                logs = loop.run(dataset, steps, [guard, log_cb])
             except (tf.errors.OpError, RuntimeError) as exc:
                 last = f"from the checkpoint of step {step}" if checkpointer.exists() or step else "from the start"
                 raise MSDNError(
@@ -354,10 +440,17 @@ def _train(config, run_dir, out_dir, checkpointer, resume, data, log, eval_hooks
                     f"worker with: python -m msdn_tf.train --run-dir {run_dir} --resume (continues {last}). "
                     f"TensorFlow said: {str(exc).splitlines()[0][:300]}") from exc
         else:
-            fit = model.fit(make(), epochs=1, verbose=verbose, callbacks=[log_cb], shuffle=False)
-            losses = {k: v[-1] for k, v in fit.history.items()}
+            fit = model.fit(make(), epochs=1, verbose=verbose, callbacks=[guard, log_cb], shuffle=False)
+            logs = {k: v[-1] for k, v in fit.history.items()}
+        if guard.failure is not None:
+            writer.flush()
+            raise NonFiniteError(_nonfinite_message(guard, data, sampler, checkpointer, strategy))
         step += steps
-        metrics = evaluate_model(model, data, config.data.eval_batch_size, return_logits=bool(eval_hooks))
+        losses = {k: v for k, v in logs.items() if k != "nonfinite"}
+        try:
+            metrics = evaluate_model(model, data, config.data.eval_batch_size, return_logits=bool(eval_hooks))
+        except NonFiniteError as exc:
+            raise NonFiniteError(f"evaluation after step {step}: {exc}. {_checkpoint_note(checkpointer)}") from exc
         entry = _metric_entry(step, metrics, losses)
         history.append(entry)
         with writer.as_default(step=step):
@@ -368,13 +461,23 @@ def _train(config, run_dir, out_dir, checkpointer, resume, data, log, eval_hooks
         for hook in eval_hooks:
             hook(model=model, data=data, step=step, metrics=metrics, writer=writer)
         writer.flush()
-        _check_finite(losses, step)
-        saver.save(model, step, history)
+        try:
+            saver.save(model, step, history, resumes)
+        except OSError as exc:
+            then = (f"; once there is room, continue with python -m msdn_tf.train --run-dir {run_dir} --resume"
+                    if checkpointer.exists() else "")
+            raise MSDNError(f"saving the checkpoint of step {step}: {describe_os_error(exc)} "
+                            f"{_checkpoint_note(checkpointer)}{then}") from exc
         log(f"step {step}: CZSL acc {_pct(entry['acc']):.2f}  U {_pct(entry['U']):.2f}  "
             f"S {_pct(entry['S']):.2f}  H {_pct(entry['H']):.2f}  loss {losses.get('loss', float('nan')):.4f}")
 
-    with atomic_path(out_dir / "model.keras") as tmp:
-        model.save(tmp)
+    try:
+        with atomic_path(out_dir / "model.keras") as tmp:
+            model.save(tmp)
+    except OSError as exc:
+        raise MSDNError(f"saving the trained model: {describe_os_error(exc)} {_checkpoint_note(checkpointer)}; "
+                        f"once there is room, python -m msdn_tf.train --run-dir {run_dir} --resume "
+                        "writes the model and results from it") from exc
     results = {
         "dataset": config.data.dataset,
         "run_dir": str(run_dir),
@@ -390,6 +493,7 @@ def _train(config, run_dir, out_dir, checkpointer, resume, data, log, eval_hooks
         "final": history[-1],
         "best_on_test": {"note": best_note(data.name), "best_H": _best(history, "H"), "best_acc": _best(history, "acc")},
         "history": history,
+        "resumes": resumes,
     }
     write_json(out_dir / "results.json", results)
     table = results_table(results)
@@ -422,13 +526,19 @@ class _MultiWorkerLoop:
 
         self.step_fn = step_fn
 
-    def run(self, dataset, steps: int, callback) -> dict:
+    def run(self, dataset, steps: int, callbacks) -> dict:
         self.model.reset_metrics()
+        self.model.stop_training = False
+        for callback in callbacks:
+            callback.set_model(self.model)
         iterator = iter(dataset)
         logs = {}
         for batch in range(steps):
             logs = {k: float(v) for k, v in self.step_fn(iterator).items()}
-            callback.on_train_batch_end(batch, logs)
+            for callback in callbacks:
+                callback.on_train_batch_end(batch, logs)
+            if self.model.stop_training:  # the non-finite guard stopped it
+                break
         return logs
 
 
@@ -440,14 +550,6 @@ def _worker_shard(ctx, num_replicas: int):
     """
     local = num_replicas // ctx.num_input_pipelines
     return list(range(ctx.input_pipeline_id * local, (ctx.input_pipeline_id + 1) * local)), num_replicas
-
-
-def _check_finite(losses: dict, step: int) -> None:
-    """Stop with a message on a NaN or infinite loss (never a result)."""
-    bad = {k: v for k, v in losses.items() if not math.isfinite(float(v))}
-    if bad:
-        raise MSDNError(f"step {step}: non-finite loss terms {bad}; training stopped "
-                        "(under train.precision=mixed_float16 try mixed_bfloat16 or float32)")
 
 
 class _TensorBoardLosses:
@@ -468,9 +570,105 @@ class _TensorBoardLosses:
 
                     with writer.as_default(step=step):
                         for key, value in logs.items():
-                            tf.summary.scalar(f"train/{key}", float(value))
+                            if key != "nonfinite":  # a check code (0 while all is finite), not a loss
+                                tf.summary.scalar(f"train/{key}", float(value))
 
         return Callback()
+
+
+class _NonFiniteGuard:
+    """Keras callback that stops ``fit`` at the first step with a NaN or inf.
+
+    It reads what the training step already returns: the running means of the loss
+    terms (non-finite from the first bad step on) and the ``nonfinite`` code of
+    :meth:`msdn_tf.model.MSDN.nonfinite_code` (input features, gradients, updated weights).
+    """
+
+    def __new__(cls):
+        import keras
+
+        class Callback(keras.callbacks.Callback):
+            def __init__(self):
+                super().__init__()
+                self.offset = 0
+                self.failure = None  # (step, non-finite loss terms, failed checks code)
+
+            def on_train_batch_end(self, batch, logs=None):
+                logs = logs or {}
+                code = float(logs.get("nonfinite", 0.0))
+                terms = [k for k, v in logs.items() if k != "nonfinite" and not math.isfinite(float(v))]
+                if code or terms:
+                    self.failure = (self.offset + batch + 1, terms, code)
+                    self.model.stop_training = True
+
+        return Callback()
+
+
+def _checkpoint_note(checkpointer) -> str:
+    if checkpointer.exists():
+        try:
+            step = json.loads(checkpointer.state_path.read_text())["step"]
+            return f"The checkpoint of step {step} in {checkpointer.dir} is intact"
+        except (OSError, ValueError, KeyError):
+            pass
+    return "No checkpoint was written"
+
+
+def _nonfinite_message(guard, data, sampler, checkpointer, strategy) -> str:
+    """Name the step and what went non-finite first: input rows, loss terms, gradients or weights."""
+    from msdn_tf.data.base import describe_rows, feature_file, nonfinite_rows
+    from msdn_tf.model import NONFINITE_CHECKS
+
+    step, terms, code = guard.failure
+    base = (1 if strategy is None else strategy.num_replicas_in_sync) + 1  # no strategy on JAX
+    failed = [name for i, name in enumerate(NONFINITE_CHECKS) if int(code) // base ** i % base]
+    head = f"training step {step}: "
+    tail = f". Nothing was saved for this run's result. {_checkpoint_note(checkpointer)}."
+    if "input features" in failed:
+        batch = sampler.batch(step - 1)
+        rows = nonfinite_rows(data.features, batch)
+        where = feature_file(data.features, data.source)
+        which = (f"feature {describe_rows(rows)}" if rows.size else
+                 f"one of the feature {describe_rows(np.unique(batch), limit=60)} (they read back finite now)")
+        return head + f"the input batch holds NaN or infinite values: {where}, {which}; fix or drop these images" + tail
+    if terms:
+        return (head + f"loss term{'s' if len(terms) > 1 else ''} {', '.join(terms)} became NaN or infinite "
+                "(inputs were finite); lower optimizer.learning_rate or check the loss settings" + tail)
+    if "gradients" in failed:
+        return head + "the gradients hold NaN or infinite values (the loss terms were finite)" + tail
+    return (head + "the weights became NaN or infinite in the update (inputs, loss and gradients were "
+            "finite); check the optimizer settings" + tail)
+
+
+def purge_events_after(folder, step: int) -> int:
+    """Remove the TensorBoard summaries written past ``step`` (by a session that was interrupted).
+
+    A resumed run writes those steps again; without this TensorBoard shows both.
+    Each event file holding such events is rewritten (to a temporary file, then
+    renamed) without them. Returns the number of events removed.
+    """
+    import tensorflow as tf
+    from tensorboard.compat.proto import event_pb2
+
+    removed = 0
+    for path in sorted(Path(folder).rglob("events.out.tfevents.*")):
+        kept, dropped = [], 0
+        try:
+            for record in tf.data.TFRecordDataset(str(path)).as_numpy_iterator():
+                event = event_pb2.Event.FromString(record)
+                if event.HasField("summary") and event.step > step:
+                    dropped += 1
+                else:
+                    kept.append(record)
+        except tf.errors.DataLossError:
+            pass  # a record cut short by the interruption: drop the tail
+        if dropped:
+            with atomic_path(path) as tmp:
+                with tf.io.TFRecordWriter(tmp) as out:
+                    for record in kept:
+                        out.write(record)
+            removed += dropped
+    return removed
 
 
 def summary_line(results: dict) -> str:
@@ -523,28 +721,68 @@ def config_from_args(args) -> Config:
     return resolve_config(args.dataset or "demo", args.config, overrides)
 
 
+def resume_config(args) -> tuple:
+    """``(config, changes)`` of ``--resume``: the run's own config plus the flags that are safe.
+
+    A resumed run continues what its checkpoint was trained with. Safe to change:
+    ``--iterations`` (more steps: the run then equals an uninterrupted run of that
+    length, as batches depend only on the step) and ``--data-dir`` (the same data,
+    moved; the dataset's size checks still apply). Every other flag that would
+    change the run is refused, naming it and why. ``changes`` is
+    ``{"section.key": (old, new)}``, recorded in the run.
+    """
+    from msdn_tf.config import canonical_dataset_name
+
+    if not args.run_dir:
+        raise ConfigError("--resume needs --run-dir")
+    path = Path(args.run_dir) / "config.yaml"
+    if Path(args.run_dir).exists() and not Path(args.run_dir).is_dir():
+        raise MSDNError(f"--run-dir {args.run_dir}: is a file, not a folder")
+    config = from_dict(load_yaml(path), str(path))
+    why = "the checkpoint was trained with the run's own config.yaml; start a new run (another --run-dir) to change it"
+    refused = []
+    if args.dataset is not None and canonical_dataset_name(args.dataset) != config.data.dataset:
+        refused.append(f"--dataset {args.dataset} (the run is {config.data.dataset})")
+    if args.seed is not None and args.seed != config.train.seed:
+        refused.append(f"--seed {args.seed} (the run's seed is {config.train.seed})")
+    if args.strategy is not None and args.strategy != config.train.strategy:
+        refused.append(f"--strategy {args.strategy} (the run used {config.train.strategy})")
+    refused += [f"--config {c}" for c in args.config] + [f"--set {t}" for t in args.set]
+    if refused:
+        raise ConfigError(f"--resume: refusing {'; '.join(refused)}: {why}. "
+                          "Only --iterations (more steps) and --data-dir (moved data) can change on resume")
+    changes = {}
+    if args.iterations is not None and args.iterations != config.train.iterations:
+        changes["train.iterations"] = (config.train.iterations, int(args.iterations))
+    if args.data_dir is not None and args.data_dir != config.data.data_dir:
+        changes["data.data_dir"] = (config.data.data_dir, args.data_dir)
+    if changes:
+        overrides = [f"{key}={new}" for key, (_, new) in changes.items()]
+        from msdn_tf.config import merge, parse_override, validate
+
+        for text in overrides:
+            merge(config, parse_override(text), f"--resume {text}")
+        validate(config)
+    return config, changes
+
+
+@cli_main
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if args.resume:
-            if not args.run_dir:
-                raise ConfigError("--resume needs --run-dir")
-            path = Path(args.run_dir) / "config.yaml"
-            config = from_dict(load_yaml(path), str(path))
-        else:
-            config = config_from_args(args)
-        if args.print_config:
-            from msdn_tf.config import to_yaml
+    changes = None
+    if args.resume:
+        config, changes = resume_config(args)
+    else:
+        config = config_from_args(args)
+    if args.print_config:
+        from msdn_tf.config import to_yaml
 
-            print(to_yaml(config))
-            return 0
-        from msdn_tf.data.registry import get_spec
+        print(to_yaml(config))
+        return 0
+    from msdn_tf.data.registry import get_spec
 
-        get_spec(config.data.dataset)  # fail fast on an unknown name, before TensorFlow starts
-        results = run_training(config, run_dir=args.run_dir, resume=args.resume)
-    except MSDNError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    get_spec(config.data.dataset)  # fail fast on an unknown name, before TensorFlow starts
+    results = run_training(config, run_dir=args.run_dir, resume=args.resume, resume_changes=changes)
     print(summary_line(results))
     return 0
 

@@ -40,10 +40,19 @@ def _loss(model, trainable, non_trainable, optimizer_variables, features, labels
     return loss, (terms, non_trainable)
 
 
-def _update_trackers(model, metrics_variables, terms, batch_size=None):
-    """``(logs, new metrics values)``: ``MSDN._update_trackers`` run on the given tracker state."""
+def _update_trackers(model, metrics_variables, terms, batch_size=None, nonfinite=None):
+    """``(logs, new metrics values)``: ``MSDN._update_trackers`` run on the given tracker state.
+
+    ``nonfinite``: this step's :meth:`~msdn_tf.model.MSDN.nonfinite_code`, added to the
+    ``nonfinite`` tracker and the logs (as the TensorFlow step does).
+    """
+    from msdn_tf.model import NONFINITE
+
     with _scope(model.metrics_variables, metrics_variables) as scope:
         logs = model._update_trackers(terms, batch_size)
+        if nonfinite is not None:
+            model.trackers[NONFINITE].update_state(nonfinite)
+            logs[NONFINITE] = model.trackers[NONFINITE].result()
     new_values = []
     for ref, old in zip(model.metrics_variables, metrics_variables):
         value = scope.get_current_value(ref)
@@ -71,7 +80,8 @@ def train_step(model, state, data):
                                  has_aux=True)
     (_, (terms, non_trainable)), grads = grad_fn(trainable)
     trainable, optimizer_variables = model.optimizer.stateless_apply(optimizer_variables, grads, trainable)
-    logs, metrics_variables = _update_trackers(model, metrics_variables, terms)
+    code = model.nonfinite_code(features, grads, trainable) if model.check_numerics else None
+    logs, metrics_variables = _update_trackers(model, metrics_variables, terms, nonfinite=code)
     return logs, (trainable, non_trainable, optimizer_variables, metrics_variables)
 
 

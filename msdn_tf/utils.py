@@ -30,6 +30,10 @@ def atomic_path(path):
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.filename is None:  # e.g. ENOSPC raised by a writer: name the file being written
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -42,7 +46,42 @@ def atomic_write_text(path, text: str) -> None:
 
 
 def write_json(path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    """Write ``obj`` as strict JSON, atomically.
+
+    NaN and infinities are not JSON: a non-finite number raises
+    :class:`~msdn_tf.errors.MSDNError` naming the file and the key, and nothing is written.
+    """
+    try:
+        text = json.dumps(obj, indent=2, sort_keys=False, default=_json_default, allow_nan=False)
+    except ValueError as exc:
+        from msdn_tf.errors import NonFiniteError
+
+        raise NonFiniteError(f"{path}: not written, {_first_nonfinite(obj) or 'a value'} is NaN or "
+                             f"infinite ({exc})") from exc
+    atomic_write_text(path, text + "\n")
+
+
+def _first_nonfinite(obj, where=""):
+    """The key path (``a.b[3]``) of the first NaN or infinite number in ``obj``, or ``None``."""
+    import math
+
+    import numpy as np
+
+    if isinstance(obj, (float, np.floating)):
+        return None if math.isfinite(float(obj)) else (where or "the value")
+    if isinstance(obj, np.ndarray):
+        return None if np.all(np.isfinite(obj)) or obj.dtype.kind not in "fc" else (where or "the array")
+    if isinstance(obj, dict):
+        items = ((f"{where}.{k}" if where else str(k), v) for k, v in obj.items())
+    elif isinstance(obj, (list, tuple)):
+        items = ((f"{where}[{i}]", v) for i, v in enumerate(obj))
+    else:
+        return None
+    for key, value in items:
+        found = _first_nonfinite(value, key)
+        if found:
+            return found
+    return None
 
 
 def _json_default(value):

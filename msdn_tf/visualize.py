@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from msdn_tf.errors import MSDNError
+from msdn_tf.errors import MSDNError, cli_main
 from msdn_tf.utils import write_json
 from msdn_tf.viz.common import SPLITS
 
@@ -185,23 +185,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli_main
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731  (stdout carries the JSON)
-    try:
-        if args.command == "attention":
-            summary = visualize_attention(args.run, image=args.image, index=args.index, split=args.split,
-                                          top_k=args.top_k, rank_by=args.rank_by, out=args.out,
-                                          backbone_weights=args.backbone_weights, image_size=args.image_size,
-                                          true_class=args.true_class, log=log)
-        else:
-            summary = visualize_embeddings(args.run, split=args.split, max_per_class=args.max_per_class,
-                                           out=args.out, kind=args.kind, method=args.method, seed=args.seed,
-                                           progress=not args.no_progress, log=log)
-    except MSDNError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    if args.command == "attention":
+        summary = visualize_attention(args.run, image=args.image, index=args.index, split=args.split,
+                                      top_k=args.top_k, rank_by=args.rank_by, out=args.out,
+                                      backbone_weights=args.backbone_weights, image_size=args.image_size,
+                                      true_class=args.true_class, log=log)
+    else:
+        summary = visualize_embeddings(args.run, split=args.split, max_per_class=args.max_per_class,
+                                       out=args.out, kind=args.kind, method=args.method, seed=args.seed,
+                                       progress=not args.no_progress, log=log)
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -59,12 +59,14 @@ def _is_header(parts: Sequence[str]) -> bool:
     return len(parts) == 2 and all(p.isdigit() for p in parts)
 
 
-def read_word_vectors(path: str, words: Iterable[str]) -> Tuple[Dict[str, np.ndarray], dict]:
+def read_word_vectors(path: str, words: Iterable[str],
+                      words_of: Optional[Dict[str, Sequence[str]]] = None) -> Tuple[Dict[str, np.ndarray], dict]:
     """Stream ``path`` and keep the vectors of ``words`` only.
 
     Args:
         path: word2vec text (``"N D"`` header) or GloVe (no header) file, optionally ``.gz``.
         words: the words wanted (compared exactly, then case-insensitively).
+        words_of: optional ``{attribute name: its words}``, to name the attributes in errors.
 
     Returns:
         ``(vectors, info)``: ``{word: float64 (D,)}`` for the words found and
@@ -72,8 +74,9 @@ def read_word_vectors(path: str, words: Iterable[str]) -> Tuple[Dict[str, np.nda
 
     Raises:
         DataError: naming the file and line of a malformed row, a dimension that
-            changes, a binary file or an empty one.
+            changes, a NaN or infinite value, a binary file or an empty one.
     """
+    words_of = dict(words_of or {})
     wanted = set(words)
     lowered = {w.lower(): w for w in wanted}
     exact: Dict[str, np.ndarray] = {}
@@ -110,6 +113,11 @@ def read_word_vectors(path: str, words: Iterable[str]) -> Tuple[Dict[str, np.nda
                 except ValueError as exc:
                     raise DataError(f"{path}: line {lineno} ({token!r}) holds a value that is not a number "
                                     f"({exc})") from exc
+                if not np.all(np.isfinite(vec)):
+                    users = [n for n, ws in words_of.items() if (token if hit_exact else key) in ws]
+                    raise DataError(f"{path}: line {lineno}: the vector of {token!r} holds NaN or infinite "
+                                    f"values (needed by attribute(s) {', '.join(map(repr, users[:5])) or '?'}); "
+                                    "fix the line or use another word-vector file")
                 if hit_exact:
                     exact[token] = vec
                     folded.pop(token, None)
@@ -158,7 +166,7 @@ def attribute_vectors(names: Sequence[str], path: str, *, allow_missing_words: b
     if empty:
         raise DataError(f"attribute names without any letters cannot be looked up in {path}: {empty[:10]}")
     needed = sorted({w for ws in words_of for w in ws})
-    found, info = read_word_vectors(path, needed)
+    found, info = read_word_vectors(path, needed, words_of={str(n): ws for n, ws in zip(names, words_of)})
     missing: Dict[str, list] = {}
     out = np.zeros((len(names), info["dim"]), dtype=np.float64)
     for i, (name, ws) in enumerate(zip(names, words_of)):

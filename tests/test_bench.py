@@ -87,7 +87,8 @@ def test_auto_variant_reports_the_chosen_precision(capsys):
 
 def test_variant_parsing():
     assert bench.parse_variant("fused") == {"name": "fused:jit:float32", "impl": "fused", "jit": True,
-                                            "precision": "float32"}
+                                            "precision": "float32", "check": True}
+    assert bench.parse_variant("fused:nojit:float32:nocheck")["check"] is False
     assert bench.parse_variant("einsum:nojit:mixed_float16")["jit"] is False
     with pytest.raises(ValueError, match="variant"):
         bench.parse_variant("fused:maybe")

@@ -368,8 +368,9 @@ def test_end_to_end_prepare_train_evaluate_export_serve(src, tmp_path):
     prepare(src, data_dir)
     summary = run_custom(data_dir, tmp_path / "run", overrides=["train.iterations=4", "train.eval_every=2",
                                                                 "data.batch_size=8", "train.verbose=0"],
-                         export_dir=tmp_path / "export", top_k=2, log=lambda m: None)
+                         export_dir=tmp_path / "export", top_k=2, verify_export=True, log=lambda m: None)
     assert summary["train"]["step"] == 4
+    assert summary["export_check_ok"] is True  # checked before it was published
     assert summary["evaluate"]["protocol"] == "final" and 0.0 <= summary["evaluate"]["acc"] <= 1.0
     run = tmp_path / "run"
     assert (run / "model.keras").is_file() and (run / "eval" / "metrics.json").is_file()

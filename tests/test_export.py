@@ -226,13 +226,7 @@ def test_refuses_to_overwrite_and_checks_arguments(setup):
 
 def test_export_cli_from_run_dir(setup, tmp_path, capsys):
     """The CLI on a run directory: gamma 0 export + default C++ check; refuse / allow overwrite."""
-    from msdn_tf.config import Config, save_config
-
-    run = tmp_path / "run"
-    run.mkdir()
-    save_config(Config(), run / "config.yaml")
-    setup["model"].save(run / "model.keras")
-    (run / "metadata.json").write_text(json.dumps({"class_names": NAMES}))
+    run = _run_dir(setup["model"], tmp_path / "run")
     out = tmp_path / "models" / "msdn_tiny"
     rc = export.main(["--run", str(run), "--out", str(out), "--top-k", "4", "--verify-samples", "2",
                       "--image-size", "128"])
@@ -407,3 +401,193 @@ def test_rest_bad_requests_keep_the_server_answering(setup, server):
     out = client_lib.predict_rest(server.rest_url, MODEL_NAME, {"features": setup["regions"]})
     np.testing.assert_array_equal(out["gzsl_class"], gzsl_predictions(_scores(setup["model"], setup["regions"]),
                                                                       SEEN, setup["gamma"]))
+
+
+# ------------------------------------------------------------------------------ failures (issue 14)
+
+
+def _run_dir(model, path):
+    from msdn_tf.config import Config, save_config
+
+    path.mkdir()
+    save_config(Config(), path / "config.yaml")
+    model.save(path / "model.keras")
+    (path / "metadata.json").write_text(json.dumps({"class_names": NAMES}))
+    return path
+
+
+def _dead_pid():
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_remove_stale_temporaries(tmp_path):
+    base = tmp_path / "m"
+    (base / "1").mkdir(parents=True)
+    dead = _dead_pid()
+    (base / f".tmp-1-{dead}-abc").mkdir()
+    (base / f".tmp-1-{dead}-abc" / "saved_model.pb").write_bytes(b"x" * 2000)
+    (base / ".tmp-2-oldformat").mkdir()  # written before the pid was part of the name
+    (base / f".tmp-3-{os.getppid()}-xyz").mkdir()  # a running export: left alone
+    (base / f".old-5-{dead}-q").mkdir()  # killed between the two renames of --overwrite: 5 is missing
+    (base / f".old-5-{dead}-q" / "saved_model.pb").write_bytes(b"v5")
+    (base / f".old-1-{dead}-r").mkdir()  # 1 exists: the old copy is stale
+    lines = export.remove_stale_temporaries(base)
+    assert sorted(p.name for p in base.iterdir()) == sorted(["1", "5", f".tmp-3-{os.getppid()}-xyz"])
+    assert (base / "5" / "saved_model.pb").read_bytes() == b"v5"
+    text = "\n".join(lines)
+    assert f"removed {base / f'.tmp-1-{dead}-abc'} (0.0 MB)" in text and f"process {dead}, no longer running" in text
+    assert f"restored {base / '5'}" in text and "still running" in text and len(lines) == 5
+
+
+def test_failed_check_publishes_nothing_and_keeps_the_previous_version(setup, tmp_path, capsys, monkeypatch):
+    """The CLI: a version is renamed into place only after its check passed; stale temporaries are removed."""
+    run = _run_dir(setup["model"], tmp_path / "run")
+    out = tmp_path / "models" / "msdn_tiny"
+    assert export.main(["--run", str(run), "--out", str(out), "--no-verify", "--gamma", "0.25"]) == 0
+    stale = out / f".tmp-1-{_dead_pid()}-k"
+    stale.mkdir()
+    other = _tiny_model(seed=1)  # the check compares the export with a different model: it must fail
+    real_verify = export.verify_export
+    monkeypatch.setattr(export, "verify_export", lambda d, model, *a, **k: real_verify(d, other, *a, **k))
+    capsys.readouterr()
+    rc = export.main(["--run", str(run), "--out", str(out), "--overwrite", "--gamma", "3", "--verify-samples", "2",
+                      "--image-size", "128"])
+    captured = capsys.readouterr()
+    assert rc == 1, captured.err
+    assert f"{out / '1'} was not published: the export failed its check" in captured.err
+    assert "NOT published" in captured.out and "result: FAILED" in captured.out
+    assert f"removed {stale}" in captured.err
+    assert sorted(p.name for p in out.iterdir()) == ["1", export.METADATA_FILE]  # no .tmp-*, no .old-*
+    assert export.read_metadata(out / "1")["gamma"] == 0.25 and export.read_metadata(out)["gamma"] == 0.25
+    rc = export.main(["--run", str(run), "--out", str(out), "--version", "2", "--verify-samples", "2",
+                      "--image-size", "128"])
+    assert rc == 1 and not (out / "2").exists()
+
+
+@pytest.mark.parametrize("failure", ["enospc", "tf_resource_exhausted", "read_only"])
+def test_disk_full_or_read_only_is_one_line_and_exit_2(setup, tmp_path, capsys, monkeypatch, failure):
+    import errno
+
+    run = tmp_path / "run"
+    if not run.exists():
+        _run_dir(setup["model"], run)
+    out = tmp_path / "models" / "msdn_tiny"
+    assert export.main(["--run", str(run), "--out", str(out), "--no-verify"]) == 0
+    before = (out / "1" / "saved_model.pb").read_bytes()
+
+    def full(self, path, **kwargs):
+        os.makedirs(os.path.join(path, "variables"), exist_ok=True)  # half written, as a real ENOSPC leaves it
+        if failure == "enospc":
+            raise OSError(errno.ENOSPC, "No space left on device", os.path.join(path, "variables", "x.data"))
+        raise tf.errors.ResourceExhaustedError(None, None, f"{path}/variables/x.data; No space left on device")
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(out / ".tmp-1-x"))
+
+    if failure == "read_only":
+        monkeypatch.setattr(export.tempfile, "mkdtemp", read_only)
+    else:
+        monkeypatch.setattr(type(keras.export.ExportArchive()), "write_out", full)  # the backend's class
+    capsys.readouterr()
+    rc = export.main(["--run", str(run), "--out", str(out), "--overwrite", "--no-verify"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: cannot write the export to ") and "Traceback" not in err
+    assert {"enospc": "the disk is full", "tf_resource_exhausted": "the disk is full",
+            "read_only": "the file system is read-only"}[failure] in err
+    assert str(out) in err and ("free disk space" in err if failure != "read_only" else "pass a writable --out" in err)
+    assert "are unchanged; no partial export is left" in err
+    assert sorted(p.name for p in out.iterdir()) == ["1", export.METADATA_FILE]
+    assert (out / "1" / "saved_model.pb").read_bytes() == before
+
+
+def test_signatures_refuse_what_they_cannot_answer_in_cpp(setup, cc_binary, report):
+    """The guards are inside the SavedModel: TF's C++ loader (TF Serving's) refuses NaN, inf, empty inputs."""
+    x = setup["regions"][:2].copy()
+    x[1, 3, 5] = np.nan
+    cases = [("serving_default", {"features": x}, "NaN or inf in input features"),
+             ("serving_maps", {"feature_maps": np.full((1, 2, 2, F), np.inf, np.float32)},
+              "NaN or inf in input feature_maps"),
+             ("serving_default", {"features": np.zeros((0, 16, F), np.float32)}, "empty batch in input features"),
+             ("serving_default", {"features": np.zeros((2, 0, F), np.float32)}, "zero regions in input features"),
+             ("serving_maps", {"feature_maps": np.zeros((2, 0, 4, F), np.float32)},
+              "zero regions in input feature_maps")]
+    for sig, inputs, message in cases:
+        with pytest.raises(cc_loader.CcLoaderError, match="InvalidArgument|INVALID_ARGUMENT|Session::Run") as info:
+            cc_loader.run_signature(setup["dir"], sig, inputs, binary=cc_binary)
+        assert message in str(info.value), (sig, str(info.value)[:500])
+    row = [c for c in report["checks"] if c["output"] == "refuses a NaN input"]
+    assert row and row[0]["ok"], row
+
+
+@pytest.mark.parametrize("case, message", [
+    ("nan", "NaN or inf in input features"),
+    ("inf_maps", "NaN or inf in input feature_maps"),
+    ("empty_batch", "empty batch in input features"),
+    ("zero_regions", "zero regions in input features"),
+])
+def test_grpc_refuses_what_the_model_cannot_answer(setup, server, case, message):
+    """INVALID_ARGUMENT raised by the exported signature itself (the test double does not check values)."""
+    from msdn_tf.serving import client_lib
+
+    x = setup["regions"].copy()
+    x[2, 0, 0] = np.nan
+    inputs, signature = {
+        "nan": ({"features": x}, "serving_default"),
+        "inf_maps": ({"feature_maps": np.where(setup["maps"] > 0, np.inf, 0).astype(np.float32)}, "serving_maps"),
+        "empty_batch": ({"features": np.zeros((0, 16, F), np.float32)}, "serving_default"),
+        "zero_regions": ({"features": np.zeros((3, 0, F), np.float32)}, "serving_default"),
+    }[case]
+    with pytest.raises(client_lib.PredictError) as info:
+        client_lib.predict_grpc(server.grpc_address, MODEL_NAME, inputs, signature_name=signature)
+    assert info.value.code == "INVALID_ARGUMENT" and message in info.value.message, info.value.message
+
+
+@pytest.mark.parametrize("number", ["1e39", "-1e39", "1e400", "NaN", "Infinity"])
+def test_rest_out_of_range_json_number_is_400(setup, server, number):
+    import urllib.error
+    import urllib.request
+
+    rows = [[0.5] * F for _ in range(16)]
+    body = json.dumps({"inputs": {"features": [rows]}}).replace("0.5", number, 1).encode()
+    req = urllib.request.Request(f"{server.rest_url}/v1/models/{MODEL_NAME}:predict", data=body, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(req, timeout=30)
+    assert info.value.code == 400
+    assert "NaN or inf in input features" in json.loads(info.value.read())["error"]
+
+
+def _client_cli(args, capsys):
+    rc = client.main(args)
+    captured = capsys.readouterr()
+    return rc, captured.err
+
+
+def test_client_one_line_errors(setup, server, tmp_path, capsys):
+    np.save(tmp_path / "x.npy", setup["regions"][:1])
+    x = str(tmp_path / "x.npy")
+    (tmp_path / "text.npy").write_text("0.1 0.2 0.3\n")
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    meta = str(setup["base"] / export.METADATA_FILE)
+    cases = [
+        (["--rest", f"http://{server.grpc_address}", "--features", x], "is it the gRPC port?"),
+        (["--server", server.rest_url[len("http://"):], "--features", x], "is it the REST port?"),
+        (["--server", "127.0.0.1:1", "--features", x], "no TF Serving answer from 127.0.0.1:1"),
+        (["--rest", "http://127.0.0.1:1", "--features", x], "no TF Serving answer from http://127.0.0.1:1"),
+        (["--server", server.grpc_address, "--features", str(tmp_path / "text.npy"), "--metadata", meta],
+         "not a .npy file"),
+        (["--server", server.grpc_address, "--features", str(tmp_path / "objects.npy"), "--metadata", meta],
+         "holds Python objects"),
+    ]
+    for args, message in cases:
+        rc, err = _client_cli(args + ["--model", MODEL_NAME, "--timeout", "10"], capsys)
+        assert rc == 2, (args, err)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, err)
+        assert "--metadata" not in err and "pickle" not in err and "Traceback" not in err, (args, err)

@@ -201,14 +201,16 @@ def test_cli_resnet101_and_weights_errors(tmp_path, images, capsys):
     np.savez(meta / "image_list.npz", labels=LABELS, image_files=np.array(names))
     out = tmp_path / "cli.hdf5"
     rc = extract.main(["--images-root", str(root), "--image-list", str(meta / "image_list.npz"), "--out", str(out),
-                       "--weights", "none", "--image-size", "64", "--batch-size", "3", "--compression", "none",
+                       "--backbone", "keras_resnet101", "--weights", "none", "--image-size", "64", "--batch-size", "3",
+                       "--compression", "none",
                        "--att-splits", str(meta / "att_splits.mat"), "--attributes-pkl",
                        str(meta / "TOY_attribute.pkl"), "--no-progress"])
     assert rc == 0
     data = load_feature_map_hdf5(str(out))
     assert data.features.shape == (6, 4, 2048) and data.w2v.shape == (4, 300)
     rc = extract.main(["--images-root", str(root), "--image-list", str(meta / "image_list.npz"),
-                       "--out", str(tmp_path / "w.hdf5"), "--weights", str(tmp_path / "absent.weights.h5")])
+                       "--out", str(tmp_path / "w.hdf5"), "--backbone", "keras_resnet101",
+                       "--weights", str(tmp_path / "absent.weights.h5")])
     assert rc == 2
     assert "absent.weights.h5: weights file not found" in capsys.readouterr().err
     with pytest.raises(DataError, match="absent.h5: weights file not found"):

@@ -335,3 +335,110 @@ def test_rest_bad_requests(exported, server):
     # Still serving.
     out = client_lib.predict_rest(server.rest_url, MODEL_NAME, {"features": exported["x"]})
     _assert_outputs(out, exported["ref"])
+
+
+# ------------------------------------------------------ (e) limits (issue 14) --
+
+
+@pytest.fixture(scope="module")
+def strict_server(exported):
+    handle = start_local_server(exported["base"], MODEL_NAME, grpc_port=0, rest_port=0, max_batch=8,
+                                max_request_bytes=1 << 20, request_timeout=0.5)
+    yield handle
+    handle.stop()
+
+
+def _declared_only(shape, dtype=tf.float32):
+    """A PredictRequest whose tensor declares ``shape`` but carries no values (TF fills them in)."""
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = MODEL_NAME
+    request.model_spec.signature_name = "serving_default"
+    proto = request.inputs["features"]
+    proto.dtype = dtype.as_datatype_enum
+    for d in shape:
+        proto.tensor_shape.dim.add(size=d)
+    return request
+
+
+@pytest.mark.parametrize("shape, message", [
+    ((20000, 4, 3), "batch of 20000 exceeds this server's limit of 8"),  # the issue's 69-byte request, batch cap
+    ((8, 4, 3, 100000), "over this server's limit of 1048576 bytes"),  # under the batch cap, over the size cap
+])
+def test_grpc_declared_tensor_is_capped_before_allocation(strict_server, exported, shape, message):
+    import resource
+
+    request = _declared_only(shape)
+    assert request.ByteSize() < 100
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    channel = grpc.insecure_channel(strict_server.grpc_address)
+    try:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Predict(request, timeout=30)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in info.value.details()
+        # nothing of that size was allocated (the peak RSS of this process, server included, did not move by 100 MB)
+        assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 100 * 1024
+        response = stub.Predict(_raw_request({"features": exported["x"]}), timeout=30)  # still answering
+        assert tf.make_ndarray(response.outputs["logits"]).shape == (3, 3)
+    finally:
+        channel.close()
+
+
+def _post_raw(url: str, head: bytes, body: bytes, timeout=10.0) -> tuple[int, dict]:
+    import socket
+
+    host, port = url[len("http://"):].split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(head + body)
+        data = b""
+        while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < int(
+                data.split(b"Content-Length: ", 1)[1].split(b"\r\n", 1)[0] if b"Content-Length: " in data else 0):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    status = int(data.split(b" ", 2)[1])
+    return status, json.loads(data.split(b"\r\n\r\n", 1)[1])
+
+
+def test_rest_limits(strict_server, exported):
+    url = strict_server.rest_url
+    path = f"/v1/models/{MODEL_NAME}:predict"
+
+    def post(body: bytes, length=None):
+        length = len(body) if length is None else length
+        head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n".encode()
+        return _post_raw(url, head, body)
+
+    # a body shorter than its Content-Length: 408 after request_timeout, not a thread blocked forever
+    status, payload = post(b'{"inputs": ', length=1000)
+    assert status == 408 and "got 11 of 1000 bytes" in payload["error"]
+    status, payload = post(b"", length=-5)
+    assert status == 400 and "invalid Content-Length" in payload["error"]
+    status, payload = post(b"x" * 10, length=(1 << 20) + 1)
+    assert status == 400 and "request body too large" in payload["error"]
+    # deeply nested JSON: 400, not a RecursionError (500)
+    status, payload = post(b'{"inputs": {"features": ' + b"[" * 100000 + b"]" * 100000 + b"}}")
+    assert status == 400 and "nested too deeply" in payload["error"]
+    status, payload = post(b'{"inputs": {"features": ' + b"[" * 40 + b"1" + b"]" * 40 + b"}}")
+    assert status == 400 and "nested more than 32 deep" in payload["error"]
+    status, payload = post(json.dumps({"inputs": {"features": np.zeros((9, 4, 3)).tolist()}}).encode())
+    assert status == 400 and "batch of 9 exceeds this server's limit of 8" in payload["error"]
+    status, payload = post(json.dumps({"inputs": {"features": exported["x"].tolist()}}).encode())
+    assert status == 200
+    np.testing.assert_allclose(payload["outputs"]["logits"], exported["ref"]["logits"], atol=1e-5)
+
+
+def test_rest_listen_backlog_holds_8_concurrent_clients(exported):
+    """8 clients connecting at once are all queued (http.server's backlog of 5 drops the 7th and 8th SYN)."""
+    import socket
+
+    from msdn_tf.serving import local_server
+
+    server = local_server._RestServer(("127.0.0.1", 0), local_server._make_rest_handler(None))
+    try:  # not serving: connections wait in the listen queue, as when every handler thread is busy
+        socks = [socket.create_connection(server.server_address, timeout=2.0) for _ in range(8)]
+        for sock in socks:
+            sock.close()
+    finally:
+        server.server_close()

@@ -53,6 +53,32 @@ class ArrayFeatures:
         return np.asarray(self.array[np.asarray(indices)], dtype=np.float32)
 
 
+def feature_file(features, fallback: str = "<memory>") -> str:
+    """The file a :class:`FeatureSource` reads (``path`` attribute), or ``fallback``."""
+    return str(getattr(features, "path", None) or fallback)
+
+
+def nonfinite_rows(features, rows, chunk: int = 256) -> np.ndarray:
+    """The rows among ``rows`` whose feature map holds a NaN or inf (sorted, unique).
+
+    Reads ``chunk`` rows at a time, so memory stays bounded. Used to name the rows of a
+    feature file once a batch or an evaluation turned non-finite.
+    """
+    rows = np.unique(np.asarray(rows, dtype=np.int64).reshape(-1))
+    bad = []
+    for start in range(0, rows.size, chunk):
+        part = rows[start:start + chunk]
+        x = np.asarray(features.read(part))
+        bad.append(part[~np.isfinite(x.reshape(part.size, -1)).all(axis=1)])
+    return np.concatenate(bad) if bad else rows[:0]
+
+
+def describe_rows(rows, limit: int = 10) -> str:
+    rows = [int(r) for r in rows]
+    more = f" and {len(rows) - limit} more" if len(rows) > limit else ""
+    return f"row{'s' if len(rows) != 1 else ''} {', '.join(map(str, rows[:limit]))}{more}"
+
+
 def class_attributes_for_model(att_ck: np.ndarray, nonnegative: bool = False) -> np.ndarray:
     """Class-attribute matrix as the reference model uses it (docs/reference.md §1.4).
 
@@ -68,6 +94,33 @@ def class_attributes_for_model(att_ck: np.ndarray, nonnegative: bool = False) ->
         att = np.maximum(att, 0.0)
     norm = np.maximum(np.linalg.norm(att, axis=1, keepdims=True), 1e-12)
     return (att / norm).astype(np.float32)
+
+
+def integer_array(value, key: str, source: str) -> np.ndarray:
+    """``value`` as a flat int64 array, or a :class:`DataError` naming ``source`` and ``key``.
+
+    Accepts integer arrays and float arrays of whole numbers (MATLAB stores indices as
+    doubles); strings, booleans, fractions, NaN and infinities are errors, never truncated.
+    """
+    try:
+        arr = np.asarray(value)
+    except (ValueError, TypeError) as exc:
+        raise DataError(f"{source}: '{key}' is not an array of integers ({exc})") from exc
+    arr = arr.reshape(-1)
+    kind = arr.dtype.kind
+    if kind in "iu":
+        return arr.astype(np.int64)
+    if kind == "f":
+        bad = np.flatnonzero(~np.isfinite(arr) | (arr != np.round(arr)))
+        if bad.size:
+            i = int(bad[0])
+            raise DataError(f"{source}: '{key}' must hold whole numbers, but entry {i} is {arr[i].item()!r}"
+                            f"{f' ({bad.size} such entries)' if bad.size > 1 else ''}")
+        return arr.astype(np.int64)
+    what = {"U": "strings", "S": "strings", "O": "objects (strings?)", "b": "booleans"}.get(kind, arr.dtype.name)
+    example = f", e.g. {arr[0].item()!r}" if arr.size and kind != "O" else ""
+    raise DataError(f"{source}: '{key}' must hold integers (0-based ids), got {what}{example}; "
+                    "map string labels to class ids first")
 
 
 @dataclasses.dataclass
@@ -104,11 +157,11 @@ class ZSLData:
     source: str = "<memory>"
 
     def __post_init__(self):
-        self.labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
+        self.labels = integer_array(self.labels, "labels", self.source)
         for key in ("trainval_loc", "test_seen_loc", "test_unseen_loc", "train_loc", "val_loc"):
             value = getattr(self, key)
             if value is not None:
-                setattr(self, key, np.asarray(value, dtype=np.int64).reshape(-1))
+                setattr(self, key, integer_array(value, key, self.source))
         self.att = np.asarray(self.att, dtype=np.float32)
         self.w2v = np.asarray(self.w2v, dtype=np.float32)
         self.class_names = [str(n) for n in self.class_names]
@@ -185,10 +238,14 @@ def validate(data: ZSLData) -> None:
         raise DataError(f"{src}: {len(data.class_names)} class names but 'att' has {c} classes")
     if len(data.attribute_names) != k:
         raise DataError(f"{src}: {len(data.attribute_names)} attribute names but 'att' has {k} attributes")
-    if not np.all(np.isfinite(data.att)):
-        raise DataError(f"{src}: 'att' holds NaN or infinite values")
-    if not np.all(np.isfinite(data.w2v)):
-        raise DataError(f"{src}: 'w2v_att' holds NaN or infinite values")
+    bad = np.flatnonzero(~np.isfinite(data.att).all(axis=1))
+    if bad.size:
+        raise DataError(f"{src}: 'att' (class attributes) holds NaN or infinite values for class(es) "
+                        f"{[data.class_names[i] for i in bad[:10]]}")
+    bad = np.flatnonzero(~np.isfinite(data.w2v).all(axis=1))
+    if bad.size:
+        raise DataError(f"{src}: 'w2v_att' (attribute word vectors) holds NaN or infinite values for "
+                        f"attribute(s) {[data.attribute_names[i] for i in bad[:10]]}")
     if n and (data.labels.min() < 0 or data.labels.max() >= c):
         raise DataError(
             f"{src}: 'labels' must be 0-based class ids in [0, {c}), found range "
@@ -205,6 +262,12 @@ def validate(data: ZSLData) -> None:
                 f"{src}: '{key}' must hold 0-based row indices in [0, {n}), found range "
                 f"[{loc.min()}, {loc.max()}]"
             )
+        unique, counts = np.unique(loc, return_counts=True)
+        if unique.size != loc.size:
+            dup = unique[counts > 1]
+            raise DataError(f"{src}: '{key}' lists {loc.size - unique.size} row(s) more than once "
+                            f"(e.g. row {int(dup[0])} {int(counts[counts > 1][0])} times); each image "
+                            "belongs in a split once")
     seen, unseen = data.seen_classes, data.unseen_classes
     both = np.intersect1d(seen, unseen)
     if both.size:

@@ -32,6 +32,8 @@ import time
 
 import numpy as np
 
+from msdn_tf.errors import cli_main
+
 SHAPES = {
     # images, regions, channels, classes, seen classes, trainval
     "awa2": (37322, 196, 2048, 50, 40, 23527),
@@ -205,6 +207,7 @@ def run(args) -> dict:
     return result
 
 
+@cli_main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m msdn_tf.data.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", required=True, choices=sorted(SHAPES))

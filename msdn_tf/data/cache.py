@@ -287,8 +287,13 @@ def write_cache(out_path: str, shape: tuple, read_chunk: Callable[[int, int], np
                     raise DataError(f"rows {start}:{stop} have shape {x.shape}, expected {(stop - start, r, f)}")
                 if normalize:
                     x = normalize_regions(x)
-                if not np.all(np.isfinite(x)):
-                    raise DataError(f"rows {start}:{stop} of the source hold NaN or infinite values")
+                finite = np.isfinite(x.reshape(stop - start, -1)).all(axis=1)
+                if not finite.all():
+                    rows = start + np.flatnonzero(~finite)
+                    where = (source or {}).get("path", "the source")
+                    raise DataError(f"{where}: feature row(s) {rows[:10].tolist()}"
+                                    f"{' ...' if rows.size > 10 else ''} hold NaN or infinite values; "
+                                    "fix or drop these images (no cache was written)")
                 fh.write(np.ascontiguousarray(x, dtype=dt).tobytes())
                 if bar is not None:
                     bar.update(stop - start)
@@ -305,6 +310,10 @@ def write_cache(out_path: str, shape: tuple, read_chunk: Callable[[int, int], np
         with open(side_tmp, "w") as fh:
             json.dump(meta, fh, indent=2)
         os.replace(side_tmp, side)
+    except OSError as exc:
+        if exc.filename is None:  # e.g. ENOSPC from write/fsync: name the file being written
+            raise OSError(exc.errno, exc.strerror or str(exc), tmp) from exc
+        raise
     finally:
         if bar is not None:
             bar.close()
@@ -361,12 +370,54 @@ def build_cache_from_hdf5(source_path: str, cache_path: Optional[str] = None, *,
         fh.close()
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # a process of another user
+    return True
+
+
+def remove_stale_temporaries(cache_path: str, log: Callable[[str], None]) -> list:
+    """Remove ``<cache>.tmp-<pid>`` files (and sidecar temporaries) left by a killed build.
+
+    A build killed before its rename leaves a temporary file as large as the cache
+    (30 GB for AWA2). Each one whose process is dead is reported and removed; one
+    whose process still runs (another build right now) is reported and left alone.
+    Returns the removed paths.
+    """
+    import glob
+
+    removed = []
+    for tmp in sorted(glob.glob(glob.escape(str(cache_path)) + ".tmp-*")
+                      + glob.glob(glob.escape(sidecar_path(cache_path)) + ".tmp-*")):
+        tail = tmp.rsplit(".tmp-", 1)[1]
+        if not tail.isdigit():
+            continue
+        pid = int(tail)
+        size = os.path.getsize(tmp) if os.path.exists(tmp) else 0
+        if pid != os.getpid() and _pid_alive(pid):
+            log(f"msdn-tf: {tmp} ({size / 1e9:.2f} GB) is being written by running process {pid}; left alone")
+            continue
+        try:
+            os.remove(tmp)
+        except FileNotFoundError:
+            continue
+        log(f"msdn-tf: removed {tmp} ({size / 1e9:.2f} GB), left by process {pid} that was killed while "
+            "building the cache")
+        removed.append(tmp)
+    return removed
+
+
 def ensure_cache(source_path: str, cache_dir: Optional[str] = None, dtype="float16", *,
                  rebuild: bool = False, progress: bool = True, log: Callable[[str], None] = None,
                  mode: str = "pread") -> MemmapFeatures:
     """The cache of ``source_path`` as a :class:`MemmapFeatures`, (re)built when absent or stale."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     path = cache_path_for(source_path, cache_dir, dtype)
+    remove_stale_temporaries(path, log)
     ok, reason = cache_status(path, source_path, dtype)
     if rebuild or not ok:
         log(f"msdn-tf: preparing feature cache {path} ({'rebuild requested' if rebuild else reason})")

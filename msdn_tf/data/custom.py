@@ -368,8 +368,12 @@ def read_attribute_vectors_file(path, attribute_names: Sequence[str]) -> np.ndar
     if arr.ndim != 2 or arr.shape[0] != k:
         raise DataError(f"{path}: attribute vectors must be (K={k}, D), one row per attribute of the table; got "
                         f"shape {arr.shape}")
-    if not np.issubdtype(arr.dtype, np.number) or not np.all(np.isfinite(arr)):
-        raise DataError(f"{path}: attribute vectors must be finite numbers")
+    if not np.issubdtype(arr.dtype, np.number):
+        raise DataError(f"{path}: attribute vectors must be numbers, got {arr.dtype}")
+    bad = [str(attribute_names[i]) for i in np.flatnonzero(~np.isfinite(arr).all(axis=1))]
+    if bad:
+        raise DataError(f"{path}: the vector(s) of attribute(s) {_short(bad)} hold NaN or infinite values; "
+                        "every attribute needs a finite vector")
     return arr.astype(np.float64)
 
 
@@ -699,7 +703,9 @@ def load_custom_dataset(data_dir, config=None) -> ZSLData:
     if not data_dir:
         raise DataError("--dataset custom needs --data-dir DIR, a folder made by python -m msdn_tf.custom "
                         "prepare ... --out DIR (see docs/custom_data.md)")
-    folder = Path(data_dir)
+    from msdn_tf.data.registry import check_data_dir
+
+    folder = check_data_dir(data_dir)
     if not folder.is_dir():
         raise DataError(f"data directory {folder} does not exist; make it with python -m msdn_tf.custom prepare "
                         f"... --out {folder}")

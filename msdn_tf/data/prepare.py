@@ -19,7 +19,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from msdn_tf.errors import MSDNError
+from msdn_tf.errors import MSDNError, cli_main
 
 
 def prepare(config, rebuild: bool = False, progress: bool = True, log=None) -> dict:
@@ -49,6 +49,7 @@ def prepare(config, rebuild: bool = False, progress: bool = True, log=None) -> d
             "sidecar": read_sidecar(cached.path)}
 
 
+@cli_main
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m msdn_tf.data.prepare", description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", required=True)
@@ -70,12 +71,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         overrides.append(f"data.cache_dir={args.cache_dir}")
     if args.feature_file:
         overrides.append(f"data.feature_file={args.feature_file}")
-    try:
-        config = resolve_config(args.dataset, (), overrides)
-        summary = prepare(config, rebuild=args.rebuild, progress=not args.no_progress)
-    except MSDNError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    config = resolve_config(args.dataset, (), overrides)
+    summary = prepare(config, rebuild=args.rebuild, progress=not args.no_progress)
     print(json.dumps(summary))
     return 0
 

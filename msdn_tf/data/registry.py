@@ -62,7 +62,12 @@ DATASETS: Dict[str, DatasetSpec] = {}
 
 
 def register_dataset(spec: DatasetSpec, overwrite: bool = False) -> DatasetSpec:
-    """Add a dataset to the table."""
+    """Add a dataset to the table.
+
+    Names are case-insensitive (``--dataset CUB`` is ``cub``), so a name must be lower case.
+    """
+    if spec.name != spec.name.lower():
+        raise ValueError(f"dataset names are case-insensitive and written in lower case; got {spec.name!r}")
     if spec.name in DATASETS and not overwrite:
         raise ValueError(f"dataset {spec.name!r} is already registered")
     DATASETS[spec.name] = spec
@@ -70,9 +75,11 @@ def register_dataset(spec: DatasetSpec, overwrite: bool = False) -> DatasetSpec:
 
 
 def get_spec(name: str) -> DatasetSpec:
-    if name not in DATASETS:
+    """The table entry of a dataset name (case-insensitive)."""
+    key = name.lower() if isinstance(name, str) else name
+    if key not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))}")
-    return DATASETS[name]
+    return DATASETS[key]
 
 
 def load_dataset(config) -> ZSLData:
@@ -86,6 +93,15 @@ def load_dataset(config) -> ZSLData:
                 f"{data.source}: {spec.name} should have {key} = {value}, the files give {summary.get(key)}"
             )
     return data
+
+
+def check_data_dir(data_dir) -> Path:
+    """``data_dir`` as a Path; a :class:`DataError` if it names a file rather than a folder."""
+    folder = Path(data_dir)
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"--data-dir {folder}: is a file, not a directory; pass the folder that holds "
+                        "the dataset's files")
+    return folder
 
 
 def _log(msg: str) -> None:
@@ -115,6 +131,8 @@ def _load_demo(config, spec) -> ZSLData:
     from msdn_tf.data.demo import ensure_demo_file
     from msdn_tf.data.hdf5 import load_feature_map_hdf5
 
+    if config.data.data_dir:
+        check_data_dir(config.data.data_dir)
     path = ensure_demo_file(config.demo, config.data.data_dir)
     data = load_feature_map_hdf5(path, name="demo")
     return use_cache(data, path, config)
@@ -195,7 +213,7 @@ def _load_benchmark(config, spec) -> ZSLData:
             f"or the xlsa17 files {', '.join(a.format(feature_file=config.data.feature_file) for a in spec.alternative_files)}"
             "\n(see docs/data.md)"
         )
-    folder = Path(data_dir)
+    folder = check_data_dir(data_dir)
     if not folder.is_dir():
         raise DataError(f"data directory {folder} does not exist; it should hold:\n  {needed}\n"
                         "or the xlsa17 layout (see docs/data.md)")

@@ -123,8 +123,21 @@ class MsdnZsl(tfds.core.GeneratorBasedBuilder):
         data = load_dataset(config)
         return data, _image_files(manual_dir, name, len(data.labels))
 
+    def _manual_folder(self, dl_manager):
+        """The manual folder. For ``demo`` it may be empty or absent: the demo file is generated there.
+
+        ``dl_manager.manual_dir`` refuses an empty folder (TFDS' "does not exist or is
+        empty"), so for ``demo`` the configured folder is read before that check.
+        """
+        if self.builder_config.dataset == "demo":
+            folder = getattr(dl_manager, "_manual_dir", None)
+            if folder:
+                os.makedirs(os.fspath(folder), exist_ok=True)
+                return folder
+        return dl_manager.manual_dir
+
     def _split_generators(self, dl_manager):
-        data, files = self._load(dl_manager.manual_dir)
+        data, files = self._load(self._manual_folder(dl_manager))
         self.info.metadata.update(class_metadata(data))
         out = {}
         for split in SPLITS:

@@ -26,6 +26,7 @@ module imports TensorFlow.
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import urllib.error
 import urllib.request
@@ -123,6 +124,9 @@ def make_predict_request(
 def _grpc_error(exc: grpc.RpcError) -> PredictError:
     code = exc.code() if hasattr(exc, "code") else None
     details = exc.details() if hasattr(exc, "details") else str(exc)
+    if code == grpc.StatusCode.UNAVAILABLE and "HTTP/2" in (details or ""):
+        details += ("; the server does not speak gRPC: is it the REST port? TF Serving's gRPC port is 8500 by "
+                    "default, REST 8501 (use --rest http://HOST:PORT for REST)")
     return PredictError(code.name if code is not None else "UNKNOWN", details or "", "grpc")
 
 
@@ -260,20 +264,35 @@ def _rest_call(url: str, body: bytes | None, timeout: float) -> dict:
     req = urllib.request.Request(url, data=body, method="POST" if body is not None else "GET")
     if body is not None:
         req.add_header("Content-Type", "application/json")
+    raw = None
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return json.loads(resp.read())
+            raw = resp.read()
+        return json.loads(raw)
+    except ValueError as exc:
+        if raw is None:
+            raise PredictError("INVALID_ARGUMENT", f"{url} is not a usable REST URL ({exc}); give e.g. "
+                               "http://localhost:8501", "rest") from exc
+        raise PredictError("UNKNOWN", f"{url} did not answer with JSON ({raw[:60]!r}...); is it TF Serving's REST "
+                           "port (8501 by default)?", "rest") from exc
     except urllib.error.HTTPError as exc:
         raw = exc.read()
         try:
-            message = json.loads(raw).get("error", raw.decode("utf-8", "replace"))
+            payload = json.loads(raw)
+            message = payload["error"] if isinstance(payload, dict) and "error" in payload else raw.decode()
         except ValueError:
             message = raw.decode("utf-8", "replace")
         raise PredictError(_HTTP_TO_CODE.get(exc.code, f"HTTP_{exc.code}"), message, "rest", exc.code) from exc
     except urllib.error.URLError as exc:
+        if isinstance(exc.reason, TimeoutError):
+            raise PredictError("DEADLINE_EXCEEDED", f"no answer from {url} within {timeout} s", "rest") from exc
         raise PredictError("UNAVAILABLE", f"cannot reach {url}: {exc.reason}", "rest") from exc
     except TimeoutError as exc:
         raise PredictError("DEADLINE_EXCEEDED", f"no answer from {url} within {timeout} s", "rest") from exc
+    except (http.client.HTTPException, ConnectionError) as exc:  # e.g. a gRPC (HTTP/2) port
+        raise PredictError("UNAVAILABLE", f"{url} did not answer as an HTTP/1.1 REST server "
+                           f"({type(exc).__name__}); is it the gRPC port? TF Serving's REST port is 8501 by "
+                           "default, gRPC 8500", "rest") from exc
 
 
 def _model_url(base_url: str, model_name: str, version: int | None) -> str:

@@ -26,6 +26,15 @@ raised inside the signature) -> INVALID_ARGUMENT.  REST maps INVALID_ARGUMENT
 and FAILED_PRECONDITION to HTTP 400 and NOT_FOUND to 404, with
 ``{"error": "..."}`` bodies.  A bad request never stops the server.
 
+Limits (``start_local_server`` arguments / command-line flags): ``max_batch``
+(``--max_batch_size``, 1024) caps every input's first dimension;
+``max_request_bytes`` (``--max_request_bytes``, 256 MiB) caps the gRPC message, the
+REST body and the size a gRPC ``TensorProto`` *declares* (checked before
+``make_ndarray`` allocates it); ``request_timeout`` (``--request_timeout``, 30 s) is
+the socket timeout of REST connections, so a body shorter than its Content-Length
+ends in HTTP 408.  JSON nested deeper than 32 lists is a 400, and the REST listen
+backlog is 128 (Python's default 5 stalls the 7th concurrent client by 1 s).
+
 Both servers bind to 127.0.0.1 only.  Usage::
 
     handle = start_local_server("export/models/msdn", "msdn", rest_port=0)
@@ -58,6 +67,10 @@ __all__ = ["LocalServingHandle", "ServingError", "find_latest_version", "start_l
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+DEFAULT_MAX_BATCH = 1024  # samples per request (every input's first dimension)
+DEFAULT_REQUEST_TIMEOUT = 30.0  # seconds a REST client may take to send its request
+MAX_JSON_DEPTH = 32  # a tensor has at most 32 dimensions (numpy's limit too)
+REST_LISTEN_BACKLOG = 128  # http.server's default 5 drops connections (1 s SYN retry) beyond 6 clients
 DEFAULT_SIGNATURE = "serving_default"
 _STRING_DTYPE = types_pb2.DT_STRING
 
@@ -99,8 +112,11 @@ class _Servable:
     Shared by the gRPC and REST front ends; every request error is a ServingError.
     """
 
-    def __init__(self, model_name: str, model_base_path: str | os.PathLike):
+    def __init__(self, model_name: str, model_base_path: str | os.PathLike, *,
+                 max_batch: int = DEFAULT_MAX_BATCH, max_request_bytes: int = MAX_MESSAGE_BYTES):
         self.name = model_name
+        self.max_batch = int(max_batch)
+        self.max_request_bytes = int(max_request_bytes)
         self.version, self.path = find_latest_version(model_base_path)
         saved_model = saved_model_pb2.SavedModel()
         saved_model.ParseFromString((self.path / "saved_model.pb").read_bytes())
@@ -137,6 +153,26 @@ class _Servable:
                 f'Serving signature key "{name}" not found. Available signatures: {available}',
             )
         return name, self.signature_defs[name], self.functions[name]
+
+    # -- limits -----------------------------------------------------------
+    def check_size(self, key: str, shape, itemsize: int) -> None:
+        """Refuse a tensor over the batch or size limit BEFORE anything of that size is allocated."""
+        shape = [int(d) for d in shape]
+        if any(d < 0 for d in shape):
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, f"input '{key}': negative dimension in shape {shape}")
+        if shape and shape[0] > self.max_batch:
+            raise ServingError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"input '{key}': batch of {shape[0]} exceeds this server's limit of {self.max_batch} "
+                "(--max_batch_size); split the request",
+            )
+        nbytes = int(np.prod(shape, dtype=object)) * int(itemsize)
+        if nbytes > self.max_request_bytes:
+            raise ServingError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"input '{key}': shape {tuple(shape)} is {nbytes} bytes, over this server's limit of "
+                f"{self.max_request_bytes} bytes (--max_request_bytes); split the request",
+            )
 
     # -- predict ----------------------------------------------------------
     @staticmethod
@@ -198,6 +234,7 @@ class _Servable:
         for key, arr in inputs.items():
             info = sig_def.inputs[key]
             arr = self._check_input(key, arr, info)
+            self.check_size(key, arr.shape, arr.itemsize)
             try:
                 feeds[key] = tf.constant(arr, dtype=tf.dtypes.as_dtype(info.dtype))
             except (TypeError, ValueError) as exc:
@@ -216,6 +253,27 @@ class _Servable:
 
 
 # ---------------------------------------------------------------------- gRPC --
+
+
+def _check_proto_size(servable: _Servable, key: str, proto) -> None:
+    """The size a TensorProto DECLARES, checked before ``make_ndarray`` allocates it.
+
+    A TensorProto may declare a shape and carry few or no values (TensorFlow fills the rest),
+    so a 69-byte request can ask for gigabytes.
+    """
+    if proto.tensor_shape.unknown_rank:
+        raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, f"input '{key}': TensorProto has an unknown rank")
+    shape = [d.size for d in proto.tensor_shape.dim]
+    if proto.dtype == _STRING_DTYPE:
+        itemsize = 8  # one object pointer per element; the bytes themselves are in the message
+    else:
+        try:
+            itemsize = tf.dtypes.as_dtype(proto.dtype).size
+        except TypeError as exc:
+            raise ServingError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"input '{key}': unsupported dtype {proto.dtype}"
+            ) from exc
+    servable.check_size(key, shape, itemsize)
 
 
 class _PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
@@ -240,6 +298,7 @@ class _PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             self.servable.check_model(spec.name, self._version(spec), spec.version_label)
             inputs = {}
             for key, proto in request.inputs.items():
+                _check_proto_size(self.servable, key, proto)
                 try:
                     inputs[key] = tf.make_ndarray(proto)
                 except Exception as exc:  # malformed TensorProto (size/shape mismatch, bad dtype)
@@ -295,6 +354,7 @@ _HTTP_STATUS = {
     grpc.StatusCode.FAILED_PRECONDITION: 400,
     grpc.StatusCode.OUT_OF_RANGE: 400,
     grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 408,
     grpc.StatusCode.UNIMPLEMENTED: 501,
 }
 
@@ -319,8 +379,20 @@ def _decode_strings(value, key: str):
     raise _bad(f"input '{key}': expects strings, got {type(value).__name__}")
 
 
+def _json_depth(value, limit: int) -> int:
+    """Nesting depth of JSON lists along the first elements, stopping past ``limit``."""
+    depth = 0
+    while isinstance(value, list) and depth <= limit:
+        depth += 1
+        value = value[0] if value else None
+    return depth
+
+
 def _json_to_array(value, info, key: str) -> np.ndarray:
     dtype = tf.dtypes.as_dtype(info.dtype)
+    if _json_depth(value, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        raise _bad(f"input '{key}': JSON lists nested more than {MAX_JSON_DEPTH} deep; a tensor has at most "
+                   f"{MAX_JSON_DEPTH} dimensions")
     try:
         if dtype == tf.string:
             return np.array(_decode_strings(value, key), dtype=object)
@@ -337,7 +409,8 @@ def _json_to_array(value, info, key: str) -> np.ndarray:
     ):
         raise _bad(f"input '{key}': expects {_dtype_name(info.dtype)} but got JSON values of numpy kind {raw.dtype}")
     try:
-        return raw.astype(dtype.as_numpy_dtype)
+        with np.errstate(over="ignore"):  # out-of-range numbers become inf, refused inside the signature
+            return raw.astype(dtype.as_numpy_dtype)
     except (TypeError, ValueError, OverflowError) as exc:
         raise _bad(f"input '{key}': cannot convert to {_dtype_name(info.dtype)}: {exc}") from exc
 
@@ -363,6 +436,8 @@ def _rest_predict(servable: _Servable, name: str, version: int | None, body: byt
         req = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise _bad(f"request body is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise _bad("request body is JSON nested too deeply to parse") from exc
     if not isinstance(req, dict):
         raise _bad("request body must be a JSON object")
     if ("instances" in req) == ("inputs" in req):
@@ -419,11 +494,19 @@ def _rest_predict(servable: _Servable, name: str, version: int | None, body: byt
     return {"outputs": {a: _array_to_json(outputs[a], a) for a in aliases}}
 
 
-def _make_rest_handler(servable: _Servable):
+class _RestServer(ThreadingHTTPServer):
+    """ThreadingHTTPServer with a listen backlog for many concurrent clients (not 5)."""
+
+    request_queue_size = REST_LISTEN_BACKLOG
+    daemon_threads = True
+
+
+def _make_rest_handler(servable: _Servable, request_timeout: float = DEFAULT_REQUEST_TIMEOUT):
     class _RestHandler(BaseHTTPRequestHandler):
         """REST front end of the TEST DOUBLE server (not TF Serving), TF Serving's JSON format."""
 
         protocol_version = "HTTP/1.1"
+        timeout = request_timeout  # socket timeout: a body shorter than its Content-Length ends in 408
 
         def log_message(self, fmt, *args):  # keep test output quiet
             log.debug("TEST DOUBLE REST: " + fmt, *args)
@@ -443,13 +526,45 @@ def _make_rest_handler(servable: _Servable):
                 log.exception("TEST DOUBLE REST: unexpected error")
                 self._send(500, {"error": f"{type(exc).__name__}: {exc}"})
 
+        def _read_body(self) -> bytes:
+            text = self.headers.get("Content-Length")
+            if text is None:
+                self.close_connection = True
+                if self.headers.get("Transfer-Encoding"):
+                    raise _bad("chunked request bodies are not supported; send a Content-Length")
+                return b""
+            try:
+                length = int(text)
+                if length < 0:
+                    raise ValueError
+            except ValueError:
+                self.close_connection = True
+                raise _bad(f"invalid Content-Length {text!r}") from None
+            if length > servable.max_request_bytes:
+                self.close_connection = True
+                raise _bad(f"request body too large ({length} > {servable.max_request_bytes} bytes, "
+                           "--max_request_bytes)")
+            chunks, got = [], 0
+            try:
+                while got < length:  # each read waits at most request_timeout (the socket timeout)
+                    chunk = self.rfile.read1(min(1 << 20, length - got))
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+                    got += len(chunk)
+            except TimeoutError:
+                pass
+            body = b"".join(chunks)
+            if len(body) < length:
+                self.close_connection = True
+                raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                   f"request body incomplete: got {len(body)} of {length} bytes "
+                                   f"(Content-Length); nothing more arrived within {request_timeout:g} s")
+            return body
+
         def do_POST(self):
             try:
-                length = int(self.headers.get("Content-Length") or 0)
-                if length > MAX_MESSAGE_BYTES:
-                    self.close_connection = True
-                    raise _bad(f"request body too large ({length} > {MAX_MESSAGE_BYTES} bytes)")
-                body = self.rfile.read(length)
+                body = self._read_body()
                 m = _PREDICT_RE.match(self.path.split("?", 1)[0])
                 if not m:
                     raise ServingError(grpc.StatusCode.NOT_FOUND, f"unsupported path {self.path}; use /v1/models/<name>[/versions/<n>]:predict")
@@ -536,6 +651,9 @@ def start_local_server(
     rest_port: int | None = None,
     *,
     max_workers: int = 4,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    max_request_bytes: int = MAX_MESSAGE_BYTES,
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
 ) -> LocalServingHandle:
     """Start the TEST DOUBLE of TF Serving on 127.0.0.1 and return its handle.
 
@@ -545,11 +663,16 @@ def start_local_server(
         model_name: the name clients put in ``model_spec.name`` / the REST URL.
         grpc_port: 0 picks a free port.
         rest_port: None disables REST; 0 picks a free port.
+        max_batch: the largest first dimension of any input (larger: INVALID_ARGUMENT / 400).
+        max_request_bytes: the largest request (gRPC message, REST body) and the largest
+            tensor a request may declare, in bytes.
+        request_timeout: seconds a REST client may take to send its request line, headers
+            and body (an incomplete body: HTTP 408).
     """
-    servable = _Servable(model_name, model_base_path)
+    servable = _Servable(model_name, model_base_path, max_batch=max_batch, max_request_bytes=max_request_bytes)
     options = [
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", int(max_request_bytes)),
     ]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options)
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(_PredictionService(servable), server)
@@ -560,11 +683,10 @@ def start_local_server(
     http_server = http_thread = None
     if rest_port is not None:
         try:
-            http_server = ThreadingHTTPServer(("127.0.0.1", rest_port), _make_rest_handler(servable))
+            http_server = _RestServer(("127.0.0.1", rest_port), _make_rest_handler(servable, request_timeout))
         except OSError:
             server.stop(None)
             raise
-        http_server.daemon_threads = True
         http_thread = threading.Thread(target=http_server.serve_forever, name="tfserving-test-double-rest", daemon=True)
         http_thread.start()
     return LocalServingHandle(servable, server, port, http_server, http_thread)
@@ -582,9 +704,18 @@ def main(argv=None) -> int:
     parser.add_argument("--model_name", required=True)
     parser.add_argument("--port", type=int, default=8500, help="gRPC port (0 = any free port)")
     parser.add_argument("--rest_api_port", type=int, default=8501, help="REST port (-1 = disabled)")
+    parser.add_argument("--max_batch_size", type=int, default=DEFAULT_MAX_BATCH,
+                        help=f"largest batch a request may send (default {DEFAULT_MAX_BATCH})")
+    parser.add_argument("--max_request_bytes", type=int, default=MAX_MESSAGE_BYTES,
+                        help=f"largest request / declared tensor in bytes (default {MAX_MESSAGE_BYTES})")
+    parser.add_argument("--request_timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT,
+                        help="seconds a REST client may stay silent while sending its request "
+                        f"(default {DEFAULT_REQUEST_TIMEOUT:g})")
     args = parser.parse_args(argv)
     handle = start_local_server(
-        args.model_base_path, args.model_name, args.port, None if args.rest_api_port < 0 else args.rest_api_port
+        args.model_base_path, args.model_name, args.port, None if args.rest_api_port < 0 else args.rest_api_port,
+        max_batch=args.max_batch_size, max_request_bytes=args.max_request_bytes,
+        request_timeout=args.request_timeout,
     )
     print(f"TEST DOUBLE of TF Serving: {handle}", flush=True)
     try:
