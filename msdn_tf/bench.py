@@ -44,10 +44,10 @@ import time
 
 from msdn_tf.backend import current as _backend
 from msdn_tf.errors import ConfigError, cli_main
+from msdn_tf.options import PRECISIONS  # noqa: F401  (defined once, in msdn_tf.options)
 
 CUB = {"attributes": 312, "classes": 200, "unseen": 50, "features": 2048, "embed": 300}
 IMPLS = ("fused", "einsum")
-PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16", "auto")
 REFERENCE = {  # reference PyTorch code, 2-core x86 CPU, CUB, R=196, batch 50 (docs/reference.md §10)
     "train_images_per_s": 21.5, "train_step_s": 2.3, "eval_images_per_s": 32.0,
 }

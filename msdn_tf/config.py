@@ -25,6 +25,7 @@ from typing import Any, List, Optional
 import yaml
 
 from msdn_tf.errors import ConfigError
+from msdn_tf.options import CONFIG_CHOICES
 
 CONFIG_DIR = Path(os.environ.get("MSDN_CONFIG_DIR", Path(__file__).resolve().parent.parent / "configs"))
 
@@ -346,18 +347,7 @@ def resolve_config(dataset: Optional[str] = None, config_files=(), overrides=(),
     return config
 
 
-CHOICES = {
-    ("data", "sampler"): ("random", "class_balanced", "epoch"),
-    ("model", "branches"): ("both", "a2v", "v2a"),
-    ("model", "attention"): ("softmax", "uniform"),
-    ("loss", "cross_entropy"): ("all", "seen"),
-    ("loss", "calibration"): ("batch_mass", "indicator"),
-    ("loss", "distillation"): ("reference", "paper", "jsd", "logit", "none"),
-    ("data", "cache_dtype"): ("float16", "float32"),
-    ("data", "on_device"): (True, False, "auto"),
-    ("train", "strategy"): ("none", "mirrored", "multi_worker"),
-    ("train", "precision"): ("float32", "mixed_bfloat16", "mixed_float16", "auto"),
-}
+CHOICES = CONFIG_CHOICES  # (section, key) -> allowed values; defined once in msdn_tf.options
 
 
 def canonical_dataset_name(name):

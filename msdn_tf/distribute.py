@@ -33,8 +33,8 @@ import os
 from typing import Optional
 
 from msdn_tf.errors import ConfigError
+from msdn_tf.options import STRATEGIES  # noqa: F401  (defined once, in msdn_tf.options)
 
-STRATEGIES = ("none", "mirrored", "multi_worker")
 
 
 @dataclasses.dataclass(frozen=True)

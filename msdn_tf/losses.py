@@ -14,6 +14,7 @@ Reference:
 from __future__ import annotations
 
 from keras import ops
+from msdn_tf.options import DISTILLATION_FORMS  # noqa: F401  (defined once, in msdn_tf.options)
 
 
 def _log_softmax(logits):
@@ -152,7 +153,6 @@ def squared_l2_distance(logits_1, logits_2):
     return ops.mean(ops.sum(d * d, axis=-1))
 
 
-DISTILLATION_FORMS = ("reference", "paper", "jsd", "logit", "none")
 
 
 def distillation(logits_1, logits_2, form: str = "reference"):

@@ -11,6 +11,7 @@ from keras import ops
 from msdn_tf import distribute as D
 from msdn_tf.backend import on_jax as _on_jax  # Keras' JAX trainer calls the steps with an explicit state
 from msdn_tf import losses as L
+from msdn_tf import options
 from msdn_tf.layers import AttributeEmbedding, AttributeToVisual, VisualToAttribute
 from msdn_tf.layers.common import as_regions, contract, l2_normalize, split_last
 
@@ -92,10 +93,11 @@ class MSDN(keras.Model):
                  return_features=False, class_attributes=None, attribute_vectors=None, seed=None,
                  **kwargs):
         super().__init__(**kwargs)
-        _check_choice("cross_entropy", cross_entropy, ("all", "seen"))
-        _check_choice("calibration", calibration, ("batch_mass", "indicator"))
-        _check_choice("distillation", distillation, L.DISTILLATION_FORMS)
-        _check_choice("branches", branches, ("both", "a2v", "v2a"))
+        _check_choice("cross_entropy", cross_entropy, options.CROSS_ENTROPY_FORMS)
+        _check_choice("calibration", calibration, options.CALIBRATION_FORMS)
+        _check_choice("distillation", distillation, options.DISTILLATION_FORMS)
+        _check_choice("branches", branches, options.BRANCHES)
+        _check_choice("attention", attention, options.ATTENTIONS)
         self.num_classes = int(num_classes)
         self.num_attributes = int(num_attributes)
         self.feature_dim = int(feature_dim)

@@ -33,8 +33,8 @@ import os
 from typing import Optional
 
 from msdn_tf.errors import ConfigError
+from msdn_tf.options import PRECISIONS  # noqa: F401  (defined once, in msdn_tf.options)
 
-PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16", "auto")
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 FP16_CPU_FLAGS = ("avx512_fp16", "amx_fp16")
 EMULATED_FLOAT16_ENV = "MSDN_ALLOW_EMULATED_FLOAT16"

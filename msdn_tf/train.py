@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from msdn_tf import options
 from msdn_tf.backend import current as current_backend
 from msdn_tf.backend import on_tensorflow
 from msdn_tf.config import Config, from_dict, load_yaml, resolve_config, save_config, value_source
@@ -697,9 +698,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, help="shortcut for --set train.iterations=N")
     p.add_argument("--run-dir", help="output folder (default runs/<dataset>-seed<N>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
-    p.add_argument("--strategy", choices=["none", "mirrored", "multi_worker"],
+    p.add_argument("--strategy", choices=list(options.STRATEGIES),
                    help="shortcut for --set train.strategy=NAME (tf.distribute; multi_worker reads TF_CONFIG)")
-    p.add_argument("--precision", choices=["float32", "mixed_bfloat16", "mixed_float16", "auto"],
+    p.add_argument("--precision", choices=list(options.PRECISIONS),
                    help="shortcut for --set train.precision=NAME (auto: bfloat16 where the hardware runs it "
                         "natively, else float32)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")

@@ -20,8 +20,8 @@ from typing import Optional
 import numpy as np
 
 from msdn_tf.errors import ConfigError
+from msdn_tf.options import ON_DEVICE as ON_DEVICE_CHOICES  # defined once, in msdn_tf.options
 
-ON_DEVICE_CHOICES = (True, False, "auto")
 DEFAULT_BUDGET_BYTES = 8 * 1024 ** 3  # upper bound of the "auto" budget
 CHUNK_ROWS = 256  # rows copied per assignment while loading
 
