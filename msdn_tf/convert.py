@@ -7,15 +7,15 @@ Command::
 
 The released files ``{CUB,SUN,AWA2}_MSDN_{CZSL,GZSL}.pth`` (docs/reference.md §9)
 are ``torch.save`` state_dicts. They are read by
-:mod:`msdn_tf.torch_checkpoint` (no torch needed; a restricted unpickler that
+:mod:`msdn_tf.interop.torch_checkpoint` (no torch needed; a restricted unpickler that
 executes nothing from the file) and written as a run directory that
-``msdn_tf.runs.load_run``, evaluation and export accept:
+``msdn_tf.training.runs.load_run``, evaluation and export accept:
 
 * ``config.yaml``: the dataset's resolved config (``configs/<dataset>.yaml``
   plus ``--set`` overrides; ``model.bias`` is the checkpoint's ``bias``);
 * ``model.keras``: an :class:`~msdn_tf.model.MSDN` holding the checkpoint's
   weights. The Keras weights have the reference names and layouts, so every
-  key maps by name with no transpose (:data:`~msdn_tf.torch_checkpoint.MSDN_KEY_MAP`);
+  key maps by name with no transpose (:data:`~msdn_tf.interop.torch_checkpoint.MSDN_KEY_MAP`);
 * ``conversion.json``: the report (source file and sha256, mapped keys with
   shapes and dtypes, ignored keys and why, backbone tensors found, ``bias``,
   seen/unseen classes derived from ``mask_bias``, metadata checks, warnings);
@@ -68,7 +68,7 @@ from typing import Dict, Mapping, Optional, Sequence
 import numpy as np
 
 from msdn_tf.errors import ConfigError, DataError, MSDNError
-from msdn_tf.torch_checkpoint import (MSDN_KEY_MAP, backbone_prefixes, read_torch_state_dict,
+from msdn_tf.interop.torch_checkpoint import (MSDN_KEY_MAP, backbone_prefixes, read_torch_state_dict,
                                       split_state_dict)
 
 REPORT_FILE = "conversion.json"
@@ -76,7 +76,7 @@ METADATA_FILE = "metadata.json"
 ATT_TOLERANCE = 1e-4
 
 #: Reference key -> (attribute path on the MSDN model). Layer names follow
-#: :data:`msdn_tf.torch_checkpoint.MSDN_KEY_MAP`.
+#: :data:`msdn_tf.interop.torch_checkpoint.MSDN_KEY_MAP`.
 _MODEL_ATTRS = {
     "V": ("embedding", "V"),
     "att": ("embedding", "att"),

@@ -169,7 +169,7 @@ def run_custom(data_dir, out, *, config_files=(), overrides=(), export_dir=None,
         except ImportError as exc:  # the export module is optional for training
             log(f"msdn-tf custom: msdn_tf.export is not available ({exc}); skipping the export")
         else:
-            from msdn_tf.runs import load_run_model
+            from msdn_tf.training.runs import load_run_model
 
             t0 = time.time()
             model = load_run_model(out)

@@ -79,7 +79,7 @@ def per_class_rows(data, logits: dict, gamma: float = 0.0) -> list:
         logits: ``evaluate_model(..., return_logits=True)["_logits"]``.
         gamma: calibrated-stacking constant used for the GZSL column.
     """
-    from msdn_tf.metrics import czsl_predictions, gzsl_predictions, per_class_accuracies
+    from msdn_tf.evaluation.metrics import czsl_predictions, gzsl_predictions, per_class_accuracies
 
     seen, unseen = data.seen_classes, data.unseen_classes
     ys, yu = logits["labels_seen"], logits["labels_unseen"]
@@ -132,8 +132,8 @@ def evaluate_run(run_dir, gamma: float = 0.0, data_dir=None, calibration_curve: 
         The content of ``metrics.json``.
     """
     from msdn_tf.data.registry import load_dataset
-    from msdn_tf.evaluation import evaluate_model
-    from msdn_tf.runs import load_run
+    from msdn_tf.evaluation.predict import evaluate_model
+    from msdn_tf.training.runs import load_run
 
     run_dir = Path(run_dir)
     config, model = load_run(run_dir)
@@ -170,7 +170,7 @@ def evaluate_run(run_dir, gamma: float = 0.0, data_dir=None, calibration_curve: 
         "per_class": rows,
     }
     if gamma:
-        from msdn_tf.metrics import zsl_metrics
+        from msdn_tf.evaluation.metrics import zsl_metrics
 
         m0 = zsl_metrics(logits["seen"]["logits"], logits["labels_seen"], logits["unseen"]["logits"],
                          logits["labels_unseen"], data.seen_classes, data.unseen_classes, gamma=0.0)
@@ -185,7 +185,7 @@ def evaluate_run(run_dir, gamma: float = 0.0, data_dir=None, calibration_curve: 
     if reference:
         metrics["reference"] = reference
     if calibration_curve:
-        from msdn_tf.calibration import plot_curve, seen_unseen_curve
+        from msdn_tf.evaluation.calibration import plot_curve, seen_unseen_curve
 
         curve = seen_unseen_curve(logits["seen"]["logits"], logits["labels_seen"], logits["unseen"]["logits"],
                                   logits["labels_unseen"], data.seen_classes, data.unseen_classes,

@@ -208,8 +208,8 @@ def fused_predictions(scores, seen_mask, unseen_ids, gamma: float, top_k: int) -
 
 
 def reference_predictions(scores, seen_classes, unseen_classes, gamma: float, top_k: int) -> dict:
-    """NumPy version of :func:`fused_predictions`, via :mod:`msdn_tf.metrics` (for verification)."""
-    from msdn_tf.metrics import czsl_predictions, gzsl_predictions
+    """NumPy version of :func:`fused_predictions`, via :mod:`msdn_tf.evaluation.metrics` (for verification)."""
+    from msdn_tf.evaluation.metrics import czsl_predictions, gzsl_predictions
 
     scores = np.asarray(scores, np.float32)
     calibrated = scores.astype(np.float64).copy()
@@ -902,7 +902,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         from msdn_tf.config import merge, parse_override
-        from msdn_tf.runs import load_run
+        from msdn_tf.training.runs import load_run
 
         config, model = load_run(args.run)
         for text in args.set:

@@ -219,7 +219,7 @@ def run_training(config: Config, run_dir=None, resume: bool = False, data=None, 
             ``config.data.dataset``).
         log: function for progress lines.
         eval_hooks: callables ``hook(model=, data=, step=, metrics=, writer=)`` run after
-            every evaluation; ``metrics`` is :func:`~msdn_tf.evaluation.evaluate_model`'s
+            every evaluation; ``metrics`` is :func:`~msdn_tf.evaluation.predict.evaluate_model`'s
             result with ``"_logits"`` (e.g. TensorBoard images, see ``msdn_tf.viz``).
 
     Returns:
@@ -229,7 +229,7 @@ def run_training(config: Config, run_dir=None, resume: bool = False, data=None, 
 
     from msdn_tf.data.pipeline import make_sampler, train_dataset
     from msdn_tf.data.registry import load_dataset
-    from msdn_tf.evaluation import evaluate_model
+    from msdn_tf.evaluation.predict import evaluate_model
 
     run_dir = Path(run_dir) if run_dir else default_run_dir(config)
     checkpointer = Checkpointer(run_dir)

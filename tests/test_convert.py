@@ -62,7 +62,7 @@ def assert_logits_equal(got, want):
 
 
 def load_run(run_dir):
-    from msdn_tf.runs import load_run as _load_run
+    from msdn_tf.training.runs import load_run as _load_run
 
     return _load_run(run_dir)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from msdn_tf import wordvectors
+from msdn_tf.data import wordvectors
 from msdn_tf.data import custom
 from msdn_tf.errors import DataError
 

@@ -22,7 +22,7 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc  # 
 
 from msdn_tf import client, export  # noqa: E402
 from msdn_tf.errors import MSDNError  # noqa: E402
-from msdn_tf.metrics import czsl_predictions, gzsl_predictions  # noqa: E402
+from msdn_tf.evaluation.metrics import czsl_predictions, gzsl_predictions  # noqa: E402
 from msdn_tf.model import build_msdn  # noqa: E402
 from msdn_tf.serving import bench, cc_loader  # noqa: E402
 from msdn_tf.serving.local_server import start_local_server  # noqa: E402

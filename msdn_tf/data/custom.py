@@ -570,7 +570,7 @@ def prepare_dataset(out, *, attributes, images=None, csv_file=None, images_root=
         seed: seed of the unseen draw, the splits and (``weights="none"``) the backbone.
         attribute_vectors / word_vectors: ``(K, D)`` vectors given directly (.npy/.csv), or a
             word-vector text file (word2vec text / GloVe, optionally .gz) for the §1.3 recipe.
-        allow_missing_words, allow_zero_vectors: see :func:`msdn_tf.wordvectors.attribute_vectors`.
+        allow_missing_words, allow_zero_vectors: see :func:`msdn_tf.data.wordvectors.attribute_vectors`.
         test_seen_fraction: share of each seen class's images held out as test_seen.
         val_fraction: share of the seen classes in a class-disjoint validation split (0: none).
         weights, image_size, batch_size, compression: feature extraction (:mod:`msdn_tf.extract`).
@@ -620,7 +620,7 @@ def prepare_dataset(out, *, attributes, images=None, csv_file=None, images_root=
         w2v = read_attribute_vectors_file(attribute_vectors, table.attribute_names)
         wv_report = {"file": str(attribute_vectors), "given": True, "dim": int(w2v.shape[1])}
     else:
-        from msdn_tf.wordvectors import attribute_vectors as from_words
+        from msdn_tf.data.wordvectors import attribute_vectors as from_words
 
         w2v, wv_report = from_words(table.attribute_names, word_vectors, allow_missing_words=allow_missing_words,
                                     allow_zero_vectors=allow_zero_vectors, warn=log)

@@ -6,7 +6,7 @@ import numpy as np
 
 from msdn_tf.data.base import ZSLData
 from msdn_tf.data.pipeline import eval_dataset
-from msdn_tf.metrics import zsl_metrics
+from msdn_tf.evaluation.metrics import zsl_metrics
 
 LOGIT_KEYS = ("logits", "logits_a2v", "logits_v2a")
 
