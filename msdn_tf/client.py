@@ -290,7 +290,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
-        from msdn_tf.export import read_metadata
+        from msdn_tf.serving.export import read_metadata
 
         metadata = read_metadata(args.metadata) if args.metadata else fetch_metadata(
             model=args.model, server=args.server, rest=args.rest, version=args.version, timeout=args.timeout)

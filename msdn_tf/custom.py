@@ -17,7 +17,7 @@ Three commands (format and walkthrough: ``docs/custom_data.md``)::
 
 ``prepare`` is :func:`msdn_tf.data.custom.prepare_dataset`; ``run`` uses the benchmark
 code (:func:`msdn_tf.train.run_training`, :func:`msdn_tf.evaluate.evaluate_run`,
-:func:`msdn_tf.export.export_saved_model`) on the ``custom`` entry of the dataset table.
+:func:`msdn_tf.serving.export.export_saved_model`) on the ``custom`` entry of the dataset table.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def run_custom(data_dir, out, *, config_files=(), overrides=(), export_dir=None,
             after ``configs/custom.yaml``.
         export_dir: TF Serving model base path (default ``out/export``); a new version
             folder is added (1, 2, ...).
-        export: export at all (needs :mod:`msdn_tf.export`).
+        export: export at all (needs :mod:`msdn_tf.serving.export`).
         with_images: add the ``serving_images`` signature when the backbone of the prepared
             features can be rebuilt here (``--weights none`` or a weights file, or ImageNet
             weights with network).
@@ -165,9 +165,10 @@ def run_custom(data_dir, out, *, config_files=(), overrides=(), export_dir=None,
         timings["backbone_s"] = round(time.time() - t0, 2)
     if export:
         try:
-            from msdn_tf import export as export_mod
+            from msdn_tf.serving import export as export_mod
+            from msdn_tf.serving import verify as verify_mod
         except ImportError as exc:  # the export module is optional for training
-            log(f"msdn-tf custom: msdn_tf.export is not available ({exc}); skipping the export")
+            log(f"msdn-tf custom: msdn_tf.serving.export is not available ({exc}); skipping the export")
         else:
             from msdn_tf.training.runs import load_run_model
 
@@ -181,7 +182,7 @@ def run_custom(data_dir, out, *, config_files=(), overrides=(), export_dir=None,
                 sample = data.features.read(data.test_unseen_loc[:3])
 
                 def check(version_dir):
-                    reports.append(export_mod.verify_export(version_dir, model, sample, backbone=use_images))
+                    reports.append(verify_mod.verify_export(version_dir, model, sample, backbone=use_images))
                     return reports[-1]
 
             try:
@@ -191,7 +192,7 @@ def run_custom(data_dir, out, *, config_files=(), overrides=(), export_dir=None,
                     config=config, backbone=use_images, image_size=size or 448,
                     backbone_id=None if use_images is None else note, check=check)
             except export_mod.ExportCheckFailed as exc:
-                log(export_mod.report_markdown(exc.report))
+                log(verify_mod.report_markdown(exc.report))
                 log(f"msdn-tf custom: {exc}")
                 summary["export_check_ok"] = False
                 path = None
@@ -203,7 +204,7 @@ def run_custom(data_dir, out, *, config_files=(), overrides=(), export_dir=None,
                 log(f"msdn-tf custom: exported {path} (signatures {', '.join(summary['signatures'])})")
             if reports and path is not None:
                 summary["export_check_ok"] = True
-                log(export_mod.report_markdown(reports[-1]))
+                log(verify_mod.report_markdown(reports[-1]))
             timings["export_s"] = round(time.time() - t0, 2)
     if visualize:
         from msdn_tf.visualize import visualize_attention

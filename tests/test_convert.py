@@ -374,9 +374,9 @@ def test_existing_run_directory_needs_overwrite(tmp_path, expected):
 
 def test_converted_model_exports_with_the_same_scores(tmp_path, fmap):
     try:
-        import msdn_tf.export as export
+        import msdn_tf.serving.export as export
     except ImportError as exc:
-        pytest.skip("msdn_tf.export is not available (%s); the export check of converted "
+        pytest.skip("msdn_tf.serving.export is not available (%s); the export check of converted "
                     "checkpoints runs once it is" % exc)
     import tensorflow as tf
 

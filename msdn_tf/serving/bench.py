@@ -122,7 +122,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if min(args.batches) < 1 or args.iterations < 1 or args.warmup < 0 or args.regions < 1:
             raise MSDNError("--batches, --iterations and --regions must be >= 1, --warmup >= 0")
         if args.synthetic:
-            from msdn_tf.export import export_saved_model
+            from msdn_tf.serving.export import export_saved_model
 
             with tempfile.TemporaryDirectory(prefix="msdn_bench_") as tmp:
                 model, names = synthetic_model(args.synthetic)
