@@ -16,7 +16,7 @@ Three commands (format and walkthrough: ``docs/custom_data.md``)::
     python -m msdn_tf.custom example --out DIR
 
 ``prepare`` is :func:`msdn_tf.data.custom.prepare_dataset`; ``run`` uses the benchmark
-code (:func:`msdn_tf.train.run_training`, :func:`msdn_tf.evaluate.evaluate_run`,
+code (:func:`msdn_tf.train.run_training`, :func:`msdn_tf.evaluation.report.evaluate_run`,
 :func:`msdn_tf.serving.export.export_saved_model`) on the ``custom`` entry of the dataset table.
 """
 
@@ -132,7 +132,7 @@ def run_custom(data_dir, out, *, config_files=(), overrides=(), export_dir=None,
     """
     from msdn_tf.config import resolve_config
     from msdn_tf.data.registry import load_dataset
-    from msdn_tf.evaluate import evaluate_run
+    from msdn_tf.evaluation.report import evaluate_run
     from msdn_tf.train import run_training
     from msdn_tf.utils import write_json
 
@@ -207,7 +207,7 @@ def run_custom(data_dir, out, *, config_files=(), overrides=(), export_dir=None,
                 log(verify_mod.report_markdown(reports[-1]))
             timings["export_s"] = round(time.time() - t0, 2)
     if visualize:
-        from msdn_tf.visualize import visualize_attention
+        from msdn_tf.viz.run_figures import visualize_attention
 
         t0 = time.time()
         fig = out / "attention_test_unseen_0.png"

@@ -33,7 +33,7 @@ import numpy as np
 
 from msdn_tf.data.base import ZSLData
 from msdn_tf.errors import ConfigError, DataError, MSDNError
-from msdn_tf.evaluate import PROTOCOL_NOTES, PROTOCOL_RESULT, pct, reference_selection
+from msdn_tf.evaluation.report import PROTOCOL_NOTES, PROTOCOL_RESULT, pct, reference_selection
 from msdn_tf.utils import atomic_write_text, markdown_table, write_json
 
 PROTOCOLS = ("reference", "final", "validation")

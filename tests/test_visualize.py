@@ -133,7 +133,7 @@ def test_attention_from_image_with_a_tiny_backbone(tiny_run, tmp_path):
 
     from msdn_tf.errors import MSDNError
     from msdn_tf.viz.attention import figure_size
-    from msdn_tf.visualize import visualize_attention
+    from msdn_tf.viz.run_figures import visualize_attention
 
     image = tmp_path / "bird.png"
     matplotlib.image.imsave(image, np.random.default_rng(0).random((60, 50, 3)))
