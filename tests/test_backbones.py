@@ -269,7 +269,7 @@ def test_convert_stores_backbone_and_export_serves_images(tmp_path, tv):
     import tensorflow as tf
 
     from msdn_tf.serving import export
-    from msdn_tf.convert import BACKBONE_FILE, convert_checkpoint
+    from msdn_tf.interop.convert import BACKBONE_FILE, convert_checkpoint
     from msdn_tf.training.runs import load_run
 
     run = tmp_path / "run"

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 import scipy.io
 
-from msdn_tf.convert import convert_checkpoint, convert_state_dict, main
+from msdn_tf.convert import main
+from msdn_tf.interop.convert import convert_checkpoint, convert_state_dict
 from msdn_tf.errors import DataError, MSDNError
 from tests import reference_numpy as ref
 from tests.conftest import shared_zsl_dir
