@@ -21,6 +21,7 @@ import tensorflow as tf  # noqa: E402
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc  # noqa: E402
 
 from msdn_tf import client, export  # noqa: E402
+from msdn_tf.serving import classify  # noqa: E402
 from msdn_tf.serving import export as serving_export  # noqa: E402
 from msdn_tf.serving import verify  # noqa: E402
 from msdn_tf.errors import MSDNError  # noqa: E402
@@ -269,14 +270,14 @@ def _names(answer):
 def test_client_library_grpc_and_rest_agree(setup, server):
     meta = serving_export.read_metadata(setup["base"])
     want = _expected_names(_scores(setup["model"], setup["regions"]), gamma=setup["gamma"])
-    by_grpc = client.classify(model=MODEL_NAME, server=server.grpc_address, features=setup["regions"], metadata=meta)
-    by_rest = client.classify(model=MODEL_NAME, rest=server.rest_url, features=setup["maps"])  # metadata signature
+    by_grpc = classify.classify(model=MODEL_NAME, server=server.grpc_address, features=setup["regions"], metadata=meta)
+    by_rest = classify.classify(model=MODEL_NAME, rest=server.rest_url, features=setup["maps"])  # metadata signature
     assert _names(by_grpc) == want and _names(by_rest) == want
     assert by_rest["signature"] == "serving_maps" and by_grpc["signature"] == "serving_default"
     b = setup["flipped"]
     assert by_grpc["results"][b]["gzsl"]["unseen"] is True
     assert all(r["czsl"]["class"] in UNSEEN for r in by_grpc["results"])
-    more = client.classify(model=MODEL_NAME, server=server.grpc_address, features=setup["regions"], metadata=meta,
+    more = classify.classify(model=MODEL_NAME, server=server.grpc_address, features=setup["regions"], metadata=meta,
                            top_k=6)
     assert _names(more) == _expected_names(_scores(setup["model"], setup["regions"]), k=6, gamma=setup["gamma"])
 
@@ -284,8 +285,8 @@ def test_client_library_grpc_and_rest_agree(setup, server):
 def test_client_images_grpc_and_rest_agree(setup, server):
     want = _expected_names(setup["image_scores"], gamma=setup["gamma"])
     meta = serving_export.read_metadata(setup["base"])
-    a = client.classify(model=MODEL_NAME, server=server.grpc_address, images=setup["images"], metadata=meta)
-    b = client.classify(model=MODEL_NAME, rest=server.rest_url, images=setup["images"], metadata=meta)
+    a = classify.classify(model=MODEL_NAME, server=server.grpc_address, images=setup["images"], metadata=meta)
+    b = classify.classify(model=MODEL_NAME, rest=server.rest_url, images=setup["images"], metadata=meta)
     assert _names(a) == _names(b) == want
 
 
@@ -329,10 +330,10 @@ def test_client_reads_hdf5_rows(tmp_path):
     maps = np.random.default_rng(0).random((3, F, 2, 2)).astype(np.float32)
     with h5py.File(tmp_path / "f.hdf5", "w") as f:
         f["feature_map"] = maps
-    x = client.read_features(tmp_path / "f.hdf5", [2, 0], F)
+    x = classify.read_features(tmp_path / "f.hdf5", [2, 0], F)
     np.testing.assert_array_equal(x, maps[[2, 0]].transpose(0, 2, 3, 1))
     with pytest.raises(MSDNError, match="outside"):
-        client.read_features(tmp_path / "f.hdf5", [3], F)
+        classify.read_features(tmp_path / "f.hdf5", [3], F)
 
 
 def _raw(inputs, signature="serving_default"):

@@ -311,7 +311,7 @@ def query_local_server(export_base, data_dir, *, top_k: int = 3, per_class: int 
     the top-k answers."""
     import csv
 
-    from msdn_tf import client
+    from msdn_tf.serving import classify as client
     from msdn_tf.serving.local_server import start_local_server
 
     t0 = time.time()
