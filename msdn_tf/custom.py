@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-import msdn_tf.data.custom as custom_data  # registers the "custom" dataset
+import msdn_tf.data.custom as custom_data
 from msdn_tf.errors import MSDNError
 from msdn_tf.experiments.custom_workflow import EXAMPLE_OVERRIDES, log_stderr, run_custom, run_example
 

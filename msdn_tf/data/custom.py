@@ -14,8 +14,7 @@ into a prepared folder ``DATA_DIR``:
   split sizes, backbone, word-vector report);
 * ``images.csv``: ``path,class,split`` of every row of ``features.hdf5``.
 
-The ``custom`` entry of :mod:`msdn_tf.data.registry` (registered when this module is
-imported) loads ``config.data.data_dir`` back into a :class:`~msdn_tf.data.base.ZSLData`,
+The ``custom`` entry of :mod:`msdn_tf.data.registry` (:func:`load_custom_dataset`) loads ``config.data.data_dir`` back into a :class:`~msdn_tf.data.base.ZSLData`,
 so training, evaluation, export and visualisation are the benchmark code paths.
 The input format is documented in ``docs/custom_data.md``.
 """
@@ -36,7 +35,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from msdn_tf.data.base import ZSLData
-from msdn_tf.data.registry import DATASETS, DatasetSpec, register_dataset, use_cache
+from msdn_tf.data.cache import use_cache
 from msdn_tf.errors import DataError, MSDNError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
@@ -522,11 +521,11 @@ def backbone_for_data_dir(data_dir, log: Callable[[str], None] = _stderr):
         return None, None, f"cannot rebuild the backbone ({exc})"
     probe = manifest.get("probe")
     if probe and os.path.isfile(probe["path"]):
-        from msdn_tf.extract import _load_image
+        from msdn_tf.extract import load_image
 
         import keras
 
-        x = keras.applications.resnet.preprocess_input(_load_image(probe["path"], size)[None])
+        x = keras.applications.resnet.preprocess_input(load_image(probe["path"], size)[None])
         got = np.asarray(keras.ops.convert_to_numpy(backbone(x, training=False)))[0]  # (h, w, F)
         from msdn_tf.data.hdf5 import HDF5Features
 
@@ -714,18 +713,3 @@ def load_custom_dataset(data_dir, config=None) -> ZSLData:
     if list(data.class_names) != list(manifest.get("class_names", data.class_names)):
         raise DataError(f"{path}: the class names differ from {folder / MANIFEST_FILE}; prepare the folder again")
     return use_cache(data, path, config) if config is not None else data
-
-
-def _load_custom(config, spec) -> ZSLData:
-    return load_custom_dataset(config.data.data_dir, config)
-
-
-SPEC = DatasetSpec(
-    name="custom",
-    description="your own attribute-annotated images, prepared by python -m msdn_tf.custom prepare",
-    loader=_load_custom,
-    required_files=(FEATURE_FILE, MANIFEST_FILE),
-)
-
-if "custom" not in DATASETS or getattr(DATASETS["custom"].loader, "__module__", None) == __name__:
-    register_dataset(SPEC, overwrite=True)

@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-import msdn_tf.data.custom as custom_data  # registers the "custom" dataset
+import msdn_tf.data.custom as custom_data
 from msdn_tf.errors import MSDNError
 
 

@@ -234,18 +234,18 @@ def load_image_features(image_path, backbone, image_size: int = 448):
     import keras
     import tensorflow as tf
 
-    from msdn_tf.extract import _call_backbone, _load_image
+    from msdn_tf.extract import call_backbone, load_image
 
     path = str(image_path)
     if not os.path.isfile(path):
         raise DataError(f"{path}: image not found")
     try:
-        image = _load_image(tf.constant(path), int(image_size))  # (S, S, 3) float 0..255
+        image = load_image(tf.constant(path), int(image_size))  # (S, S, 3) float 0..255
     except (tf.errors.OpError, ValueError) as exc:
         msg = getattr(exc, "message", str(exc)).strip().splitlines()[0]
         raise DataError(f"{path}: cannot read or decode the image ({msg})") from exc
     x = keras.applications.resnet.preprocess_input(image[None])  # (1, S, S, 3)
-    feats = np.asarray(keras.ops.convert_to_numpy(_call_backbone(backbone, x)), dtype=np.float32)
+    feats = np.asarray(keras.ops.convert_to_numpy(call_backbone(backbone, x)), dtype=np.float32)
     if feats.ndim != 4 or feats.shape[0] != 1:
         raise MSDNError(f"the backbone must return (1, h, w, channels) for one image, got {feats.shape}")
     return np.asarray(image.numpy().round(), dtype=np.uint8), feats
