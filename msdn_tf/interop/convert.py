@@ -249,7 +249,6 @@ def convert_state_dict(state: Mapping[str, np.ndarray], dataset: str, out_dir,
     if data_dir and not any(o.split("=", 1)[0].strip() == "data.data_dir" for o in overrides):
         config.data.data_dir = str(data_dir)  # set directly: a path need not be valid YAML
     spec = _dataset_spec(dataset)
-    expected = dict(spec.expected) if spec is not None else {}
 
     msdn, ignored, backbone = split_state_dict(state, source=name)
     original_dtypes = {k: str(np.asarray(v).dtype) for k, v in msdn.items()}
@@ -261,58 +260,15 @@ def convert_state_dict(state: Mapping[str, np.ndarray], dataset: str, out_dir,
     F = weights["W_1"].shape[1]
 
     # Sizes against the dataset table, then against the actual metadata files.
-    if "attributes" in expected or "classes" in expected:
-        _check_dataset_shapes(weights, name, expected.get("attributes"), expected.get("classes"),
-                              f"the dataset table's {dataset}")
-    seen, unseen = _classes_from_mask(weights["mask_bias"], name)
-    want = (expected.get("seen_classes", len(seen)), expected.get("unseen_classes", len(unseen)))
-    if want != (len(seen), len(unseen)):
-        raise DataError(f"{name}: 'mask_bias' marks {len(seen)} seen and {len(unseen)} unseen classes "
-                        f"but {dataset} has {want[0]} seen and {want[1]} unseen (is this a checkpoint "
-                        "of another dataset?)")
-
-    meta = None
-    metadata_report = {"data_dir": None}
-    if data_dir:
-        nonnegative = bool(spec.nonnegative_att) if spec is not None else False
-        meta = _load_metadata(str(data_dir), dataset, nonnegative)
-        _check_dataset_shapes(weights, name, meta["K"], meta["C"], meta["att_splits"])
-        metadata_report = {"data_dir": str(data_dir), "att_splits": meta["att_splits"],
-                           "image_list": meta["image_list"],
-                           "attribute_names_file": meta["attribute_names_file"]}
-        diff = float(np.max(np.abs(weights["att"].astype(np.float64) - meta["att"])))
-        metadata_report["att_max_abs_diff"] = diff
-        if diff > ATT_TOLERANCE:
-            warnings.append(f"'att' differs from the one recomputed from {meta['att_splits']} "
-                            f"(docs/reference.md §1.4) by up to {diff:.3g} (> {ATT_TOLERANCE:g}); the "
-                            "checkpoint's att is used")
-        if meta["seen"] is not None:
-            for what, mine, theirs, loc in (("seen", seen, meta["seen"], "trainval_loc"),
-                                            ("unseen", unseen, meta["unseen"], "test_unseen_loc")):
-                if mine != theirs:
-                    only_ckpt = sorted(set(mine) - set(theirs))
-                    only_meta = sorted(set(theirs) - set(mine))
-                    raise DataError(
-                        f"{name}: the {what} classes of 'mask_bias' ({len(mine)}) differ from those of "
-                        f"{meta['att_splits']} (labels of '{loc}', {len(theirs)}): only in the "
-                        f"checkpoint: [{_describe_classes(only_ckpt, meta['class_names'])}]; only in "
-                        f"the metadata: [{_describe_classes(only_meta, meta['class_names'])}]")
-            metadata_report["seen_unseen_match"] = True
-        else:
-            metadata_report["seen_unseen_match"] = None
-            warnings.append(f"no image list (image_list.npz or res101.mat) beside {meta['att_splits']}: "
-                            "the seen/unseen classes of 'mask_bias' were not checked against it")
-
+    seen, unseen = _check_against_table(weights, name, dataset, spec)
+    meta, metadata_report = _check_against_metadata(weights, name, dataset, spec, data_dir, seen, unseen,
+                                                    warnings)
     variant = _released_variant(source.get("file_name", name))
     if variant and spec is not None and variant["dataset"] != dataset:
         warnings.append(f"the file name says {variant['dataset']} but --dataset is {dataset}")
-    if config.model.bias != bias:
-        if any(o.split("=", 1)[0].strip() == "model.bias" for o in overrides):
-            warnings.append(f"--set model.bias={config.model.bias:g} ignored: the checkpoint's bias "
-                            f"{bias:g} is used")
-        config.model.bias = bias
+    _use_checkpoint_bias(config, bias, overrides, warnings)
 
-    from msdn_tf.backbones.torchvision_resnet import save_trunk_npz, trunk_from_checkpoint
+    from msdn_tf.backbones.torchvision_resnet import trunk_from_checkpoint
 
     trunk = trunk_from_checkpoint(backbone, name)
     if trunk is not None and trunk[0]["conv1.weight"].shape[0] * 32 != F:
@@ -323,21 +279,8 @@ def convert_state_dict(state: Mapping[str, np.ndarray], dataset: str, out_dir,
     _check_out_dir(out_dir, overwrite)
     model = _build_model(config, weights, K, D, F, C, seen, unseen)
     files = _write_run(out_dir, config, model, weights, meta)
-    stale_backbone = out_dir / BACKBONE_FILE
-    if trunk is not None:
-        save_trunk_npz(out_dir / BACKBONE_FILE, *trunk)
-        files.append(BACKBONE_FILE)
-    elif stale_backbone.exists():
-        stale_backbone.unlink()  # --overwrite: do not leave another checkpoint's backbone behind
+    files += _write_backbone(out_dir, trunk)
 
-    mapped = {}
-    for key in MSDN_KEY_MAP:
-        var = _model_variable(model, key)
-        mapped[key] = {"shape": list(np.shape(msdn[key])), "dtype": original_dtypes[key],
-                       "keras_weight": var.path, "keras_shape": list(var.shape),
-                       "role": MSDN_KEY_MAP[key][2]}
-    cast = {k: f"{d} -> float32" for k, d in original_dtypes.items() if d != "float32"}
-    prefixes = backbone_prefixes(backbone)
     report = {
         "source": source,
         "released_checkpoint": variant,
@@ -347,22 +290,10 @@ def convert_state_dict(state: Mapping[str, np.ndarray], dataset: str, out_dir,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "msdn_tf_version": _version(),
         "sizes": {"K": int(K), "D": int(D), "F": int(F), "C": int(C)},
-        "mapped_keys": mapped,
-        "cast_to_float32": cast,
+        "mapped_keys": _mapped_keys(model, msdn, original_dtypes),
+        "cast_to_float32": {k: f"{d} -> float32" for k, d in original_dtypes.items() if d != "float32"},
         "ignored_keys": {k: ignored[k] for k in ignored},
-        "backbone": {
-            "count": len(backbone),
-            "prefixes": prefixes,
-            "total_parameters": int(sum(int(np.size(v)) for v in backbone.values())),
-            "loaded": trunk is not None,
-            "stored": BACKBONE_FILE if trunk is not None else None,
-            "architecture": ({"blocks": list(trunk[1]), "width": trunk[2], "tensors": len(trunk[0])}
-                             if trunk is not None else None),
-            "note": (f"resnet101.* trunk stored as {BACKBONE_FILE} (torchvision keys); "
-                     "msdn_tf.export --with-images serves from it" if trunk is not None else
-                     "backbone tensors are reported, not loaded: no resnet101.* trunk" if backbone
-                     else "none found"),
-        },
+        "backbone": _backbone_report(backbone, trunk),
         "bias": bias,
         "mask_bias": {"seen_classes": seen, "unseen_classes": unseen,
                       "num_seen": len(seen), "num_unseen": len(unseen)},
@@ -377,6 +308,109 @@ def convert_state_dict(state: Mapping[str, np.ndarray], dataset: str, out_dir,
 
     write_json(out_dir / REPORT_FILE, report)
     return report
+
+
+def _check_against_table(weights: Mapping[str, np.ndarray], name: str, dataset: str, spec):
+    """The sizes of the weights against the dataset table; returns the (seen, unseen) classes of ``mask_bias``."""
+    expected = dict(spec.expected) if spec is not None else {}
+    if "attributes" in expected or "classes" in expected:
+        _check_dataset_shapes(weights, name, expected.get("attributes"), expected.get("classes"),
+                              f"the dataset table's {dataset}")
+    seen, unseen = _classes_from_mask(weights["mask_bias"], name)
+    want = (expected.get("seen_classes", len(seen)), expected.get("unseen_classes", len(unseen)))
+    if want != (len(seen), len(unseen)):
+        raise DataError(f"{name}: 'mask_bias' marks {len(seen)} seen and {len(unseen)} unseen classes "
+                        f"but {dataset} has {want[0]} seen and {want[1]} unseen (is this a checkpoint "
+                        "of another dataset?)")
+    return seen, unseen
+
+
+def _check_against_metadata(weights, name, dataset, spec, data_dir, seen, unseen, warnings: list):
+    """The weights against the metadata files in ``data_dir`` (when given): ``(meta or None, report)``.
+
+    Sizes and seen/unseen classes that differ are errors; an ``att`` that differs is a warning
+    appended to ``warnings``.
+    """
+    if not data_dir:
+        return None, {"data_dir": None}
+    nonnegative = bool(spec.nonnegative_att) if spec is not None else False
+    meta = _load_metadata(str(data_dir), dataset, nonnegative)
+    _check_dataset_shapes(weights, name, meta["K"], meta["C"], meta["att_splits"])
+    report = {"data_dir": str(data_dir), "att_splits": meta["att_splits"], "image_list": meta["image_list"],
+              "attribute_names_file": meta["attribute_names_file"]}
+    diff = float(np.max(np.abs(weights["att"].astype(np.float64) - meta["att"])))
+    report["att_max_abs_diff"] = diff
+    if diff > ATT_TOLERANCE:
+        warnings.append(f"'att' differs from the one recomputed from {meta['att_splits']} "
+                        f"(docs/reference.md §1.4) by up to {diff:.3g} (> {ATT_TOLERANCE:g}); the "
+                        "checkpoint's att is used")
+    if meta["seen"] is None:
+        report["seen_unseen_match"] = None
+        warnings.append(f"no image list (image_list.npz or res101.mat) beside {meta['att_splits']}: "
+                        "the seen/unseen classes of 'mask_bias' were not checked against it")
+        return meta, report
+    for what, mine, theirs, loc in (("seen", seen, meta["seen"], "trainval_loc"),
+                                    ("unseen", unseen, meta["unseen"], "test_unseen_loc")):
+        if mine != theirs:
+            only_ckpt = sorted(set(mine) - set(theirs))
+            only_meta = sorted(set(theirs) - set(mine))
+            raise DataError(
+                f"{name}: the {what} classes of 'mask_bias' ({len(mine)}) differ from those of "
+                f"{meta['att_splits']} (labels of '{loc}', {len(theirs)}): only in the "
+                f"checkpoint: [{_describe_classes(only_ckpt, meta['class_names'])}]; only in "
+                f"the metadata: [{_describe_classes(only_meta, meta['class_names'])}]")
+    report["seen_unseen_match"] = True
+    return meta, report
+
+
+def _use_checkpoint_bias(config, bias: float, overrides: Sequence[str], warnings: list) -> None:
+    """The checkpoint's margin ``bias`` wins over the config's (a ``--set model.bias`` gets a warning)."""
+    if config.model.bias != bias:
+        if any(o.split("=", 1)[0].strip() == "model.bias" for o in overrides):
+            warnings.append(f"--set model.bias={config.model.bias:g} ignored: the checkpoint's bias "
+                            f"{bias:g} is used")
+        config.model.bias = bias
+
+
+def _write_backbone(out_dir: Path, trunk) -> list:
+    """Store the checkpoint's ResNet trunk (or remove a stale one); returns the files written."""
+    from msdn_tf.backbones.torchvision_resnet import save_trunk_npz
+
+    stale_backbone = out_dir / BACKBONE_FILE
+    if trunk is not None:
+        save_trunk_npz(out_dir / BACKBONE_FILE, *trunk)
+        return [BACKBONE_FILE]
+    if stale_backbone.exists():
+        stale_backbone.unlink()  # --overwrite: do not leave another checkpoint's backbone behind
+    return []
+
+
+def _mapped_keys(model, msdn: Mapping[str, np.ndarray], original_dtypes: Mapping[str, str]) -> dict:
+    """Report rows: each reference key with its shape, dtype and the Keras weight it filled."""
+    mapped = {}
+    for key in MSDN_KEY_MAP:
+        var = _model_variable(model, key)
+        mapped[key] = {"shape": list(np.shape(msdn[key])), "dtype": original_dtypes[key],
+                       "keras_weight": var.path, "keras_shape": list(var.shape),
+                       "role": MSDN_KEY_MAP[key][2]}
+    return mapped
+
+
+def _backbone_report(backbone: Mapping[str, np.ndarray], trunk) -> dict:
+    """Report section on the checkpoint's backbone tensors and whether a trunk was stored."""
+    return {
+        "count": len(backbone),
+        "prefixes": backbone_prefixes(backbone),
+        "total_parameters": int(sum(int(np.size(v)) for v in backbone.values())),
+        "loaded": trunk is not None,
+        "stored": BACKBONE_FILE if trunk is not None else None,
+        "architecture": ({"blocks": list(trunk[1]), "width": trunk[2], "tensors": len(trunk[0])}
+                         if trunk is not None else None),
+        "note": (f"resnet101.* trunk stored as {BACKBONE_FILE} (torchvision keys); "
+                 "msdn_tf.export --with-images serves from it" if trunk is not None else
+                 "backbone tensors are reported, not loaded: no resnet101.* trunk" if backbone
+                 else "none found"),
+    }
 
 
 def _version() -> str:
