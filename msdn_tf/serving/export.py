@@ -390,35 +390,57 @@ def export_saved_model(model, out_base, *, version: int = 1, class_names: Sequen
         ...                    seen_classes=model.seen_classes, unseen_classes=model.unseen_classes,
         ...                    check=lambda d: verify_export(d, model, sample))  # doctest: +SKIP
     """
-    import keras
-    import tensorflow as tf
-
     seen, unseen = _check_inputs(model, class_names, seen_classes, unseen_classes, gamma, top_k, version,
                                  image_size, backbone)
     out_base = Path(out_base)
     final = out_base / str(int(version))
     if final.exists() and not overwrite:
         raise MSDNError(f"{final} already exists; choose another --version or pass --overwrite")
-    c = int(model.num_classes)
-    k = min(int(top_k), c)
-    f = int(model.feature_dim)
-    seen_mask = np.zeros((c,), np.float32)
-    seen_mask[seen] = 1.0
-    unseen_ids = np.asarray(unseen, np.int64)
+    k = min(int(top_k), int(model.num_classes))
     gamma = float(gamma)
     if backbone is not None:
-        _backbone_output_check(backbone, int(image_size), f)
-
-    def head(features, input_name="images"):  # serving_images passes the backbone's maps
-        features = guard_features(features, input_name)  # InvalidArgumentError: TF Serving INVALID_ARGUMENT
-        scores = keras.ops.cast(model(features, training=False)["logits"], "float32")  # (B, C), even if mixed
-        return fused_predictions(guard_scores(scores, input_name), seen_mask, unseen_ids, gamma, k)
-
+        _backbone_output_check(backbone, int(image_size), int(model.feature_dim))
     meta = build_metadata(model, class_names=class_names, seen_classes=seen, unseen_classes=unseen, gamma=gamma,
                           top_k=k, config=config, version=version,
                           image_size=None if backbone is None else int(image_size), backbone_id=backbone_id,
                           preprocessing=preprocessing)
     meta_text = json.dumps(meta, indent=2) + "\n"
+    archive = _build_archive(model, seen, unseen, gamma, k, meta_text, [str(n) for n in class_names],
+                             backbone=backbone, image_size=image_size, preprocessing=preprocessing)
+    tmp = _make_temporary_folder(out_base, version)
+    published = False
+    try:
+        _write_archive(archive, tmp, meta_text, out_base)
+        if check is not None:
+            _run_check(check, tmp, final)
+        try:
+            write_json(out_base / METADATA_FILE, meta)  # atomic; before the version appears
+            _publish(tmp, final, version, out_base)
+        except OSError as exc:
+            raise _write_error(exc, out_base) from exc
+        published = True
+    finally:
+        if not published and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(final)
+
+
+def _build_archive(model, seen, unseen, gamma: float, k: int, meta_text: str, names: Sequence[str], *,
+                   backbone=None, image_size: int = 448, preprocessing: str = "keras"):
+    """The ``keras.export.ExportArchive`` with every signature (see the module docstring)."""
+    import keras
+    import tensorflow as tf
+
+    c = int(model.num_classes)
+    f = int(model.feature_dim)
+    seen_mask = np.zeros((c,), np.float32)
+    seen_mask[seen] = 1.0
+    unseen_ids = np.asarray(unseen, np.int64)
+
+    def head(features, input_name="images"):  # serving_images passes the backbone's maps
+        features = guard_features(features, input_name)  # InvalidArgumentError: TF Serving INVALID_ARGUMENT
+        scores = keras.ops.cast(model(features, training=False)["logits"], "float32")  # (B, C), even if mixed
+        return fused_predictions(guard_scores(scores, input_name), seen_mask, unseen_ids, gamma, k)
 
     archive = keras.export.ExportArchive()
     archive.track(model)
@@ -437,50 +459,51 @@ def export_saved_model(model, out_base, *, version: int = 1, class_names: Sequen
 
         archive.add_endpoint(IMAGES_SIGNATURE, images_fn,
                              input_signature=[tf.TensorSpec((None,), tf.string, name="images")])
-    names = [str(n) for n in class_names]
+    names = list(names)
 
     def metadata_fn():
         return {"metadata_json": tf.constant(meta_text), "class_names": tf.constant(names)}
 
     archive.add_endpoint(METADATA_SIGNATURE, tf.function(metadata_fn, input_signature=[]))
+    return archive
 
+
+def _make_temporary_folder(out_base: Path, version: int) -> Path:
+    """``out_base/.tmp-<version>-<pid>-*``, after removing the ones a killed export left behind."""
     try:
         out_base.mkdir(parents=True, exist_ok=True)
         for line in remove_stale_temporaries(out_base):
             print(line, file=sys.stderr)
         # Not numeric: TF Serving only loads version folders named by an integer.
-        tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{int(version)}-{os.getpid()}-", dir=out_base))
+        return Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{int(version)}-{os.getpid()}-", dir=out_base))
     except OSError as exc:
         raise _write_error(exc, out_base) from exc
-    published = False
+
+
+def _write_archive(archive, tmp: Path, meta_text: str, out_base: Path) -> None:
+    """The SavedModel and its metadata asset into ``tmp`` (readable by a server running as another user)."""
+    import tensorflow as tf
+
     try:
-        try:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; a server running as another user must read it
-            archive.write_out(str(tmp), verbose=False)
-            (tmp / "assets").mkdir(exist_ok=True)
-            (tmp / "assets" / METADATA_FILE).write_text(meta_text)
-        except (OSError, tf.errors.OpError) as exc:
-            raise _write_error(exc, out_base) from exc
-        if check is not None:
-            report = check(tmp)
-            report["export_dir"] = str(final)
-            report["checked_as"] = str(tmp)
-            report["published"] = bool(report.get("ok"))
-            if not report["published"]:
-                raise ExportCheckFailed(report, f"{final} was not published: the export failed its check "
-                                                f"(checked as {tmp}, now removed)")
-        try:
-            write_json(out_base / METADATA_FILE, meta)  # atomic; before the version appears
-            _publish(tmp, final, version, out_base)
-        except OSError as exc:
-            raise _write_error(exc, out_base) from exc
-        published = True
-    finally:
-        if not published and tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return str(final)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; a server running as another user must read it
+        archive.write_out(str(tmp), verbose=False)
+        (tmp / "assets").mkdir(exist_ok=True)
+        (tmp / "assets" / METADATA_FILE).write_text(meta_text)
+    except (OSError, tf.errors.OpError) as exc:
+        raise _write_error(exc, out_base) from exc
+
+
+def _run_check(check, tmp: Path, final: Path) -> None:
+    """Run ``check`` on the unpublished folder; :class:`ExportCheckFailed` unless its report is ``ok``."""
+    report = check(tmp)
+    report["export_dir"] = str(final)
+    report["checked_as"] = str(tmp)
+    report["published"] = bool(report.get("ok"))
+    if not report["published"]:
+        raise ExportCheckFailed(report, f"{final} was not published: the export failed its check "
+                                        f"(checked as {tmp}, now removed)")
 
 
 # Temporary folders in the model base path: ``.tmp-<version>-<pid>-<random>`` while an export is
