@@ -91,7 +91,7 @@ def run_custom(data_dir, out, *, config_files=(), overrides=(), export_dir=None,
                "train": {k: results["final"][k] for k in ("step", "acc", "U", "S", "H")},
                "evaluate": {k: metrics[k] for k in ("protocol", "acc", "U", "S", "H")},
                "export_dir": None, "signatures": [], "timings": timings}
-    backbone = size = None
+    backbone = size = note = None
     need_backbone = (export and with_images) or visualize
     if need_backbone:
         t0 = time.time()
@@ -100,63 +100,77 @@ def run_custom(data_dir, out, *, config_files=(), overrides=(), export_dir=None,
             log(f"msdn-tf custom: no image signature/figure from image files: {note}")
         timings["backbone_s"] = round(time.time() - t0, 2)
     if export:
-        try:
-            from msdn_tf.serving import export as export_mod
-            from msdn_tf.serving import verify as verify_mod
-        except ImportError as exc:  # the export module is optional for training
-            log(f"msdn-tf custom: msdn_tf.serving.export is not available ({exc}); skipping the export")
-        else:
-            from msdn_tf.training.runs import load_run_model
-
-            t0 = time.time()
-            model = load_run_model(out)
-            base = Path(export_dir) if export_dir else out / "export"
-            version = _next_version(base)
-            use_images = backbone if with_images else None
-            check, reports = None, []
-            if verify_export:  # checked before it is published: a failed export never reaches TF Serving
-                sample = data.features.read(data.test_unseen_loc[:3])
-
-                def check(version_dir):
-                    reports.append(verify_mod.verify_export(version_dir, model, sample, backbone=use_images))
-                    return reports[-1]
-
-            try:
-                path = export_mod.export_saved_model(
-                    model, base, version=version, class_names=list(data.class_names),
-                    seen_classes=model.seen_classes, unseen_classes=model.unseen_classes, gamma=gamma, top_k=top_k,
-                    config=config, backbone=use_images, image_size=size or 448,
-                    backbone_id=None if use_images is None else note, check=check)
-            except export_mod.ExportCheckFailed as exc:
-                log(verify_mod.report_markdown(exc.report))
-                log(f"msdn-tf custom: {exc}")
-                summary["export_check_ok"] = False
-                path = None
-            if path is not None:
-                summary["export_dir"] = str(base)
-                summary["export_version_dir"] = path
-                summary["signatures"] = ["serving_default", "serving_maps", "metadata"] + (
-                    ["serving_images"] if use_images is not None else [])
-                log(f"msdn-tf custom: exported {path} (signatures {', '.join(summary['signatures'])})")
-            if reports and path is not None:
-                summary["export_check_ok"] = True
-                log(verify_mod.report_markdown(reports[-1]))
+        t0 = time.time()
+        if _export_run(out, data, config, summary, backbone if with_images else None, size, note,
+                       export_dir=export_dir, gamma=gamma, top_k=top_k, verify_export=verify_export, log=log):
             timings["export_s"] = round(time.time() - t0, 2)
     if visualize:
-        from msdn_tf.viz.run_figures import visualize_attention
-
         t0 = time.time()
-        fig = out / "attention_test_unseen_0.png"
-        if backbone is not None:
-            probe = custom_data.read_manifest(data_dir)["probe"]
-            visualize_attention(out, image=probe["path"], backbone=backbone, image_size=size, out=fig,
-                                true_class=probe.get("class"), log=log)
-        else:
-            visualize_attention(out, index=0, split="test_unseen", out=fig, log=log)
-        summary["attention_figure"] = str(fig)
+        summary["attention_figure"] = str(_attention_figure(out, data_dir, backbone, size, log))
         timings["visualize_s"] = round(time.time() - t0, 2)
     write_json(out / "custom_run.json", summary)
     return summary
+
+
+def _export_run(out: Path, data, config, summary: dict, use_images, size, note, *, export_dir, gamma: float,
+                top_k: int, verify_export: bool, log: Callable[[str], None]) -> bool:
+    """Export the run as a new version (checked first with ``verify_export``); fills ``summary``.
+
+    Returns False when the export modules cannot be imported here (the export is skipped).
+    """
+    try:
+        from msdn_tf.serving import export as export_mod
+        from msdn_tf.serving import verify as verify_mod
+    except ImportError as exc:  # the export module is optional for training
+        log(f"msdn-tf custom: msdn_tf.serving.export is not available ({exc}); skipping the export")
+        return False
+    from msdn_tf.training.runs import load_run_model
+
+    model = load_run_model(out)
+    base = Path(export_dir) if export_dir else out / "export"
+    version = _next_version(base)
+    check, reports = None, []
+    if verify_export:  # checked before it is published: a failed export never reaches TF Serving
+        sample = data.features.read(data.test_unseen_loc[:3])
+
+        def check(version_dir):
+            reports.append(verify_mod.verify_export(version_dir, model, sample, backbone=use_images))
+            return reports[-1]
+
+    try:
+        path = export_mod.export_saved_model(
+            model, base, version=version, class_names=list(data.class_names),
+            seen_classes=model.seen_classes, unseen_classes=model.unseen_classes, gamma=gamma, top_k=top_k,
+            config=config, backbone=use_images, image_size=size or 448,
+            backbone_id=None if use_images is None else note, check=check)
+    except export_mod.ExportCheckFailed as exc:
+        log(verify_mod.report_markdown(exc.report))
+        log(f"msdn-tf custom: {exc}")
+        summary["export_check_ok"] = False
+        return True
+    summary["export_dir"] = str(base)
+    summary["export_version_dir"] = path
+    summary["signatures"] = ["serving_default", "serving_maps", "metadata"] + (
+        ["serving_images"] if use_images is not None else [])
+    log(f"msdn-tf custom: exported {path} (signatures {', '.join(summary['signatures'])})")
+    if reports:
+        summary["export_check_ok"] = True
+        log(verify_mod.report_markdown(reports[-1]))
+    return True
+
+
+def _attention_figure(out: Path, data_dir, backbone, size, log: Callable[[str], None]) -> Path:
+    """The attention figure of the prepared probe image (or of test_unseen row 0 without a backbone)."""
+    from msdn_tf.viz.run_figures import visualize_attention
+
+    fig = out / "attention_test_unseen_0.png"
+    if backbone is not None:
+        probe = custom_data.read_manifest(data_dir)["probe"]
+        visualize_attention(out, image=probe["path"], backbone=backbone, image_size=size, out=fig,
+                            true_class=probe.get("class"), log=log)
+    else:
+        visualize_attention(out, index=0, split="test_unseen", out=fig, log=log)
+    return fig
 
 
 # ---------------------------------------------------------------------------------------------

@@ -147,44 +147,15 @@ def verify_export(export_dir, model, sample_features, *, sample_images=None, bac
         ``checks`` (one row per signature and output, and ``refuses a NaN input``),
         ``saved_model_cli``, ``errors``.
     """
-    import keras
-
     from msdn_tf.serving import cc_loader
 
     export_dir = Path(export_dir)
     meta = read_metadata(export_dir / "assets" / METADATA_FILE)
     report = {"export_dir": str(export_dir), "ok": True, "loader": "c++", "signatures": {}, "checks": [],
               "errors": []}
-    x = np.asarray(sample_features, np.float32)
-    if x.ndim == 4:
-        maps, regions = x, x.reshape(x.shape[0], -1, x.shape[-1])
-    elif x.ndim == 3:
-        side = int(round(np.sqrt(x.shape[1])))
-        regions, maps = x, (x.reshape(x.shape[0], side, side, x.shape[-1]) if side * side == x.shape[1] else None)
-    else:
-        raise MSDNError(f"sample_features must be (B, R, F) or (B, H, W, F), got shape {x.shape}")
-
-    def run_python(sig, inputs):
-        import tensorflow as tf
-
-        fn = loaded.signatures[sig]
-        feeds = {k: tf.constant(v) if not isinstance(v, list) else tf.constant(v, tf.string) for k, v in inputs.items()}
-        return {k: np.asarray(v) for k, v in fn(**feeds).items()}
-
-    loaded = None
+    regions, maps = _regions_and_maps(sample_features)
     try:
-        binary = binary or cc_loader.compile_loader()
-        info = cc_loader.inspect_saved_model(export_dir, binary=binary)
-        report["signatures"] = info["signatures"]
-        run = lambda sig, inputs: cc_loader.run_signature(export_dir, sig, inputs, binary=binary)  # noqa: E731
-    except cc_loader.CcLoaderUnavailable as exc:
-        import tensorflow as tf
-
-        report["loader"] = f"python (C++ loader unavailable: {exc})"
-        loaded = tf.saved_model.load(str(export_dir), tags=["serve"])
-        report["signatures"] = {k: {"inputs": sorted(v.structured_input_signature[1]),
-                                    "outputs": sorted(v.structured_outputs)} for k, v in loaded.signatures.items()}
-        run = run_python
+        run = _signature_runner(export_dir, binary, report)
     except cc_loader.CcLoaderError as exc:
         report.update(ok=False)
         report["errors"].append(str(exc))
@@ -198,14 +169,7 @@ def verify_export(export_dir, model, sample_features, *, sample_images=None, bac
             report["errors"].append(f"{IMAGES_SIGNATURE} not checked: no backbone given")
             report["ok"] = False
         else:
-            import tensorflow as tf
-
-            images = list(sample_images) if sample_images is not None else synthetic_images()
-            size = int(meta["images"]["image_size"])
-            pre = preprocess_image_batch(tf.constant(images, tf.string), size,
-                                         meta["images"].get("preprocessing_kind", "keras"))
-            feats = backbone(pre, training=False) if isinstance(backbone, keras.layers.Layer) else backbone(pre)
-            cases.append((IMAGES_SIGNATURE, {"images": images}, feats))
+            cases.append(_images_case(backbone, sample_images, meta))
     for sig, inputs, model_input in cases:
         try:
             got = run(sig, inputs)
@@ -217,6 +181,74 @@ def verify_export(export_dir, model, sample_features, *, sample_images=None, bac
         tol = rtol * max(1.0, float(np.max(np.abs(want["scores"]))) if want["scores"].size else 1.0)
         report["checks"].extend(_compare(sig, want, got, tol))
     report["checks"].append(_check_refuses_nan(run, regions))
+    _check_metadata_signature(run, meta, report)
+    if saved_model_cli:
+        report["saved_model_cli"] = run_saved_model_cli(export_dir)
+        if not report["saved_model_cli"]["ok"] and "skipped" not in report["saved_model_cli"]:
+            report["errors"].append("saved_model_cli show --all failed")
+    report["ok"] = report["ok"] and not report["errors"] and all(c["ok"] for c in report["checks"])
+    return report
+
+
+def _regions_and_maps(sample_features):
+    """``(regions (B, R, F), maps (B, H, W, F) or None)`` from either layout (maps only when R is a square)."""
+    x = np.asarray(sample_features, np.float32)
+    if x.ndim == 4:
+        return x.reshape(x.shape[0], -1, x.shape[-1]), x
+    if x.ndim == 3:
+        side = int(round(np.sqrt(x.shape[1])))
+        return x, (x.reshape(x.shape[0], side, side, x.shape[-1]) if side * side == x.shape[1] else None)
+    raise MSDNError(f"sample_features must be (B, R, F) or (B, H, W, F), got shape {x.shape}")
+
+
+def _signature_runner(export_dir: Path, binary: Optional[str], report: dict):
+    """``run(signature, inputs) -> outputs`` through the C++ loader, or TF's Python loader when the
+    C++ one cannot be built here; fills ``report["signatures"]`` (and ``loader`` on the fallback).
+
+    Raises:
+        cc_loader.CcLoaderError: the C++ loader refused the export.
+    """
+    from msdn_tf.serving import cc_loader
+
+    try:
+        binary = binary or cc_loader.compile_loader()
+        info = cc_loader.inspect_saved_model(export_dir, binary=binary)
+        report["signatures"] = info["signatures"]
+        return lambda sig, inputs: cc_loader.run_signature(export_dir, sig, inputs, binary=binary)
+    except cc_loader.CcLoaderUnavailable as exc:
+        import tensorflow as tf
+
+        report["loader"] = f"python (C++ loader unavailable: {exc})"
+        loaded = tf.saved_model.load(str(export_dir), tags=["serve"])
+        report["signatures"] = {k: {"inputs": sorted(v.structured_input_signature[1]),
+                                    "outputs": sorted(v.structured_outputs)} for k, v in loaded.signatures.items()}
+
+        def run_python(sig, inputs):
+            fn = loaded.signatures[sig]
+            feeds = {k: tf.constant(v) if not isinstance(v, list) else tf.constant(v, tf.string)
+                     for k, v in inputs.items()}
+            return {k: np.asarray(v) for k, v in fn(**feeds).items()}
+
+        return run_python
+
+
+def _images_case(backbone, sample_images, meta: dict):
+    """``(signature, inputs, model input)`` for ``serving_images``: the backbone's maps of the images."""
+    import keras
+    import tensorflow as tf
+
+    images = list(sample_images) if sample_images is not None else synthetic_images()
+    size = int(meta["images"]["image_size"])
+    pre = preprocess_image_batch(tf.constant(images, tf.string), size,
+                                 meta["images"].get("preprocessing_kind", "keras"))
+    feats = backbone(pre, training=False) if isinstance(backbone, keras.layers.Layer) else backbone(pre)
+    return IMAGES_SIGNATURE, {"images": images}, feats
+
+
+def _check_metadata_signature(run, meta: dict, report: dict) -> None:
+    """The ``metadata`` signature must return the export's class names and metadata JSON."""
+    from msdn_tf.serving import cc_loader
+
     try:
         got = run(METADATA_SIGNATURE, {})
         names = [b.decode("utf-8") for b in np.asarray(got["class_names"]).reshape(-1)]
@@ -225,12 +257,6 @@ def verify_export(export_dir, model, sample_features, *, sample_images=None, bac
         report["checks"].append({"signature": METADATA_SIGNATURE, "output": "class_names+metadata_json", "ok": ok})
     except (cc_loader.CcLoaderError, KeyError, ValueError) as exc:
         report["errors"].append(f"{METADATA_SIGNATURE}: {exc}")
-    if saved_model_cli:
-        report["saved_model_cli"] = run_saved_model_cli(export_dir)
-        if not report["saved_model_cli"]["ok"] and "skipped" not in report["saved_model_cli"]:
-            report["errors"].append("saved_model_cli show --all failed")
-    report["ok"] = report["ok"] and not report["errors"] and all(c["ok"] for c in report["checks"])
-    return report
 
 
 def report_markdown(report: dict) -> str:
