@@ -132,21 +132,10 @@ def evaluate_run(run_dir, gamma: float = 0.0, data_dir=None, calibration_curve: 
     Returns:
         The content of ``metrics.json``.
     """
-    from msdn_tf.data.registry import load_dataset
     from msdn_tf.evaluation.predict import evaluate_model
-    from msdn_tf.training.runs import load_run
 
     run_dir = Path(run_dir)
-    config, model = load_run(run_dir)
-    if data_dir:
-        config.data.data_dir = str(data_dir)
-    data = data if data is not None else load_dataset(config)
-    if (list(model.seen_classes) != data.seen_classes.tolist()
-            or list(model.unseen_classes) != data.unseen_classes.tolist()):
-        raise MSDNError(
-            f"{run_dir / 'model.keras'}: the model's seen/unseen classes ({len(model.seen_classes)}/"
-            f"{len(model.unseen_classes)}) differ from those of the dataset {data.source} "
-            f"({len(data.seen_classes)}/{len(data.unseen_classes)}); wrong --data-dir?")
+    config, model, data = _load_run_and_data(run_dir, data_dir, data)
     protocol = run_protocol_name(run_dir)
     log(f"msdn-tf evaluate: {run_dir} ({config.data.dataset}, protocol {protocol}, gamma {gamma:g})")
     # Progress while predicting: a bar on a terminal, one line per split otherwise.
@@ -177,25 +166,61 @@ def evaluate_run(run_dir, gamma: float = 0.0, data_dir=None, calibration_curve: 
                          logits["labels_unseen"], data.seen_classes, data.unseen_classes, gamma=0.0)
         metrics["gamma_0"] = m0
     if protocol == "validation":
-        choice = json.loads((run_dir / PROTOCOL_RESULT).read_text()).get("selection", {})
-        metrics["validation_choice"] = choice
-        if "gamma" in choice and abs(choice["gamma"] - gamma) > 1e-12:
-            log(f"msdn-tf evaluate: note: the validation protocol chose gamma {choice['gamma']:.6g}; "
-                f"this evaluation uses --gamma {gamma:g}")
+        metrics["validation_choice"] = _validation_choice(run_dir, gamma, log)
     reference = _reference_from_results(run_dir) if protocol == "final" else {}
     if reference:
         metrics["reference"] = reference
     if calibration_curve:
-        from msdn_tf.evaluation.calibration import plot_curve, seen_unseen_curve
+        metrics["calibration_curve"] = _calibration_curve(logits, data, metrics, gamma,
+                                                          out_dir / "curve.png",
+                                                          f"{config.data.dataset}: {run_dir.name}")
+    _write_reports(out_dir, metrics, rows, calibration_curve, log)
+    return metrics
 
-        curve = seen_unseen_curve(logits["seen"]["logits"], logits["labels_seen"], logits["unseen"]["logits"],
-                                  logits["labels_unseen"], data.seen_classes, data.unseen_classes,
-                                  max_points=2000)
-        curve["best"]["note"] = "best H over gamma on the TEST split: an oracle, optimistic"
-        metrics["calibration_curve"] = curve
-        plot_curve(curve, out_dir / "curve.png", title=f"{config.data.dataset}: {run_dir.name}",
-                   marks=[(f"gamma = {gamma:g}", metrics["S"], metrics["U"]),
-                          ("best H on test (oracle)", curve["best"]["S"], curve["best"]["U"])])
+
+def _load_run_and_data(run_dir: Path, data_dir, data):
+    """``(config, model, data)`` of a run; the dataset must have the model's seen/unseen classes."""
+    from msdn_tf.data.registry import load_dataset
+    from msdn_tf.training.runs import load_run
+
+    config, model = load_run(run_dir)
+    if data_dir:
+        config.data.data_dir = str(data_dir)
+    data = data if data is not None else load_dataset(config)
+    if (list(model.seen_classes) != data.seen_classes.tolist()
+            or list(model.unseen_classes) != data.unseen_classes.tolist()):
+        raise MSDNError(
+            f"{run_dir / 'model.keras'}: the model's seen/unseen classes ({len(model.seen_classes)}/"
+            f"{len(model.unseen_classes)}) differ from those of the dataset {data.source} "
+            f"({len(data.seen_classes)}/{len(data.unseen_classes)}); wrong --data-dir?")
+    return config, model, data
+
+
+def _validation_choice(run_dir: Path, gamma: float, log) -> dict:
+    """What the validation protocol chose (``protocol_result.json``); notes a different ``gamma``."""
+    choice = json.loads((run_dir / PROTOCOL_RESULT).read_text()).get("selection", {})
+    if "gamma" in choice and abs(choice["gamma"] - gamma) > 1e-12:
+        log(f"msdn-tf evaluate: note: the validation protocol chose gamma {choice['gamma']:.6g}; "
+            f"this evaluation uses --gamma {gamma:g}")
+    return choice
+
+
+def _calibration_curve(logits: dict, data, metrics: dict, gamma: float, path: Path, title: str) -> dict:
+    """The seen-unseen curve over gamma on the test split (an oracle) and its figure at ``path``."""
+    from msdn_tf.evaluation.calibration import plot_curve, seen_unseen_curve
+
+    curve = seen_unseen_curve(logits["seen"]["logits"], logits["labels_seen"], logits["unseen"]["logits"],
+                              logits["labels_unseen"], data.seen_classes, data.unseen_classes,
+                              max_points=2000)
+    curve["best"]["note"] = "best H over gamma on the TEST split: an oracle, optimistic"
+    plot_curve(curve, path, title=title,
+               marks=[(f"gamma = {gamma:g}", metrics["S"], metrics["U"]),
+                      ("best H on test (oracle)", curve["best"]["S"], curve["best"]["U"])])
+    return curve
+
+
+def _write_reports(out_dir: Path, metrics: dict, rows: list, calibration_curve: bool, log) -> None:
+    """``metrics.json``, ``per_class.csv`` and ``report.md`` (also logged)."""
     write_json(out_dir / "metrics.json", metrics)
     atomic_write_text(out_dir / "per_class.csv", per_class_csv(rows))
     report = render_report(metrics)
@@ -203,7 +228,6 @@ def evaluate_run(run_dir, gamma: float = 0.0, data_dir=None, calibration_curve: 
     log(report)
     log(f"msdn-tf evaluate: wrote {out_dir}/metrics.json, per_class.csv, report.md"
         + (", curve.png" if calibration_curve else ""))
-    return metrics
 
 
 def _reference_from_results(run_dir) -> dict:
