@@ -78,7 +78,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from msdn_tf.errors import MSDNError
-from msdn_tf.serving.export import METADATA_FILE, ExportCheckFailed, class_names_for_run, export_saved_model
+from msdn_tf.serving.export import (METADATA_FILE, ExportCheckFailed, backbone_for_images, class_names_for_run,
+                                    export_saved_model)
 from msdn_tf.serving.verify import report_markdown, verify_export
 
 
@@ -135,31 +136,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         backbone = backbone_id = None
         preprocessing = "keras"
         if args.with_images:
-            run_backbone = Path(args.run) / "backbone_resnet101.npz"
-            kind = args.backbone
-            if kind == "auto":
-                kind = "torchvision_resnet101" if (run_backbone.exists() or (
-                    args.backbone_weights or "").lower().endswith((".pth", ".pt", ".npz"))) else "keras_resnet101"
-            if kind == "torchvision_resnet101":
-                from msdn_tf.backbones.torchvision_resnet import load_backbone_file
-
-                weights = args.backbone_weights or str(run_backbone)
-                if not os.path.isfile(weights):
-                    raise MSDNError(f"--backbone torchvision_resnet101: {weights} not found (convert a released "
-                                    "checkpoint with msdn_tf.convert, or pass --backbone-weights resnet101.pth)")
-                backbone, info = load_backbone_file(weights, blocks=None, image_size=args.image_size)
-                backbone_id = (f"torchvision-layout ResNet (blocks {info['blocks']}, width {info['width']}) from "
-                               f"{os.path.basename(weights)}")
-                preprocessing = "torchvision"
-            else:
-                if model.feature_dim != 2048:
-                    raise MSDNError(f"--with-images builds a ResNet-101 backbone (2048 channels) but the model "
-                                    f"takes {model.feature_dim}-channel features")
-                from msdn_tf.extract import build_backbone
-
-                weights = args.backbone_weights or "imagenet"
-                backbone = build_backbone(weights, args.image_size)
-                backbone_id = f"keras.applications.ResNet101(include_top=False, weights={weights})"
+            backbone, backbone_id, preprocessing = backbone_for_images(
+                args.run, model.feature_dim, kind=args.backbone, weights=args.backbone_weights,
+                image_size=args.image_size)
         check, reports = None, []
         if not args.no_verify:
             rng = np.random.default_rng(0)

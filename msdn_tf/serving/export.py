@@ -643,3 +643,41 @@ def class_names_for_run(run_dir, config) -> list:
                         f"{meta_path}") from exc
 
 
+def backbone_for_images(run_dir, feature_dim: int, *, kind: str = "auto", weights: Optional[str] = None,
+                        image_size: int = 448):
+    """The backbone of ``serving_images``: ``(backbone, backbone_id, preprocessing kind)``.
+
+    Args:
+        run_dir: the run directory (its ``backbone_resnet101.npz``, written by
+            ``python -m msdn_tf.convert``, is the default torchvision backbone).
+        feature_dim: F of the model: the backbone must give F channels.
+        kind: ``auto`` (torchvision_resnet101 when the run holds ``backbone_resnet101.npz`` or
+            ``weights`` is a .pth/.pt/.npz file, else keras_resnet101), ``torchvision_resnet101``
+            or ``keras_resnet101``.
+        weights: torchvision: a .pth/.npz (default: the run's npz); keras: ``imagenet``
+            (default), a local .h5 file or ``none``.
+        image_size: the square input size.
+    """
+    run_backbone = Path(run_dir) / "backbone_resnet101.npz"
+    if kind == "auto":
+        kind = "torchvision_resnet101" if (run_backbone.exists() or (
+            weights or "").lower().endswith((".pth", ".pt", ".npz"))) else "keras_resnet101"
+    if kind == "torchvision_resnet101":
+        from msdn_tf.backbones.torchvision_resnet import load_backbone_file
+
+        weights = weights or str(run_backbone)
+        if not os.path.isfile(weights):
+            raise MSDNError(f"--backbone torchvision_resnet101: {weights} not found (convert a released "
+                            "checkpoint with msdn_tf.convert, or pass --backbone-weights resnet101.pth)")
+        backbone, info = load_backbone_file(weights, blocks=None, image_size=image_size)
+        backbone_id = (f"torchvision-layout ResNet (blocks {info['blocks']}, width {info['width']}) from "
+                       f"{os.path.basename(weights)}")
+        return backbone, backbone_id, "torchvision"
+    if feature_dim != 2048:
+        raise MSDNError(f"--with-images builds a ResNet-101 backbone (2048 channels) but the model "
+                        f"takes {feature_dim}-channel features")
+    from msdn_tf.extract import build_backbone
+
+    weights = weights or "imagenet"
+    backbone = build_backbone(weights, image_size)
+    return backbone, f"keras.applications.ResNet101(include_top=False, weights={weights})", "keras"
