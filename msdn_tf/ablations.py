@@ -25,7 +25,7 @@ from typing import Callable, Optional, Sequence
 
 from msdn_tf.config import CONFIG_DIR, load_yaml, merge, validate
 from msdn_tf.errors import ConfigError, cli_main
-from msdn_tf.evaluate import PROTOCOL_NOTES, pct
+from msdn_tf.evaluation.report import PROTOCOL_NOTES, pct
 from msdn_tf.protocols import METRICS, _reference_and_final, aggregate, default_train_fn, mean_std
 from msdn_tf.utils import atomic_write_text, markdown_table, write_json
 

@@ -1,4 +1,4 @@
-"""Train and serve MSDN on your own attribute-annotated images: ``python -m msdn_tf.custom``.
+"""Command: train and serve MSDN on your own attribute-annotated images: ``python -m msdn_tf.custom``.
 
 Three commands (format and walkthrough: ``docs/custom_data.md``)::
 
@@ -15,9 +15,10 @@ Three commands (format and walkthrough: ``docs/custom_data.md``)::
     #    gRPC test double of TF Serving
     python -m msdn_tf.custom example --out DIR
 
-``prepare`` is :func:`msdn_tf.data.custom.prepare_dataset`; ``run`` uses the benchmark
-code (:func:`msdn_tf.train.run_training`, :func:`msdn_tf.evaluate.evaluate_run`,
-:func:`msdn_tf.export.export_saved_model`) on the ``custom`` entry of the dataset table.
+The library is :mod:`msdn_tf.experiments.custom_workflow`. ``prepare`` is
+:func:`msdn_tf.data.custom.prepare_dataset`; ``run`` uses the benchmark
+code (:func:`msdn_tf.train.run_training`, :func:`msdn_tf.evaluation.report.evaluate_run`,
+:func:`msdn_tf.serving.export.export_saved_model`) on the ``custom`` entry of the dataset table.
 """
 
 from __future__ import annotations
@@ -25,17 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import struct
 import sys
-import time
-import zlib
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
-import numpy as np
-
-import msdn_tf.data.custom as custom_data  # registers the "custom" dataset
+import msdn_tf.data.custom as custom_data
 from msdn_tf.errors import MSDNError, cli_main
+from msdn_tf.experiments.custom_workflow import EXAMPLE_OVERRIDES, log_stderr, run_custom, run_example
 
 # prepare options that may also come from a dataset.yaml (--spec); path-valued ones are
 # resolved relative to the YAML file's folder.
@@ -46,14 +43,6 @@ SPEC_KEYS = {"images": True, "csv": True, "images_root": True, "attributes": Tru
 EXCLUSIVE = (("images", "csv"), ("unseen", "unseen_fraction"), ("attribute_vectors", "word_vectors"))
 PREPARE_DEFAULTS = {"seed": 0, "test_seen_fraction": 0.2, "val_fraction": 0.0, "weights": "imagenet",
                     "image_size": 448, "batch_size": 16, "allow_missing_words": False, "allow_zero_vectors": False}
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# prepare
 
 
 def prepare_options(args) -> dict:
@@ -95,133 +84,6 @@ def cmd_prepare(args) -> int:
     return 0
 
 
-# ---------------------------------------------------------------------------------------------
-# run = train + evaluate + export (+ attention figure)
-
-
-def _next_version(base: Path) -> int:
-    versions = [int(p.name) for p in base.iterdir() if p.name.isdigit()] if base.is_dir() else []
-    return max(versions, default=0) + 1
-
-
-def run_custom(data_dir, out, *, config_files=(), overrides=(), export_dir=None, export: bool = True,
-               with_images: bool = True, gamma: float = 0.0, top_k: int = 5, verify_export: bool = False,
-               visualize: bool = False, resume: bool = False, log: Callable[[str], None] = print) -> dict:
-    """Train, evaluate and export MSDN on a prepared folder (the ``custom`` dataset).
-
-    Args:
-        data_dir: a folder written by ``prepare``.
-        out: the run directory.
-        config_files, overrides: extra YAML files and ``section.key=value`` strings applied
-            after ``configs/custom.yaml``.
-        export_dir: TF Serving model base path (default ``out/export``); a new version
-            folder is added (1, 2, ...).
-        export: export at all (needs :mod:`msdn_tf.export`).
-        with_images: add the ``serving_images`` signature when the backbone of the prepared
-            features can be rebuilt here (``--weights none`` or a weights file, or ImageNet
-            weights with network).
-        gamma, top_k: baked into the export (calibrated stacking, top-k outputs).
-        verify_export: check the export with TF's C++ loader against the Keras model
-            before it is published (slow); a failed check publishes nothing and sets
-            ``export_check_ok`` False (``run`` then exits 1).
-        visualize: write an attention figure of one unseen test image.
-        resume: continue a run interrupted during training.
-
-    Returns:
-        ``{"run_dir", "train": final figures, "evaluate": metrics, "export_dir", "signatures", ...}``.
-    """
-    from msdn_tf.config import resolve_config
-    from msdn_tf.data.registry import load_dataset
-    from msdn_tf.evaluate import evaluate_run
-    from msdn_tf.train import run_training
-    from msdn_tf.utils import write_json
-
-    data_dir = os.path.abspath(data_dir)
-    out = Path(out)
-    config = resolve_config("custom", list(config_files), [f"data.data_dir={data_dir}", *overrides])
-    data = load_dataset(config)
-    timings = {}
-    t0 = time.time()
-    results = run_training(config, run_dir=out, resume=resume, data=data, log=log)
-    timings["train_s"] = round(time.time() - t0, 2)
-    write_json(out / "metadata.json", {"class_names": list(data.class_names),
-                                       "attribute_names": list(data.attribute_names),
-                                       "unseen_classes": [data.class_names[i] for i in data.unseen_classes],
-                                       "data_dir": data_dir})
-    t0 = time.time()
-    metrics = evaluate_run(out, data=data, gamma=gamma, log=log)
-    timings["evaluate_s"] = round(time.time() - t0, 2)
-    summary = {"run_dir": str(out), "data_dir": data_dir,
-               "train": {k: results["final"][k] for k in ("step", "acc", "U", "S", "H")},
-               "evaluate": {k: metrics[k] for k in ("protocol", "acc", "U", "S", "H")},
-               "export_dir": None, "signatures": [], "timings": timings}
-    backbone = size = None
-    need_backbone = (export and with_images) or visualize
-    if need_backbone:
-        t0 = time.time()
-        backbone, size, note = custom_data.backbone_for_data_dir(data_dir, log=log)
-        if backbone is None:
-            log(f"msdn-tf custom: no image signature/figure from image files: {note}")
-        timings["backbone_s"] = round(time.time() - t0, 2)
-    if export:
-        try:
-            from msdn_tf import export as export_mod
-        except ImportError as exc:  # the export module is optional for training
-            log(f"msdn-tf custom: msdn_tf.export is not available ({exc}); skipping the export")
-        else:
-            from msdn_tf.runs import load_run_model
-
-            t0 = time.time()
-            model = load_run_model(out)
-            base = Path(export_dir) if export_dir else out / "export"
-            version = _next_version(base)
-            use_images = backbone if with_images else None
-            check, reports = None, []
-            if verify_export:  # checked before it is published: a failed export never reaches TF Serving
-                sample = data.features.read(data.test_unseen_loc[:3])
-
-                def check(version_dir):
-                    reports.append(export_mod.verify_export(version_dir, model, sample, backbone=use_images))
-                    return reports[-1]
-
-            try:
-                path = export_mod.export_saved_model(
-                    model, base, version=version, class_names=list(data.class_names),
-                    seen_classes=model.seen_classes, unseen_classes=model.unseen_classes, gamma=gamma, top_k=top_k,
-                    config=config, backbone=use_images, image_size=size or 448,
-                    backbone_id=None if use_images is None else note, check=check)
-            except export_mod.ExportCheckFailed as exc:
-                log(export_mod.report_markdown(exc.report))
-                log(f"msdn-tf custom: {exc}")
-                summary["export_check_ok"] = False
-                path = None
-            if path is not None:
-                summary["export_dir"] = str(base)
-                summary["export_version_dir"] = path
-                summary["signatures"] = ["serving_default", "serving_maps", "metadata"] + (
-                    ["serving_images"] if use_images is not None else [])
-                log(f"msdn-tf custom: exported {path} (signatures {', '.join(summary['signatures'])})")
-            if reports and path is not None:
-                summary["export_check_ok"] = True
-                log(export_mod.report_markdown(reports[-1]))
-            timings["export_s"] = round(time.time() - t0, 2)
-    if visualize:
-        from msdn_tf.visualize import visualize_attention
-
-        t0 = time.time()
-        fig = out / "attention_test_unseen_0.png"
-        if backbone is not None:
-            probe = custom_data.read_manifest(data_dir)["probe"]
-            visualize_attention(out, image=probe["path"], backbone=backbone, image_size=size, out=fig,
-                                true_class=probe.get("class"), log=log)
-        else:
-            visualize_attention(out, index=0, split="test_unseen", out=fig, log=log)
-        summary["attention_figure"] = str(fig)
-        timings["visualize_s"] = round(time.time() - t0, 2)
-    write_json(out / "custom_run.json", summary)
-    return summary
-
-
 def cmd_run(args) -> int:
     overrides = list(args.set)
     if args.seed is not None:
@@ -231,196 +93,9 @@ def cmd_run(args) -> int:
     summary = run_custom(args.data_dir, args.out, config_files=args.config, overrides=overrides,
                          export_dir=args.export_dir, export=not args.no_export, with_images=not args.no_images,
                          gamma=args.gamma, top_k=args.top_k, verify_export=args.verify_export,
-                         visualize=args.visualize, resume=args.resume, log=_log)
+                         visualize=args.visualize, resume=args.resume, log=log_stderr)
     print(json.dumps(summary))
     return 1 if summary.get("export_check_ok") is False else 0
-
-
-# ---------------------------------------------------------------------------------------------
-# example: generated coloured shapes
-
-COLOURS = {"red": (215, 35, 35), "green": (35, 165, 55), "blue": (40, 70, 215)}
-SHAPES = ("circle", "square", "triangle")
-TEXTURES = ("solid", "striped", "dotted")
-
-
-def _png(pixels: np.ndarray) -> bytes:
-    """Encode ``(H, W, 3)`` uint8 as PNG (no dependency beyond zlib)."""
-    h, w, _ = pixels.shape
-    raw = b"".join(b"\x00" + pixels[y].tobytes() for y in range(h))
-
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
-
-
-def draw_shape(colour: str, shape: str, texture: str, size: int, rng: np.random.Generator) -> np.ndarray:
-    """One ``(size, size, 3)`` uint8 image: a textured shape on a noisy light background."""
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    r = rng.uniform(0.24, 0.36) * size
-    cy, cx = rng.uniform(r + 2, size - r - 2, size=2)
-    if shape == "circle":
-        mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= r ** 2
-    elif shape == "square":
-        mask = (np.abs(yy - cy) <= r * 0.85) & (np.abs(xx - cx) <= r * 0.85)
-    else:  # upward triangle
-        top, bottom = cy - r, cy + r * 0.8
-        half = (yy - top) / (bottom - top) * r
-        mask = (yy >= top) & (yy <= bottom) & (np.abs(xx - cx) <= half)
-    period = max(4, size // 10)
-    if texture == "solid":
-        ink = mask
-    elif texture == "striped":
-        phase = rng.integers(0, period)
-        ink = mask & (((xx + yy + phase) // (period / 2)) % 2 == 0)
-    else:  # dotted
-        oy, ox = rng.integers(0, period, size=2)
-        dots = ((yy + oy) % period - period / 2) ** 2 + ((xx + ox) % period - period / 2) ** 2 <= (period / 3.2) ** 2
-        ink = mask & dots
-    img = rng.uniform(205, 245) + rng.normal(0, 6, (size, size, 3))
-    img[mask] = 250  # paper colour under the texture
-    col = np.asarray(COLOURS[colour], np.float32) + rng.normal(0, 12, 3)
-    img[ink] = col + rng.normal(0, 5, (int(ink.sum()), 3))
-    return np.clip(img, 0, 255).astype(np.uint8)
-
-
-def make_shapes_dataset(folder, *, num_classes: int = 15, num_unseen: int = 4, images_per_class: int = 12,
-                        size: int = 64, seed: int = 0, vector_dim: int = 50) -> dict:
-    """Write a small attribute-annotated image set in the ``prepare`` input format.
-
-    ``folder/images/<colour>_<texture>_<shape>/*.png``, ``attributes.csv`` (9 binary
-    attributes ``has_color::red`` ... ``has_texture::dotted``), ``unseen.txt`` and
-    ``wordvectors.txt``: MADE-UP word vectors (random Gaussian, word2vec text format with
-    its header) for the attribute words, plus a few unused filler words. Unseen classes
-    are combinations whose colour, shape and texture all occur among the seen classes.
-
-    Returns:
-        ``{"images", "attributes", "unseen", "word_vectors", "classes", "unseen_classes"}`` paths/names.
-    """
-    folder = Path(folder)
-    rng = np.random.default_rng(seed)
-    combos = [(c, t, s) for c in COLOURS for t in TEXTURES for s in SHAPES]
-    for _ in range(1000):
-        pick = [combos[i] for i in rng.permutation(len(combos))[:num_classes]]
-        unseen = pick[-num_unseen:]
-        seen = pick[:-num_unseen]
-        if all({v[j] for v in seen} == set(vals) for j, vals in enumerate((COLOURS, TEXTURES, SHAPES))):
-            break
-    else:
-        raise MSDNError("could not draw seen classes covering every colour, texture and shape")
-    pick.sort()
-    names = ["_".join(c) for c in pick]
-    attributes = ([f"has_color::{c}" for c in COLOURS] + [f"has_shape::{s}" for s in SHAPES]
-                  + [f"has_texture::{t}" for t in TEXTURES])
-    for (colour, texture, shape), name in zip(pick, names):
-        d = folder / "images" / name
-        d.mkdir(parents=True, exist_ok=True)
-        for i in range(images_per_class):
-            (d / f"{name}_{i:03d}.png").write_bytes(_png(draw_shape(colour, shape, texture, size, rng)))
-    rows = ["class," + ",".join(attributes)]
-    for colour, texture, shape in pick:
-        row = [colour == c for c in COLOURS] + [shape == s for s in SHAPES] + [texture == t for t in TEXTURES]
-        rows.append("_".join((colour, texture, shape)) + "," + ",".join(str(int(v)) for v in row))
-    (folder / "attributes.csv").write_text("\n".join(rows) + "\n")
-    unseen_names = sorted("_".join(u) for u in unseen)
-    (folder / "unseen.txt").write_text("# held-out combinations (zero-shot classes)\n" + "\n".join(unseen_names) + "\n")
-    words = ["has", "color", "shape", "texture", *COLOURS, *SHAPES, *TEXTURES, "the", "of", "bird", "wing"]
-    vec_rng = np.random.default_rng(seed + 7)
-    lines = [f"{len(words)} {vector_dim}"] + [w + " " + " ".join(f"{v:.5f}" for v in vec_rng.standard_normal(vector_dim))
-                                              for w in words]
-    (folder / "wordvectors.txt").write_text("\n".join(lines) + "\n")
-    (folder / "dataset.yaml").write_text(
-        "# python -m msdn_tf.custom prepare --spec dataset.yaml --out DATA_DIR\n"
-        "images: images\nattributes: attributes.csv\nunseen: unseen.txt\nword_vectors: wordvectors.txt\n"
-        "seed: 0\ntest_seen_fraction: 0.2\n")
-    return {"images": str(folder / "images"), "attributes": str(folder / "attributes.csv"),
-            "unseen": str(folder / "unseen.txt"), "word_vectors": str(folder / "wordvectors.txt"),
-            "spec": str(folder / "dataset.yaml"), "classes": names, "unseen_classes": unseen_names}
-
-
-EXAMPLE_OVERRIDES = ("optimizer.learning_rate=0.001", "train.iterations=300", "train.eval_every=100",
-                     "data.batch_size=50")
-
-
-def run_example(out, *, image_size: int = 96, num_classes: int = 15, images_per_class: int = 12, seed: int = 0,
-                overrides: Sequence[str] = (), serve: bool = True, top_k: int = 3,
-                log: Callable[[str], None] = _log) -> dict:
-    """Generate shapes -> prepare (untrained ResNet-101) -> run (train, evaluate, export) -> query
-    the export through the local gRPC test double of TF Serving. Returns timings and figures."""
-    out = Path(out)
-    t_all = time.time()
-    timings = {}
-    t0 = time.time()
-    src = make_shapes_dataset(out / "source", num_classes=num_classes, images_per_class=images_per_class,
-                              size=max(image_size, 64), seed=seed)
-    timings["generate_s"] = round(time.time() - t0, 2)
-    log(f"example: {len(src['classes'])} classes x {images_per_class} images in {out / 'source'}; unseen "
-        f"{src['unseen_classes']}")
-    t0 = time.time()
-    data_dir = out / "data"
-    custom_data.prepare_dataset(data_dir, images=src["images"], attributes=src["attributes"], unseen=src["unseen"],
-                                word_vectors=src["word_vectors"], seed=seed, weights="none", image_size=image_size,
-                                batch_size=16, overwrite=True, restart=True, progress=False, log=log)
-    timings["prepare_s"] = round(time.time() - t0, 2)
-    summary = run_custom(data_dir, out / "run", overrides=[*EXAMPLE_OVERRIDES, *overrides],
-                         export_dir=out / "export" / "msdn_custom", top_k=top_k, visualize=True, log=log)
-    timings.update(summary["timings"])
-    answer = None
-    if serve and summary["export_dir"]:
-        answer = query_local_server(summary["export_dir"], data_dir, top_k=top_k, log=log)
-        timings["serve_s"] = answer.pop("seconds")
-    timings["total_s"] = round(time.time() - t_all, 2)
-    result = {"out": str(out), "image_size": image_size, "evaluate": summary["evaluate"],
-              "train_final": summary["train"], "timings": timings,
-              "query": None if answer is None else answer["summary"]}
-    from msdn_tf.utils import write_json
-
-    write_json(out / "example.json", result)
-    return result
-
-
-def query_local_server(export_base, data_dir, *, top_k: int = 3, per_class: int = 1,
-                       log: Callable[[str], None] = _log) -> dict:
-    """Start the local gRPC TEST DOUBLE of TF Serving on ``export_base``, send test_unseen images
-    (or their features when the export has no image signature) with :mod:`msdn_tf.client`, print
-    the top-k answers."""
-    import csv
-
-    from msdn_tf import client
-    from msdn_tf.serving.local_server import start_local_server
-
-    t0 = time.time()
-    with open(Path(data_dir) / custom_data.IMAGES_FILE, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    chosen, per = [], {}
-    for i, r in enumerate(rows):
-        if r["split"] == "test_unseen" and per.get(r["class"], 0) < per_class:
-            per[r["class"]] = per.get(r["class"], 0) + 1
-            chosen.append((i, r))
-    handle = start_local_server(export_base, "msdn_custom", grpc_port=0)
-    try:
-        metadata = client.fetch_metadata(model="msdn_custom", server=handle.grpc_address)
-        labels = [f"{Path(r['path']).name} (true: {r['class']})" for _, r in chosen]
-        has_images = "serving_images" in (metadata.get("signatures") or {})
-        if has_images:
-            answer = client.classify(model="msdn_custom", server=handle.grpc_address, metadata=metadata, top_k=top_k,
-                                     images=client.read_images([r["path"] for _, r in chosen]), labels=labels)
-        else:
-            from msdn_tf.data.hdf5 import HDF5Features
-
-            feats = HDF5Features(str(Path(data_dir) / custom_data.FEATURE_FILE)).read([i for i, _ in chosen])
-            answer = client.classify(model="msdn_custom", server=handle.grpc_address, metadata=metadata, top_k=top_k,
-                                     features=feats, labels=labels)
-    finally:
-        handle.stop()
-    log(client.format_text(answer))
-    hits = sum(r["czsl"]["name"] == row["class"] for r, (_, row) in zip(answer["results"], chosen))
-    return {"summary": {"signature": answer["signature"], "queries": len(chosen), "czsl_correct": int(hits),
-                        "answers": [{"input": r["input"], "czsl": r["czsl"]["name"],
-                                     "top_k": [t["name"] for t in r["top_k"]]} for r in answer["results"]]},
-            "seconds": round(time.time() - t0, 2)}
 
 
 def cmd_example(args) -> int:

@@ -701,3 +701,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# Public names of the image helpers for the library modules that use them (data/custom.py,
+# viz/attention.py). Wave 2 of issue 13 moves them, with build_backbone and decode_and_crop,
+# into msdn_tf/backbones/; until then they stay defined above and are aliased here.
+load_image = _load_image
+call_backbone = _call_backbone

@@ -33,7 +33,7 @@ import numpy as np
 
 from msdn_tf.data.base import ZSLData
 from msdn_tf.errors import ConfigError, DataError, MSDNError, cli_main
-from msdn_tf.evaluate import PROTOCOL_NOTES, PROTOCOL_RESULT, pct, reference_selection
+from msdn_tf.evaluation.report import PROTOCOL_NOTES, PROTOCOL_RESULT, pct, reference_selection
 from msdn_tf.utils import atomic_write_text, markdown_table, write_json
 
 PROTOCOLS = ("reference", "final", "validation")
@@ -209,7 +209,7 @@ class _SelectionRecorder:
             self.candidates = saved["candidates"]
 
     def __call__(self, model=None, data=None, step=0, metrics=None, writer=None):
-        from msdn_tf.calibration import choose_gamma
+        from msdn_tf.evaluation.calibration import choose_gamma
 
         if step <= 0:
             return
@@ -231,14 +231,14 @@ class _FinalEvaluation:
         self.gamma, self.step, self.result = float(gamma), int(step), None
 
     def __call__(self, model=None, data=None, step=0, metrics=None, writer=None):
-        from msdn_tf.metrics import zsl_metrics
+        from msdn_tf.evaluation.metrics import zsl_metrics
 
         if step != self.step:
             return
         lg = metrics["_logits"]
         args = (lg["seen"]["logits"], lg["labels_seen"], lg["unseen"]["logits"], lg["labels_unseen"],
                 data.seen_classes, data.unseen_classes)
-        from msdn_tf.calibration import seen_unseen_curve
+        from msdn_tf.evaluation.calibration import seen_unseen_curve
 
         self.result = {"test": zsl_metrics(*args, gamma=self.gamma), "test_gamma_0": zsl_metrics(*args, gamma=0.0)}
         # AUSUC does not depend on gamma: an honest summary of the final model's trade-off.
@@ -297,7 +297,7 @@ def _validation(config, data, run_root: Path, seed: int, train_fn, log, lambda_g
                             f"{steps} (interrupted after training?); delete {run_dir} and run again")
         final = final_eval.result
         final["selection"] = {k: chosen[k] for k in ("lambda_cal", "step", "gamma")}
-        from msdn_tf.calibration import plot_curve
+        from msdn_tf.evaluation.calibration import plot_curve
 
         t, t0 = final["test"], final["test_gamma_0"]
         plot_curve(final.pop("curve"), run_dir / "curve.png",

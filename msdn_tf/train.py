@@ -291,7 +291,7 @@ def run_training(config: Config, run_dir=None, resume: bool = False, data=None, 
             ``config.data.dataset``).
         log: function for progress lines.
         eval_hooks: callables ``hook(model=, data=, step=, metrics=, writer=)`` run after
-            every evaluation; ``metrics`` is :func:`~msdn_tf.evaluation.evaluate_model`'s
+            every evaluation; ``metrics`` is :func:`~msdn_tf.evaluation.predict.evaluate_model`'s
             result with ``"_logits"`` (e.g. TensorBoard images, see ``msdn_tf.viz``).
         resume_changes: ``{"section.key": (old, new)}`` applied on ``--resume``
             (recorded under ``resumes`` in the checkpoint and ``results.json``).
@@ -353,7 +353,7 @@ def _train(config, run_dir, out_dir, checkpointer, resume, data, log, eval_hooks
 
     from msdn_tf.data.pipeline import make_sampler, train_dataset
     from msdn_tf.data.registry import load_dataset
-    from msdn_tf.evaluation import evaluate_model
+    from msdn_tf.evaluation.predict import evaluate_model
 
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, out_dir / "config.yaml")

@@ -19,7 +19,7 @@ from msdn_tf.backbones.torchvision_resnet import (build_torchvision_resnet, expe
                                                   load_backbone_file, load_torchvision_weights,
                                                   normalize_backbone_keys)
 from msdn_tf.errors import DataError
-from msdn_tf.torch_checkpoint import read_torch_state_dict
+from msdn_tf.interop.torch_checkpoint import read_torch_state_dict
 from tests import reference_numpy as ref
 from tests.conftest import TORCH_FIXTURES
 
@@ -268,9 +268,9 @@ def test_extract_cli_backbone_choice_and_errors(tmp_path, capsys):
 def test_convert_stores_backbone_and_export_serves_images(tmp_path, tv):
     import tensorflow as tf
 
-    from msdn_tf import export
-    from msdn_tf.convert import BACKBONE_FILE, convert_checkpoint
-    from msdn_tf.runs import load_run
+    from msdn_tf.serving import export
+    from msdn_tf.interop.convert import BACKBONE_FILE, convert_checkpoint
+    from msdn_tf.training.runs import load_run
 
     run = tmp_path / "run"
     report = convert_checkpoint(MSDN_PTH, "custom", run)

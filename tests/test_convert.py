@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 import scipy.io
 
-from msdn_tf.convert import convert_checkpoint, convert_state_dict, main
+from msdn_tf.convert import main
+from msdn_tf.interop.convert import convert_checkpoint, convert_state_dict
 from msdn_tf.errors import DataError, MSDNError
 from tests import reference_numpy as ref
 from tests.conftest import shared_zsl_dir
@@ -62,7 +63,7 @@ def assert_logits_equal(got, want):
 
 
 def load_run(run_dir):
-    from msdn_tf.runs import load_run as _load_run
+    from msdn_tf.training.runs import load_run as _load_run
 
     return _load_run(run_dir)
 
@@ -374,9 +375,9 @@ def test_existing_run_directory_needs_overwrite(tmp_path, expected):
 
 def test_converted_model_exports_with_the_same_scores(tmp_path, fmap):
     try:
-        import msdn_tf.export as export
+        import msdn_tf.serving.export as export
     except ImportError as exc:
-        pytest.skip("msdn_tf.export is not available (%s); the export check of converted "
+        pytest.skip("msdn_tf.serving.export is not available (%s); the export check of converted "
                     "checkpoints runs once it is" % exc)
     import tensorflow as tf
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from msdn_tf import wordvectors
+from msdn_tf.data import wordvectors
 from msdn_tf.data import custom
 from msdn_tf.errors import DataError
 
@@ -33,7 +33,7 @@ def _image(cls: str, i: int) -> np.ndarray:
 
 
 def write_images(root: Path, classes=CLASSES, per_class=4) -> Path:
-    from msdn_tf.custom import _png
+    from msdn_tf.experiments.custom_workflow import _png
 
     for c in classes:
         (root / c).mkdir(parents=True, exist_ok=True)
@@ -362,7 +362,7 @@ def test_spec_yaml_options(tmp_path):
 
 
 def test_end_to_end_prepare_train_evaluate_export_serve(src, tmp_path):
-    from msdn_tf.custom import query_local_server, run_custom
+    from msdn_tf.experiments.custom_workflow import query_local_server, run_custom
 
     data_dir = tmp_path / "data"
     prepare(src, data_dir)
@@ -384,7 +384,7 @@ def test_end_to_end_prepare_train_evaluate_export_serve(src, tmp_path):
 
 
 def test_shapes_example_source_passes_the_readers(tmp_path):
-    from msdn_tf.custom import make_shapes_dataset
+    from msdn_tf.experiments.custom_workflow import make_shapes_dataset
 
     src = make_shapes_dataset(tmp_path, num_classes=12, num_unseen=3, images_per_class=2, size=64, seed=1)
     table = custom.read_attribute_table(src["attributes"], warn=lambda m: None)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from msdn_tf import evaluate
-from msdn_tf.calibration import ausuc, best_gamma_on_grid, choose_gamma, seen_unseen_curve
+from msdn_tf.evaluation.calibration import ausuc, best_gamma_on_grid, choose_gamma, seen_unseen_curve
 from msdn_tf.config import resolve_config
-from msdn_tf.metrics import czsl_predictions, per_class_accuracy, zsl_metrics
+from msdn_tf.evaluation.metrics import czsl_predictions, per_class_accuracy, zsl_metrics
 from tests.test_data import TINY_DEMO
 
 TINY_TRAIN = [

@@ -21,8 +21,11 @@ import tensorflow as tf  # noqa: E402
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc  # noqa: E402
 
 from msdn_tf import client, export  # noqa: E402
+from msdn_tf.serving import classify  # noqa: E402
+from msdn_tf.serving import export as serving_export  # noqa: E402
+from msdn_tf.serving import verify  # noqa: E402
 from msdn_tf.errors import MSDNError  # noqa: E402
-from msdn_tf.metrics import czsl_predictions, gzsl_predictions  # noqa: E402
+from msdn_tf.evaluation.metrics import czsl_predictions, gzsl_predictions  # noqa: E402
 from msdn_tf.model import build_msdn  # noqa: E402
 from msdn_tf.serving import bench, cc_loader  # noqa: E402
 from msdn_tf.serving.local_server import start_local_server  # noqa: E402
@@ -84,12 +87,12 @@ def setup(tmp_path_factory):
             break
     gamma, flipped = _crafted_gamma(_scores(model, regions))
     base = tmp_path_factory.mktemp("export") / "msdn_tiny"
-    path = export.export_saved_model(model, base, version=1, class_names=NAMES, seen_classes=SEEN,
+    path = serving_export.export_saved_model(model, base, version=1, class_names=NAMES, seen_classes=SEEN,
                                      unseen_classes=UNSEEN, gamma=gamma, top_k=TOP_K,
                                      config={"data": {"dataset": "tiny"}}, backbone=backbone,
                                      image_size=IMAGE_SIZE, backbone_id="tiny conv")
-    images = export.synthetic_images(3)
-    pre = export.preprocess_image_batch(tf.constant(images), IMAGE_SIZE)
+    images = verify.synthetic_images(3)
+    pre = serving_export.preprocess_image_batch(tf.constant(images), IMAGE_SIZE)
     image_scores = _scores(model, backbone(pre, training=False))
     return {"model": model, "backbone": backbone, "base": base, "dir": path, "maps": maps, "regions": regions,
             "gamma": gamma, "flipped": flipped, "images": images, "image_scores": image_scores}
@@ -105,7 +108,7 @@ def cc_binary():
 
 @pytest.fixture(scope="module")
 def report(setup, cc_binary):
-    return export.verify_export(setup["dir"], setup["model"], setup["maps"], sample_images=setup["images"],
+    return verify.verify_export(setup["dir"], setup["model"], setup["maps"], sample_images=setup["images"],
                                 backbone=setup["backbone"], binary=cc_binary)
 
 
@@ -129,8 +132,8 @@ def test_layout_and_metadata_asset(setup):
     assert path == str(base / "1")
     assert (base / "1" / "saved_model.pb").is_file()
     assert not [p for p in base.iterdir() if p.name.startswith(".")], "temporary folder left behind"
-    asset = json.loads((base / "1" / "assets" / export.METADATA_FILE).read_text())
-    beside = export.read_metadata(base)  # OUT/msdn_metadata.json
+    asset = json.loads((base / "1" / "assets" / serving_export.METADATA_FILE).read_text())
+    beside = serving_export.read_metadata(base)  # OUT/msdn_metadata.json
     assert beside == asset
     assert asset["class_names"] == NAMES
     assert asset["seen_classes"] == SEEN and asset["unseen_classes"] == UNSEEN
@@ -149,7 +152,7 @@ def test_cc_loader_and_saved_model_cli_list_signatures(report):
     assert sigs["serving_maps"]["inputs"]["feature_maps"]["shape"] == [-1, -1, -1, F]
     assert sigs["serving_images"]["inputs"]["images"]["dtype"] == "DT_STRING"
     for name in ("serving_default", "serving_maps", "serving_images"):
-        assert sorted(sigs[name]["outputs"]) == sorted(export.PREDICTION_OUTPUTS)
+        assert sorted(sigs[name]["outputs"]) == sorted(serving_export.PREDICTION_OUTPUTS)
         assert sigs[name]["outputs"]["gzsl_class"]["dtype"] == "DT_INT64"
     cli = report["saved_model_cli"]
     if "skipped" not in cli:
@@ -157,10 +160,10 @@ def test_cc_loader_and_saved_model_cli_list_signatures(report):
 
 
 def test_verify_report_passes_for_every_signature(report):
-    assert report["ok"], export.report_markdown(report)
+    assert report["ok"], verify.report_markdown(report)
     checked = {c["signature"] for c in report["checks"]}
     assert checked == {"serving_default", "serving_maps", "serving_images", "metadata"}
-    assert "| serving_images" in export.report_markdown(report)
+    assert "| serving_images" in verify.report_markdown(report)
 
 
 def test_cc_outputs_equal_keras_and_gamma_is_baked_in(setup, cc_default):
@@ -177,7 +180,7 @@ def test_cc_outputs_equal_keras_and_gamma_is_baked_in(setup, cc_default):
     assert set(out["czsl_class"].tolist()) <= set(UNSEEN)
     assert out["top_k_classes"].shape == (6, TOP_K) and out["top_k_classes"].dtype == np.int64
     np.testing.assert_array_equal(out["top_k_classes"][:, 0], out["gzsl_class"])
-    ref = export.reference_predictions(scores, SEEN, UNSEEN, gamma, TOP_K)
+    ref = serving_export.reference_predictions(scores, SEEN, UNSEEN, gamma, TOP_K)
     np.testing.assert_array_equal(out["top_k_classes"], ref["top_k_classes"])
     np.testing.assert_allclose(out["top_k_scores"], ref["top_k_scores"], atol=tol)
     assert np.all(np.diff(out["top_k_scores"], axis=1) <= 0)
@@ -185,7 +188,7 @@ def test_cc_outputs_equal_keras_and_gamma_is_baked_in(setup, cc_default):
 
 def test_cc_maps_and_images_signatures(setup, cc_binary, cc_default):
     maps = cc_loader.run_signature(setup["dir"], "serving_maps", {"feature_maps": setup["maps"]}, binary=cc_binary)
-    for key in export.PREDICTION_OUTPUTS:
+    for key in serving_export.PREDICTION_OUTPUTS:
         np.testing.assert_allclose(maps[key], cc_default[key], atol=1e-5, err_msg=key)
     imgs = cc_loader.run_signature(setup["dir"], "serving_images", {"images": setup["images"]}, binary=cc_binary)
     want = setup["image_scores"]
@@ -196,13 +199,13 @@ def test_cc_maps_and_images_signatures(setup, cc_binary, cc_default):
 
 
 def test_preprocessing_matches_extract(tmp_path):
-    from msdn_tf.extract import _load_image
+    from msdn_tf.extract import load_image as _load_image
 
     for i, (h, w) in enumerate([(50, 70), (81, 40)]):
         pixels = np.random.default_rng(i).integers(0, 256, (h, w, 3), dtype=np.uint8)
         data = tf.io.encode_png(pixels).numpy()
         (tmp_path / f"{i}.png").write_bytes(data)
-        a = export.preprocess_encoded_image(tf.constant(data), 32).numpy()
+        a = serving_export.preprocess_encoded_image(tf.constant(data), 32).numpy()
         b = _load_image(tf.constant(str(tmp_path / f"{i}.png")), 32).numpy()
         np.testing.assert_array_equal(a, b)
 
@@ -210,16 +213,16 @@ def test_preprocessing_matches_extract(tmp_path):
 def test_refuses_to_overwrite_and_checks_arguments(setup):
     kwargs = dict(class_names=NAMES, seen_classes=SEEN, unseen_classes=UNSEEN)
     with pytest.raises(MSDNError, match="already exists"):
-        export.export_saved_model(setup["model"], setup["base"], version=1, **kwargs)
+        serving_export.export_saved_model(setup["model"], setup["base"], version=1, **kwargs)
     with pytest.raises(MSDNError, match="11 class names"):
-        export.export_saved_model(setup["model"], setup["base"], version=9, class_names=NAMES[:-1],
+        serving_export.export_saved_model(setup["model"], setup["base"], version=9, class_names=NAMES[:-1],
                                   seen_classes=SEEN, unseen_classes=UNSEEN)
     with pytest.raises(MSDNError, match="differ from the model"):
-        export.export_saved_model(setup["model"], setup["base"], version=9, class_names=NAMES,
+        serving_export.export_saved_model(setup["model"], setup["base"], version=9, class_names=NAMES,
                                   seen_classes=SEEN[1:], unseen_classes=UNSEEN + SEEN[:1])
     wrong_width = keras.Sequential([keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3)), keras.layers.Conv2D(5, 8, 8)])
     with pytest.raises(MSDNError, match="backbone must map"):
-        export.export_saved_model(setup["model"], setup["base"], version=9, backbone=wrong_width,
+        serving_export.export_saved_model(setup["model"], setup["base"], version=9, backbone=wrong_width,
                                   image_size=IMAGE_SIZE, **kwargs)
     assert not (setup["base"] / "9").exists()
 
@@ -233,7 +236,7 @@ def test_export_cli_from_run_dir(setup, tmp_path, capsys):
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert "result: OK" in captured.out and "serving_maps" in captured.out
-    meta = export.read_metadata(out)
+    meta = serving_export.read_metadata(out)
     assert meta["gamma"] == 0.0 and meta["top_k"] == 4 and meta["config"]["data"]["dataset"] == "demo"
     # gamma 0 answers the crafted sample with the seen class; the gamma export with an unseen one.
     loaded = tf.saved_model.load(str(out / "1"))
@@ -245,8 +248,8 @@ def test_export_cli_from_run_dir(setup, tmp_path, capsys):
     assert export.main(["--run", str(run), "--out", str(out), "--no-verify"]) == 2
     assert "already exists" in capsys.readouterr().err
     assert export.main(["--run", str(run), "--out", str(out), "--no-verify", "--overwrite", "--gamma", "2"]) == 0
-    assert export.read_metadata(out / "1")["gamma"] == 2.0
-    assert sorted(p.name for p in out.iterdir()) == ["1", export.METADATA_FILE]
+    assert serving_export.read_metadata(out / "1")["gamma"] == 2.0
+    assert sorted(p.name for p in out.iterdir()) == ["1", serving_export.METADATA_FILE]
     assert export.main(["--run", str(run), "--out", str(out), "--with-images", "--backbone-weights", "none"]) == 2
     assert "2048 channels" in capsys.readouterr().err
     assert export.main(["--run", str(tmp_path / "nope"), "--out", str(out)]) == 2
@@ -256,7 +259,7 @@ def test_export_cli_from_run_dir(setup, tmp_path, capsys):
 
 
 def _expected_names(scores, k=TOP_K, gamma=0.0):
-    ref = export.reference_predictions(scores, SEEN, UNSEEN, gamma, k)
+    ref = serving_export.reference_predictions(scores, SEEN, UNSEEN, gamma, k)
     return [[NAMES[c] for c in row] for row in ref["top_k_classes"]]
 
 
@@ -265,31 +268,31 @@ def _names(answer):
 
 
 def test_client_library_grpc_and_rest_agree(setup, server):
-    meta = export.read_metadata(setup["base"])
+    meta = serving_export.read_metadata(setup["base"])
     want = _expected_names(_scores(setup["model"], setup["regions"]), gamma=setup["gamma"])
-    by_grpc = client.classify(model=MODEL_NAME, server=server.grpc_address, features=setup["regions"], metadata=meta)
-    by_rest = client.classify(model=MODEL_NAME, rest=server.rest_url, features=setup["maps"])  # metadata signature
+    by_grpc = classify.classify(model=MODEL_NAME, server=server.grpc_address, features=setup["regions"], metadata=meta)
+    by_rest = classify.classify(model=MODEL_NAME, rest=server.rest_url, features=setup["maps"])  # metadata signature
     assert _names(by_grpc) == want and _names(by_rest) == want
     assert by_rest["signature"] == "serving_maps" and by_grpc["signature"] == "serving_default"
     b = setup["flipped"]
     assert by_grpc["results"][b]["gzsl"]["unseen"] is True
     assert all(r["czsl"]["class"] in UNSEEN for r in by_grpc["results"])
-    more = client.classify(model=MODEL_NAME, server=server.grpc_address, features=setup["regions"], metadata=meta,
+    more = classify.classify(model=MODEL_NAME, server=server.grpc_address, features=setup["regions"], metadata=meta,
                            top_k=6)
     assert _names(more) == _expected_names(_scores(setup["model"], setup["regions"]), k=6, gamma=setup["gamma"])
 
 
 def test_client_images_grpc_and_rest_agree(setup, server):
     want = _expected_names(setup["image_scores"], gamma=setup["gamma"])
-    meta = export.read_metadata(setup["base"])
-    a = client.classify(model=MODEL_NAME, server=server.grpc_address, images=setup["images"], metadata=meta)
-    b = client.classify(model=MODEL_NAME, rest=server.rest_url, images=setup["images"], metadata=meta)
+    meta = serving_export.read_metadata(setup["base"])
+    a = classify.classify(model=MODEL_NAME, server=server.grpc_address, images=setup["images"], metadata=meta)
+    b = classify.classify(model=MODEL_NAME, rest=server.rest_url, images=setup["images"], metadata=meta)
     assert _names(a) == _names(b) == want
 
 
 def test_client_cli(setup, server, tmp_path, capsys):
     np.save(tmp_path / "x.npy", setup["regions"][:2])
-    meta = str(setup["base"] / export.METADATA_FILE)
+    meta = str(setup["base"] / serving_export.METADATA_FILE)
     want = _expected_names(_scores(setup["model"], setup["regions"][:2]), gamma=setup["gamma"])
     answers = []
     for transport in (["--server", server.grpc_address], ["--rest", server.rest_url]):
@@ -327,10 +330,10 @@ def test_client_reads_hdf5_rows(tmp_path):
     maps = np.random.default_rng(0).random((3, F, 2, 2)).astype(np.float32)
     with h5py.File(tmp_path / "f.hdf5", "w") as f:
         f["feature_map"] = maps
-    x = client.read_features(tmp_path / "f.hdf5", [2, 0], F)
+    x = classify.read_features(tmp_path / "f.hdf5", [2, 0], F)
     np.testing.assert_array_equal(x, maps[[2, 0]].transpose(0, 2, 3, 1))
     with pytest.raises(MSDNError, match="outside"):
-        client.read_features(tmp_path / "f.hdf5", [3], F)
+        classify.read_features(tmp_path / "f.hdf5", [3], F)
 
 
 def _raw(inputs, signature="serving_default"):
@@ -436,7 +439,7 @@ def test_remove_stale_temporaries(tmp_path):
     (base / f".old-5-{dead}-q").mkdir()  # killed between the two renames of --overwrite: 5 is missing
     (base / f".old-5-{dead}-q" / "saved_model.pb").write_bytes(b"v5")
     (base / f".old-1-{dead}-r").mkdir()  # 1 exists: the old copy is stale
-    lines = export.remove_stale_temporaries(base)
+    lines = serving_export.remove_stale_temporaries(base)
     assert sorted(p.name for p in base.iterdir()) == sorted(["1", "5", f".tmp-3-{os.getppid()}-xyz"])
     assert (base / "5" / "saved_model.pb").read_bytes() == b"v5"
     text = "\n".join(lines)
@@ -462,8 +465,8 @@ def test_failed_check_publishes_nothing_and_keeps_the_previous_version(setup, tm
     assert f"{out / '1'} was not published: the export failed its check" in captured.err
     assert "NOT published" in captured.out and "result: FAILED" in captured.out
     assert f"removed {stale}" in captured.err
-    assert sorted(p.name for p in out.iterdir()) == ["1", export.METADATA_FILE]  # no .tmp-*, no .old-*
-    assert export.read_metadata(out / "1")["gamma"] == 0.25 and export.read_metadata(out)["gamma"] == 0.25
+    assert sorted(p.name for p in out.iterdir()) == ["1", serving_export.METADATA_FILE]  # no .tmp-*, no .old-*
+    assert serving_export.read_metadata(out / "1")["gamma"] == 0.25 and serving_export.read_metadata(out)["gamma"] == 0.25
     rc = export.main(["--run", str(run), "--out", str(out), "--version", "2", "--verify-samples", "2",
                       "--image-size", "128"])
     assert rc == 1 and not (out / "2").exists()
@@ -490,7 +493,7 @@ def test_disk_full_or_read_only_is_one_line_and_exit_2(setup, tmp_path, capsys, 
         raise OSError(errno.EROFS, "Read-only file system", str(out / ".tmp-1-x"))
 
     if failure == "read_only":
-        monkeypatch.setattr(export.tempfile, "mkdtemp", read_only)
+        monkeypatch.setattr(serving_export.tempfile, "mkdtemp", read_only)
     else:
         monkeypatch.setattr(type(keras.export.ExportArchive()), "write_out", full)  # the backend's class
     capsys.readouterr()
@@ -503,7 +506,7 @@ def test_disk_full_or_read_only_is_one_line_and_exit_2(setup, tmp_path, capsys, 
             "read_only": "the file system is read-only"}[failure] in err
     assert str(out) in err and ("free disk space" in err if failure != "read_only" else "pass a writable --out" in err)
     assert "are unchanged; no partial export is left" in err
-    assert sorted(p.name for p in out.iterdir()) == ["1", export.METADATA_FILE]
+    assert sorted(p.name for p in out.iterdir()) == ["1", serving_export.METADATA_FILE]
     assert (out / "1" / "saved_model.pb").read_bytes() == before
 
 
@@ -574,7 +577,7 @@ def test_client_one_line_errors(setup, server, tmp_path, capsys):
     x = str(tmp_path / "x.npy")
     (tmp_path / "text.npy").write_text("0.1 0.2 0.3\n")
     np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    meta = str(setup["base"] / export.METADATA_FILE)
+    meta = str(setup["base"] / serving_export.METADATA_FILE)
     cases = [
         (["--rest", f"http://{server.grpc_address}", "--features", x], "is it the gRPC port?"),
         (["--server", server.rest_url[len("http://"):], "--features", x], "is it the REST port?"),

@@ -99,8 +99,8 @@ def test_training_on_jax_equals_tensorflow_and_its_model_loads_here(jax_runs):
     # Weights are backend-neutral: model.keras written on JAX predicts the same on TensorFlow
     # (the model msdn_tf.export exports).
     from msdn_tf.data.registry import load_dataset
-    from msdn_tf.evaluation import LOGIT_KEYS, predict_logits
-    from msdn_tf.runs import load_run
+    from msdn_tf.evaluation.predict import LOGIT_KEYS, predict_logits
+    from msdn_tf.training.runs import load_run
     from tests.jax_training_checks import tiny_config
 
     checks = jax_runs["checks"]

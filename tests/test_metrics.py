@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from msdn_tf import metrics as M
+from msdn_tf.evaluation import metrics as M
 
 
 def test_per_class_mean_is_not_per_sample_mean():

@@ -105,7 +105,7 @@ def test_validation_protocol_reads_the_test_split_only_at_the_end(tiny, tmp_path
     md = (tmp_path / "validation.md").read_text()
     assert md.startswith("## protocol: validation")
     # evaluate recognises the protocol's final run and the choices it made.
-    from msdn_tf import evaluate
+    from msdn_tf.evaluation import report as evaluate
 
     final_dir = tmp_path / "validation" / f"seed_{config.train.seed}" / "final"
     metrics = evaluate.evaluate_run(final_dir, gamma=chosen["gamma"], data=data, log=lambda *a: None)

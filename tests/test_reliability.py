@@ -410,7 +410,7 @@ def test_data_dir_that_is_a_file(tmp_path, capsys):
 
 
 def test_nan_word_vector_names_the_file_and_the_attribute(tmp_path):
-    from msdn_tf.wordvectors import attribute_vectors
+    from msdn_tf.data.wordvectors import attribute_vectors
 
     vectors = tmp_path / "vectors.txt"
     vectors.write_text("red 1 0 0\nwing nan 1 0\nbeak 0 0 1\n")

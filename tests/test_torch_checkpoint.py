@@ -1,4 +1,4 @@
-"""Tests for msdn_tf.torch_checkpoint (torch-free reader of torch.save state_dicts).
+"""Tests for msdn_tf.interop.torch_checkpoint (torch-free reader of torch.save state_dicts).
 
 The fixtures in tests/fixtures/ were written by real PyTorch with
 tests/fixtures/make_torch_fixtures.py; tiny_msdn_expected.npz holds their exact
@@ -20,7 +20,7 @@ import pytest
 from msdn_tf.errors import DataError
 from tests.conftest import TORCH_FIXTURES as FIXTURES
 from tests.conftest import torch_fixture as fixture
-from msdn_tf.torch_checkpoint import (IGNORED_KEYS, MSDN_KEY_MAP, backbone_prefixes,
+from msdn_tf.interop.torch_checkpoint import (IGNORED_KEYS, MSDN_KEY_MAP, backbone_prefixes,
                                       read_torch_state_dict, split_state_dict)
 
 STEMS = ("tiny_msdn", "tiny_msdn_backbone", "tiny_msdn_fp16")
@@ -333,7 +333,7 @@ def test_not_a_zip(tmp_path):
 
 
 def test_module_does_not_import_tensorflow_keras_or_torch():
-    import msdn_tf.torch_checkpoint as mod
+    import msdn_tf.interop.torch_checkpoint as mod
 
     tree = ast.parse(open(mod.__file__).read())
     imported = set()

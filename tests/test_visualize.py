@@ -133,7 +133,7 @@ def test_attention_from_image_with_a_tiny_backbone(tiny_run, tmp_path):
 
     from msdn_tf.errors import MSDNError
     from msdn_tf.viz.attention import figure_size
-    from msdn_tf.visualize import visualize_attention
+    from msdn_tf.viz.run_figures import visualize_attention
 
     image = tmp_path / "bird.png"
     matplotlib.image.imsave(image, np.random.default_rng(0).random((60, 50, 3)))
@@ -242,7 +242,7 @@ def test_embeddings_fall_back_to_pca_without_scikit_learn(tiny_run, tmp_path, mo
 def test_tensorboard_hooks_write_images_histograms_and_scalars(tiny_run, tmp_path):
     import tensorflow as tf
 
-    from msdn_tf.evaluation import evaluate_model
+    from msdn_tf.evaluation.predict import evaluate_model
     from msdn_tf.viz.tensorboard import (ATTENTION_TAG, HISTOGRAM_TAGS, SCALAR_TAGS, TEXT_TAG, make_eval_hooks,
                                          seen_unseen_confusion)
 

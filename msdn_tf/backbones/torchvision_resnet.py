@@ -15,7 +15,7 @@ its weights, without torch, from
   (``CUB_MSDN_GZSL.pth``...), where the child index is the position in
   ``children()[:-2]``: 0 conv1, 1 bn1, 4 layer1, 5 layer2, 6 layer3, 7 layer4.
 
-Both go through the restricted unpickler of :mod:`msdn_tf.torch_checkpoint`. Every
+Both go through the restricted unpickler of :mod:`msdn_tf.interop.torch_checkpoint`. Every
 tensor maps by name; a missing, extra or wrong-shape tensor is a
 :class:`~msdn_tf.errors.DataError` naming the file and the key.
 
@@ -270,7 +270,7 @@ def trunk_from_checkpoint(backbone: Mapping[str, np.ndarray], source: str):
 
     Args:
         backbone: the non-MSDN tensors of a checkpoint (third value of
-            :func:`msdn_tf.torch_checkpoint.split_state_dict`).
+            :func:`msdn_tf.interop.torch_checkpoint.split_state_dict`).
         source: file name for messages.
 
     Returns:
@@ -376,7 +376,7 @@ def load_backbone_file(path, blocks: Optional[Sequence[int]] = RESNET101_BLOCKS,
         >>> info["format"], model.output_shape                        # doctest: +SKIP
         ('msdn_checkpoint', (None, None, None, 2048))
     """
-    from msdn_tf.torch_checkpoint import read_torch_state_dict
+    from msdn_tf.interop.torch_checkpoint import read_torch_state_dict
 
     path = str(path)
     if path.lower().endswith(".npz"):

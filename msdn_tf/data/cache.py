@@ -40,6 +40,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from msdn_tf.data.base import ZSLData
 from msdn_tf.errors import DataError
 
 CACHE_VERSION = 1
@@ -423,3 +424,23 @@ def ensure_cache(source_path: str, cache_dir: Optional[str] = None, dtype="float
         log(f"msdn-tf: preparing feature cache {path} ({'rebuild requested' if rebuild else reason})")
         build_cache_from_hdf5(source_path, path, dtype=dtype, progress=progress)
     return MemmapFeatures(path, mode=mode)
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def use_cache(data: ZSLData, source_path, config, log=_log) -> ZSLData:
+    """Swap ``data.features`` for the prepared cache of ``source_path`` when ``data.cache`` is on.
+
+    An HDF5 source gets a cache built (or rebuilt when stale) on first use; a
+    ``.npy`` feature file already is a cache and is read as it is.
+    """
+    if str(source_path).lower().endswith(".npy") or not config.data.cache:
+        return data
+    cached = ensure_cache(str(source_path), config.data.cache_dir, config.data.cache_dtype, log=log)
+    if tuple(cached.shape) != tuple(data.features.shape):
+        raise DataError(f"{cached.path}: the cache holds {cached.shape} but {source_path} has "
+                        f"{tuple(data.features.shape)}; delete the cache")
+    data.features = cached
+    return data

@@ -14,8 +14,7 @@ into a prepared folder ``DATA_DIR``:
   split sizes, backbone, word-vector report);
 * ``images.csv``: ``path,class,split`` of every row of ``features.hdf5``.
 
-The ``custom`` entry of :mod:`msdn_tf.data.registry` (registered when this module is
-imported) loads ``config.data.data_dir`` back into a :class:`~msdn_tf.data.base.ZSLData`,
+The ``custom`` entry of :mod:`msdn_tf.data.registry` (:func:`load_custom_dataset`) loads ``config.data.data_dir`` back into a :class:`~msdn_tf.data.base.ZSLData`,
 so training, evaluation, export and visualisation are the benchmark code paths.
 The input format is documented in ``docs/custom_data.md``.
 """
@@ -36,7 +35,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from msdn_tf.data.base import ZSLData
-from msdn_tf.data.registry import DATASETS, DatasetSpec, register_dataset, use_cache
+from msdn_tf.data.cache import use_cache
 from msdn_tf.errors import DataError, MSDNError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
@@ -526,11 +525,11 @@ def backbone_for_data_dir(data_dir, log: Callable[[str], None] = _stderr):
         return None, None, f"cannot rebuild the backbone ({exc})"
     probe = manifest.get("probe")
     if probe and os.path.isfile(probe["path"]):
-        from msdn_tf.extract import _load_image
+        from msdn_tf.extract import load_image
 
         import keras
 
-        x = keras.applications.resnet.preprocess_input(_load_image(probe["path"], size)[None])
+        x = keras.applications.resnet.preprocess_input(load_image(probe["path"], size)[None])
         got = np.asarray(keras.ops.convert_to_numpy(backbone(x, training=False)))[0]  # (h, w, F)
         from msdn_tf.data.hdf5 import HDF5Features
 
@@ -574,7 +573,7 @@ def prepare_dataset(out, *, attributes, images=None, csv_file=None, images_root=
         seed: seed of the unseen draw, the splits and (``weights="none"``) the backbone.
         attribute_vectors / word_vectors: ``(K, D)`` vectors given directly (.npy/.csv), or a
             word-vector text file (word2vec text / GloVe, optionally .gz) for the §1.3 recipe.
-        allow_missing_words, allow_zero_vectors: see :func:`msdn_tf.wordvectors.attribute_vectors`.
+        allow_missing_words, allow_zero_vectors: see :func:`msdn_tf.data.wordvectors.attribute_vectors`.
         test_seen_fraction: share of each seen class's images held out as test_seen.
         val_fraction: share of the seen classes in a class-disjoint validation split (0: none).
         weights, image_size, batch_size, compression: feature extraction (:mod:`msdn_tf.extract`).
@@ -624,7 +623,7 @@ def prepare_dataset(out, *, attributes, images=None, csv_file=None, images_root=
         w2v = read_attribute_vectors_file(attribute_vectors, table.attribute_names)
         wv_report = {"file": str(attribute_vectors), "given": True, "dim": int(w2v.shape[1])}
     else:
-        from msdn_tf.wordvectors import attribute_vectors as from_words
+        from msdn_tf.data.wordvectors import attribute_vectors as from_words
 
         w2v, wv_report = from_words(table.attribute_names, word_vectors, allow_missing_words=allow_missing_words,
                                     allow_zero_vectors=allow_zero_vectors, warn=log)
@@ -720,18 +719,3 @@ def load_custom_dataset(data_dir, config=None) -> ZSLData:
     if list(data.class_names) != list(manifest.get("class_names", data.class_names)):
         raise DataError(f"{path}: the class names differ from {folder / MANIFEST_FILE}; prepare the folder again")
     return use_cache(data, path, config) if config is not None else data
-
-
-def _load_custom(config, spec) -> ZSLData:
-    return load_custom_dataset(config.data.data_dir, config)
-
-
-SPEC = DatasetSpec(
-    name="custom",
-    description="your own attribute-annotated images, prepared by python -m msdn_tf.custom prepare",
-    loader=_load_custom,
-    required_files=(FEATURE_FILE, MANIFEST_FILE),
-)
-
-if "custom" not in DATASETS or getattr(DATASETS["custom"].loader, "__module__", None) == __name__:
-    register_dataset(SPEC, overwrite=True)

@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
+from msdn_tf.data import custom as custom_data
 from msdn_tf.data.base import ZSLData
+from msdn_tf.data.cache import use_cache
 from msdn_tf.errors import DataError
 
 
@@ -102,28 +103,6 @@ def check_data_dir(data_dir) -> Path:
         raise DataError(f"--data-dir {folder}: is a file, not a directory; pass the folder that holds "
                         "the dataset's files")
     return folder
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr)
-
-
-def use_cache(data: ZSLData, source_path, config, log=_log) -> ZSLData:
-    """Swap ``data.features`` for the prepared cache of ``source_path`` when ``data.cache`` is on.
-
-    An HDF5 source gets a cache built (or rebuilt when stale) on first use; a
-    ``.npy`` feature file already is a cache and is read as it is.
-    """
-    if str(source_path).lower().endswith(".npy") or not config.data.cache:
-        return data
-    from msdn_tf.data.cache import ensure_cache
-
-    cached = ensure_cache(str(source_path), config.data.cache_dir, config.data.cache_dtype, log=log)
-    if tuple(cached.shape) != tuple(data.features.shape):
-        raise DataError(f"{cached.path}: the cache holds {cached.shape} but {source_path} has "
-                        f"{tuple(data.features.shape)}; delete the cache")
-    data.features = cached
-    return data
 
 
 # --------------------------------------------------------------------------- loaders
@@ -279,5 +258,13 @@ for _name, (_stem, _nonneg, _n, _k, _c, _s, _u, _tv, _ts, _tu) in _BENCHMARKS.it
     ))
 
 
-# Datasets defined in their own modules register themselves on import.
-import msdn_tf.data.custom  # noqa: E402,F401  (the "custom" dataset: a user's own data)
+def _load_custom(config, spec) -> ZSLData:
+    return custom_data.load_custom_dataset(config.data.data_dir, config)
+
+
+register_dataset(DatasetSpec(
+    name="custom",
+    description="your own attribute-annotated images, prepared by python -m msdn_tf.custom prepare",
+    loader=_load_custom,
+    required_files=(custom_data.FEATURE_FILE, custom_data.MANIFEST_FILE),
+))

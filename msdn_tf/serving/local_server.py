@@ -501,6 +501,72 @@ class _RestServer(ThreadingHTTPServer):
     daemon_threads = True
 
 
+def _read_request_body(handler: BaseHTTPRequestHandler, max_bytes: int, request_timeout: float) -> bytes:
+    """The body of a REST request, by its Content-Length; errors for a missing, bad, too large or short one.
+
+    Each read waits at most ``request_timeout`` (the socket timeout); a body that stops short is
+    DEADLINE_EXCEEDED (HTTP 408). A refused body closes the connection.
+    """
+    text = handler.headers.get("Content-Length")
+    if text is None:
+        handler.close_connection = True
+        if handler.headers.get("Transfer-Encoding"):
+            raise _bad("chunked request bodies are not supported; send a Content-Length")
+        return b""
+    try:
+        length = int(text)
+        if length < 0:
+            raise ValueError
+    except ValueError:
+        handler.close_connection = True
+        raise _bad(f"invalid Content-Length {text!r}") from None
+    if length > max_bytes:
+        handler.close_connection = True
+        raise _bad(f"request body too large ({length} > {max_bytes} bytes, "
+                   "--max_request_bytes)")
+    chunks, got = [], 0
+    try:
+        while got < length:  # each read waits at most request_timeout (the socket timeout)
+            chunk = handler.rfile.read1(min(1 << 20, length - got))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+    except TimeoutError:
+        pass
+    body = b"".join(chunks)
+    if len(body) < length:
+        handler.close_connection = True
+        raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                           f"request body incomplete: got {len(body)} of {length} bytes "
+                           f"(Content-Length); nothing more arrived within {request_timeout:g} s")
+    return body
+
+
+def _metadata_payload(servable: _Servable) -> dict:
+    """``GET /v1/models/<name>/metadata``: the signature defs, as TF Serving's JSON."""
+    sig_map = get_model_metadata_pb2.SignatureDefMap()
+    for key, sig in servable.signature_defs.items():
+        sig_map.signature_def[key].CopyFrom(sig)
+    return {
+        "model_spec": {"name": servable.name, "signature_name": "", "version": str(servable.version)},
+        "metadata": {"signature_def": json_format.MessageToDict(sig_map)},
+    }
+
+
+def _status_payload(servable: _Servable) -> dict:
+    """``GET /v1/models/<name>``: the model version status, as TF Serving's JSON."""
+    return {
+        "model_version_status": [
+            {
+                "version": str(servable.version),
+                "state": "AVAILABLE",
+                "status": {"error_code": "OK", "error_message": ""},
+            }
+        ]
+    }
+
+
 def _make_rest_handler(servable: _Servable, request_timeout: float = DEFAULT_REQUEST_TIMEOUT):
     class _RestHandler(BaseHTTPRequestHandler):
         """REST front end of the TEST DOUBLE server (not TF Serving), TF Serving's JSON format."""
@@ -527,40 +593,7 @@ def _make_rest_handler(servable: _Servable, request_timeout: float = DEFAULT_REQ
                 self._send(500, {"error": f"{type(exc).__name__}: {exc}"})
 
         def _read_body(self) -> bytes:
-            text = self.headers.get("Content-Length")
-            if text is None:
-                self.close_connection = True
-                if self.headers.get("Transfer-Encoding"):
-                    raise _bad("chunked request bodies are not supported; send a Content-Length")
-                return b""
-            try:
-                length = int(text)
-                if length < 0:
-                    raise ValueError
-            except ValueError:
-                self.close_connection = True
-                raise _bad(f"invalid Content-Length {text!r}") from None
-            if length > servable.max_request_bytes:
-                self.close_connection = True
-                raise _bad(f"request body too large ({length} > {servable.max_request_bytes} bytes, "
-                           "--max_request_bytes)")
-            chunks, got = [], 0
-            try:
-                while got < length:  # each read waits at most request_timeout (the socket timeout)
-                    chunk = self.rfile.read1(min(1 << 20, length - got))
-                    if not chunk:
-                        break
-                    chunks.append(chunk)
-                    got += len(chunk)
-            except TimeoutError:
-                pass
-            body = b"".join(chunks)
-            if len(body) < length:
-                self.close_connection = True
-                raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                   f"request body incomplete: got {len(body)} of {length} bytes "
-                                   f"(Content-Length); nothing more arrived within {request_timeout:g} s")
-            return body
+            return _read_request_body(self, servable.max_request_bytes, request_timeout)
 
         def do_POST(self):
             try:
@@ -580,24 +613,7 @@ def _make_rest_handler(servable: _Servable, request_timeout: float = DEFAULT_REQ
                     raise ServingError(grpc.StatusCode.NOT_FOUND, f"unsupported path {self.path}")
                 version = int(m.group(2)) if m.group(2) else None
                 servable.check_model(m.group(1), version)
-                if m.group(3):
-                    sig_map = get_model_metadata_pb2.SignatureDefMap()
-                    for key, sig in servable.signature_defs.items():
-                        sig_map.signature_def[key].CopyFrom(sig)
-                    payload = {
-                        "model_spec": {"name": servable.name, "signature_name": "", "version": str(servable.version)},
-                        "metadata": {"signature_def": json_format.MessageToDict(sig_map)},
-                    }
-                else:
-                    payload = {
-                        "model_version_status": [
-                            {
-                                "version": str(servable.version),
-                                "state": "AVAILABLE",
-                                "status": {"error_code": "OK", "error_message": ""},
-                            }
-                        ]
-                    }
+                payload = _metadata_payload(servable) if m.group(3) else _status_payload(servable)
                 self._send(200, payload)
             except Exception as exc:
                 self._error(exc)

@@ -6,7 +6,8 @@
   Embedding Projector and a static t-SNE (or PCA) figure (the paper's Fig. 5);
 * :mod:`msdn_tf.viz.tensorboard`: evaluation hooks for
   :func:`msdn_tf.train.run_training` that write attention images, seen/unseen
-  confusion and per-class accuracy histograms.
+  confusion and per-class accuracy histograms;
+* :mod:`msdn_tf.viz.run_figures`: both figures for a run directory (what the command calls).
 
 The command line is ``python -m msdn_tf.visualize`` (see ``docs/visualize.md``).
 Figures are drawn with matplotlib's Agg canvas directly (no pyplot, no display).

@@ -131,6 +131,25 @@ def upsample(maps: np.ndarray, size) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- explanations
+def _top_attribute_rows(sel: dict, b: int, names: Names, att: np.ndarray, pred: int, true, W: int) -> list:
+    """One summary row per selected attribute of image ``b``: scores, peak regions, class attribute values."""
+    rows = []
+    for i, k in enumerate(sel["indices"][b]):
+        k = int(k)
+        entry = {
+            "rank": i + 1, "id": k, "name": names.attribute_names[k],
+            "score": float(sel["score"][b, i]), "score_fused": float(sel["score_fused"][b, i]),
+            "score_a2v": float(sel["score_a2v"][b, i]), "score_v2a": float(sel["score_v2a"][b, i]),
+            "a2v_peak_region": _peak(sel["a2v"][b, i], W),
+            "v2a_peak_region": _peak(sel["v2a"][b, i], W),
+            "class_attribute_predicted": float(att[pred, k]),
+        }
+        if true is not None:
+            entry["class_attribute_true"] = float(att[true, k])
+        rows.append(entry)
+    return rows
+
+
 def explain(model, features, names: Names, top_k: int = 6, rank_by: str = "fused", labels=None,
             map_shape=None, images=None, sources=None) -> list:
     """Run the model on ``features`` and build one :class:`AttentionExplanation` per image.
@@ -165,20 +184,7 @@ def explain(model, features, names: Names, top_k: int = 6, rank_by: str = "fused
         order = np.argsort(-logits[b])
         pred = int(order[0])
         true = None if labels is None else int(labels[b])
-        attributes = []
-        for i, k in enumerate(sel["indices"][b]):
-            k = int(k)
-            entry = {
-                "rank": i + 1, "id": k, "name": names.attribute_names[k],
-                "score": float(sel["score"][b, i]), "score_fused": float(sel["score_fused"][b, i]),
-                "score_a2v": float(sel["score_a2v"][b, i]), "score_v2a": float(sel["score_v2a"][b, i]),
-                "a2v_peak_region": _peak(sel["a2v"][b, i], W),
-                "v2a_peak_region": _peak(sel["v2a"][b, i], W),
-                "class_attribute_predicted": float(att[pred, k]),
-            }
-            if true is not None:
-                entry["class_attribute_true"] = float(att[true, k])
-            attributes.append(entry)
+        attributes = _top_attribute_rows(sel, b, names, att, pred, true, W)
         summary = dict(sources[b]) if sources is not None else {}
         summary.update({
             "predicted_class": {**names.class_info(pred), "logit": float(logits[b, pred])},
@@ -234,18 +240,18 @@ def load_image_features(image_path, backbone, image_size: int = 448):
     import keras
     import tensorflow as tf
 
-    from msdn_tf.extract import _call_backbone, _load_image
+    from msdn_tf.extract import call_backbone, load_image
 
     path = str(image_path)
     if not os.path.isfile(path):
         raise DataError(f"{path}: image not found")
     try:
-        image = _load_image(tf.constant(path), int(image_size))  # (S, S, 3) float 0..255
+        image = load_image(tf.constant(path), int(image_size))  # (S, S, 3) float 0..255
     except (tf.errors.OpError, ValueError) as exc:
         msg = getattr(exc, "message", str(exc)).strip().splitlines()[0]
         raise DataError(f"{path}: cannot read or decode the image ({msg})") from exc
     x = keras.applications.resnet.preprocess_input(image[None])  # (1, S, S, 3)
-    feats = np.asarray(keras.ops.convert_to_numpy(_call_backbone(backbone, x)), dtype=np.float32)
+    feats = np.asarray(keras.ops.convert_to_numpy(call_backbone(backbone, x)), dtype=np.float32)
     if feats.ndim != 4 or feats.shape[0] != 1:
         raise MSDNError(f"the backbone must return (1, h, w, channels) for one image, got {feats.shape}")
     return np.asarray(image.numpy().round(), dtype=np.uint8), feats

@@ -28,7 +28,7 @@ from typing import Optional
 import numpy as np
 
 from msdn_tf.errors import MSDNError
-from msdn_tf.metrics import czsl_predictions, gzsl_predictions, per_class_accuracies
+from msdn_tf.evaluation.metrics import czsl_predictions, gzsl_predictions, per_class_accuracies
 from msdn_tf.viz.common import Names, map_shape_of
 
 ATTENTION_TAG = "attention/maps"

@@ -28,7 +28,7 @@ dtype. Arrays are returned in native byte order.
 This module does not import tensorflow or keras.
 
 Example:
-    >>> from msdn_tf.torch_checkpoint import read_torch_state_dict, split_state_dict
+    >>> from msdn_tf.interop.torch_checkpoint import read_torch_state_dict, split_state_dict
     >>> state = read_torch_state_dict("CUB_MSDN_GZSL.pth")      # doctest: +SKIP
     >>> msdn, ignored, backbone = split_state_dict(state)       # doctest: +SKIP
     >>> msdn["W_1"].shape                                        # doctest: +SKIP

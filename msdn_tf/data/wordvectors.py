@@ -17,7 +17,7 @@ The binary word2vec format is not read: convert it to text first.
 
 Example::
 
-    from msdn_tf.wordvectors import attribute_words, attribute_vectors
+    from msdn_tf.data.wordvectors import attribute_words, attribute_vectors
     attribute_words("has_bill_shape::curved_(up_or_down)")
     # ['has', 'bill', 'shape', 'curved', 'up', 'or', 'down']
     vectors, report = attribute_vectors(["has_color::red"], "glove.6B.300d.txt.gz")

@@ -7,7 +7,7 @@ import numpy as np
 from msdn_tf.data.base import ZSLData, describe_rows, feature_file, nonfinite_rows
 from msdn_tf.data.pipeline import eval_dataset
 from msdn_tf.errors import NonFiniteError
-from msdn_tf.metrics import zsl_metrics
+from msdn_tf.evaluation.metrics import zsl_metrics
 
 LOGIT_KEYS = ("logits", "logits_a2v", "logits_v2a")
 

@@ -2,7 +2,7 @@
 
 Calibrated stacking (Chao et al. 2016) subtracts a constant ``gamma`` from the
 scores of the seen classes before the GZSL argmax
-(:func:`msdn_tf.metrics.gzsl_predictions`). With the convention of this package:
+(:func:`msdn_tf.evaluation.metrics.gzsl_predictions`). With the convention of this package:
 
 * ``gamma -> -inf``: seen scores dominate, only seen classes are predicted:
   ``U = 0`` and ``S`` is the accuracy of the argmax over the seen columns;
@@ -37,13 +37,13 @@ from typing import Optional, Sequence
 import numpy as np
 
 from msdn_tf.errors import MSDNError
-from msdn_tf.metrics import harmonic_mean
+from msdn_tf.evaluation.metrics import harmonic_mean
 
 
 def _class_weights(labels: np.ndarray, classes: np.ndarray) -> np.ndarray:
     """Per-sample weights so that a weighted sum of 0/1 correctness is the per-class mean accuracy.
 
-    Matches :func:`msdn_tf.metrics.per_class_accuracy`: classes without samples are skipped.
+    Matches :func:`msdn_tf.evaluation.metrics.per_class_accuracy`: classes without samples are skipped.
     """
     present = [c for c in classes if np.any(labels == c)]
     weights = np.zeros(labels.shape[0], dtype=np.float64)
@@ -160,7 +160,7 @@ def best_gamma_on_grid(logits_seen, labels_seen, logits_unseen, labels_unseen, s
     Returns:
         ``{"gamma", "S", "U", "H"}`` of the chosen point.
     """
-    from msdn_tf.metrics import zsl_metrics
+    from msdn_tf.evaluation.metrics import zsl_metrics
 
     if len(grid) == 0:
         raise MSDNError("the gamma grid is empty")
