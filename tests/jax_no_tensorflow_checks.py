@@ -32,7 +32,7 @@ def jax_without_tensorflow():
 
 def test_bench_prints_the_same_json_naming_the_backend(tmp_path, capsys):
     from msdn_tf import bench
-    from tests.test_bench import TINY
+    from tests.helpers import BENCH_TINY_ARGS as TINY
 
     out = tmp_path / "bench.json"
     assert bench.main(TINY[:1] + ["4"] + TINY[3:] + ["--json", str(out)]) == 0  # --regions 4 only

@@ -23,7 +23,7 @@ import pytest
 
 from msdn_tf import train
 from msdn_tf.config import resolve_config
-from tests.test_train import TINY
+from tests.helpers import TINY
 
 CHECKS_DIR_ENV = "MSDN_JAX_CHECKS_DIR"
 STEPS = 20

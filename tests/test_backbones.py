@@ -21,7 +21,7 @@ from msdn_tf.backbones.torchvision_resnet import (build_torchvision_resnet, expe
 from msdn_tf.errors import DataError
 from msdn_tf.interop.torch_checkpoint import read_torch_state_dict
 from tests import reference_numpy as ref
-from tests.conftest import TORCH_FIXTURES
+from tests.helpers import TORCH_FIXTURES
 
 BLOCKS, WIDTH, SIZE = (1, 2, 1, 1), 4, 64
 IMAGES = ("photo.jpg", "wide.png", "gray.png")

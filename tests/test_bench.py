@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 
 from msdn_tf import bench
+from tests.helpers import BENCH_TINY_ARGS
 
-TINY = ["--regions", "9", "4", "--batch", "4", "--eval-batch", "6", "--attributes", "8", "--classes", "10",
-        "--unseen", "3", "--features", "16", "--embed", "5", "--steps", "1", "--repeats", "2", "--warmup", "1",
-        "--matmul-steps", "1"]
+TINY = BENCH_TINY_ARGS
 
 
 def test_flop_formula_against_a_hand_count():
@@ -29,6 +28,7 @@ def test_flop_formula_against_a_hand_count():
     assert bench.projection_flops_per_step(F, K, 300, training=False) == 4 * 2 * K * 300 * F
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], ["--variants", "einsum:nojit", "fused:jit:mixed_bfloat16"]])
 def test_bench_prints_valid_json(tmp_path, capsys, extra):
     out = tmp_path / "bench.json"

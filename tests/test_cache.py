@@ -14,7 +14,9 @@ from msdn_tf.data.hdf5 import HDF5Features, write_feature_map_hdf5
 from msdn_tf.data.pipeline import RandomBatchSampler, ClassBalancedSampler, eval_dataset, train_dataset
 from msdn_tf.data.registry import load_dataset
 from msdn_tf.errors import DataError
-from tests.test_data import TINY_DEMO
+from tests.helpers import tiny_demo
+
+TINY_DEMO = tiny_demo()
 
 N, F, H, W = 37, 24, 3, 2
 
@@ -168,7 +170,7 @@ def test_prepare_command_builds_then_reuses(tmp_path, capsys):
         argv += ["--set", s]
     assert prepare.main(argv) == 0
     first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert not first["was_up_to_date"] and first["dtype"] == "float16" and first["shape"][1:] == [9, 16]
+    assert not first["was_up_to_date"] and first["dtype"] == "float16" and first["shape"][1:] == [TINY_DEMO.map_size ** 2, TINY_DEMO.feature_dim]
     assert prepare.main(argv) == 0
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert again["was_up_to_date"] and again["cache"] == first["cache"]

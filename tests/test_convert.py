@@ -23,8 +23,8 @@ from msdn_tf.convert import main
 from msdn_tf.interop.convert import convert_checkpoint, convert_state_dict
 from msdn_tf.errors import DataError, MSDNError
 from tests import reference_numpy as ref
-from tests.conftest import shared_zsl_dir
-from tests.conftest import torch_fixture as fixture
+from tests.helpers import shared_zsl_dir
+from tests.helpers import torch_fixture as fixture
 
 K, D, F, C = 5, 4, 6, 7
 SEEN, UNSEEN = [0, 1, 2, 4, 5], [3, 6]

@@ -361,6 +361,7 @@ def test_spec_yaml_options(tmp_path):
         prepare_options(build_parser().parse_args(["prepare", "--spec", str(spec), "--out", "x"]))
 
 
+@pytest.mark.slow
 def test_end_to_end_prepare_train_evaluate_export_serve(src, tmp_path):
     from msdn_tf.experiments.custom_workflow import query_local_server, run_custom
 

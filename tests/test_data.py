@@ -10,9 +10,9 @@ from msdn_tf.data.hdf5 import load_feature_map_hdf5, write_feature_map_hdf5
 from msdn_tf.data.pipeline import ClassBalancedSampler, EpochSampler, RandomBatchSampler, train_dataset
 from msdn_tf.data.registry import load_dataset
 from msdn_tf.errors import DataError
+from tests.helpers import tiny_demo
 
-TINY_DEMO = DemoConfig(num_classes=8, num_unseen=3, num_attributes=6, attributes_per_class=3,
-                       images_per_class=6, map_size=3, feature_dim=16, embed_dim=10)
+TINY_DEMO = tiny_demo()
 
 
 def test_hdf5_round_trip_channel_first_to_regions(rng, tmp_path):

@@ -30,6 +30,7 @@ def test_strategy_names_and_config():
     assert config_from_args(args).train.strategy == "mirrored"
 
 
+@pytest.mark.slow
 def test_mirrored_training_equals_single_device(tmp_path):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(tmp_path)], cwd=REPO, env=env,

@@ -11,18 +11,12 @@ from msdn_tf import evaluate
 from msdn_tf.evaluation.calibration import ausuc, best_gamma_on_grid, choose_gamma, seen_unseen_curve
 from msdn_tf.config import resolve_config
 from msdn_tf.evaluation.metrics import czsl_predictions, per_class_accuracy, zsl_metrics
-from tests.test_data import TINY_DEMO
+from tests.helpers import QUICK_TRAIN, tiny_demo, tiny_demo_config
 
-TINY_TRAIN = [
-    "data.batch_size=8", "data.eval_batch_size=16", "optimizer.learning_rate=0.003",
-    "train.iterations=12", "train.eval_every=6", "train.log_every=6", "train.verbose=0",
-]
-
+TINY_DEMO = tiny_demo()
 
 def tiny_config(data_dir, *extra):
-    config = resolve_config("demo", overrides=[f"data.data_dir={data_dir}", *TINY_TRAIN, *extra])
-    config.demo = TINY_DEMO
-    return config
+    return tiny_demo_config(data_dir, *QUICK_TRAIN, *extra)
 
 
 # --------------------------------------------------------------------------- curve and AUSUC

@@ -227,6 +227,7 @@ def test_refuses_to_overwrite_and_checks_arguments(setup):
     assert not (setup["base"] / "9").exists()
 
 
+@pytest.mark.slow
 def test_export_cli_from_run_dir(setup, tmp_path, capsys):
     """The CLI on a run directory: gamma 0 export + default C++ check; refuse / allow overwrite."""
     run = _run_dir(setup["model"], tmp_path / "run")
@@ -447,6 +448,7 @@ def test_remove_stale_temporaries(tmp_path):
     assert f"restored {base / '5'}" in text and "still running" in text and len(lines) == 5
 
 
+@pytest.mark.slow
 def test_failed_check_publishes_nothing_and_keeps_the_previous_version(setup, tmp_path, capsys, monkeypatch):
     """The CLI: a version is renamed into place only after its check passed; stale temporaries are removed."""
     run = _run_dir(setup["model"], tmp_path / "run")

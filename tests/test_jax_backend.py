@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # two subprocesses, about a minute
+
 REPO = Path(__file__).resolve().parent.parent
 if importlib.util.find_spec("jax") is None:  # found, not imported: this process stays TensorFlow-only
     pytest.skip("JAX is not installed: pip install -e '.[dev]' (or '.[jax]')", allow_module_level=True)

@@ -6,7 +6,7 @@ import pytest
 from msdn_tf import losses as L
 from msdn_tf.model import MSDN, build_msdn
 from tests import reference_numpy as ref
-from tests.conftest import tiny_problem
+from tests.helpers import tiny_problem
 
 RTOL = 1e-5
 

@@ -22,7 +22,7 @@ import pytest
 from msdn_tf.config import resolve_config
 from msdn_tf.distribute import parse_tf_config
 from msdn_tf.errors import ConfigError
-from tests.test_train import TINY
+from tests.helpers import write_tiny_yaml
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -44,9 +44,7 @@ def tf_config(ports, index):
 
 @pytest.fixture
 def tiny(tmp_path):
-    path = tmp_path / "tiny.yaml"
-    path.write_text(TINY.replace("iterations: 60", "iterations: 30").replace("eval_every: 30", "eval_every: 3")
-                    + "  eval_initial: false\n  worker_timeout: 30\n")
+    path = write_tiny_yaml(tmp_path, iterations=30, eval_every=3, eval_initial=False, worker_timeout=30)
     config = resolve_config("demo", [path], [f"data.data_dir={tmp_path / 'data'}"])
     from msdn_tf.data.registry import load_dataset
 
@@ -79,6 +77,7 @@ def assert_same_weights(a, b):
         np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-6, err_msg=key)
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_and_resume_after_a_killed_worker(tiny, tmp_path):
     import shutil
 
@@ -178,6 +177,7 @@ def test_tf_config_roles():
     assert parse_tf_config(None).is_chief
 
 
+@pytest.mark.slow
 def test_cli_errors_for_bad_tf_config_and_unreachable_worker(tiny, tmp_path):
     base = [sys.executable, "-m", "msdn_tf.train", "--dataset", "demo", "--config", str(tiny["path"]),
             "--data-dir", str(tmp_path / "data"), "--strategy", "multi_worker"]

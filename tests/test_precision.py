@@ -10,7 +10,7 @@ from msdn_tf import train
 from msdn_tf.config import resolve_config
 from msdn_tf.errors import ConfigError
 from msdn_tf.precision import EMULATED_FLOAT16_ENV, cpu_flags, resolve_precision
-from tests.test_train import TINY, Interrupt
+from tests.helpers import Interrupt, write_tiny_yaml
 
 
 # ------------------------------------------------------------------------------ resolution
@@ -67,11 +67,10 @@ def test_bad_precision_values_are_clear_errors(tmp_path, capsys):
 # ------------------------------------------------------------------------------ a mixed run end to end
 @pytest.fixture
 def tiny_config(tmp_path):
-    path = tmp_path / "tiny.yaml"
-    path.write_text(TINY.replace("iterations: 60", "iterations: 8").replace("eval_every: 30", "eval_every: 4"))
-    return path
+    return write_tiny_yaml(tmp_path, iterations=8, eval_every=4)
 
 
+@pytest.mark.slow
 def test_mixed_bfloat16_run_resume_evaluate_visualize_export(tiny_config, tmp_path, capsys):
     import keras
     import tensorflow as tf

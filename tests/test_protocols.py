@@ -9,13 +9,13 @@ import pytest
 from msdn_tf import ablations, protocols
 from msdn_tf.data.registry import load_dataset
 from msdn_tf.errors import ConfigError, DataError, MSDNError
-from tests.test_evaluate import tiny_config
+from tests.helpers import QUICK_TRAIN, tiny_demo_config
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("protocols")
-    config = tiny_config(root / "data")
+    config = tiny_demo_config(root / "data", *QUICK_TRAIN)
     return config, load_dataset(config), root
 
 

@@ -21,7 +21,7 @@ from msdn_tf.data.hdf5 import write_feature_map_hdf5
 from msdn_tf.data.pipeline import ClassBalancedSampler, RandomBatchSampler, make_sampler
 from msdn_tf.data.registry import DATASETS, load_dataset
 from msdn_tf.errors import DataError
-from tests.conftest import shared_zsl_dir
+from tests.helpers import shared_zsl_dir
 
 # dataset: (images, K, C, seen, unseen, trainval, test_seen, test_unseen), docs/reference.md §1.2
 TABLE = {

@@ -17,39 +17,15 @@ import pytest
 from msdn_tf import train
 from msdn_tf.config import resolve_config
 from msdn_tf.errors import ConfigError, DataError, NonFiniteError
+from tests.helpers import TINY_DEMO_FIELDS, write_tiny_yaml
 
-TINY = """
-demo:
-  num_classes: 10
-  num_unseen: 3
-  num_attributes: 8
-  attributes_per_class: 3
-  images_per_class: 12
-  map_size: 3
-  feature_dim: 32
-  embed_dim: 16
-data:
-  batch_size: 16
-  eval_batch_size: 32
-optimizer:
-  learning_rate: 0.003
-train:
-  iterations: 60
-  eval_every: 30
-  log_every: 10
-  verbose: 0
-  eval_initial: false
-"""
 
-SMALL_DEMO = dict(num_classes=10, num_unseen=3, num_attributes=8, attributes_per_class=3, images_per_class=12,
-                  map_size=3, feature_dim=32, embed_dim=16)
+SMALL_DEMO = TINY_DEMO_FIELDS
 
 
 @pytest.fixture
 def tiny(tmp_path):
-    path = tmp_path / "tiny.yaml"
-    path.write_text(TINY)
-    return path
+    return write_tiny_yaml(tmp_path, eval_initial=False)
 
 
 def cli(tiny, tmp_path, *extra):
@@ -277,6 +253,7 @@ def _enospc(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
+@pytest.mark.slow
 def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tiny, tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     real_savez, calls = np.savez, []

@@ -9,7 +9,9 @@ from msdn_tf.data import tfds_builder  # noqa: E402,F401  (registers msdn_zsl)
 from msdn_tf.data.cache import normalize_regions  # noqa: E402
 from msdn_tf.data.demo import ensure_demo_file  # noqa: E402
 from msdn_tf.data.hdf5 import load_feature_map_hdf5  # noqa: E402
-from tests.test_data import TINY_DEMO  # noqa: E402
+from tests.helpers import tiny_demo  # noqa: E402
+
+TINY_DEMO = tiny_demo()
 
 
 def test_tfds_load_demo_splits_and_metadata(tmp_path):

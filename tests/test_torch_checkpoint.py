@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from msdn_tf.errors import DataError
-from tests.conftest import TORCH_FIXTURES as FIXTURES
-from tests.conftest import torch_fixture as fixture
+from tests.helpers import TORCH_FIXTURES as FIXTURES
+from tests.helpers import torch_fixture as fixture
 from msdn_tf.interop.torch_checkpoint import (IGNORED_KEYS, MSDN_KEY_MAP, backbone_prefixes,
                                       read_torch_state_dict, split_state_dict)
 

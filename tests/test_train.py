@@ -7,35 +7,13 @@ import pytest
 
 from msdn_tf import train
 from msdn_tf.config import resolve_config
+from tests.helpers import Interrupt, write_tiny_yaml
 
-TINY = """
-demo:
-  num_classes: 10
-  num_unseen: 3
-  num_attributes: 8
-  attributes_per_class: 3
-  images_per_class: 12
-  map_size: 3
-  feature_dim: 32
-  embed_dim: 16
-data:
-  batch_size: 16
-  eval_batch_size: 32
-optimizer:
-  learning_rate: 0.003
-train:
-  iterations: 60
-  eval_every: 30
-  log_every: 10
-  verbose: 0
-"""
 
 
 @pytest.fixture
 def tiny_config(tmp_path):
-    path = tmp_path / "tiny.yaml"
-    path.write_text(TINY)
-    return path
+    return write_tiny_yaml(tmp_path)
 
 
 def args(tiny_config, tmp_path, *extra):
@@ -73,10 +51,6 @@ def _tensorboard_tags(folder):
         for event in tf.compat.v1.train.summary_iterator(str(path)):
             tags.update(v.tag for v in event.summary.value)
     return tags
-
-
-class Interrupt(Exception):
-    pass
 
 
 def test_resume_reproduces_an_uninterrupted_run(tiny_config, tmp_path):

@@ -13,7 +13,7 @@ import pytest
 
 from msdn_tf.model import build_msdn
 from msdn_tf.optimizers import TorchRMSprop
-from tests.conftest import TORCH_FIXTURES
+from tests.helpers import TORCH_FIXTURES
 
 TRAINABLE = ("V", "W_1", "W_2", "W_1_1", "W_2_1")
 TOL = 1e-4

@@ -6,7 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from tests.test_data import TINY_DEMO
+from tests.helpers import tiny_demo
+
+TINY_DEMO = tiny_demo()
 
 K_TINY = TINY_DEMO.num_attributes
 
@@ -143,7 +145,7 @@ def test_attention_from_image_with_a_tiny_backbone(tiny_run, tmp_path):
     assert summary["region_grid"] == [3, 3] and summary["image"] == str(image)
     assert summary["true_class"]["id"] == 0 and len(summary["top_attributes"]) == 2
     assert png_shape(out)[:2] == figure_size(2)[::-1]
-    with pytest.raises(MSDNError, match="backbone gives 8 channels per region but the model .* expects 16"):
+    with pytest.raises(MSDNError, match=f"backbone gives 8 channels per region but the model .* expects {TINY_DEMO.feature_dim}"):
         visualize_attention(tiny_run["dir"], image=image, backbone=tiny_backbone(8), image_size=48,
                             out=tmp_path / "x.png", log=lambda m: None)
     broken = tmp_path / "broken.jpg"
