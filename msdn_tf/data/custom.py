@@ -2,7 +2,7 @@
 
 ``python -m msdn_tf.custom prepare`` (:func:`prepare_dataset`) reads the user's
 format, validates it, computes the splits and the attribute vectors, and
-extracts ResNet-101 feature maps through :func:`msdn_tf.extract.extract_features`
+extracts ResNet-101 feature maps through :func:`msdn_tf.data.extraction.extract_features`
 into a prepared folder ``DATA_DIR``:
 
 * ``features.hdf5``: the docs/reference.md §1.1 layout (``feature_map``, ``labels``,
@@ -495,9 +495,9 @@ def backbone_id(weights: str, seed: int) -> str:
 
 
 def build_backbone(weights: str = "imagenet", image_size: int = 448, seed: int = 0):
-    """:func:`msdn_tf.extract.build_backbone`; with ``weights="none"`` the random weights are
+    """:func:`msdn_tf.backbones.keras_resnet.build_backbone`; with ``weights="none"`` the random weights are
     made reproducible by seeding first (same weights in every process for the same seed)."""
-    from msdn_tf.extract import build_backbone as build
+    from msdn_tf.backbones.keras_resnet import build_backbone as build
 
     if weights in (None, "none", "None"):
         import keras
@@ -525,7 +525,7 @@ def backbone_for_data_dir(data_dir, log: Callable[[str], None] = _stderr):
         return None, None, f"cannot rebuild the backbone ({exc})"
     probe = manifest.get("probe")
     if probe and os.path.isfile(probe["path"]):
-        from msdn_tf.extract import load_image
+        from msdn_tf.backbones.keras_resnet import load_image
 
         import keras
 
@@ -576,7 +576,7 @@ def prepare_dataset(out, *, attributes, images=None, csv_file=None, images_root=
         allow_missing_words, allow_zero_vectors: see :func:`msdn_tf.data.wordvectors.attribute_vectors`.
         test_seen_fraction: share of each seen class's images held out as test_seen.
         val_fraction: share of the seen classes in a class-disjoint validation split (0: none).
-        weights, image_size, batch_size, compression: feature extraction (:mod:`msdn_tf.extract`).
+        weights, image_size, batch_size, compression: feature extraction (:mod:`msdn_tf.data.extraction`).
         backbone: an injected backbone (tests); ``weights`` is then only recorded.
         overwrite: replace an existing prepared folder's feature file. restart: discard a partial one.
 
@@ -586,7 +586,7 @@ def prepare_dataset(out, *, attributes, images=None, csv_file=None, images_root=
     Raises:
         DataError: anything wrong with the inputs, naming the file and the class/attribute/row.
     """
-    from msdn_tf.extract import extract_features
+    from msdn_tf.data.extraction import extract_features
     from msdn_tf.utils import atomic_write_text, write_json
 
     if (images is None) == (csv_file is None):
