@@ -13,11 +13,21 @@ vectors ``(n, R, F)``.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Optional, Protocol, Sequence
 
 import numpy as np
 
 from msdn_tf.errors import DataError
+
+
+def check_data_dir(data_dir) -> Path:
+    """``data_dir`` as a Path; a :class:`DataError` if it names a file rather than a folder."""
+    folder = Path(data_dir)
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"--data-dir {folder}: is a file, not a directory; pass the folder that holds "
+                        "the dataset's files")
+    return folder
 
 
 class FeatureSource(Protocol):

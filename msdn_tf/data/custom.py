@@ -702,7 +702,7 @@ def load_custom_dataset(data_dir, config=None) -> ZSLData:
     if not data_dir:
         raise DataError("--dataset custom needs --data-dir DIR, a folder made by python -m msdn_tf.custom "
                         "prepare ... --out DIR (see docs/custom_data.md)")
-    from msdn_tf.data.registry import check_data_dir
+    from msdn_tf.data.base import check_data_dir
 
     folder = check_data_dir(data_dir)
     if not folder.is_dir():

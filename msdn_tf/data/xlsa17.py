@@ -42,13 +42,15 @@ from typing import Optional, Sequence
 import numpy as np
 
 from msdn_tf.data.base import FeatureSource, ZSLData, class_attributes_for_model, validate
+from msdn_tf.data.datasets import BENCHMARKS, folder_name, nonnegative_att
 from msdn_tf.errors import DataError
 
 SPLIT_KEYS = ("trainval_loc", "test_seen_loc", "test_unseen_loc")
 OPTIONAL_SPLIT_KEYS = ("train_loc", "val_loc")
 
 # Folder and file names of the three standard benchmarks.
-DATASET_DIRS = {"cub": "CUB", "sun": "SUN", "awa2": "AWA2", "awa1": "AWA1", "apy": "APY"}
+#: Upstream folder of each benchmark (read from :mod:`msdn_tf.data.datasets`; other names are upper-cased).
+DATASET_DIRS = {name: facts.folder for name, facts in BENCHMARKS.items()}
 ATTRIBUTE_NAME_FILES = ("attributes.txt", "predicates.txt", "attributes.mat", "attribute_names.txt")
 
 
@@ -524,11 +526,11 @@ def _dataset_dir(data_dir: str, name: str) -> str:
     data_dir = str(data_dir)
     if os.path.exists(os.path.join(data_dir, "att_splits.mat")):
         return data_dir
-    for sub in (DATASET_DIRS.get(name.lower(), name.upper()), name, name.upper(), name.lower()):
+    for sub in (folder_name(name), name, name.upper(), name.lower()):
         cand = os.path.join(data_dir, sub)
         if os.path.exists(os.path.join(cand, "att_splits.mat")):
             return cand
-    raise DataError(f"{data_dir}: no att_splits.mat there nor in a '{DATASET_DIRS.get(name.lower(), name.upper())}'"
+    raise DataError(f"{data_dir}: no att_splits.mat there nor in a '{folder_name(name)}'"
                     " sub-folder")
 
 
@@ -543,7 +545,7 @@ def _first_existing(folder: str, names: Sequence[str]) -> Optional[str]:
 def find_xlsa17_files(data_dir: str, name: str) -> dict:
     """Locate ``att_splits.mat``, the image list, word vectors, names (and CUB's sent_splits.mat)."""
     folder = _dataset_dir(data_dir, name)
-    ds = DATASET_DIRS.get(name.lower(), name.upper())
+    ds = folder_name(name)
     pkl = _first_existing(folder, (f"{ds}_attribute.pkl", f"{name}_attribute.pkl", f"{ds}_attribute.npy"))
     if pkl is None:
         found = sorted(glob.glob(os.path.join(folder, "*_attribute.pkl")))
@@ -567,7 +569,7 @@ def load_xlsa17_dataset(data_dir: str, name: str, features: FeatureSource, *,
     Args:
         data_dir: the dataset folder (holding ``att_splits.mat``) or its parent
             (holding ``CUB/``, ``SUN/``, ``AWA2/``).
-        name: ``cub``, ``sun``, ``awa2`` (or another name; AWA2 gets non-negative attributes, §1.4).
+        name: ``cub``, ``sun``, ``awa2`` (or another name; the sign rule of its :mod:`~msdn_tf.data.datasets` entry: AWA2 gets non-negative attributes, §1.4).
         features: a feature source with one row per image of the image list, in
             its order (e.g. :class:`~msdn_tf.data.hdf5.HDF5Features` of an extracted file).
         att_splits, image_list, attribute_vectors, attribute_names, sent_splits:
@@ -581,7 +583,7 @@ def load_xlsa17_dataset(data_dir: str, name: str, features: FeatureSource, *,
 
     Returns:
         A validated :class:`ZSLData`; ``att`` is ``class_attributes_for_model(att,
-        nonnegative=(name == "awa2"))``.
+        nonnegative=nonnegative_att(name))``.
     """
     if train_val not in ("trainval", "raw", "none"):
         raise ValueError(f"train_val must be 'trainval', 'raw' or 'none', got {train_val!r}")
@@ -625,7 +627,7 @@ def load_xlsa17_dataset(data_dir: str, name: str, features: FeatureSource, *,
         trainval_loc=splits["trainval_loc"],
         test_seen_loc=splits["test_seen_loc"],
         test_unseen_loc=splits["test_unseen_loc"],
-        att=class_attributes_for_model(splits["att"], nonnegative=(name.lower() == "awa2")),
+        att=class_attributes_for_model(splits["att"], nonnegative=nonnegative_att(name)),
         w2v=w2v,
         class_names=splits["allclasses_names"],
         attribute_names=names,
