@@ -587,8 +587,53 @@ def prepare_dataset(out, *, attributes, images=None, csv_file=None, images_root=
         DataError: anything wrong with the inputs, naming the file and the class/attribute/row.
     """
     from msdn_tf.data.extraction import extract_features
-    from msdn_tf.utils import atomic_write_text, write_json
+    from msdn_tf.utils import write_json
 
+    _check_inputs_given(images, csv_file, attribute_vectors, word_vectors, unseen, unseen_fraction)
+    out = Path(out)
+    table = read_attribute_table(attributes, warn=log)
+    source = str(images if images is not None else csv_file)
+    entries = read_image_folder(images) if images is not None else read_image_csv(csv_file, images_root)
+    labels = match_classes(entries, table, source)
+    check_image_files(entries)
+    splits, unseen_ids = _choose_splits(entries, labels, table, source, unseen, unseen_fraction,
+                                        test_seen_fraction, val_fraction, seed)
+    w2v, wv_report = _class_vectors(table, attribute_vectors, word_vectors, allow_missing_words,
+                                    allow_zero_vectors, log)
+    metadata = {"labels": labels, **splits, "att": table.values, "original_att": table.values, "w2v_att": w2v,
+                "allclasses_names": table.class_names, "attribute_names": table.attribute_names}
+    _check_as_loader_will(labels, splits, table, w2v, source)
+
+    out.mkdir(parents=True, exist_ok=True)
+    _write_images_file(out / IMAGES_FILE, entries, splits)
+    unseen_names = [table.class_names[i] for i in unseen_ids]
+    log(f"msdn-tf custom: {len(entries)} images, {len(table.class_names)} classes ({len(unseen_names)} unseen: "
+        f"{_short(unseen_names, 6)}), {len(table.attribute_names)} attributes, vectors {w2v.shape}; splits "
+        f"trainval {splits['trainval_loc'].size} / test_seen {splits['test_seen_loc'].size} / test_unseen "
+        f"{splits['test_unseen_loc'].size}")
+
+    weights_spec = None if backbone is not None else _weights_spec(weights)
+    bid = "injected backbone" if backbone is not None else backbone_id(weights_spec, seed)
+    if backbone is None:
+        backbone = build_backbone(weights_spec, image_size, seed)
+    feature_path = out / FEATURE_FILE
+    extract_features([e.path for e in entries], str(feature_path), backbone, batch_size=batch_size,
+                     image_size=image_size, compression=compression, metadata=metadata, backbone_id=bid,
+                     overwrite=overwrite, restart=restart, progress=progress, log=log)
+    sources = {"images": str(images) if images is not None else None,
+               "csv": str(csv_file) if csv_file is not None else None,
+               "attributes": str(attributes), "unseen": str(unseen) if unseen is not None else None,
+               "unseen_fraction": unseen_fraction, "seed": int(seed),
+               "test_seen_fraction": test_seen_fraction, "val_fraction": val_fraction}
+    backbone_info = {"weights": weights_spec, "seed": int(seed), "image_size": int(image_size), "id": bid}
+    manifest = _manifest(table, entries, splits, unseen_names, w2v, wv_report, sources, backbone_info)
+    write_json(out / MANIFEST_FILE, manifest)
+    log(f"msdn-tf custom: wrote {feature_path}, {out / MANIFEST_FILE}, {out / IMAGES_FILE}")
+    return manifest
+
+
+def _check_inputs_given(images, csv_file, attribute_vectors, word_vectors, unseen, unseen_fraction) -> None:
+    """Exactly one image source, one vector source and at most one way of naming the unseen classes."""
     if (images is None) == (csv_file is None):
         raise DataError("give exactly one of --images DIR (class folders) or --csv FILE (path,class[,split])")
     if (attribute_vectors is None) == (word_vectors is None):
@@ -596,40 +641,45 @@ def prepare_dataset(out, *, attributes, images=None, csv_file=None, images_root=
                         "(word2vec text / GloVe, optionally .gz)")
     if unseen is not None and unseen_fraction is not None:
         raise DataError("give only one of --unseen FILE and --unseen-fraction F")
-    out = Path(out)
-    table = read_attribute_table(attributes, warn=log)
-    source = str(images if images is not None else csv_file)
-    entries = read_image_folder(images) if images is not None else read_image_csv(csv_file, images_root)
-    labels = match_classes(entries, table, source)
-    check_image_files(entries)
+
+
+def _choose_splits(entries, labels, table, source: str, unseen, unseen_fraction, test_seen_fraction: float,
+                   val_fraction: float, seed: int):
+    """``(splits, unseen_ids)``: from the CSV's split column, or drawn from the unseen classes given."""
     if entries[0].split is not None:
         splits, unseen_ids = given_splits(entries, labels, table, source,
                                           read_unseen_list(unseen) if unseen is not None else None)
         if unseen_fraction is not None:
             raise DataError(f"{source}: the split column fixes the unseen classes; drop --unseen-fraction")
         splits.update(class_disjoint_val(labels, splits["trainval_loc"], val_fraction, seed))
+        return splits, unseen_ids
+    if unseen is not None:
+        unseen_ids = resolve_unseen(table, read_unseen_list(unseen), str(unseen))
+    elif unseen_fraction is not None:
+        unseen_ids = resolve_unseen(table, choose_unseen(table.class_names, unseen_fraction, seed),
+                                    "--unseen-fraction")
     else:
-        if unseen is not None:
-            unseen_ids = resolve_unseen(table, read_unseen_list(unseen), str(unseen))
-        elif unseen_fraction is not None:
-            unseen_ids = resolve_unseen(table, choose_unseen(table.class_names, unseen_fraction, seed),
-                                        "--unseen-fraction")
-        else:
-            raise DataError("give the unseen classes: --unseen FILE or --unseen-fraction F (or a split column "
-                            "in --csv)")
-        splits = split_rows(labels, unseen_ids, table.class_names, test_seen_fraction=test_seen_fraction,
-                            val_fraction=val_fraction, seed=seed)
+        raise DataError("give the unseen classes: --unseen FILE or --unseen-fraction F (or a split column "
+                        "in --csv)")
+    splits = split_rows(labels, unseen_ids, table.class_names, test_seen_fraction=test_seen_fraction,
+                        val_fraction=val_fraction, seed=seed)
+    return splits, unseen_ids
+
+
+def _class_vectors(table, attribute_vectors, word_vectors, allow_missing_words: bool, allow_zero_vectors: bool,
+                   log: Callable[[str], None]):
+    """``(w2v (K, D), report)``: the attribute vectors given directly, or the §1.3 recipe on word vectors."""
     if attribute_vectors is not None:
         w2v = read_attribute_vectors_file(attribute_vectors, table.attribute_names)
-        wv_report = {"file": str(attribute_vectors), "given": True, "dim": int(w2v.shape[1])}
-    else:
-        from msdn_tf.data.wordvectors import attribute_vectors as from_words
+        return w2v, {"file": str(attribute_vectors), "given": True, "dim": int(w2v.shape[1])}
+    from msdn_tf.data.wordvectors import attribute_vectors as from_words
 
-        w2v, wv_report = from_words(table.attribute_names, word_vectors, allow_missing_words=allow_missing_words,
-                                    allow_zero_vectors=allow_zero_vectors, warn=log)
-    metadata = {"labels": labels, **splits, "att": table.values, "original_att": table.values, "w2v_att": w2v,
-                "allclasses_names": table.class_names, "attribute_names": table.attribute_names}
-    # The same checks the loader will make, before the (long) extraction.
+    return from_words(table.attribute_names, word_vectors, allow_missing_words=allow_missing_words,
+                      allow_zero_vectors=allow_zero_vectors, warn=log)
+
+
+def _check_as_loader_will(labels, splits: dict, table, w2v, source: str) -> None:
+    """The checks the loader will make (a :class:`ZSLData` of placeholder features), before the long extraction."""
     from msdn_tf.data.base import ArrayFeatures, class_attributes_for_model
 
     ZSLData(name="custom", features=ArrayFeatures(np.zeros((len(labels), 1, 1), np.float32)), labels=labels,
@@ -638,38 +688,36 @@ def prepare_dataset(out, *, attributes, images=None, csv_file=None, images_root=
             class_names=table.class_names, attribute_names=table.attribute_names,
             train_loc=splits.get("train_loc"), val_loc=splits.get("val_loc"), source=source)
 
-    out.mkdir(parents=True, exist_ok=True)
-    split_of = np.full(len(labels), "", dtype=object)
+
+def _write_images_file(path: Path, entries, splits: dict) -> None:
+    """``path,class,split`` for every image, in feature-row order (written atomically)."""
+    from msdn_tf.utils import atomic_write_text
+
+    split_of = np.full(len(entries), "", dtype=object)
     for key, name in (("trainval_loc", "trainval"), ("test_seen_loc", "test_seen"), ("test_unseen_loc", "test_unseen")):
         split_of[splits[key]] = name
     lines = ["path,class,split"] + [
         ",".join(_csv_cell(v) for v in (e.path, e.cls, split_of[i])) for i, e in enumerate(entries)]
-    atomic_write_text(out / IMAGES_FILE, "\n".join(lines) + "\n")
-    unseen_names = [table.class_names[i] for i in unseen_ids]
-    log(f"msdn-tf custom: {len(entries)} images, {len(table.class_names)} classes ({len(unseen_names)} unseen: "
-        f"{_short(unseen_names, 6)}), {len(table.attribute_names)} attributes, vectors {w2v.shape}; splits "
-        f"trainval {splits['trainval_loc'].size} / test_seen {splits['test_seen_loc'].size} / test_unseen "
-        f"{splits['test_unseen_loc'].size}")
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
-    weights_spec = None if backbone is not None else (
-        "none" if weights in (None, "none", "None") else weights if weights == "imagenet" else os.path.abspath(weights))
-    bid = "injected backbone" if backbone is not None else backbone_id(weights_spec, seed)
-    if backbone is None:
-        backbone = build_backbone(weights_spec, image_size, seed)
-    feature_path = out / FEATURE_FILE
-    extract_features([e.path for e in entries], str(feature_path), backbone, batch_size=batch_size,
-                     image_size=image_size, compression=compression, metadata=metadata, backbone_id=bid,
-                     overwrite=overwrite, restart=restart, progress=progress, log=log)
-    manifest = {
+
+def _weights_spec(weights) -> str:
+    """What the manifest records for ``--weights``: ``"none"``, ``"imagenet"`` or an absolute file path."""
+    if weights in (None, "none", "None"):
+        return "none"
+    return weights if weights == "imagenet" else os.path.abspath(weights)
+
+
+def _manifest(table, entries, splits: dict, unseen_names, w2v, wv_report: dict, sources: dict,
+              backbone_info: dict) -> dict:
+    """The ``custom.json`` of a prepared folder: sources, names, sizes, vectors, backbone and a probe image."""
+    probe_row = int(splits["test_unseen_loc"][0])
+    return {
         "format": MANIFEST_FORMAT,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "feature_file": FEATURE_FILE,
         "images_file": IMAGES_FILE,
-        "sources": {"images": str(images) if images is not None else None,
-                    "csv": str(csv_file) if csv_file is not None else None,
-                    "attributes": str(attributes), "unseen": str(unseen) if unseen is not None else None,
-                    "unseen_fraction": unseen_fraction, "seed": int(seed),
-                    "test_seen_fraction": test_seen_fraction, "val_fraction": val_fraction},
+        "sources": sources,
         "class_names": table.class_names,
         "attribute_names": table.attribute_names,
         "unseen_classes": unseen_names,
@@ -677,13 +725,9 @@ def prepare_dataset(out, *, attributes, images=None, csv_file=None, images_root=
                   "attributes": len(table.attribute_names), "vector_dim": int(w2v.shape[1]),
                   **{k: int(v.size) for k, v in splits.items()}},
         "attribute_vectors": wv_report,
-        "backbone": {"weights": weights_spec, "seed": int(seed), "image_size": int(image_size), "id": bid},
-        "probe": {"row": int(splits["test_unseen_loc"][0]), "path": entries[int(splits["test_unseen_loc"][0])].path,
-                  "class": entries[int(splits["test_unseen_loc"][0])].cls},
+        "backbone": backbone_info,
+        "probe": {"row": probe_row, "path": entries[probe_row].path, "class": entries[probe_row].cls},
     }
-    write_json(out / MANIFEST_FILE, manifest)
-    log(f"msdn-tf custom: wrote {feature_path}, {out / MANIFEST_FILE}, {out / IMAGES_FILE}")
-    return manifest
 
 
 def _csv_cell(value) -> str:
