@@ -209,6 +209,25 @@ def read_attribute_table(path, warn: Callable[[str], None] = _stderr) -> Attribu
         for constant attribute columns and classes whose row is all zeros.
     """
     path = Path(path)
+    rows = _read_table_rows(path)
+    attributes = _attribute_header(path, rows[0][1])
+    names, values, seen_at = [], [], {}
+    for lineno, r in rows[1:]:
+        cls = r[0].strip()
+        if not cls:
+            raise DataError(f"{path}: line {lineno}: empty class name")
+        if cls in seen_at:
+            raise DataError(f"{path}: line {lineno}: class {cls!r} is listed twice (first at line {seen_at[cls]})")
+        seen_at[cls] = lineno
+        names.append(cls)
+        values.append(_class_row(path, lineno, cls, attributes, [c.strip() for c in r[1:]]))
+    values = np.asarray(values, dtype=np.float64)
+    _warn_uninformative(path, names, attributes, values, warn)
+    return AttributeTable(names, attributes, values, str(path))
+
+
+def _read_table_rows(path: Path) -> list:
+    """``[(line number, cells)]`` of the non-blank rows (``.tsv``: tab-separated); a header and a class at least."""
     if not path.is_file():
         raise DataError(f"{path}: attribute table not found")
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
@@ -221,7 +240,12 @@ def read_attribute_table(path, warn: Callable[[str], None] = _stderr) -> Attribu
     if len(rows) < 2:
         raise DataError(f"{path}: the attribute table needs a header row (class, attribute names...) and one "
                         "row per class")
-    header = [c.strip() for c in rows[0][1]]
+    return rows
+
+
+def _attribute_header(path: Path, header_cells) -> list:
+    """The attribute names of the header row: present, non-empty and unique."""
+    header = [c.strip() for c in header_cells]
     attributes = header[1:]
     if not attributes:
         raise DataError(f"{path}: the header has no attribute names (first column: class, then one column per "
@@ -231,32 +255,30 @@ def read_attribute_table(path, warn: Callable[[str], None] = _stderr) -> Attribu
     dup = [a for a, n in Counter(attributes).items() if n > 1]
     if dup:
         raise DataError(f"{path}: duplicated attribute names in the header: {_short(dup)}")
-    names, values, seen_at = [], [], {}
-    for lineno, r in rows[1:]:
-        cls = r[0].strip()
-        if not cls:
-            raise DataError(f"{path}: line {lineno}: empty class name")
-        if cls in seen_at:
-            raise DataError(f"{path}: line {lineno}: class {cls!r} is listed twice (first at line {seen_at[cls]})")
-        seen_at[cls] = lineno
-        cells = [c.strip() for c in r[1:]]
-        if len(cells) != len(attributes):
-            raise DataError(f"{path}: line {lineno} (class {cls!r}) has {len(cells)} values, the header names "
-                            f"{len(attributes)} attributes")
-        row = []
-        for a, c in zip(attributes, cells):
-            try:
-                v = float(c) if c else float("nan")
-            except ValueError:
-                raise DataError(f"{path}: line {lineno}, class {cls!r}, attribute {a!r}: {c!r} is not a number")
-            if not np.isfinite(v):
-                raise DataError(f"{path}: line {lineno}, class {cls!r}, attribute {a!r}: value is "
-                                f"{'missing/NaN' if np.isnan(v) else 'infinite'}; every class needs a value for "
-                                "every attribute")
-            row.append(v)
-        names.append(cls)
-        values.append(row)
-    values = np.asarray(values, dtype=np.float64)
+    return attributes
+
+
+def _class_row(path: Path, lineno: int, cls: str, attributes, cells) -> list:
+    """One class's values: one finite number per attribute, else an error naming line, class and attribute."""
+    if len(cells) != len(attributes):
+        raise DataError(f"{path}: line {lineno} (class {cls!r}) has {len(cells)} values, the header names "
+                        f"{len(attributes)} attributes")
+    row = []
+    for a, c in zip(attributes, cells):
+        try:
+            v = float(c) if c else float("nan")
+        except ValueError:
+            raise DataError(f"{path}: line {lineno}, class {cls!r}, attribute {a!r}: {c!r} is not a number")
+        if not np.isfinite(v):
+            raise DataError(f"{path}: line {lineno}, class {cls!r}, attribute {a!r}: value is "
+                            f"{'missing/NaN' if np.isnan(v) else 'infinite'}; every class needs a value for "
+                            "every attribute")
+        row.append(v)
+    return row
+
+
+def _warn_uninformative(path: Path, names, attributes, values: np.ndarray, warn: Callable[[str], None]) -> None:
+    """Warn about attribute columns constant over all classes and classes whose row is all zeros."""
     constant = [a for j, a in enumerate(attributes) if np.all(values[:, j] == values[0, j])]
     if constant:
         warn(f"warning: {path}: {len(constant)} attribute column(s) are constant over all classes and carry no "
@@ -265,7 +287,6 @@ def read_attribute_table(path, warn: Callable[[str], None] = _stderr) -> Attribu
     if zero:
         warn(f"warning: {path}: class(es) {_short(zero)} have all-zero attributes; the model cannot tell them "
              "apart from anything")
-    return AttributeTable(names, attributes, values, str(path))
 
 
 # ---------------------------------------------------------------------------------------------
