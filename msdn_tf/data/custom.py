@@ -333,6 +333,53 @@ def choose_unseen(class_names: Sequence[str], fraction: float, seed: int) -> Lis
     return [class_names[i] for i in sorted(pick)]
 
 
+def _read_npy_vectors(path: Path) -> np.ndarray:
+    """A numeric ``.npy`` array (pickles refused)."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise DataError(f"{path}: not a numeric .npy array ({exc})") from exc
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def _read_csv_vectors(path: Path, attribute_names: Sequence[str]) -> np.ndarray:
+    """Rows of a CSV of vectors: by attribute name (first cell) or in table order; a header row skipped."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            rows = [(i, [c.strip() for c in r]) for i, r in enumerate(csv.reader(fh), 1) if r]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{path}: cannot read the attribute-vector CSV ({exc})") from exc
+    if rows and not all(_is_number(c) for c in rows[0][1][1:]):
+        rows = rows[1:]  # header
+    named = bool(rows) and not _is_number(rows[0][1][0])
+    by_name, plain = {}, []
+    for lineno, r in rows:
+        cells = r[1:] if named else r
+        try:
+            vec = [float(c) for c in cells]
+        except ValueError:
+            raise DataError(f"{path}: line {lineno} holds a value that is not a number") from None
+        if named:
+            by_name[r[0]] = vec
+        else:
+            plain.append(vec)
+    if named:
+        missing = [a for a in attribute_names if a not in by_name]
+        if missing:
+            raise DataError(f"{path}: no vector for attribute(s) {_short(missing)}")
+        plain = [by_name[a] for a in attribute_names]
+    if len({len(v) for v in plain}) > 1:
+        raise DataError(f"{path}: rows have different lengths {sorted({len(v) for v in plain})}")
+    return np.asarray(plain, dtype=np.float64)
+
+
 def read_attribute_vectors_file(path, attribute_names: Sequence[str]) -> np.ndarray:
     """``(K, D)`` vectors given directly: ``.npy`` (no pickles) or CSV.
 
@@ -344,47 +391,7 @@ def read_attribute_vectors_file(path, attribute_names: Sequence[str]) -> np.ndar
     k = len(attribute_names)
     if not path.is_file():
         raise DataError(f"{path}: attribute-vector file not found")
-    if path.suffix.lower() == ".npy":
-        try:
-            arr = np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as exc:
-            raise DataError(f"{path}: not a numeric .npy array ({exc})") from exc
-    else:
-        try:
-            with open(path, newline="", encoding="utf-8-sig") as fh:
-                rows = [(i, [c.strip() for c in r]) for i, r in enumerate(csv.reader(fh), 1) if r]
-        except (OSError, UnicodeDecodeError, csv.Error) as exc:
-            raise DataError(f"{path}: cannot read the attribute-vector CSV ({exc})") from exc
-
-        def number(s):
-            try:
-                float(s)
-                return True
-            except ValueError:
-                return False
-
-        if rows and not all(number(c) for c in rows[0][1][1:]):
-            rows = rows[1:]  # header
-        named = bool(rows) and not number(rows[0][1][0])
-        by_name, plain = {}, []
-        for lineno, r in rows:
-            cells = r[1:] if named else r
-            try:
-                vec = [float(c) for c in cells]
-            except ValueError:
-                raise DataError(f"{path}: line {lineno} holds a value that is not a number") from None
-            if named:
-                by_name[r[0]] = vec
-            else:
-                plain.append(vec)
-        if named:
-            missing = [a for a in attribute_names if a not in by_name]
-            if missing:
-                raise DataError(f"{path}: no vector for attribute(s) {_short(missing)}")
-            plain = [by_name[a] for a in attribute_names]
-        if len({len(v) for v in plain}) > 1:
-            raise DataError(f"{path}: rows have different lengths {sorted({len(v) for v in plain})}")
-        arr = np.asarray(plain, dtype=np.float64)
+    arr = _read_npy_vectors(path) if path.suffix.lower() == ".npy" else _read_csv_vectors(path, attribute_names)
     if arr.ndim != 2 or arr.shape[0] != k:
         raise DataError(f"{path}: attribute vectors must be (K={k}, D), one row per attribute of the table; got "
                         f"shape {arr.shape}")
