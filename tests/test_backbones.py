@@ -222,7 +222,7 @@ def test_documented_conversions(tmp_path):
 def test_extract_torchvision_path_writes_reference_maps_and_resumes(tmp_path, tv, tiny_model):
     import h5py
 
-    from msdn_tf import extract
+    from msdn_tf.data import extraction
 
     out = tmp_path / "f.hdf5"
     names = list(IMAGES)
@@ -235,11 +235,11 @@ def test_extract_torchvision_path_writes_reference_maps_and_resumes(tmp_path, tv
             raise Stop
 
     with pytest.raises(Stop):
-        extract.extract_features(names, out, backbone=tiny_model, images_root=IMG_DIR, batch_size=2,
+        extraction.extract_features(names, out, backbone=tiny_model, images_root=IMG_DIR, batch_size=2,
                                  image_size=SIZE, preprocessing="torchvision", progress=False,
                                  backbone_id="tiny", after_batch=stop_after_first)
     assert not out.exists() and os.path.exists(str(out) + ".partial")
-    extract.extract_features(names, out, backbone=tiny_model, images_root=IMG_DIR, batch_size=2,
+    extraction.extract_features(names, out, backbone=tiny_model, images_root=IMG_DIR, batch_size=2,
                              image_size=SIZE, preprocessing="torchvision", progress=False, backbone_id="tiny")
     with h5py.File(out) as f:
         fm = f["feature_map"][:]
@@ -250,6 +250,7 @@ def test_extract_torchvision_path_writes_reference_maps_and_resumes(tmp_path, tv
 
 def test_extract_cli_backbone_choice_and_errors(tmp_path, capsys):
     from msdn_tf import extract
+    from msdn_tf.data import extraction
 
     lst = tmp_path / "list.txt"
     lst.write_text("photo.jpg\n")
@@ -261,7 +262,7 @@ def test_extract_cli_backbone_choice_and_errors(tmp_path, capsys):
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"nope")
     with pytest.raises(DataError, match="bad.jpg: cannot read or decode"):
-        extract.extract_features([str(bad)], tmp_path / "b.hdf5", backbone=build_torchvision_resnet(BLOCKS, WIDTH),
+        extraction.extract_features([str(bad)], tmp_path / "b.hdf5", backbone=build_torchvision_resnet(BLOCKS, WIDTH),
                                  image_size=SIZE, preprocessing="torchvision", progress=False)
 
 

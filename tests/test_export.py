@@ -199,7 +199,7 @@ def test_cc_maps_and_images_signatures(setup, cc_binary, cc_default):
 
 
 def test_preprocessing_matches_extract(tmp_path):
-    from msdn_tf.extract import load_image as _load_image
+    from msdn_tf.backbones.keras_resnet import load_image as _load_image
 
     for i, (h, w) in enumerate([(50, 70), (81, 40)]):
         pixels = np.random.default_rng(i).integers(0, 256, (h, w, 3), dtype=np.uint8)

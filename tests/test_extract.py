@@ -16,6 +16,8 @@ tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
 from msdn_tf import extract  # noqa: E402
+from msdn_tf.backbones import keras_resnet  # noqa: E402
+from msdn_tf.data import extraction  # noqa: E402
 from msdn_tf.data.hdf5 import load_feature_map_hdf5  # noqa: E402
 from msdn_tf.errors import DataError  # noqa: E402
 
@@ -89,10 +91,10 @@ def _metadata_files(folder):
 def test_extract_writes_loadable_file(tmp_path, images, model):
     root, names = images
     meta_dir = _metadata_files(tmp_path / "meta")
-    meta = extract.build_metadata(LABELS, len(names), att_splits=str(meta_dir / "att_splits.mat"),
+    meta = extraction.build_metadata(LABELS, len(names), att_splits=str(meta_dir / "att_splits.mat"),
                                   attributes_pkl=str(meta_dir / "TOY_attribute.pkl"))
     out = tmp_path / "features.hdf5"
-    extract.extract_features(names, out, backbone=model, images_root=str(root), batch_size=4,
+    extraction.extract_features(names, out, backbone=model, images_root=str(root), batch_size=4,
                              image_size=IMAGE_SIZE, metadata=meta, progress=False)
     assert out.exists() and not Path(str(out) + ".partial").exists()
     data = load_feature_map_hdf5(str(out), name="toy")
@@ -104,7 +106,7 @@ def test_extract_writes_loadable_file(tmp_path, images, model):
         assert fmap.dtype == np.float32 and fmap.shape == (6, 8, 4, 4)
         assert f["feature_map"].compression == "gzip"
     # row i is image i, channel-first, through decode/resize/crop/preprocess_input
-    img = extract._load_image(tf.constant(str(root / names[1])), IMAGE_SIZE)
+    img = keras_resnet.load_image(tf.constant(str(root / names[1])), IMAGE_SIZE)
     ref = model(keras.applications.resnet.preprocess_input(img[None]), training=False)
     np.testing.assert_allclose(fmap[1], np.transpose(np.asarray(ref)[0], (2, 0, 1)), rtol=1e-5, atol=1e-5)
 
@@ -115,7 +117,7 @@ def test_resize_and_centre_crop(tmp_path):
     img[:, 40:] = 200
     path = str(tmp_path / "crop.png")
     tf.io.write_file(path, tf.io.encode_png(img))
-    out = extract._load_image(tf.constant(path), 32).numpy()
+    out = keras_resnet.load_image(tf.constant(path), 32).numpy()
     assert out.shape == (32, 32, 3)
     np.testing.assert_allclose(out[:, :14], 0, atol=1e-3)
     np.testing.assert_allclose(out[:, 18:], 200, atol=1e-3)
@@ -125,7 +127,7 @@ def test_resize_and_centre_crop(tmp_path):
 def test_interrupted_run_resumes_identically(tmp_path, images, model):
     root, names = images
     full = tmp_path / "full.hdf5"
-    extract.extract_features(names, full, backbone=model, images_root=str(root), batch_size=2,
+    extraction.extract_features(names, full, backbone=model, images_root=str(root), batch_size=2,
                              image_size=IMAGE_SIZE, progress=False)
 
     class Stop(Exception):
@@ -139,14 +141,14 @@ def test_interrupted_run_resumes_identically(tmp_path, images, model):
     partial = Path(str(out) + ".partial")
     first = Counting(model)
     with pytest.raises(Stop):
-        extract.extract_features(names, out, backbone=first, images_root=str(root), batch_size=2,
+        extraction.extract_features(names, out, backbone=first, images_root=str(root), batch_size=2,
                                  image_size=IMAGE_SIZE, progress=False, after_batch=stop_after_first)
     assert not out.exists() and partial.exists()
     assert first.images == 2
     with h5py.File(partial, "r") as f:
         assert int(f.attrs["done_count"]) == 2
     second = Counting(model)
-    extract.extract_features(names, out, backbone=second, images_root=str(root), batch_size=2,
+    extraction.extract_features(names, out, backbone=second, images_root=str(root), batch_size=2,
                              image_size=IMAGE_SIZE, progress=False)
     assert (second.calls, second.images) == (2, 4)  # done rows are not recomputed
     assert out.exists() and not partial.exists()
@@ -155,12 +157,12 @@ def test_interrupted_run_resumes_identically(tmp_path, images, model):
     assert fa.tobytes() == fb.tobytes()
     # a partial from another job is refused, --restart discards it
     with pytest.raises(Stop):
-        extract.extract_features(names, tmp_path / "x.hdf5", backbone=model, images_root=str(root), batch_size=2,
+        extraction.extract_features(names, tmp_path / "x.hdf5", backbone=model, images_root=str(root), batch_size=2,
                                  image_size=IMAGE_SIZE, progress=False, after_batch=stop_after_first)
     with pytest.raises(DataError, match="different job"):
-        extract.extract_features(names[:5], tmp_path / "x.hdf5", backbone=model, images_root=str(root),
+        extraction.extract_features(names[:5], tmp_path / "x.hdf5", backbone=model, images_root=str(root),
                                  batch_size=2, image_size=IMAGE_SIZE, progress=False)
-    extract.extract_features(names[:5], tmp_path / "x.hdf5", backbone=model, images_root=str(root), batch_size=2,
+    extraction.extract_features(names[:5], tmp_path / "x.hdf5", backbone=model, images_root=str(root), batch_size=2,
                              image_size=IMAGE_SIZE, progress=False, restart=True)
 
 
@@ -170,29 +172,29 @@ def test_unreadable_and_missing_images(tmp_path, images, model):
     bad.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg" * 4)
     paths = [str(root / n) for n in names[:3]] + [str(bad)] + [str(root / names[4])]
     with pytest.raises(DataError, match="broken.jpg: cannot read or decode"):
-        extract.extract_features(paths, tmp_path / "o.hdf5", backbone=model, batch_size=2,
+        extraction.extract_features(paths, tmp_path / "o.hdf5", backbone=model, batch_size=2,
                                  image_size=IMAGE_SIZE, progress=False)
     assert not (tmp_path / "o.hdf5").exists()
     with pytest.raises(DataError, match="1 image.*not found.*nothere.png"):
-        extract.extract_features(names + ["nothere.png"], tmp_path / "m.hdf5", backbone=model,
+        extraction.extract_features(names + ["nothere.png"], tmp_path / "m.hdf5", backbone=model,
                                  images_root=str(root), image_size=IMAGE_SIZE, progress=False)
 
 
 def test_image_lists_and_path_resolution(tmp_path, images):
     root, names = images
     (tmp_path / "list.txt").write_text("\n".join(names) + "\n")
-    assert extract.read_image_list(str(tmp_path / "list.txt")) == (names, None)
+    assert extraction.read_image_list(str(tmp_path / "list.txt")) == (names, None)
     (tmp_path / "list.csv").write_text("path,label\n" + "".join(f"{n},{lab}\n" for n, lab in zip(names, LABELS)))
-    files, labels = extract.read_image_list(str(tmp_path / "list.csv"))
+    files, labels = extraction.read_image_list(str(tmp_path / "list.csv"))
     assert files == names and labels.tolist() == LABELS.tolist()
     # res101.mat stores absolute paths of another machine: leading parts are dropped
     cell = np.empty((6, 1), dtype=object)
     for i, n in enumerate(names):
         cell[i, 0] = np.array([f"/BS/xian/work/data/{n}"])
     scipy.io.savemat(str(tmp_path / "res101.mat"), {"image_files": cell, "labels": (LABELS + 1).reshape(-1, 1)})
-    files, labels = extract.read_image_list(str(tmp_path / "res101.mat"))
+    files, labels = extraction.read_image_list(str(tmp_path / "res101.mat"))
     assert labels.tolist() == LABELS.tolist()
-    assert extract.resolve_image_paths(str(root), files) == [os.path.join(str(root), n) for n in names]
+    assert extraction.resolve_image_paths(str(root), files) == [os.path.join(str(root), n) for n in names]
 
 
 def test_cli_resnet101_and_weights_errors(tmp_path, images, capsys):
@@ -214,7 +216,7 @@ def test_cli_resnet101_and_weights_errors(tmp_path, images, capsys):
     assert rc == 2
     assert "absent.weights.h5: weights file not found" in capsys.readouterr().err
     with pytest.raises(DataError, match="absent.h5: weights file not found"):
-        extract.build_backbone(str(tmp_path / "absent.h5"), 64)
+        keras_resnet.build_backbone(str(tmp_path / "absent.h5"), 64)
     help_text = extract._parser().format_help()
     assert "torchvision" in help_text and "TransZero" in help_text
 
@@ -223,13 +225,13 @@ KILL_SCRIPT = """
 import os, signal, sys
 sys.path.insert(0, {repo!r})
 import keras
-from msdn_tf import extract
+from msdn_tf.data import extraction
 inp = keras.Input(({s}, {s}, 3))
 x = keras.layers.Conv2D(8, 3, strides=8, padding="same", kernel_initializer=keras.initializers.RandomNormal(seed=1),
                         bias_initializer="ones")(inp)
 model = keras.Model(inp, keras.layers.ReLU()(x))
 kill = lambda done: os.kill(os.getpid(), signal.SIGKILL) if done >= 4 else None
-extract.extract_features({names!r}, {out!r}, backbone=model, images_root={root!r}, batch_size=2,
+extraction.extract_features({names!r}, {out!r}, backbone=model, images_root={root!r}, batch_size=2,
                          image_size={s}, progress=False, after_batch=kill)
 """
 
@@ -245,11 +247,11 @@ def test_killed_process_leaves_no_output(tmp_path, images, model):
     with h5py.File(partial, "r") as f:
         assert int(f.attrs["done_count"]) == 4
     resumed = Counting(model)
-    extract.extract_features(names, out, backbone=resumed, images_root=str(root), batch_size=2,
+    extraction.extract_features(names, out, backbone=resumed, images_root=str(root), batch_size=2,
                              image_size=IMAGE_SIZE, progress=False)
     assert resumed.images == 2
     full = tmp_path / "full.hdf5"
-    extract.extract_features(names, full, backbone=model, images_root=str(root), batch_size=2,
+    extraction.extract_features(names, full, backbone=model, images_root=str(root), batch_size=2,
                              image_size=IMAGE_SIZE, progress=False)
     with h5py.File(full, "r") as a, h5py.File(out, "r") as b:
         assert a["feature_map"][()].tobytes() == b["feature_map"][()].tobytes()

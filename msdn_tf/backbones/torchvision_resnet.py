@@ -42,6 +42,7 @@ Reference:
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
@@ -50,6 +51,8 @@ import numpy as np
 from msdn_tf.errors import DataError
 
 __all__ = [
+    "TORCHVISION_WEIGHTS_HINT",
+    "build_torchvision_backbone",
     "RESNET101_BLOCKS",
     "BN_EPSILON",
     "MSDN_CHILD_INDEX",
@@ -413,3 +416,27 @@ def load_backbone_file(path, blocks: Optional[Sequence[int]] = RESNET101_BLOCKS,
     load_torchvision_weights(model, trunk, path)
     return model, {"source": path, "format": fmt, "blocks": list(blocks), "width": int(width),
                    "tensors": len(trunk)}
+
+
+TORCHVISION_WEIGHTS_HINT = (
+    "--backbone torchvision_resnet101 needs --weights FILE: a torchvision resnet101 state_dict (the ImageNet V1 "
+    "weights the reference used: https://download.pytorch.org/models/resnet101-63fe2227.pth) or a released MSDN "
+    "checkpoint (CUB_MSDN_GZSL.pth...)")
+
+
+def build_torchvision_backbone(weights, image_size: Optional[int] = None):
+    """torchvision-layout ResNet-101 trunk with weights from a ``.pth``/``.npz`` file.
+
+    Args:
+        weights: a torchvision ``resnet101`` state_dict (e.g. ``resnet101-63fe2227.pth``,
+            the ImageNet V1 weights TransZero/MSDN used), a released MSDN checkpoint
+            (its ``resnet101.*`` keys) or the ``backbone_resnet101.npz`` that
+            ``msdn_tf.convert`` writes into a run directory.
+    """
+    if weights in (None, "", "imagenet", "none", "None"):
+        raise DataError(TORCHVISION_WEIGHTS_HINT)
+    if not os.path.isfile(str(weights)):
+        raise DataError(f"{weights}: weights file not found")
+    model, _ = load_backbone_file(str(weights), image_size=image_size)
+    return model
+

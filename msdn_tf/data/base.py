@@ -13,11 +13,21 @@ vectors ``(n, R, F)``.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Optional, Protocol, Sequence
 
 import numpy as np
 
 from msdn_tf.errors import DataError
+
+
+def check_data_dir(data_dir) -> Path:
+    """``data_dir`` as a Path; a :class:`DataError` if it names a file rather than a folder."""
+    folder = Path(data_dir)
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"--data-dir {folder}: is a file, not a directory; pass the folder that holds "
+                        "the dataset's files")
+    return folder
 
 
 class FeatureSource(Protocol):
@@ -219,6 +229,14 @@ def validate(data: ZSLData) -> None:
     class appears in trainval, test_seen only holds seen classes, and the
     optional ``train_loc``/``val_loc`` lie inside trainval.
     """
+    _check_shapes(data)
+    _check_finite(data)
+    _check_labels_and_rows(data)
+    _check_split_classes(data)
+
+
+def _check_shapes(data: ZSLData) -> None:
+    """Features (N, R, F), N labels, ``att`` (C, K), ``w2v`` (K, D), C class and K attribute names."""
     src = data.source
     n = int(data.features.shape[0])
     if len(data.features.shape) != 3:
@@ -238,14 +256,25 @@ def validate(data: ZSLData) -> None:
         raise DataError(f"{src}: {len(data.class_names)} class names but 'att' has {c} classes")
     if len(data.attribute_names) != k:
         raise DataError(f"{src}: {len(data.attribute_names)} attribute names but 'att' has {k} attributes")
+
+
+def _check_finite(data: ZSLData) -> None:
+    """No NaN or infinite value in ``att`` or ``w2v``; the error names the classes/attributes."""
     bad = np.flatnonzero(~np.isfinite(data.att).all(axis=1))
     if bad.size:
-        raise DataError(f"{src}: 'att' (class attributes) holds NaN or infinite values for class(es) "
+        raise DataError(f"{data.source}: 'att' (class attributes) holds NaN or infinite values for class(es) "
                         f"{[data.class_names[i] for i in bad[:10]]}")
     bad = np.flatnonzero(~np.isfinite(data.w2v).all(axis=1))
     if bad.size:
-        raise DataError(f"{src}: 'w2v_att' (attribute word vectors) holds NaN or infinite values for "
+        raise DataError(f"{data.source}: 'w2v_att' (attribute word vectors) holds NaN or infinite values for "
                         f"attribute(s) {[data.attribute_names[i] for i in bad[:10]]}")
+
+
+def _check_labels_and_rows(data: ZSLData) -> None:
+    """Labels in ``[0, C)``; every split non-empty (the main three), in ``[0, N)`` and without repeats."""
+    src = data.source
+    n = int(data.features.shape[0])
+    c = data.att.shape[0]
     if n and (data.labels.min() < 0 or data.labels.max() >= c):
         raise DataError(
             f"{src}: 'labels' must be 0-based class ids in [0, {c}), found range "
@@ -268,6 +297,11 @@ def validate(data: ZSLData) -> None:
             raise DataError(f"{src}: '{key}' lists {loc.size - unique.size} row(s) more than once "
                             f"(e.g. row {int(dup[0])} {int(counts[counts > 1][0])} times); each image "
                             "belongs in a split once")
+
+
+def _check_split_classes(data: ZSLData) -> None:
+    """Seen and unseen classes disjoint, test_seen only seen classes, train/val inside trainval."""
+    src = data.source
     seen, unseen = data.seen_classes, data.unseen_classes
     both = np.intersect1d(seen, unseen)
     if both.size:

@@ -283,18 +283,7 @@ def write_cache(out_path: str, shape: tuple, read_chunk: Callable[[int, int], np
                                                       "fortran_order": False, "shape": (n, r, f)})
             for start in range(0, n, chunk_rows):
                 stop = min(n, start + chunk_rows)
-                x = np.asarray(read_chunk(start, stop))
-                if x.shape != (stop - start, r, f):
-                    raise DataError(f"rows {start}:{stop} have shape {x.shape}, expected {(stop - start, r, f)}")
-                if normalize:
-                    x = normalize_regions(x)
-                finite = np.isfinite(x.reshape(stop - start, -1)).all(axis=1)
-                if not finite.all():
-                    rows = start + np.flatnonzero(~finite)
-                    where = (source or {}).get("path", "the source")
-                    raise DataError(f"{where}: feature row(s) {rows[:10].tolist()}"
-                                    f"{' ...' if rows.size > 10 else ''} hold NaN or infinite values; "
-                                    "fix or drop these images (no cache was written)")
+                x = _checked_chunk(read_chunk, start, stop, (r, f), normalize, source)
                 fh.write(np.ascontiguousarray(x, dtype=dt).tobytes())
                 if bar is not None:
                     bar.update(stop - start)
@@ -307,10 +296,7 @@ def write_cache(out_path: str, shape: tuple, read_chunk: Callable[[int, int], np
                 "normalized": bool(normalize), "norm_eps": NORM_EPS, "source": source or {},
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "seconds": round(time.time() - started, 2), **(extra or {})}
-        side_tmp = f"{side}.tmp-{os.getpid()}"
-        with open(side_tmp, "w") as fh:
-            json.dump(meta, fh, indent=2)
-        os.replace(side_tmp, side)
+        _write_sidecar(side, meta)
     except OSError as exc:
         if exc.filename is None:  # e.g. ENOSPC from write/fsync: name the file being written
             raise OSError(exc.errno, exc.strerror or str(exc), tmp) from exc
@@ -321,6 +307,32 @@ def write_cache(out_path: str, shape: tuple, read_chunk: Callable[[int, int], np
         if os.path.exists(tmp):
             os.remove(tmp)
     return out_path
+
+
+def _checked_chunk(read_chunk, start: int, stop: int, row_shape: tuple, normalize: bool,
+                   source: Optional[dict]) -> np.ndarray:
+    """Rows ``start:stop`` from ``read_chunk``: shape checked, normalised per region if asked, all finite."""
+    x = np.asarray(read_chunk(start, stop))
+    if x.shape != (stop - start,) + tuple(row_shape):
+        raise DataError(f"rows {start}:{stop} have shape {x.shape}, expected {(stop - start,) + tuple(row_shape)}")
+    if normalize:
+        x = normalize_regions(x)
+    finite = np.isfinite(x.reshape(stop - start, -1)).all(axis=1)
+    if not finite.all():
+        rows = start + np.flatnonzero(~finite)
+        where = (source or {}).get("path", "the source")
+        raise DataError(f"{where}: feature row(s) {rows[:10].tolist()}"
+                        f"{' ...' if rows.size > 10 else ''} hold NaN or infinite values; "
+                        "fix or drop these images (no cache was written)")
+    return x
+
+
+def _write_sidecar(side: str, meta: dict) -> None:
+    """Write the JSON sidecar through a temporary file renamed into place."""
+    side_tmp = f"{side}.tmp-{os.getpid()}"
+    with open(side_tmp, "w") as fh:
+        json.dump(meta, fh, indent=2)
+    os.replace(side_tmp, side)
 
 
 def _hdf5_reader(path: str, key: str = "feature_map"):

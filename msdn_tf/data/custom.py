@@ -2,7 +2,7 @@
 
 ``python -m msdn_tf.custom prepare`` (:func:`prepare_dataset`) reads the user's
 format, validates it, computes the splits and the attribute vectors, and
-extracts ResNet-101 feature maps through :func:`msdn_tf.extract.extract_features`
+extracts ResNet-101 feature maps through :func:`msdn_tf.data.extraction.extract_features`
 into a prepared folder ``DATA_DIR``:
 
 * ``features.hdf5``: the docs/reference.md §1.1 layout (``feature_map``, ``labels``,
@@ -209,6 +209,25 @@ def read_attribute_table(path, warn: Callable[[str], None] = _stderr) -> Attribu
         for constant attribute columns and classes whose row is all zeros.
     """
     path = Path(path)
+    rows = _read_table_rows(path)
+    attributes = _attribute_header(path, rows[0][1])
+    names, values, seen_at = [], [], {}
+    for lineno, r in rows[1:]:
+        cls = r[0].strip()
+        if not cls:
+            raise DataError(f"{path}: line {lineno}: empty class name")
+        if cls in seen_at:
+            raise DataError(f"{path}: line {lineno}: class {cls!r} is listed twice (first at line {seen_at[cls]})")
+        seen_at[cls] = lineno
+        names.append(cls)
+        values.append(_class_row(path, lineno, cls, attributes, [c.strip() for c in r[1:]]))
+    values = np.asarray(values, dtype=np.float64)
+    _warn_uninformative(path, names, attributes, values, warn)
+    return AttributeTable(names, attributes, values, str(path))
+
+
+def _read_table_rows(path: Path) -> list:
+    """``[(line number, cells)]`` of the non-blank rows (``.tsv``: tab-separated); a header and a class at least."""
     if not path.is_file():
         raise DataError(f"{path}: attribute table not found")
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
@@ -221,7 +240,12 @@ def read_attribute_table(path, warn: Callable[[str], None] = _stderr) -> Attribu
     if len(rows) < 2:
         raise DataError(f"{path}: the attribute table needs a header row (class, attribute names...) and one "
                         "row per class")
-    header = [c.strip() for c in rows[0][1]]
+    return rows
+
+
+def _attribute_header(path: Path, header_cells) -> list:
+    """The attribute names of the header row: present, non-empty and unique."""
+    header = [c.strip() for c in header_cells]
     attributes = header[1:]
     if not attributes:
         raise DataError(f"{path}: the header has no attribute names (first column: class, then one column per "
@@ -231,32 +255,30 @@ def read_attribute_table(path, warn: Callable[[str], None] = _stderr) -> Attribu
     dup = [a for a, n in Counter(attributes).items() if n > 1]
     if dup:
         raise DataError(f"{path}: duplicated attribute names in the header: {_short(dup)}")
-    names, values, seen_at = [], [], {}
-    for lineno, r in rows[1:]:
-        cls = r[0].strip()
-        if not cls:
-            raise DataError(f"{path}: line {lineno}: empty class name")
-        if cls in seen_at:
-            raise DataError(f"{path}: line {lineno}: class {cls!r} is listed twice (first at line {seen_at[cls]})")
-        seen_at[cls] = lineno
-        cells = [c.strip() for c in r[1:]]
-        if len(cells) != len(attributes):
-            raise DataError(f"{path}: line {lineno} (class {cls!r}) has {len(cells)} values, the header names "
-                            f"{len(attributes)} attributes")
-        row = []
-        for a, c in zip(attributes, cells):
-            try:
-                v = float(c) if c else float("nan")
-            except ValueError:
-                raise DataError(f"{path}: line {lineno}, class {cls!r}, attribute {a!r}: {c!r} is not a number")
-            if not np.isfinite(v):
-                raise DataError(f"{path}: line {lineno}, class {cls!r}, attribute {a!r}: value is "
-                                f"{'missing/NaN' if np.isnan(v) else 'infinite'}; every class needs a value for "
-                                "every attribute")
-            row.append(v)
-        names.append(cls)
-        values.append(row)
-    values = np.asarray(values, dtype=np.float64)
+    return attributes
+
+
+def _class_row(path: Path, lineno: int, cls: str, attributes, cells) -> list:
+    """One class's values: one finite number per attribute, else an error naming line, class and attribute."""
+    if len(cells) != len(attributes):
+        raise DataError(f"{path}: line {lineno} (class {cls!r}) has {len(cells)} values, the header names "
+                        f"{len(attributes)} attributes")
+    row = []
+    for a, c in zip(attributes, cells):
+        try:
+            v = float(c) if c else float("nan")
+        except ValueError:
+            raise DataError(f"{path}: line {lineno}, class {cls!r}, attribute {a!r}: {c!r} is not a number")
+        if not np.isfinite(v):
+            raise DataError(f"{path}: line {lineno}, class {cls!r}, attribute {a!r}: value is "
+                            f"{'missing/NaN' if np.isnan(v) else 'infinite'}; every class needs a value for "
+                            "every attribute")
+        row.append(v)
+    return row
+
+
+def _warn_uninformative(path: Path, names, attributes, values: np.ndarray, warn: Callable[[str], None]) -> None:
+    """Warn about attribute columns constant over all classes and classes whose row is all zeros."""
     constant = [a for j, a in enumerate(attributes) if np.all(values[:, j] == values[0, j])]
     if constant:
         warn(f"warning: {path}: {len(constant)} attribute column(s) are constant over all classes and carry no "
@@ -265,7 +287,6 @@ def read_attribute_table(path, warn: Callable[[str], None] = _stderr) -> Attribu
     if zero:
         warn(f"warning: {path}: class(es) {_short(zero)} have all-zero attributes; the model cannot tell them "
              "apart from anything")
-    return AttributeTable(names, attributes, values, str(path))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,6 +333,53 @@ def choose_unseen(class_names: Sequence[str], fraction: float, seed: int) -> Lis
     return [class_names[i] for i in sorted(pick)]
 
 
+def _read_npy_vectors(path: Path) -> np.ndarray:
+    """A numeric ``.npy`` array (pickles refused)."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise DataError(f"{path}: not a numeric .npy array ({exc})") from exc
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def _read_csv_vectors(path: Path, attribute_names: Sequence[str]) -> np.ndarray:
+    """Rows of a CSV of vectors: by attribute name (first cell) or in table order; a header row skipped."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            rows = [(i, [c.strip() for c in r]) for i, r in enumerate(csv.reader(fh), 1) if r]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{path}: cannot read the attribute-vector CSV ({exc})") from exc
+    if rows and not all(_is_number(c) for c in rows[0][1][1:]):
+        rows = rows[1:]  # header
+    named = bool(rows) and not _is_number(rows[0][1][0])
+    by_name, plain = {}, []
+    for lineno, r in rows:
+        cells = r[1:] if named else r
+        try:
+            vec = [float(c) for c in cells]
+        except ValueError:
+            raise DataError(f"{path}: line {lineno} holds a value that is not a number") from None
+        if named:
+            by_name[r[0]] = vec
+        else:
+            plain.append(vec)
+    if named:
+        missing = [a for a in attribute_names if a not in by_name]
+        if missing:
+            raise DataError(f"{path}: no vector for attribute(s) {_short(missing)}")
+        plain = [by_name[a] for a in attribute_names]
+    if len({len(v) for v in plain}) > 1:
+        raise DataError(f"{path}: rows have different lengths {sorted({len(v) for v in plain})}")
+    return np.asarray(plain, dtype=np.float64)
+
+
 def read_attribute_vectors_file(path, attribute_names: Sequence[str]) -> np.ndarray:
     """``(K, D)`` vectors given directly: ``.npy`` (no pickles) or CSV.
 
@@ -323,47 +391,7 @@ def read_attribute_vectors_file(path, attribute_names: Sequence[str]) -> np.ndar
     k = len(attribute_names)
     if not path.is_file():
         raise DataError(f"{path}: attribute-vector file not found")
-    if path.suffix.lower() == ".npy":
-        try:
-            arr = np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as exc:
-            raise DataError(f"{path}: not a numeric .npy array ({exc})") from exc
-    else:
-        try:
-            with open(path, newline="", encoding="utf-8-sig") as fh:
-                rows = [(i, [c.strip() for c in r]) for i, r in enumerate(csv.reader(fh), 1) if r]
-        except (OSError, UnicodeDecodeError, csv.Error) as exc:
-            raise DataError(f"{path}: cannot read the attribute-vector CSV ({exc})") from exc
-
-        def number(s):
-            try:
-                float(s)
-                return True
-            except ValueError:
-                return False
-
-        if rows and not all(number(c) for c in rows[0][1][1:]):
-            rows = rows[1:]  # header
-        named = bool(rows) and not number(rows[0][1][0])
-        by_name, plain = {}, []
-        for lineno, r in rows:
-            cells = r[1:] if named else r
-            try:
-                vec = [float(c) for c in cells]
-            except ValueError:
-                raise DataError(f"{path}: line {lineno} holds a value that is not a number") from None
-            if named:
-                by_name[r[0]] = vec
-            else:
-                plain.append(vec)
-        if named:
-            missing = [a for a in attribute_names if a not in by_name]
-            if missing:
-                raise DataError(f"{path}: no vector for attribute(s) {_short(missing)}")
-            plain = [by_name[a] for a in attribute_names]
-        if len({len(v) for v in plain}) > 1:
-            raise DataError(f"{path}: rows have different lengths {sorted({len(v) for v in plain})}")
-        arr = np.asarray(plain, dtype=np.float64)
+    arr = _read_npy_vectors(path) if path.suffix.lower() == ".npy" else _read_csv_vectors(path, attribute_names)
     if arr.ndim != 2 or arr.shape[0] != k:
         raise DataError(f"{path}: attribute vectors must be (K={k}, D), one row per attribute of the table; got "
                         f"shape {arr.shape}")
@@ -495,9 +523,9 @@ def backbone_id(weights: str, seed: int) -> str:
 
 
 def build_backbone(weights: str = "imagenet", image_size: int = 448, seed: int = 0):
-    """:func:`msdn_tf.extract.build_backbone`; with ``weights="none"`` the random weights are
+    """:func:`msdn_tf.backbones.keras_resnet.build_backbone`; with ``weights="none"`` the random weights are
     made reproducible by seeding first (same weights in every process for the same seed)."""
-    from msdn_tf.extract import build_backbone as build
+    from msdn_tf.backbones.keras_resnet import build_backbone as build
 
     if weights in (None, "none", "None"):
         import keras
@@ -525,7 +553,7 @@ def backbone_for_data_dir(data_dir, log: Callable[[str], None] = _stderr):
         return None, None, f"cannot rebuild the backbone ({exc})"
     probe = manifest.get("probe")
     if probe and os.path.isfile(probe["path"]):
-        from msdn_tf.extract import load_image
+        from msdn_tf.backbones.keras_resnet import load_image
 
         import keras
 
@@ -576,7 +604,7 @@ def prepare_dataset(out, *, attributes, images=None, csv_file=None, images_root=
         allow_missing_words, allow_zero_vectors: see :func:`msdn_tf.data.wordvectors.attribute_vectors`.
         test_seen_fraction: share of each seen class's images held out as test_seen.
         val_fraction: share of the seen classes in a class-disjoint validation split (0: none).
-        weights, image_size, batch_size, compression: feature extraction (:mod:`msdn_tf.extract`).
+        weights, image_size, batch_size, compression: feature extraction (:mod:`msdn_tf.data.extraction`).
         backbone: an injected backbone (tests); ``weights`` is then only recorded.
         overwrite: replace an existing prepared folder's feature file. restart: discard a partial one.
 
@@ -586,9 +614,54 @@ def prepare_dataset(out, *, attributes, images=None, csv_file=None, images_root=
     Raises:
         DataError: anything wrong with the inputs, naming the file and the class/attribute/row.
     """
-    from msdn_tf.extract import extract_features
-    from msdn_tf.utils import atomic_write_text, write_json
+    from msdn_tf.data.extraction import extract_features
+    from msdn_tf.utils import write_json
 
+    _check_inputs_given(images, csv_file, attribute_vectors, word_vectors, unseen, unseen_fraction)
+    out = Path(out)
+    table = read_attribute_table(attributes, warn=log)
+    source = str(images if images is not None else csv_file)
+    entries = read_image_folder(images) if images is not None else read_image_csv(csv_file, images_root)
+    labels = match_classes(entries, table, source)
+    check_image_files(entries)
+    splits, unseen_ids = _choose_splits(entries, labels, table, source, unseen, unseen_fraction,
+                                        test_seen_fraction, val_fraction, seed)
+    w2v, wv_report = _class_vectors(table, attribute_vectors, word_vectors, allow_missing_words,
+                                    allow_zero_vectors, log)
+    metadata = {"labels": labels, **splits, "att": table.values, "original_att": table.values, "w2v_att": w2v,
+                "allclasses_names": table.class_names, "attribute_names": table.attribute_names}
+    _check_as_loader_will(labels, splits, table, w2v, source)
+
+    out.mkdir(parents=True, exist_ok=True)
+    _write_images_file(out / IMAGES_FILE, entries, splits)
+    unseen_names = [table.class_names[i] for i in unseen_ids]
+    log(f"msdn-tf custom: {len(entries)} images, {len(table.class_names)} classes ({len(unseen_names)} unseen: "
+        f"{_short(unseen_names, 6)}), {len(table.attribute_names)} attributes, vectors {w2v.shape}; splits "
+        f"trainval {splits['trainval_loc'].size} / test_seen {splits['test_seen_loc'].size} / test_unseen "
+        f"{splits['test_unseen_loc'].size}")
+
+    weights_spec = None if backbone is not None else _weights_spec(weights)
+    bid = "injected backbone" if backbone is not None else backbone_id(weights_spec, seed)
+    if backbone is None:
+        backbone = build_backbone(weights_spec, image_size, seed)
+    feature_path = out / FEATURE_FILE
+    extract_features([e.path for e in entries], str(feature_path), backbone, batch_size=batch_size,
+                     image_size=image_size, compression=compression, metadata=metadata, backbone_id=bid,
+                     overwrite=overwrite, restart=restart, progress=progress, log=log)
+    sources = {"images": str(images) if images is not None else None,
+               "csv": str(csv_file) if csv_file is not None else None,
+               "attributes": str(attributes), "unseen": str(unseen) if unseen is not None else None,
+               "unseen_fraction": unseen_fraction, "seed": int(seed),
+               "test_seen_fraction": test_seen_fraction, "val_fraction": val_fraction}
+    backbone_info = {"weights": weights_spec, "seed": int(seed), "image_size": int(image_size), "id": bid}
+    manifest = _manifest(table, entries, splits, unseen_names, w2v, wv_report, sources, backbone_info)
+    write_json(out / MANIFEST_FILE, manifest)
+    log(f"msdn-tf custom: wrote {feature_path}, {out / MANIFEST_FILE}, {out / IMAGES_FILE}")
+    return manifest
+
+
+def _check_inputs_given(images, csv_file, attribute_vectors, word_vectors, unseen, unseen_fraction) -> None:
+    """Exactly one image source, one vector source and at most one way of naming the unseen classes."""
     if (images is None) == (csv_file is None):
         raise DataError("give exactly one of --images DIR (class folders) or --csv FILE (path,class[,split])")
     if (attribute_vectors is None) == (word_vectors is None):
@@ -596,40 +669,45 @@ def prepare_dataset(out, *, attributes, images=None, csv_file=None, images_root=
                         "(word2vec text / GloVe, optionally .gz)")
     if unseen is not None and unseen_fraction is not None:
         raise DataError("give only one of --unseen FILE and --unseen-fraction F")
-    out = Path(out)
-    table = read_attribute_table(attributes, warn=log)
-    source = str(images if images is not None else csv_file)
-    entries = read_image_folder(images) if images is not None else read_image_csv(csv_file, images_root)
-    labels = match_classes(entries, table, source)
-    check_image_files(entries)
+
+
+def _choose_splits(entries, labels, table, source: str, unseen, unseen_fraction, test_seen_fraction: float,
+                   val_fraction: float, seed: int):
+    """``(splits, unseen_ids)``: from the CSV's split column, or drawn from the unseen classes given."""
     if entries[0].split is not None:
         splits, unseen_ids = given_splits(entries, labels, table, source,
                                           read_unseen_list(unseen) if unseen is not None else None)
         if unseen_fraction is not None:
             raise DataError(f"{source}: the split column fixes the unseen classes; drop --unseen-fraction")
         splits.update(class_disjoint_val(labels, splits["trainval_loc"], val_fraction, seed))
+        return splits, unseen_ids
+    if unseen is not None:
+        unseen_ids = resolve_unseen(table, read_unseen_list(unseen), str(unseen))
+    elif unseen_fraction is not None:
+        unseen_ids = resolve_unseen(table, choose_unseen(table.class_names, unseen_fraction, seed),
+                                    "--unseen-fraction")
     else:
-        if unseen is not None:
-            unseen_ids = resolve_unseen(table, read_unseen_list(unseen), str(unseen))
-        elif unseen_fraction is not None:
-            unseen_ids = resolve_unseen(table, choose_unseen(table.class_names, unseen_fraction, seed),
-                                        "--unseen-fraction")
-        else:
-            raise DataError("give the unseen classes: --unseen FILE or --unseen-fraction F (or a split column "
-                            "in --csv)")
-        splits = split_rows(labels, unseen_ids, table.class_names, test_seen_fraction=test_seen_fraction,
-                            val_fraction=val_fraction, seed=seed)
+        raise DataError("give the unseen classes: --unseen FILE or --unseen-fraction F (or a split column "
+                        "in --csv)")
+    splits = split_rows(labels, unseen_ids, table.class_names, test_seen_fraction=test_seen_fraction,
+                        val_fraction=val_fraction, seed=seed)
+    return splits, unseen_ids
+
+
+def _class_vectors(table, attribute_vectors, word_vectors, allow_missing_words: bool, allow_zero_vectors: bool,
+                   log: Callable[[str], None]):
+    """``(w2v (K, D), report)``: the attribute vectors given directly, or the §1.3 recipe on word vectors."""
     if attribute_vectors is not None:
         w2v = read_attribute_vectors_file(attribute_vectors, table.attribute_names)
-        wv_report = {"file": str(attribute_vectors), "given": True, "dim": int(w2v.shape[1])}
-    else:
-        from msdn_tf.data.wordvectors import attribute_vectors as from_words
+        return w2v, {"file": str(attribute_vectors), "given": True, "dim": int(w2v.shape[1])}
+    from msdn_tf.data.wordvectors import attribute_vectors as from_words
 
-        w2v, wv_report = from_words(table.attribute_names, word_vectors, allow_missing_words=allow_missing_words,
-                                    allow_zero_vectors=allow_zero_vectors, warn=log)
-    metadata = {"labels": labels, **splits, "att": table.values, "original_att": table.values, "w2v_att": w2v,
-                "allclasses_names": table.class_names, "attribute_names": table.attribute_names}
-    # The same checks the loader will make, before the (long) extraction.
+    return from_words(table.attribute_names, word_vectors, allow_missing_words=allow_missing_words,
+                      allow_zero_vectors=allow_zero_vectors, warn=log)
+
+
+def _check_as_loader_will(labels, splits: dict, table, w2v, source: str) -> None:
+    """The checks the loader will make (a :class:`ZSLData` of placeholder features), before the long extraction."""
     from msdn_tf.data.base import ArrayFeatures, class_attributes_for_model
 
     ZSLData(name="custom", features=ArrayFeatures(np.zeros((len(labels), 1, 1), np.float32)), labels=labels,
@@ -638,38 +716,36 @@ def prepare_dataset(out, *, attributes, images=None, csv_file=None, images_root=
             class_names=table.class_names, attribute_names=table.attribute_names,
             train_loc=splits.get("train_loc"), val_loc=splits.get("val_loc"), source=source)
 
-    out.mkdir(parents=True, exist_ok=True)
-    split_of = np.full(len(labels), "", dtype=object)
+
+def _write_images_file(path: Path, entries, splits: dict) -> None:
+    """``path,class,split`` for every image, in feature-row order (written atomically)."""
+    from msdn_tf.utils import atomic_write_text
+
+    split_of = np.full(len(entries), "", dtype=object)
     for key, name in (("trainval_loc", "trainval"), ("test_seen_loc", "test_seen"), ("test_unseen_loc", "test_unseen")):
         split_of[splits[key]] = name
     lines = ["path,class,split"] + [
         ",".join(_csv_cell(v) for v in (e.path, e.cls, split_of[i])) for i, e in enumerate(entries)]
-    atomic_write_text(out / IMAGES_FILE, "\n".join(lines) + "\n")
-    unseen_names = [table.class_names[i] for i in unseen_ids]
-    log(f"msdn-tf custom: {len(entries)} images, {len(table.class_names)} classes ({len(unseen_names)} unseen: "
-        f"{_short(unseen_names, 6)}), {len(table.attribute_names)} attributes, vectors {w2v.shape}; splits "
-        f"trainval {splits['trainval_loc'].size} / test_seen {splits['test_seen_loc'].size} / test_unseen "
-        f"{splits['test_unseen_loc'].size}")
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
-    weights_spec = None if backbone is not None else (
-        "none" if weights in (None, "none", "None") else weights if weights == "imagenet" else os.path.abspath(weights))
-    bid = "injected backbone" if backbone is not None else backbone_id(weights_spec, seed)
-    if backbone is None:
-        backbone = build_backbone(weights_spec, image_size, seed)
-    feature_path = out / FEATURE_FILE
-    extract_features([e.path for e in entries], str(feature_path), backbone, batch_size=batch_size,
-                     image_size=image_size, compression=compression, metadata=metadata, backbone_id=bid,
-                     overwrite=overwrite, restart=restart, progress=progress, log=log)
-    manifest = {
+
+def _weights_spec(weights) -> str:
+    """What the manifest records for ``--weights``: ``"none"``, ``"imagenet"`` or an absolute file path."""
+    if weights in (None, "none", "None"):
+        return "none"
+    return weights if weights == "imagenet" else os.path.abspath(weights)
+
+
+def _manifest(table, entries, splits: dict, unseen_names, w2v, wv_report: dict, sources: dict,
+              backbone_info: dict) -> dict:
+    """The ``custom.json`` of a prepared folder: sources, names, sizes, vectors, backbone and a probe image."""
+    probe_row = int(splits["test_unseen_loc"][0])
+    return {
         "format": MANIFEST_FORMAT,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "feature_file": FEATURE_FILE,
         "images_file": IMAGES_FILE,
-        "sources": {"images": str(images) if images is not None else None,
-                    "csv": str(csv_file) if csv_file is not None else None,
-                    "attributes": str(attributes), "unseen": str(unseen) if unseen is not None else None,
-                    "unseen_fraction": unseen_fraction, "seed": int(seed),
-                    "test_seen_fraction": test_seen_fraction, "val_fraction": val_fraction},
+        "sources": sources,
         "class_names": table.class_names,
         "attribute_names": table.attribute_names,
         "unseen_classes": unseen_names,
@@ -677,13 +753,9 @@ def prepare_dataset(out, *, attributes, images=None, csv_file=None, images_root=
                   "attributes": len(table.attribute_names), "vector_dim": int(w2v.shape[1]),
                   **{k: int(v.size) for k, v in splits.items()}},
         "attribute_vectors": wv_report,
-        "backbone": {"weights": weights_spec, "seed": int(seed), "image_size": int(image_size), "id": bid},
-        "probe": {"row": int(splits["test_unseen_loc"][0]), "path": entries[int(splits["test_unseen_loc"][0])].path,
-                  "class": entries[int(splits["test_unseen_loc"][0])].cls},
+        "backbone": backbone_info,
+        "probe": {"row": probe_row, "path": entries[probe_row].path, "class": entries[probe_row].cls},
     }
-    write_json(out / MANIFEST_FILE, manifest)
-    log(f"msdn-tf custom: wrote {feature_path}, {out / MANIFEST_FILE}, {out / IMAGES_FILE}")
-    return manifest
 
 
 def _csv_cell(value) -> str:
@@ -702,7 +774,7 @@ def load_custom_dataset(data_dir, config=None) -> ZSLData:
     if not data_dir:
         raise DataError("--dataset custom needs --data-dir DIR, a folder made by python -m msdn_tf.custom "
                         "prepare ... --out DIR (see docs/custom_data.md)")
-    from msdn_tf.data.registry import check_data_dir
+    from msdn_tf.data.base import check_data_dir
 
     folder = check_data_dir(data_dir)
     if not folder.is_dir():

@@ -58,15 +58,41 @@ def generate_demo_arrays(cfg: DemoConfig) -> dict:
         dict with the keys of :func:`msdn_tf.data.hdf5.write_feature_map_hdf5`.
     """
     rng = np.random.default_rng(cfg.seed)
-    C, K, F, D = cfg.num_classes, cfg.num_attributes, cfg.feature_dim, cfg.embed_dim
-    H = W = cfg.map_size
-    R = H * W
+    _check_demo_config(cfg)
+    att, seen, unseen = _class_attributes(rng, cfg)
+    patterns, object_code = _visual_codes(rng, cfg.num_attributes, cfg.feature_dim)
+    w2v = _word_vectors(rng, patterns, cfg.embed_dim)
+    labels = np.repeat(np.arange(cfg.num_classes), cfg.images_per_class)
+    maps = np.empty((labels.shape[0], cfg.feature_dim, cfg.map_size, cfg.map_size), dtype=np.float32)
+    for n in range(labels.shape[0]):
+        maps[n] = _image_map(rng, cfg, att[labels[n]], patterns, object_code)
+    return {
+        "feature_map": maps,
+        "labels": labels,
+        **_demo_splits(rng, cfg, labels, seen, unseen),
+        "att": att,
+        "original_att": att * 100.0,
+        "w2v_att": w2v,
+        "class_names": [f"{'unseen' if c in unseen else 'seen'}_class_{c:02d}" for c in range(cfg.num_classes)],
+        "attribute_names": attribute_names(cfg.num_attributes),
+    }
+
+
+def _check_demo_config(cfg: DemoConfig) -> None:
+    """The demo needs at least one seen and one unseen class and 1..K attributes per class."""
+    C, K = cfg.num_classes, cfg.num_attributes
     if cfg.num_unseen >= C or cfg.num_unseen < 1:
         raise ValueError(f"demo.num_unseen must be in [1, {C - 1}], got {cfg.num_unseen}")
     if not 1 <= cfg.attributes_per_class <= K:
         raise ValueError(f"demo.attributes_per_class must be in [1, {K}]")
 
-    # Class attributes: a few strong attributes per class, weak continuous noise elsewhere.
+
+def _class_attributes(rng, cfg: DemoConfig):
+    """``(att (C, K), seen, unseen)``: a few strong attributes per class, weak noise elsewhere.
+
+    Every attribute is made strong in at least one seen class, so it can be learnt.
+    """
+    C, K = cfg.num_classes, cfg.num_attributes
     att = rng.uniform(0.0, 0.1, size=(C, K))
     for c in range(C):
         present = rng.choice(K, size=cfg.attributes_per_class, replace=False)
@@ -74,12 +100,14 @@ def generate_demo_arrays(cfg: DemoConfig) -> dict:
     order = rng.permutation(C)
     unseen = np.sort(order[: cfg.num_unseen])
     seen = np.sort(order[cfg.num_unseen:])
-    # Every attribute must be learnable from seen classes.
     missing = np.where(att[seen].max(axis=0) < 0.5)[0]
     for k in missing:
         att[rng.choice(seen), k] = rng.uniform(0.5, 1.0)
+    return att, seen, unseen
 
-    # Visual patterns: sparse non-negative codes, and one "object" code.
+
+def _visual_codes(rng, K: int, F: int):
+    """``(patterns (K, F), object_code (F,))``: sparse non-negative codes of the attributes and the object."""
     active = max(4, F // 16)
     patterns = np.zeros((K, F))
     for k in range(K):
@@ -87,33 +115,41 @@ def generate_demo_arrays(cfg: DemoConfig) -> dict:
         patterns[k, idx] = rng.uniform(0.5, 1.5, size=active)
     object_code = np.zeros(F)
     object_code[rng.choice(F, size=active, replace=False)] = rng.uniform(0.5, 1.0, size=active)
+    return patterns, object_code
 
-    # Word vectors related to the patterns.
+
+def _word_vectors(rng, patterns, D: int):
+    """``(K, D)`` word vectors related to the visual patterns: a random projection plus noise."""
+    F = patterns.shape[1]
     projection = rng.normal(size=(D, F)) / np.sqrt(F)
     w2v = patterns @ projection.T
     w2v += rng.normal(scale=0.3 * np.abs(w2v).mean(), size=w2v.shape)
+    return w2v
 
-    labels = np.repeat(np.arange(C), cfg.images_per_class)
-    N = labels.shape[0]
-    maps = np.empty((N, F, H, W), dtype=np.float32)
-    for n in range(N):
-        c = labels[n]
-        region = np.abs(rng.normal(scale=0.25, size=(R, F)))  # clutter everywhere
-        h0, w0 = rng.integers(0, H - 2), rng.integers(0, W - 2)
-        h1, w1 = min(H, h0 + rng.integers(3, 5)), min(W, w0 + rng.integers(3, 5))
-        obj = np.array([h * W + w for h in range(h0, h1) for w in range(w0, w1)])
-        background = np.setdiff1d(np.arange(R), obj)
-        region[obj] += object_code
-        for k in np.where(att[c] >= 0.5)[0]:
-            if rng.random() < 0.9:
-                where = rng.choice(obj, size=rng.integers(1, 3), replace=False)
-                region[where] += att[c, k] * patterns[k] * rng.uniform(0.8, 1.2)
-        for r in background:
-            if rng.random() < cfg.distractors:
-                region[r] += rng.uniform(0.6, 1.0) * patterns[rng.integers(K)]
-        maps[n] = region.T.reshape(F, H, W)
 
-    # Splits: trainval / test_seen from seen classes, test_unseen = all unseen images.
+def _image_map(rng, cfg: DemoConfig, class_att, patterns, object_code):
+    """One image's ``(F, H, W)`` map: clutter, an object box carrying the class's attributes, distractors."""
+    H = W = cfg.map_size
+    R, F, K = H * W, patterns.shape[1], patterns.shape[0]
+    region = np.abs(rng.normal(scale=0.25, size=(R, F)))  # clutter everywhere
+    h0, w0 = rng.integers(0, H - 2), rng.integers(0, W - 2)
+    h1, w1 = min(H, h0 + rng.integers(3, 5)), min(W, w0 + rng.integers(3, 5))
+    obj = np.array([h * W + w for h in range(h0, h1) for w in range(w0, w1)])
+    background = np.setdiff1d(np.arange(R), obj)
+    region[obj] += object_code
+    for k in np.where(class_att >= 0.5)[0]:
+        if rng.random() < 0.9:
+            where = rng.choice(obj, size=rng.integers(1, 3), replace=False)
+            region[where] += class_att[k] * patterns[k] * rng.uniform(0.8, 1.2)
+    for r in background:
+        if rng.random() < cfg.distractors:
+            region[r] += rng.uniform(0.6, 1.0) * patterns[rng.integers(K)]
+    return region.T.reshape(F, H, W)
+
+
+def _demo_splits(rng, cfg: DemoConfig, labels, seen, unseen) -> dict:
+    """trainval / test_seen from the seen classes, test_unseen = all unseen images, and a
+    class-disjoint train/val split of the seen classes (the role of xlsa17 train_loc/val_loc)."""
     trainval, test_seen = [], []
     for c in seen:
         rows = rng.permutation(np.where(labels == c)[0])
@@ -121,25 +157,14 @@ def generate_demo_arrays(cfg: DemoConfig) -> dict:
         test_seen.extend(rows[:n_test])
         trainval.extend(rows[n_test:])
     test_unseen = np.where(np.isin(labels, unseen))[0]
-    # A class-disjoint train/val split of the seen classes (the role of xlsa17 train_loc/val_loc).
     val_classes = rng.choice(seen, size=max(1, len(seen) // 5), replace=False)
     trainval = np.sort(np.asarray(trainval))
-    val_loc = trainval[np.isin(labels[trainval], val_classes)]
-    train_loc = trainval[~np.isin(labels[trainval], val_classes)]
-
     return {
-        "feature_map": maps,
-        "labels": labels,
         "trainval_loc": trainval,
         "test_seen_loc": np.sort(np.asarray(test_seen)),
         "test_unseen_loc": test_unseen,
-        "train_loc": train_loc,
-        "val_loc": val_loc,
-        "att": att,
-        "original_att": att * 100.0,
-        "w2v_att": w2v,
-        "class_names": [f"{'unseen' if c in unseen else 'seen'}_class_{c:02d}" for c in range(C)],
-        "attribute_names": attribute_names(K),
+        "train_loc": trainval[~np.isin(labels[trainval], val_classes)],
+        "val_loc": trainval[np.isin(labels[trainval], val_classes)],
     }
 
 

@@ -99,6 +99,39 @@ def _strings(values) -> list:
     return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in np.asarray(values).reshape(-1)]
 
 
+def _read_feature_map_keys(path: str) -> tuple:
+    """``(required arrays, optional arrays)`` of a §1.1 file; ``feature_map`` stays on disk, only checked."""
+    if not os.path.exists(path):
+        raise DataError(f"{path}: feature-map file not found")
+    h5py = _h5py()
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise DataError(f"{path}: not a readable HDF5 file ({exc})") from exc
+    with f:
+        arrays = {key: _read_key(f, path, key) for key in REQUIRED_KEYS if key != "feature_map"}
+        if "feature_map" not in f:
+            raise DataError(f"{path}: missing key 'feature_map' (N, 2048, H, W)")
+        optional = {
+            key: _read_key(f, path, key, required=False)
+            for key in ("original_att", "train_loc", "val_loc", "allclasses_names", "attribute_names")
+        }
+    return arrays, optional
+
+
+def _names(optional: dict, class_names, attribute_names, c: int, k: int) -> tuple:
+    """Class and attribute names: the file's, else the given ones, else ``class_000``/``attribute_000``..."""
+    if optional["allclasses_names"] is not None:
+        class_names = _strings(optional["allclasses_names"])
+    if optional["attribute_names"] is not None:
+        attribute_names = _strings(optional["attribute_names"])
+    if class_names is None:
+        class_names = [f"class_{i:03d}" for i in range(c)]
+    if attribute_names is None:
+        attribute_names = [f"attribute_{i:03d}" for i in range(k)]
+    return class_names, attribute_names
+
+
 def load_feature_map_hdf5(
     path: str,
     name: str = "custom",
@@ -122,33 +155,12 @@ def load_feature_map_hdf5(
         DataError: the file is missing, unreadable, lacks a key or is inconsistent.
     """
     path = str(path)
-    if not os.path.exists(path):
-        raise DataError(f"{path}: feature-map file not found")
-    h5py = _h5py()
-    try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise DataError(f"{path}: not a readable HDF5 file ({exc})") from exc
-    with f:
-        arrays = {key: _read_key(f, path, key) for key in REQUIRED_KEYS if key != "feature_map"}
-        if "feature_map" not in f:
-            raise DataError(f"{path}: missing key 'feature_map' (N, 2048, H, W)")
-        optional = {
-            key: _read_key(f, path, key, required=False)
-            for key in ("original_att", "train_loc", "val_loc", "allclasses_names", "attribute_names")
-        }
+    arrays, optional = _read_feature_map_keys(path)
     att_raw = arrays["att"]
     c, k = att_raw.shape if att_raw.ndim == 2 else (None, None)
     if c is None:
         raise DataError(f"{path}: 'att' must be (classes, attributes), got shape {att_raw.shape}")
-    if optional["allclasses_names"] is not None:
-        class_names = _strings(optional["allclasses_names"])
-    if optional["attribute_names"] is not None:
-        attribute_names = _strings(optional["attribute_names"])
-    if class_names is None:
-        class_names = [f"class_{i:03d}" for i in range(c)]
-    if attribute_names is None:
-        attribute_names = [f"attribute_{i:03d}" for i in range(k)]
+    class_names, attribute_names = _names(optional, class_names, attribute_names, c, k)
     return ZSLData(
         name=name,
         features=HDF5Features(path),

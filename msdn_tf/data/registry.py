@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
 from msdn_tf.data import custom as custom_data
-from msdn_tf.data.base import ZSLData
+from msdn_tf.data.base import ZSLData, check_data_dir
 from msdn_tf.data.cache import use_cache
+from msdn_tf.data.datasets import BENCHMARKS
 from msdn_tf.errors import DataError
 
 
@@ -94,15 +95,6 @@ def load_dataset(config) -> ZSLData:
                 f"{data.source}: {spec.name} should have {key} = {value}, the files give {summary.get(key)}"
             )
     return data
-
-
-def check_data_dir(data_dir) -> Path:
-    """``data_dir`` as a Path; a :class:`DataError` if it names a file rather than a folder."""
-    folder = Path(data_dir)
-    if folder.exists() and not folder.is_dir():
-        raise DataError(f"--data-dir {folder}: is a file, not a directory; pass the folder that holds "
-                        "the dataset's files")
-    return folder
 
 
 # --------------------------------------------------------------------------- loaders
@@ -236,26 +228,24 @@ register_dataset(DatasetSpec(
     loader=_load_demo,
 ))
 
-_BENCHMARKS = {
-    # name: (upstream stem, nonnegative att, images, K, C, seen, unseen, trainval, test_seen, test_unseen)
-    "cub": ("CUB", False, 11788, 312, 200, 150, 50, 7057, 1764, 2967),
-    "sun": ("SUN", False, 14340, 102, 717, 645, 72, 10320, 2580, 1440),
-    "awa2": ("AWA2", True, 37322, 85, 50, 40, 10, 23527, 5882, 7913),
-}
-
-for _name, (_stem, _nonneg, _n, _k, _c, _s, _u, _tv, _ts, _tu) in _BENCHMARKS.items():
-    register_dataset(DatasetSpec(
-        name=_name,
-        description=f"{_stem} zero-shot benchmark (xlsa17 proposed split)",
+def _benchmark_spec(facts) -> DatasetSpec:
+    """The table entry of a benchmark, from its facts in :data:`msdn_tf.data.datasets.BENCHMARKS`."""
+    stem = facts.folder
+    return DatasetSpec(
+        name=facts.name,
+        description=f"{stem} zero-shot benchmark (xlsa17 proposed split)",
         loader=_load_benchmark,
-        required_files=(f"feature_map_ResNet_101_{_stem}.hdf5",),
-        nonnegative_att=_nonneg,
-        expected={"images": _n, "attributes": _k, "classes": _c, "seen_classes": _s,
-                  "unseen_classes": _u, "trainval": _tv, "test_seen": _ts, "test_unseen": _tu},
-        upstream_name=_stem,
-        alternative_files=("att_splits.mat", "res101.mat or image_list.npz", f"{_stem}_attribute.pkl",
+        required_files=(f"feature_map_ResNet_101_{stem}.hdf5",),
+        nonnegative_att=facts.nonnegative_att,
+        expected=facts.expected(),
+        upstream_name=stem,
+        alternative_files=("att_splits.mat", "res101.mat or image_list.npz", f"{stem}_attribute.pkl",
                            "attribute names (optional)", "{feature_file}"),
-    ))
+    )
+
+
+for _facts in BENCHMARKS.values():
+    register_dataset(_benchmark_spec(_facts))
 
 
 def _load_custom(config, spec) -> ZSLData:

@@ -38,6 +38,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from msdn_tf.data.base import ZSLData
+from msdn_tf.data.datasets import BENCHMARKS
 
 SPLITS = ("trainval", "test_seen", "test_unseen", "train", "val")
 CHUNK = 256
@@ -78,13 +79,8 @@ class MsdnZsl(tfds.core.GeneratorBasedBuilder):
     BUILDER_CONFIGS = [
         MsdnZslConfig(name="demo", dataset="demo", feature_dim=None, dtype="float32",
                       description="msdn-tf's synthetic demo dataset (any DemoConfig)"),
-        MsdnZslConfig(name="cub", dataset="cub", feature_dim=2048,
-                      description="CUB-200-2011, 11,788 images, 312 attributes, 150/50 classes"),
-        MsdnZslConfig(name="sun", dataset="sun", feature_dim=2048,
-                      description="SUN attribute, 14,340 images, 102 attributes, 645/72 classes"),
-        MsdnZslConfig(name="awa2", dataset="awa2", feature_dim=2048,
-                      description="Animals with Attributes 2, 37,322 images, 85 attributes, 40/10 classes"),
-    ]
+    ] + [MsdnZslConfig(name=facts.name, dataset=facts.name, feature_dim=facts.feature_dim,
+                       description=facts.summary_line()) for facts in BENCHMARKS.values()]
 
     def _info(self):
         cfg = self.builder_config

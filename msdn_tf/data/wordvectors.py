@@ -59,6 +59,23 @@ def _is_header(parts: Sequence[str]) -> bool:
     return len(parts) == 2 and all(p.isdigit() for p in parts)
 
 
+def _parse_vector(path: str, lineno: int, token: str, rest: str, dim: int, users: Sequence[str]) -> np.ndarray:
+    """The ``dim`` finite numbers after ``token`` on line ``lineno``; ``users`` (attributes) name it in errors."""
+    values = rest.split()
+    if len(values) != dim:
+        raise DataError(f"{path}: line {lineno} ({token!r}) has {len(values)} numbers, expected {dim}")
+    try:
+        vec = np.asarray(values, dtype=np.float64)
+    except ValueError as exc:
+        raise DataError(f"{path}: line {lineno} ({token!r}) holds a value that is not a number "
+                        f"({exc})") from exc
+    if not np.all(np.isfinite(vec)):
+        raise DataError(f"{path}: line {lineno}: the vector of {token!r} holds NaN or infinite "
+                        f"values (needed by attribute(s) {', '.join(map(repr, users[:5])) or '?'}); "
+                        "fix the line or use another word-vector file")
+    return vec
+
+
 def read_word_vectors(path: str, words: Iterable[str],
                       words_of: Optional[Dict[str, Sequence[str]]] = None) -> Tuple[Dict[str, np.ndarray], dict]:
     """Stream ``path`` and keep the vectors of ``words`` only.
@@ -105,19 +122,8 @@ def read_word_vectors(path: str, words: Iterable[str],
                 hit_folded = not hit_exact and key is not None and key not in exact and key not in folded
                 if not (hit_exact or hit_folded):
                     continue
-                values = rest.split()
-                if len(values) != dim:
-                    raise DataError(f"{path}: line {lineno} ({token!r}) has {len(values)} numbers, expected {dim}")
-                try:
-                    vec = np.asarray(values, dtype=np.float64)
-                except ValueError as exc:
-                    raise DataError(f"{path}: line {lineno} ({token!r}) holds a value that is not a number "
-                                    f"({exc})") from exc
-                if not np.all(np.isfinite(vec)):
-                    users = [n for n, ws in words_of.items() if (token if hit_exact else key) in ws]
-                    raise DataError(f"{path}: line {lineno}: the vector of {token!r} holds NaN or infinite "
-                                    f"values (needed by attribute(s) {', '.join(map(repr, users[:5])) or '?'}); "
-                                    "fix the line or use another word-vector file")
+                users = [n for n, ws in words_of.items() if (token if hit_exact else key) in ws]
+                vec = _parse_vector(path, lineno, token, rest, dim, users)
                 if hit_exact:
                     exact[token] = vec
                     folded.pop(token, None)

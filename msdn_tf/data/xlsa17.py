@@ -42,13 +42,15 @@ from typing import Optional, Sequence
 import numpy as np
 
 from msdn_tf.data.base import FeatureSource, ZSLData, class_attributes_for_model, validate
+from msdn_tf.data.datasets import BENCHMARKS, folder_name, nonnegative_att
 from msdn_tf.errors import DataError
 
 SPLIT_KEYS = ("trainval_loc", "test_seen_loc", "test_unseen_loc")
 OPTIONAL_SPLIT_KEYS = ("train_loc", "val_loc")
 
 # Folder and file names of the three standard benchmarks.
-DATASET_DIRS = {"cub": "CUB", "sun": "SUN", "awa2": "AWA2", "awa1": "AWA1", "apy": "APY"}
+#: Upstream folder of each benchmark (read from :mod:`msdn_tf.data.datasets`; other names are upper-cased).
+DATASET_DIRS = {name: facts.folder for name, facts in BENCHMARKS.items()}
 ATTRIBUTE_NAME_FILES = ("attributes.txt", "predicates.txt", "attributes.mat", "attribute_names.txt")
 
 
@@ -471,16 +473,33 @@ def check_consistency(splits: dict, labels: np.ndarray, *, labels_path: str = "<
     """
     spath = splits.get("path", "<att_splits>")
     labels = np.asarray(labels, dtype=np.int64).reshape(-1)
-    n = labels.shape[0]
-    c, k = splits["att"].shape
+    k = splits["att"].shape[1]
+    _check_labels(splits, labels, spath, labels_path)
+    _check_split_rows(splits, labels.shape[0], spath, labels_path)
+    _check_split_classes(splits, labels, spath)
+    if w2v is not None and (np.ndim(w2v) != 2 or np.shape(w2v)[0] != k):
+        raise DataError(f"{w2v_path}: word vectors must be ({k}, D) to match {k} attributes in 'att' of {spath}, "
+                        f"got shape {np.shape(w2v)}")
+    if attribute_names is not None and len(attribute_names) != k:
+        raise DataError(f"{names_path}: {len(attribute_names)} attribute names but 'att' of {spath} has {k} "
+                        "attributes")
+
+
+def _check_labels(splits: dict, labels: np.ndarray, spath: str, labels_path: str) -> None:
+    """One class name per row of ``att``, and every label a class id in ``[0, C)``."""
+    c = splits["att"].shape[0]
     if len(splits["allclasses_names"]) != c:
         raise DataError(f"{spath}: 'allclasses_names' has {len(splits['allclasses_names'])} names but 'att' "
                         f"has {c} classes")
-    if n and (labels.min() < 0 or labels.max() >= c):
+    if labels.shape[0] and (labels.min() < 0 or labels.max() >= c):
         raise DataError(
             f"{labels_path}: 'labels' must be class ids in [0, {c}) ({c} classes in 'att' of {spath}), "
             f"found range [{int(labels.min())}, {int(labels.max())}]"
         )
+
+
+def _check_split_rows(splits: dict, n: int, spath: str, labels_path: str) -> None:
+    """Every split index within ``[0, n)``, no repeats in the main splits, and those three row-disjoint."""
     for key in SPLIT_KEYS + OPTIONAL_SPLIT_KEYS:
         loc = splits.get(key)
         if loc is None:
@@ -499,6 +518,10 @@ def check_consistency(splits: dict, labels: np.ndarray, *, labels_path: str = "<
         if both.size:
             raise DataError(f"{spath}: '{a}' and '{b}' share {both.size} image(s), e.g. 1-based row "
                             f"{int(both[0]) + 1}")
+
+
+def _check_split_classes(splits: dict, labels: np.ndarray, spath: str) -> None:
+    """Seen (trainval) and unseen (test_unseen) classes are disjoint; test_seen holds only seen classes."""
     seen = np.unique(labels[splits["trainval_loc"]])
     unseen = np.unique(labels[splits["test_unseen_loc"]])
     both = np.intersect1d(seen, unseen)
@@ -512,23 +535,17 @@ def check_consistency(splits: dict, labels: np.ndarray, *, labels_path: str = "<
     if stray.size:
         raise DataError(f"{spath}: 'test_seen_loc' holds {stray.size} class(es) not in 'trainval_loc', "
                         f"e.g. {[splits['allclasses_names'][i] for i in stray[:5]]}")
-    if w2v is not None and (np.ndim(w2v) != 2 or np.shape(w2v)[0] != k):
-        raise DataError(f"{w2v_path}: word vectors must be ({k}, D) to match {k} attributes in 'att' of {spath}, "
-                        f"got shape {np.shape(w2v)}")
-    if attribute_names is not None and len(attribute_names) != k:
-        raise DataError(f"{names_path}: {len(attribute_names)} attribute names but 'att' of {spath} has {k} "
-                        "attributes")
 
 
 def _dataset_dir(data_dir: str, name: str) -> str:
     data_dir = str(data_dir)
     if os.path.exists(os.path.join(data_dir, "att_splits.mat")):
         return data_dir
-    for sub in (DATASET_DIRS.get(name.lower(), name.upper()), name, name.upper(), name.lower()):
+    for sub in (folder_name(name), name, name.upper(), name.lower()):
         cand = os.path.join(data_dir, sub)
         if os.path.exists(os.path.join(cand, "att_splits.mat")):
             return cand
-    raise DataError(f"{data_dir}: no att_splits.mat there nor in a '{DATASET_DIRS.get(name.lower(), name.upper())}'"
+    raise DataError(f"{data_dir}: no att_splits.mat there nor in a '{folder_name(name)}'"
                     " sub-folder")
 
 
@@ -543,7 +560,7 @@ def _first_existing(folder: str, names: Sequence[str]) -> Optional[str]:
 def find_xlsa17_files(data_dir: str, name: str) -> dict:
     """Locate ``att_splits.mat``, the image list, word vectors, names (and CUB's sent_splits.mat)."""
     folder = _dataset_dir(data_dir, name)
-    ds = DATASET_DIRS.get(name.lower(), name.upper())
+    ds = folder_name(name)
     pkl = _first_existing(folder, (f"{ds}_attribute.pkl", f"{name}_attribute.pkl", f"{ds}_attribute.npy"))
     if pkl is None:
         found = sorted(glob.glob(os.path.join(folder, "*_attribute.pkl")))
@@ -567,7 +584,7 @@ def load_xlsa17_dataset(data_dir: str, name: str, features: FeatureSource, *,
     Args:
         data_dir: the dataset folder (holding ``att_splits.mat``) or its parent
             (holding ``CUB/``, ``SUN/``, ``AWA2/``).
-        name: ``cub``, ``sun``, ``awa2`` (or another name; AWA2 gets non-negative attributes, §1.4).
+        name: ``cub``, ``sun``, ``awa2`` (or another name; the sign rule of its :mod:`~msdn_tf.data.datasets` entry: AWA2 gets non-negative attributes, §1.4).
         features: a feature source with one row per image of the image list, in
             its order (e.g. :class:`~msdn_tf.data.hdf5.HDF5Features` of an extracted file).
         att_splits, image_list, attribute_vectors, attribute_names, sent_splits:
@@ -581,21 +598,12 @@ def load_xlsa17_dataset(data_dir: str, name: str, features: FeatureSource, *,
 
     Returns:
         A validated :class:`ZSLData`; ``att`` is ``class_attributes_for_model(att,
-        nonnegative=(name == "awa2"))``.
+        nonnegative=nonnegative_att(name))``.
     """
     if train_val not in ("trainval", "raw", "none"):
         raise ValueError(f"train_val must be 'trainval', 'raw' or 'none', got {train_val!r}")
-    files = find_xlsa17_files(data_dir, name) if (att_splits is None or image_list is None) else {}
-    att_splits = att_splits or files.get("att_splits")
-    image_list = image_list or files.get("image_list")
-    attribute_vectors = attribute_vectors or files.get("attribute_vectors")
-    attribute_names = attribute_names or files.get("attribute_names")
-    sent_splits = sent_splits or files.get("sent_splits")
-    if image_list is None:
-        raise DataError(f"{files.get('folder', data_dir)}: no image list (image_list.npz or res101.mat)")
-    if attribute_vectors is None:
-        raise DataError(f"{files.get('folder', data_dir)}: no attribute word vectors ({name.upper()}_attribute.pkl)")
-
+    att_splits, image_list, attribute_vectors, attribute_names, sent_splits = _xlsa17_files(
+        data_dir, name, att_splits, image_list, attribute_vectors, attribute_names, sent_splits)
     images = load_images(image_list)
     labels = images["labels"]
     n = labels.shape[0]
@@ -612,12 +620,7 @@ def load_xlsa17_dataset(data_dir: str, name: str, features: FeatureSource, *,
     if n_feat != n:
         where = getattr(features, "path", type(features).__name__)
         raise DataError(f"{where}: the feature source has {n_feat} images but the image list {image_list} has {n}")
-    train_loc, val_loc = splits["train_loc"], splits["val_loc"]
-    if train_val == "none":
-        train_loc = val_loc = None
-    elif train_val == "trainval":
-        train_loc = restrict_to(train_loc, splits["trainval_loc"])
-        val_loc = restrict_to(val_loc, splits["trainval_loc"])
+    train_loc, val_loc = _train_val_rows(splits, train_val)
     data = ZSLData(
         name=name.lower(),
         features=features,
@@ -625,7 +628,7 @@ def load_xlsa17_dataset(data_dir: str, name: str, features: FeatureSource, *,
         trainval_loc=splits["trainval_loc"],
         test_seen_loc=splits["test_seen_loc"],
         test_unseen_loc=splits["test_unseen_loc"],
-        att=class_attributes_for_model(splits["att"], nonnegative=(name.lower() == "awa2")),
+        att=class_attributes_for_model(splits["att"], nonnegative=nonnegative_att(name)),
         w2v=w2v,
         class_names=splits["allclasses_names"],
         attribute_names=names,
@@ -636,3 +639,33 @@ def load_xlsa17_dataset(data_dir: str, name: str, features: FeatureSource, *,
     )
     validate(data)
     return data
+
+
+def _xlsa17_files(data_dir: str, name: str, att_splits, image_list, attribute_vectors, attribute_names,
+                  sent_splits) -> tuple:
+    """The five metadata files: each explicit one, else what :func:`find_xlsa17_files` finds.
+
+    Raises:
+        DataError: no image list or no attribute word vectors, naming the folder.
+    """
+    files = find_xlsa17_files(data_dir, name) if (att_splits is None or image_list is None) else {}
+    att_splits = att_splits or files.get("att_splits")
+    image_list = image_list or files.get("image_list")
+    attribute_vectors = attribute_vectors or files.get("attribute_vectors")
+    attribute_names = attribute_names or files.get("attribute_names")
+    sent_splits = sent_splits or files.get("sent_splits")
+    if image_list is None:
+        raise DataError(f"{files.get('folder', data_dir)}: no image list (image_list.npz or res101.mat)")
+    if attribute_vectors is None:
+        raise DataError(f"{files.get('folder', data_dir)}: no attribute word vectors ({name.upper()}_attribute.pkl)")
+    return att_splits, image_list, attribute_vectors, attribute_names, sent_splits
+
+
+def _train_val_rows(splits: dict, train_val: str) -> tuple:
+    """``(train_loc, val_loc)`` as ``train_val`` asks: restricted to trainval, as in the file, or none."""
+    train_loc, val_loc = splits["train_loc"], splits["val_loc"]
+    if train_val == "none":
+        return None, None
+    if train_val == "trainval":
+        return restrict_to(train_loc, splits["trainval_loc"]), restrict_to(val_loc, splits["trainval_loc"])
+    return train_loc, val_loc

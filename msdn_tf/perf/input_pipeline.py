@@ -29,11 +29,12 @@ import time
 
 import numpy as np
 
-SHAPES = {
-    # images, regions, channels, classes, seen classes, trainval
-    "awa2": (37322, 196, 2048, 50, 40, 23527),
-    "cub": (11788, 196, 2048, 200, 150, 7057),
-}
+from msdn_tf.data.datasets import BENCHMARKS
+
+#: ``--shape`` -> (images, regions, channels, classes, seen classes, trainval), from the dataset's
+#: entry in :data:`msdn_tf.data.datasets.BENCHMARKS`.
+SHAPES = {f.name: (f.images, f.regions, f.feature_dim, f.classes, f.seen_classes, f.trainval)
+          for f in (BENCHMARKS["awa2"], BENCHMARKS["cub"])}
 CHUNK = 128
 
 

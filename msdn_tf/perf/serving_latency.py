@@ -29,11 +29,14 @@ from typing import Sequence
 
 import numpy as np
 
+from msdn_tf.data.datasets import BENCHMARKS
 from msdn_tf.errors import MSDNError
 
+#: ``--synthetic`` -> (C, K, seen, F, D): CUB's from its entry in
+#: :data:`msdn_tf.data.datasets.BENCHMARKS`, and a tiny one for tests.
+_CUB = BENCHMARKS["cub"]
 SYNTHETIC = {
-    # name: (C, K, seen, F, D)
-    "cub": (200, 312, 150, 2048, 300),
+    "cub": (_CUB.classes, _CUB.attributes, _CUB.seen_classes, _CUB.feature_dim, _CUB.word_dim),
     "tiny": (12, 8, 8, 32, 16),
 }
 

@@ -107,12 +107,12 @@ PREPROCESSING_NOTE = ("decode to RGB, resize the shorter side to image_size (bil
 def preprocess_encoded_image(encoded, image_size: int):
     """One encoded image (scalar tf.string) -> float32 (S, S, 3) RGB in 0..255.
 
-    Exactly :func:`msdn_tf.extract.decode_and_crop`, the preprocessing the features were
+    Exactly :func:`msdn_tf.backbones.keras_resnet.decode_and_crop`, the preprocessing the features were
     extracted with; ``keras.applications.resnet.preprocess_input`` is applied to the
-    batch afterwards, as in :func:`msdn_tf.extract.make_dataset`. Undecodable bytes raise
+    batch afterwards, as in :func:`msdn_tf.data.extraction.make_dataset`. Undecodable bytes raise
     ``InvalidArgumentError`` (TF Serving: INVALID_ARGUMENT).
     """
-    from msdn_tf.extract import decode_and_crop
+    from msdn_tf.backbones.keras_resnet import decode_and_crop
 
     return decode_and_crop(encoded, image_size)
 
@@ -676,7 +676,7 @@ def backbone_for_images(run_dir, feature_dim: int, *, kind: str = "auto", weight
     if feature_dim != 2048:
         raise MSDNError(f"--with-images builds a ResNet-101 backbone (2048 channels) but the model "
                         f"takes {feature_dim}-channel features")
-    from msdn_tf.extract import build_backbone
+    from msdn_tf.backbones.keras_resnet import build_backbone
 
     weights = weights or "imagenet"
     backbone = build_backbone(weights, image_size)

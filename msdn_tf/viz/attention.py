@@ -229,7 +229,7 @@ def load_image_features(image_path, backbone, image_size: int = 448):
         image_path: an image file (anything ``tf.io.decode_image`` reads).
         backbone: callable ``(1, S, S, 3) -> (1, h, w, F)`` taking
             ``keras.applications.resnet.preprocess_input`` images (see
-            :func:`msdn_tf.extract.build_backbone`).
+            :func:`msdn_tf.backbones.keras_resnet.build_backbone`).
         image_size: square input size (448 gives 14x14 ResNet-101 maps).
 
     Returns:
@@ -240,7 +240,7 @@ def load_image_features(image_path, backbone, image_size: int = 448):
     import keras
     import tensorflow as tf
 
-    from msdn_tf.extract import call_backbone, load_image
+    from msdn_tf.backbones.keras_resnet import call_backbone, load_image
 
     path = str(image_path)
     if not os.path.isfile(path):

@@ -75,7 +75,7 @@ def visualize_attention(run_dir, image=None, index: Optional[int] = None, split:
         out: the PNG path (default ``RUN/attention_<split>_<index>.png`` or
             ``RUN/attention_<image stem>.png``); the JSON goes beside it.
         backbone: an injected callable ``(1, S, S, 3) -> (1, h, w, F)``; default
-            :func:`msdn_tf.extract.build_backbone` with ``backbone_weights``.
+            :func:`msdn_tf.backbones.keras_resnet.build_backbone` with ``backbone_weights``.
         true_class: optional class id or name of ``image`` (for the JSON and title).
 
     Returns:
@@ -105,7 +105,7 @@ def visualize_attention(run_dir, image=None, index: Optional[int] = None, split:
     else:
         label = None if true_class is None else [_resolve_class(names, true_class)]
         if backbone is None:
-            from msdn_tf.extract import build_backbone
+            from msdn_tf.backbones.keras_resnet import build_backbone
 
             log(f"building the ResNet-101 backbone (weights: {backbone_weights}, input {image_size}px)")
             backbone = build_backbone(backbone_weights, image_size)
