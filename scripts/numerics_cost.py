@@ -22,11 +22,14 @@ for flag in (True, False):
     fns[flag] = (lambda m=m: float(m.train_function([(x, y)])["loss"]))
 fns["check_only"] = lambda: float(check())
 times = {k: [] for k in fns}
-for k, f in fns.items():
-    f(); f()
-for rep in range(15):  # interleaved: load changes hit all alike
+for f in fns.values():  # warm up
+    f()
+    f()
+for _ in range(15):  # interleaved: load changes hit all alike
     for k, f in fns.items():
-        t = time.perf_counter(); f(); times[k].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        f()
+        times[k].append(time.perf_counter() - t)
 for k, t in times.items():
     print(f"{str(k):10s} median {statistics.median(t)*1e3:8.2f} ms  min {min(t)*1e3:8.2f} ms")
 print("load", os.getloadavg())

@@ -112,7 +112,7 @@ def test_two_processes_train_like_one_and_resume_after_a_killed_worker(tiny, tmp
     procs = [start_worker(tiny, tmp_path, ports, 0, chief_dir, "--resume", tmp="tmp0b"),
              start_worker(tiny, tmp_path, ports, 1, other_dir, "--resume", tmp="tmp1b")]
     outs = [p.communicate(timeout=240) for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (_out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     assert f"resumed at step {step}" in outs[0][0] and f"resumed at step {step}" in outs[1][0]
     assert_same_weights(weights(chief_dir), weights(tmp_path / "single"))

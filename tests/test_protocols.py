@@ -251,13 +251,13 @@ def test_ablations_report_and_quality_check_on_a_stubbed_runner(tiny, tmp_path):
     assert good["chance_acc"] == pytest.approx(1 / len(data.unseen_classes))
     good["chance_acc"] = chance
     lines = []
-    assert ablations.quality_check(good, log=lines.append) and all(l.startswith("PASS") for l in lines)
+    assert ablations.quality_check(good, log=lines.append) and all(line.startswith("PASS") for line in lines)
     # Below 3x chance on one seed, or not 5 points above GAP: the check fails.
     weak = ablations.run_ablations(config, ["gap", "full"], tmp_path / "weak", seeds=2, data=data,
                                    train_fn=train({"gap": 0.87, "full": 3 * chance - 0.005}), log=lambda *a: None)
     weak["chance_acc"] = chance
     lines = []
     assert not ablations.quality_check(weak, log=lines.append)
-    assert sum(l.startswith("FAIL") for l in lines) == 2
+    assert sum(line.startswith("FAIL") for line in lines) == 2
     with pytest.raises(ConfigError, match="needs the rows gap and full"):
         ablations.quality_check({"rows": {"full": {}}, "chance_acc": 0.1})

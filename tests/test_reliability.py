@@ -354,8 +354,8 @@ def test_stale_cache_temporaries_of_killed_builds_are_removed(tmp_path):
     lines = []
     assert remove_stale_temporaries(cache_path, lines.append) == [stale]
     assert not os.path.exists(stale) and os.path.exists(running)
-    assert any("removed" in l and str(dead.pid) in l for l in lines)
-    assert any("left alone" in l for l in lines)
+    assert any("removed" in line and str(dead.pid) in line for line in lines)
+    assert any("left alone" in line for line in lines)
 
 
 def test_nan_in_the_source_of_a_cache_names_the_row(tmp_path):

@@ -268,7 +268,7 @@ def _class_row(path: Path, lineno: int, cls: str, attributes, cells) -> list:
         try:
             v = float(c) if c else float("nan")
         except ValueError:
-            raise DataError(f"{path}: line {lineno}, class {cls!r}, attribute {a!r}: {c!r} is not a number")
+            raise DataError(f"{path}: line {lineno}, class {cls!r}, attribute {a!r}: {c!r} is not a number") from None
         if not np.isfinite(v):
             raise DataError(f"{path}: line {lineno}, class {cls!r}, attribute {a!r}: value is "
                             f"{'missing/NaN' if np.isnan(v) else 'infinite'}; every class needs a value for "

@@ -278,7 +278,7 @@ def render_report(metrics: dict) -> str:
             metrics_row("V->A sub-net", metrics["v2a"])]
     if "gamma_0" in metrics:
         rows.append(metrics_row("fused, gamma = 0", metrics["gamma_0"]))
-    lines += [markdown_table(["logits", *[l for _, l in METRIC_LABELS]], rows), ""]
+    lines += [markdown_table(["logits", *[label for _, label in METRIC_LABELS]], rows), ""]
     if "calibration_curve" in metrics:
         c = metrics["calibration_curve"]
         lines += ["## calibration curve", "",
@@ -288,7 +288,7 @@ def render_report(metrics: dict) -> str:
     if "reference" in metrics:
         r = metrics["reference"]
         lines += ["## protocol: reference", "", f"{r['note']} (from results.json).", "",
-                  markdown_table(["selection", "step", *[l for _, l in METRIC_LABELS]], [
+                  markdown_table(["selection", "step", *[label for _, label in METRIC_LABELS]], [
                       metrics_row("best H on test", r["best_H"], r["best_H"]["step"]),
                       metrics_row("best CZSL acc on test", r["best_acc"], r["best_acc"]["step"])]), ""]
     rows = [[r["class_id"], r["class_name"], r["split"], r["images"],

@@ -136,7 +136,7 @@ def measure(data, sampler, start: int, steps: int, parallel_reads: int, prefetch
     ds = train_dataset(data, sampler, start, steps, prefetch=prefetch, parallel_reads=parallel_reads)
     images, t0, c0 = 0, time.perf_counter(), time.process_time()
     first = None
-    for x, y in ds:
+    for _x, y in ds:
         images += int(y.shape[0])
         if first is None:
             first = time.perf_counter() - t0

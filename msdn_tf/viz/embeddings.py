@@ -159,7 +159,7 @@ def project_2d(embeddings: np.ndarray, method: str = "auto", seed: int = 0, log=
             TSNE = _import_tsne()
         except ImportError:
             if method == "tsne":
-                raise MSDNError("t-SNE needs scikit-learn: pip install 'msdn-tf[viz]' (or use --method pca)")
+                raise MSDNError("t-SNE needs scikit-learn: pip install 'msdn-tf[viz]' (or use --method pca)") from None
             log(f"note: {NO_SKLEARN_NOTE}")
             return _pca(x), "PCA (scikit-learn not installed: no t-SNE)"
         perplexity = float(min(30.0, max(2.0, (x.shape[0] - 1) / 3.0)))
