@@ -487,7 +487,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> dict:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from msdn_tf.config import TrainConfig
 
     backend = _backend()
