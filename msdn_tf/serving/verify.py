@@ -9,7 +9,6 @@ with the Keras model, checks that a NaN input is refused and runs ``saved_model_
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
