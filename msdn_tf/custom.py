@@ -17,7 +17,7 @@ Three commands (format and walkthrough: ``docs/custom_data.md``)::
 
 The library is :mod:`msdn_tf.experiments.custom_workflow`. ``prepare`` is
 :func:`msdn_tf.data.custom.prepare_dataset`; ``run`` uses the benchmark
-code (:func:`msdn_tf.train.run_training`, :func:`msdn_tf.evaluation.report.evaluate_run`,
+code (:func:`msdn_tf.training.loop.run_training`, :func:`msdn_tf.evaluation.report.evaluate_run`,
 :func:`msdn_tf.serving.export.export_saved_model`) on the ``custom`` entry of the dataset table.
 """
 

@@ -149,7 +149,7 @@ def seed_config(config, seed: int):
 
 
 def default_train_fn(*args, **kwargs):
-    from msdn_tf.train import run_training
+    from msdn_tf.training.loop import run_training
 
     return run_training(*args, **kwargs)
 
@@ -334,7 +334,7 @@ def run_protocol(config, protocol, run_root, data: Optional[ZSLData] = None, see
         scale_steps: retrain for the chosen steps times ``|trainval| / |train|`` (same epochs)
             instead of the same number of steps.
         train_fn: ``train_fn(config, run_dir=, resume=, data=, log=, eval_hooks=) -> results``
-            (default :func:`msdn_tf.train.run_training`; tests inject a stub).
+            (default :func:`msdn_tf.training.loop.run_training`; tests inject a stub).
         log: function for progress lines.
         on_phase: called with ``"selection"`` / ``"final"`` when the validation protocol
             starts choosing / starts retraining and testing (tests check what is read when).
