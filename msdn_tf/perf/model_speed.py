@@ -205,7 +205,7 @@ def _einsum_forward(model, features, return_features=False):
 
 def build_bench_model(regions: int, features: int, attributes: int, classes: int, unseen: int,
                       embed: int, jit: bool, seed: int = 0, precision: str = "float32", **options):
-    """An MSDN at the given shapes with random non-zero weights, compiled as ``train.py`` does.
+    """An MSDN at the given shapes with random non-zero weights, compiled as ``training.loop.build_model_from_config`` does.
 
     Under ``mixed_float16`` the optimizer is wrapped in a ``LossScaleOptimizer``.
     Build it under the Keras dtype policy ``precision``.
@@ -327,29 +327,96 @@ def _jax_step_fns(model, batch, x_eval):
     return {"train": train, "eval": evaluate}
 
 
-def bench_shape(regions: int, args, variants) -> dict:
-    """Time every variant's train and eval step and the matmul limits, interleaved per repeat."""
+def bench_inputs(regions: int, args) -> tuple:
+    """``(x_train, y_train, x_eval)``: random features and seen labels as backend tensors (seed 1)."""
     import numpy as np
     from keras import ops
 
-    K, F = args.attributes, args.features
-    B, E = args.batch, args.eval_batch
     rng = np.random.default_rng(1)
+    B, E, F = args.batch, args.eval_batch, args.features
     # Backend tensors (on the accelerator, if any), so that no step copies its input from the host.
     x_train = ops.convert_to_tensor(rng.random((B, regions, F), dtype=np.float32))
     y_train = ops.convert_to_tensor(np.asarray(_seen_classes(args))[rng.integers(0, args.classes - args.unseen,
                                                                                  size=B)])
     x_eval = ops.convert_to_tensor(rng.random((E, regions, F), dtype=np.float32))
+    return x_train, y_train, x_eval
+
+
+def model_matmuls(regions: int, args) -> dict:
+    """The model's own product shapes: forward and weight gradient (train), forward (eval)."""
+    B, E, F, K = args.batch, args.eval_batch, args.features, args.attributes
+    return {
+        "forward": dict(m=B * regions, k=F, n=4 * K),
+        "weight_gradient": dict(m=F, k=B * regions, n=4 * K, transpose_a=True),
+        "forward_eval": dict(m=E * regions, k=F, n=4 * K),
+    }
+
+
+def step_summary(t: list, images: int, essential: float, all_matrix: float, limits: list,
+                 projection: float) -> dict:
+    """The report of one step kind (train or eval) from its per-repeat seconds ``t``.
+
+    Args:
+        t: seconds per call, one per repeat; ``images``: the batch; ``essential``: essential
+            FLOPs per image; ``all_matrix``: all matrix FLOPs per step; ``limits``: the matmul
+            limit (GFLOP/s) of each repeat; ``projection``: FLOPs of the ``V W`` projections per step.
+    """
+    achieved = [images * essential / s / 1e9 for s in t]  # essential GFLOP/s per repeat
+    fractions = [a / lim for a, lim in zip(achieved, limits)]
+    achieved_all = [all_matrix / s / 1e9 for s in t]  # every matrix product of the step
+    fractions_all = [a / lim for a, lim in zip(achieved_all, limits)]
+    return {
+        "batch": images,
+        "step_s_median": statistics.median(t), "step_s_min": min(t),
+        "step_s_all": [round(x, 4) for x in t],
+        "images_per_s_median": images / statistics.median(t), "images_per_s_best": images / min(t),
+        "essential_gflop_per_image": essential / 1e9,
+        "essential_gflop_per_s_median": statistics.median(achieved),
+        "limit_gflop_per_s_median": statistics.median(limits),
+        "limit_gflop_per_s_all": [round(x, 1) for x in limits],
+        "fraction_of_limit_median": statistics.median(fractions),
+        "fraction_of_limit_best": max(fractions),
+        "fraction_of_limit_all": [round(x, 3) for x in fractions],
+        # Load only ever slows a measurement down: the fastest step against the
+        # fastest matmul of the run is the most load-robust ratio.
+        "fraction_best_vs_best_limit": max(achieved) / max(limits),
+        "projection_gflop_per_step": projection / 1e9,
+        "all_matrix_gflop_per_step": all_matrix / 1e9,
+        "fraction_all_matrix_median": statistics.median(fractions_all),
+        "fraction_all_matrix_all": [round(x, 3) for x in fractions_all],
+        "fraction_all_matrix_best_vs_best_limit": max(achieved_all) / max(limits),
+    }
+
+
+def variant_entry(v: dict, variants, seconds: dict, summaries: dict, regions: int, args) -> dict:
+    """One variant's report: its train/eval summaries, precision, and ratios to the reference and to float32."""
+    entry = dict(summaries)
+    if regions == 196 and (args.attributes, args.classes, args.unseen, args.features, args.batch) == (
+            312, 200, 50, 2048, 50):
+        entry["vs_reference"] = {
+            "train": entry["train"]["images_per_s_median"] / REFERENCE["train_images_per_s"],
+            "eval": entry["eval"]["images_per_s_median"] / REFERENCE["eval_images_per_s"],
+        }
+    entry["precision"] = {"requested": v["precision"], "used": v["policy"], "reason": v["precision_reason"]}
+    base = f"{v['impl']}:{'jit' if v['jit'] else 'nojit'}:float32"
+    if v["name"] != base and base in [w["name"] for w in variants]:
+        # Per repeat (the same load for both), then the median: speed-up over float32.
+        entry["vs_float32"] = {mode: statistics.median(
+            b / x for b, x in zip(seconds[f"{base}/{mode}"], seconds[f"{v['name']}/{mode}"]))
+            for mode in ("train", "eval")}
+    return entry
+
+
+def bench_shape(regions: int, args, variants) -> dict:
+    """Time every variant's train and eval step and the matmul limits, interleaved per repeat."""
+    K, F, B, E = args.attributes, args.features, args.batch, args.eval_batch
+    x_train, y_train, x_eval = bench_inputs(regions, args)
     fns, steps, flops = {}, {}, {}
     for v in variants:
         for mode, fn in _variant_fns(v, regions, args, x_train, y_train, x_eval).items():
             fns[f"{v['name']}/{mode}"] = fn
             steps[f"{v['name']}/{mode}"] = args.steps
-    matmuls = {  # the model's own product shapes: forward and weight gradient (train), forward (eval)
-        "forward": dict(m=B * regions, k=F, n=4 * K),
-        "weight_gradient": dict(m=F, k=B * regions, n=4 * K, transpose_a=True),
-        "forward_eval": dict(m=E * regions, k=F, n=4 * K),
-    }
+    matmuls = model_matmuls(regions, args)
     for name, shape in matmuls.items():
         fns[name], flops[name] = matmul_fn(**shape)
         steps[name] = args.matmul_steps
@@ -364,52 +431,13 @@ def bench_shape(regions: int, args, variants) -> dict:
     }
     essential = {"train": train_flops_per_image(regions, F, K), "eval": forward_flops_per_image(regions, F, K)}
     images = {"train": B, "eval": E}
-    all_matrix = {mode: all_matrix_flops_per_step(images[mode], regions, F, K, args.embed, args.classes,
-                                                  mode == "train") for mode in ("train", "eval")}
-
-    def summary(t, mode):
-        achieved = [images[mode] * essential[mode] / s / 1e9 for s in t]  # essential GFLOP/s per repeat
-        fractions = [a / lim for a, lim in zip(achieved, limits[mode])]
-        achieved_all = [all_matrix[mode] / s / 1e9 for s in t]  # every matrix product of the step
-        fractions_all = [a / lim for a, lim in zip(achieved_all, limits[mode])]
-        return {
-            "batch": images[mode],
-            "step_s_median": statistics.median(t), "step_s_min": min(t),
-            "step_s_all": [round(x, 4) for x in t],
-            "images_per_s_median": images[mode] / statistics.median(t), "images_per_s_best": images[mode] / min(t),
-            "essential_gflop_per_image": essential[mode] / 1e9,
-            "essential_gflop_per_s_median": statistics.median(achieved),
-            "limit_gflop_per_s_median": statistics.median(limits[mode]),
-            "limit_gflop_per_s_all": [round(x, 1) for x in limits[mode]],
-            "fraction_of_limit_median": statistics.median(fractions),
-            "fraction_of_limit_best": max(fractions),
-            "fraction_of_limit_all": [round(x, 3) for x in fractions],
-            # Load only ever slows a measurement down: the fastest step against the
-            # fastest matmul of the run is the most load-robust ratio.
-            "fraction_best_vs_best_limit": max(achieved) / max(limits[mode]),
-            "projection_gflop_per_step": projection_flops_per_step(F, K, args.embed, mode == "train") / 1e9,
-            "all_matrix_gflop_per_step": all_matrix[mode] / 1e9,
-            "fraction_all_matrix_median": statistics.median(fractions_all),
-            "fraction_all_matrix_all": [round(x, 3) for x in fractions_all],
-            "fraction_all_matrix_best_vs_best_limit": max(achieved_all) / max(limits[mode]),
-        }
-
     result = {"regions": regions, "variants": {}}
     for v in variants:
-        entry = {mode: summary(seconds[f"{v['name']}/{mode}"], mode) for mode in ("train", "eval")}
-        if regions == 196 and (K, args.classes, args.unseen, F, B) == (312, 200, 50, 2048, 50):
-            entry["vs_reference"] = {
-                "train": entry["train"]["images_per_s_median"] / REFERENCE["train_images_per_s"],
-                "eval": entry["eval"]["images_per_s_median"] / REFERENCE["eval_images_per_s"],
-            }
-        entry["precision"] = {"requested": v["precision"], "used": v["policy"], "reason": v["precision_reason"]}
-        base = f"{v['impl']}:{'jit' if v['jit'] else 'nojit'}:float32"
-        if v["name"] != base and base in [w["name"] for w in variants]:
-            # Per repeat (the same load for both), then the median: speed-up over float32.
-            entry["vs_float32"] = {mode: statistics.median(
-                b / x for b, x in zip(seconds[f"{base}/{mode}"], seconds[f"{v['name']}/{mode}"]))
-                for mode in ("train", "eval")}
-        result["variants"][v["name"]] = entry
+        summaries = {mode: step_summary(
+            seconds[f"{v['name']}/{mode}"], images[mode], essential[mode],
+            all_matrix_flops_per_step(images[mode], regions, F, K, args.embed, args.classes, mode == "train"),
+            limits[mode], projection_flops_per_step(F, K, args.embed, mode == "train")) for mode in ("train", "eval")}
+        result["variants"][v["name"]] = variant_entry(v, variants, seconds, summaries, regions, args)
     result["matmul"] = {name: {"shape": [v["m"], v["k"], v["n"]], "transpose_a": v.get("transpose_a", False),
                                "gflop_per_s_median": statistics.median(gflops[name]),
                                "gflop_per_s_max": max(gflops[name])}
