@@ -112,3 +112,12 @@ def test_plain_import_registers_the_keras_objects_for_load_model(tmp_path):
                        "print(type(m).__name__, type(m.optimizer).__name__)", str(path)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["MSDN", "TorchRMSprop"]
+
+
+@pytest.mark.parametrize("argv0, command", [("-m", True), ("/venv/bin/msdn-train", True), ("/x/pytest", False),
+                                            ("-c", False), ("", False)])
+def test_commands_are_recognised_by_how_python_was_started(monkeypatch, argv0, command):
+    from msdn_tf._cli import is_command_run
+
+    monkeypatch.setattr("sys.argv", [argv0, "--dataset", "demo"])
+    assert is_command_run() is command
