@@ -32,10 +32,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Optional, Sequence
 
+from msdn_tf._cli import add_verbose_flag
 from msdn_tf.errors import MSDNError
 from msdn_tf.serving.classify import classify, fetch_metadata, format_text, read_features, read_images
 
@@ -64,8 +64,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _parser().parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    args = add_verbose_flag(_parser()).parse_args(argv)
     try:
         from msdn_tf.serving.export import read_metadata
 

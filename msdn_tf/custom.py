@@ -17,7 +17,7 @@ Three commands (format and walkthrough: ``docs/custom_data.md``)::
 
 The library is :mod:`msdn_tf.experiments.custom_workflow`. ``prepare`` is
 :func:`msdn_tf.data.custom.prepare_dataset`; ``run`` uses the benchmark
-code (:func:`msdn_tf.train.run_training`, :func:`msdn_tf.evaluation.report.evaluate_run`,
+code (:func:`msdn_tf.training.loop.run_training`, :func:`msdn_tf.evaluation.report.evaluate_run`,
 :func:`msdn_tf.serving.export.export_saved_model`) on the ``custom`` entry of the dataset table.
 """
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -184,7 +183,6 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_main
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     return args.func(args)
 
 

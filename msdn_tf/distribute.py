@@ -12,7 +12,7 @@
   {"type": "worker", "index": i}}``). :func:`parse_tf_config` checks it first;
   ``train.worker_timeout`` bounds the wait for the cluster and every all-reduce.
   Each worker trains on its slice of every global batch and only the chief
-  writes the run (``msdn_tf.train``; docs/distributed.md).
+  writes the run (``msdn_tf.training.loop``; docs/distributed.md).
 
 The model and its optimizer are built inside ``strategy.scope()``; Keras' ``fit``
 splits each global batch over the replicas. Gradients are SUMMED over replicas

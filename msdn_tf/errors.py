@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import functools
 import re
 import sys
 
@@ -75,22 +74,7 @@ def report_error(exc: BaseException) -> int:
 
 
 def cli_main(main):
-    """Decorate a command's ``main(argv)``: :class:`MSDNError` and ``OSError`` become one line and exit 2.
+    """Alias of :func:`msdn_tf._cli.cli_main` (the shared command helper), kept for existing imports."""
+    from msdn_tf._cli import cli_main as shared
 
-    Every command uses this one tail, so a disk full, a read-only folder or a bad input
-    reads the same everywhere: ``error: <path>: <what> ...`` on stderr, no traceback.
-
-    Example:
-        >>> @cli_main
-        ... def main(argv=None) -> int:
-        ...     ...
-    """
-
-    @functools.wraps(main)
-    def wrapper(argv=None):
-        try:
-            return main(argv)
-        except (MSDNError, OSError) as exc:
-            return report_error(exc)
-
-    return wrapper
+    return shared(main)

@@ -70,13 +70,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
+from msdn_tf._cli import add_verbose_flag
 from msdn_tf.errors import MSDNError
 from msdn_tf.serving.export import (METADATA_FILE, ExportCheckFailed, backbone_for_images, class_names_for_run,
                                     export_saved_model)
@@ -123,8 +123,7 @@ def _print_report(report: dict, as_json: bool) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _parser().parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    args = add_verbose_flag(_parser()).parse_args(argv)
     try:
         from msdn_tf.config import merge, parse_override
         from msdn_tf.training.runs import load_run

@@ -97,7 +97,6 @@ def _parser() -> argparse.ArgumentParser:
 @cli_main
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if args.att_splits and not args.attributes_pkl:
         raise MSDNError("--att-splits needs --attributes-pkl too (a complete §1.1 file has w2v_att)")
     if args.limit is not None and (args.att_splits or args.attributes_pkl):

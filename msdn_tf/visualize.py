@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Optional, Sequence
 
@@ -65,7 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_main
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731  (stdout carries the JSON)
     if args.command == "attention":
         summary = visualize_attention(args.run, image=args.image, index=args.index, split=args.split,

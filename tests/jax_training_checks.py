@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from msdn_tf import train
+from msdn_tf.training.loop import build_model_from_config, run_training
 from msdn_tf.config import resolve_config
 from tests.helpers import TINY
 
@@ -42,7 +43,7 @@ def tiny_config(workdir, *overrides):
 def demo_steps(workdir, steps=STEPS):
     """``(initial, final)`` trainable weights by name around ``steps`` ``fit`` steps on the tiny demo.
 
-    The model and optimizer are ``run_training``'s (:func:`msdn_tf.train.build_model_from_config`),
+    The model and optimizer are ``run_training``'s (:func:`msdn_tf.build_model_from_config`),
     the batches its tf.data pipeline's. The one random initial weight, ``W_1``, is
     drawn by NumPy, so every backend starts from the same weights.
     """
@@ -51,7 +52,7 @@ def demo_steps(workdir, steps=STEPS):
 
     config = tiny_config(workdir)
     data = load_dataset(config)
-    model = train.build_model_from_config(config, data)
+    model = build_model_from_config(config, data)
     model.a2v.W_1.assign(np.random.default_rng(0).normal(size=model.a2v.W_1.shape).astype("float32"))
     initial = {w.name: np.array(w) for w in model.trainable_weights}
     sampler = make_sampler(data, config.data.sampler, config.data.batch_size, config.train.seed)
@@ -92,7 +93,7 @@ class Interrupt(Exception):
 def test_train_evaluate_checkpoint_resume(checks_dir):
     config = tiny_config(checks_dir, "train.iterations=4", "train.eval_every=2")
     quiet = lambda *a: None
-    full = train.run_training(config, run_dir=checks_dir / "jax_full", log=quiet)
+    full = run_training(config, run_dir=checks_dir / "jax_full", log=quiet)
     assert full["backend"] == "jax"
     assert [h["step"] for h in full["history"]] == [0, 2, 4]
     assert set(full["final"]["losses"]) == {"ce_a2v", "cal_a2v", "ce_v2a", "cal_v2a", "distill", "loss"}
@@ -104,7 +105,7 @@ def test_train_evaluate_checkpoint_resume(checks_dir):
 
     cut = checks_dir / "jax_cut"
     with pytest.raises(Interrupt):
-        train.run_training(config, run_dir=cut, log=quiet, eval_hooks=[stop_at_4])
+        run_training(config, run_dir=cut, log=quiet, eval_hooks=[stop_at_4])
     assert json.loads((cut / "checkpoint" / "state.json").read_text())["step"] == 2
     assert train.main(["--run-dir", str(cut), "--resume"]) == 0
     resumed = json.loads((cut / "results.json").read_text())

@@ -126,7 +126,7 @@ def _worker(tmp):  # pragma: no cover - runs in the subprocess
                          "fraction_close": float(np.mean(np.isclose(finals[0], finals[1], rtol=1e-4, atol=1e-6)))}
 
     from msdn_tf.config import resolve_config
-    from msdn_tf.train import run_training
+    from msdn_tf.training.loop import run_training
 
     results = {}
     for name in ("none", "mirrored"):

@@ -81,7 +81,7 @@ def test_ausuc_of_a_hand_made_case():
 # --------------------------------------------------------------------------- evaluate CLI
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from msdn_tf.train import run_training
+    from msdn_tf.training.loop import run_training
 
     root = tmp_path_factory.mktemp("evaluate")
     config = tiny_config(root / "data")

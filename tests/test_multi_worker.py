@@ -81,7 +81,7 @@ def assert_same_weights(a, b):
 def test_two_processes_train_like_one_and_resume_after_a_killed_worker(tiny, tmp_path):
     import shutil
 
-    from msdn_tf.train import run_training
+    from msdn_tf.training.loop import run_training
 
     single = run_training(tiny["config"], run_dir=tmp_path / "single", data=tiny["data"], log=lambda *a: None)
 

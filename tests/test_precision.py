@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from msdn_tf import train
+from msdn_tf.training.loop import build_model_from_config, run_training
 from msdn_tf.config import resolve_config
 from msdn_tf.errors import ConfigError
 from msdn_tf.precision import EMULATED_FLOAT16_ENV, cpu_flags, resolve_precision
@@ -77,7 +78,7 @@ def test_mixed_bfloat16_run_resume_evaluate_visualize_export(tiny_config, tmp_pa
 
     overrides = [f"data.data_dir={tmp_path / 'data'}", "train.precision=mixed_bfloat16"]
     config = resolve_config("demo", [tiny_config], overrides)
-    full = train.run_training(config, run_dir=tmp_path / "full", log=lambda *a: None)
+    full = run_training(config, run_dir=tmp_path / "full", log=lambda *a: None)
     assert full["precision"]["used"] == "mixed_bfloat16"
     assert json.loads((tmp_path / "full" / "results.json").read_text())["precision"]["used"] == "mixed_bfloat16"
     assert "precision: mixed_bfloat16" in (tmp_path / "full" / "config.yaml").read_text()
@@ -98,7 +99,7 @@ def test_mixed_bfloat16_run_resume_evaluate_visualize_export(tiny_config, tmp_pa
             raise Interrupt()
 
     with pytest.raises(Interrupt):
-        train.run_training(config, run_dir=tmp_path / "cut", log=lambda *a: None, eval_hooks=[stop_at_8])
+        run_training(config, run_dir=tmp_path / "cut", log=lambda *a: None, eval_hooks=[stop_at_8])
     assert train.main(["--run-dir", str(tmp_path / "cut"), "--resume"]) == 0
     resumed = json.loads((tmp_path / "cut" / "results.json").read_text())
     assert resumed["final"]["losses"] == full["final"]["losses"] and resumed["precision"]["used"] == "mixed_bfloat16"
@@ -127,7 +128,7 @@ def test_mixed_float16_trains_with_loss_scaling_and_resumes(tiny_config, tmp_pat
     monkeypatch.setenv(EMULATED_FLOAT16_ENV, "1")
     config = resolve_config("demo", [tiny_config], [f"data.data_dir={tmp_path / 'data'}",
                                                      "train.precision=mixed_float16"])
-    full = train.run_training(config, run_dir=tmp_path / "full", log=lambda *a: None)
+    full = run_training(config, run_dir=tmp_path / "full", log=lambda *a: None)
     assert full["precision"]["used"] == "mixed_float16"
     assert np.isfinite(full["final"]["losses"]["loss"])
 
@@ -136,22 +137,22 @@ def test_mixed_float16_trains_with_loss_scaling_and_resumes(tiny_config, tmp_pat
             raise Interrupt()
 
     with pytest.raises(Interrupt):
-        train.run_training(config, run_dir=tmp_path / "cut", log=lambda *a: None, eval_hooks=[stop_at_8])
-    resumed = train.run_training(config, run_dir=tmp_path / "cut", resume=True, log=lambda *a: None)
+        run_training(config, run_dir=tmp_path / "cut", log=lambda *a: None, eval_hooks=[stop_at_8])
+    resumed = run_training(config, run_dir=tmp_path / "cut", resume=True, log=lambda *a: None)
     assert resumed["final"]["losses"] == full["final"]["losses"]
     model = keras.models.load_model(tmp_path / "full" / "model.keras", compile=False)
     assert model.dtype_policy.name == "mixed_float16"
     # build_model_from_config wraps the optimizer: the loss scale is part of the checkpoint.
     from msdn_tf.data.registry import load_dataset
 
-    built = train.build_model_from_config(config, load_dataset(config))
+    built = build_model_from_config(config, load_dataset(config))
     assert isinstance(built.optimizer, keras.optimizers.LossScaleOptimizer)
 
 
 def test_auto_is_resolved_in_the_saved_config(tiny_config, tmp_path):
     config = resolve_config("demo", [tiny_config], [f"data.data_dir={tmp_path / 'data'}", "train.precision=auto",
                                                      "train.iterations=2", "train.eval_every=2"])
-    result = train.run_training(config, run_dir=tmp_path / "run", log=lambda *a: None)
+    result = run_training(config, run_dir=tmp_path / "run", log=lambda *a: None)
     expected = resolve_precision("auto").policy
     assert result["precision"]["requested"] == "auto" and result["precision"]["used"] == expected
     assert f"precision: {expected}" in (tmp_path / "run" / "config.yaml").read_text()

@@ -6,7 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from msdn_tf import ablations, protocols
+from msdn_tf import ablations as ablations_cmd
+from msdn_tf import protocols as protocols_cmd
+from msdn_tf.experiments import ablations, protocols
 from msdn_tf.data.registry import load_dataset
 from msdn_tf.errors import ConfigError, DataError, MSDNError
 from tests.helpers import QUICK_TRAIN, tiny_demo_config
@@ -184,8 +186,8 @@ def test_protocol_argument_errors(tiny, tmp_path):
     with pytest.raises(ConfigError, match="--seeds must be at least 1"):
         protocols.run_protocol(config, "final", tmp_path, data=data, seeds=0, train_fn=fake_train)
     with pytest.raises(ConfigError, match="--lambda-grid"):
-        protocols.parse_floats("0.1,x", "--lambda-grid")
-    assert protocols.main(["--dataset", "imagenet"]) == 2
+        protocols_cmd.parse_floats("0.1,x", "--lambda-grid")
+    assert protocols_cmd.main(["--dataset", "imagenet"]) == 2
 
 
 # --------------------------------------------------------------------------- ablations
@@ -224,7 +226,7 @@ def test_precision_parity_check():
     (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
 ])
 def test_ablations_cli_errors(argv, message, capsys):
-    assert ablations.main(argv) == 2
+    assert ablations_cmd.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and message in err
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from msdn_tf import train
+from msdn_tf.training.loop import run_training
 from msdn_tf.config import resolve_config
 from msdn_tf.errors import ConfigError, DataError, NonFiniteError
 from tests.helpers import TINY_DEMO_FIELDS, write_tiny_yaml
@@ -96,7 +97,7 @@ def test_nan_after_a_checkpoint_keeps_the_checkpoint_and_writes_no_result(tiny, 
     run = tmp_path / "run"
     with pytest.raises(NonFiniteError, match=r"training step (3[1-9]|[45]\d|60):.*poisoned\.hdf5.*"
                                               rf"row {data.trainval_loc[0]}\b"):
-        train.run_training(config, run_dir=run, data=data, log=lambda *a: None, eval_hooks=[go_bad])
+        run_training(config, run_dir=run, data=data, log=lambda *a: None, eval_hooks=[go_bad])
     state = json.loads((run / "checkpoint" / "state.json").read_text())
     assert state["step"] == 30 and (run / "checkpoint" / state["weights"]).is_file()
     assert_no_result(run)
@@ -111,7 +112,7 @@ def test_nan_in_test_features_is_caught_at_evaluation_naming_the_row(tiny, tmp_p
     data.features = PoisonedFeatures(data.features, row)
     with pytest.raises(NonFiniteError, match=rf"evaluation after step 30: poisoned\.hdf5: feature row {row} "
                                               r"\(test_unseen_loc\)"):
-        train.run_training(config, run_dir=tmp_path / "run", data=data, log=lambda *a: None)
+        run_training(config, run_dir=tmp_path / "run", data=data, log=lambda *a: None)
     assert_no_result(tmp_path / "run")
 
 
@@ -418,7 +419,7 @@ def test_resume_purges_tensorboard_events_past_the_checkpoint(tiny, tmp_path):
 
     run = tmp_path / "run"
     with pytest.raises(Interrupt):
-        train.run_training(config, run_dir=run, log=lambda *a: None, eval_hooks=[stop_at_60])
+        run_training(config, run_dir=run, log=lambda *a: None, eval_hooks=[stop_at_60])
     # what the interrupted session had flushed past its checkpoint (step 30)
     writer = tf.summary.create_file_writer(str(run / "tensorboard"))
     with writer.as_default():

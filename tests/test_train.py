@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from msdn_tf import train
+from msdn_tf.training.loop import run_training, schedule
 from msdn_tf.config import resolve_config
 from tests.helpers import Interrupt, write_tiny_yaml
 
@@ -55,14 +56,14 @@ def _tensorboard_tags(folder):
 
 def test_resume_reproduces_an_uninterrupted_run(tiny_config, tmp_path):
     config = resolve_config("demo", [tiny_config], [f"data.data_dir={tmp_path / 'data'}"])
-    full = train.run_training(config, run_dir=tmp_path / "full", log=lambda *a: None)
+    full = run_training(config, run_dir=tmp_path / "full", log=lambda *a: None)
 
     def stop_at_60(step, **kwargs):
         if step == 60:
             raise Interrupt()
 
     with pytest.raises(Interrupt):
-        train.run_training(config, run_dir=tmp_path / "cut", log=lambda *a: None, eval_hooks=[stop_at_60])
+        run_training(config, run_dir=tmp_path / "cut", log=lambda *a: None, eval_hooks=[stop_at_60])
     state = json.loads((tmp_path / "cut" / "checkpoint" / "state.json").read_text())
     assert state["step"] == 30 and not (tmp_path / "cut" / "model.keras").exists()
     assert train.main(["--run-dir", str(tmp_path / "cut"), "--resume"]) == 0
@@ -84,14 +85,14 @@ def test_seeds_change_the_run(tiny_config, tmp_path):
                                                    "train.eval_every=2"])
     other = resolve_config("demo", [tiny_config], [f"data.data_dir={tmp_path / 'data'}", "train.iterations=2",
                                                     "train.eval_every=2", "train.seed=7"])
-    r1 = train.run_training(base, run_dir=tmp_path / "a", log=lambda *a: None)
-    r2 = train.run_training(other, run_dir=tmp_path / "b", log=lambda *a: None)
+    r1 = run_training(base, run_dir=tmp_path / "a", log=lambda *a: None)
+    r2 = run_training(other, run_dir=tmp_path / "b", log=lambda *a: None)
     assert r1["final"]["losses"] != r2["final"]["losses"]
 
 
 def test_schedule_defaults_follow_the_reference():
     config = resolve_config("cub", overrides=["train.iterations=null", "train.eval_every=null"])
-    assert train.schedule(config, 7057) == (7057 * 30 // 50, 141)
+    assert schedule(config, 7057) == (7057 * 30 // 50, 141)
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -126,7 +127,7 @@ def test_tensorboard_images_option_wires_the_visualisation_hooks(tiny_config, tm
     config = resolve_config("demo", [tiny_config], [f"data.data_dir={tmp_path / 'data'}", "train.iterations=2",
                                                      "train.eval_every=2", "train.tensorboard_images=true",
                                                      "train.eval_initial=false"])
-    results = train.run_training(config, run_dir=tmp_path / "run", log=lambda *a: None)
+    results = run_training(config, run_dir=tmp_path / "run", log=lambda *a: None)
     assert results["initial"] is None and [h["step"] for h in results["history"]] == [2]
     tags = _tensorboard_tags(tmp_path / "run" / "tensorboard")
     assert {"attention/maps", "gzsl/unseen_predicted_seen", "gzsl/per_class_acc_unseen"} <= tags

@@ -18,7 +18,7 @@ def tiny_run(tmp_path_factory):
     """A run directory (config.yaml + model.keras) of a tiny demo model with random non-zero weights."""
     from msdn_tf.config import resolve_config, save_config
     from msdn_tf.data.registry import load_dataset
-    from msdn_tf.train import build_model_from_config
+    from msdn_tf.training.loop import build_model_from_config
 
     root = tmp_path_factory.mktemp("viz")
     config = resolve_config("demo", overrides=[f"data.data_dir={root / 'data'}"])

@@ -103,7 +103,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "--with-images from a checkpoint holding the same backbone) with serving_maps on the "
                         "reference maps: fused scores, relative L2 <= 2e-2 and the same argmax")
     args = p.parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         with np.load(args.reference) as z:
             reference = {k: z[k] for k in z.files}

@@ -46,7 +46,6 @@ def main(argv=None) -> int:
     p.add_argument("--delete", action="store_true", help="delete the generated cache afterwards")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     print(json.dumps(run(args)))
     return 0
 

@@ -61,7 +61,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--rebuild", action="store_true", help="rebuild even if the cache is up to date")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from msdn_tf.config import resolve_config
 
     overrides = list(args.set) + [f"data.data_dir={args.data_dir}"]

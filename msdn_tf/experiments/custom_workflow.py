@@ -3,7 +3,7 @@
 What ``python -m msdn_tf.custom`` calls (format and walkthrough: ``docs/custom_data.md``):
 
 * ``prepare`` is :func:`msdn_tf.data.custom.prepare_dataset`;
-* ``run`` is :func:`run_custom`: the benchmark code (:func:`msdn_tf.train.run_training`,
+* ``run`` is :func:`run_custom`: the benchmark code (:func:`msdn_tf.training.loop.run_training`,
   :func:`msdn_tf.evaluation.report.evaluate_run`,
   :func:`msdn_tf.serving.export.export_saved_model`) on the ``custom`` entry of the dataset table;
 * ``example`` is :func:`run_example`: generated coloured shapes (:func:`make_shapes_dataset`),
@@ -69,7 +69,7 @@ def run_custom(data_dir, out, *, config_files=(), overrides=(), export_dir=None,
     from msdn_tf.config import resolve_config
     from msdn_tf.data.registry import load_dataset
     from msdn_tf.evaluation.report import evaluate_run
-    from msdn_tf.train import run_training
+    from msdn_tf.training.loop import run_training
     from msdn_tf.utils import write_json
 
     data_dir = os.path.abspath(data_dir)

@@ -5,6 +5,8 @@
 * :mod:`msdn_tf.perf.serving_latency`: latency/throughput of an exported SavedModel
   (command ``python -m msdn_tf.serving.bench``).
 
-The model-speed benchmark is still the command module :mod:`msdn_tf.bench` (its library part
-moves here in wave 2). Importing this package imports nothing else.
+* :mod:`msdn_tf.perf.model_speed`: training and evaluation steps against this machine's
+  matmul rate, the FLOP count (command ``python -m msdn_tf.bench``).
+
+Importing this package imports nothing else.
 """

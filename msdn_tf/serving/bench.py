@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from msdn_tf._cli import add_verbose_flag
 from msdn_tf.errors import MSDNError
 from msdn_tf.perf.serving_latency import SYNTHETIC, benchmark, synthetic_model
 
@@ -47,8 +47,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--iterations", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--regions", type=int, default=196)
-    args = p.parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    args = add_verbose_flag(p).parse_args(argv)
     try:
         if min(args.batches) < 1 or args.iterations < 1 or args.warmup < 0 or args.regions < 1:
             raise MSDNError("--batches, --iterations and --regions must be >= 1, --warmup >= 0")

@@ -45,6 +45,8 @@ from pathlib import Path
 
 import numpy as np
 
+from msdn_tf._cli import add_verbose_flag, subprocess_env
+
 __all__ = [
     "CcLoaderError",
     "CcLoaderUnavailable",
@@ -187,9 +189,7 @@ def compile_loader(cache_dir: str | os.PathLike | None = None) -> str:
 
 
 def _env() -> dict:
-    env = dict(os.environ)
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    return env
+    return subprocess_env()
 
 
 def _call(args: list[str], timeout: float) -> str:
@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="directory to write outputs to as <key>.npy")
     parser.add_argument("--cache-dir", help="where to cache the compiled loader")
     parser.add_argument("--compile-only", action="store_true", help="build the loader and print its path")
-    args = parser.parse_args(argv)
+    args = add_verbose_flag(parser).parse_args(argv)
 
     try:
         binary = compile_loader(args.cache_dir)

@@ -57,6 +57,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 import tensorflow as tf
+
+from msdn_tf._cli import add_verbose_flag
 from google.protobuf import json_format
 from tensorflow.core.framework import types_pb2
 from tensorflow.core.protobuf import saved_model_pb2
@@ -727,7 +729,7 @@ def main(argv=None) -> int:
     parser.add_argument("--request_timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT,
                         help="seconds a REST client may stay silent while sending its request "
                         f"(default {DEFAULT_REQUEST_TIMEOUT:g})")
-    args = parser.parse_args(argv)
+    args = add_verbose_flag(parser).parse_args(argv)
     handle = start_local_server(
         args.model_base_path, args.model_name, args.port, None if args.rest_api_port < 0 else args.rest_api_port,
         max_batch=args.max_batch_size, max_request_bytes=args.max_request_bytes,

@@ -9,7 +9,6 @@ with the Keras model, checks that a NaN input is refused and runs ``saved_model_
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from typing import Optional
 
 import numpy as np
 
+from msdn_tf._cli import subprocess_env
 from msdn_tf.errors import MSDNError
 from msdn_tf.serving.export import (FEATURES_SIGNATURE, IMAGES_SIGNATURE, MAPS_SIGNATURE, METADATA_FILE,
                                     METADATA_SIGNATURE, PREDICTION_OUTPUTS, preprocess_image_batch, read_metadata,
@@ -52,8 +52,7 @@ def run_saved_model_cli(export_dir) -> dict:
     cli = _saved_model_cli()
     if cli is None:
         return {"ok": False, "skipped": "saved_model_cli not found", "signatures": []}
-    env = dict(os.environ)
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env = subprocess_env()
     proc = subprocess.run([cli, "show", "--dir", str(export_dir), "--all"], capture_output=True, text=True,
                           timeout=600, env=env)
     sigs = sorted({line.split("'")[1] for line in proc.stdout.splitlines()

@@ -5,7 +5,7 @@
 * :mod:`msdn_tf.viz.embeddings`: attribute-score embeddings for the TensorBoard
   Embedding Projector and a static t-SNE (or PCA) figure (the paper's Fig. 5);
 * :mod:`msdn_tf.viz.tensorboard`: evaluation hooks for
-  :func:`msdn_tf.train.run_training` that write attention images, seen/unseen
+  :func:`msdn_tf.training.loop.run_training` that write attention images, seen/unseen
   confusion and per-class accuracy histograms;
 * :mod:`msdn_tf.viz.run_figures`: both figures for a run directory (what the command calls).
 

@@ -1,4 +1,4 @@
-"""TensorBoard summaries written after every evaluation of :func:`msdn_tf.train.run_training`.
+"""TensorBoard summaries written after every evaluation of :func:`msdn_tf.training.loop.run_training`.
 
 :func:`make_eval_hooks` returns callables for ``run_training(..., eval_hooks=...)``;
 each is called as ``hook(model=, data=, step=, metrics=, writer=)``. They write:

@@ -1,0 +1,225 @@
+"""The shared command helper: error tail, common flags and TensorFlow's start-up noise.
+
+Every ``python -m msdn_tf.<command>`` (and console script) uses this module:
+
+* :func:`cli_main` decorates a command's ``main(argv)``: :class:`~msdn_tf.errors.MSDNError`
+  and ``OSError`` become one ``error: ...`` line on stderr and exit status 2 (no traceback);
+  it also accepts ``--verbose`` on every command;
+* :func:`add_common_flags` adds the flags that commands repeat (``--dataset``,
+  ``--data-dir``, ``--config``, ``--set``, ``--verbose``);
+* :func:`quiet_tensorflow_startup` hides TensorFlow's C++ start-up lines (``WARNING: All log
+  messages before absl::InitializeLog()``, the oneDNN and ``cudart_stub`` INFO lines,
+  ``failed call to cuInit``, ``NodeDef mentions attribute use_unbounded_threadpool``). It is
+  installed once, by ``msdn_tf/__init__.py``, when a command runs, before anything can import
+  TensorFlow: it sets ``TF_CPP_MIN_LOG_LEVEL=3`` (unless already set) and silences file
+  descriptor 2 while ``import tensorflow`` runs, because the first lines are written before
+  TensorFlow's log level is read. If that import fails, what it wrote is printed. Python
+  errors and msdn-tf's own messages are not affected.
+
+``--verbose`` on any command, or ``MSDN_TF_VERBOSE=1``, shows everything TensorFlow writes.
+This module imports only the standard library.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.abc
+import importlib.util
+import os
+import sys
+import tempfile
+
+from msdn_tf.errors import MSDNError, report_error
+
+VERBOSE_ENV = "MSDN_TF_VERBOSE"
+VERBOSE_FLAG = "--verbose"
+TF_LOG_ENV = "TF_CPP_MIN_LOG_LEVEL"
+QUIET_TF_LOG_LEVEL = "3"  # FATAL only: hides TensorFlow's C++ INFO, WARNING and ERROR lines
+
+
+def verbose_requested(argv=None) -> bool:
+    """Whether the user asked to see TensorFlow's own output (``--verbose`` or ``MSDN_TF_VERBOSE=1``).
+
+    Args:
+        argv: the command's arguments (default ``sys.argv[1:]``).
+
+    Example:
+        >>> verbose_requested(["--dataset", "demo", "--verbose"])
+        True
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    return VERBOSE_FLAG in argv or os.environ.get(VERBOSE_ENV, "").strip() not in ("", "0")
+
+
+def is_command_run() -> bool:
+    """Whether this process runs an msdn-tf command (``python -m msdn_tf.X`` or an ``msdn-*`` script).
+
+    While ``python -m`` imports the package, ``sys.argv[0]`` is ``"-m"``; a console script's
+    ``sys.argv[0]`` is its path.
+    """
+    first = sys.argv[0] if sys.argv else ""
+    return first == "-m" or os.path.basename(first).startswith("msdn")
+
+
+@contextlib.contextmanager
+def stderr_fd_captured():
+    """Send file descriptor 2 to a temporary file for the block; print what it got if the block fails.
+
+    Example:
+        >>> with stderr_fd_captured():
+        ...     import tensorflow  # its start-up lines go to the temporary file
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    failed = False
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            if failed:
+                capture.seek(0)
+                os.write(2, capture.read())
+
+
+class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
+    """Finds ``tensorflow`` with the other finders and runs its import with file descriptor 2 captured.
+
+    It stays in ``sys.meta_path`` (``importlib.util.find_spec("tensorflow")``, as the backend
+    check does, must not use it up); once TensorFlow is imported Python no longer asks it.
+    """
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "tensorflow":
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            with stderr_fd_captured():
+                run(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def quiet_tensorflow_startup(argv=None) -> bool:
+    """Hide TensorFlow's start-up noise for this process unless verbose output was asked for.
+
+    Must run before TensorFlow is imported (``msdn_tf/__init__.py`` calls it for commands).
+    An explicit ``TF_CPP_MIN_LOG_LEVEL`` in the environment is kept.
+
+    Args:
+        argv: the command's arguments (default ``sys.argv[1:]``), searched for ``--verbose``.
+
+    Returns:
+        True if the noise is hidden, False under ``--verbose`` / ``MSDN_TF_VERBOSE=1``.
+
+    Example:
+        >>> quiet_tensorflow_startup([])  # then: import tensorflow prints nothing
+        True
+    """
+    if verbose_requested(argv):
+        return False
+    os.environ.setdefault(TF_LOG_ENV, QUIET_TF_LOG_LEVEL)
+    if "tensorflow" not in sys.modules and not any(isinstance(f, _QuietTensorFlowImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _QuietTensorFlowImport())
+    return True
+
+
+def subprocess_env(env=None) -> dict:
+    """A child process's environment with this process's TensorFlow log setting.
+
+    Args:
+        env: the environment to start from (default a copy of ``os.environ``).
+
+    Example:
+        >>> subprocess_env({"PATH": "/bin"})["TF_CPP_MIN_LOG_LEVEL"]  # '3' unless verbose
+        '3'
+    """
+    env = dict(os.environ if env is None else env)
+    if not verbose_requested([]):
+        env.setdefault(TF_LOG_ENV, QUIET_TF_LOG_LEVEL)
+    return env
+
+
+def add_common_flags(parser, *, dataset_help: str | None = None, data_dir: bool = True,
+                     config: bool = True):
+    """Add ``--dataset``, ``--data-dir``, ``--config``, ``--set`` and ``--verbose`` to an argparse parser.
+
+    Args:
+        parser: an ``argparse.ArgumentParser``.
+        dataset_help: help text of ``--dataset`` (None: no ``--dataset`` flag).
+        data_dir: add ``--data-dir``.
+        config: add ``--config`` (repeatable) and ``--set`` (repeatable).
+
+    Returns:
+        The parser.
+
+    Example:
+        >>> import argparse
+        >>> args = add_common_flags(argparse.ArgumentParser(), dataset_help="dataset").parse_args(
+        ...     ["--set", "train.seed=1"])
+        >>> args.set
+        ['train.seed=1']
+    """
+    if dataset_help is not None:
+        parser.add_argument("--dataset", help=dataset_help)
+    if data_dir:
+        parser.add_argument("--data-dir", help="folder with the dataset files (see README)")
+    if config:
+        parser.add_argument("--config", action="append", default=[], help="extra YAML config file(s) applied in order")
+        parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                            help="override one config value, e.g. --set train.iterations=100")
+    add_verbose_flag(parser)
+    return parser
+
+
+def add_verbose_flag(parser):
+    """Add ``--verbose`` (show TensorFlow's own start-up and log lines) to an argparse parser."""
+    parser.add_argument(VERBOSE_FLAG, action="store_true",
+                        help=f"show TensorFlow's start-up and log lines (also: {VERBOSE_ENV}=1)")
+    return parser
+
+
+def cli_main(main):
+    """Decorate a command's ``main(argv)``: :class:`MSDNError` and ``OSError`` become one line and exit 2.
+
+    Every command uses this one tail, so a disk full, a read-only folder or a bad input
+    reads the same everywhere: ``error: <path>: <what> ...`` on stderr, no traceback.
+    ``--verbose`` is taken out of the arguments (it acted at start-up, see
+    :func:`quiet_tensorflow_startup`), so every command accepts it.
+
+    Example:
+        >>> @cli_main
+        ... def main(argv=None) -> int:
+        ...     ...
+    """
+
+    @functools.wraps(main)
+    def wrapper(argv=None):
+        argv = list(sys.argv[1:] if argv is None else argv)
+        if VERBOSE_FLAG in argv:
+            argv = [a for a in argv if a != VERBOSE_FLAG]
+        try:
+            return main(argv)
+        except (MSDNError, OSError) as exc:
+            return report_error(exc)
+
+    return wrapper

@@ -1,0 +1,130 @@
+"""Training checkpoints: step-stamped weights and optimizer state, committed by an atomic ``state.json``.
+
+``checkpoint/`` of a run directory holds ``step_NNNNNNNN.weights.npz``,
+``step_NNNNNNNN.optimizer.npz`` and ``state.json`` (step, file names, the evaluation
+history and the record of resumes). ``python -m msdn_tf.train --resume`` continues from it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from msdn_tf.errors import MSDNError
+from msdn_tf.utils import atomic_path, write_json
+
+
+class Checkpointer:
+    """Step-stamped weights and optimizer state, committed by an atomic ``state.json``.
+
+    A crash at any point leaves the previous checkpoint intact: the new files are
+    written first, ``state.json`` is replaced last, and older files are removed after.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.dir = Path(run_dir) / "checkpoint"
+        self.state_path = self.dir / "state.json"
+
+    def exists(self) -> bool:
+        return self.state_path.is_file()
+
+    def save(self, model, step: int, history: list, resumes: list = ()) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        stem = f"step_{step:08d}"
+        try:
+            # numpy, not Keras' HDF5 weights file: HDF5 keeps a failed handle open and the
+            # process then crashes at exit (signal 11) on a full disk instead of exiting with 2
+            with atomic_path(self.dir / f"{stem}.weights.npz") as tmp:
+                with open(tmp, "wb") as f:
+                    np.savez(f, *[np.asarray(v) for v in model.weights])
+            with atomic_path(self.dir / f"{stem}.optimizer.npz") as tmp:
+                with open(tmp, "wb") as f:
+                    np.savez(f, *[np.asarray(v) for v in model.optimizer.variables])
+            write_json(self.state_path, {"step": step, "weights": f"{stem}.weights.npz",
+                                         "optimizer": f"{stem}.optimizer.npz", "history": history,
+                                         "resumes": list(resumes)})
+        except BaseException:
+            # state.json still names the previous checkpoint: drop this one's partial files
+            current = self.state_path.read_text() if self.state_path.is_file() else ""
+            if stem not in current:
+                for new in self.dir.glob(f"{stem}.*"):
+                    new.unlink()
+            raise
+        for old in self.dir.glob("step_*"):
+            if not old.name.startswith(stem):
+                old.unlink()
+
+    def read_state(self) -> dict:
+        """``state.json``, checked: a clear error names the file if it is corrupt or incomplete."""
+        try:
+            with open(self.state_path) as f:
+                state = json.load(f)
+        except ValueError as exc:
+            raise MSDNError(f"{self.state_path}: corrupt checkpoint state ({exc}); the run cannot be "
+                            "resumed from it: start a new run (another --run-dir)") from exc
+        missing = [k for k in ("step", "weights", "optimizer", "history") if not isinstance(state, dict)
+                   or k not in state]
+        if missing:
+            raise MSDNError(f"{self.state_path}: corrupt checkpoint state (missing {', '.join(missing)}); "
+                            "start a new run (another --run-dir)")
+        for key in ("weights", "optimizer"):
+            if not (self.dir / state[key]).is_file():
+                raise MSDNError(f"{self.dir / state[key]}: the checkpoint's {key} file is missing; "
+                                "the run cannot be resumed: restore the file or start a new run")
+        return state
+
+    def restore(self, model) -> dict:
+        state = self.read_state()
+        path = self.dir / state["weights"]
+        try:
+            if path.name.endswith(".h5"):  # checkpoints written before the .npz format
+                model.load_weights(path)
+            else:
+                assign_all(model.weights, load_arrays(path), path, "model weights")
+        except (OSError, ValueError, KeyError) as exc:
+            raise MSDNError(f"{path}: unreadable checkpoint weights ({exc}); "
+                            "restore the file or start a new run") from exc
+        model.optimizer.build(model.trainable_variables)
+        try:
+            values = load_arrays(self.dir / state["optimizer"])
+        except (OSError, ValueError, KeyError) as exc:
+            raise MSDNError(f"{self.dir / state['optimizer']}: unreadable optimizer state ({exc}); "
+                            "restore the file or start a new run") from exc
+        variables = model.optimizer.variables
+        if len(values) != len(variables):
+            raise MSDNError(
+                f"{self.dir / state['optimizer']}: holds {len(values)} optimizer variables, "
+                f"the model's optimizer has {len(variables)}"
+            )
+        for var, value in zip(variables, values):
+            var.assign(value)
+        return state
+
+
+def load_arrays(path) -> list:
+    """The arrays ``arr_0, arr_1, ...`` of an ``.npz`` written by :meth:`Checkpointer.save`."""
+    with np.load(path) as saved:
+        return [saved[f"arr_{i}"] for i in range(len(saved.files))]
+
+
+def assign_all(variables, values, path, what) -> None:
+    if len(values) != len(variables):
+        raise MSDNError(f"{path}: holds {len(values)} {what}, the model has {len(variables)}")
+    for var, value in zip(variables, values):
+        if tuple(value.shape) != tuple(var.shape):
+            raise MSDNError(f"{path}: {what} '{var.path}' has shape {value.shape} in the checkpoint, "
+                            f"{tuple(var.shape)} in the model")
+        var.assign(value)
+
+
+def checkpoint_note(checkpointer) -> str:
+    """One sentence for error messages: which checkpoint is intact, or that none was written."""
+    if checkpointer.exists():
+        try:
+            step = json.loads(checkpointer.state_path.read_text())["step"]
+            return f"The checkpoint of step {step} in {checkpointer.dir} is intact"
+        except (OSError, ValueError, KeyError):
+            pass
+    return "No checkpoint was written"
