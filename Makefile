@@ -19,8 +19,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m msdn_tf.train --dataset demo
 
-# The test suite (CPU, a few minutes).
+# Lint and format check (ruff, pyproject.toml), then the test suite (CPU, a few minutes).
 test: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q
 
 clean:

@@ -159,8 +159,7 @@ def subprocess_env(env=None) -> dict:
     return env
 
 
-def add_common_flags(parser, *, dataset_help: str | None = None, data_dir: bool = True,
-                     config: bool = True):
+def add_common_flags(parser, *, dataset_help: str | None = None, data_dir: bool = True, config: bool = True):
     """Add ``--dataset``, ``--data-dir``, ``--config``, ``--set`` and ``--verbose`` to an argparse parser.
 
     Args:
@@ -185,16 +184,22 @@ def add_common_flags(parser, *, dataset_help: str | None = None, data_dir: bool 
         parser.add_argument("--data-dir", help="folder with the dataset files (see README)")
     if config:
         parser.add_argument("--config", action="append", default=[], help="extra YAML config file(s) applied in order")
-        parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                            help="override one config value, e.g. --set train.iterations=100")
+        parser.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="SECTION.KEY=VALUE",
+            help="override one config value, e.g. --set train.iterations=100",
+        )
     add_verbose_flag(parser)
     return parser
 
 
 def add_verbose_flag(parser):
     """Add ``--verbose`` (show TensorFlow's own start-up and log lines) to an argparse parser."""
-    parser.add_argument(VERBOSE_FLAG, action="store_true",
-                        help=f"show TensorFlow's start-up and log lines (also: {VERBOSE_ENV}=1)")
+    parser.add_argument(
+        VERBOSE_FLAG, action="store_true", help=f"show TensorFlow's start-up and log lines (also: {VERBOSE_ENV}=1)"
+    )
     return parser
 
 

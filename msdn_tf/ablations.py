@@ -22,11 +22,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=1, help="number of seeds: train.seed + 0..N-1 (default 1)")
     add_common_flags(p)
     p.add_argument("--out", help="output folder (default runs/ablations/<dataset>)")
-    p.add_argument("--check", action="store_true",
-                   help="assert full >= 3x chance on every seed and >= GAP mean + 5 points; exit 1 if not")
-    p.add_argument("--check-precision", action="store_true",
-                   help="assert the rows full_bf16 and full agree within 1 point (mean final CZSL acc and H); "
-                        "exit 1 if not")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="assert full >= 3x chance on every seed and >= GAP mean + 5 points; exit 1 if not",
+    )
+    p.add_argument(
+        "--check-precision",
+        action="store_true",
+        help="assert the rows full_bf16 and full agree within 1 point (mean final CZSL acc and H); exit 1 if not",
+    )
     return p
 
 

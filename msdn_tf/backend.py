@@ -65,13 +65,15 @@ def check_backend() -> str:
     if name not in SUPPORTED:
         raise BackendError(
             f"{source}: msdn-tf runs on the Keras backends {' and '.join(SUPPORTED)}, not {name!r}; "
-            "set KERAS_BACKEND=tensorflow (the default) or KERAS_BACKEND=jax")
+            "set KERAS_BACKEND=tensorflow (the default) or KERAS_BACKEND=jax"
+        )
     package, install = SUPPORTED[name]
     if importlib.util.find_spec(package) is None:
         other = "jax" if name == "tensorflow" else "tensorflow"
         raise BackendError(
             f"{source} selects the Keras backend {name!r}, but the package {package!r} is not installed. "
-            f"Install it: {install}; or choose the other backend with KERAS_BACKEND={other}")
+            f"Install it: {install}; or choose the other backend with KERAS_BACKEND={other}"
+        )
     return name
 
 

@@ -28,17 +28,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="timed repeats (default 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls first, incl. compilation (default 2)")
     p.add_argument("--matmul-steps", type=int, default=3, help="products per timed matmul repeat (default 3)")
-    p.add_argument("--jit", action=argparse.BooleanOptionalAction, default=None,
-                   help="XLA-compile the steps (default: the model's training default, train.jit_compile)")
-    p.add_argument("--impl", default="fused", choices=list(IMPLS),
-                   help="forward pass: fused (MSDN.call, one (B*R, F) x (F, 4K) product; default) or einsum "
-                        "(four separate einsum contractions, the code before issue 7)")
-    p.add_argument("--precision", default="float32", choices=list(PRECISIONS),
-                   help="Keras dtype policy (default float32); auto: bfloat16 where the hardware runs it "
-                        "natively, else float32 (the choice is in the report)")
-    p.add_argument("--variants", nargs="+", metavar="IMPL:JIT:PRECISION",
-                   help="several variants timed in the same run, interleaved (e.g. einsum:nojit fused:nojit "
-                        "fused:jit fused:jit:mixed_bfloat16); overrides --impl/--jit/--precision")
+    p.add_argument(
+        "--jit",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="XLA-compile the steps (default: the model's training default, train.jit_compile)",
+    )
+    p.add_argument(
+        "--impl",
+        default="fused",
+        choices=list(IMPLS),
+        help="forward pass: fused (MSDN.call, one (B*R, F) x (F, 4K) product; default) or einsum "
+        "(four separate einsum contractions, the code before issue 7)",
+    )
+    p.add_argument(
+        "--precision",
+        default="float32",
+        choices=list(PRECISIONS),
+        help="Keras dtype policy (default float32); auto: bfloat16 where the hardware runs it "
+        "natively, else float32 (the choice is in the report)",
+    )
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        metavar="IMPL:JIT:PRECISION",
+        help="several variants timed in the same run, interleaved (e.g. einsum:nojit fused:nojit "
+        "fused:jit fused:jit:mixed_bfloat16); overrides --impl/--jit/--precision",
+    )
     p.add_argument("--attributes", type=int, default=CUB["attributes"], help="K (default 312, CUB)")
     p.add_argument("--classes", type=int, default=CUB["classes"], help="C (default 200, CUB)")
     p.add_argument("--unseen", type=int, default=CUB["unseen"], help="unseen classes (default 50, CUB)")

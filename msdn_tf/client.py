@@ -39,14 +39,14 @@ from msdn_tf._cli import add_verbose_flag
 from msdn_tf.errors import MSDNError
 from msdn_tf.serving.classify import classify, fetch_metadata, format_text, read_features, read_images
 
-
 # ---------------------------------------------------------------------------------------------
 # Command line
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m msdn_tf.client",
-                                description="Classify features or images with an MSDN served by TF Serving.")
+    p = argparse.ArgumentParser(
+        prog="python -m msdn_tf.client", description="Classify features or images with an MSDN served by TF Serving."
+    )
     p.add_argument("--server", default="localhost:8500", help="gRPC address host:port (default localhost:8500)")
     p.add_argument("--rest", default=None, help="use TF Serving's REST API at this URL, e.g. http://localhost:8501")
     p.add_argument("--model", required=True, help="model name in the server's model config, e.g. msdn_cub")
@@ -56,8 +56,11 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--images", nargs="+", help="encoded JPEG/PNG files (needs an export made --with-images)")
     p.add_argument("--rows", nargs="+", type=int, default=None, help="rows of --features to send")
     p.add_argument("--top-k", type=int, default=None, help="how many classes to print (default: the export's)")
-    p.add_argument("--metadata", default=None,
-                   help="msdn_metadata.json written by the export (default: ask the server's metadata signature)")
+    p.add_argument(
+        "--metadata",
+        default=None,
+        help="msdn_metadata.json written by the export (default: ask the server's metadata signature)",
+    )
     p.add_argument("--timeout", type=float, default=30.0)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     return p
@@ -68,18 +71,42 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         from msdn_tf.serving.export import read_metadata
 
-        metadata = read_metadata(args.metadata) if args.metadata else fetch_metadata(
-            model=args.model, server=args.server, rest=args.rest, version=args.version, timeout=args.timeout)
+        metadata = (
+            read_metadata(args.metadata)
+            if args.metadata
+            else fetch_metadata(
+                model=args.model, server=args.server, rest=args.rest, version=args.version, timeout=args.timeout
+            )
+        )
         if args.images:
-            answer = classify(model=args.model, server=args.server, rest=args.rest, images=read_images(args.images),
-                              metadata=metadata, top_k=args.top_k, version=args.version, labels=list(args.images),
-                              timeout=args.timeout)
+            answer = classify(
+                model=args.model,
+                server=args.server,
+                rest=args.rest,
+                images=read_images(args.images),
+                metadata=metadata,
+                top_k=args.top_k,
+                version=args.version,
+                labels=list(args.images),
+                timeout=args.timeout,
+            )
         else:
             x = read_features(args.features, args.rows, metadata.get("feature_dim"))
-            labels = [f"{args.features}[{r}]" for r in (args.rows or ([0] if args.features.lower().endswith(
-                (".hdf5", ".h5")) else range(len(x))))]
-            answer = classify(model=args.model, server=args.server, rest=args.rest, features=x, metadata=metadata,
-                              top_k=args.top_k, version=args.version, labels=labels, timeout=args.timeout)
+            labels = [
+                f"{args.features}[{r}]"
+                for r in (args.rows or ([0] if args.features.lower().endswith((".hdf5", ".h5")) else range(len(x))))
+            ]
+            answer = classify(
+                model=args.model,
+                server=args.server,
+                rest=args.rest,
+                features=x,
+                metadata=metadata,
+                top_k=args.top_k,
+                version=args.version,
+                labels=labels,
+                timeout=args.timeout,
+            )
     except MSDNError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

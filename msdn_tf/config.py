@@ -250,9 +250,7 @@ def merge(config: Config, updates: dict, source: str) -> Config:
     sections = _field_types(Config)
     for section, values in updates.items():
         if section not in sections:
-            raise ConfigError(
-                f"{source}: unknown section '{section}'; known sections: {', '.join(sections)}"
-            )
+            raise ConfigError(f"{source}: unknown section '{section}'; known sections: {', '.join(sections)}")
         if values is None:
             continue
         if not isinstance(values, dict):
@@ -261,9 +259,7 @@ def merge(config: Config, updates: dict, source: str) -> Config:
         types = _field_types(type(target))
         for key, value in values.items():
             if key not in types:
-                raise ConfigError(
-                    f"{source}: unknown key '{section}.{key}'; known keys: {', '.join(types)}"
-                )
+                raise ConfigError(f"{source}: unknown key '{section}.{key}'; known keys: {', '.join(types)}")
             setattr(target, key, _coerce(value, types[key], f"{source}: '{section}.{key}'"))
             sources_of(config)[(section, key)] = source
     return config

@@ -35,13 +35,35 @@ from msdn_tf.experiments.custom_workflow import EXAMPLE_OVERRIDES, log_stderr, r
 
 # prepare options that may also come from a dataset.yaml (--spec); path-valued ones are
 # resolved relative to the YAML file's folder.
-SPEC_KEYS = {"images": True, "csv": True, "images_root": True, "attributes": True, "unseen": True,
-             "unseen_fraction": False, "seed": False, "attribute_vectors": True, "word_vectors": True,
-             "allow_missing_words": False, "allow_zero_vectors": False, "test_seen_fraction": False,
-             "val_fraction": False, "weights": False, "image_size": False, "batch_size": False}
+SPEC_KEYS = {
+    "images": True,
+    "csv": True,
+    "images_root": True,
+    "attributes": True,
+    "unseen": True,
+    "unseen_fraction": False,
+    "seed": False,
+    "attribute_vectors": True,
+    "word_vectors": True,
+    "allow_missing_words": False,
+    "allow_zero_vectors": False,
+    "test_seen_fraction": False,
+    "val_fraction": False,
+    "weights": False,
+    "image_size": False,
+    "batch_size": False,
+}
 EXCLUSIVE = (("images", "csv"), ("unseen", "unseen_fraction"), ("attribute_vectors", "word_vectors"))
-PREPARE_DEFAULTS = {"seed": 0, "test_seen_fraction": 0.2, "val_fraction": 0.0, "weights": "imagenet",
-                    "image_size": 448, "batch_size": 16, "allow_missing_words": False, "allow_zero_vectors": False}
+PREPARE_DEFAULTS = {
+    "seed": 0,
+    "test_seen_fraction": 0.2,
+    "val_fraction": 0.0,
+    "weights": "imagenet",
+    "image_size": 448,
+    "batch_size": 16,
+    "allow_missing_words": False,
+    "allow_zero_vectors": False,
+}
 
 
 def prepare_options(args) -> dict:
@@ -74,12 +96,21 @@ def prepare_options(args) -> dict:
 
 def cmd_prepare(args) -> int:
     opts = prepare_options(args)
-    manifest = custom_data.prepare_dataset(args.out, **opts, overwrite=args.overwrite, restart=args.restart,
-                                           progress=not args.no_progress)
+    manifest = custom_data.prepare_dataset(
+        args.out, **opts, overwrite=args.overwrite, restart=args.restart, progress=not args.no_progress
+    )
     vectors = manifest["attribute_vectors"]
-    print(json.dumps({"data_dir": str(args.out), **manifest["sizes"], "unseen": manifest["unseen_classes"],
-                      "missing_words": sorted(vectors.get("missing_words", {})),
-                      "zero_attributes": vectors.get("zero_attributes", [])}))
+    print(
+        json.dumps(
+            {
+                "data_dir": str(args.out),
+                **manifest["sizes"],
+                "unseen": manifest["unseen_classes"],
+                "missing_words": sorted(vectors.get("missing_words", {})),
+                "zero_attributes": vectors.get("zero_attributes", []),
+            }
+        )
+    )
     return 0
 
 
@@ -89,18 +120,36 @@ def cmd_run(args) -> int:
         overrides.append(f"train.seed={args.seed}")
     if args.iterations is not None:
         overrides.append(f"train.iterations={args.iterations}")
-    summary = run_custom(args.data_dir, args.out, config_files=args.config, overrides=overrides,
-                         export_dir=args.export_dir, export=not args.no_export, with_images=not args.no_images,
-                         gamma=args.gamma, top_k=args.top_k, verify_export=args.verify_export,
-                         visualize=args.visualize, resume=args.resume, log=log_stderr)
+    summary = run_custom(
+        args.data_dir,
+        args.out,
+        config_files=args.config,
+        overrides=overrides,
+        export_dir=args.export_dir,
+        export=not args.no_export,
+        with_images=not args.no_images,
+        gamma=args.gamma,
+        top_k=args.top_k,
+        verify_export=args.verify_export,
+        visualize=args.visualize,
+        resume=args.resume,
+        log=log_stderr,
+    )
     print(json.dumps(summary))
     return 1 if summary.get("export_check_ok") is False else 0
 
 
 def cmd_example(args) -> int:
-    result = run_example(args.out, image_size=args.image_size, num_classes=args.classes,
-                         images_per_class=args.images_per_class, seed=args.seed, overrides=args.set,
-                         serve=not args.no_serve, top_k=args.top_k)
+    result = run_example(
+        args.out,
+        image_size=args.image_size,
+        num_classes=args.classes,
+        images_per_class=args.images_per_class,
+        seed=args.seed,
+        overrides=args.set,
+        serve=not args.no_serve,
+        top_k=args.top_k,
+    )
     print(json.dumps(result))
     return 0
 
@@ -110,17 +159,23 @@ def cmd_example(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m msdn_tf.custom",
-                                description="MSDN on your own attribute-annotated images (docs/custom_data.md).")
+    p = argparse.ArgumentParser(
+        prog="python -m msdn_tf.custom",
+        description="MSDN on your own attribute-annotated images (docs/custom_data.md).",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     a = sub.add_parser("prepare", help="validate, split, compute attribute vectors, extract features -> DATA_DIR")
-    a.add_argument("--spec", help="dataset.yaml holding any of the options below (paths relative to it); "
-                   "flags given on the command line win")
+    a.add_argument(
+        "--spec",
+        help="dataset.yaml holding any of the options below (paths relative to it); "
+        "flags given on the command line win",
+    )
     src = a.add_mutually_exclusive_group()
     src.add_argument("--images", help="folder of class folders: DIR/<class>/*.jpg|png")
-    src.add_argument("--csv", help="CSV of path,class[,split] (header optional; paths relative to the CSV or "
-                     "--images-root)")
+    src.add_argument(
+        "--csv", help="CSV of path,class[,split] (header optional; paths relative to the CSV or --images-root)"
+    )
     a.add_argument("--images-root", help="folder the --csv paths are relative to")
     a.add_argument("--attributes", help="class x attribute CSV: header 'class,attr1,...', one row per class")
     un = a.add_mutually_exclusive_group()
@@ -129,18 +184,32 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--seed", type=int, help="seed of the unseen draw, the splits and a random backbone (default 0)")
     vec = a.add_mutually_exclusive_group()
     vec.add_argument("--attribute-vectors", help="K x D attribute vectors: .npy or .csv")
-    vec.add_argument("--word-vectors", help="word vectors, word2vec text ('N D' header) or GloVe, optionally .gz: "
-                     "each attribute = the sum of the vectors of its words")
-    a.add_argument("--allow-missing-words", action="store_true", help="skip words missing from --word-vectors "
-                   "(warning) instead of failing")
-    a.add_argument("--allow-zero-vectors", action="store_true", help="accept attributes none of whose words were "
-                   "found (all-zero vectors) instead of failing")
-    a.add_argument("--test-seen-fraction", type=float, help="share of each seen class held out as test_seen "
-                   "(default 0.2)")
-    a.add_argument("--val-fraction", type=float, help="share of seen classes in a class-disjoint train/val split "
-                   "(default 0: none)")
-    a.add_argument("--weights", help="ResNet-101 weights: imagenet (default; download), a local .h5 file, or none "
-                   "(random but seeded; for tests and the example)")
+    vec.add_argument(
+        "--word-vectors",
+        help="word vectors, word2vec text ('N D' header) or GloVe, optionally .gz: "
+        "each attribute = the sum of the vectors of its words",
+    )
+    a.add_argument(
+        "--allow-missing-words",
+        action="store_true",
+        help="skip words missing from --word-vectors (warning) instead of failing",
+    )
+    a.add_argument(
+        "--allow-zero-vectors",
+        action="store_true",
+        help="accept attributes none of whose words were found (all-zero vectors) instead of failing",
+    )
+    a.add_argument(
+        "--test-seen-fraction", type=float, help="share of each seen class held out as test_seen (default 0.2)"
+    )
+    a.add_argument(
+        "--val-fraction", type=float, help="share of seen classes in a class-disjoint train/val split (default 0: none)"
+    )
+    a.add_argument(
+        "--weights",
+        help="ResNet-101 weights: imagenet (default; download), a local .h5 file, or none "
+        "(random but seeded; for tests and the example)",
+    )
     a.add_argument("--image-size", type=int, help="square input size (default 448 -> 14x14 maps)")
     a.add_argument("--batch-size", type=int, help="extraction batch size (default 16)")
     a.add_argument("--out", required=True, help="the prepared folder DATA_DIR")
@@ -173,8 +242,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--images-per-class", type=int, default=12)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--top-k", type=int, default=3)
-    e.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="config override (after the example's own: " + ", ".join(EXAMPLE_OVERRIDES) + ")")
+    e.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="config override (after the example's own: " + ", ".join(EXAMPLE_OVERRIDES) + ")",
+    )
     e.add_argument("--no-serve", action="store_true", help="skip the query through the local gRPC test double")
     e.set_defaults(func=cmd_example)
     return p

@@ -36,7 +36,6 @@ from msdn_tf.errors import ConfigError
 from msdn_tf.options import STRATEGIES  # noqa: F401  (defined once, in msdn_tf.options)
 
 
-
 @dataclasses.dataclass(frozen=True)
 class ClusterInfo:
     """This process's place in a ``TF_CONFIG`` cluster.
@@ -84,8 +83,10 @@ def parse_tf_config(text: Optional[str]) -> ClusterInfo:
     except json.JSONDecodeError as exc:
         raise ConfigError(f"TF_CONFIG is not valid JSON ({exc})") from exc
     if not isinstance(spec, dict) or not isinstance(spec.get("cluster"), dict):
-        raise ConfigError('TF_CONFIG needs a "cluster" mapping, e.g. {"cluster": {"worker": ["host1:port", '
-                          '"host2:port"]}, "task": {"type": "worker", "index": 0}}')
+        raise ConfigError(
+            'TF_CONFIG needs a "cluster" mapping, e.g. {"cluster": {"worker": ["host1:port", '
+            '"host2:port"]}, "task": {"type": "worker", "index": 0}}'
+        )
     cluster = spec["cluster"]
     unknown = sorted(set(cluster) - {"chief", "worker"})
     if unknown:
@@ -119,8 +120,10 @@ def parse_tf_config(text: Optional[str]) -> ClusterInfo:
     if not isinstance(index, int) or isinstance(index, bool):
         raise ConfigError(f"TF_CONFIG task.index = {index!r}: expected an integer")
     if not 0 <= index < len(jobs[task_type]):
-        raise ConfigError(f"TF_CONFIG task.index = {index} is out of range: cluster.{task_type} has "
-                          f"{len(jobs[task_type])} address(es), so the index must lie in 0..{len(jobs[task_type]) - 1}")
+        raise ConfigError(
+            f"TF_CONFIG task.index = {index} is out of range: cluster.{task_type} has "
+            f"{len(jobs[task_type])} address(es), so the index must lie in 0..{len(jobs[task_type]) - 1}"
+        )
     has_chief = "chief" in jobs
     is_chief = task_type == "chief" or (not has_chief and index == 0)
     rank = index if task_type == "chief" else index + (1 if has_chief else 0)
@@ -209,11 +212,17 @@ def get_strategy(name: str = "none", timeout_s: float = 120.0):
         info = cluster_info(name)  # a clear error on a malformed or inconsistent TF_CONFIG
         if "TF_CONFIG" not in os.environ:
             return tf.distribute.MultiWorkerMirroredStrategy()  # a cluster of one
-        others = [f"{job}[{i}] {a}" for job, addrs in info.jobs.items() for i, a in enumerate(addrs)
-                  if (job, i) != (info.task_type, info.index)]
-        message = (f"TF_CONFIG: this {info.task_type} ({info.task_type}[{info.index}] {info.address}) did not "
-                   f"reach every other worker ({', '.join(others)}) within train.worker_timeout = {timeout_s:g} s; "
-                   "start every worker with its own task.index, and check the addresses and ports")
+        others = [
+            f"{job}[{i}] {a}"
+            for job, addrs in info.jobs.items()
+            for i, a in enumerate(addrs)
+            if (job, i) != (info.task_type, info.index)
+        ]
+        message = (
+            f"TF_CONFIG: this {info.task_type} ({info.task_type}[{info.index}] {info.address}) did not "
+            f"reach every other worker ({', '.join(others)}) within train.worker_timeout = {timeout_s:g} s; "
+            "start every worker with its own task.index, and check the addresses and ports"
+        )
         watchdog = _exit_after(timeout_s, message)
         try:
             options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=float(timeout_s))
@@ -285,7 +294,6 @@ def cross_replica_log_mean_exp(log_values):
         return tf.reduce_logsumexp(log_values) - tf.math.log(n)
     local_max = tf.reshape(tf.stop_gradient(tf.reduce_max(log_values)), [1])
     shift = tf.stop_gradient(tf.reduce_max(ctx.all_gather(local_max, axis=0)))  # ReduceOp has no MAX
-    local = tf.stack([tf.reduce_sum(tf.exp(log_values - shift)),
-                      tf.cast(tf.shape(log_values)[0], log_values.dtype)])
+    local = tf.stack([tf.reduce_sum(tf.exp(log_values - shift)), tf.cast(tf.shape(log_values)[0], log_values.dtype)])
     total = ctx.all_reduce(tf.distribute.ReduceOp.SUM, local)  # gradient: all-reduced too
     return shift + tf.math.log(total[0]) - tf.math.log(total[1])

@@ -31,15 +31,24 @@ from msdn_tf.evaluation.report import evaluate_run
 
 # --------------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m msdn_tf.evaluate",
-                                description="Evaluate a run directory (trained or converted) on the test split.")
+    p = argparse.ArgumentParser(
+        prog="python -m msdn_tf.evaluate",
+        description="Evaluate a run directory (trained or converted) on the test split.",
+    )
     p.add_argument("--run", required=True, help="run directory with config.yaml and model.keras")
-    p.add_argument("--gamma", type=float, default=0.0,
-                   help="calibrated stacking: subtract G from seen-class scores, on top of the model's margin "
-                        "(which already favours unseen classes by 2*bias; default 0, as the reference)")
+    p.add_argument(
+        "--gamma",
+        type=float,
+        default=0.0,
+        help="calibrated stacking: subtract G from seen-class scores, on top of the model's margin "
+        "(which already favours unseen classes by 2*bias; default 0, as the reference)",
+    )
     p.add_argument("--data-dir", help="override the run's data.data_dir")
-    p.add_argument("--calibration-curve", action="store_true",
-                   help="also compute the seen-unseen accuracy curve over gamma, its AUSUC and curve.png")
+    p.add_argument(
+        "--calibration-curve",
+        action="store_true",
+        help="also compute the seen-unseen accuracy curve over gamma, its AUSUC and curve.png",
+    )
     p.add_argument("--out", help="output folder (default RUN/eval)")
     return p
 
@@ -47,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_main
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    evaluate_run(args.run, gamma=args.gamma, data_dir=args.data_dir,
-                 calibration_curve=args.calibration_curve, out_dir=args.out)
+    evaluate_run(
+        args.run, gamma=args.gamma, data_dir=args.data_dir, calibration_curve=args.calibration_curve, out_dir=args.out
+    )
     return 0
 
 

@@ -78,35 +78,57 @@ import numpy as np
 
 from msdn_tf._cli import add_verbose_flag
 from msdn_tf.errors import MSDNError
-from msdn_tf.serving.export import (METADATA_FILE, ExportCheckFailed, backbone_for_images, class_names_for_run,
-                                    export_saved_model)
+from msdn_tf.serving.export import (
+    METADATA_FILE,
+    ExportCheckFailed,
+    backbone_for_images,
+    class_names_for_run,
+    export_saved_model,
+)
 from msdn_tf.serving.verify import report_markdown, verify_export
 
 
-
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m msdn_tf.export",
-                                description="Export a trained MSDN run as a TF Serving SavedModel "
-                                            "(OUT/<version>/) and check it with TF's C++ loader.")
+    p = argparse.ArgumentParser(
+        prog="python -m msdn_tf.export",
+        description="Export a trained MSDN run as a TF Serving SavedModel "
+        "(OUT/<version>/) and check it with TF's C++ loader.",
+    )
     p.add_argument("--run", required=True, help="run directory (config.yaml + model.keras)")
     p.add_argument("--out", required=True, help="TF Serving model base path, e.g. export/models/msdn_cub")
     p.add_argument("--version", type=int, default=1, help="version folder (default 1)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing version folder")
-    p.add_argument("--gamma", type=float, default=0.0,
-                   help="calibrated stacking: subtracted from seen-class scores for gzsl_class/top-k (default 0)")
+    p.add_argument(
+        "--gamma",
+        type=float,
+        default=0.0,
+        help="calibrated stacking: subtracted from seen-class scores for gzsl_class/top-k (default 0)",
+    )
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--with-images", action="store_true", help="add serving_images (JPEG/PNG bytes -> backbone)")
-    p.add_argument("--backbone", default="auto", choices=["auto", "torchvision_resnet101", "keras_resnet101"],
-                   help="backbone of serving_images: auto (default) = torchvision_resnet101 from the run's "
-                        "backbone_resnet101.npz (written by msdn_tf.convert from a released checkpoint) when "
-                        "present, else keras_resnet101")
-    p.add_argument("--backbone-weights", default=None,
-                   help="torchvision_resnet101: a .pth/.npz (default: RUN/backbone_resnet101.npz); "
-                        "keras_resnet101: 'imagenet' (default, Keras download), a local .h5 file or 'none' "
-                        "(random, for tests)")
+    p.add_argument(
+        "--backbone",
+        default="auto",
+        choices=["auto", "torchvision_resnet101", "keras_resnet101"],
+        help="backbone of serving_images: auto (default) = torchvision_resnet101 from the run's "
+        "backbone_resnet101.npz (written by msdn_tf.convert from a released checkpoint) when "
+        "present, else keras_resnet101",
+    )
+    p.add_argument(
+        "--backbone-weights",
+        default=None,
+        help="torchvision_resnet101: a .pth/.npz (default: RUN/backbone_resnet101.npz); "
+        "keras_resnet101: 'imagenet' (default, Keras download), a local .h5 file or 'none' "
+        "(random, for tests)",
+    )
     p.add_argument("--image-size", type=int, default=448)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override the run config when reading class names (e.g. data.data_dir=...)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override the run config when reading class names (e.g. data.data_dir=...)",
+    )
     p.add_argument("--no-verify", action="store_true", help="skip the C++ loader / saved_model_cli check")
     p.add_argument("--verify-samples", type=int, default=3, help="random samples used by the check")
     p.add_argument("--json", action="store_true", help="print the check report as JSON instead of markdown")
@@ -116,8 +138,9 @@ def _parser() -> argparse.ArgumentParser:
 def _print_report(report: dict, as_json: bool) -> None:
     if as_json:
         cli = {k: v for k, v in report.get("saved_model_cli", {}).items() if k != "output"}
-        print(json.dumps({k: v for k, v in report.items() if k != "saved_model_cli"} | {"saved_model_cli": cli},
-                         indent=2))
+        print(
+            json.dumps({k: v for k, v in report.items() if k != "saved_model_cli"} | {"saved_model_cli": cli}, indent=2)
+        )
     else:
         print(report_markdown(report))
 
@@ -136,26 +159,42 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         preprocessing = "keras"
         if args.with_images:
             backbone, backbone_id, preprocessing = backbone_for_images(
-                args.run, model.feature_dim, kind=args.backbone, weights=args.backbone_weights,
-                image_size=args.image_size)
+                args.run,
+                model.feature_dim,
+                kind=args.backbone,
+                weights=args.backbone_weights,
+                image_size=args.image_size,
+            )
         check, reports = None, []
         if not args.no_verify:
             rng = np.random.default_rng(0)
             side = max(1, args.image_size // 32)
-            sample = np.abs(rng.standard_normal((args.verify_samples, side, side, model.feature_dim))
-                            ).astype(np.float32)
+            sample = np.abs(rng.standard_normal((args.verify_samples, side, side, model.feature_dim))).astype(
+                np.float32
+            )
 
             def check(export_dir):
                 reports.append(verify_export(export_dir, model, sample, backbone=backbone))
                 return reports[-1]
 
         try:
-            path = export_saved_model(model, args.out, version=args.version, class_names=names,
-                                      seen_classes=model.seen_classes, unseen_classes=model.unseen_classes,
-                                      gamma=args.gamma, top_k=args.top_k, config=config, backbone=backbone,
-                                      image_size=args.image_size, overwrite=args.overwrite,
-                                      backbone_id=backbone_id, preprocessing=preprocessing,
-                                      check=check)
+            path = export_saved_model(
+                model,
+                args.out,
+                version=args.version,
+                class_names=names,
+                seen_classes=model.seen_classes,
+                unseen_classes=model.unseen_classes,
+                gamma=args.gamma,
+                top_k=args.top_k,
+                config=config,
+                backbone=backbone,
+                image_size=args.image_size,
+                overwrite=args.overwrite,
+                backbone_id=backbone_id,
+                preprocessing=preprocessing,
+                check=check,
+            )
         except ExportCheckFailed as exc:
             _print_report(exc.report, args.json)
             print(f"error: {exc}", file=sys.stderr)

@@ -69,17 +69,27 @@ def _parser() -> argparse.ArgumentParser:
         "gives the paper's features.",
     )
     p.add_argument("--images-root", required=True, help="folder the listed image paths are relative to")
-    p.add_argument("--image-list", required=True,
-                   help="res101.mat, image_list.npz, or a .txt/.csv of image paths (row order of the output)")
+    p.add_argument(
+        "--image-list",
+        required=True,
+        help="res101.mat, image_list.npz, or a .txt/.csv of image paths (row order of the output)",
+    )
     p.add_argument("--out", required=True, help="output .hdf5 (work goes to OUT.partial until complete)")
-    p.add_argument("--backbone", default="torchvision_resnet101", choices=list(BACKBONES),
-                   help="torchvision_resnet101 (default): the network and PIL-exact preprocessing of TransZero/MSDN, "
-                   "the paper's features; keras_resnet101: keras.applications.ResNet101 with caffe preprocessing "
-                   "(not the paper's features)")
-    p.add_argument("--weights", default=None,
-                   help="torchvision_resnet101: a torchvision resnet101 state_dict .pth (resnet101-63fe2227.pth) or "
-                   "a released MSDN checkpoint .pth (required). keras_resnet101: 'imagenet' (default; Keras "
-                   "download, needs network), a local .h5/.weights.h5 file, or 'none' (random, for tests)")
+    p.add_argument(
+        "--backbone",
+        default="torchvision_resnet101",
+        choices=list(BACKBONES),
+        help="torchvision_resnet101 (default): the network and PIL-exact preprocessing of TransZero/MSDN, "
+        "the paper's features; keras_resnet101: keras.applications.ResNet101 with caffe preprocessing "
+        "(not the paper's features)",
+    )
+    p.add_argument(
+        "--weights",
+        default=None,
+        help="torchvision_resnet101: a torchvision resnet101 state_dict .pth (resnet101-63fe2227.pth) or "
+        "a released MSDN checkpoint .pth (required). keras_resnet101: 'imagenet' (default; Keras "
+        "download, needs network), a local .h5/.weights.h5 file, or 'none' (random, for tests)",
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--image-size", type=int, default=448, help="square input size (448 gives 14x14 maps)")
     p.add_argument("--compression", default="gzip", choices=["gzip", "none"])
@@ -100,17 +110,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.att_splits and not args.attributes_pkl:
         raise MSDNError("--att-splits needs --attributes-pkl too (a complete §1.1 file has w2v_att)")
     if args.limit is not None and (args.att_splits or args.attributes_pkl):
-        raise MSDNError("--limit makes a partial image set; it cannot be combined with --att-splits/"
-                        "--attributes-pkl (the splits index the full list)")
+        raise MSDNError(
+            "--limit makes a partial image set; it cannot be combined with --att-splits/"
+            "--attributes-pkl (the splits index the full list)"
+        )
     files, labels = read_image_list(args.image_list)
     if args.limit is not None:
         if args.limit < 1:
             raise MSDNError("--limit must be >= 1")
         files = files[: args.limit]
         labels = None if labels is None else labels[: args.limit]
-    metadata = build_metadata(labels, len(files), att_splits=args.att_splits,
-                              attributes_pkl=args.attributes_pkl, sent_splits=args.sent_splits,
-                              attribute_names=args.attribute_names)
+    metadata = build_metadata(
+        labels,
+        len(files),
+        att_splits=args.att_splits,
+        attributes_pkl=args.attributes_pkl,
+        sent_splits=args.sent_splits,
+        attribute_names=args.attribute_names,
+    )
     torchvision = args.backbone == "torchvision_resnet101"
     weights = args.weights if args.weights is not None else (None if torchvision else "imagenet")
     if torchvision:
@@ -119,14 +136,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not os.path.isfile(weights):
             raise DataError(f"{weights}: weights file not found")
     elif weights not in ("imagenet", "none", "None") and not os.path.isfile(weights):
-        raise DataError(f"{weights}: weights file not found (--weights takes 'imagenet', 'none' or a "
-                        "local .h5/.weights.h5 file)")
-    extract_features(files, args.out, images_root=args.images_root, weights=weights,
-                     preprocessing="torchvision" if torchvision else "keras",
-                     batch_size=args.batch_size, image_size=args.image_size,
-                     compression=None if args.compression == "none" else args.compression,
-                     metadata=metadata, restart=args.restart, overwrite=args.overwrite,
-                     progress=not args.no_progress)
+        raise DataError(
+            f"{weights}: weights file not found (--weights takes 'imagenet', 'none' or a local .h5/.weights.h5 file)"
+        )
+    extract_features(
+        files,
+        args.out,
+        images_root=args.images_root,
+        weights=weights,
+        preprocessing="torchvision" if torchvision else "keras",
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        compression=None if args.compression == "none" else args.compression,
+        metadata=metadata,
+        restart=args.restart,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 

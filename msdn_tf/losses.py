@@ -14,6 +14,7 @@ Reference:
 from __future__ import annotations
 
 from keras import ops
+
 from msdn_tf.options import DISTILLATION_FORMS  # noqa: F401  (defined once, in msdn_tf.options)
 
 
@@ -151,8 +152,6 @@ def squared_l2_distance(logits_1, logits_2):
     """The paper's prediction term: batch mean of ``||S1 - S2||_2^2`` (Eq. 8)."""
     d = ops.convert_to_tensor(logits_1) - ops.convert_to_tensor(logits_2)
     return ops.mean(ops.sum(d * d, axis=-1))
-
-
 
 
 def distillation(logits_1, logits_2, form: str = "reference"):

@@ -9,9 +9,9 @@ import numpy as np
 from keras import ops
 
 from msdn_tf import distribute as D
-from msdn_tf.backend import on_jax as _on_jax  # Keras' JAX trainer calls the steps with an explicit state
 from msdn_tf import losses as L
 from msdn_tf import options
+from msdn_tf.backend import on_jax as _on_jax  # Keras' JAX trainer calls the steps with an explicit state
 from msdn_tf.layers import AttributeEmbedding, AttributeToVisual, VisualToAttribute
 from msdn_tf.layers.common import as_regions, contract, l2_normalize, split_last
 
@@ -86,12 +86,30 @@ class MSDN(keras.Model):
         Learning", CVPR 2022, §3 (Eqs. 1-11); shiming-chen/MSDN at ec3598b.
     """
 
-    def __init__(self, num_classes, num_attributes, feature_dim, seen_classes, unseen_classes,
-                 embed_dim=300, normalize_attribute_vectors=False, fusion_weights=(0.9, 0.1),
-                 lambda_cal=0.1, distill_weight=0.001, cross_entropy="all", calibration="batch_mass",
-                 distillation="reference", branches="both", attention="softmax", bias=1.0,
-                 return_features=False, class_attributes=None, attribute_vectors=None, seed=None,
-                 **kwargs):
+    def __init__(
+        self,
+        num_classes,
+        num_attributes,
+        feature_dim,
+        seen_classes,
+        unseen_classes,
+        embed_dim=300,
+        normalize_attribute_vectors=False,
+        fusion_weights=(0.9, 0.1),
+        lambda_cal=0.1,
+        distill_weight=0.001,
+        cross_entropy="all",
+        calibration="batch_mass",
+        distillation="reference",
+        branches="both",
+        attention="softmax",
+        bias=1.0,
+        return_features=False,
+        class_attributes=None,
+        attribute_vectors=None,
+        seed=None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         _check_choice("cross_entropy", cross_entropy, options.CROSS_ENTROPY_FORMS)
         _check_choice("calibration", calibration, options.CALIBRATION_FORMS)
@@ -124,11 +142,18 @@ class MSDN(keras.Model):
         # which get_config saves, so a model trained mixed loads mixed.
         policy = self.dtype_policy
         self.embedding = AttributeEmbedding(
-            self.num_attributes, self.embed_dim, self.num_classes,
-            normalize=self.normalize_attribute_vectors, attribute_vectors=attribute_vectors,
-            class_attributes=class_attributes, name="attribute_embedding", dtype=policy)
-        self.a2v = AttributeToVisual(self.feature_dim, self.embed_dim, attention=attention, seed=seed,
-                                     name="attribute_to_visual", dtype=policy)
+            self.num_attributes,
+            self.embed_dim,
+            self.num_classes,
+            normalize=self.normalize_attribute_vectors,
+            attribute_vectors=attribute_vectors,
+            class_attributes=class_attributes,
+            name="attribute_embedding",
+            dtype=policy,
+        )
+        self.a2v = AttributeToVisual(
+            self.feature_dim, self.embed_dim, attention=attention, seed=seed, name="attribute_to_visual", dtype=policy
+        )
         self.v2a = VisualToAttribute(self.feature_dim, self.embed_dim, name="visual_to_attribute", dtype=policy)
 
         unseen = np.zeros((self.num_classes,), "float32")
@@ -146,12 +171,21 @@ class MSDN(keras.Model):
         self.a2v.build(input_shape)
         self.v2a.build(input_shape)
         # Reference state_dict entries: margin size and sign (+1 unseen, -1 seen).
-        self.bias = self.add_weight(name="bias", shape=(), trainable=False, autocast=False,
-                                    initializer=keras.initializers.Constant(self.bias_value))
+        self.bias = self.add_weight(
+            name="bias",
+            shape=(),
+            trainable=False,
+            autocast=False,
+            initializer=keras.initializers.Constant(self.bias_value),
+        )
         mask = (2.0 * self._unseen_mask - 1.0).reshape(1, -1)
         self.mask_bias = self.add_weight(
-            name="mask_bias", shape=(1, self.num_classes), trainable=False, autocast=False,
-            initializer=lambda shape, dtype=None: ops.convert_to_tensor(mask, dtype=dtype))
+            name="mask_bias",
+            shape=(1, self.num_classes),
+            trainable=False,
+            autocast=False,
+            initializer=lambda shape, dtype=None: ops.convert_to_tensor(mask, dtype=dtype),
+        )
         self.built = True
 
     @property
@@ -175,8 +209,8 @@ class MSDN(keras.Model):
         blocks_v2a = self.v2a.projections(V)
         products = contract(features, ops.concatenate(blocks_a2v + blocks_v2a, axis=1))  # (B, R, 4K)
         parts = split_last(products, [self.num_attributes] * (len(blocks_a2v) + len(blocks_v2a)))
-        out_a2v = self.a2v.attend(parts[:len(blocks_a2v)], features, return_features=return_features)
-        out_v2a = self.v2a.attend(parts[len(blocks_a2v):], V, return_features=return_features)
+        out_a2v = self.a2v.attend(parts[: len(blocks_a2v)], features, return_features=return_features)
+        out_v2a = self.v2a.attend(parts[len(blocks_a2v) :], V, return_features=return_features)
         dtype = out_a2v["scores"].dtype  # float32 also under a mixed policy
         att = ops.cast(self.embedding.att, dtype)  # (C, K)
         margin = ops.cast(self.margin(), dtype)
@@ -235,9 +269,13 @@ class MSDN(keras.Model):
             terms["distill"] = L.distillation(outputs["logits_a2v"], outputs["logits_v2a"], self.distillation)
         else:
             terms["distill"] = ops.zeros((), outputs["logits"].dtype)
-        terms["loss"] = (terms["ce_a2v"] + self.lambda_cal * terms["cal_a2v"]
-                         + terms["ce_v2a"] + self.lambda_cal * terms["cal_v2a"]
-                         + self.distill_weight * terms["distill"])
+        terms["loss"] = (
+            terms["ce_a2v"]
+            + self.lambda_cal * terms["cal_a2v"]
+            + terms["ce_v2a"]
+            + self.lambda_cal * terms["cal_v2a"]
+            + self.distill_weight * terms["distill"]
+        )
         return terms
 
     def _update_trackers(self, terms, batch_size=None):
@@ -370,8 +408,15 @@ def _check_classes(seen, unseen, num_classes):
         raise ValueError("unseen_classes is empty: zero-shot learning needs at least one unseen class")
 
 
-def build_msdn(class_attributes, attribute_vectors, seen_classes, unseen_classes,
-               feature_dim: int = 2048, num_regions: Optional[int] = None, **options) -> MSDN:
+def build_msdn(
+    class_attributes,
+    attribute_vectors,
+    seen_classes,
+    unseen_classes,
+    feature_dim: int = 2048,
+    num_regions: Optional[int] = None,
+    **options,
+) -> MSDN:
     """Build and initialise an MSDN model from a dataset's class semantics.
 
     Args:
@@ -401,8 +446,15 @@ def build_msdn(class_attributes, attribute_vectors, seen_classes, unseen_classes
             f"got {att.shape} and {vectors.shape}"
         )
     model = MSDN(
-        num_classes=att.shape[0], num_attributes=att.shape[1], feature_dim=feature_dim,
-        seen_classes=np.asarray(seen_classes).tolist(), unseen_classes=np.asarray(unseen_classes).tolist(),
-        embed_dim=vectors.shape[1], class_attributes=att, attribute_vectors=vectors, **options)
+        num_classes=att.shape[0],
+        num_attributes=att.shape[1],
+        feature_dim=feature_dim,
+        seen_classes=np.asarray(seen_classes).tolist(),
+        unseen_classes=np.asarray(unseen_classes).tolist(),
+        embed_dim=vectors.shape[1],
+        class_attributes=att,
+        attribute_vectors=vectors,
+        **options,
+    )
     model.build((None, num_regions, feature_dim))
     return model

@@ -39,8 +39,16 @@ class TorchRMSprop(keras.optimizers.Optimizer):
         training scripts (lr 1e-4, alpha 0.99, eps 1e-8, momentum 0.9, weight decay 1e-4).
     """
 
-    def __init__(self, learning_rate=1e-4, rho=0.99, epsilon=1e-8, momentum=0.9,
-                 coupled_weight_decay=1e-4, name="torch_rmsprop", **kwargs):
+    def __init__(
+        self,
+        learning_rate=1e-4,
+        rho=0.99,
+        epsilon=1e-8,
+        momentum=0.9,
+        coupled_weight_decay=1e-4,
+        name="torch_rmsprop",
+        **kwargs,
+    ):
         if kwargs.get("weight_decay"):
             raise ValueError("TorchRMSprop applies coupled weight decay; pass coupled_weight_decay, not weight_decay")
         kwargs.pop("weight_decay", None)
@@ -56,8 +64,7 @@ class TorchRMSprop(keras.optimizers.Optimizer):
         super().build(var_list)
         self._square_avg = [self.add_variable_from_reference(v, "square_avg") for v in var_list]
         self._momentum_buffer = (
-            [self.add_variable_from_reference(v, "momentum_buffer") for v in var_list]
-            if self.momentum > 0 else []
+            [self.add_variable_from_reference(v, "momentum_buffer") for v in var_list] if self.momentum > 0 else []
         )
 
     def update_step(self, gradient, variable, learning_rate):

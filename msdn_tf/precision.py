@@ -120,8 +120,9 @@ def native_float16(flags: Optional[set] = None, gpus: Optional[list] = None) -> 
     return f"CPU flag {' and '.join(found)}" if found else None
 
 
-def resolve_precision(name: str, setting: str = "train.precision", flags: Optional[set] = None,
-                      gpus: Optional[list] = None, environ=None) -> Precision:
+def resolve_precision(
+    name: str, setting: str = "train.precision", flags: Optional[set] = None, gpus: Optional[list] = None, environ=None
+) -> Precision:
     """The :class:`Precision` to use for the configured ``name``.
 
     Args:
@@ -147,8 +148,11 @@ def resolve_precision(name: str, setting: str = "train.precision", flags: Option
         return Precision(name, "float32", "requested")
     if name == "mixed_bfloat16":
         why = native_bfloat16(flags, gpus)
-        return Precision(name, name, "requested" + ("" if why else " (no native bfloat16 here: emulated, "
-                                                                   "expect it slower than float32)"))
+        return Precision(
+            name,
+            name,
+            "requested" + ("" if why else " (no native bfloat16 here: emulated, expect it slower than float32)"),
+        )
     if name == "mixed_float16":
         why = native_float16(flags, gpus)
         if why:
@@ -159,9 +163,13 @@ def resolve_precision(name: str, setting: str = "train.precision", flags: Option
             f"'{setting}' is mixed_float16 but this machine has no float16 hardware (no GPU of compute "
             f"capability >= 7.0, no CPU flag {' or '.join(FP16_CPU_FLAGS)}); TensorFlow would emulate it, "
             f"far slower than float32. Use auto, mixed_bfloat16 or float32 (or set "
-            f"{EMULATED_FLOAT16_ENV}=1 to run it emulated anyway)")
+            f"{EMULATED_FLOAT16_ENV}=1 to run it emulated anyway)"
+        )
     why = native_bfloat16(flags, gpus)
     if why:
         return Precision(name, "mixed_bfloat16", f"auto: {why}")
-    return Precision(name, "float32", f"auto: no native bfloat16 (no GPU of compute capability >= 8.0, "
-                                      f"no CPU flag {' or '.join(BF16_CPU_FLAGS)})")
+    return Precision(
+        name,
+        "float32",
+        f"auto: no native bfloat16 (no GPU of compute capability >= 8.0, no CPU flag {' or '.join(BF16_CPU_FLAGS)})",
+    )

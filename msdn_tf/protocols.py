@@ -32,19 +32,28 @@ def parse_floats(text: Optional[str], option: str) -> Optional[list]:
 def build_parser() -> argparse.ArgumentParser:
     from msdn_tf.data.registry import DATASETS
 
-    p = argparse.ArgumentParser(prog="python -m msdn_tf.protocols",
-                                description="Train and report under a model-selection protocol (docs/evaluation.md).")
+    p = argparse.ArgumentParser(
+        prog="python -m msdn_tf.protocols",
+        description="Train and report under a model-selection protocol (docs/evaluation.md).",
+    )
     p.add_argument("--dataset", default="demo", help=f"dataset name: {', '.join(sorted(DATASETS))} (default demo)")
-    p.add_argument("--protocol", default="validation",
-                   help="reference, final, validation, or a comma-separated list (default validation)")
+    p.add_argument(
+        "--protocol",
+        default="validation",
+        help="reference, final, validation, or a comma-separated list (default validation)",
+    )
     add_common_flags(p)
     p.add_argument("--seeds", type=int, default=1, help="number of seeds: train.seed + 0..N-1 (default 1)")
     p.add_argument("--lambda-grid", help="lambda_cal values for validation, e.g. 0.05,0.1,0.2 (default: the config's)")
-    p.add_argument("--gamma-grid",
-                   help="calibration gammas for validation (default: the exact curve; 0 = no calibration)")
+    p.add_argument(
+        "--gamma-grid", help="calibration gammas for validation (default: the exact curve; 0 = no calibration)"
+    )
     p.add_argument("--holdout", type=float, default=0.2, help="share of each train class held out (default 0.2)")
-    p.add_argument("--scale-steps", action="store_true",
-                   help="retrain for the chosen steps x |trainval|/|train| (same epochs) instead of the same steps")
+    p.add_argument(
+        "--scale-steps",
+        action="store_true",
+        help="retrain for the chosen steps x |trainval|/|train| (same epochs) instead of the same steps",
+    )
     p.add_argument("--out", help="output folder (default runs/protocols/<dataset>)")
     return p
 
@@ -59,10 +68,16 @@ def main(argv=None) -> int:
     config = resolve_config(args.dataset, args.config, overrides)
     get_spec(config.data.dataset)
     out = Path(args.out) if args.out else Path(config.train.out_dir) / "protocols" / config.data.dataset
-    run_protocol(config, args.protocol, out, seeds=args.seeds,
-                 lambda_grid=parse_floats(args.lambda_grid, "--lambda-grid"),
-                 gamma_grid=parse_floats(args.gamma_grid, "--gamma-grid"),
-                 holdout_fraction=args.holdout, scale_steps=args.scale_steps)
+    run_protocol(
+        config,
+        args.protocol,
+        out,
+        seeds=args.seeds,
+        lambda_grid=parse_floats(args.lambda_grid, "--lambda-grid"),
+        gamma_grid=parse_floats(args.gamma_grid, "--gamma-grid"),
+        holdout_fraction=args.holdout,
+        scale_steps=args.scale_steps,
+    )
     return 0
 
 

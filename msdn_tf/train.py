@@ -26,11 +26,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, help="shortcut for --set train.iterations=N")
     p.add_argument("--run-dir", help="output folder (default runs/<dataset>-seed<N>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
-    p.add_argument("--strategy", choices=list(options.STRATEGIES),
-                   help="shortcut for --set train.strategy=NAME (tf.distribute; multi_worker reads TF_CONFIG)")
-    p.add_argument("--precision", choices=list(options.PRECISIONS),
-                   help="shortcut for --set train.precision=NAME (auto: bfloat16 where the hardware runs it "
-                        "natively, else float32)")
+    p.add_argument(
+        "--strategy",
+        choices=list(options.STRATEGIES),
+        help="shortcut for --set train.strategy=NAME (tf.distribute; multi_worker reads TF_CONFIG)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=list(options.PRECISIONS),
+        help="shortcut for --set train.precision=NAME (auto: bfloat16 where the hardware runs it "
+        "natively, else float32)",
+    )
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return p
 

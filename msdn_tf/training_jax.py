@@ -31,8 +31,9 @@ def _scope(variables, values):
 
 def _loss(model, trainable, non_trainable, optimizer_variables, features, labels):
     """``(scaled loss, (terms, new non-trainable values))`` of one batch: the function JAX differentiates."""
-    outputs, non_trainable = model.stateless_call(trainable, non_trainable, features, training=True,
-                                                  return_features=False)
+    outputs, non_trainable = model.stateless_call(
+        trainable, non_trainable, features, training=True, return_features=False
+    )
     with _scope(model.non_trainable_variables, non_trainable):  # the loss reads the margin (bias, mask_bias)
         terms = model.compute_loss_terms(outputs, labels)
     with _scope(model.optimizer.variables, optimizer_variables):  # a LossScaleOptimizer's scale is a variable
@@ -76,8 +77,9 @@ def train_step(model, state, data):
     """
     trainable, non_trainable, optimizer_variables, metrics_variables = state
     features, labels = data[0], data[1]
-    grad_fn = jax.value_and_grad(lambda t: _loss(model, t, non_trainable, optimizer_variables, features, labels),
-                                 has_aux=True)
+    grad_fn = jax.value_and_grad(
+        lambda t: _loss(model, t, non_trainable, optimizer_variables, features, labels), has_aux=True
+    )
     (_, (terms, non_trainable)), grads = grad_fn(trainable)
     trainable, optimizer_variables = model.optimizer.stateless_apply(optimizer_variables, grads, trainable)
     code = model.nonfinite_code(features, grads, trainable) if model.check_numerics else None
@@ -86,11 +88,15 @@ def train_step(model, state, data):
 
 
 def test_step(model, state, data):
-    """The loss terms of ``data = (features, labels)`` without an update; ``state = (trainable, non_trainable, metrics)``."""
+    """The loss terms of ``data = (features, labels)`` without an update.
+
+    ``state = (trainable, non_trainable, metrics)``.
+    """
     trainable, non_trainable, metrics_variables = state
     features, labels = data[0], data[1]
-    outputs, non_trainable = model.stateless_call(trainable, non_trainable, features, training=False,
-                                                  return_features=False)
+    outputs, non_trainable = model.stateless_call(
+        trainable, non_trainable, features, training=False, return_features=False
+    )
     with _scope(model.non_trainable_variables, non_trainable):
         terms = model.compute_loss_terms(outputs, labels)
     logs, metrics_variables = _update_trackers(model, metrics_variables, terms)
@@ -104,6 +110,7 @@ def predict_step(model, state, data):
     """
     trainable, non_trainable = state
     features = data[0] if isinstance(data, (tuple, list)) else data
-    outputs, non_trainable = model.stateless_call(trainable, non_trainable, features, training=False,
-                                                  return_features=False)
+    outputs, non_trainable = model.stateless_call(
+        trainable, non_trainable, features, training=False, return_features=False
+    )
     return {k: outputs[k] for k in ("logits", "logits_a2v", "logits_v2a")}, non_trainable

@@ -56,8 +56,9 @@ def write_json(path, obj) -> None:
     except ValueError as exc:
         from msdn_tf.errors import NonFiniteError
 
-        raise NonFiniteError(f"{path}: not written, {_first_nonfinite(obj) or 'a value'} is NaN or "
-                             f"infinite ({exc})") from exc
+        raise NonFiniteError(
+            f"{path}: not written, {_first_nonfinite(obj) or 'a value'} is NaN or infinite ({exc})"
+        ) from exc
     atomic_write_text(path, text + "\n")
 
 

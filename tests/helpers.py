@@ -17,8 +17,16 @@ TORCH_FIXTURES = str(REPO / "tests" / "fixtures")
 
 # ------------------------------------------------------------------ the one tiny demo
 #: Size of the tiny synthetic demo every training, evaluation and visualisation test uses.
-TINY_DEMO_FIELDS = dict(num_classes=10, num_unseen=3, num_attributes=8, attributes_per_class=3,
-                        images_per_class=12, map_size=3, feature_dim=32, embed_dim=16)
+TINY_DEMO_FIELDS = dict(
+    num_classes=10,
+    num_unseen=3,
+    num_attributes=8,
+    attributes_per_class=3,
+    images_per_class=12,
+    map_size=3,
+    feature_dim=32,
+    embed_dim=16,
+)
 #: Its training schedule: a few seconds on a CPU (sections of the config, as in a YAML file).
 TINY_TRAIN = {
     "data": {"batch_size": 16, "eval_batch_size": 32},
@@ -26,14 +34,43 @@ TINY_TRAIN = {
     "train": {"iterations": 60, "eval_every": 30, "log_every": 10, "verbose": 0},
 }
 #: A shorter schedule for tests that only need a trained model quickly (``--set`` overrides).
-QUICK_TRAIN = ["data.batch_size=8", "data.eval_batch_size=16", "train.iterations=12", "train.eval_every=6",
-               "train.log_every=6"]
+QUICK_TRAIN = [
+    "data.batch_size=8",
+    "data.eval_batch_size=16",
+    "train.iterations=12",
+    "train.eval_every=6",
+    "train.log_every=6",
+]
 #: The tiny demo and its schedule as YAML text (``--config`` of the commands).
 TINY = yaml.safe_dump({"demo": TINY_DEMO_FIELDS, **TINY_TRAIN}, sort_keys=False)
 #: The same bench shapes for every benchmark test (``python -m msdn_tf.bench`` arguments).
-BENCH_TINY_ARGS = ["--regions", "9", "4", "--batch", "4", "--eval-batch", "6", "--attributes", "8", "--classes",
-                   "10", "--unseen", "3", "--features", "16", "--embed", "5", "--steps", "1", "--repeats", "2",
-                   "--warmup", "1", "--matmul-steps", "1"]
+BENCH_TINY_ARGS = [
+    "--regions",
+    "9",
+    "4",
+    "--batch",
+    "4",
+    "--eval-batch",
+    "6",
+    "--attributes",
+    "8",
+    "--classes",
+    "10",
+    "--unseen",
+    "3",
+    "--features",
+    "16",
+    "--embed",
+    "5",
+    "--steps",
+    "1",
+    "--repeats",
+    "2",
+    "--warmup",
+    "1",
+    "--matmul-steps",
+    "1",
+]
 
 
 class Interrupt(Exception):
@@ -96,6 +133,8 @@ def torch_fixture(stem: str) -> str:
 def shared_zsl_dir() -> Path:
     """The real CUB/SUN/AWA2 metadata, or skip: it is provided beside the checkout in CI only."""
     if not SHARED_ZSL.is_dir():
-        pytest.skip(f"real zsl metadata not found at {SHARED_ZSL}; CI provides ../shared "
-                    "(set MSDN_SHARED_DATA to point elsewhere)")
+        pytest.skip(
+            f"real zsl metadata not found at {SHARED_ZSL}; CI provides ../shared "
+            "(set MSDN_SHARED_DATA to point elsewhere)"
+        )
     return SHARED_ZSL

@@ -62,8 +62,7 @@ def test_stateless_apply_follows_the_torch_rule(rng, momentum):
     values, opt_values = [var.value], [v.value for v in opt.variables]
     want, state = w0, {}
     for g in grads:
-        values, opt_values = opt.stateless_apply(opt_values, [keras.ops.convert_to_tensor(g.astype("float32"))],
-                                                 values)
+        values, opt_values = opt.stateless_apply(opt_values, [keras.ops.convert_to_tensor(g.astype("float32"))], values)
         want = torch_rmsprop_step(want, g, state, lr=0.01, momentum=momentum)
         np.testing.assert_allclose(np.asarray(values[0]), want, rtol=1e-5, atol=1e-7)
 

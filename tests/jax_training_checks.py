@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 
 from msdn_tf import train
-from msdn_tf.training.loop import build_model_from_config, run_training
 from msdn_tf.config import resolve_config
+from msdn_tf.training.loop import build_model_from_config, run_training
 from tests.helpers import TINY
 
 CHECKS_DIR_ENV = "MSDN_JAX_CHECKS_DIR"
@@ -131,8 +131,18 @@ def test_train_evaluate_checkpoint_resume(checks_dir):
 
 def test_tf_distribute_strategy_is_a_clear_error(checks_dir, capsys):
     run = checks_dir / "mirrored"
-    argv = ["--dataset", "demo", "--config", str(checks_dir / "tiny.yaml"), "--data-dir", str(checks_dir / "data"),
-            "--run-dir", str(run), "--strategy", "mirrored"]
+    argv = [
+        "--dataset",
+        "demo",
+        "--config",
+        str(checks_dir / "tiny.yaml"),
+        "--data-dir",
+        str(checks_dir / "data"),
+        "--run-dir",
+        str(run),
+        "--strategy",
+        "mirrored",
+    ]
     assert train.main(argv) == 2
     err = capsys.readouterr().err
     assert "tf.distribute strategies are TensorFlow-only" in err and "KERAS_BACKEND=tensorflow" in err

@@ -41,8 +41,10 @@ def run_layer_test(layer_cls, init_kwargs, inputs, expected_weight_names, tmp_pa
 
 def _symbolic_inputs(inputs):
     if isinstance(inputs, (list, tuple)):
-        return [keras.Input(batch_shape=(None,) + tuple(x.shape[1:])) if i == 0 else keras.Input(batch_shape=x.shape)
-                for i, x in enumerate(inputs)]
+        return [
+            keras.Input(batch_shape=(None,) + tuple(x.shape[1:])) if i == 0 else keras.Input(batch_shape=x.shape)
+            for i, x in enumerate(inputs)
+        ]
     return keras.Input(batch_shape=(None,) + tuple(inputs.shape[1:]))
 
 
@@ -67,8 +69,10 @@ class FitWrapper(keras.Model):
 
     def call(self, x):
         out = self.inner([x, *self.constants] if self.constants else x, **self.call_kwargs)
-        per_sample = [keras.ops.mean(keras.ops.reshape(keras.ops.cast(t, "float32"), (keras.ops.shape(t)[0], -1)),
-                                     axis=1) for t in _leaves(out)]
+        per_sample = [
+            keras.ops.mean(keras.ops.reshape(keras.ops.cast(t, "float32"), (keras.ops.shape(t)[0], -1)), axis=1)
+            for t in _leaves(out)
+        ]
         return keras.ops.stack(per_sample, axis=1)
 
 
@@ -76,8 +80,10 @@ def _check_one_fit_step(layer, inputs, call_kwargs):
     """``fit`` trains the layer: one step with a finite loss changes its trainable weights."""
     batched, constants = (inputs[0], list(inputs[1:])) if isinstance(inputs, (list, tuple)) else (inputs, [])
     model = FitWrapper(layer, [keras.ops.convert_to_tensor(c) for c in constants], call_kwargs)
-    target = np.ones((batched.shape[0], len(_leaves(model.inner([batched, *constants] if constants else batched,
-                                                                  **call_kwargs)))), "float32")
+    target = np.ones(
+        (batched.shape[0], len(_leaves(model.inner([batched, *constants] if constants else batched, **call_kwargs)))),
+        "float32",
+    )
     before = [np.array(w) for w in layer.trainable_weights]
     assert before, "the layer has no trainable weights to fit"
     model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")

@@ -74,8 +74,13 @@ def sq_l2(S1, S2):
 
 def total_loss(S1, S2, y, unseen, lam, wd, margin=0.0):
     """§4 on logits S1, S2 that INCLUDE the margin: only the cross-entropy removes it."""
-    return (ce(S1 - margin, y) + lam * cal(S1, unseen) + ce(S2 - margin, y) + lam * cal(S2, unseen)
-            + wd * (jsd(S1, S2) + logit_term(S1, S2)))
+    return (
+        ce(S1 - margin, y)
+        + lam * cal(S1, unseen)
+        + ce(S2 - margin, y)
+        + lam * cal(S2, unseen)
+        + wd * (jsd(S1, S2) + logit_term(S1, S2))
+    )
 
 
 def torch_rmsprop_step(w, g, state, lr=1e-4, alpha=0.99, eps=1e-8, momentum=0.9, weight_decay=1e-4):

@@ -6,7 +6,6 @@ width 4, as a state_dict and inside an MSDN-style checkpoint (``resnet101.<child
 three small images and torchvision's preprocessed tensors and feature maps at size 64.
 """
 
-import io
 import json
 import os
 
@@ -15,9 +14,13 @@ import pytest
 from PIL import Image
 
 from msdn_tf.backbones import preprocessing as pre
-from msdn_tf.backbones.torchvision_resnet import (build_torchvision_resnet, expected_state_shapes,
-                                                  load_backbone_file, load_torchvision_weights,
-                                                  normalize_backbone_keys)
+from msdn_tf.backbones.torchvision_resnet import (
+    build_torchvision_resnet,
+    expected_state_shapes,
+    load_backbone_file,
+    load_torchvision_weights,
+    normalize_backbone_keys,
+)
 from msdn_tf.errors import DataError
 from msdn_tf.interop.torch_checkpoint import read_torch_state_dict
 from tests import reference_numpy as ref
@@ -55,8 +58,8 @@ def test_output_size_and_crop_follow_torchvision():
     assert pre.resized_size(375, 500, 448) == (448, 597)
     assert pre.resized_size(500, 333, 448) == (672, 448)  # int(448 * 500 / 333) = 672 (truncated)
     assert pre.resized_size(448, 448, 448) == (448, 448)
-    assert pre.center_crop_offsets(448, 597, 448) == (0, 74)   # round(74.5) = 74, half to even
-    assert pre.center_crop_offsets(448, 599, 448) == (0, 76)   # round(75.5) = 76
+    assert pre.center_crop_offsets(448, 597, 448) == (0, 74)  # round(74.5) = 74, half to even
+    assert pre.center_crop_offsets(448, 599, 448) == (0, 76)  # round(75.5) = 76
 
 
 @pytest.mark.parametrize("name", IMAGES)
@@ -81,15 +84,19 @@ def test_pil_resize_matches_pillow_per_axis():
         np.testing.assert_array_equal(pre.pil_resize(img, n, int(w)), want_h)
 
 
-@pytest.mark.skipif(PILLOW_MAJOR >= 13, reason="Pillow 13 changed the pass order of 2-D resizes for some sizes; "
-                    "the 4.3-12.x behaviour (horizontal first) is checked against tiny_tv_expected.npz instead")
+@pytest.mark.skipif(
+    PILLOW_MAJOR >= 13,
+    reason="Pillow 13 changed the pass order of 2-D resizes for some sizes; "
+    "the 4.3-12.x behaviour (horizontal first) is checked against tiny_tv_expected.npz instead",
+)
 def test_pil_resize_matches_pillow_2d():
     rng = np.random.default_rng(1)
     for _ in range(12):
         h, w, nh, nw = (int(v) for v in rng.integers(2, 400, 4))
         img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-        np.testing.assert_array_equal(pre.pil_resize(img, nh, nw),
-                                      np.asarray(Image.fromarray(img).resize((nw, nh), Image.BILINEAR)))
+        np.testing.assert_array_equal(
+            pre.pil_resize(img, nh, nw), np.asarray(Image.fromarray(img).resize((nw, nh), Image.BILINEAR))
+        )
 
 
 def test_in_graph_resize_and_preprocessing_equal_numpy():
@@ -98,8 +105,7 @@ def test_in_graph_resize_and_preprocessing_equal_numpy():
     rng = np.random.default_rng(2)
     for h, w, nh, nw in [(75, 100, 64, 85), (600, 40, 300, 90), (31, 33, 448, 477), (64, 64, 64, 64)]:
         img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-        np.testing.assert_array_equal(pre.tf_pil_resize(tf.constant(img), nh, nw).numpy(),
-                                      pre.pil_resize(img, nh, nw))
+        np.testing.assert_array_equal(pre.tf_pil_resize(tf.constant(img), nh, nw).numpy(), pre.pil_resize(img, nh, nw))
     for name in IMAGES:
         with open(os.path.join(IMG_DIR, name), "rb") as fh:
             encoded = tf.constant(fh.read())
@@ -192,15 +198,18 @@ def test_documented_conversions(tmp_path):
     rng = np.random.default_rng(3)
     rgb = rng.integers(0, 256, (24, 20, 3), dtype=np.uint8)
     # CMYK JPEG, grayscale and RGBA: Pillow's convert("RGB"), as the reference
-    for name, img in (("c.jpg", Image.fromarray(rgb).convert("CMYK")), ("l.png", Image.fromarray(rgb).convert("L")),
-                      ("a.png", Image.fromarray(rgb).convert("RGBA"))):
+    for name, img in (
+        ("c.jpg", Image.fromarray(rgb).convert("CMYK")),
+        ("l.png", Image.fromarray(rgb).convert("L")),
+        ("a.png", Image.fromarray(rgb).convert("RGBA")),
+    ):
         path = _save(tmp_path, name, img)
         with Image.open(path) as im:
             want = np.asarray(im.convert("RGB"))
         np.testing.assert_array_equal(pre.load_image(path), want)
     # 16-bit RGB PNG: Pillow reads it as 8-bit RGB (the high byte)
-    import zlib
     import struct
+    import zlib
 
     h, w = 17, 18
     px = (rng.integers(0, 65536, (h, w, 3))).astype(">u2")
@@ -209,8 +218,12 @@ def test_documented_conversions(tmp_path):
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    png = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
     path = tmp_path / "rgb16.png"
     path.write_bytes(png)
     np.testing.assert_array_equal(pre.load_image(str(path)), (px >> 8).astype(np.uint8))
@@ -235,12 +248,30 @@ def test_extract_torchvision_path_writes_reference_maps_and_resumes(tmp_path, tv
             raise Stop
 
     with pytest.raises(Stop):
-        extraction.extract_features(names, out, backbone=tiny_model, images_root=IMG_DIR, batch_size=2,
-                                 image_size=SIZE, preprocessing="torchvision", progress=False,
-                                 backbone_id="tiny", after_batch=stop_after_first)
+        extraction.extract_features(
+            names,
+            out,
+            backbone=tiny_model,
+            images_root=IMG_DIR,
+            batch_size=2,
+            image_size=SIZE,
+            preprocessing="torchvision",
+            progress=False,
+            backbone_id="tiny",
+            after_batch=stop_after_first,
+        )
     assert not out.exists() and os.path.exists(str(out) + ".partial")
-    extraction.extract_features(names, out, backbone=tiny_model, images_root=IMG_DIR, batch_size=2,
-                             image_size=SIZE, preprocessing="torchvision", progress=False, backbone_id="tiny")
+    extraction.extract_features(
+        names,
+        out,
+        backbone=tiny_model,
+        images_root=IMG_DIR,
+        batch_size=2,
+        image_size=SIZE,
+        preprocessing="torchvision",
+        progress=False,
+        backbone_id="tiny",
+    )
     with h5py.File(out) as f:
         fm = f["feature_map"][:]
         assert fm.shape == (3, 128, 2, 2) and "Normalize" in f.attrs["preprocessing"]
@@ -262,15 +293,21 @@ def test_extract_cli_backbone_choice_and_errors(tmp_path, capsys):
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"nope")
     with pytest.raises(DataError, match="bad.jpg: cannot read or decode"):
-        extraction.extract_features([str(bad)], tmp_path / "b.hdf5", backbone=build_torchvision_resnet(BLOCKS, WIDTH),
-                                 image_size=SIZE, preprocessing="torchvision", progress=False)
+        extraction.extract_features(
+            [str(bad)],
+            tmp_path / "b.hdf5",
+            backbone=build_torchvision_resnet(BLOCKS, WIDTH),
+            image_size=SIZE,
+            preprocessing="torchvision",
+            progress=False,
+        )
 
 
 def test_convert_stores_backbone_and_export_serves_images(tmp_path, tv):
     import tensorflow as tf
 
-    from msdn_tf.serving import export
     from msdn_tf.interop.convert import BACKBONE_FILE, convert_checkpoint
+    from msdn_tf.serving import export
     from msdn_tf.training.runs import load_run
 
     run = tmp_path / "run"
@@ -280,19 +317,37 @@ def test_convert_stores_backbone_and_export_serves_images(tmp_path, tv):
     backbone, info = load_backbone_file(run / BACKBONE_FILE, blocks=None, image_size=SIZE)  # as export does
     assert info["format"] == "npz"
     _, model = load_run(run)
-    path = export.export_saved_model(model, tmp_path / "m", class_names=[f"c{i}" for i in range(7)],
-                                     seen_classes=model.seen_classes, unseen_classes=model.unseen_classes,
-                                     backbone=backbone, image_size=SIZE, preprocessing="torchvision")
-    assert json.loads(open(os.path.join(path, "assets", export.METADATA_FILE)).read())["images"][
-        "preprocessing_kind"] == "torchvision"
+    path = export.export_saved_model(
+        model,
+        tmp_path / "m",
+        class_names=[f"c{i}" for i in range(7)],
+        seen_classes=model.seen_classes,
+        unseen_classes=model.unseen_classes,
+        backbone=backbone,
+        image_size=SIZE,
+        preprocessing="torchvision",
+    )
+    assert (
+        json.loads(open(os.path.join(path, "assets", export.METADATA_FILE)).read())["images"]["preprocessing_kind"]
+        == "torchvision"
+    )
     loaded = tf.saved_model.load(path)
     data = [open(os.path.join(IMG_DIR, n), "rb").read() for n in IMAGES]
     got = loaded.signatures[export.IMAGES_SIGNATURE](images=tf.constant(data))
     # the reference MSDN (numpy, float64) on torchvision's feature maps, weights read from the checkpoint
     w = {k: np.asarray(v, np.float64) for k, v in read_torch_state_dict(MSDN_PTH).items() if "." not in k}
     fmap = np.stack([tv["map::" + n].reshape(128, -1) for n in IMAGES])  # (B, F, R)
-    out = ref.forward(fmap, w["V"], w["W_1"], w["W_2"], w["W_1_1"], w["W_2_1"], w["att"], bias=float(w["bias"]),
-                      mask_bias=w["mask_bias"])
+    out = ref.forward(
+        fmap,
+        w["V"],
+        w["W_1"],
+        w["W_2"],
+        w["W_1_1"],
+        w["W_2_1"],
+        w["att"],
+        bias=float(w["bias"]),
+        mask_bias=w["mask_bias"],
+    )
     want = 0.9 * out["S1"] + 0.1 * out["S2"]
     scores = got["scores"].numpy()
     for i in range(len(IMAGES)):

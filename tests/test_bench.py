@@ -19,8 +19,12 @@ def test_flop_formula_against_a_hand_count():
     R, F, K = 196, 2048, 312
     # Hand count: each of the four contractions maps R regions x F channels to R x K
     # outputs, every output a sum of F products (F multiply-adds = 2F FLOP).
-    contractions = {"S (V W_1)": (R, F, K), "A logits (V W_2)": (R, F, K),
-                    "T (W_1_1 V^T)": (R, F, K), "Bw logits (V W_2_1)": (R, F, K)}
+    contractions = {
+        "S (V W_1)": (R, F, K),
+        "A logits (V W_2)": (R, F, K),
+        "T (W_1_1 V^T)": (R, F, K),
+        "Bw logits (V W_2_1)": (R, F, K),
+    }
     hand = sum(2 * r * k * f for r, f, k in contractions.values())
     assert model_speed.forward_flops_per_image(R, F, K) == hand == 1_001_914_368  # ~1.0 GFLOP (docs/reference.md §10)
     # Training adds the weight gradient dP = dY^T Fs of each contraction (same size); no input gradient.
@@ -64,11 +68,15 @@ def test_all_matrix_flops_count_the_projections_and_logits():
     B, R, F, K, D, C = 50, 49, 2048, 312, 300, 200
     projections = 4 * 2 * K * D * F  # V W_1, V W_2, W_1_1 V^T, V W_2_1
     logits = 2 * 2 * B * K * C  # scores @ att^T, both sub-nets
-    assert model_speed.all_matrix_flops_per_step(B, R, F, K, D, C, training=False) == \
-        B * model_speed.forward_flops_per_image(R, F, K) + projections + logits
+    assert (
+        model_speed.all_matrix_flops_per_step(B, R, F, K, D, C, training=False)
+        == B * model_speed.forward_flops_per_image(R, F, K) + projections + logits
+    )
     # training: + weight gradients of the contractions, dW and dV of each projection, dscores of the logits
-    assert model_speed.all_matrix_flops_per_step(B, R, F, K, D, C, training=True) == \
-        B * model_speed.train_flops_per_image(R, F, K) + 3 * projections + 2 * logits
+    assert (
+        model_speed.all_matrix_flops_per_step(B, R, F, K, D, C, training=True)
+        == B * model_speed.train_flops_per_image(R, F, K) + 3 * projections + 2 * logits
+    )
 
 
 def test_auto_variant_reports_the_chosen_precision(capsys):
@@ -87,8 +95,13 @@ def test_auto_variant_reports_the_chosen_precision(capsys):
 
 
 def test_variant_parsing():
-    assert model_speed.parse_variant("fused") == {"name": "fused:jit:float32", "impl": "fused", "jit": True,
-                                            "precision": "float32", "check": True}
+    assert model_speed.parse_variant("fused") == {
+        "name": "fused:jit:float32",
+        "impl": "fused",
+        "jit": True,
+        "precision": "float32",
+        "check": True,
+    }
     assert model_speed.parse_variant("fused:nojit:float32:nocheck")["check"] is False
     assert model_speed.parse_variant("einsum:nojit:mixed_float16")["jit"] is False
     with pytest.raises(ValueError, match="variant"):

@@ -8,10 +8,17 @@ import numpy as np
 import pytest
 
 from msdn_tf.config import resolve_config
-from msdn_tf.data.cache import (MemmapFeatures, build_cache_from_hdf5, cache_path_for, cache_status,
-                                ensure_cache, normalize_regions, write_cache)
+from msdn_tf.data.cache import (
+    MemmapFeatures,
+    build_cache_from_hdf5,
+    cache_path_for,
+    cache_status,
+    ensure_cache,
+    normalize_regions,
+    write_cache,
+)
 from msdn_tf.data.hdf5 import HDF5Features, write_feature_map_hdf5
-from msdn_tf.data.pipeline import RandomBatchSampler, ClassBalancedSampler, eval_dataset, train_dataset
+from msdn_tf.data.pipeline import ClassBalancedSampler, RandomBatchSampler, eval_dataset, train_dataset
 from msdn_tf.data.registry import load_dataset
 from msdn_tf.errors import DataError
 from tests.helpers import tiny_demo
@@ -27,20 +34,27 @@ def source(tmp_path):
     fmap = (np.maximum(rng.standard_normal((N, F, H, W)), 0) * 7).astype(np.float32)
     fmap[3, :, 0, 0] = 0.0  # an all-zero region stays zero
     labels = np.arange(N) % 4
-    return write_feature_map_hdf5(tmp_path / "feats.hdf5", feature_map=fmap, labels=labels,
-                                  trainval_loc=np.flatnonzero(labels < 2)[:-2],
-                                  test_seen_loc=np.flatnonzero(labels < 2)[-2:],
-                                  test_unseen_loc=np.flatnonzero(labels >= 2),
-                                  att=rng.random((4, 5)), w2v_att=rng.random((5, 6)), compression="gzip")
+    return write_feature_map_hdf5(
+        tmp_path / "feats.hdf5",
+        feature_map=fmap,
+        labels=labels,
+        trainval_loc=np.flatnonzero(labels < 2)[:-2],
+        test_seen_loc=np.flatnonzero(labels < 2)[-2:],
+        test_unseen_loc=np.flatnonzero(labels >= 2),
+        att=rng.random((4, 5)),
+        w2v_att=rng.random((5, 6)),
+        compression="gzip",
+    )
 
 
 def test_cache_matches_hdf5_rows_after_normalisation(source, tmp_path):
     ref = normalize_regions(HDF5Features(source).read(np.arange(N)))
     assert np.all(ref[3, 0] == 0)
     np.testing.assert_allclose(np.linalg.norm(ref[0], axis=-1), 1.0, rtol=1e-6)
-    for dtype, atol in (("float16", 2.0 ** -12), ("float32", 1e-7)):
-        path = build_cache_from_hdf5(source, str(tmp_path / f"c_{dtype}.npy"), dtype=dtype, chunk_rows=5,
-                                     progress=False)
+    for dtype, atol in (("float16", 2.0**-12), ("float32", 1e-7)):
+        path = build_cache_from_hdf5(
+            source, str(tmp_path / f"c_{dtype}.npy"), dtype=dtype, chunk_rows=5, progress=False
+        )
         feats = MemmapFeatures(path)
         assert feats.shape == (N, H * W, F) and feats.dtype == np.dtype(dtype)
         got = feats.read(np.arange(N))
@@ -146,10 +160,11 @@ def test_registry_cache_and_pipeline_read_float16(tmp_path):
     cfg.data.cache = False
     raw = load_dataset(cfg)
     rows = np.arange(len(raw.labels))
-    np.testing.assert_allclose(data.features.read(rows), normalize_regions(raw.features.read(rows)),
-                               atol=2.0 ** -12)
-    for sampler in (RandomBatchSampler(data.trainval_loc, 7, seed=0),
-                    ClassBalancedSampler(data.trainval_loc, data.labels, 7, seed=0)):
+    np.testing.assert_allclose(data.features.read(rows), normalize_regions(raw.features.read(rows)), atol=2.0**-12)
+    for sampler in (
+        RandomBatchSampler(data.trainval_loc, 7, seed=0),
+        ClassBalancedSampler(data.trainval_loc, data.labels, 7, seed=0),
+    ):
         for parallel in (1, 3):
             batches = list(train_dataset(data, sampler, start_step=5, num_steps=4, parallel_reads=parallel))
             for i, (x, y) in enumerate(batches):
@@ -170,10 +185,13 @@ def test_prepare_command_builds_then_reuses(tmp_path, capsys):
         argv += ["--set", s]
     assert prepare.main(argv) == 0
     first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert not first["was_up_to_date"] and first["dtype"] == "float16" and first["shape"][1:] == [TINY_DEMO.map_size ** 2, TINY_DEMO.feature_dim]
+    assert (
+        not first["was_up_to_date"]
+        and first["dtype"] == "float16"
+        and first["shape"][1:] == [TINY_DEMO.map_size**2, TINY_DEMO.feature_dim]
+    )
     assert prepare.main(argv) == 0
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert again["was_up_to_date"] and again["cache"] == first["cache"]
     assert prepare.main(["--dataset", "cub", "--data-dir", str(tmp_path / "none")]) == 2
     assert "does not exist" in capsys.readouterr().err
-

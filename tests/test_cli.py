@@ -16,8 +16,13 @@ import pytest
 from tests.conftest import REPO
 
 # The lines TensorFlow writes at start-up on a machine without a GPU (some only on some machines).
-NOISE = ("All log messages before absl::InitializeLog()", "oneDNN custom operations", "cudart_stub.cc",
-         "failed call to cuInit", "use_unbounded_threadpool")
+NOISE = (
+    "All log messages before absl::InitializeLog()",
+    "oneDNN custom operations",
+    "cudart_stub.cc",
+    "failed call to cuInit",
+    "use_unbounded_threadpool",
+)
 
 
 def _env(**extra):
@@ -28,8 +33,9 @@ def _env(**extra):
 
 
 def _run(args, **extra):
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=_env(**extra), capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, *args], cwd=REPO, env=_env(**extra), capture_output=True, text=True, timeout=300
+    )
 
 
 # A cheap command that imports TensorFlow and then fails with msdn-tf's own one-line error.
@@ -76,8 +82,10 @@ def test_cli_main_takes_verbose_out_and_keeps_the_error_tail():
 
 
 def test_a_failed_captured_import_prints_what_it_wrote():
-    code = ("import os\nfrom msdn_tf._cli import stderr_fd_captured\n"
-            "with stderr_fd_captured():\n    os.write(2, b'written-while-captured\\n')\n    raise ImportError('boom')\n")
+    code = (
+        "import os\nfrom msdn_tf._cli import stderr_fd_captured\n"
+        "with stderr_fd_captured():\n    os.write(2, b'written-while-captured\\n')\n    raise ImportError('boom')\n"
+    )
     proc = _run(["-c", code])
     assert proc.returncode == 1
     assert "written-while-captured" in proc.stderr and "ImportError: boom" in proc.stderr
@@ -91,9 +99,15 @@ def test_common_flags_parse():
     from msdn_tf._cli import add_common_flags
 
     args = add_common_flags(argparse.ArgumentParser(), dataset_help="dataset").parse_args(
-        ["--dataset", "cub", "--data-dir", "d", "--config", "a.yaml", "--set", "train.seed=1", "--verbose"])
-    assert (args.dataset, args.data_dir, args.config, args.set, args.verbose) == ("cub", "d", ["a.yaml"],
-                                                                               ["train.seed=1"], True)
+        ["--dataset", "cub", "--data-dir", "d", "--config", "a.yaml", "--set", "train.seed=1", "--verbose"]
+    )
+    assert (args.dataset, args.data_dir, args.config, args.set, args.verbose) == (
+        "cub",
+        "d",
+        ["a.yaml"],
+        ["train.seed=1"],
+        True,
+    )
 
 
 def test_plain_import_registers_the_keras_objects_for_load_model(tmp_path):
@@ -107,15 +121,22 @@ def test_plain_import_registers_the_keras_objects_for_load_model(tmp_path):
     model.compile(optimizer=TorchRMSprop(learning_rate=1e-3))
     path = tmp_path / "model.keras"
     keras.saving.save_model(model, path)
-    proc = _run(["-c", "import sys, keras, msdn_tf\n"
-                       "m = keras.saving.load_model(sys.argv[1])\n"
-                       "print(type(m).__name__, type(m.optimizer).__name__)", str(path)])
+    proc = _run(
+        [
+            "-c",
+            "import sys, keras, msdn_tf\n"
+            "m = keras.saving.load_model(sys.argv[1])\n"
+            "print(type(m).__name__, type(m.optimizer).__name__)",
+            str(path),
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["MSDN", "TorchRMSprop"]
 
 
-@pytest.mark.parametrize("argv0, command", [("-m", True), ("/venv/bin/msdn-train", True), ("/x/pytest", False),
-                                            ("-c", False), ("", False)])
+@pytest.mark.parametrize(
+    "argv0, command", [("-m", True), ("/venv/bin/msdn-train", True), ("/x/pytest", False), ("-c", False), ("", False)]
+)
 def test_commands_are_recognised_by_how_python_was_started(monkeypatch, argv0, command):
     from msdn_tf._cli import is_command_run
 

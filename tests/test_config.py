@@ -7,19 +7,25 @@ from msdn_tf.config import CONFIG_DIR, Config, from_dict, resolve_config, to_yam
 from msdn_tf.errors import ConfigError
 
 
-@pytest.mark.parametrize("dataset,lam,wd,seed,its,every,w,momentum,sampler,norm", [
-    ("cub", 0.1, 0.001, 214, 4234, 141, [0.9, 0.1], 0.9, "random", False),
-    ("sun", 0.0001, 0.01, 2339, 14448, 206, [0.7, 0.3], 0.9, "class_balanced", False),
-    ("awa2", 0.12, 1e-7, 87778, 23527, 470, [1.0, 0.0], 0.0, "class_balanced", True),
-])
-def test_dataset_files_hold_reference_hyperparameters(dataset, lam, wd, seed, its, every, w, momentum,
-                                                      sampler, norm):
+@pytest.mark.parametrize(
+    "dataset,lam,wd,seed,its,every,w,momentum,sampler,norm",
+    [
+        ("cub", 0.1, 0.001, 214, 4234, 141, [0.9, 0.1], 0.9, "random", False),
+        ("sun", 0.0001, 0.01, 2339, 14448, 206, [0.7, 0.3], 0.9, "class_balanced", False),
+        ("awa2", 0.12, 1e-7, 87778, 23527, 470, [1.0, 0.0], 0.0, "class_balanced", True),
+    ],
+)
+def test_dataset_files_hold_reference_hyperparameters(dataset, lam, wd, seed, its, every, w, momentum, sampler, norm):
     c = resolve_config(dataset)
     assert (c.loss.lambda_cal, c.loss.distill_weight, c.train.seed) == (lam, wd, seed)
     assert (c.train.iterations, c.train.eval_every, c.model.fusion_weights) == (its, every, w)
     assert (c.optimizer.momentum, c.data.sampler, c.model.normalize_attribute_vectors) == (momentum, sampler, norm)
-    assert (c.optimizer.learning_rate, c.optimizer.rho, c.optimizer.epsilon, c.optimizer.weight_decay) == \
-        (1e-4, 0.99, 1e-8, 1e-4)
+    assert (c.optimizer.learning_rate, c.optimizer.rho, c.optimizer.epsilon, c.optimizer.weight_decay) == (
+        1e-4,
+        0.99,
+        1e-8,
+        1e-4,
+    )
 
 
 def test_every_config_file_resolves():

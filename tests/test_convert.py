@@ -20,8 +20,8 @@ import pytest
 import scipy.io
 
 from msdn_tf.convert import main
-from msdn_tf.interop.convert import convert_checkpoint, convert_state_dict
 from msdn_tf.errors import DataError, MSDNError
+from msdn_tf.interop.convert import convert_checkpoint, convert_state_dict
 from tests import reference_numpy as ref
 from tests.helpers import shared_zsl_dir
 from tests.helpers import torch_fixture as fixture
@@ -43,11 +43,19 @@ def weights_of(expected, stem):
 
 def reference_logits(w, fmap_bfr, fusion=(0.9, 0.1), bias=None, normalize_V=False):
     args = {k: np.asarray(w[k], np.float64) for k in WEIGHT_KEYS}
-    out = ref.forward(fmap_bfr, args["V"], args["W_1"], args["W_2"], args["W_1_1"], args["W_2_1"],
-                      args["att"], bias=float(w["bias"] if bias is None else bias),
-                      mask_bias=np.asarray(w["mask_bias"], np.float64), normalize_V=normalize_V)
-    return {"logits_a2v": out["S1"], "logits_v2a": out["S2"],
-            "logits": fusion[0] * out["S1"] + fusion[1] * out["S2"]}
+    out = ref.forward(
+        fmap_bfr,
+        args["V"],
+        args["W_1"],
+        args["W_2"],
+        args["W_1_1"],
+        args["W_2_1"],
+        args["att"],
+        bias=float(w["bias"] if bias is None else bias),
+        mask_bias=np.asarray(w["mask_bias"], np.float64),
+        normalize_V=normalize_V,
+    )
+    return {"logits_a2v": out["S1"], "logits_v2a": out["S2"], "logits": fusion[0] * out["S1"] + fusion[1] * out["S2"]}
 
 
 def keras_logits(model, fmap_bfr):
@@ -70,10 +78,10 @@ def load_run(run_dir):
 
 # --------------------------------------------------------------------------- conversions
 
+
 def test_tiny_checkpoint_round_trips_and_matches_reference(tmp_path, expected, fmap, capsys):
     out = tmp_path / "run"
-    assert main(["--torch-checkpoint", fixture("tiny_msdn"), "--dataset", "custom",
-                 "--out", str(out)]) == 0
+    assert main(["--torch-checkpoint", fixture("tiny_msdn"), "--dataset", "custom", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "K=5 attributes, D=4, F=6, C=7 classes (5 seen, 2 unseen" in printed
     assert "report: %s" % (out / "conversion.json") in printed
@@ -87,8 +95,15 @@ def test_tiny_checkpoint_round_trips_and_matches_reference(tmp_path, expected, f
     # "custom" is the table entry for a user's own data (msdn_tf.data.custom): no fixed sizes to check.
     assert report["dataset"] == "custom" and report["dataset_in_table"] is True
     assert {k: v["shape"] for k, v in report["mapped_keys"].items()} == {
-        "V": [K, D], "att": [C, K], "W_1": [D, F], "W_2": [D, F], "W_1_1": [F, D],
-        "W_2_1": [D, F], "bias": [], "mask_bias": [1, C]}
+        "V": [K, D],
+        "att": [C, K],
+        "W_1": [D, F],
+        "W_2": [D, F],
+        "W_1_1": [F, D],
+        "W_2_1": [D, F],
+        "bias": [],
+        "mask_bias": [1, C],
+    }
     assert report["mapped_keys"]["W_1_1"]["keras_weight"].endswith("W_1_1")
     assert set(report["ignored_keys"]) == {"weight_ce", "W_3", "W_3_1"}
     assert "dead code" in report["ignored_keys"]["W_3"]
@@ -105,9 +120,23 @@ def test_tiny_checkpoint_round_trips_and_matches_reference(tmp_path, expected, f
     assert model.seen_classes == SEEN and model.unseen_classes == UNSEEN
     w = weights_of(expected, "tiny_msdn")
     for key in WEIGHT_KEYS:
-        np.testing.assert_array_equal(np.asarray(getattr(
-            {"V": model.embedding, "att": model.embedding, "W_1": model.a2v, "W_2": model.a2v,
-             "W_1_1": model.v2a, "W_2_1": model.v2a}[key], key)), w[key], err_msg=key)
+        np.testing.assert_array_equal(
+            np.asarray(
+                getattr(
+                    {
+                        "V": model.embedding,
+                        "att": model.embedding,
+                        "W_1": model.a2v,
+                        "W_2": model.a2v,
+                        "W_1_1": model.v2a,
+                        "W_2_1": model.v2a,
+                    }[key],
+                    key,
+                )
+            ),
+            w[key],
+            err_msg=key,
+        )
     np.testing.assert_array_equal(np.asarray(model.mask_bias), w["mask_bias"])
     assert_logits_equal(keras_logits(model, fmap), reference_logits(w, fmap))
 
@@ -117,13 +146,11 @@ def test_backbone_tensors_are_reported_not_loaded(tmp_path, expected, fmap):
     keys = [k for k in expected["tiny_msdn_backbone::__keys__"] if k.startswith("backbone.")]
     assert report["backbone"]["count"] == len(keys) == 5
     assert report["backbone"]["prefixes"] == {"backbone.": 5}
-    assert report["backbone"]["total_parameters"] == sum(
-        expected["tiny_msdn_backbone::" + k].size for k in keys)
+    assert report["backbone"]["total_parameters"] == sum(expected["tiny_msdn_backbone::" + k].size for k in keys)
     assert report["backbone"]["loaded"] is False
     _, model = load_run(tmp_path / "run")
     assert len(model.weights) == 8  # the MSDN weights only
-    assert_logits_equal(keras_logits(model, fmap),
-                        reference_logits(weights_of(expected, "tiny_msdn_backbone"), fmap))
+    assert_logits_equal(keras_logits(model, fmap), reference_logits(weights_of(expected, "tiny_msdn_backbone"), fmap))
 
 
 def test_half_precision_checkpoint_is_cast(tmp_path, expected, fmap):
@@ -133,20 +160,22 @@ def test_half_precision_checkpoint_is_cast(tmp_path, expected, fmap):
     assert report["backbone"]["count"] == 5
     _, model = load_run(tmp_path / "run")
     assert all(v.dtype == "float32" for v in model.weights)
-    assert_logits_equal(keras_logits(model, fmap),
-                        reference_logits(weights_of(expected, "tiny_msdn_fp16"), fmap))
+    assert_logits_equal(keras_logits(model, fmap), reference_logits(weights_of(expected, "tiny_msdn_fp16"), fmap))
 
 
 def test_bias_dtypes_and_config_overrides_are_honoured(tmp_path, expected, fmap):
     w = weights_of(expected, "tiny_msdn")
     state = collections.OrderedDict((k, w[k].astype(np.float64)) for k in WEIGHT_KEYS)
-    state["bias"] = np.array(2, dtype=np.int64)          # some files hold an integer bias
+    state["bias"] = np.array(2, dtype=np.int64)  # some files hold an integer bias
     state["mask_bias"] = w["mask_bias"].astype(np.float64)
     state["weight_ce"] = np.eye(C)
     report = convert_state_dict(
-        state, "custom", tmp_path / "run", source={"path": "in-memory"},
-        overrides=["model.fusion_weights=[1.0, 0.0]", "model.normalize_attribute_vectors=true",
-                   "model.bias=5"])
+        state,
+        "custom",
+        tmp_path / "run",
+        source={"path": "in-memory"},
+        overrides=["model.fusion_weights=[1.0, 0.0]", "model.normalize_attribute_vectors=true", "model.bias=5"],
+    )
     assert report["bias"] == 2.0
     assert report["warnings"] == ["--set model.bias=5 ignored: the checkpoint's bias 2 is used"]
     assert report["cast_to_float32"]["bias"] == "int64 -> float32"
@@ -161,8 +190,10 @@ def test_bias_dtypes_and_config_overrides_are_honoured(tmp_path, expected, fmap)
 
 # --------------------------------------------------------------------------- metadata
 
-def write_xlsa17(folder, att_kc, labels, trainval, test_seen, test_unseen, names=None,
-                 attribute_names=None, image_list=True):
+
+def write_xlsa17(
+    folder, att_kc, labels, trainval, test_seen, test_unseen, names=None, attribute_names=None, image_list=True
+):
     """A tiny att_splits.mat (+ image_list.npz, attributes.txt) with 0-based locs given."""
     os.makedirs(folder, exist_ok=True)
     n_cls = att_kc.shape[1]
@@ -170,14 +201,23 @@ def write_xlsa17(folder, att_kc, labels, trainval, test_seen, test_unseen, names
     cell = np.empty((n_cls, 1), dtype=object)
     for i, name in enumerate(names):
         cell[i, 0] = np.array([name])
-    scipy.io.savemat(os.path.join(folder, "att_splits.mat"), {
-        "att": att_kc, "original_att": att_kc * 100, "allclasses_names": cell,
-        "trainval_loc": (np.asarray(trainval) + 1).reshape(-1, 1),
-        "test_seen_loc": (np.asarray(test_seen) + 1).reshape(-1, 1),
-        "test_unseen_loc": (np.asarray(test_unseen) + 1).reshape(-1, 1)})
+    scipy.io.savemat(
+        os.path.join(folder, "att_splits.mat"),
+        {
+            "att": att_kc,
+            "original_att": att_kc * 100,
+            "allclasses_names": cell,
+            "trainval_loc": (np.asarray(trainval) + 1).reshape(-1, 1),
+            "test_seen_loc": (np.asarray(test_seen) + 1).reshape(-1, 1),
+            "test_unseen_loc": (np.asarray(test_unseen) + 1).reshape(-1, 1),
+        },
+    )
     if image_list:
-        np.savez(os.path.join(folder, "image_list.npz"), labels=np.asarray(labels, np.int64),
-                 image_files=np.array(["img_%03d.jpg" % i for i in range(len(labels))]))
+        np.savez(
+            os.path.join(folder, "image_list.npz"),
+            labels=np.asarray(labels, np.int64),
+            image_files=np.array(["img_%03d.jpg" % i for i in range(len(labels))]),
+        )
     if attribute_names is not None:
         with open(os.path.join(folder, "attributes.txt"), "w") as fh:
             fh.writelines("%d %s\n" % (i + 1, a) for i, a in enumerate(attribute_names))
@@ -195,8 +235,16 @@ def tiny_metadata(folder, expected, unseen=UNSEEN, att_noise=0.0, k=K, image_lis
     trainval = rows[~is_unseen & (rows % 3 != 2)]
     test_seen = rows[~is_unseen & (rows % 3 == 2)]
     test_unseen = rows[is_unseen]
-    return write_xlsa17(folder, att, labels, trainval, test_seen, test_unseen,
-                        attribute_names=["has_part::%d" % i for i in range(k)], image_list=image_list)
+    return write_xlsa17(
+        folder,
+        att,
+        labels,
+        trainval,
+        test_seen,
+        test_unseen,
+        attribute_names=["has_part::%d" % i for i in range(k)],
+        image_list=image_list,
+    )
 
 
 def test_metadata_from_att_splits(tmp_path, expected):
@@ -233,22 +281,32 @@ def test_metadata_without_image_list_warns(tmp_path, expected):
 
 def test_metadata_mismatches_are_refused(tmp_path, expected, capsys):
     data_dir = tiny_metadata(tmp_path / "swapped", expected, unseen=(3, 5))
-    with pytest.raises(DataError, match=r"the seen classes of 'mask_bias' \(5\) differ from those of "
-                                        r".*att_splits.mat \(labels of 'trainval_loc', 5\): only in the "
-                                        r"checkpoint: \[5 \(006.class_5\)\]; only in the metadata: "
-                                        r"\[6 \(007.class_6\)\]"):
+    with pytest.raises(
+        DataError,
+        match=r"the seen classes of 'mask_bias' \(5\) differ from those of "
+        r".*att_splits.mat \(labels of 'trainval_loc', 5\): only in the "
+        r"checkpoint: \[5 \(006.class_5\)\]; only in the metadata: "
+        r"\[6 \(007.class_6\)\]",
+    ):
         convert_checkpoint(fixture("tiny_msdn"), "custom", tmp_path / "run", data_dir=data_dir)
     data_dir = tiny_metadata(tmp_path / "k6", expected, k=K + 1)
-    argv = ["--torch-checkpoint", fixture("tiny_msdn"), "--dataset", "custom",
-            "--out", str(tmp_path / "run"), "--data-dir", data_dir]
+    argv = [
+        "--torch-checkpoint",
+        fixture("tiny_msdn"),
+        "--dataset",
+        "custom",
+        "--out",
+        str(tmp_path / "run"),
+        "--data-dir",
+        data_dir,
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "'V' has shape (5, 4), expected (6, D) (6 attributes in" in err and "att_splits.mat" in err
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("dataset, fusion, normalize", [
-    ("cub", [0.9, 0.1], False), ("awa2", [1.0, 0.0], True)])
+@pytest.mark.parametrize("dataset, fusion, normalize", [("cub", [0.9, 0.1], False), ("awa2", [1.0, 0.0], True)])
 def test_benchmark_shaped_checkpoint_with_real_metadata(tmp_path, dataset, fusion, normalize):
     from msdn_tf.data.base import class_attributes_for_model
     from msdn_tf.data.registry import DATASETS
@@ -263,29 +321,39 @@ def test_benchmark_shaped_checkpoint_with_real_metadata(tmp_path, dataset, fusio
     mask = -np.ones((1, n_cls), np.float32)
     mask[0, unseen] = 1.0
     d, f = 3, 5  # D and F come from the checkpoint; K and C must be the dataset's
-    state = {"V": rng.normal(size=(k, d)), "W_1": rng.normal(size=(d, f)),
-             "W_2": rng.normal(size=(d, f)), "W_1_1": rng.normal(size=(f, d)),
-             "W_2_1": rng.normal(size=(d, f)), "W_3": np.zeros((d, f)), "W_3_1": np.zeros((f, d)),
-             "att": class_attributes_for_model(splits["att"], nonnegative=(dataset == "awa2")),
-             "bias": np.float64(0.0), "mask_bias": mask, "weight_ce": np.eye(n_cls)}
+    state = {
+        "V": rng.normal(size=(k, d)),
+        "W_1": rng.normal(size=(d, f)),
+        "W_2": rng.normal(size=(d, f)),
+        "W_1_1": rng.normal(size=(f, d)),
+        "W_2_1": rng.normal(size=(d, f)),
+        "W_3": np.zeros((d, f)),
+        "W_3_1": np.zeros((f, d)),
+        "att": class_attributes_for_model(splits["att"], nonnegative=(dataset == "awa2")),
+        "bias": np.float64(0.0),
+        "mask_bias": mask,
+        "weight_ce": np.eye(n_cls),
+    }
     name = "%s_MSDN_CZSL.pth" % DATASETS[dataset].upstream_name
-    report = convert_state_dict(state, dataset, tmp_path / "run", data_dir=str(folder),
-                                source={"path": name, "file_name": name})
+    report = convert_state_dict(
+        state, dataset, tmp_path / "run", data_dir=str(folder), source={"path": name, "file_name": name}
+    )
     assert report["released_checkpoint"] == {"dataset": dataset, "variant": "CZSL"}
     assert report["warnings"] == [] and report["metadata"]["seen_unseen_match"] is True
     assert report["mask_bias"]["num_unseen"] == DATASETS[dataset].expected["unseen_classes"]
-    assert report["config"] == {"fusion_weights": fusion, "normalize_attribute_vectors": normalize,
-                                "overrides": []}
+    assert report["config"] == {"fusion_weights": fusion, "normalize_attribute_vectors": normalize, "overrides": []}
     meta = json.loads((tmp_path / "run" / "metadata.json").read_text())
     assert len(meta["class_names"]) == n_cls and len(meta["attribute_names"]) == k
     # Another dataset's checkpoint is refused by its sizes.
     other = "sun" if dataset == "cub" else "cub"
-    with pytest.raises(DataError, match=r"'V' has shape \(%d, 3\), expected \(%d, D\)"
-                       % (k, DATASETS[other].expected["attributes"])):
+    with pytest.raises(
+        DataError, match=r"'V' has shape \(%d, 3\), expected \(%d, D\)" % (k, DATASETS[other].expected["attributes"])
+    ):
         convert_state_dict(state, other, tmp_path / "other")
 
 
 # --------------------------------------------------------------------------- refusals
+
 
 def test_benchmark_sizes_are_checked_without_metadata(tmp_path, capsys):
     argv = ["--torch-checkpoint", fixture("tiny_msdn"), "--dataset", "cub", "--out", str(tmp_path / "r")]
@@ -298,8 +366,19 @@ def test_benchmark_sizes_are_checked_without_metadata(tmp_path, capsys):
 def test_wrong_shape_checkpoint(tmp_path, capsys):
     with pytest.raises(DataError, match=r"'W_1_1' has shape \(4, 6\), expected \(6, 4\)"):
         convert_checkpoint(fixture("tiny_msdn_wrong_shape"), "custom", tmp_path / "run")
-    assert main(["--torch-checkpoint", fixture("tiny_msdn_wrong_shape"), "--dataset", "custom",
-                 "--out", str(tmp_path / "run")]) == 2
+    assert (
+        main(
+            [
+                "--torch-checkpoint",
+                fixture("tiny_msdn_wrong_shape"),
+                "--dataset",
+                "custom",
+                "--out",
+                str(tmp_path / "run"),
+            ]
+        )
+        == 2
+    )
     assert "tiny_msdn_wrong_shape.pth: 'W_1_1' has shape (4, 6)" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
@@ -310,8 +389,7 @@ def test_truncated_checkpoint(tmp_path, capsys):
     path.write_bytes(data[: len(data) * 2 // 3])
     with pytest.raises(DataError, match="truncated or corrupt"):
         convert_checkpoint(path, "custom", tmp_path / "run")
-    assert main(["--torch-checkpoint", str(path), "--dataset", "cub", "--out",
-                 str(tmp_path / "run")]) == 2
+    assert main(["--torch-checkpoint", str(path), "--dataset", "cub", "--out", str(tmp_path / "run")]) == 2
     assert "error: %s is a truncated or corrupt zip" % path in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
@@ -334,9 +412,22 @@ def test_malicious_pickle_is_refused_and_not_executed(tmp_path):
         zf.writestr("evil/version", "3\n")
     with pytest.raises(DataError, match="refusing to load .*nothing was executed"):
         convert_checkpoint(path, "custom", tmp_path / "run")
-    run = subprocess.run([sys.executable, "-m", "msdn_tf.convert", "--torch-checkpoint", str(path),
-                          "--dataset", "custom", "--out", str(tmp_path / "run")],
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "msdn_tf.convert",
+            "--torch-checkpoint",
+            str(path),
+            "--dataset",
+            "custom",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 2, run.stderr
     assert "error: refusing to load %s: it references '%s.system'" % (path, os.system.__module__) in run.stderr
     assert "Traceback" not in run.stderr
@@ -354,10 +445,19 @@ def test_invalid_values_are_refused(tmp_path, expected):
     for state, message in cases:
         with pytest.raises(DataError, match=message):
             convert_state_dict(state, "custom", tmp_path / "run")
-    with pytest.raises(DataError, match="'mask_bias' marks 715 seen and 2 unseen classes but sun has 645 seen and 72 unseen"):
-        convert_state_dict(dict(base, V=np.zeros((102, D)), att=np.zeros((717, 102)),
-                                mask_bias=np.where(np.arange(717) < 2, 1.0, -1.0)[None]),
-                           "sun", tmp_path / "run")
+    with pytest.raises(
+        DataError, match="'mask_bias' marks 715 seen and 2 unseen classes but sun has 645 seen and 72 unseen"
+    ):
+        convert_state_dict(
+            dict(
+                base,
+                V=np.zeros((102, D)),
+                att=np.zeros((717, 102)),
+                mask_bias=np.where(np.arange(717) < 2, 1.0, -1.0)[None],
+            ),
+            "sun",
+            tmp_path / "run",
+        )
     assert not (tmp_path / "run").exists()
 
 
@@ -373,21 +473,31 @@ def test_existing_run_directory_needs_overwrite(tmp_path, expected):
 
 # --------------------------------------------------------------------------- export
 
+
 def test_converted_model_exports_with_the_same_scores(tmp_path, fmap):
     try:
         import msdn_tf.serving.export as export
     except ImportError as exc:
-        pytest.skip("msdn_tf.serving.export is not available (%s); the export check of converted "
-                    "checkpoints runs once it is" % exc)
+        pytest.skip(
+            "msdn_tf.serving.export is not available (%s); the export check of converted "
+            "checkpoints runs once it is" % exc
+        )
     import tensorflow as tf
 
     out = tmp_path / "run"
     convert_checkpoint(fixture("tiny_msdn"), "custom", out)
     config, model = load_run(out)
     version_dir = export.export_saved_model(
-        model, str(tmp_path / "export"), version=1,
-        class_names=["class_%d" % i for i in range(C)], seen_classes=SEEN, unseen_classes=UNSEEN,
-        gamma=0.0, top_k=3, config=config)
+        model,
+        str(tmp_path / "export"),
+        version=1,
+        class_names=["class_%d" % i for i in range(C)],
+        seen_classes=SEEN,
+        unseen_classes=UNSEEN,
+        gamma=0.0,
+        top_k=3,
+        config=config,
+    )
     features = np.transpose(fmap, (0, 2, 1)).astype(np.float32)  # (B, R, F)
     want = np.asarray(model(features)["logits"])
 

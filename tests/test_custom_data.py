@@ -7,8 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from msdn_tf.data import wordvectors
-from msdn_tf.data import custom
+from msdn_tf.data import custom, wordvectors
 from msdn_tf.errors import DataError
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 60, 220)}
@@ -26,9 +25,9 @@ def _image(cls: str, i: int) -> np.ndarray:
     img = np.full((TINY, TINY, 3), 235, np.uint8)
     lo = 4 + i % 4
     if shape == "box":
-        img[lo:lo + 20, lo:lo + 20] = COLOURS.get(colour, (128, 0, 128))
+        img[lo : lo + 20, lo : lo + 20] = COLOURS.get(colour, (128, 0, 128))
     else:
-        img[lo + 6:lo + 12, lo + 6:lo + 12] = COLOURS.get(colour, (128, 0, 128))
+        img[lo + 6 : lo + 12, lo + 6 : lo + 12] = COLOURS.get(colour, (128, 0, 128))
     return img
 
 
@@ -49,15 +48,22 @@ def write_table(path: Path, classes=CLASSES, attrs=ATTRS, rows=None) -> Path:
             vals = rows[c]
         else:
             colour, shape = c.split("_")
-            vals = [int(colour == "red"), int(colour == "green"), int(colour == "blue"), int(shape == "box"),
-                    int(shape == "dot")]
+            vals = [
+                int(colour == "red"),
+                int(colour == "green"),
+                int(colour == "blue"),
+                int(shape == "box"),
+                int(shape == "dot"),
+            ]
         lines.append(c + "," + ",".join(str(v) for v in vals))
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
-WORDS = {w: np.arange(1, 5, dtype=np.float64) * (k + 1) for k, w in
-         enumerate(["has", "color", "red", "green", "blue", "shape", "box", "dot"])}
+WORDS = {
+    w: np.arange(1, 5, dtype=np.float64) * (k + 1)
+    for k, w in enumerate(["has", "color", "red", "green", "blue", "shape", "box", "dot"])
+}
 
 
 def write_vectors(path: Path, header=True, words=WORDS, extra=50, gz=False) -> Path:
@@ -89,15 +95,28 @@ def tiny_backbone():
     import keras
 
     inp = keras.Input((TINY, TINY, 3))
-    x = keras.layers.Conv2D(16, 3, strides=16, padding="same",
-                            kernel_initializer=keras.initializers.RandomNormal(seed=3), bias_initializer="ones")(inp)
+    x = keras.layers.Conv2D(
+        16,
+        3,
+        strides=16,
+        padding="same",
+        kernel_initializer=keras.initializers.RandomNormal(seed=3),
+        bias_initializer="ones",
+    )(inp)
     return keras.Model(inp, keras.layers.ReLU()(x))
 
 
 def prepare(src, out, **kw):
-    args = dict(images=str(src["images"]), attributes=str(src["attributes"]), unseen=str(src["unseen"]),
-                word_vectors=str(src["vectors"]), image_size=TINY, batch_size=8, progress=False,
-                log=lambda m: None)
+    args = dict(
+        images=str(src["images"]),
+        attributes=str(src["attributes"]),
+        unseen=str(src["unseen"]),
+        word_vectors=str(src["vectors"]),
+        image_size=TINY,
+        batch_size=8,
+        progress=False,
+        log=lambda m: None,
+    )
     args.update(kw)
     if "backbone" not in args:
         args["backbone"] = tiny_backbone()
@@ -110,7 +129,14 @@ def prepare(src, out, **kw):
 
 def test_attribute_words_cleaning():
     assert wordvectors.attribute_words("has_bill_shape::curved_(up_or_down)") == [
-        "has", "bill", "shape", "curved", "up", "or", "down"]
+        "has",
+        "bill",
+        "shape",
+        "curved",
+        "up",
+        "or",
+        "down",
+    ]
     assert wordvectors.attribute_words("Man-Made 2") == ["man", "made"]
 
 
@@ -146,8 +172,9 @@ def test_missing_words_reported(tmp_path):
     warnings = []
     with pytest.raises(DataError, match="all-zero.*stripes_only"):
         wordvectors.attribute_vectors(names, str(path), allow_missing_words=True, warn=warnings.append)
-    vecs, report = wordvectors.attribute_vectors(names, str(path), allow_missing_words=True,
-                                                 allow_zero_vectors=True, warn=warnings.append)
+    vecs, report = wordvectors.attribute_vectors(
+        names, str(path), allow_missing_words=True, allow_zero_vectors=True, warn=warnings.append
+    )
     assert set(report["missing_words"]) == {"purple", "stripes", "only"}
     assert report["missing_words"]["purple"] == ["has_color::purple"]
     assert report["zero_attributes"] == ["stripes_only"] and not vecs[1].any()
@@ -181,7 +208,9 @@ def test_read_class_folders(src):
 
 def test_read_csv_forms(src, tmp_path):
     with_header = tmp_path / "list.csv"
-    with_header.write_text("image,label\nimages/red_box/red_box_0.png,red_box\nimages/blue_dot/blue_dot_1.png,blue_dot\n")
+    with_header.write_text(
+        "image,label\nimages/red_box/red_box_0.png,red_box\nimages/blue_dot/blue_dot_1.png,blue_dot\n"
+    )
     entries = custom.read_image_csv(with_header)
     assert [e.cls for e in entries] == ["red_box", "blue_dot"]
     assert Path(entries[0].path) == (src["images"] / "red_box" / "red_box_0.png").resolve()
@@ -231,9 +260,15 @@ def test_table_errors_and_warnings(tmp_path):
     dup_attr = write_table(tmp_path / "dupattr.csv", attrs=ATTRS[:4] + [ATTRS[0]])
     with pytest.raises(DataError, match="duplicated attribute names.*has_color::red"):
         custom.read_attribute_table(dup_attr)
-    const = write_table(tmp_path / "const.csv", attrs=ATTRS + ["always"],
-                        rows={c: [int(c.startswith(k)) for k in ("red", "green", "blue")]
-                              + [int(c.endswith("box")), int(c.endswith("dot")), 1] for c in CLASSES})
+    const = write_table(
+        tmp_path / "const.csv",
+        attrs=ATTRS + ["always"],
+        rows={
+            c: [int(c.startswith(k)) for k in ("red", "green", "blue")]
+            + [int(c.endswith("box")), int(c.endswith("dot")), 1]
+            for c in CLASSES
+        },
+    )
     warnings = []
     custom.read_attribute_table(const, warn=warnings.append)
     assert any("constant" in w and "'always'" in w for w in warnings)
@@ -245,8 +280,7 @@ def test_class_matching_errors(src, tmp_path):
     write_images(src["images"], classes=["purple_box"], per_class=1)
     with pytest.raises(DataError, match="not in the attribute table.*'purple_box'.*purple_box_0.png"):
         custom.match_classes(custom.read_image_folder(src["images"]), table, str(src["images"]))
-    lonely = write_table(tmp_path / "more.csv", classes=CLASSES + ["red_cone"],
-                         rows={"red_cone": [1, 0, 0, 0, 0]})
+    lonely = write_table(tmp_path / "more.csv", classes=CLASSES + ["red_cone"], rows={"red_cone": [1, 0, 0, 0, 0]})
     with pytest.raises(DataError, match=r"more.csv: 1 class\(es\) of the attribute table have no images.*'red_cone'"):
         custom.match_classes(entries, custom.read_attribute_table(lonely, warn=lambda m: None), "imgs")
 
@@ -255,8 +289,11 @@ def test_unseen_errors(src, tmp_path):
     table = custom.read_attribute_table(src["attributes"], warn=lambda m: None)
     bad = tmp_path / "u.txt"
     bad.write_text("blue_dott\n")
-    with pytest.raises(DataError, match=r"u.txt: unseen class\(es\) not in the attribute table.*'blue_dott'.*"
-                                        r"did you mean 'blue_dot'"):
+    with pytest.raises(
+        DataError,
+        match=r"u.txt: unseen class\(es\) not in the attribute table.*'blue_dott'.*"
+        r"did you mean 'blue_dot'",
+    ):
         custom.resolve_unseen(table, custom.read_unseen_list(bad), str(bad))
     with pytest.raises(DataError, match="all 6 classes are unseen"):
         custom.resolve_unseen(table, CLASSES, "all.txt")
@@ -281,13 +318,24 @@ def test_split_column_unseen_class_with_training_images(src, tmp_path):
     rows.append("blue_dot/blue_dot_0.png,blue_dot,trainval")
     listing = tmp_path / "list.csv"
     listing.write_text("\n".join(rows) + "\n")
-    with pytest.raises(DataError, match=r"list.csv:26: class 'blue_dot' has test_unseen images, so it is unseen, "
-                                        r"but this row puts its image .* in trainval"):
-        prepare(src, tmp_path / "out", images=None, csv_file=str(listing), images_root=str(src["images"]),
-                unseen=None, backbone=None)
+    with pytest.raises(
+        DataError,
+        match=r"list.csv:26: class 'blue_dot' has test_unseen images, so it is unseen, "
+        r"but this row puts its image .* in trainval",
+    ):
+        prepare(
+            src,
+            tmp_path / "out",
+            images=None,
+            csv_file=str(listing),
+            images_root=str(src["images"]),
+            unseen=None,
+            backbone=None,
+        )
     listing.write_text("\n".join(rows[:-1]) + "\n")
-    manifest = prepare(src, tmp_path / "out", images=None, csv_file=str(listing), images_root=str(src["images"]),
-                       unseen=None)
+    manifest = prepare(
+        src, tmp_path / "out", images=None, csv_file=str(listing), images_root=str(src["images"]), unseen=None
+    )
     assert manifest["unseen_classes"] == ["blue_dot"] and manifest["sizes"]["test_seen_loc"] == 5
 
 
@@ -352,8 +400,9 @@ def test_spec_yaml_options(tmp_path):
     assert opts["images"] == str(tmp_path / "imgs") and opts["unseen_fraction"] == 0.3 and opts["seed"] == 9
     assert opts["weights"] == "imagenet" and opts["csv_file"] is None
     # a flag replaces the spec's choice of the same group (here: --unseen instead of unseen_fraction)
-    opts = prepare_options(build_parser().parse_args(["prepare", "--spec", str(spec), "--out", "x", "--unseen",
-                                                      "u.txt", "--csv", "l.csv"]))
+    opts = prepare_options(
+        build_parser().parse_args(["prepare", "--spec", str(spec), "--out", "x", "--unseen", "u.txt", "--csv", "l.csv"])
+    )
     assert opts["unseen"] == "u.txt" and opts["unseen_fraction"] is None
     assert opts["csv_file"] == "l.csv" and opts["images"] is None
     spec.write_text("imagez: x\n")
@@ -367,9 +416,15 @@ def test_end_to_end_prepare_train_evaluate_export_serve(src, tmp_path):
 
     data_dir = tmp_path / "data"
     prepare(src, data_dir)
-    summary = run_custom(data_dir, tmp_path / "run", overrides=["train.iterations=4", "train.eval_every=2",
-                                                                "data.batch_size=8", "train.verbose=0"],
-                         export_dir=tmp_path / "export", top_k=2, verify_export=True, log=lambda m: None)
+    summary = run_custom(
+        data_dir,
+        tmp_path / "run",
+        overrides=["train.iterations=4", "train.eval_every=2", "data.batch_size=8", "train.verbose=0"],
+        export_dir=tmp_path / "export",
+        top_k=2,
+        verify_export=True,
+        log=lambda m: None,
+    )
     assert summary["train"]["step"] == 4
     assert summary["export_check_ok"] is True  # checked before it was published
     assert summary["evaluate"]["protocol"] == "final" and 0.0 <= summary["evaluate"]["acc"] <= 1.0

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from msdn_tf.config import DemoConfig, resolve_config
+from msdn_tf.config import resolve_config
 from msdn_tf.data.base import ArrayFeatures, ZSLData, class_attributes_for_model
 from msdn_tf.data.demo import ensure_demo_file, generate_demo_arrays
 from msdn_tf.data.hdf5 import load_feature_map_hdf5, write_feature_map_hdf5
@@ -18,14 +18,20 @@ TINY_DEMO = tiny_demo()
 def test_hdf5_round_trip_channel_first_to_regions(rng, tmp_path):
     fmap = rng.random((5, 4, 2, 3)).astype("float32")  # (N, F, H, W)
     att = rng.random((3, 2)) - 0.3
-    path = write_feature_map_hdf5(tmp_path / "f.hdf5", feature_map=fmap, labels=[0, 0, 1, 2, 2],
-                                  trainval_loc=[0, 2], test_seen_loc=[1], test_unseen_loc=[3, 4],
-                                  att=att, w2v_att=rng.random((2, 6)))
+    path = write_feature_map_hdf5(
+        tmp_path / "f.hdf5",
+        feature_map=fmap,
+        labels=[0, 0, 1, 2, 2],
+        trainval_loc=[0, 2],
+        test_seen_loc=[1],
+        test_unseen_loc=[3, 4],
+        att=att,
+        w2v_att=rng.random((2, 6)),
+    )
     data = load_feature_map_hdf5(path, nonnegative_att=True)
     assert data.features.shape == (5, 6, 4)
     rows = np.array([4, 0, 4])
-    np.testing.assert_array_equal(data.features.read(rows),
-                                  fmap[rows].reshape(3, 4, 6).transpose(0, 2, 1))
+    np.testing.assert_array_equal(data.features.read(rows), fmap[rows].reshape(3, 4, 6).transpose(0, 2, 1))
     np.testing.assert_allclose(data.att, class_attributes_for_model(att, nonnegative=True), rtol=1e-6)
     assert data.att.min() >= 0 and list(data.seen_classes) == [0, 1] and list(data.unseen_classes) == [2]
 
@@ -48,9 +54,19 @@ def test_hdf5_errors_name_file_and_key(rng, tmp_path):
 
 
 def test_validate_catches_inconsistent_splits(rng):
-    base = dict(name="t", features=ArrayFeatures(np.zeros((4, 2, 3))), labels=[0, 1, 2, 2],
-                trainval_loc=[0], test_seen_loc=[0], test_unseen_loc=[2, 3], att=np.eye(3),
-                w2v=np.ones((3, 2)), class_names=list("abc"), attribute_names=list("xyz"), source="t.h5")
+    base = dict(
+        name="t",
+        features=ArrayFeatures(np.zeros((4, 2, 3))),
+        labels=[0, 1, 2, 2],
+        trainval_loc=[0],
+        test_seen_loc=[0],
+        test_unseen_loc=[2, 3],
+        att=np.eye(3),
+        w2v=np.ones((3, 2)),
+        class_names=list("abc"),
+        attribute_names=list("xyz"),
+        source="t.h5",
+    )
     ZSLData(**base)
     with pytest.raises(DataError, match="disjoint"):
         ZSLData(**{**base, "trainval_loc": [0, 2]})

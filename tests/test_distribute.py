@@ -33,8 +33,14 @@ def test_strategy_names_and_config():
 @pytest.mark.slow
 def test_mirrored_training_equals_single_device(tmp_path):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(tmp_path)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), str(tmp_path)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["replicas"] == 2
@@ -112,8 +118,9 @@ def _worker(tmp):  # pragma: no cover - runs in the subprocess
             deltas.append([np.asarray(w) - b for w, b in zip(model.trainable_weights, before)])
             losses.append(hist.history["loss"][-1])
         rel = max(float(np.max(np.abs(a - b)) / (np.max(np.abs(a)) + 1e-30)) for a, b in zip(*deltas))
-        report["sgd"].append({"batch": B, "max_rel_diff": rel,
-                              "loss_rel_diff": abs(losses[0] - losses[1]) / abs(losses[0])})
+        report["sgd"].append(
+            {"batch": B, "max_rel_diff": rel, "loss_rel_diff": abs(losses[0] - losses[1]) / abs(losses[0])}
+        )
 
     x = rng.random((3, 8, R, F)).astype("float32")
     y = rng.choice(seen, size=(3, 8)).astype("int64")
@@ -122,21 +129,32 @@ def _worker(tmp):  # pragma: no cover - runs in the subprocess
         model = make(strategy, lambda: TorchRMSprop(learning_rate=1e-3))
         model.fit(numpy_batches(x, y), epochs=1, verbose=0)
         finals.append(np.concatenate([np.asarray(w).ravel() for w in model.trainable_weights]))
-    report["rmsprop"] = {"finite": bool(np.all(np.isfinite(finals[1]))),
-                         "fraction_close": float(np.mean(np.isclose(finals[0], finals[1], rtol=1e-4, atol=1e-6)))}
+    report["rmsprop"] = {
+        "finite": bool(np.all(np.isfinite(finals[1]))),
+        "fraction_close": float(np.mean(np.isclose(finals[0], finals[1], rtol=1e-4, atol=1e-6))),
+    }
 
     from msdn_tf.config import resolve_config
     from msdn_tf.training.loop import run_training
 
     results = {}
     for name in ("none", "mirrored"):
-        config = resolve_config("demo", overrides=["train.iterations=3", "train.eval_every=3", "train.verbose=0",
-                                                   f"train.strategy={name}", "data.batch_size=16"])
+        config = resolve_config(
+            "demo",
+            overrides=[
+                "train.iterations=3",
+                "train.eval_every=3",
+                "train.verbose=0",
+                f"train.strategy={name}",
+                "data.batch_size=16",
+            ],
+        )
         results[name] = run_training(config, run_dir=Path(tmp) / name, log=lambda *a: None)
     single, multi = results["none"]["final"], results["mirrored"]["final"]
     report["run_training"] = {
         "loss_rel_diff": abs(single["losses"]["loss"] - multi["losses"]["loss"]) / abs(single["losses"]["loss"]),
-        "H_single": single["H"], "H_mirrored": multi["H"],
+        "H_single": single["H"],
+        "H_mirrored": multi["H"],
     }
     print(json.dumps(report))
 

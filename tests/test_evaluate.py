@@ -9,11 +9,11 @@ import pytest
 
 from msdn_tf import evaluate
 from msdn_tf.evaluation.calibration import ausuc, best_gamma_on_grid, choose_gamma, seen_unseen_curve
-from msdn_tf.config import resolve_config
 from msdn_tf.evaluation.metrics import czsl_predictions, per_class_accuracy, zsl_metrics
 from tests.helpers import QUICK_TRAIN, tiny_demo, tiny_demo_config
 
 TINY_DEMO = tiny_demo()
+
 
 def tiny_config(data_dir, *extra):
     return tiny_demo_config(data_dir, *QUICK_TRAIN, *extra)
@@ -61,10 +61,18 @@ def test_every_curve_point_matches_zsl_metrics(rng):
 
 def test_ausuc_of_a_hand_made_case():
     # classes 0, 1 seen; 2, 3 unseen. d = best seen - best unseen per image:
-    ls = np.array([[2.0, 0, 1, 0],    # label 0: seen argmax right, d = 1
-                   [0.0, 1, 0, 3]])   # label 1: seen argmax right, d = -2
-    lu = np.array([[0.0, 0, 1, 0],    # label 2: unseen argmax right, d = -1
-                   [4.0, 0, 0, 1]])   # label 3: unseen argmax right, d = 3
+    ls = np.array(
+        [
+            [2.0, 0, 1, 0],  # label 0: seen argmax right, d = 1
+            [0.0, 1, 0, 3],
+        ]
+    )  # label 1: seen argmax right, d = -2
+    lu = np.array(
+        [
+            [0.0, 0, 1, 0],  # label 2: unseen argmax right, d = -1
+            [4.0, 0, 0, 1],
+        ]
+    )  # label 3: unseen argmax right, d = 3
     curve = seen_unseen_curve(ls, [0, 1], lu, [2, 3], [0, 1], [2, 3])
     # gamma < -2: (S, U) = (1, 0); (-2, -1): (.5, 0); (-1, 1): (.5, .5); (1, 3): (0, .5); > 3: (0, 1)
     assert curve["S"] == [1.0, 0.5, 0.5, 0.0, 0.0]
@@ -126,10 +134,13 @@ def test_evaluate_cli_on_a_converted_like_run_dir(tiny_run, capsys):
     assert "## protocol: as-is" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("make,message", [
-    (lambda root: root / "missing", "run directory not found"),
-    (lambda root: root, "no config.yaml"),
-])
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda root: root / "missing", "run directory not found"),
+        (lambda root: root, "no config.yaml"),
+    ],
+)
 def test_evaluate_cli_errors(tmp_path, capsys, make, message):
     assert evaluate.main(["--run", str(make(tmp_path))]) == 2
     err = capsys.readouterr().err

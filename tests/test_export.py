@@ -21,13 +21,16 @@ import tensorflow as tf  # noqa: E402
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc  # noqa: E402
 
 from msdn_tf import client, export  # noqa: E402
-from msdn_tf.serving import classify  # noqa: E402
-from msdn_tf.serving import export as serving_export  # noqa: E402
-from msdn_tf.serving import verify  # noqa: E402
 from msdn_tf.errors import MSDNError  # noqa: E402
 from msdn_tf.evaluation.metrics import czsl_predictions, gzsl_predictions  # noqa: E402
 from msdn_tf.model import build_msdn  # noqa: E402
-from msdn_tf.serving import bench, cc_loader  # noqa: E402
+from msdn_tf.serving import (  # noqa: E402
+    bench,
+    cc_loader,
+    classify,  # noqa: E402
+    verify,  # noqa: E402
+)
+from msdn_tf.serving import export as serving_export  # noqa: E402
 from msdn_tf.serving.local_server import start_local_server  # noqa: E402
 
 C, K, F, D = 12, 8, 32, 16
@@ -44,8 +47,15 @@ def _tiny_model(seed=0):
     att = np.abs(rng.standard_normal((C, K))).astype(np.float32)
     att /= np.linalg.norm(att, axis=1, keepdims=True)
     # A small non-zero margin: the scores keep it, and both seen and unseen classes still win somewhere.
-    model = build_msdn(att, rng.standard_normal((K, D)).astype(np.float32), SEEN, UNSEEN, feature_dim=F,
-                       fusion_weights=(0.7, 0.3), bias=0.1)
+    model = build_msdn(
+        att,
+        rng.standard_normal((K, D)).astype(np.float32),
+        SEEN,
+        UNSEEN,
+        feature_dim=F,
+        fusion_weights=(0.7, 0.3),
+        bias=0.1,
+    )
     for w in model.trainable_weights:  # W_2, W_1_1, W_2_1 start at zero: make both sub-nets matter
         w.assign(keras.ops.convert_to_tensor(0.5 * rng.standard_normal(tuple(w.shape)), w.dtype))
     return model
@@ -87,15 +97,35 @@ def setup(tmp_path_factory):
             break
     gamma, flipped = _crafted_gamma(_scores(model, regions))
     base = tmp_path_factory.mktemp("export") / "msdn_tiny"
-    path = serving_export.export_saved_model(model, base, version=1, class_names=NAMES, seen_classes=SEEN,
-                                     unseen_classes=UNSEEN, gamma=gamma, top_k=TOP_K,
-                                     config={"data": {"dataset": "tiny"}}, backbone=backbone,
-                                     image_size=IMAGE_SIZE, backbone_id="tiny conv")
+    path = serving_export.export_saved_model(
+        model,
+        base,
+        version=1,
+        class_names=NAMES,
+        seen_classes=SEEN,
+        unseen_classes=UNSEEN,
+        gamma=gamma,
+        top_k=TOP_K,
+        config={"data": {"dataset": "tiny"}},
+        backbone=backbone,
+        image_size=IMAGE_SIZE,
+        backbone_id="tiny conv",
+    )
     images = verify.synthetic_images(3)
     pre = serving_export.preprocess_image_batch(tf.constant(images), IMAGE_SIZE)
     image_scores = _scores(model, backbone(pre, training=False))
-    return {"model": model, "backbone": backbone, "base": base, "dir": path, "maps": maps, "regions": regions,
-            "gamma": gamma, "flipped": flipped, "images": images, "image_scores": image_scores}
+    return {
+        "model": model,
+        "backbone": backbone,
+        "base": base,
+        "dir": path,
+        "maps": maps,
+        "regions": regions,
+        "gamma": gamma,
+        "flipped": flipped,
+        "images": images,
+        "image_scores": image_scores,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +138,14 @@ def cc_binary():
 
 @pytest.fixture(scope="module")
 def report(setup, cc_binary):
-    return verify.verify_export(setup["dir"], setup["model"], setup["maps"], sample_images=setup["images"],
-                                backbone=setup["backbone"], binary=cc_binary)
+    return verify.verify_export(
+        setup["dir"],
+        setup["model"],
+        setup["maps"],
+        sample_images=setup["images"],
+        backbone=setup["backbone"],
+        binary=cc_binary,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -215,15 +251,23 @@ def test_refuses_to_overwrite_and_checks_arguments(setup):
     with pytest.raises(MSDNError, match="already exists"):
         serving_export.export_saved_model(setup["model"], setup["base"], version=1, **kwargs)
     with pytest.raises(MSDNError, match="11 class names"):
-        serving_export.export_saved_model(setup["model"], setup["base"], version=9, class_names=NAMES[:-1],
-                                  seen_classes=SEEN, unseen_classes=UNSEEN)
+        serving_export.export_saved_model(
+            setup["model"], setup["base"], version=9, class_names=NAMES[:-1], seen_classes=SEEN, unseen_classes=UNSEEN
+        )
     with pytest.raises(MSDNError, match="differ from the model"):
-        serving_export.export_saved_model(setup["model"], setup["base"], version=9, class_names=NAMES,
-                                  seen_classes=SEEN[1:], unseen_classes=UNSEEN + SEEN[:1])
+        serving_export.export_saved_model(
+            setup["model"],
+            setup["base"],
+            version=9,
+            class_names=NAMES,
+            seen_classes=SEEN[1:],
+            unseen_classes=UNSEEN + SEEN[:1],
+        )
     wrong_width = keras.Sequential([keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3)), keras.layers.Conv2D(5, 8, 8)])
     with pytest.raises(MSDNError, match="backbone must map"):
-        serving_export.export_saved_model(setup["model"], setup["base"], version=9, backbone=wrong_width,
-                                  image_size=IMAGE_SIZE, **kwargs)
+        serving_export.export_saved_model(
+            setup["model"], setup["base"], version=9, backbone=wrong_width, image_size=IMAGE_SIZE, **kwargs
+        )
     assert not (setup["base"] / "9").exists()
 
 
@@ -232,8 +276,9 @@ def test_export_cli_from_run_dir(setup, tmp_path, capsys):
     """The CLI on a run directory: gamma 0 export + default C++ check; refuse / allow overwrite."""
     run = _run_dir(setup["model"], tmp_path / "run")
     out = tmp_path / "models" / "msdn_tiny"
-    rc = export.main(["--run", str(run), "--out", str(out), "--top-k", "4", "--verify-samples", "2",
-                      "--image-size", "128"])
+    rc = export.main(
+        ["--run", str(run), "--out", str(out), "--top-k", "4", "--verify-samples", "2", "--image-size", "128"]
+    )
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert "result: OK" in captured.out and "serving_maps" in captured.out
@@ -278,8 +323,9 @@ def test_client_library_grpc_and_rest_agree(setup, server):
     b = setup["flipped"]
     assert by_grpc["results"][b]["gzsl"]["unseen"] is True
     assert all(r["czsl"]["class"] in UNSEEN for r in by_grpc["results"])
-    more = classify.classify(model=MODEL_NAME, server=server.grpc_address, features=setup["regions"], metadata=meta,
-                           top_k=6)
+    more = classify.classify(
+        model=MODEL_NAME, server=server.grpc_address, features=setup["regions"], metadata=meta, top_k=6
+    )
     assert _names(more) == _expected_names(_scores(setup["model"], setup["regions"]), k=6, gamma=setup["gamma"])
 
 
@@ -297,8 +343,9 @@ def test_client_cli(setup, server, tmp_path, capsys):
     want = _expected_names(_scores(setup["model"], setup["regions"][:2]), gamma=setup["gamma"])
     answers = []
     for transport in (["--server", server.grpc_address], ["--rest", server.rest_url]):
-        rc = client.main(transport + ["--model", MODEL_NAME, "--features", str(tmp_path / "x.npy"),
-                                      "--metadata", meta, "--json"])
+        rc = client.main(
+            transport + ["--model", MODEL_NAME, "--features", str(tmp_path / "x.npy"), "--metadata", meta, "--json"]
+        )
         captured = capsys.readouterr()
         assert rc == 0, captured.err
         answers.append(json.loads(captured.out))
@@ -308,21 +355,50 @@ def test_client_cli(setup, server, tmp_path, capsys):
         paths.append(str(tmp_path / f"img{i}.{'png' if i % 2 == 0 else 'jpg'}"))
         with open(paths[-1], "wb") as fh:
             fh.write(data)
-    assert client.main(["--server", server.grpc_address, "--model", MODEL_NAME, "--images", *paths,
-                        "--top-k", "2"]) == 0
+    assert (
+        client.main(["--server", server.grpc_address, "--model", MODEL_NAME, "--images", *paths, "--top-k", "2"]) == 0
+    )
     text = capsys.readouterr().out
     first = _expected_names(setup["image_scores"], gamma=setup["gamma"])[0]
     assert f"{paths[0]}: GZSL" in text and f"1. {first[0]}" in text
     # errors: unknown model, wrong feature width, missing file
-    assert client.main(["--server", server.grpc_address, "--model", "other", "--features", str(tmp_path / "x.npy"),
-                        "--metadata", meta]) == 2
+    assert (
+        client.main(
+            [
+                "--server",
+                server.grpc_address,
+                "--model",
+                "other",
+                "--features",
+                str(tmp_path / "x.npy"),
+                "--metadata",
+                meta,
+            ]
+        )
+        == 2
+    )
     assert "NOT_FOUND" in capsys.readouterr().err
     np.save(tmp_path / "bad.npy", np.zeros((1, 16, F + 1), np.float32))
-    assert client.main(["--server", server.grpc_address, "--model", MODEL_NAME, "--features",
-                        str(tmp_path / "bad.npy"), "--metadata", meta]) == 2
+    assert (
+        client.main(
+            [
+                "--server",
+                server.grpc_address,
+                "--model",
+                MODEL_NAME,
+                "--features",
+                str(tmp_path / "bad.npy"),
+                "--metadata",
+                meta,
+            ]
+        )
+        == 2
+    )
     assert f"expects {F}" in capsys.readouterr().err
-    assert client.main(["--server", server.grpc_address, "--model", MODEL_NAME, "--images",
-                        str(tmp_path / "missing.jpg")]) == 2
+    assert (
+        client.main(["--server", server.grpc_address, "--model", MODEL_NAME, "--images", str(tmp_path / "missing.jpg")])
+        == 2
+    )
 
 
 def test_client_reads_hdf5_rows(tmp_path):
@@ -346,22 +422,26 @@ def _raw(inputs, signature="serving_default"):
     return request
 
 
-@pytest.mark.parametrize("case, code, message", [
-    ("wrong_shape", grpc.StatusCode.INVALID_ARGUMENT, "expects shape"),
-    ("wrong_rank", grpc.StatusCode.INVALID_ARGUMENT, "expects shape"),
-    ("wrong_dtype", grpc.StatusCode.INVALID_ARGUMENT, "expects DT_FLOAT"),
-    ("malformed_image", grpc.StatusCode.INVALID_ARGUMENT, "Unknown image file format"),
-    # TF Serving answers FAILED_PRECONDITION 'Serving signature key "..." not found.' (kept by the test double)
-    ("unknown_signature", grpc.StatusCode.FAILED_PRECONDITION, 'Serving signature key "serving_nope" not found'),
-])
+@pytest.mark.parametrize(
+    "case, code, message",
+    [
+        ("wrong_shape", grpc.StatusCode.INVALID_ARGUMENT, "expects shape"),
+        ("wrong_rank", grpc.StatusCode.INVALID_ARGUMENT, "expects shape"),
+        ("wrong_dtype", grpc.StatusCode.INVALID_ARGUMENT, "expects DT_FLOAT"),
+        ("malformed_image", grpc.StatusCode.INVALID_ARGUMENT, "Unknown image file format"),
+        # TF Serving answers FAILED_PRECONDITION 'Serving signature key "..." not found.' (kept by the test double)
+        ("unknown_signature", grpc.StatusCode.FAILED_PRECONDITION, 'Serving signature key "serving_nope" not found'),
+    ],
+)
 def test_bad_requests_keep_the_server_answering(setup, server, case, code, message):
     x = setup["regions"]
     requests = {
         "wrong_shape": lambda: _raw({"features": np.zeros((2, 16, F + 3), np.float32)}),
         "wrong_rank": lambda: _raw({"features": np.zeros((16, F), np.float32)}),
         "wrong_dtype": lambda: _raw({"features": x.astype(np.float64)}),
-        "malformed_image": lambda: _raw({"images": np.array([setup["images"][0], b"\xff\xd8garbage"], dtype=object)},
-                                        signature="serving_images"),
+        "malformed_image": lambda: _raw(
+            {"images": np.array([setup["images"][0], b"\xff\xd8garbage"], dtype=object)}, signature="serving_images"
+        ),
         "unknown_signature": lambda: _raw({"features": x}, signature="serving_nope"),
     }
     channel = grpc.insecure_channel(server.grpc_address)
@@ -372,8 +452,10 @@ def test_bad_requests_keep_the_server_answering(setup, server, case, code, messa
         assert info.value.code() == code, info.value.details()
         assert message in info.value.details()
         response = stub.Predict(_raw({"features": x}), timeout=30)
-        np.testing.assert_array_equal(tf.make_ndarray(response.outputs["gzsl_class"]),
-                                      gzsl_predictions(_scores(setup["model"], x), SEEN, setup["gamma"]))
+        np.testing.assert_array_equal(
+            tf.make_ndarray(response.outputs["gzsl_class"]),
+            gzsl_predictions(_scores(setup["model"], x), SEEN, setup["gamma"]),
+        )
     finally:
         channel.close()
 
@@ -382,8 +464,24 @@ def test_bad_requests_keep_the_server_answering(setup, server, case, code, messa
 
 
 def test_bench_reports_numbers(setup, capsys):
-    assert bench.main(["--export", str(setup["base"]), "--batches", "1", "3", "--iterations", "2",
-                       "--warmup", "1", "--regions", "16"]) == 0
+    assert (
+        bench.main(
+            [
+                "--export",
+                str(setup["base"]),
+                "--batches",
+                "1",
+                "3",
+                "--iterations",
+                "2",
+                "--warmup",
+                "1",
+                "--regions",
+                "16",
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     assert [r["batch"] for r in report["results"]] == [1, 3]
     assert report["feature_dim"] == F and report["export_dir"].endswith("1")
@@ -395,16 +493,19 @@ def test_bench_reports_numbers(setup, capsys):
 def test_rest_bad_requests_keep_the_server_answering(setup, server):
     from msdn_tf.serving import client_lib
 
-    bad = [({"features": np.zeros((1, 16, F + 1), np.float32)}, "serving_default", "expects shape"),
-           ({"features": setup["regions"]}, "serving_nope", "not found"),
-           ({"images": [b"\x89PNG not really"]}, "serving_images", "Unknown image file format")]
+    bad = [
+        ({"features": np.zeros((1, 16, F + 1), np.float32)}, "serving_default", "expects shape"),
+        ({"features": setup["regions"]}, "serving_nope", "not found"),
+        ({"images": [b"\x89PNG not really"]}, "serving_images", "Unknown image file format"),
+    ]
     for inputs, signature, message in bad:
         with pytest.raises(client_lib.PredictError) as info:
             client_lib.predict_rest(server.rest_url, MODEL_NAME, inputs, signature_name=signature)
         assert info.value.http_status == 400 and message in info.value.message
     out = client_lib.predict_rest(server.rest_url, MODEL_NAME, {"features": setup["regions"]})
-    np.testing.assert_array_equal(out["gzsl_class"], gzsl_predictions(_scores(setup["model"], setup["regions"]),
-                                                                      SEEN, setup["gamma"]))
+    np.testing.assert_array_equal(
+        out["gzsl_class"], gzsl_predictions(_scores(setup["model"], setup["regions"]), SEEN, setup["gamma"])
+    )
 
 
 # ------------------------------------------------------------------------------ failures (issue 14)
@@ -460,17 +561,33 @@ def test_failed_check_publishes_nothing_and_keeps_the_previous_version(setup, tm
     real_verify = export.verify_export
     monkeypatch.setattr(export, "verify_export", lambda d, model, *a, **k: real_verify(d, other, *a, **k))
     capsys.readouterr()
-    rc = export.main(["--run", str(run), "--out", str(out), "--overwrite", "--gamma", "3", "--verify-samples", "2",
-                      "--image-size", "128"])
+    rc = export.main(
+        [
+            "--run",
+            str(run),
+            "--out",
+            str(out),
+            "--overwrite",
+            "--gamma",
+            "3",
+            "--verify-samples",
+            "2",
+            "--image-size",
+            "128",
+        ]
+    )
     captured = capsys.readouterr()
     assert rc == 1, captured.err
     assert f"{out / '1'} was not published: the export failed its check" in captured.err
     assert "NOT published" in captured.out and "result: FAILED" in captured.out
     assert f"removed {stale}" in captured.err
     assert sorted(p.name for p in out.iterdir()) == ["1", serving_export.METADATA_FILE]  # no .tmp-*, no .old-*
-    assert serving_export.read_metadata(out / "1")["gamma"] == 0.25 and serving_export.read_metadata(out)["gamma"] == 0.25
-    rc = export.main(["--run", str(run), "--out", str(out), "--version", "2", "--verify-samples", "2",
-                      "--image-size", "128"])
+    assert (
+        serving_export.read_metadata(out / "1")["gamma"] == 0.25 and serving_export.read_metadata(out)["gamma"] == 0.25
+    )
+    rc = export.main(
+        ["--run", str(run), "--out", str(out), "--version", "2", "--verify-samples", "2", "--image-size", "128"]
+    )
     assert rc == 1 and not (out / "2").exists()
 
 
@@ -504,8 +621,11 @@ def test_disk_full_or_read_only_is_one_line_and_exit_2(setup, tmp_path, capsys, 
     assert rc == 2, err
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: cannot write the export to ") and "Traceback" not in err
-    assert {"enospc": "the disk is full", "tf_resource_exhausted": "the disk is full",
-            "read_only": "the file system is read-only"}[failure] in err
+    assert {
+        "enospc": "the disk is full",
+        "tf_resource_exhausted": "the disk is full",
+        "read_only": "the file system is read-only",
+    }[failure] in err
     assert str(out) in err and ("free disk space" in err if failure != "read_only" else "pass a writable --out" in err)
     assert "are unchanged; no partial export is left" in err
     assert sorted(p.name for p in out.iterdir()) == ["1", serving_export.METADATA_FILE]
@@ -516,13 +636,17 @@ def test_signatures_refuse_what_they_cannot_answer_in_cpp(setup, cc_binary, repo
     """The guards are inside the SavedModel: TF's C++ loader (TF Serving's) refuses NaN, inf, empty inputs."""
     x = setup["regions"][:2].copy()
     x[1, 3, 5] = np.nan
-    cases = [("serving_default", {"features": x}, "NaN or inf in input features"),
-             ("serving_maps", {"feature_maps": np.full((1, 2, 2, F), np.inf, np.float32)},
-              "NaN or inf in input feature_maps"),
-             ("serving_default", {"features": np.zeros((0, 16, F), np.float32)}, "empty batch in input features"),
-             ("serving_default", {"features": np.zeros((2, 0, F), np.float32)}, "zero regions in input features"),
-             ("serving_maps", {"feature_maps": np.zeros((2, 0, 4, F), np.float32)},
-              "zero regions in input feature_maps")]
+    cases = [
+        ("serving_default", {"features": x}, "NaN or inf in input features"),
+        (
+            "serving_maps",
+            {"feature_maps": np.full((1, 2, 2, F), np.inf, np.float32)},
+            "NaN or inf in input feature_maps",
+        ),
+        ("serving_default", {"features": np.zeros((0, 16, F), np.float32)}, "empty batch in input features"),
+        ("serving_default", {"features": np.zeros((2, 0, F), np.float32)}, "zero regions in input features"),
+        ("serving_maps", {"feature_maps": np.zeros((2, 0, 4, F), np.float32)}, "zero regions in input feature_maps"),
+    ]
     for sig, inputs, message in cases:
         with pytest.raises(cc_loader.CcLoaderError, match="InvalidArgument|INVALID_ARGUMENT|Session::Run") as info:
             cc_loader.run_signature(setup["dir"], sig, inputs, binary=cc_binary)
@@ -531,12 +655,15 @@ def test_signatures_refuse_what_they_cannot_answer_in_cpp(setup, cc_binary, repo
     assert row and row[0]["ok"], row
 
 
-@pytest.mark.parametrize("case, message", [
-    ("nan", "NaN or inf in input features"),
-    ("inf_maps", "NaN or inf in input feature_maps"),
-    ("empty_batch", "empty batch in input features"),
-    ("zero_regions", "zero regions in input features"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("nan", "NaN or inf in input features"),
+        ("inf_maps", "NaN or inf in input feature_maps"),
+        ("empty_batch", "empty batch in input features"),
+        ("zero_regions", "zero regions in input features"),
+    ],
+)
 def test_grpc_refuses_what_the_model_cannot_answer(setup, server, case, message):
     """INVALID_ARGUMENT raised by the exported signature itself (the test double does not check values)."""
     from msdn_tf.serving import client_lib
@@ -582,13 +709,17 @@ def test_client_one_line_errors(setup, server, tmp_path, capsys):
     meta = str(setup["base"] / serving_export.METADATA_FILE)
     cases = [
         (["--rest", f"http://{server.grpc_address}", "--features", x], "is it the gRPC port?"),
-        (["--server", server.rest_url[len("http://"):], "--features", x], "is it the REST port?"),
+        (["--server", server.rest_url[len("http://") :], "--features", x], "is it the REST port?"),
         (["--server", "127.0.0.1:1", "--features", x], "no TF Serving answer from 127.0.0.1:1"),
         (["--rest", "http://127.0.0.1:1", "--features", x], "no TF Serving answer from http://127.0.0.1:1"),
-        (["--server", server.grpc_address, "--features", str(tmp_path / "text.npy"), "--metadata", meta],
-         "not a .npy file"),
-        (["--server", server.grpc_address, "--features", str(tmp_path / "objects.npy"), "--metadata", meta],
-         "holds Python objects"),
+        (
+            ["--server", server.grpc_address, "--features", str(tmp_path / "text.npy"), "--metadata", meta],
+            "not a .npy file",
+        ),
+        (
+            ["--server", server.grpc_address, "--features", str(tmp_path / "objects.npy"), "--metadata", meta],
+            "holds Python objects",
+        ),
     ]
     for args, message in cases:
         rc, err = _client_cli(args + ["--model", MODEL_NAME, "--timeout", "10"], capsys)

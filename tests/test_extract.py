@@ -50,9 +50,14 @@ def images(tmp_path_factory):
 def tiny_model():
     """(B, 32, 32, 3) -> (B, 4, 4, 8), fixed weights."""
     inp = keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3))
-    x = keras.layers.Conv2D(8, 3, strides=8, padding="same",
-                            kernel_initializer=keras.initializers.RandomNormal(seed=1),
-                            bias_initializer="ones")(inp)
+    x = keras.layers.Conv2D(
+        8,
+        3,
+        strides=8,
+        padding="same",
+        kernel_initializer=keras.initializers.RandomNormal(seed=1),
+        bias_initializer="ones",
+    )(inp)
     return keras.Model(inp, keras.layers.ReLU()(x))
 
 
@@ -79,9 +84,17 @@ def _metadata_files(folder):
     for i in range(3):
         names[i, 0] = np.array([f"class{i}"])
     col = lambda v: np.asarray(v, dtype=np.uint16).reshape(-1, 1)  # noqa: E731
-    scipy.io.savemat(str(folder / "att_splits.mat"), {
-        "att": att / np.linalg.norm(att, axis=0), "original_att": att, "allclasses_names": names,
-        "trainval_loc": col([1, 2, 4]), "test_seen_loc": col([3]), "test_unseen_loc": col([5, 6])})
+    scipy.io.savemat(
+        str(folder / "att_splits.mat"),
+        {
+            "att": att / np.linalg.norm(att, axis=0),
+            "original_att": att,
+            "allclasses_names": names,
+            "trainval_loc": col([1, 2, 4]),
+            "test_seen_loc": col([3]),
+            "test_unseen_loc": col([5, 6]),
+        },
+    )
     with open(folder / "TOY_attribute.pkl", "wb") as fh:
         pickle.dump(np.random.default_rng(1).standard_normal((4, 300)), fh)
     np.savez(folder / "image_list.npz", labels=LABELS, image_files=np.array([]))  # replaced by caller
@@ -91,11 +104,23 @@ def _metadata_files(folder):
 def test_extract_writes_loadable_file(tmp_path, images, model):
     root, names = images
     meta_dir = _metadata_files(tmp_path / "meta")
-    meta = extraction.build_metadata(LABELS, len(names), att_splits=str(meta_dir / "att_splits.mat"),
-                                  attributes_pkl=str(meta_dir / "TOY_attribute.pkl"))
+    meta = extraction.build_metadata(
+        LABELS,
+        len(names),
+        att_splits=str(meta_dir / "att_splits.mat"),
+        attributes_pkl=str(meta_dir / "TOY_attribute.pkl"),
+    )
     out = tmp_path / "features.hdf5"
-    extraction.extract_features(names, out, backbone=model, images_root=str(root), batch_size=4,
-                             image_size=IMAGE_SIZE, metadata=meta, progress=False)
+    extraction.extract_features(
+        names,
+        out,
+        backbone=model,
+        images_root=str(root),
+        batch_size=4,
+        image_size=IMAGE_SIZE,
+        metadata=meta,
+        progress=False,
+    )
     assert out.exists() and not Path(str(out) + ".partial").exists()
     data = load_feature_map_hdf5(str(out), name="toy")
     assert data.features.shape == (6, 16, 8) and data.features.map_shape == (4, 4)
@@ -127,8 +152,9 @@ def test_resize_and_centre_crop(tmp_path):
 def test_interrupted_run_resumes_identically(tmp_path, images, model):
     root, names = images
     full = tmp_path / "full.hdf5"
-    extraction.extract_features(names, full, backbone=model, images_root=str(root), batch_size=2,
-                             image_size=IMAGE_SIZE, progress=False)
+    extraction.extract_features(
+        names, full, backbone=model, images_root=str(root), batch_size=2, image_size=IMAGE_SIZE, progress=False
+    )
 
     class Stop(Exception):
         pass
@@ -141,15 +167,24 @@ def test_interrupted_run_resumes_identically(tmp_path, images, model):
     partial = Path(str(out) + ".partial")
     first = Counting(model)
     with pytest.raises(Stop):
-        extraction.extract_features(names, out, backbone=first, images_root=str(root), batch_size=2,
-                                 image_size=IMAGE_SIZE, progress=False, after_batch=stop_after_first)
+        extraction.extract_features(
+            names,
+            out,
+            backbone=first,
+            images_root=str(root),
+            batch_size=2,
+            image_size=IMAGE_SIZE,
+            progress=False,
+            after_batch=stop_after_first,
+        )
     assert not out.exists() and partial.exists()
     assert first.images == 2
     with h5py.File(partial, "r") as f:
         assert int(f.attrs["done_count"]) == 2
     second = Counting(model)
-    extraction.extract_features(names, out, backbone=second, images_root=str(root), batch_size=2,
-                             image_size=IMAGE_SIZE, progress=False)
+    extraction.extract_features(
+        names, out, backbone=second, images_root=str(root), batch_size=2, image_size=IMAGE_SIZE, progress=False
+    )
     assert (second.calls, second.images) == (2, 4)  # done rows are not recomputed
     assert out.exists() and not partial.exists()
     with h5py.File(full, "r") as a, h5py.File(out, "r") as b:
@@ -157,13 +192,36 @@ def test_interrupted_run_resumes_identically(tmp_path, images, model):
     assert fa.tobytes() == fb.tobytes()
     # a partial from another job is refused, --restart discards it
     with pytest.raises(Stop):
-        extraction.extract_features(names, tmp_path / "x.hdf5", backbone=model, images_root=str(root), batch_size=2,
-                                 image_size=IMAGE_SIZE, progress=False, after_batch=stop_after_first)
+        extraction.extract_features(
+            names,
+            tmp_path / "x.hdf5",
+            backbone=model,
+            images_root=str(root),
+            batch_size=2,
+            image_size=IMAGE_SIZE,
+            progress=False,
+            after_batch=stop_after_first,
+        )
     with pytest.raises(DataError, match="different job"):
-        extraction.extract_features(names[:5], tmp_path / "x.hdf5", backbone=model, images_root=str(root),
-                                 batch_size=2, image_size=IMAGE_SIZE, progress=False)
-    extraction.extract_features(names[:5], tmp_path / "x.hdf5", backbone=model, images_root=str(root), batch_size=2,
-                             image_size=IMAGE_SIZE, progress=False, restart=True)
+        extraction.extract_features(
+            names[:5],
+            tmp_path / "x.hdf5",
+            backbone=model,
+            images_root=str(root),
+            batch_size=2,
+            image_size=IMAGE_SIZE,
+            progress=False,
+        )
+    extraction.extract_features(
+        names[:5],
+        tmp_path / "x.hdf5",
+        backbone=model,
+        images_root=str(root),
+        batch_size=2,
+        image_size=IMAGE_SIZE,
+        progress=False,
+        restart=True,
+    )
 
 
 def test_unreadable_and_missing_images(tmp_path, images, model):
@@ -172,12 +230,19 @@ def test_unreadable_and_missing_images(tmp_path, images, model):
     bad.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg" * 4)
     paths = [str(root / n) for n in names[:3]] + [str(bad)] + [str(root / names[4])]
     with pytest.raises(DataError, match="broken.jpg: cannot read or decode"):
-        extraction.extract_features(paths, tmp_path / "o.hdf5", backbone=model, batch_size=2,
-                                 image_size=IMAGE_SIZE, progress=False)
+        extraction.extract_features(
+            paths, tmp_path / "o.hdf5", backbone=model, batch_size=2, image_size=IMAGE_SIZE, progress=False
+        )
     assert not (tmp_path / "o.hdf5").exists()
     with pytest.raises(DataError, match="1 image.*not found.*nothere.png"):
-        extraction.extract_features(names + ["nothere.png"], tmp_path / "m.hdf5", backbone=model,
-                                 images_root=str(root), image_size=IMAGE_SIZE, progress=False)
+        extraction.extract_features(
+            names + ["nothere.png"],
+            tmp_path / "m.hdf5",
+            backbone=model,
+            images_root=str(root),
+            image_size=IMAGE_SIZE,
+            progress=False,
+        )
 
 
 def test_image_lists_and_path_resolution(tmp_path, images):
@@ -202,17 +267,48 @@ def test_cli_resnet101_and_weights_errors(tmp_path, images, capsys):
     meta = _metadata_files(tmp_path / "meta")
     np.savez(meta / "image_list.npz", labels=LABELS, image_files=np.array(names))
     out = tmp_path / "cli.hdf5"
-    rc = extract.main(["--images-root", str(root), "--image-list", str(meta / "image_list.npz"), "--out", str(out),
-                       "--backbone", "keras_resnet101", "--weights", "none", "--image-size", "64", "--batch-size", "3",
-                       "--compression", "none",
-                       "--att-splits", str(meta / "att_splits.mat"), "--attributes-pkl",
-                       str(meta / "TOY_attribute.pkl"), "--no-progress"])
+    rc = extract.main(
+        [
+            "--images-root",
+            str(root),
+            "--image-list",
+            str(meta / "image_list.npz"),
+            "--out",
+            str(out),
+            "--backbone",
+            "keras_resnet101",
+            "--weights",
+            "none",
+            "--image-size",
+            "64",
+            "--batch-size",
+            "3",
+            "--compression",
+            "none",
+            "--att-splits",
+            str(meta / "att_splits.mat"),
+            "--attributes-pkl",
+            str(meta / "TOY_attribute.pkl"),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     data = load_feature_map_hdf5(str(out))
     assert data.features.shape == (6, 4, 2048) and data.w2v.shape == (4, 300)
-    rc = extract.main(["--images-root", str(root), "--image-list", str(meta / "image_list.npz"),
-                       "--out", str(tmp_path / "w.hdf5"), "--backbone", "keras_resnet101",
-                       "--weights", str(tmp_path / "absent.weights.h5")])
+    rc = extract.main(
+        [
+            "--images-root",
+            str(root),
+            "--image-list",
+            str(meta / "image_list.npz"),
+            "--out",
+            str(tmp_path / "w.hdf5"),
+            "--backbone",
+            "keras_resnet101",
+            "--weights",
+            str(tmp_path / "absent.weights.h5"),
+        ]
+    )
     assert rc == 2
     assert "absent.weights.h5: weights file not found" in capsys.readouterr().err
     with pytest.raises(DataError, match="absent.h5: weights file not found"):
@@ -247,11 +343,13 @@ def test_killed_process_leaves_no_output(tmp_path, images, model):
     with h5py.File(partial, "r") as f:
         assert int(f.attrs["done_count"]) == 4
     resumed = Counting(model)
-    extraction.extract_features(names, out, backbone=resumed, images_root=str(root), batch_size=2,
-                             image_size=IMAGE_SIZE, progress=False)
+    extraction.extract_features(
+        names, out, backbone=resumed, images_root=str(root), batch_size=2, image_size=IMAGE_SIZE, progress=False
+    )
     assert resumed.images == 2
     full = tmp_path / "full.hdf5"
-    extraction.extract_features(names, full, backbone=model, images_root=str(root), batch_size=2,
-                             image_size=IMAGE_SIZE, progress=False)
+    extraction.extract_features(
+        names, full, backbone=model, images_root=str(root), batch_size=2, image_size=IMAGE_SIZE, progress=False
+    )
     with h5py.File(full, "r") as a, h5py.File(out, "r") as b:
         assert a["feature_map"][()].tobytes() == b["feature_map"][()].tobytes()

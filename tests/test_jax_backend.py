@@ -37,8 +37,12 @@ if importlib.util.find_spec("jax") is None:  # found, not imported: this process
 # Model tests that are TensorFlow-specific by construction (tf.GradientTape); their JAX
 # counterpart is in jax_no_tensorflow_checks.py.
 TF_ONLY = ["tests/test_model.py::test_identical_logits_give_zero_distillation_without_nan"]
-NEUTRAL_TESTS = ["tests/test_model.py", "tests/test_optimizers.py", "tests/test_trajectory.py",
-                 "tests/jax_no_tensorflow_checks.py"]
+NEUTRAL_TESTS = [
+    "tests/test_model.py",
+    "tests/test_optimizers.py",
+    "tests/test_trajectory.py",
+    "tests/jax_no_tensorflow_checks.py",
+]
 TRAINING_TESTS = ["tests/jax_training_checks.py"]
 TIMEOUT_S = 900
 
@@ -65,7 +69,8 @@ def jax_runs(tmp_path_factory):
     shim = tmp_path_factory.mktemp("no_tensorflow")
     (shim / "tensorflow").mkdir()
     (shim / "tensorflow" / "__init__.py").write_text(
-        'raise ImportError("tensorflow is made unimportable by tests/test_jax_backend.py")\n')
+        'raise ImportError("tensorflow is made unimportable by tests/test_jax_backend.py")\n'
+    )
     pythonpath = os.pathsep.join([str(shim), str(REPO)])
     logs = {name: checks / f"{name}.log" for name in ("neutral", "training")}
     procs = {
@@ -120,13 +125,15 @@ def test_unknown_or_missing_backend_is_a_clear_error(monkeypatch):
 
     monkeypatch.delitem(sys.modules, "keras")  # as before Keras is imported (restored afterwards)
     monkeypatch.setenv("KERAS_BACKEND", "nope")
-    with pytest.raises(backend.BackendError, match="KERAS_BACKEND=nope: msdn-tf runs on the Keras backends "
-                                                   "tensorflow and jax"):
+    with pytest.raises(
+        backend.BackendError, match="KERAS_BACKEND=nope: msdn-tf runs on the Keras backends tensorflow and jax"
+    ):
         backend.check_backend()
     monkeypatch.setenv("KERAS_BACKEND", "jax")
     real_find_spec = backend.importlib.util.find_spec
-    monkeypatch.setattr(backend.importlib.util, "find_spec",
-                        lambda name, *a: None if name == "jax" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        backend.importlib.util, "find_spec", lambda name, *a: None if name == "jax" else real_find_spec(name, *a)
+    )
     with pytest.raises(backend.BackendError, match=r"KERAS_BACKEND=jax .* 'jax' is not installed.*pip install"):
         backend.check_backend()
     monkeypatch.setenv("KERAS_BACKEND", "")  # empty: Keras falls back to keras.json / its default
@@ -136,8 +143,14 @@ def test_unknown_or_missing_backend_is_a_clear_error(monkeypatch):
 
 def test_command_with_an_unknown_backend_exits_with_a_message():
     env = dict(os.environ, KERAS_BACKEND="torch")
-    proc = subprocess.run([sys.executable, "-m", "msdn_tf.train", "--dataset", "demo"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "msdn_tf.train", "--dataset", "demo"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: KERAS_BACKEND=torch: msdn-tf runs on the Keras backends")
     assert "Traceback" not in proc.stderr

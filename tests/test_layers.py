@@ -17,30 +17,43 @@ def inputs(rng):
 
 
 def test_attribute_to_visual_contract(inputs, tmp_path):
-    out = run_layer_test(AttributeToVisual, {"feature_dim": 8, "embed_dim": 4, "seed": 1}, inputs,
-                         ["W_1", "W_2"], tmp_path, call_kwargs={"return_features": True})
+    out = run_layer_test(
+        AttributeToVisual,
+        {"feature_dim": 8, "embed_dim": 4, "seed": 1},
+        inputs,
+        ["W_1", "W_2"],
+        tmp_path,
+        call_kwargs={"return_features": True},
+    )
     assert out["scores"].shape == (2, 3) and out["attention"].shape == (2, 3, 5)
     assert out["features"].shape == (2, 3, 8)
     np.testing.assert_allclose(np.asarray(out["attention"]).sum(axis=-1), 1.0, rtol=1e-6)
 
 
 def test_attribute_to_visual_uniform_contract(inputs, tmp_path):
-    run_layer_test(AttributeToVisual, {"feature_dim": 8, "embed_dim": 4, "attention": "uniform"}, inputs,
-                   ["W_1", "W_2"], tmp_path)
+    run_layer_test(
+        AttributeToVisual, {"feature_dim": 8, "embed_dim": 4, "attention": "uniform"}, inputs, ["W_1", "W_2"], tmp_path
+    )
 
 
 def test_visual_to_attribute_contract(inputs, tmp_path):
-    init = {"feature_dim": 8, "embed_dim": 4, "score_initializer": "glorot_uniform",
-            "attention_initializer": "glorot_uniform"}
-    out = run_layer_test(VisualToAttribute, init, inputs, ["W_1_1", "W_2_1"], tmp_path,
-                         call_kwargs={"return_features": True})
+    init = {
+        "feature_dim": 8,
+        "embed_dim": 4,
+        "score_initializer": "glorot_uniform",
+        "attention_initializer": "glorot_uniform",
+    }
+    out = run_layer_test(
+        VisualToAttribute, init, inputs, ["W_1_1", "W_2_1"], tmp_path, call_kwargs={"return_features": True}
+    )
     assert out["features"].shape == (2, 5, 4)
     np.testing.assert_allclose(np.asarray(out["attention"]).sum(axis=1), 1.0, rtol=1e-6)
 
 
 def test_attribute_embedding_contract(rng, tmp_path):
-    layer = AttributeEmbedding(3, 4, 2, normalize=True, attribute_vectors=rng.normal(size=(3, 4)),
-                               class_attributes=rng.random((2, 3)))
+    layer = AttributeEmbedding(
+        3, 4, 2, normalize=True, attribute_vectors=rng.normal(size=(3, 4)), class_attributes=rng.random((2, 3))
+    )
     V = np.asarray(layer(None))
     assert sorted(w.name for w in layer.weights) == ["V", "att"]
     assert [w.name for w in layer.trainable_weights] == ["V"]
@@ -56,9 +69,18 @@ def test_attribute_embedding_contract(rng, tmp_path):
 
 
 def test_model_config_round_trip_and_keras_file(rng, tmp_path):
-    model = build_msdn(rng.random((6, 4)), rng.normal(size=(4, 5)), [0, 1, 2, 4], [3, 5], feature_dim=7,
-                       fusion_weights=(0.7, 0.3), lambda_cal=0.2, normalize_attribute_vectors=True,
-                       distillation="paper", bias=0.25)
+    model = build_msdn(
+        rng.random((6, 4)),
+        rng.normal(size=(4, 5)),
+        [0, 1, 2, 4],
+        [3, 5],
+        feature_dim=7,
+        fusion_weights=(0.7, 0.3),
+        lambda_cal=0.2,
+        normalize_attribute_vectors=True,
+        distillation="paper",
+        bias=0.25,
+    )
     for w in model.trainable_weights:
         w.assign(rng.normal(size=w.shape).astype("float32"))
     x = rng.random((3, 9, 7)).astype("float32")

@@ -38,8 +38,7 @@ def reference(p, **kw):
 @pytest.mark.parametrize("normalize_V", [False, True])
 def test_forward_matches_reference(rng, normalize_V):
     p = tiny_problem(rng)
-    model = make_model(p, normalize_attribute_vectors=normalize_V, fusion_weights=(0.7, 0.3),
-                       return_features=True)
+    model = make_model(p, normalize_attribute_vectors=normalize_V, fusion_weights=(0.7, 0.3), return_features=True)
     out = {k: np.asarray(v) for k, v in model(channel_last(p["fmap_bfr"])).items()}
     want = reference(p, normalize_V=normalize_V)
     np.testing.assert_allclose(out["logits_a2v"], want["S1"], rtol=RTOL, atol=1e-6)
@@ -74,8 +73,11 @@ def test_bias_margin_matches_reference(rng):
     np.testing.assert_allclose(np.asarray(out["logits_v2a"]), want["S2"], rtol=RTOL, atol=1e-6)
     # The fused test logits keep the margin: unseen classes are favoured by 2 * bias (w1 + w2 = 1).
     no_margin = make_model(p, bias=0.0)(channel_last(p["fmap_bfr"]))["logits"]
-    np.testing.assert_allclose(np.asarray(out["logits"]) - np.asarray(no_margin),
-                               np.broadcast_to(0.5 * p["mask_bias"], no_margin.shape), atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(out["logits"]) - np.asarray(no_margin),
+        np.broadcast_to(0.5 * p["mask_bias"], no_margin.shape),
+        atol=1e-5,
+    )
 
 
 @pytest.mark.parametrize("bias", [None, 0.0])
@@ -151,11 +153,14 @@ def test_identical_logits_give_zero_distillation_without_nan():
     assert np.all(np.isfinite(tape.gradient(value, S)))
 
 
-@pytest.mark.parametrize("C,U,ce_want,cal_want,cal_want_no_margin", [
-    (200, 50, 5.2983, 0.3408, 1.3863),   # CUB
-    (717, 72, 6.5751, 0.7941, 2.2984),   # SUN
-    (50, 10, 3.9120, 0.4327, 1.6094),    # AWA2
-])
+@pytest.mark.parametrize(
+    "C,U,ce_want,cal_want,cal_want_no_margin",
+    [
+        (200, 50, 5.2983, 0.3408, 1.3863),  # CUB
+        (717, 72, 6.5751, 0.7941, 2.2984),  # SUN
+        (50, 10, 3.9120, 0.4327, 1.6094),  # AWA2
+    ],
+)
 def test_values_at_initialisation(rng, C, U, ce_want, cal_want, cal_want_no_margin):
     """docs/reference.md §4: S2 = bias * mask_bias at initialisation, with the default bias 1 and with 0."""
     K, D, F, R, B = 12, 8, 16, 9, 6
@@ -171,8 +176,9 @@ def test_values_at_initialisation(rng, C, U, ce_want, cal_want, cal_want_no_marg
     assert abs(w1.mean()) < 0.2 and 0.8 < w1.std() < 1.2
     x = rng.random((B, R, F)).astype("float32")
     out = model(x)
-    np.testing.assert_array_equal(np.asarray(out["logits_v2a"]),
-                                  np.broadcast_to(np.asarray(model.mask_bias), (B, C)))  # S2 = margin
+    np.testing.assert_array_equal(
+        np.asarray(out["logits_v2a"]), np.broadcast_to(np.asarray(model.mask_bias), (B, C))
+    )  # S2 = margin
     np.testing.assert_allclose(np.asarray(out["attention_v2a"]), 1.0 / K, rtol=1e-6)
     np.testing.assert_allclose(np.asarray(out["attention_a2v"]), 1.0 / R, rtol=1e-6)
     terms = model.compute_loss_terms(out, np.array(seen[:B]))
@@ -202,8 +208,9 @@ def test_weight_names_are_the_reference_state_dict_names(rng):
     assert trainable == {"V", "W_1", "W_2", "W_1_1", "W_2_1"}
 
 
-@pytest.mark.parametrize("branches,zeroed", [("a2v", ("ce_v2a", "cal_v2a", "distill")),
-                                            ("v2a", ("ce_a2v", "cal_a2v", "distill"))])
+@pytest.mark.parametrize(
+    "branches,zeroed", [("a2v", ("ce_v2a", "cal_v2a", "distill")), ("v2a", ("ce_a2v", "cal_a2v", "distill"))]
+)
 def test_single_branch_ablations_drop_the_other_terms(rng, branches, zeroed):
     p = tiny_problem(rng)
     model = make_model(p, branches=branches)
@@ -212,7 +219,8 @@ def test_single_branch_ablations_drop_the_other_terms(rng, branches, zeroed):
         assert float(terms[key]) == 0.0
     active = "a2v" if branches == "a2v" else "v2a"
     assert float(terms["loss"]) == pytest.approx(
-        float(terms[f"ce_{active}"]) + 0.1 * float(terms[f"cal_{active}"]), rel=1e-6)
+        float(terms[f"ce_{active}"]) + 0.1 * float(terms[f"cal_{active}"]), rel=1e-6
+    )
 
 
 def test_uniform_attention_is_global_average_pooling(rng):
@@ -228,7 +236,6 @@ def test_invalid_arguments_are_rejected(rng):
     with pytest.raises(ValueError, match="overlap"):
         MSDN(num_classes=4, num_attributes=2, feature_dim=3, seen_classes=[0, 1], unseen_classes=[1, 2])
     with pytest.raises(ValueError, match="cross_entropy"):
-        MSDN(num_classes=4, num_attributes=2, feature_dim=3, seen_classes=[0], unseen_classes=[1],
-             cross_entropy="both")
+        MSDN(num_classes=4, num_attributes=2, feature_dim=3, seen_classes=[0], unseen_classes=[1], cross_entropy="both")
     with pytest.raises(ValueError, match="same K"):
         build_msdn(rng.random((4, 3)), rng.random((2, 5)), [0], [1])

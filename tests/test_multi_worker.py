@@ -38,8 +38,9 @@ def free_ports(n):
 
 
 def tf_config(ports, index):
-    return json.dumps({"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
-                       "task": {"type": "worker", "index": index}})
+    return json.dumps(
+        {"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]}, "task": {"type": "worker", "index": index}}
+    )
 
 
 @pytest.fixture
@@ -54,13 +55,38 @@ def tiny(tmp_path):
 def start_worker(tiny, tmp_path, ports, index, run_dir, *extra, tmp=None):
     tmp = tmp_path / (tmp or f"tmp{index}")
     tmp.mkdir(exist_ok=True)
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="", TF_CONFIG=tf_config(ports, index),
-               TMPDIR=str(tmp))
-    argv = ["--run-dir", str(run_dir), *extra] if "--resume" in extra else [
-        "--dataset", "demo", "--config", str(tiny["path"]), "--data-dir", str(tmp_path / "data"),
-        "--strategy", "multi_worker", "--run-dir", str(run_dir), *extra]
-    return subprocess.Popen([sys.executable, "-m", "msdn_tf.train", *argv], cwd=REPO, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    env = dict(
+        os.environ,
+        TF_CPP_MIN_LOG_LEVEL="3",
+        CUDA_VISIBLE_DEVICES="",
+        TF_CONFIG=tf_config(ports, index),
+        TMPDIR=str(tmp),
+    )
+    argv = (
+        ["--run-dir", str(run_dir), *extra]
+        if "--resume" in extra
+        else [
+            "--dataset",
+            "demo",
+            "--config",
+            str(tiny["path"]),
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--strategy",
+            "multi_worker",
+            "--run-dir",
+            str(run_dir),
+            *extra,
+        ]
+    )
+    return subprocess.Popen(
+        [sys.executable, "-m", "msdn_tf.train", *argv],
+        cwd=REPO,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def weights(run_dir):
@@ -109,8 +135,10 @@ def test_two_processes_train_like_one_and_resume_after_a_killed_worker(tiny, tmp
     # 3. Both resume; worker 1 from a copy of the chief's run directory (no shared file system).
     shutil.copytree(chief_dir, other_dir)
     ports = free_ports(2)
-    procs = [start_worker(tiny, tmp_path, ports, 0, chief_dir, "--resume", tmp="tmp0b"),
-             start_worker(tiny, tmp_path, ports, 1, other_dir, "--resume", tmp="tmp1b")]
+    procs = [
+        start_worker(tiny, tmp_path, ports, 0, chief_dir, "--resume", tmp="tmp0b"),
+        start_worker(tiny, tmp_path, ports, 1, other_dir, "--resume", tmp="tmp1b"),
+    ]
     outs = [p.communicate(timeout=240) for p in procs]
     for p, (_out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
@@ -122,7 +150,13 @@ def test_two_processes_train_like_one_and_resume_after_a_killed_worker(tiny, tmp
         assert chief["final"][key] == pytest.approx(single["final"][key], abs=1e-6)
     assert chief["final"]["losses"]["loss"] == pytest.approx(single["final"]["losses"]["loss"], rel=1e-4)
     assert sorted(p.name for p in chief_dir.iterdir()) == [
-        "checkpoint", "config.yaml", "model.keras", "results.json", "results.md", "tensorboard"]
+        "checkpoint",
+        "config.yaml",
+        "model.keras",
+        "results.json",
+        "results.md",
+        "tensorboard",
+    ]
     assert list((chief_dir / "tensorboard").iterdir())
     assert not (other_dir / "model.keras").exists() and not (other_dir / "results.json").exists()
     assert list((tmp_path / "tmp1b").iterdir()) == []  # worker 1 removed its temporary folder
@@ -135,8 +169,10 @@ def test_workers_draw_disjoint_slices_that_make_up_the_global_batch(tiny):
     data, config = tiny["data"], tiny["config"]
     sampler = make_sampler(data, config.data.sampler, 16, config.train.seed)
     store = DeviceFeatures(data.features, data.trainval_loc)
-    for make in (lambda **kw: train_dataset(data, sampler, 5, 3, **kw),
-                 lambda **kw: device_train_dataset(store, data.labels, sampler, 5, 3, **kw)):
+    for make in (
+        lambda **kw: train_dataset(data, sampler, 5, 3, **kw),
+        lambda **kw: device_train_dataset(store, data.labels, sampler, 5, 3, **kw),
+    ):
         whole = [(np.asarray(x), np.asarray(y)) for x, y in make()]
         parts = [[(np.asarray(x), np.asarray(y)) for x, y in make(shard=([i], 2))] for i in (0, 1)]
         for step, (x, y) in enumerate(whole):
@@ -146,24 +182,34 @@ def test_workers_draw_disjoint_slices_that_make_up_the_global_batch(tiny):
         # a worker with two local replicas yields both of its slices, in order
         both = [np.asarray(y) for _, y in make(shard=([0, 1], 2))]
         np.testing.assert_array_equal(np.concatenate(both), np.concatenate([y for _, y in whole]))
-    rows = [sampler.batch(5)[i * 8:(i + 1) * 8] for i in (0, 1)]
+    rows = [sampler.batch(5)[i * 8 : (i + 1) * 8] for i in (0, 1)]
     assert not set(rows[0]) & set(rows[1]) or len(set(sampler.batch(5))) < 16  # disjoint positions
 
 
-@pytest.mark.parametrize("text, message", [
-    ("{not json", "TF_CONFIG is not valid JSON"),
-    ('{"task": {"type": "worker", "index": 0}}', 'TF_CONFIG needs a "cluster" mapping'),
-    ('{"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, "task": {"type": "worker", "index": 2}}',
-     r"TF_CONFIG task.index = 2 is out of range: cluster.worker has 2 address\(es\), so the index must lie in 0..1"),
-    ('{"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "worker", "index": -1}}', "out of range"),
-    ('{"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "ps", "index": 0}}', "TF_CONFIG task.type = 'ps'"),
-    ('{"cluster": {"worker": ["127.0.0.1"]}, "task": {"type": "worker", "index": 0}}',
-     r"TF_CONFIG cluster.worker\[0\] = '127.0.0.1': expected 'host:port'"),
-    ('{"cluster": {"worker": ["a:1", "a:1"]}, "task": {"type": "worker", "index": 0}}', "appears twice"),
-    ('{"cluster": {"worker": ["a:1"], "ps": ["b:2"]}, "task": {"type": "worker", "index": 0}}',
-     "TF_CONFIG cluster.ps"),
-    ('{"cluster": {"worker": ["a:1"]}}', 'TF_CONFIG needs a "task" mapping'),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("{not json", "TF_CONFIG is not valid JSON"),
+        ('{"task": {"type": "worker", "index": 0}}', 'TF_CONFIG needs a "cluster" mapping'),
+        (
+            '{"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, "task": {"type": "worker", "index": 2}}',
+            r"TF_CONFIG task.index = 2 is out of range: cluster.worker has 2 address\(es\), "
+            r"so the index must lie in 0..1",
+        ),
+        ('{"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "worker", "index": -1}}', "out of range"),
+        ('{"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "ps", "index": 0}}', "TF_CONFIG task.type = 'ps'"),
+        (
+            '{"cluster": {"worker": ["127.0.0.1"]}, "task": {"type": "worker", "index": 0}}',
+            r"TF_CONFIG cluster.worker\[0\] = '127.0.0.1': expected 'host:port'",
+        ),
+        ('{"cluster": {"worker": ["a:1", "a:1"]}, "task": {"type": "worker", "index": 0}}', "appears twice"),
+        (
+            '{"cluster": {"worker": ["a:1"], "ps": ["b:2"]}, "task": {"type": "worker", "index": 0}}',
+            "TF_CONFIG cluster.ps",
+        ),
+        ('{"cluster": {"worker": ["a:1"]}}', 'TF_CONFIG needs a "task" mapping'),
+    ],
+)
 def test_malformed_tf_config_names_the_setting(text, message):
     with pytest.raises(ConfigError, match=message):
         parse_tf_config(text)
@@ -179,21 +225,45 @@ def test_tf_config_roles():
 
 @pytest.mark.slow
 def test_cli_errors_for_bad_tf_config_and_unreachable_worker(tiny, tmp_path):
-    base = [sys.executable, "-m", "msdn_tf.train", "--dataset", "demo", "--config", str(tiny["path"]),
-            "--data-dir", str(tmp_path / "data"), "--strategy", "multi_worker"]
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="",
-               TF_CONFIG='{"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, "task": {"type": "worker", "index": 5}}')
-    proc = subprocess.run(base + ["--run-dir", str(tmp_path / "bad")], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=120)
+    base = [
+        sys.executable,
+        "-m",
+        "msdn_tf.train",
+        "--dataset",
+        "demo",
+        "--config",
+        str(tiny["path"]),
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--strategy",
+        "multi_worker",
+    ]
+    env = dict(
+        os.environ,
+        TF_CPP_MIN_LOG_LEVEL="3",
+        CUDA_VISIBLE_DEVICES="",
+        TF_CONFIG='{"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, "task": {"type": "worker", "index": 5}}',
+    )
+    proc = subprocess.run(
+        base + ["--run-dir", str(tmp_path / "bad")], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2 and "TF_CONFIG task.index = 5 is out of range" in proc.stderr
     assert not (tmp_path / "bad").exists()
 
     port, dead = free_ports(2)
     env["TF_CONFIG"] = tf_config([port, dead], 0)
     started = time.time()
-    proc = subprocess.run(base + ["--run-dir", str(tmp_path / "alone"), "--set", "train.worker_timeout=3"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        base + ["--run-dir", str(tmp_path / "alone"), "--set", "train.worker_timeout=3"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0
-    assert f"did not reach every other worker (worker[1] 127.0.0.1:{dead}) within train.worker_timeout = 3 s" \
+    assert (
+        f"did not reach every other worker (worker[1] 127.0.0.1:{dead}) within train.worker_timeout = 3 s"
         in proc.stderr
+    )
     assert time.time() - started < 60

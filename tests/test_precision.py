@@ -7,21 +7,24 @@ import numpy as np
 import pytest
 
 from msdn_tf import train
-from msdn_tf.training.loop import build_model_from_config, run_training
 from msdn_tf.config import resolve_config
 from msdn_tf.errors import ConfigError
 from msdn_tf.precision import EMULATED_FLOAT16_ENV, cpu_flags, resolve_precision
+from msdn_tf.training.loop import build_model_from_config, run_training
 from tests.helpers import Interrupt, write_tiny_yaml
 
 
 # ------------------------------------------------------------------------------ resolution
-@pytest.mark.parametrize("flags, gpus, policy, why", [
-    ({"avx512f", "avx512_bf16"}, [], "mixed_bfloat16", "avx512_bf16"),
-    ({"amx_bf16", "amx_tile"}, [], "mixed_bfloat16", "amx_bf16"),
-    ({"avx512f", "avx2"}, [], "float32", "no native bfloat16"),
-    ({"avx512_bf16"}, [(8, 0)], "mixed_bfloat16", "compute capability 8.0"),
-    (set(), [(7, 5)], "float32", "no native bfloat16"),  # a GPU decides, not the host CPU's flags
-])
+@pytest.mark.parametrize(
+    "flags, gpus, policy, why",
+    [
+        ({"avx512f", "avx512_bf16"}, [], "mixed_bfloat16", "avx512_bf16"),
+        ({"amx_bf16", "amx_tile"}, [], "mixed_bfloat16", "amx_bf16"),
+        ({"avx512f", "avx2"}, [], "float32", "no native bfloat16"),
+        ({"avx512_bf16"}, [(8, 0)], "mixed_bfloat16", "compute capability 8.0"),
+        (set(), [(7, 5)], "float32", "no native bfloat16"),  # a GPU decides, not the host CPU's flags
+    ],
+)
 def test_auto_follows_the_hardware(flags, gpus, policy, why):
     p = resolve_precision("auto", flags=flags, gpus=gpus, environ={})
     assert p.policy == policy and why in p.reason and p.requested == "auto"
@@ -53,8 +56,11 @@ def test_bad_precision_values_are_clear_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         train.main(["--precision", "half"])
     assert exc.value.code == 2 and "--precision" in capsys.readouterr().err
-    with pytest.raises(ConfigError, match=r"'train.precision' must be one of float32, mixed_bfloat16, "
-                                          r"mixed_float16, auto; got 'fp8'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"'train.precision' must be one of float32, mixed_bfloat16, "
+        r"mixed_float16, auto; got 'fp8'",
+    ):
         resolve_config("demo", overrides=["train.precision=fp8"])
     if not cpu_flags() & {"avx512_fp16", "amx_fp16"}:
         import os
@@ -89,8 +95,12 @@ def test_mixed_bfloat16_run_resume_evaluate_visualize_export(tiny_config, tmp_pa
     model = keras.models.load_model(tmp_path / "full" / "model.keras", compile=False)
     assert model.dtype_policy.name == "mixed_bfloat16" and model.a2v.dtype_policy.name == "mixed_bfloat16"
     assert {w.dtype for w in model.weights} == {"float32"}
-    opt = np.load(tmp_path / "full" / "checkpoint" / sorted(
-        p.name for p in (tmp_path / "full" / "checkpoint").glob("*.optimizer.npz"))[0])
+    opt = np.load(
+        tmp_path
+        / "full"
+        / "checkpoint"
+        / sorted(p.name for p in (tmp_path / "full" / "checkpoint").glob("*.optimizer.npz"))[0]
+    )
     assert {opt[k].dtype for k in opt.files} <= {np.dtype("float32"), np.dtype("int64")}
 
     # Interrupted and resumed: the same result as the uninterrupted mixed run.
@@ -113,8 +123,12 @@ def test_mixed_bfloat16_run_resume_evaluate_visualize_export(tiny_config, tmp_pa
     assert visualize.main(["attention", "--run", str(tmp_path / "full"), "--index", "0", "--out", str(png)]) == 0
     assert png.is_file()
     served = tmp_path / "models" / "m"
-    assert export.main(["--run", str(tmp_path / "full"), "--out", str(served), "--verify-samples", "2",
-                        "--image-size", "64"]) == 0, capsys.readouterr().err
+    assert (
+        export.main(
+            ["--run", str(tmp_path / "full"), "--out", str(served), "--verify-samples", "2", "--image-size", "64"]
+        )
+        == 0
+    ), capsys.readouterr().err
     loaded = tf.saved_model.load(str(served / "1"))
     sig = loaded.signatures["serving_default"]
     assert [s.dtype for s in sig.structured_input_signature[1].values()] == [tf.float32]
@@ -126,8 +140,9 @@ def test_mixed_float16_trains_with_loss_scaling_and_resumes(tiny_config, tmp_pat
     import keras
 
     monkeypatch.setenv(EMULATED_FLOAT16_ENV, "1")
-    config = resolve_config("demo", [tiny_config], [f"data.data_dir={tmp_path / 'data'}",
-                                                     "train.precision=mixed_float16"])
+    config = resolve_config(
+        "demo", [tiny_config], [f"data.data_dir={tmp_path / 'data'}", "train.precision=mixed_float16"]
+    )
     full = run_training(config, run_dir=tmp_path / "full", log=lambda *a: None)
     assert full["precision"]["used"] == "mixed_float16"
     assert np.isfinite(full["final"]["losses"]["loss"])
@@ -150,8 +165,11 @@ def test_mixed_float16_trains_with_loss_scaling_and_resumes(tiny_config, tmp_pat
 
 
 def test_auto_is_resolved_in_the_saved_config(tiny_config, tmp_path):
-    config = resolve_config("demo", [tiny_config], [f"data.data_dir={tmp_path / 'data'}", "train.precision=auto",
-                                                     "train.iterations=2", "train.eval_every=2"])
+    config = resolve_config(
+        "demo",
+        [tiny_config],
+        [f"data.data_dir={tmp_path / 'data'}", "train.precision=auto", "train.iterations=2", "train.eval_every=2"],
+    )
     result = run_training(config, run_dir=tmp_path / "run", log=lambda *a: None)
     expected = resolve_precision("auto").policy
     assert result["precision"]["requested"] == "auto" and result["precision"]["used"] == expected

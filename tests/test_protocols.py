@@ -8,9 +8,9 @@ import pytest
 
 from msdn_tf import ablations as ablations_cmd
 from msdn_tf import protocols as protocols_cmd
-from msdn_tf.experiments import ablations, protocols
 from msdn_tf.data.registry import load_dataset
 from msdn_tf.errors import ConfigError, DataError, MSDNError
+from msdn_tf.experiments import ablations, protocols
 from tests.helpers import QUICK_TRAIN, tiny_demo_config
 
 
@@ -83,8 +83,16 @@ def test_validation_protocol_reads_the_test_split_only_at_the_end(tiny, tmp_path
         phases.append(name)
         recorder.phase = name
 
-    report = protocols.run_protocol(config, "validation", tmp_path, data=watched, lambda_grid=[0.05, 0.2],
-                                    gamma_grid=None, log=lambda *a: None, on_phase=on_phase)
+    report = protocols.run_protocol(
+        config,
+        "validation",
+        tmp_path,
+        data=watched,
+        lambda_grid=[0.05, 0.2],
+        gamma_grid=None,
+        log=lambda *a: None,
+        on_phase=on_phase,
+    )
     assert phases == ["selection", "final"]
     test_rows = set(data.test_seen_loc.tolist()) | set(data.test_unseen_loc.tolist())
     selection_rows = recorder.rows_read("selection")
@@ -99,11 +107,14 @@ def test_validation_protocol_reads_the_test_split_only_at_the_end(tiny, tmp_path
     best = max(chosen["candidates"], key=lambda c: c["H"])
     assert chosen["validation"]["H"] == best["H"]
     assert len(chosen["candidates"]) == 4  # 2 lambdas x 2 evaluations after step 0
-    final_results = json.loads((tmp_path / "validation" / f"seed_{config.train.seed}" / "final" / "results.json")
-                               .read_text())
+    final_results = json.loads(
+        (tmp_path / "validation" / f"seed_{config.train.seed}" / "final" / "results.json").read_text()
+    )
     assert final_results["iterations"] == chosen["step"]
-    assert 0 <= seed_result["ausuc"] <= 1 and (tmp_path / "validation" / f"seed_{config.train.seed}" / "final" /
-                                                "curve.png").is_file()
+    assert (
+        0 <= seed_result["ausuc"] <= 1
+        and (tmp_path / "validation" / f"seed_{config.train.seed}" / "final" / "curve.png").is_file()
+    )
     md = (tmp_path / "validation.md").read_text()
     assert md.startswith("## protocol: validation")
     # evaluate recognises the protocol's final run and the choices it made.
@@ -146,8 +157,15 @@ def fake_history(seed):
     history = [{"step": 0, "acc": 0.1, "U": 0.0, "S": 0.1, "H": 0.0}]
     for step in (10, 20, 30):
         u, s = r.uniform(0.2, 0.9, size=2)
-        history.append({"step": step, "acc": float(r.uniform(0.3, 0.9)), "U": float(u), "S": float(s),
-                        "H": float(2 * u * s / (u + s))})
+        history.append(
+            {
+                "step": step,
+                "acc": float(r.uniform(0.3, 0.9)),
+                "U": float(u),
+                "S": float(s),
+                "H": float(2 * u * s / (u + s)),
+            }
+        )
     return history
 
 
@@ -160,8 +178,9 @@ def fake_train(config, run_dir=None, resume=False, data=None, log=None, eval_hoo
 def test_multi_seed_mean_and_std_on_a_stubbed_runner(tiny, tmp_path):
     config, data, _ = tiny
     fake_train.calls = []
-    out = protocols.run_protocol(config, ["final", "reference"], tmp_path, data=data, seeds=3,
-                                 train_fn=fake_train, log=lambda *a: None)
+    out = protocols.run_protocol(
+        config, ["final", "reference"], tmp_path, data=data, seeds=3, train_fn=fake_train, log=lambda *a: None
+    )
     seeds = [config.train.seed + i for i in range(3)]
     assert fake_train.calls == seeds  # one training per seed serves both protocols
     finals = [fake_history(s)[-1] for s in seeds]
@@ -196,8 +215,12 @@ def test_every_ablation_row_has_a_config_that_applies(tiny):
     for row in ablations.ROWS:
         ablations.row_config(config, row)
     gap = ablations.row_config(config, "gap")
-    assert (gap.model.attention, gap.model.branches, gap.model.fusion_weights, gap.loss.distillation) == \
-        ("uniform", "a2v", [1.0, 0.0], "none")
+    assert (gap.model.attention, gap.model.branches, gap.model.fusion_weights, gap.loss.distillation) == (
+        "uniform",
+        "a2v",
+        [1.0, 0.0],
+        "none",
+    )
     v2a = ablations.row_config(config, "v2a_distill")
     assert v2a.model.branches == "both" and v2a.model.fusion_weights == [0.0, 1.0]
     assert ablations.row_config(config, "jsd").loss.distillation == "jsd"
@@ -210,8 +233,12 @@ def test_every_ablation_row_has_a_config_that_applies(tiny):
 
 def test_precision_parity_check():
     def rows(acc_bf16, h_bf16):
-        return {"rows": {"full": {"final": {"acc": {"mean": 0.95}, "H": {"mean": 0.94}}},
-                         "full_bf16": {"final": {"acc": {"mean": acc_bf16}, "H": {"mean": h_bf16}}}}}
+        return {
+            "rows": {
+                "full": {"final": {"acc": {"mean": 0.95}, "H": {"mean": 0.94}}},
+                "full_bf16": {"final": {"acc": {"mean": acc_bf16}, "H": {"mean": h_bf16}}},
+            }
+        }
 
     assert ablations.precision_check(rows(0.945, 0.949), log=lambda *a: None)
     assert not ablations.precision_check(rows(0.935, 0.94), log=lambda *a: None)
@@ -220,11 +247,14 @@ def test_precision_parity_check():
         ablations.precision_check({"rows": {"full": {}}})
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--rows", "gap,nope"], "unknown row 'nope'"),
-    (["--rows", "full", "--check"], "needs the rows gap and full"),
-    (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--rows", "gap,nope"], "unknown row 'nope'"),
+        (["--rows", "full", "--check"], "needs the rows gap and full"),
+        (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+    ],
+)
 def test_ablations_cli_errors(argv, message, capsys):
     assert ablations_cmd.main(argv) == 2
     err = capsys.readouterr().err
@@ -241,10 +271,18 @@ def test_ablations_report_and_quality_check_on_a_stubbed_runner(tiny, tmp_path):
             acc = acc_of_row[row] + 0.01 * (cfg.train.seed - config.train.seed)
             entry = {"step": 10, "acc": acc, "U": 0.5, "S": 0.5, "H": 0.5}
             return {"history": [{**entry, "step": 0}, entry], "final": entry}
+
         return fn
 
-    good = ablations.run_ablations(config, ["gap", "full"], tmp_path / "good", seeds=2, data=data,
-                                   train_fn=train({"gap": 0.5, "full": 0.9}), log=lambda *a: None)
+    good = ablations.run_ablations(
+        config,
+        ["gap", "full"],
+        tmp_path / "good",
+        seeds=2,
+        data=data,
+        train_fn=train({"gap": 0.5, "full": 0.9}),
+        log=lambda *a: None,
+    )
     assert good["rows"]["full"]["final"]["acc"]["mean"] == pytest.approx(0.905)
     assert good["rows"]["full"]["final"]["acc"]["std"] == pytest.approx(np.std([0.9, 0.91], ddof=1))
     md = (tmp_path / "good" / "ablations.md").read_text()
@@ -255,8 +293,15 @@ def test_ablations_report_and_quality_check_on_a_stubbed_runner(tiny, tmp_path):
     lines = []
     assert ablations.quality_check(good, log=lines.append) and all(line.startswith("PASS") for line in lines)
     # Below 3x chance on one seed, or not 5 points above GAP: the check fails.
-    weak = ablations.run_ablations(config, ["gap", "full"], tmp_path / "weak", seeds=2, data=data,
-                                   train_fn=train({"gap": 0.87, "full": 3 * chance - 0.005}), log=lambda *a: None)
+    weak = ablations.run_ablations(
+        config,
+        ["gap", "full"],
+        tmp_path / "weak",
+        seeds=2,
+        data=data,
+        train_fn=train({"gap": 0.87, "full": 3 * chance - 0.005}),
+        log=lambda *a: None,
+    )
     weak["chance_acc"] = chance
     lines = []
     assert not ablations.quality_check(weak, log=lines.append)

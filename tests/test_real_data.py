@@ -51,17 +51,27 @@ def write_extracted_features(path: Path, n: int, channels: int = 8, side: int = 
     """A feature file as ``msdn_tf.extract`` writes it: ``feature_map`` (N, F, h, w) float32, chunks of rows."""
     rng = np.random.default_rng(seed)
     with h5py.File(path, "w") as f:
-        f.create_dataset("feature_map", data=rng.random((n, channels, side, side), dtype=np.float32),
-                         chunks=(1, channels, side, side))
+        f.create_dataset(
+            "feature_map",
+            data=rng.random((n, channels, side, side), dtype=np.float32),
+            chunks=(1, channels, side, side),
+        )
         f.attrs["image_size"] = 64
     return path
 
 
 def test_registry_table_is_the_reference_table():
     for name, (n, k, c, s, u, tv, ts, tu) in TABLE.items():
-        assert DATASETS[name].expected == {"images": n, "attributes": k, "classes": c, "seen_classes": s,
-                                           "unseen_classes": u, "trainval": tv, "test_seen": ts,
-                                           "test_unseen": tu}
+        assert DATASETS[name].expected == {
+            "images": n,
+            "attributes": k,
+            "classes": c,
+            "seen_classes": s,
+            "unseen_classes": u,
+            "trainval": tv,
+            "test_seen": ts,
+            "test_unseen": tu,
+        }
 
 
 @pytest.mark.parametrize("name", ["cub", "sun", "awa2"])
@@ -73,8 +83,16 @@ def test_real_metadata_through_the_registry_xlsa17_layout(tmp_path, name):
     cfg = resolve_config(name, overrides=[f"data.data_dir={tmp_path / 'data'}", "data.feature_file=tiny.hdf5"])
     data = load_dataset(cfg)  # checks the table's expected sizes
     s = data.summary()
-    assert (s["images"], s["attributes"], s["classes"], s["seen_classes"], s["unseen_classes"],
-            s["trainval"], s["test_seen"], s["test_unseen"]) == TABLE[name]
+    assert (
+        s["images"],
+        s["attributes"],
+        s["classes"],
+        s["seen_classes"],
+        s["unseen_classes"],
+        s["trainval"],
+        s["test_seen"],
+        s["test_unseen"],
+    ) == TABLE[name]
     splits = xlsa17.load_att_splits(folder / "att_splits.mat")
     assert data.class_names == splits["allclasses_names"]
     assert len(data.attribute_names) == TABLE[name][1] and not data.attribute_names[0].startswith("attribute_")
@@ -131,9 +149,26 @@ def test_real_cub_trains_xlsa17_layout_with_cache(tmp_path, capsys):
     folder = link_metadata("cub", tmp_path / "CUB")
     write_extracted_features(folder / "features_resnet101_448.hdf5", 11788)
     run_dir = tmp_path / "run"
-    rc = train.main(["--dataset", "cub", "--data-dir", str(folder), "--run-dir", str(run_dir),
-                     "--set", "train.iterations=4", "--set", "train.eval_every=2", "--set", "train.verbose=0",
-                     "--set", "data.cache=true", "--set", f"data.cache_dir={tmp_path / 'cache'}"])
+    rc = train.main(
+        [
+            "--dataset",
+            "cub",
+            "--data-dir",
+            str(folder),
+            "--run-dir",
+            str(run_dir),
+            "--set",
+            "train.iterations=4",
+            "--set",
+            "train.eval_every=2",
+            "--set",
+            "train.verbose=0",
+            "--set",
+            "data.cache=true",
+            "--set",
+            f"data.cache_dir={tmp_path / 'cache'}",
+        ]
+    )
     assert rc == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["final"]["step"] == 4
@@ -154,11 +189,17 @@ def test_real_cub_reference_layout_takes_names_from_the_folder(tmp_path):
     folder = tmp_path / "ref"
     folder.mkdir()
     rng = np.random.default_rng(0)
-    write_feature_map_hdf5(folder / "feature_map_ResNet_101_CUB.hdf5",
-                           feature_map=rng.random((11788, 2, 1, 1), dtype=np.float32),
-                           labels=images["labels"].astype(np.uint16), trainval_loc=splits["trainval_loc"],
-                           test_seen_loc=splits["test_seen_loc"], test_unseen_loc=splits["test_unseen_loc"],
-                           att=splits["att"], original_att=splits["original_att"], w2v_att=w2v)
+    write_feature_map_hdf5(
+        folder / "feature_map_ResNet_101_CUB.hdf5",
+        feature_map=rng.random((11788, 2, 1, 1), dtype=np.float32),
+        labels=images["labels"].astype(np.uint16),
+        trainval_loc=splits["trainval_loc"],
+        test_seen_loc=splits["test_seen_loc"],
+        test_unseen_loc=splits["test_unseen_loc"],
+        att=splits["att"],
+        original_att=splits["original_att"],
+        w2v_att=w2v,
+    )
     cfg = resolve_config("cub", overrides=[f"data.data_dir={folder}"])
     data = load_dataset(cfg)
     assert data.class_names[0] == "class_000"  # nothing to take names from
@@ -174,8 +215,11 @@ def test_feature_file_with_wrong_number_of_images(tmp_path):
     folder = link_metadata("cub", tmp_path / "CUB")
     write_extracted_features(folder / "features_resnet101_448.hdf5", 11788 - 5, channels=1, side=1)
     cfg = resolve_config("cub", overrides=[f"data.data_dir={folder}"])
-    with pytest.raises(DataError, match=r"features_resnet101_448.hdf5: the feature source has 11783 images but "
-                                        r"the image list .*image_list.npz has 11788"):
+    with pytest.raises(
+        DataError,
+        match=r"features_resnet101_448.hdf5: the feature source has 11783 images but "
+        r"the image list .*image_list.npz has 11788",
+    ):
         load_dataset(cfg)
 
 
@@ -186,9 +230,15 @@ def test_missing_files_error_names_both_layouts(tmp_path):
     with pytest.raises(DataError) as err:
         load_dataset(cfg)
     msg = str(err.value)
-    for needed in ("feature_map_ResNet_101_CUB.hdf5", "att_splits.mat  [found", "image_list.npz",
-                   "CUB_attribute.pkl  [missing]", "attributes.txt", "features_resnet101_448.hdf5  [missing]",
-                   "docs/data.md"):
+    for needed in (
+        "feature_map_ResNet_101_CUB.hdf5",
+        "att_splits.mat  [found",
+        "image_list.npz",
+        "CUB_attribute.pkl  [missing]",
+        "attributes.txt",
+        "features_resnet101_448.hdf5  [missing]",
+        "docs/data.md",
+    ):
         assert needed in msg, (needed, msg)
     # xlsa17 files complete but the word vectors missing: the xlsa17 reader names the file it lacks
     write_extracted_features(folder / "features_resnet101_448.hdf5", 11788, channels=1, side=1)

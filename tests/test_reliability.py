@@ -15,11 +15,10 @@ import numpy as np
 import pytest
 
 from msdn_tf import train
-from msdn_tf.training.loop import run_training
 from msdn_tf.config import resolve_config
 from msdn_tf.errors import ConfigError, DataError, NonFiniteError
+from msdn_tf.training.loop import run_training
 from tests.helpers import TINY_DEMO_FIELDS, write_tiny_yaml
-
 
 SMALL_DEMO = TINY_DEMO_FIELDS
 
@@ -95,8 +94,11 @@ def test_nan_after_a_checkpoint_keeps_the_checkpoint_and_writes_no_result(tiny, 
         data.features.active = True
 
     run = tmp_path / "run"
-    with pytest.raises(NonFiniteError, match=r"training step (3[1-9]|[45]\d|60):.*poisoned\.hdf5.*"
-                                              rf"row {data.trainval_loc[0]}\b"):
+    with pytest.raises(
+        NonFiniteError,
+        match=r"training step (3[1-9]|[45]\d|60):.*poisoned\.hdf5.*"
+        rf"row {data.trainval_loc[0]}\b",
+    ):
         run_training(config, run_dir=run, data=data, log=lambda *a: None, eval_hooks=[go_bad])
     state = json.loads((run / "checkpoint" / "state.json").read_text())
     assert state["step"] == 30 and (run / "checkpoint" / state["weights"]).is_file()
@@ -110,8 +112,11 @@ def test_nan_in_test_features_is_caught_at_evaluation_naming_the_row(tiny, tmp_p
     data = load_dataset(config)
     row = int(data.test_unseen_loc[2])
     data.features = PoisonedFeatures(data.features, row)
-    with pytest.raises(NonFiniteError, match=rf"evaluation after step 30: poisoned\.hdf5: feature row {row} "
-                                              r"\(test_unseen_loc\)"):
+    with pytest.raises(
+        NonFiniteError,
+        match=rf"evaluation after step 30: poisoned\.hdf5: feature row {row} "
+        r"\(test_unseen_loc\)",
+    ):
         run_training(config, run_dir=tmp_path / "run", data=data, log=lambda *a: None)
     assert_no_result(tmp_path / "run")
 
@@ -147,20 +152,23 @@ def test_results_json_is_never_written_with_nan(tmp_path):
 
 
 # --------------------------------------------------------------------------- config values
-@pytest.mark.parametrize("override,message", [
-    ("optimizer.learning_rate=.nan", "'optimizer.learning_rate' must be a finite number"),
-    ("optimizer.learning_rate=nan", "'optimizer.learning_rate' must be a finite number"),
-    ("optimizer.learning_rate=-0.1", "'optimizer.learning_rate' must be > 0.0"),
-    ("optimizer.rho=1.0", "'optimizer.rho' must be in (0.0, 1.0)"),
-    ("optimizer.epsilon=-1e-8", "'optimizer.epsilon' must be > 0.0"),
-    ("optimizer.momentum=-0.5", "'optimizer.momentum' must be in [0.0, 1.0)"),
-    ("optimizer.weight_decay=-1e-4", "'optimizer.weight_decay' must be >= 0.0"),
-    ("data.batch_size=0", "'data.batch_size' must be >= 1"),
-    ("data.eval_batch_size=-3", "'data.eval_batch_size' must be >= 1"),
-    ("model.fusion_weights=[.inf, 0.1]", "'model.fusion_weights' must be a finite number"),
-    ("loss.lambda_cal=-1", "'loss.lambda_cal' must be >= 0.0"),
-    ("train.iterations=0", "'train.iterations' must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("optimizer.learning_rate=.nan", "'optimizer.learning_rate' must be a finite number"),
+        ("optimizer.learning_rate=nan", "'optimizer.learning_rate' must be a finite number"),
+        ("optimizer.learning_rate=-0.1", "'optimizer.learning_rate' must be > 0.0"),
+        ("optimizer.rho=1.0", "'optimizer.rho' must be in (0.0, 1.0)"),
+        ("optimizer.epsilon=-1e-8", "'optimizer.epsilon' must be > 0.0"),
+        ("optimizer.momentum=-0.5", "'optimizer.momentum' must be in [0.0, 1.0)"),
+        ("optimizer.weight_decay=-1e-4", "'optimizer.weight_decay' must be >= 0.0"),
+        ("data.batch_size=0", "'data.batch_size' must be >= 1"),
+        ("data.eval_batch_size=-3", "'data.eval_batch_size' must be >= 1"),
+        ("model.fusion_weights=[.inf, 0.1]", "'model.fusion_weights' must be a finite number"),
+        ("loss.lambda_cal=-1", "'loss.lambda_cal' must be >= 0.0"),
+        ("train.iterations=0", "'train.iterations' must be >= 1"),
+    ],
+)
 def test_invalid_hyperparameters_are_config_errors_naming_the_override(override, message, capsys):
     assert train.main(["--dataset", "demo", "--set", override, "--print-config"]) == 2
     line = one_error_line(capsys)
@@ -187,22 +195,40 @@ def _data(**changes):
     from msdn_tf.data.base import ArrayFeatures, ZSLData
 
     labels = np.array([0, 0, 1, 1, 2, 2, 0, 1])
-    args = dict(name="t", features=ArrayFeatures(np.ones((8, 2, 3))), labels=labels,
-                trainval_loc=[0, 1, 2, 3], test_seen_loc=[6, 7], test_unseen_loc=[4, 5],
-                att=np.eye(3), w2v=np.ones((3, 2)), class_names=list("abc"), attribute_names=list("xyz"),
-                source="src.hdf5")
+    args = dict(
+        name="t",
+        features=ArrayFeatures(np.ones((8, 2, 3))),
+        labels=labels,
+        trainval_loc=[0, 1, 2, 3],
+        test_seen_loc=[6, 7],
+        test_unseen_loc=[4, 5],
+        att=np.eye(3),
+        w2v=np.ones((3, 2)),
+        class_names=list("abc"),
+        attribute_names=list("xyz"),
+        source="src.hdf5",
+    )
     args.update(changes)
     return ZSLData(**args)
 
 
-@pytest.mark.parametrize("changes,message", [
-    ({"trainval_loc": [0.0, 1.5, 2.0, 3.0]}, r"src\.hdf5: 'trainval_loc' must hold whole numbers, but entry 1 is 1\.5"),
-    ({"test_seen_loc": [6.0, np.nan]}, r"'test_seen_loc' must hold whole numbers, but entry 1 is nan"),
-    ({"trainval_loc": [0, 1, 2, 2]}, r"'trainval_loc' lists 1 row\(s\) more than once \(e\.g\. row 2 2 times\)"),
-    ({"labels": np.array(list("aabbccab"))}, r"'labels' must hold integers \(0-based ids\), got strings, e\.g\. 'a'"),
-    ({"labels": np.array([True] * 8)}, r"'labels' must hold integers.*booleans"),
-    ({"w2v": np.array([[1.0, 1.0], [np.nan, 0.0], [1.0, 0.0]])}, r"'w2v_att'.*for attribute\(s\) \['y'\]"),
-])
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        (
+            {"trainval_loc": [0.0, 1.5, 2.0, 3.0]},
+            r"src\.hdf5: 'trainval_loc' must hold whole numbers, but entry 1 is 1\.5",
+        ),
+        ({"test_seen_loc": [6.0, np.nan]}, r"'test_seen_loc' must hold whole numbers, but entry 1 is nan"),
+        ({"trainval_loc": [0, 1, 2, 2]}, r"'trainval_loc' lists 1 row\(s\) more than once \(e\.g\. row 2 2 times\)"),
+        (
+            {"labels": np.array(list("aabbccab"))},
+            r"'labels' must hold integers \(0-based ids\), got strings, e\.g\. 'a'",
+        ),
+        ({"labels": np.array([True] * 8)}, r"'labels' must hold integers.*booleans"),
+        ({"w2v": np.array([[1.0, 1.0], [np.nan, 0.0], [1.0, 0.0]])}, r"'w2v_att'.*for attribute\(s\) \['y'\]"),
+    ],
+)
 def test_bad_index_arrays_and_labels_are_named(changes, message):
     with pytest.raises(DataError, match=message):
         _data(**changes)
@@ -216,13 +242,17 @@ def test_whole_float_indices_still_load():  # MATLAB stores indices as doubles
 # --------------------------------------------------------------------------- --resume with flags
 def test_resume_refuses_flags_that_change_the_run(tiny, tmp_path, capsys):
     run = tmp_path / "run"
-    assert train.main(cli(tiny, tmp_path, "--run-dir", str(run), "--iterations", "2",
-                          "--set", "train.eval_every=2")) == 0
+    assert (
+        train.main(cli(tiny, tmp_path, "--run-dir", str(run), "--iterations", "2", "--set", "train.eval_every=2")) == 0
+    )
     capsys.readouterr()
-    for extra, named in ((["--seed", "5"], "--seed 5"), (["--dataset", "cub"], "--dataset cub"),
-                         (["--set", "loss.lambda_cal=0.5"], "--set loss.lambda_cal=0.5"),
-                         (["--config", str(tiny)], f"--config {tiny}"),
-                         (["--strategy", "mirrored"], "--strategy mirrored")):
+    for extra, named in (
+        (["--seed", "5"], "--seed 5"),
+        (["--dataset", "cub"], "--dataset cub"),
+        (["--set", "loss.lambda_cal=0.5"], "--set loss.lambda_cal=0.5"),
+        (["--config", str(tiny)], f"--config {tiny}"),
+        (["--strategy", "mirrored"], "--strategy mirrored"),
+    ):
         assert train.main(["--run-dir", str(run), "--resume", *extra]) == 2
         line = one_error_line(capsys)
         assert f"refusing {named}" in line and "start a new run" in line
@@ -237,12 +267,30 @@ def test_resume_with_more_iterations_trains_on_and_records_it(tiny, tmp_path, ca
     import shutil
 
     shutil.copytree(tmp_path / "data", tmp_path / "moved")  # the data moved: allowed, recorded
-    assert train.main(["--run-dir", str(run), "--resume", "--iterations", "4",
-                       "--dataset", "DEMO", "--data-dir", str(tmp_path / "moved")]) == 0
+    assert (
+        train.main(
+            [
+                "--run-dir",
+                str(run),
+                "--resume",
+                "--iterations",
+                "4",
+                "--dataset",
+                "DEMO",
+                "--data-dir",
+                str(tmp_path / "moved"),
+            ]
+        )
+        == 0
+    )
     results = json.loads((run / "results.json").read_text())
     assert results["final"]["step"] == 4 and [h["step"] for h in results["history"]] == [2, 4]
-    assert results["resumes"] == [{"step": 2, "changes": {
-        "train.iterations": [2, 4], "data.data_dir": [str(tmp_path / "data"), str(tmp_path / "moved")]}}]
+    assert results["resumes"] == [
+        {
+            "step": 2,
+            "changes": {"train.iterations": [2, 4], "data.data_dir": [str(tmp_path / "data"), str(tmp_path / "moved")]},
+        }
+    ]
     assert resolve_config("demo", [run / "config.yaml"]).train.iterations == 4
     assert train.main(["--run-dir", str(run), "--resume", "--iterations", "3"]) == 2
     assert "checkpoint is at step 4, past train.iterations = 3" in one_error_line(capsys)
@@ -273,7 +321,10 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tiny, tmp_path, ca
     state = json.loads((run / "checkpoint" / "state.json").read_text())
     assert state["step"] == 30
     assert sorted(p.name for p in (run / "checkpoint").iterdir()) == [
-        "state.json", "step_00000030.optimizer.npz", "step_00000030.weights.npz"]
+        "state.json",
+        "step_00000030.optimizer.npz",
+        "step_00000030.weights.npz",
+    ]
     assert_no_result(run)
     monkeypatch.setattr(np, "savez", real_savez)
     assert train.main(["--run-dir", str(run), "--resume"]) == 0  # and it continues once there is room
@@ -303,8 +354,9 @@ def test_run_dir_naming_a_file(tmp_path, capsys):
 @pytest.fixture
 def finished_run(tiny, tmp_path):
     run = tmp_path / "run"
-    assert train.main(cli(tiny, tmp_path, "--run-dir", str(run), "--iterations", "2",
-                          "--set", "train.eval_every=2")) == 0
+    assert (
+        train.main(cli(tiny, tmp_path, "--run-dir", str(run), "--iterations", "2", "--set", "train.eval_every=2")) == 0
+    )
     return run
 
 
@@ -365,8 +417,7 @@ def test_nan_in_the_source_of_a_cache_names_the_row(tmp_path):
     x = np.ones((5, 2, 3), np.float32)
     x[3, 1, 2] = np.inf
     with pytest.raises(DataError, match=r"src\.hdf5: feature row\(s\) \[3\] hold NaN or infinite"):
-        write_cache(str(tmp_path / "c.npy"), x.shape, lambda a, b: x[a:b], progress=False,
-                    source={"path": "src.hdf5"})
+        write_cache(str(tmp_path / "c.npy"), x.shape, lambda a, b: x[a:b], progress=False, source={"path": "src.hdf5"})
     assert os.listdir(tmp_path) == []
 
 
@@ -446,8 +497,11 @@ def test_tfds_demo_with_an_empty_manual_dir_generates_the_demo(tmp_path, monkeyp
     monkeypatch.setattr(msdn_tf.config, "DemoConfig", lambda: small)
     manual = tmp_path / "empty"
     manual.mkdir()
-    splits = tfds.load("msdn_zsl/demo", data_dir=str(tmp_path / "tfds"), download_and_prepare_kwargs={
-        "download_config": tfds.download.DownloadConfig(manual_dir=str(manual))})
+    splits = tfds.load(
+        "msdn_zsl/demo",
+        data_dir=str(tmp_path / "tfds"),
+        download_and_prepare_kwargs={"download_config": tfds.download.DownloadConfig(manual_dir=str(manual))},
+    )
     assert len(list(splits["trainval"])) > 0 and list(manual.glob("demo_*.hdf5"))
 
 
@@ -456,8 +510,10 @@ def test_os_errors_read_as_one_line_with_the_path():
 
     line = describe_os_error(OSError(errno.ENOSPC, "No space left on device", "runs/x/model.keras"))
     assert line.startswith("runs/x/model.keras: no space left on the device")
-    h5py_style = OSError("Unable to synchronously create file (unable to open file: name = '/d/f.hdf5.tmp-7', "
-                         "errno = 30, error message = 'Read-only file system', flags = 13)\nsecond line")
+    h5py_style = OSError(
+        "Unable to synchronously create file (unable to open file: name = '/d/f.hdf5.tmp-7', "
+        "errno = 30, error message = 'Read-only file system', flags = 13)\nsecond line"
+    )
     line = describe_os_error(h5py_style)
     assert line.startswith("/d/f.hdf5.tmp-7: the file system is read-only") and "\n" not in line
     h5py_style.errno = errno.EROFS  # some h5py errors carry the errno but not the file name

@@ -50,7 +50,10 @@ def exported(tmp_path_factory):
     hidden = keras.layers.Flatten()(hidden)
     model = keras.Model(
         features,
-        {"logits": keras.layers.Dense(3, name="logits")(hidden), "embedding": keras.layers.Dense(2, name="embedding")(hidden)},
+        {
+            "logits": keras.layers.Dense(3, name="logits")(hidden),
+            "embedding": keras.layers.Dense(2, name="embedding")(hidden),
+        },
     )
 
     archive = keras.export.ExportArchive()
@@ -139,7 +142,9 @@ def test_cc_loader_reports_errors(exported, cc_binary):
     with pytest.raises(cc_loader.CcLoaderError, match="Unknown image file format"):
         cc_loader.run_signature(exported["dir"], "serving_images", {"images": [b"not an image"]}, binary=cc_binary)
     with pytest.raises(cc_loader.CcLoaderError, match="wants DT_FLOAT"):
-        cc_loader.run_signature(exported["dir"], "serving_default", {"features": exported["x"].astype(np.float64)}, binary=cc_binary)
+        cc_loader.run_signature(
+            exported["dir"], "serving_default", {"features": exported["x"].astype(np.float64)}, binary=cc_binary
+        )
     with pytest.raises(cc_loader.CcLoaderError, match="unknown signature"):
         cc_loader.run_signature(exported["dir"], "nope", {"features": exported["x"]}, binary=cc_binary)
     with pytest.raises(cc_loader.CcLoaderError, match="not a SavedModel"):
@@ -154,12 +159,24 @@ def test_cc_loader_catches_tf_saved_model_save_of_keras3(tmp_path, cc_binary):
     info = cc_loader.inspect_saved_model(tmp_path / "1", binary=cc_binary)
     (key,) = info["signatures"]["serving_default"]["inputs"]
     with pytest.raises(cc_loader.CcLoaderError, match="Could not find variable"):
-        cc_loader.run_signature(tmp_path / "1", "serving_default", {key: np.ones((1, 4, 3), np.float32)}, binary=cc_binary)
+        cc_loader.run_signature(
+            tmp_path / "1", "serving_default", {key: np.ones((1, 4, 3), np.float32)}, binary=cc_binary
+        )
 
 
 def test_cc_loader_cli(exported, cc_binary, tmp_path, capsys):
     np.save(tmp_path / "x.npy", exported["x"])
-    rc = cc_loader.main([str(exported["dir"]), "--signature", "serving_default", "--input", f"features={tmp_path / 'x.npy'}", "--out", str(tmp_path / "out")])
+    rc = cc_loader.main(
+        [
+            str(exported["dir"]),
+            "--signature",
+            "serving_default",
+            "--input",
+            f"features={tmp_path / 'x.npy'}",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     assert rc == 0
     report = json.loads(capsys.readouterr().out)
     assert report["logits"]["shape"] == [3, 3]
@@ -170,7 +187,9 @@ def test_saved_model_cli_show(exported):
     cli = Path(sys.executable).with_name("saved_model_cli")
     if not cli.exists():
         pytest.skip(f"saved_model_cli not found next to {sys.executable}")
-    proc = subprocess.run([str(cli), "show", "--dir", str(exported["dir"]), "--all"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [str(cli), "show", "--dir", str(exported["dir"]), "--all"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "signature_def['serving_default']" in proc.stdout
     assert "signature_def['serving_images']" in proc.stdout
@@ -186,7 +205,9 @@ def test_grpc_predict_serving_default(exported, server):
 
 
 def test_grpc_predict_images(exported, server):
-    out = client_lib.predict_grpc(server.grpc_address, MODEL_NAME, {"images": exported["images"]}, signature_name="serving_images", version=1)
+    out = client_lib.predict_grpc(
+        server.grpc_address, MODEL_NAME, {"images": exported["images"]}, signature_name="serving_images", version=1
+    )
     _assert_outputs(out, exported["ref_images"])
 
 
@@ -220,7 +241,9 @@ def test_rest_equals_grpc(exported, server):
 def test_rest_images_equals_grpc(exported, server):
     kwargs = {"signature_name": "serving_images"}
     grpc_out = client_lib.predict_grpc(server.grpc_address, MODEL_NAME, {"images": exported["images"]}, **kwargs)
-    rest_out = client_lib.predict_rest(server.rest_url, MODEL_NAME, {"images": exported["images"]}, row_format=True, **kwargs)
+    rest_out = client_lib.predict_rest(
+        server.rest_url, MODEL_NAME, {"images": exported["images"]}, row_format=True, **kwargs
+    )
     _assert_outputs(rest_out, grpc_out, atol=0)
     _assert_outputs(rest_out, exported["ref_images"])
 
@@ -229,8 +252,13 @@ def test_rest_raw_format(exported, server):
     """The wire format itself, as TF Serving documents it."""
     import urllib.request
 
-    body = {"signature_name": "serving_images", "instances": [{"b64": base64.b64encode(exported["images"][0]).decode()}]}
-    req = urllib.request.Request(f"{server.rest_url}/v1/models/{MODEL_NAME}:predict", data=json.dumps(body).encode(), method="POST")
+    body = {
+        "signature_name": "serving_images",
+        "instances": [{"b64": base64.b64encode(exported["images"][0]).decode()}],
+    }
+    req = urllib.request.Request(
+        f"{server.rest_url}/v1/models/{MODEL_NAME}:predict", data=json.dumps(body).encode(), method="POST"
+    )
     with urllib.request.urlopen(req, timeout=30) as resp:
         answer = json.loads(resp.read())
     assert sorted(answer["predictions"][0]) == sorted(OUTPUTS)
@@ -279,8 +307,12 @@ def test_grpc_bad_requests(exported, stub, case, code, message):
         "string_for_float": lambda: _raw_request({"features": np.array([b"a"], dtype=object)}),
         "unknown_input": lambda: _raw_request({"features": x, "pixels": x}),
         "missing_input": lambda: _raw_request({}),
-        "malformed_image": lambda: _raw_request({"images": np.array([exported["images"][0], b"\x89PNG garbage"], dtype=object)}, signature="serving_images"),
-        "unknown_output_filter": lambda: client_lib.make_predict_request(MODEL_NAME, {"features": x}, output_filter=["probs"]),
+        "malformed_image": lambda: _raw_request(
+            {"images": np.array([exported["images"][0], b"\x89PNG garbage"], dtype=object)}, signature="serving_images"
+        ),
+        "unknown_output_filter": lambda: client_lib.make_predict_request(
+            MODEL_NAME, {"features": x}, output_filter=["probs"]
+        ),
         "unknown_signature": lambda: _raw_request({"features": x}, signature="nope"),
         "unknown_model": lambda: _raw_request({"features": x}, model="other"),
         "unknown_version": lambda: _raw_request({"features": x}, version=7),
@@ -316,14 +348,19 @@ def test_rest_bad_requests(exported, server):
         return info.value.code, payload["error"]
 
     good = exported["x"].tolist()
-    assert post({"inputs": {"features": np.zeros((2, 5, 3)).tolist()}}) == (400, "input 'features': expects shape (None, 4, 3) but got (2, 5, 3)")
+    assert post({"inputs": {"features": np.zeros((2, 5, 3)).tolist()}}) == (
+        400,
+        "input 'features': expects shape (None, 4, 3) but got (2, 5, 3)",
+    )
     status, error = post({"inputs": {"features": [["a"] * 3] * 4}})
     assert status == 400 and "expects DT_FLOAT" in error
     status, error = post({"instances": [[[1.0] * 3] * 4, [[1.0] * 3] * 3]})
     assert status == 400 and "rectangular" in error
     status, error = post({"signature_name": "nope", "inputs": {"features": good}})
     assert status == 400 and "not found" in error
-    status, error = post({"signature_name": "serving_images", "instances": [{"b64": base64.b64encode(b"garbage").decode()}]})
+    status, error = post(
+        {"signature_name": "serving_images", "instances": [{"b64": base64.b64encode(b"garbage").decode()}]}
+    )
     assert status == 400 and "Unknown image file format" in error
     status, error = post(b"{not json")
     assert status == 400 and "not valid JSON" in error
@@ -342,8 +379,15 @@ def test_rest_bad_requests(exported, server):
 
 @pytest.fixture(scope="module")
 def strict_server(exported):
-    handle = start_local_server(exported["base"], MODEL_NAME, grpc_port=0, rest_port=0, max_batch=8,
-                                max_request_bytes=1 << 20, request_timeout=0.5)
+    handle = start_local_server(
+        exported["base"],
+        MODEL_NAME,
+        grpc_port=0,
+        rest_port=0,
+        max_batch=8,
+        max_request_bytes=1 << 20,
+        request_timeout=0.5,
+    )
     yield handle
     handle.stop()
 
@@ -360,10 +404,13 @@ def _declared_only(shape, dtype=tf.float32):
     return request
 
 
-@pytest.mark.parametrize("shape, message", [
-    ((20000, 4, 3), "batch of 20000 exceeds this server's limit of 8"),  # the issue's 69-byte request, batch cap
-    ((8, 4, 3, 100000), "over this server's limit of 1048576 bytes"),  # under the batch cap, over the size cap
-])
+@pytest.mark.parametrize(
+    "shape, message",
+    [
+        ((20000, 4, 3), "batch of 20000 exceeds this server's limit of 8"),  # the issue's 69-byte request, batch cap
+        ((8, 4, 3, 100000), "over this server's limit of 1048576 bytes"),  # under the batch cap, over the size cap
+    ],
+)
 def test_grpc_declared_tensor_is_capped_before_allocation(strict_server, exported, shape, message):
     import resource
 
@@ -387,12 +434,13 @@ def test_grpc_declared_tensor_is_capped_before_allocation(strict_server, exporte
 def _post_raw(url: str, head: bytes, body: bytes, timeout=10.0) -> tuple[int, dict]:
     import socket
 
-    host, port = url[len("http://"):].split(":")
+    host, port = url[len("http://") :].split(":")
     with socket.create_connection((host, int(port)), timeout=timeout) as sock:
         sock.sendall(head + body)
         data = b""
         while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < int(
-                data.split(b"Content-Length: ", 1)[1].split(b"\r\n", 1)[0] if b"Content-Length: " in data else 0):
+            data.split(b"Content-Length: ", 1)[1].split(b"\r\n", 1)[0] if b"Content-Length: " in data else 0
+        ):
             chunk = sock.recv(65536)
             if not chunk:
                 break

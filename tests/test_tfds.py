@@ -19,8 +19,12 @@ def test_tfds_load_demo_splits_and_metadata(tmp_path):
     path = ensure_demo_file(TINY_DEMO, manual)
     data = load_feature_map_hdf5(path, name="demo")
     splits, info = tfds.load(
-        "msdn_zsl/demo", data_dir=str(tmp_path / "tfds"), with_info=True, shuffle_files=False,
-        download_and_prepare_kwargs={"download_config": tfds.download.DownloadConfig(manual_dir=str(manual))})
+        "msdn_zsl/demo",
+        data_dir=str(tmp_path / "tfds"),
+        with_info=True,
+        shuffle_files=False,
+        download_and_prepare_kwargs={"download_config": tfds.download.DownloadConfig(manual_dir=str(manual))},
+    )
     assert set(splits) == {"trainval", "test_seen", "test_unseen", "train", "val"}
     for split in ("trainval", "test_seen", "test_unseen"):
         loc = getattr(data, f"{split}_loc")

@@ -18,10 +18,15 @@ import numpy as np
 import pytest
 
 from msdn_tf.errors import DataError
+from msdn_tf.interop.torch_checkpoint import (
+    IGNORED_KEYS,
+    MSDN_KEY_MAP,
+    backbone_prefixes,
+    read_torch_state_dict,
+    split_state_dict,
+)
 from tests.helpers import TORCH_FIXTURES as FIXTURES
 from tests.helpers import torch_fixture as fixture
-from msdn_tf.interop.torch_checkpoint import (IGNORED_KEYS, MSDN_KEY_MAP, backbone_prefixes,
-                                      read_torch_state_dict, split_state_dict)
 
 STEMS = ("tiny_msdn", "tiny_msdn_backbone", "tiny_msdn_fp16")
 C, UNSEEN = 7, (3, 6)
@@ -48,6 +53,7 @@ def make_checkpoint(path, pickled, archive="archive"):
 
 # --------------------------------------------------------------------------- values
 
+
 @pytest.mark.parametrize("stem", STEMS)
 def test_values_match_npz(stem, expected):
     state = read_torch_state_dict(fixture(stem))
@@ -63,8 +69,7 @@ def test_values_match_npz(stem, expected):
 
 def test_reference_key_set_and_dtypes():
     state = read_torch_state_dict(fixture("tiny_msdn"))
-    assert list(state) == ["V", "att", "W_1", "W_2", "W_3", "W_1_1", "W_2_1", "W_3_1",
-                           "bias", "mask_bias", "weight_ce"]
+    assert list(state) == ["V", "att", "W_1", "W_2", "W_3", "W_1_1", "W_2_1", "W_3_1", "bias", "mask_bias", "weight_ce"]
     assert all(v.dtype == np.float32 for v in state.values())
     assert state["bias"].shape == () and state["bias"] == 0.0
     mask = np.full((1, C), -1.0, np.float32)
@@ -77,7 +82,7 @@ def test_reference_key_set_and_dtypes():
 
 def test_strided_offset_and_shared_storage_views(expected):
     state = read_torch_state_dict(fixture("tiny_msdn_backbone"))
-    assert state["backbone.conv1.weight"].shape == (6, 3)           # transposed view
+    assert state["backbone.conv1.weight"].shape == (6, 3)  # transposed view
     assert state["backbone.bn1.running_var"].dtype == np.float64
     assert state["backbone.bn1.num_batches_tracked"].dtype == np.int64
     assert int(state["backbone.bn1.num_batches_tracked"]) == 1234
@@ -96,11 +101,15 @@ def test_half_and_bfloat16(expected):
     assert not (state["W_1"].view(np.uint32) & 0xFFFF).any()
     # ...and the values are the float32 originals rounded, not the originals.
     w1 = read_torch_state_dict(fixture("tiny_msdn"))["W_1"]
-    np.testing.assert_allclose(state["W_1"], w1, rtol=2 ** -8)
+    np.testing.assert_allclose(state["W_1"], w1, rtol=2**-8)
     assert not np.array_equal(state["W_1"], w1)
-    for key, dtype in [("backbone.int32", np.int32), ("backbone.int16", np.int16),
-                       ("backbone.int8", np.int8), ("backbone.uint8", np.uint8),
-                       ("backbone.bool", np.bool_)]:
+    for key, dtype in [
+        ("backbone.int32", np.int32),
+        ("backbone.int16", np.int16),
+        ("backbone.int8", np.int8),
+        ("backbone.uint8", np.uint8),
+        ("backbone.bool", np.bool_),
+    ]:
         assert state[key].dtype == dtype, key
 
 
@@ -131,6 +140,7 @@ def test_accepts_pathlike_and_other_archive_name(tmp_path, expected):
 
 # --------------------------------------------------------------------------- split
 
+
 def test_split_state_dict_classification():
     state = read_torch_state_dict(fixture("tiny_msdn"))
     msdn, ignored, backbone = split_state_dict(state)
@@ -151,8 +161,13 @@ def test_split_state_dict_backbone():
     state = read_torch_state_dict(fixture("tiny_msdn_backbone"))
     msdn, ignored, backbone = split_state_dict(state, source="tiny_msdn_backbone.pth")
     assert set(msdn) == set(MSDN_KEY_MAP) and set(ignored) == set(IGNORED_KEYS)
-    assert list(backbone) == ["backbone.bn1.running_var", "backbone.bn1.num_batches_tracked",
-                              "backbone.conv1.weight", "backbone.fc.weight", "backbone.fc.bias"]
+    assert list(backbone) == [
+        "backbone.bn1.running_var",
+        "backbone.bn1.num_batches_tracked",
+        "backbone.conv1.weight",
+        "backbone.fc.weight",
+        "backbone.fc.bias",
+    ]
     assert backbone_prefixes(backbone) == {"backbone.": 5}
     extra = dict(state)
     extra["resnet101.layer1.0.conv1.weight"] = np.zeros((1,))
@@ -175,6 +190,7 @@ def test_split_state_dict_errors():
 
 
 # --------------------------------------------------------------------------- safety
+
 
 class _SystemCall:
     def __init__(self, command):
@@ -213,9 +229,10 @@ def test_refuses_os_system_global_inside_state_dict(tmp_path):
     marker = tmp_path / "pwned.txt"
     command = ("echo pwned > %s" % marker).encode()
     # OrderedDict() then {"V": os.system(command)}, written with the "os" module name.
-    payload = (b"\x80\x02ccollections\nOrderedDict\n)R(X\x01\x00\x00\x00V"
-               b"cos\nsystem\nX" + struct.pack("<I", len(command)) + command
-               + b"\x85Ru.")
+    payload = (
+        b"\x80\x02ccollections\nOrderedDict\n)R(X\x01\x00\x00\x00V"
+        b"cos\nsystem\nX" + struct.pack("<I", len(command)) + command + b"\x85Ru."
+    )
     path = make_checkpoint(tmp_path / "evil_nested.pth", payload)
     _assert_refused(path, "os.system", marker)
 
@@ -251,15 +268,20 @@ def test_non_state_dict_pickles(tmp_path):
         read_torch_state_dict(path)
 
 
-_TENSOR = (b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n((X\x07\x00\x00\x00storage"
-           b"ctorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x01tQK\x00")
+_TENSOR = (
+    b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n((X\x07\x00\x00\x00storage"
+    b"ctorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x01tQK\x00"
+)
 
 
-@pytest.mark.parametrize("shape_stride, message", [
-    (b"K\x02\x85K\x01\x85", "reaches element 1 but storage '0' holds only 1"),
-    (b"J\x00\x00\x10\x00M\x00\x04\x86K\x00K\x00\x86", "expands its storage"),
-    (b"K\x02\x85K\x01K\x01\x86", "differ in length"),
-])
+@pytest.mark.parametrize(
+    "shape_stride, message",
+    [
+        (b"K\x02\x85K\x01\x85", "reaches element 1 but storage '0' holds only 1"),
+        (b"J\x00\x00\x10\x00M\x00\x04\x86K\x00K\x00\x86", "expands its storage"),
+        (b"K\x02\x85K\x01K\x01\x86", "differ in length"),
+    ],
+)
 def test_rejects_malformed_tensor_records(tmp_path, shape_stride, message):
     # One FloatStorage element; the tensor's (size, stride) do not fit it.
     path = make_checkpoint(tmp_path / "bad_tensor.pth", _TENSOR + shape_stride + b"\x89)tR.")
@@ -268,11 +290,11 @@ def test_rejects_malformed_tensor_records(tmp_path, shape_stride, message):
     with pytest.raises(DataError, match=message):
         read_torch_state_dict(path)
     with pytest.raises(DataError, match="'torch.load', which this reader does not allow"):
-        read_torch_state_dict(make_checkpoint(tmp_path / "load.pth",
-                                              b"\x80\x02ctorch\nload\n."))
+        read_torch_state_dict(make_checkpoint(tmp_path / "load.pth", b"\x80\x02ctorch\nload\n."))
 
 
 # --------------------------------------------------------------------------- corrupt files
+
 
 def test_truncated_file(tmp_path):
     data = open(fixture("tiny_msdn"), "rb").read()
@@ -288,8 +310,11 @@ def test_short_storage_record(tmp_path):
         return data[: len(data) // 2] if name == "tiny_msdn/data/0" else data
 
     path = rewrite_zip(fixture("tiny_msdn"), tmp_path / "short.pth", cut)
-    with pytest.raises(DataError, match=r"truncated: storage record 'tiny_msdn/data/0' has 40 "
-                                        r"bytes but 20 FloatStorage elements need 80"):
+    with pytest.raises(
+        DataError,
+        match=r"truncated: storage record 'tiny_msdn/data/0' has 40 "
+        r"bytes but 20 FloatStorage elements need 80",
+    ):
         read_torch_state_dict(path)
 
 
@@ -306,7 +331,7 @@ def test_corrupt_record_bytes(tmp_path):
     data = bytearray(open(fixture("tiny_msdn"), "rb").read())
     with zipfile.ZipFile(fixture("tiny_msdn")) as zf:
         offset = zf.getinfo("tiny_msdn/data/2").header_offset
-    name_len, extra_len = struct.unpack("<HH", bytes(data[offset + 26: offset + 30]))
+    name_len, extra_len = struct.unpack("<HH", bytes(data[offset + 26 : offset + 30]))
     data[offset + 30 + name_len + extra_len] ^= 0xFF  # first byte of the stored record
     path = tmp_path / "crc.pth"
     path.write_bytes(bytes(data))
@@ -347,11 +372,11 @@ def test_module_does_not_import_tensorflow_keras_or_torch():
 
 # --------------------------------------------------------------------------- against torch
 
+
 def test_matches_torch_load(tmp_path):
     torch = pytest.importorskip("torch")
     script = os.path.join(FIXTURES, "make_torch_fixtures.py")
-    run = subprocess.run([sys.executable, script, "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, script, "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "tiny_msdn_expected.npz" in run.stdout
     paths = [tmp_path / (stem + ".pth") for stem in STEMS] + [fixture(s) for s in STEMS]

@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 
 from msdn_tf import train
-from msdn_tf.training.loop import run_training, schedule
 from msdn_tf.config import resolve_config
+from msdn_tf.training.loop import run_training, schedule
 from tests.helpers import Interrupt, write_tiny_yaml
-
 
 
 @pytest.fixture
@@ -81,10 +80,14 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_config, tmp_path):
 
 
 def test_seeds_change_the_run(tiny_config, tmp_path):
-    base = resolve_config("demo", [tiny_config], [f"data.data_dir={tmp_path / 'data'}", "train.iterations=2",
-                                                   "train.eval_every=2"])
-    other = resolve_config("demo", [tiny_config], [f"data.data_dir={tmp_path / 'data'}", "train.iterations=2",
-                                                    "train.eval_every=2", "train.seed=7"])
+    base = resolve_config(
+        "demo", [tiny_config], [f"data.data_dir={tmp_path / 'data'}", "train.iterations=2", "train.eval_every=2"]
+    )
+    other = resolve_config(
+        "demo",
+        [tiny_config],
+        [f"data.data_dir={tmp_path / 'data'}", "train.iterations=2", "train.eval_every=2", "train.seed=7"],
+    )
     r1 = run_training(base, run_dir=tmp_path / "a", log=lambda *a: None)
     r2 = run_training(other, run_dir=tmp_path / "b", log=lambda *a: None)
     assert r1["final"]["losses"] != r2["final"]["losses"]
@@ -95,13 +98,16 @@ def test_schedule_defaults_follow_the_reference():
     assert schedule(config, 7057) == (7057 * 30 // 50, 141)
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
-    (["--dataset", "cub"], "needs --data-dir"),
-    (["--dataset", "cub", "--data-dir", "/nonexistent/folder"], "does not exist"),
-    (["--dataset", "demo", "--set", "train.iteratons=3"], "unknown key 'train.iteratons'"),
-    (["--resume"], "--resume needs --run-dir"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+        (["--dataset", "cub"], "needs --data-dir"),
+        (["--dataset", "cub", "--data-dir", "/nonexistent/folder"], "does not exist"),
+        (["--dataset", "demo", "--set", "train.iteratons=3"], "unknown key 'train.iteratons'"),
+        (["--resume"], "--resume needs --run-dir"),
+    ],
+)
 def test_bad_input_gives_clear_error_and_nonzero_exit(argv, message, capsys):
     assert train.main(argv) == 2
     assert message in capsys.readouterr().err
@@ -124,9 +130,17 @@ def test_misspelt_key_in_config_file_names_the_file(tmp_path, capsys):
 
 
 def test_tensorboard_images_option_wires_the_visualisation_hooks(tiny_config, tmp_path):
-    config = resolve_config("demo", [tiny_config], [f"data.data_dir={tmp_path / 'data'}", "train.iterations=2",
-                                                     "train.eval_every=2", "train.tensorboard_images=true",
-                                                     "train.eval_initial=false"])
+    config = resolve_config(
+        "demo",
+        [tiny_config],
+        [
+            f"data.data_dir={tmp_path / 'data'}",
+            "train.iterations=2",
+            "train.eval_every=2",
+            "train.tensorboard_images=true",
+            "train.eval_initial=false",
+        ],
+    )
     results = run_training(config, run_dir=tmp_path / "run", log=lambda *a: None)
     assert results["initial"] is None and [h["step"] for h in results["history"]] == [2]
     tags = _tensorboard_tags(tmp_path / "run" / "tensorboard")

@@ -30,16 +30,35 @@ def replay(t, recipe, bias=None):
     g = lambda k: t[f"{recipe}::{k}"]
     lr, momentum, weight_decay, lam, w_d, normalize_V = g("recipe")
     mask = g("mask_bias")[0]
-    model = build_msdn(g("att"), g("init::V"), np.flatnonzero(mask < 0), np.flatnonzero(mask > 0),
-                       feature_dim=g("fmap_bfr").shape[1], bias=float(g("bias") if bias is None else bias),
-                       lambda_cal=float(lam), distill_weight=float(w_d),
-                       normalize_attribute_vectors=bool(normalize_V))
-    weights = {"V": model.embedding.V, "W_1": model.a2v.W_1, "W_2": model.a2v.W_2,
-               "W_1_1": model.v2a.W_1_1, "W_2_1": model.v2a.W_2_1}
+    model = build_msdn(
+        g("att"),
+        g("init::V"),
+        np.flatnonzero(mask < 0),
+        np.flatnonzero(mask > 0),
+        feature_dim=g("fmap_bfr").shape[1],
+        bias=float(g("bias") if bias is None else bias),
+        lambda_cal=float(lam),
+        distill_weight=float(w_d),
+        normalize_attribute_vectors=bool(normalize_V),
+    )
+    weights = {
+        "V": model.embedding.V,
+        "W_1": model.a2v.W_1,
+        "W_2": model.a2v.W_2,
+        "W_1_1": model.v2a.W_1_1,
+        "W_2_1": model.v2a.W_2_1,
+    }
     for name, var in weights.items():
         var.assign(g(f"init::{name}").astype("float32"))
-    model.compile(optimizer=TorchRMSprop(learning_rate=float(lr), rho=0.99, epsilon=1e-8,
-                                         momentum=float(momentum), coupled_weight_decay=float(weight_decay)))
+    model.compile(
+        optimizer=TorchRMSprop(
+            learning_rate=float(lr),
+            rho=0.99,
+            epsilon=1e-8,
+            momentum=float(momentum),
+            coupled_weight_decay=float(weight_decay),
+        )
+    )
     features = np.transpose(g("fmap_bfr"), (0, 2, 1)).astype("float32")  # (N, R, F) channel-last
     labels = g("labels").astype("int32")
     for idx in g("batches"):

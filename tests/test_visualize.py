@@ -100,8 +100,21 @@ def test_attention_from_dataset_index_writes_figure_and_json(tiny_run, tmp_path,
     from msdn_tf.viz.attention import figure_size
 
     out = tmp_path / "fig.png"
-    rc = visualize.main(["attention", "--run", str(tiny_run["dir"]), "--index", "1", "--split", "test_seen",
-                         "--top-k", "3", "--out", str(out)])
+    rc = visualize.main(
+        [
+            "attention",
+            "--run",
+            str(tiny_run["dir"]),
+            "--index",
+            "1",
+            "--split",
+            "test_seen",
+            "--top-k",
+            "3",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     width, height = figure_size(3)
     assert png_shape(out)[:2] == (height, width) == (2 * 230 + 60, 4 * 200)
@@ -126,8 +139,9 @@ def test_attention_from_dataset_index_writes_figure_and_json(tiny_run, tmp_path,
 def tiny_backbone(channels):
     import keras
 
-    return keras.Sequential([keras.Input((48, 48, 3)), keras.layers.Conv2D(channels, 16, strides=16,
-                                                                           activation="relu")])
+    return keras.Sequential(
+        [keras.Input((48, 48, 3)), keras.layers.Conv2D(channels, 16, strides=16, activation="relu")]
+    )
 
 
 def test_attention_from_image_with_a_tiny_backbone(tiny_run, tmp_path):
@@ -140,30 +154,58 @@ def test_attention_from_image_with_a_tiny_backbone(tiny_run, tmp_path):
     image = tmp_path / "bird.png"
     matplotlib.image.imsave(image, np.random.default_rng(0).random((60, 50, 3)))
     out = tmp_path / "img.png"
-    summary = visualize_attention(tiny_run["dir"], image=image, backbone=tiny_backbone(TINY_DEMO.feature_dim),
-                                  image_size=48, top_k=2, out=out, true_class="0", log=lambda m: None)
+    summary = visualize_attention(
+        tiny_run["dir"],
+        image=image,
+        backbone=tiny_backbone(TINY_DEMO.feature_dim),
+        image_size=48,
+        top_k=2,
+        out=out,
+        true_class="0",
+        log=lambda m: None,
+    )
     assert summary["region_grid"] == [3, 3] and summary["image"] == str(image)
     assert summary["true_class"]["id"] == 0 and len(summary["top_attributes"]) == 2
     assert png_shape(out)[:2] == figure_size(2)[::-1]
-    with pytest.raises(MSDNError, match=f"backbone gives 8 channels per region but the model .* expects {TINY_DEMO.feature_dim}"):
-        visualize_attention(tiny_run["dir"], image=image, backbone=tiny_backbone(8), image_size=48,
-                            out=tmp_path / "x.png", log=lambda m: None)
+    with pytest.raises(
+        MSDNError, match=f"backbone gives 8 channels per region but the model .* expects {TINY_DEMO.feature_dim}"
+    ):
+        visualize_attention(
+            tiny_run["dir"],
+            image=image,
+            backbone=tiny_backbone(8),
+            image_size=48,
+            out=tmp_path / "x.png",
+            log=lambda m: None,
+        )
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not an image")
     with pytest.raises(MSDNError, match="broken.jpg: cannot read or decode"):
-        visualize_attention(tiny_run["dir"], image=broken, backbone=tiny_backbone(16), image_size=48,
-                            out=tmp_path / "y.png", log=lambda m: None)
+        visualize_attention(
+            tiny_run["dir"],
+            image=broken,
+            backbone=tiny_backbone(16),
+            image_size=48,
+            out=tmp_path / "y.png",
+            log=lambda m: None,
+        )
 
 
-@pytest.mark.parametrize("args, message", [
-    (["attention", "--index", "999", "--split", "test_unseen"], "--index 999 is out of range: split 'test_unseen' has"),
-    (["attention", "--index", "0", "--split", "val"], "unknown split 'val'"),
-    (["attention", "--image", "/nonexistent/bird.jpg"], "/nonexistent/bird.jpg: image not found"),
-    (["attention", "--image", "x.jpg", "--true-class", "no such class"], "x.jpg: image not found"),
-    (["embeddings", "--split", "val"], "unknown split 'val'"),
-    (["embeddings", "--max-per-class", "0"], "--max-per-class must be >= 1"),
-    (["attention", "--index", "0", "--run", "{not_a_run}"], "not a run directory (no config.yaml)"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["attention", "--index", "999", "--split", "test_unseen"],
+            "--index 999 is out of range: split 'test_unseen' has",
+        ),
+        (["attention", "--index", "0", "--split", "val"], "unknown split 'val'"),
+        (["attention", "--image", "/nonexistent/bird.jpg"], "/nonexistent/bird.jpg: image not found"),
+        (["attention", "--image", "x.jpg", "--true-class", "no such class"], "x.jpg: image not found"),
+        (["embeddings", "--split", "val"], "unknown split 'val'"),
+        (["embeddings", "--max-per-class", "0"], "--max-per-class must be >= 1"),
+        (["attention", "--index", "0", "--run", "{not_a_run}"], "not a run directory (no config.yaml)"),
+    ],
+)
 def test_bad_inputs_give_clear_errors(tiny_run, tmp_path, capsys, args, message):
     from msdn_tf import visualize
 
@@ -185,8 +227,9 @@ def test_embeddings_write_projector_files_tensorboard_can_load(tiny_run, tmp_pat
     from msdn_tf.viz.embeddings import FIGURE_PX
 
     out = tmp_path / "proj"
-    rc = visualize.main(["embeddings", "--run", str(tiny_run["dir"]), "--max-per-class", "2", "--out", str(out),
-                         "--no-progress"])
+    rc = visualize.main(
+        ["embeddings", "--run", str(tiny_run["dir"]), "--max-per-class", "2", "--out", str(out), "--no-progress"]
+    )
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
     data = tiny_run["data"]
@@ -209,8 +252,9 @@ def test_embeddings_write_projector_files_tensorboard_can_load(tiny_run, tmp_pat
         assert meta[0] == data.class_names[data.labels[r]]
         res = tiny_run["model"](data.features.read([r]))
         w1, w2 = tiny_run["model"].fusion_weights
-        np.testing.assert_allclose(row, w1 * np.asarray(res["scores_a2v"][0]) + w2 * np.asarray(res["scores_v2a"][0]),
-                                   rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(
+            row, w1 * np.asarray(res["scores_a2v"][0]) + w2 * np.asarray(res["scores_v2a"][0]), rtol=1e-4, atol=1e-6
+        )
     assert {m[2] for m in rows} == {"seen", "unseen"}
     assert list(out.glob("events.out.tfevents.*"))  # a run when --logdir is a parent folder
     # TensorBoard's projector plugin itself finds the config, checkpoint and tensor (private API, TB 2.21).
@@ -233,8 +277,15 @@ def test_embeddings_fall_back_to_pca_without_scikit_learn(tiny_run, tmp_path, mo
 
     monkeypatch.setattr(embeddings, "_import_tsne", no_sklearn)
     logged = []
-    summary = embeddings.embed_split(tiny_run["model"], tiny_run["data"], Names.from_data(tiny_run["data"]),
-                                     tmp_path, split="test_unseen", progress=False, log=logged.append)
+    summary = embeddings.embed_split(
+        tiny_run["model"],
+        tiny_run["data"],
+        Names.from_data(tiny_run["data"]),
+        tmp_path,
+        split="test_unseen",
+        progress=False,
+        log=logged.append,
+    )
     assert summary["projection"].startswith("PCA (scikit-learn not installed")
     assert summary["figure"].endswith("pca.png") and png_shape(summary["figure"])[:2] == embeddings.FIGURE_PX[::-1]
     assert any("scikit-learn is not installed" in m for m in logged)
@@ -245,8 +296,14 @@ def test_tensorboard_hooks_write_images_histograms_and_scalars(tiny_run, tmp_pat
     import tensorflow as tf
 
     from msdn_tf.evaluation.predict import evaluate_model
-    from msdn_tf.viz.tensorboard import (ATTENTION_TAG, HISTOGRAM_TAGS, SCALAR_TAGS, TEXT_TAG, make_eval_hooks,
-                                         seen_unseen_confusion)
+    from msdn_tf.viz.tensorboard import (
+        ATTENTION_TAG,
+        HISTOGRAM_TAGS,
+        SCALAR_TAGS,
+        TEXT_TAG,
+        make_eval_hooks,
+        seen_unseen_confusion,
+    )
 
     model, data, config = tiny_run["model"], tiny_run["data"], tiny_run["config"]
     metrics = evaluate_model(model, data, return_logits=True)

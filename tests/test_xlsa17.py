@@ -59,7 +59,10 @@ def test_real_metadata(zsl_dir, name):
     assert splits["att"].shape == (c, k) and splits["original_att"].shape == (c, k)
     assert len(splits["allclasses_names"]) == c
     assert (len(splits["trainval_loc"]), len(splits["test_seen_loc"]), len(splits["test_unseen_loc"])) == (
-        n_tv, n_ts, n_tu)
+        n_tv,
+        n_ts,
+        n_tu,
+    )
     assert min(splits[key].min() for key in xlsa17.SPLIT_KEYS) >= 0
     assert max(splits[key].max() for key in xlsa17.SPLIT_KEYS) < n
     # xlsa17 'att' columns are L2-normalised: rows after the transpose
@@ -144,11 +147,14 @@ def write_dataset(folder, labels=LABELS, **splits_override):
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     write_att_splits(folder / "att_splits.mat", **splits_override)
-    scipy.io.savemat(str(folder / "res101.mat"), {
-        "image_files": _cell([f"/BS/xian/data/images/img{i:02d}.jpg" for i in range(len(labels))]),
-        "labels": _col(np.asarray(labels) + 1),
-        "features": np.arange(8 * len(labels), dtype=np.float64).reshape(8, len(labels)),
-    })
+    scipy.io.savemat(
+        str(folder / "res101.mat"),
+        {
+            "image_files": _cell([f"/BS/xian/data/images/img{i:02d}.jpg" for i in range(len(labels))]),
+            "labels": _col(np.asarray(labels) + 1),
+            "features": np.arange(8 * len(labels), dtype=np.float64).reshape(8, len(labels)),
+        },
+    )
     with open(folder / "TOY_attribute.pkl", "wb") as fh:
         pickle.dump(np.random.default_rng(1).standard_normal((K, 300)), fh, protocol=3)
     (folder / "attributes.txt").write_text("".join(f"{i + 1} has_part::value_{i}\n" for i in range(K)))
@@ -304,7 +310,9 @@ def test_attribute_vector_formats(tmp_path):
 def test_attribute_name_formats(tmp_path):
     (tmp_path / "attributes.txt").write_text("1 has_bill_shape::curved_(up_or_down)\n2 has_bill_shape::dagger\n")
     assert xlsa17.load_attribute_names(tmp_path / "attributes.txt") == [
-        "has_bill_shape::curved_(up_or_down)", "has_bill_shape::dagger"]
+        "has_bill_shape::curved_(up_or_down)",
+        "has_bill_shape::dagger",
+    ]
     (tmp_path / "predicates.txt").write_text("1\tblack\n2\twhite\n\n")
     assert xlsa17.load_attribute_names(tmp_path / "predicates.txt") == ["black", "white"]
     (tmp_path / "plain.txt").write_text("man-made\n3d shape\nsailing/ boating\n")
@@ -326,16 +334,18 @@ def test_labels_out_of_range(tmp_path):
 
 
 def test_unseen_class_in_trainval(tmp_path):
-    folder = write_dataset(tmp_path / "TOY", trainval_loc=_col(np.r_[TRAINVAL, 12] + 1),
-                           test_unseen_loc=_col(TEST_UNSEEN[1:] + 1))
+    folder = write_dataset(
+        tmp_path / "TOY", trainval_loc=_col(np.r_[TRAINVAL, 12] + 1), test_unseen_loc=_col(TEST_UNSEEN[1:] + 1)
+    )
     with pytest.raises(DataError, match=r"att_splits.mat: seen and unseen classes overlap.*'trainval_loc'"):
         xlsa17.load_xlsa17_dataset(folder, "toy", ZeroFeatures(N))
 
 
 def test_overlapping_seen_unseen(tmp_path):
     # a seen-class image (not in trainval) listed as unseen test image
-    folder = write_dataset(tmp_path / "TOY", test_seen_loc=_col(TEST_SEEN[1:] + 1),
-                           test_unseen_loc=_col(np.r_[TEST_UNSEEN, 9] + 1))
+    folder = write_dataset(
+        tmp_path / "TOY", test_seen_loc=_col(TEST_SEEN[1:] + 1), test_unseen_loc=_col(np.r_[TEST_UNSEEN, 9] + 1)
+    )
     with pytest.raises(DataError, match=r"att_splits.mat: seen and unseen classes overlap.*'test_unseen_loc'"):
         xlsa17.load_xlsa17_dataset(folder, "toy", ZeroFeatures(N))
     folder = write_dataset(tmp_path / "TOY2", test_seen_loc=_col(np.r_[TEST_SEEN, 3] + 1))

@@ -51,22 +51,25 @@ def build_backbone(weights: str = "imagenet", image_size: int = 448):
     else:
         spec = str(weights)
         if not os.path.isfile(spec):
-            raise DataError(f"{spec}: weights file not found (--weights takes 'imagenet', 'none' or a local "
-                            ".h5/.weights.h5 file)")
+            raise DataError(
+                f"{spec}: weights file not found (--weights takes 'imagenet', 'none' or a local .h5/.weights.h5 file)"
+            )
     try:
-        return keras.applications.ResNet101(include_top=False, weights=spec,
-                                            input_shape=(image_size, image_size, 3))
+        return keras.applications.ResNet101(include_top=False, weights=spec, input_shape=(image_size, image_size, 3))
     except DataError:
         raise
     except Exception as exc:
         if spec == "imagenet":
-            raise MSDNError(f"could not get Keras' ResNet-101 ImageNet weights ({type(exc).__name__}: {exc}); "
-                            "without network download them elsewhere and pass --weights FILE") from exc
+            raise MSDNError(
+                f"could not get Keras' ResNet-101 ImageNet weights ({type(exc).__name__}: {exc}); "
+                "without network download them elsewhere and pass --weights FILE"
+            ) from exc
         if spec is not None:
-            raise DataError(f"{spec}: cannot load ResNet-101 (include_top=False) weights from this file "
-                            f"({type(exc).__name__}: {exc})") from exc
+            raise DataError(
+                f"{spec}: cannot load ResNet-101 (include_top=False) weights from this file "
+                f"({type(exc).__name__}: {exc})"
+            ) from exc
         raise
-
 
 
 def decode_and_crop(encoded, image_size: int):
@@ -94,7 +97,7 @@ def decode_and_crop(encoded, image_size: int):
     # As torchvision CenterCrop: top = round((h - size) / 2) (round half to even).
     top = tf.cast(tf.round(tf.cast(new_h - size, tf.float32) / 2.0), tf.int32)
     left = tf.cast(tf.round(tf.cast(new_w - size, tf.float32) / 2.0), tf.int32)
-    img = img[top:top + image_size, left:left + image_size, :]
+    img = img[top : top + image_size, left : left + image_size, :]
     img = tf.clip_by_value(img, 0.0, 255.0)
     img.set_shape([image_size, image_size, 3])
     return img
@@ -107,7 +110,6 @@ def load_image(path, image_size: int):
     return decode_and_crop(tf.io.read_file(path), image_size)
 
 
-
 def call_backbone(backbone, x):
     """Run ``backbone`` on a batch ``x``; a Keras layer/model is called with ``training=False``."""
     import keras
@@ -115,4 +117,3 @@ def call_backbone(backbone, x):
     if isinstance(backbone, keras.layers.Layer):
         return backbone(x, training=False)
     return backbone(x)
-

@@ -56,10 +56,22 @@ import numpy as np
 from msdn_tf.errors import DataError
 
 __all__ = [
-    "IMAGENET_MEAN", "IMAGENET_STD", "MIN_SIDE", "MAX_PIXELS", "PRECISION_BITS",
-    "resized_size", "center_crop_offsets", "pil_coefficients", "pil_resize",
-    "reference_preprocess", "load_image", "load_and_preprocess",
-    "tf_pil_resize", "tf_preprocess_decoded", "tf_preprocess_encoded", "tf_preprocess_batch",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "MIN_SIDE",
+    "MAX_PIXELS",
+    "PRECISION_BITS",
+    "resized_size",
+    "center_crop_offsets",
+    "pil_coefficients",
+    "pil_resize",
+    "reference_preprocess",
+    "load_image",
+    "load_and_preprocess",
+    "tf_pil_resize",
+    "tf_preprocess_decoded",
+    "tf_preprocess_encoded",
+    "tf_preprocess_batch",
 ]
 
 IMAGENET_MEAN = np.asarray([0.485, 0.456, 0.406], np.float32)
@@ -159,7 +171,7 @@ def reference_preprocess(img: np.ndarray, size: int = 448) -> np.ndarray:
     new_h, new_w = resized_size(h, w, size)
     img = pil_resize(img, new_h, new_w)
     top, left = center_crop_offsets(new_h, new_w, size)
-    img = img[top:top + size, left:left + size]
+    img = img[top : top + size, left : left + size]
     x = img.astype(np.float32) / np.float32(255.0)
     return (x - IMAGENET_MEAN) / IMAGENET_STD
 
@@ -181,11 +193,15 @@ def load_image(path: str) -> np.ndarray:
             with Image.open(path) as im:
                 w, h = im.size
                 if w * h > MAX_PIXELS:
-                    raise DataError(f"{path}: image is {w}x{h} ({w * h} pixels), more than the {MAX_PIXELS} "
-                                    "accepted; downscale it first")
+                    raise DataError(
+                        f"{path}: image is {w}x{h} ({w * h} pixels), more than the {MAX_PIXELS} "
+                        "accepted; downscale it first"
+                    )
                 if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-                    raise DataError(f"{path}: a {im.mode} (16/32-bit single-channel) image; the reference's "
-                                    "convert('RGB') clips such values at 255, so convert it to 8-bit first")
+                    raise DataError(
+                        f"{path}: a {im.mode} (16/32-bit single-channel) image; the reference's "
+                        "convert('RGB') clips such values at 255, so convert it to 8-bit first"
+                    )
                 im.load()
                 rgb = im if im.mode == "RGB" else im.convert("RGB")
                 arr = np.asarray(rgb, dtype=np.uint8)
@@ -198,8 +214,9 @@ def load_image(path: str) -> np.ndarray:
     except Exception as exc:  # PIL raises UnidentifiedImageError, OSError, SyntaxError...
         raise DataError(f"{path}: cannot read or decode the image ({type(exc).__name__}: {exc})") from None
     if min(arr.shape[:2]) < MIN_SIDE:
-        raise DataError(f"{path}: image is {arr.shape[1]}x{arr.shape[0]}; the shorter side must be at least "
-                        f"{MIN_SIDE} pixels")
+        raise DataError(
+            f"{path}: image is {arr.shape[1]}x{arr.shape[0]}; the shorter side must be at least {MIN_SIDE} pixels"
+        )
     return arr
 
 
@@ -257,12 +274,16 @@ def tf_pil_resize(img, height, width):
     width = tf.cast(width, tf.int32)
     shape = tf.shape(img)
     h, w = shape[0], shape[1]
-    x = tf.cond(tf.not_equal(w, width),
-                lambda: _tf_round_shift(tf.einsum("ow,hwc->hoc", _tf_coefficient_matrix(w, width), x)),
-                lambda: x)
-    x = tf.cond(tf.not_equal(h, height),
-                lambda: _tf_round_shift(tf.einsum("oh,hwc->owc", _tf_coefficient_matrix(h, height), x)),
-                lambda: x)
+    x = tf.cond(
+        tf.not_equal(w, width),
+        lambda: _tf_round_shift(tf.einsum("ow,hwc->hoc", _tf_coefficient_matrix(w, width), x)),
+        lambda: x,
+    )
+    x = tf.cond(
+        tf.not_equal(h, height),
+        lambda: _tf_round_shift(tf.einsum("oh,hwc->owc", _tf_coefficient_matrix(h, height), x)),
+        lambda: x,
+    )
     return tf.cast(x, tf.uint8)
 
 
@@ -272,10 +293,12 @@ def tf_preprocess_decoded(img, size: int = 448):
 
     shape = tf.shape(img)
     h, w = shape[0], shape[1]
-    tf.debugging.assert_greater_equal(tf.minimum(h, w), MIN_SIDE,
-                                      message=f"image shorter side below {MIN_SIDE} pixels")
-    tf.debugging.assert_less_equal(tf.cast(h, tf.int64) * tf.cast(w, tf.int64), tf.constant(MAX_PIXELS, tf.int64),
-                                   message=f"image has more than {MAX_PIXELS} pixels")
+    tf.debugging.assert_greater_equal(tf.minimum(h, w), MIN_SIDE, message=f"image shorter side below {MIN_SIDE} pixels")
+    tf.debugging.assert_less_equal(
+        tf.cast(h, tf.int64) * tf.cast(w, tf.int64),
+        tf.constant(MAX_PIXELS, tf.int64),
+        message=f"image has more than {MAX_PIXELS} pixels",
+    )
     hf, wf = tf.cast(h, tf.float64), tf.cast(w, tf.float64)
     long_h = tf.cast(tf.math.floor(tf.cast(size * h, tf.float64) / wf), tf.int32)
     long_w = tf.cast(tf.math.floor(tf.cast(size * w, tf.float64) / hf), tf.int32)
@@ -284,7 +307,7 @@ def tf_preprocess_decoded(img, size: int = 448):
     img = tf_pil_resize(img, new_h, new_w)
     top = tf.cast(tf.round(tf.cast(new_h - size, tf.float64) / 2.0), tf.int32)
     left = tf.cast(tf.round(tf.cast(new_w - size, tf.float64) / 2.0), tf.int32)
-    img = img[top:top + size, left:left + size, :]
+    img = img[top : top + size, left : left + size, :]
     x = tf.cast(img, tf.float32) / 255.0
     x = (x - tf.constant(IMAGENET_MEAN)) / tf.constant(IMAGENET_STD)
     return tf.ensure_shape(x, [size, size, 3])
@@ -313,5 +336,6 @@ def tf_preprocess_batch(images, size: int = 448):
     """(B,) encoded images -> (B, size, size, 3) normalised backbone input."""
     import tensorflow as tf
 
-    return tf.map_fn(lambda e: tf_preprocess_encoded(e, size), images,
-                     fn_output_signature=tf.TensorSpec((size, size, 3), tf.float32))
+    return tf.map_fn(
+        lambda e: tf_preprocess_encoded(e, size), images, fn_output_signature=tf.TensorSpec((size, size, 3), tf.float32)
+    )

@@ -74,7 +74,13 @@ BN_EPSILON = 1e-5
 EXPANSION = 4
 #: Child index of ``nn.Sequential(*list(resnet101.children())[:-2])`` -> module name.
 MSDN_CHILD_INDEX: Dict[str, str] = {
-    "0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3", "7": "layer4"}
+    "0": "conv1",
+    "1": "bn1",
+    "4": "layer1",
+    "5": "layer2",
+    "6": "layer3",
+    "7": "layer4",
+}
 #: Keys of a torchvision state_dict that are not part of the trunk (skipped).
 HEAD_PREFIXES = ("fc.",)
 _BN_PARTS = ("weight", "bias", "running_mean", "running_var")
@@ -87,7 +93,7 @@ def _module_specs(blocks: Sequence[int], width: int):
     yield "bn1", "bn", (width,)
     inplanes = width
     for stage, n in enumerate(blocks):
-        planes = width * 2 ** stage
+        planes = width * 2**stage
         for b in range(n):
             p = f"layer{stage + 1}.{b}"
             yield f"{p}.conv1", "conv", (planes, inplanes, 1, 1)
@@ -120,8 +126,12 @@ def expected_state_shapes(blocks: Sequence[int] = RESNET101_BLOCKS, width: int =
     return out
 
 
-def build_torchvision_resnet(blocks: Sequence[int] = RESNET101_BLOCKS, width: int = 64,
-                             image_size: Optional[int] = None, name: Optional[str] = None):
+def build_torchvision_resnet(
+    blocks: Sequence[int] = RESNET101_BLOCKS,
+    width: int = 64,
+    image_size: Optional[int] = None,
+    name: Optional[str] = None,
+):
     """The torchvision ResNet trunk (conv1 .. layer4) as a Keras functional model.
 
     Args:
@@ -170,7 +180,7 @@ def build_torchvision_resnet(blocks: Sequence[int] = RESNET101_BLOCKS, width: in
     x = layers.MaxPooling2D(3, strides=2, padding="valid", name="maxpool")(x)
     inplanes = width
     for stage, n in enumerate(blocks):
-        planes = width * 2 ** stage
+        planes = width * 2**stage
         for b in range(n):
             p = f"layer{stage + 1}.{b}"
             stride = 2 if (b == 0 and stage > 0) else 1
@@ -180,8 +190,7 @@ def build_torchvision_resnet(blocks: Sequence[int] = RESNET101_BLOCKS, width: in
             y = layers.ReLU(name=f"{p}.relu2")(bn(y, f"{p}.bn2"))
             y = bn(conv(y, planes * EXPANSION, 1, 1, 0, f"{p}.conv3"), f"{p}.bn3")
             if b == 0 and (stage > 0 or inplanes != planes * EXPANSION):
-                shortcut = bn(conv(x, planes * EXPANSION, 1, stride, 0, f"{p}.downsample.0"),
-                              f"{p}.downsample.1")
+                shortcut = bn(conv(x, planes * EXPANSION, 1, stride, 0, f"{p}.downsample.0"), f"{p}.downsample.1")
             else:
                 shortcut = x
             x = layers.ReLU(name=f"{p}.relu")(layers.Add(name=f"{p}.add")([y, shortcut]))
@@ -212,11 +221,13 @@ def normalize_backbone_keys(state: Mapping[str, np.ndarray], source: str) -> Dic
         if m:
             child, rest = m.groups()
             if child not in MSDN_CHILD_INDEX:
-                raise DataError(f"{source}: key '{key}' names child {child} of resnet101.children()[:-2], "
-                                "which has no parameters (0 conv1, 1 bn1, 4-7 layer1-4)")
+                raise DataError(
+                    f"{source}: key '{key}' names child {child} of resnet101.children()[:-2], "
+                    "which has no parameters (0 conv1, 1 bn1, 4-7 layer1-4)"
+                )
             key = f"{MSDN_CHILD_INDEX[child]}.{rest}"
         elif key.startswith("module."):
-            key = key[len("module."):]
+            key = key[len("module.") :]
         if key.startswith(HEAD_PREFIXES) or key.endswith("." + _BN_OPTIONAL):
             continue
         if key in out:
@@ -255,8 +266,10 @@ def check_trunk_state(state: Mapping[str, np.ndarray], blocks: Sequence[int], wi
             parts.append(f"missing {len(missing)} tensor(s), e.g. {missing[:4]}")
         if extra:
             parts.append(f"unexpected {len(extra)} tensor(s), e.g. {extra[:4]}")
-        raise DataError(f"{source}: not the weights of a torchvision-layout ResNet-{depth} trunk (blocks "
-                        f"{list(blocks)}, width {width}): " + "; ".join(parts))
+        raise DataError(
+            f"{source}: not the weights of a torchvision-layout ResNet-{depth} trunk (blocks "
+            f"{list(blocks)}, width {width}): " + "; ".join(parts)
+        )
     for key, shape in want.items():
         got = tuple(np.shape(state[key]))
         if got != shape:
@@ -289,8 +302,10 @@ def trunk_from_checkpoint(backbone: Mapping[str, np.ndarray], source: str):
     trunk = normalize_backbone_keys(picked, source)
     blocks, _ = infer_architecture(trunk)
     if min(blocks) < 1 or "conv1.weight" not in trunk or np.ndim(trunk["conv1.weight"]) != 4:
-        raise DataError(f"{source}: the resnet101.* tensors do not form a ResNet trunk (stages {list(blocks)}, "
-                        f"conv1 {'present' if 'conv1.weight' in trunk else 'missing'})")
+        raise DataError(
+            f"{source}: the resnet101.* tensors do not form a ResNet trunk (stages {list(blocks)}, "
+            f"conv1 {'present' if 'conv1.weight' in trunk else 'missing'})"
+        )
     width = int(np.shape(trunk["conv1.weight"])[0])
     check_trunk_state(trunk, blocks, width, source)
     return trunk, blocks, width
@@ -343,8 +358,12 @@ def load_torchvision_weights(model, state: Mapping[str, np.ndarray], source: str
             kernel = np.transpose(np.asarray(state[f"{name}.weight"], np.float32), (2, 3, 1, 0))
             layer.set_weights([kernel])
         else:
-            layer.set_weights([np.asarray(state[f"{name}.{part}"], np.float32)
-                               for part in ("weight", "bias", "running_mean", "running_var")])
+            layer.set_weights(
+                [
+                    np.asarray(state[f"{name}.{part}"], np.float32)
+                    for part in ("weight", "bias", "running_mean", "running_var")
+                ]
+            )
 
 
 def _model_arch(model) -> Tuple[Tuple[int, ...], int]:
@@ -354,8 +373,9 @@ def _model_arch(model) -> Tuple[Tuple[int, ...], int]:
     return blocks, width
 
 
-def load_backbone_file(path, blocks: Optional[Sequence[int]] = RESNET101_BLOCKS, width: int = 64,
-                       image_size: Optional[int] = None):
+def load_backbone_file(
+    path, blocks: Optional[Sequence[int]] = RESNET101_BLOCKS, width: int = 64, image_size: Optional[int] = None
+):
     """Build the trunk and load a torchvision state_dict or MSDN checkpoint file into it.
 
     Args:
@@ -388,24 +408,33 @@ def load_backbone_file(path, blocks: Optional[Sequence[int]] = RESNET101_BLOCKS,
             raise DataError(f"{path}: holds a ResNet with blocks {list(file_blocks)}, expected {list(blocks)}")
         model = build_torchvision_resnet(file_blocks, file_width, image_size=image_size)
         load_torchvision_weights(model, trunk, path)
-        return model, {"source": path, "format": "npz", "blocks": list(file_blocks), "width": file_width,
-                       "tensors": len(trunk)}
+        return model, {
+            "source": path,
+            "format": "npz",
+            "blocks": list(file_blocks),
+            "width": file_width,
+            "tensors": len(trunk),
+        }
     try:
         with open(path, "rb") as fh:
             head = fh.read(8)
     except OSError as exc:
         raise DataError(f"{path}: cannot read the backbone weights file ({exc})") from None
     if head.startswith(b"\x89HDF"):
-        raise DataError(f"{path} is an HDF5 (Keras .h5) file; --weights for the torchvision backbone takes a "
-                        "PyTorch .pth state_dict (use --backbone keras_resnet101 for Keras weights)")
+        raise DataError(
+            f"{path} is an HDF5 (Keras .h5) file; --weights for the torchvision backbone takes a "
+            "PyTorch .pth state_dict (use --backbone keras_resnet101 for Keras weights)"
+        )
     state = read_torch_state_dict(path)
     fmt = "msdn_checkpoint" if any(_MSDN_KEY.match(k) for k in state) else "torchvision_state_dict"
     if fmt == "msdn_checkpoint":
         state = {k: v for k, v in state.items() if _MSDN_KEY.match(k)}
     trunk = normalize_backbone_keys(state, path)
     if not trunk:
-        raise DataError(f"{path}: no ResNet tensors (expected torchvision keys such as 'conv1.weight' or MSDN "
-                        "keys 'resnet101.0.weight'...)")
+        raise DataError(
+            f"{path}: no ResNet tensors (expected torchvision keys such as 'conv1.weight' or MSDN "
+            "keys 'resnet101.0.weight'...)"
+        )
     if blocks is None:
         blocks, _ = infer_architecture(trunk)
         if min(blocks) < 1:
@@ -414,14 +443,14 @@ def load_backbone_file(path, blocks: Optional[Sequence[int]] = RESNET101_BLOCKS,
             width = int(np.shape(trunk["conv1.weight"])[0])
     model = build_torchvision_resnet(blocks, width, image_size=image_size)
     load_torchvision_weights(model, trunk, path)
-    return model, {"source": path, "format": fmt, "blocks": list(blocks), "width": int(width),
-                   "tensors": len(trunk)}
+    return model, {"source": path, "format": fmt, "blocks": list(blocks), "width": int(width), "tensors": len(trunk)}
 
 
 TORCHVISION_WEIGHTS_HINT = (
     "--backbone torchvision_resnet101 needs --weights FILE: a torchvision resnet101 state_dict (the ImageNet V1 "
     "weights the reference used: https://download.pytorch.org/models/resnet101-63fe2227.pth) or a released MSDN "
-    "checkpoint (CUB_MSDN_GZSL.pth...)")
+    "checkpoint (CUB_MSDN_GZSL.pth...)"
+)
 
 
 def build_torchvision_backbone(weights, image_size: Optional[int] = None):
@@ -439,4 +468,3 @@ def build_torchvision_backbone(weights, image_size: Optional[int] = None):
         raise DataError(f"{weights}: weights file not found")
     model, _ = load_backbone_file(str(weights), image_size=image_size)
     return model
-

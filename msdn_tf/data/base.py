@@ -25,8 +25,9 @@ def check_data_dir(data_dir) -> Path:
     """``data_dir`` as a Path; a :class:`DataError` if it names a file rather than a folder."""
     folder = Path(data_dir)
     if folder.exists() and not folder.is_dir():
-        raise DataError(f"--data-dir {folder}: is a file, not a directory; pass the folder that holds "
-                        "the dataset's files")
+        raise DataError(
+            f"--data-dir {folder}: is a file, not a directory; pass the folder that holds the dataset's files"
+        )
     return folder
 
 
@@ -77,7 +78,7 @@ def nonfinite_rows(features, rows, chunk: int = 256) -> np.ndarray:
     rows = np.unique(np.asarray(rows, dtype=np.int64).reshape(-1))
     bad = []
     for start in range(0, rows.size, chunk):
-        part = rows[start:start + chunk]
+        part = rows[start : start + chunk]
         x = np.asarray(features.read(part))
         bad.append(part[~np.isfinite(x.reshape(part.size, -1)).all(axis=1)])
     return np.concatenate(bad) if bad else rows[:0]
@@ -124,13 +125,16 @@ def integer_array(value, key: str, source: str) -> np.ndarray:
         bad = np.flatnonzero(~np.isfinite(arr) | (arr != np.round(arr)))
         if bad.size:
             i = int(bad[0])
-            raise DataError(f"{source}: '{key}' must hold whole numbers, but entry {i} is {arr[i].item()!r}"
-                            f"{f' ({bad.size} such entries)' if bad.size > 1 else ''}")
+            raise DataError(
+                f"{source}: '{key}' must hold whole numbers, but entry {i} is {arr[i].item()!r}"
+                f"{f' ({bad.size} such entries)' if bad.size > 1 else ''}"
+            )
         return arr.astype(np.int64)
     what = {"U": "strings", "S": "strings", "O": "objects (strings?)", "b": "booleans"}.get(kind, arr.dtype.name)
     example = f", e.g. {arr[0].item()!r}" if arr.size and kind != "O" else ""
-    raise DataError(f"{source}: '{key}' must hold integers (0-based ids), got {what}{example}; "
-                    "map string labels to class ids first")
+    raise DataError(
+        f"{source}: '{key}' must hold integers (0-based ids), got {what}{example}; map string labels to class ids first"
+    )
 
 
 @dataclasses.dataclass
@@ -242,9 +246,7 @@ def _check_shapes(data: ZSLData) -> None:
     if len(data.features.shape) != 3:
         raise DataError(f"{src}: features must be (N, R, F), got shape {tuple(data.features.shape)}")
     if data.labels.shape[0] != n:
-        raise DataError(
-            f"{src}: 'labels' has {data.labels.shape[0]} entries but the feature file has {n} images"
-        )
+        raise DataError(f"{src}: 'labels' has {data.labels.shape[0]} entries but the feature file has {n} images")
     if data.att.ndim != 2:
         raise DataError(f"{src}: 'att' must be 2-D (classes, attributes), got shape {data.att.shape}")
     c, k = data.att.shape
@@ -262,12 +264,16 @@ def _check_finite(data: ZSLData) -> None:
     """No NaN or infinite value in ``att`` or ``w2v``; the error names the classes/attributes."""
     bad = np.flatnonzero(~np.isfinite(data.att).all(axis=1))
     if bad.size:
-        raise DataError(f"{data.source}: 'att' (class attributes) holds NaN or infinite values for class(es) "
-                        f"{[data.class_names[i] for i in bad[:10]]}")
+        raise DataError(
+            f"{data.source}: 'att' (class attributes) holds NaN or infinite values for class(es) "
+            f"{[data.class_names[i] for i in bad[:10]]}"
+        )
     bad = np.flatnonzero(~np.isfinite(data.w2v).all(axis=1))
     if bad.size:
-        raise DataError(f"{data.source}: 'w2v_att' (attribute word vectors) holds NaN or infinite values for "
-                        f"attribute(s) {[data.attribute_names[i] for i in bad[:10]]}")
+        raise DataError(
+            f"{data.source}: 'w2v_att' (attribute word vectors) holds NaN or infinite values for "
+            f"attribute(s) {[data.attribute_names[i] for i in bad[:10]]}"
+        )
 
 
 def _check_labels_and_rows(data: ZSLData) -> None:
@@ -288,15 +294,16 @@ def _check_labels_and_rows(data: ZSLData) -> None:
             raise DataError(f"{src}: '{key}' is empty")
         if loc.size and (loc.min() < 0 or loc.max() >= n):
             raise DataError(
-                f"{src}: '{key}' must hold 0-based row indices in [0, {n}), found range "
-                f"[{loc.min()}, {loc.max()}]"
+                f"{src}: '{key}' must hold 0-based row indices in [0, {n}), found range [{loc.min()}, {loc.max()}]"
             )
         unique, counts = np.unique(loc, return_counts=True)
         if unique.size != loc.size:
             dup = unique[counts > 1]
-            raise DataError(f"{src}: '{key}' lists {loc.size - unique.size} row(s) more than once "
-                            f"(e.g. row {int(dup[0])} {int(counts[counts > 1][0])} times); each image "
-                            "belongs in a split once")
+            raise DataError(
+                f"{src}: '{key}' lists {loc.size - unique.size} row(s) more than once "
+                f"(e.g. row {int(dup[0])} {int(counts[counts > 1][0])} times); each image "
+                "belongs in a split once"
+            )
 
 
 def _check_split_classes(data: ZSLData) -> None:
@@ -311,9 +318,7 @@ def _check_split_classes(data: ZSLData) -> None:
         )
     stray = np.setdiff1d(np.unique(data.labels[data.test_seen_loc]), seen)
     if stray.size:
-        raise DataError(
-            f"{src}: 'test_seen_loc' holds classes {stray[:10].tolist()} that are not in trainval"
-        )
+        raise DataError(f"{src}: 'test_seen_loc' holds classes {stray[:10].tolist()} that are not in trainval")
     if data.train_loc is not None and data.val_loc is not None:
         outside = np.setdiff1d(np.concatenate([data.train_loc, data.val_loc]), data.trainval_loc)
         if outside.size:

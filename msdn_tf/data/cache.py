@@ -95,15 +95,19 @@ def _npy_layout(path: str) -> tuple:
     except Exception as exc:
         raise DataError(f"{path}: not a readable .npy file ({type(exc).__name__}: {exc})") from exc
     if fortran or len(shape) != 3:
-        raise DataError(f"{path}: the cache must be a C-ordered (N, R, F) array, got shape {shape}"
-                        f"{' (Fortran order)' if fortran else ''}")
+        raise DataError(
+            f"{path}: the cache must be a C-ordered (N, R, F) array, got shape {shape}"
+            f"{' (Fortran order)' if fortran else ''}"
+        )
     if dtype.name not in DTYPES:
         raise DataError(f"{path}: the cache dtype must be float16 or float32, got {dtype}")
     expected = offset + int(np.prod(shape)) * dtype.itemsize
     size = os.path.getsize(path)
     if size != expected:
-        raise DataError(f"{path}: the file has {size} bytes but its header {shape} {dtype} needs {expected} "
-                        "(truncated?); delete it and prepare the cache again")
+        raise DataError(
+            f"{path}: the file has {size} bytes but its header {shape} {dtype} needs {expected} "
+            "(truncated?); delete it and prepare the cache again"
+        )
     return tuple(int(s) for s in shape), dtype, offset
 
 
@@ -157,8 +161,9 @@ class MemmapFeatures:
     def _indices(self, indices) -> np.ndarray:
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= self.shape[0]):
-            raise DataError(f"{self.path}: row indices must be in [0, {self.shape[0]}), got range "
-                            f"[{idx.min()}, {idx.max()}]")
+            raise DataError(
+                f"{self.path}: row indices must be in [0, {self.shape[0]}), got range [{idx.min()}, {idx.max()}]"
+            )
         return idx
 
     def read_native(self, indices, out: Optional[np.ndarray] = None) -> np.ndarray:
@@ -242,8 +247,10 @@ def cache_status(cache_path: str, source_path: Optional[str] = None, dtype="floa
         was = meta.get("source", {})
         for key in ("size", "mtime_ns"):
             if was.get(key) != now[key]:
-                return False, (f"stale: the source {source_path} changed since the cache was made "
-                               f"({key} {was.get(key)} -> {now[key]})")
+                return False, (
+                    f"stale: the source {source_path} changed since the cache was made "
+                    f"({key} {was.get(key)} -> {now[key]})"
+                )
     return True, "up to date"
 
 
@@ -256,9 +263,18 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, unit="img", desc=desc, file=sys.stderr)
 
 
-def write_cache(out_path: str, shape: tuple, read_chunk: Callable[[int, int], np.ndarray], *,
-                dtype="float16", chunk_rows: int = 256, source: Optional[dict] = None,
-                normalize: bool = True, progress: bool = True, extra: Optional[dict] = None) -> str:
+def write_cache(
+    out_path: str,
+    shape: tuple,
+    read_chunk: Callable[[int, int], np.ndarray],
+    *,
+    dtype="float16",
+    chunk_rows: int = 256,
+    source: Optional[dict] = None,
+    normalize: bool = True,
+    progress: bool = True,
+    extra: Optional[dict] = None,
+) -> str:
     """Write a ``(N, R, F)`` cache from ``read_chunk(start, stop) -> (stop-start, R, F)`` rows.
 
     Rows are normalised per region (unless ``normalize=False``: the chunks are then
@@ -279,8 +295,9 @@ def write_cache(out_path: str, shape: tuple, read_chunk: Callable[[int, int], np
     started = time.time()
     try:
         with open(tmp, "wb") as fh:
-            np.lib.format.write_array_header_2_0(fh, {"descr": np.lib.format.dtype_to_descr(dt),
-                                                      "fortran_order": False, "shape": (n, r, f)})
+            np.lib.format.write_array_header_2_0(
+                fh, {"descr": np.lib.format.dtype_to_descr(dt), "fortran_order": False, "shape": (n, r, f)}
+            )
             for start in range(0, n, chunk_rows):
                 stop = min(n, start + chunk_rows)
                 x = _checked_chunk(read_chunk, start, stop, (r, f), normalize, source)
@@ -292,10 +309,18 @@ def write_cache(out_path: str, shape: tuple, read_chunk: Callable[[int, int], np
         if os.path.exists(side):
             os.remove(side)  # the old sidecar must not vouch for the new file
         os.replace(tmp, out_path)
-        meta = {"version": CACHE_VERSION, "shape": [n, r, f], "dtype": dt.name, "layout": "channel-last (N, R, F)",
-                "normalized": bool(normalize), "norm_eps": NORM_EPS, "source": source or {},
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "seconds": round(time.time() - started, 2), **(extra or {})}
+        meta = {
+            "version": CACHE_VERSION,
+            "shape": [n, r, f],
+            "dtype": dt.name,
+            "layout": "channel-last (N, R, F)",
+            "normalized": bool(normalize),
+            "norm_eps": NORM_EPS,
+            "source": source or {},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "seconds": round(time.time() - started, 2),
+            **(extra or {}),
+        }
         _write_sidecar(side, meta)
     except OSError as exc:
         if exc.filename is None:  # e.g. ENOSPC from write/fsync: name the file being written
@@ -309,8 +334,9 @@ def write_cache(out_path: str, shape: tuple, read_chunk: Callable[[int, int], np
     return out_path
 
 
-def _checked_chunk(read_chunk, start: int, stop: int, row_shape: tuple, normalize: bool,
-                   source: Optional[dict]) -> np.ndarray:
+def _checked_chunk(
+    read_chunk, start: int, stop: int, row_shape: tuple, normalize: bool, source: Optional[dict]
+) -> np.ndarray:
     """Rows ``start:stop`` from ``read_chunk``: shape checked, normalised per region if asked, all finite."""
     x = np.asarray(read_chunk(start, stop))
     if x.shape != (stop - start,) + tuple(row_shape):
@@ -321,9 +347,11 @@ def _checked_chunk(read_chunk, start: int, stop: int, row_shape: tuple, normaliz
     if not finite.all():
         rows = start + np.flatnonzero(~finite)
         where = (source or {}).get("path", "the source")
-        raise DataError(f"{where}: feature row(s) {rows[:10].tolist()}"
-                        f"{' ...' if rows.size > 10 else ''} hold NaN or infinite values; "
-                        "fix or drop these images (no cache was written)")
+        raise DataError(
+            f"{where}: feature row(s) {rows[:10].tolist()}"
+            f"{' ...' if rows.size > 10 else ''} hold NaN or infinite values; "
+            "fix or drop these images (no cache was written)"
+        )
     return x
 
 
@@ -360,15 +388,23 @@ def _hdf5_reader(path: str, key: str = "feature_map"):
         try:
             x = np.asarray(ds[start:stop], dtype=np.float32)  # contiguous slice: one read per chunk
         except (OSError, ValueError) as exc:
-            raise DataError(f"{path}: failed to read rows {start}:{stop} of '{key}' ({exc}); corrupt or "
-                            "truncated file?") from exc
+            raise DataError(
+                f"{path}: failed to read rows {start}:{stop} of '{key}' ({exc}); corrupt or truncated file?"
+            ) from exc
         return x.reshape(stop - start, f, h * w).transpose(0, 2, 1)
 
     return fh, (n, h * w, f), read_chunk
 
 
-def build_cache_from_hdf5(source_path: str, cache_path: Optional[str] = None, *, dtype="float16",
-                          key: str = "feature_map", chunk_rows: int = 64, progress: bool = True) -> str:
+def build_cache_from_hdf5(
+    source_path: str,
+    cache_path: Optional[str] = None,
+    *,
+    dtype="float16",
+    key: str = "feature_map",
+    chunk_rows: int = 64,
+    progress: bool = True,
+) -> str:
     """Convert a §1.1 feature-map HDF5 into a normalised channel-last cache (see module docstring)."""
     source_path = str(source_path)
     if not os.path.isfile(source_path):
@@ -377,8 +413,15 @@ def build_cache_from_hdf5(source_path: str, cache_path: Optional[str] = None, *,
     sig = source_signature(source_path)
     fh, shape, read_chunk = _hdf5_reader(source_path, key)
     try:
-        return write_cache(cache_path, shape, read_chunk, dtype=dtype, chunk_rows=chunk_rows,
-                           source={**sig, "key": key}, progress=progress)
+        return write_cache(
+            cache_path,
+            shape,
+            read_chunk,
+            dtype=dtype,
+            chunk_rows=chunk_rows,
+            source={**sig, "key": key},
+            progress=progress,
+        )
     finally:
         fh.close()
 
@@ -404,8 +447,9 @@ def remove_stale_temporaries(cache_path: str, log: Callable[[str], None]) -> lis
     import glob
 
     removed = []
-    for tmp in sorted(glob.glob(glob.escape(str(cache_path)) + ".tmp-*")
-                      + glob.glob(glob.escape(sidecar_path(cache_path)) + ".tmp-*")):
+    for tmp in sorted(
+        glob.glob(glob.escape(str(cache_path)) + ".tmp-*") + glob.glob(glob.escape(sidecar_path(cache_path)) + ".tmp-*")
+    ):
         tail = tmp.rsplit(".tmp-", 1)[1]
         if not tail.isdigit():
             continue
@@ -418,15 +462,24 @@ def remove_stale_temporaries(cache_path: str, log: Callable[[str], None]) -> lis
             os.remove(tmp)
         except FileNotFoundError:
             continue
-        log(f"msdn-tf: removed {tmp} ({size / 1e9:.2f} GB), left by process {pid} that was killed while "
-            "building the cache")
+        log(
+            f"msdn-tf: removed {tmp} ({size / 1e9:.2f} GB), left by process {pid} that was killed while "
+            "building the cache"
+        )
         removed.append(tmp)
     return removed
 
 
-def ensure_cache(source_path: str, cache_dir: Optional[str] = None, dtype="float16", *,
-                 rebuild: bool = False, progress: bool = True, log: Callable[[str], None] = None,
-                 mode: str = "pread") -> MemmapFeatures:
+def ensure_cache(
+    source_path: str,
+    cache_dir: Optional[str] = None,
+    dtype="float16",
+    *,
+    rebuild: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = None,
+    mode: str = "pread",
+) -> MemmapFeatures:
     """The cache of ``source_path`` as a :class:`MemmapFeatures`, (re)built when absent or stale."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     path = cache_path_for(source_path, cache_dir, dtype)
@@ -452,7 +505,9 @@ def use_cache(data: ZSLData, source_path, config, log=_log) -> ZSLData:
         return data
     cached = ensure_cache(str(source_path), config.data.cache_dir, config.data.cache_dtype, log=log)
     if tuple(cached.shape) != tuple(data.features.shape):
-        raise DataError(f"{cached.path}: the cache holds {cached.shape} but {source_path} has "
-                        f"{tuple(data.features.shape)}; delete the cache")
+        raise DataError(
+            f"{cached.path}: the cache holds {cached.shape} but {source_path} has "
+            f"{tuple(data.features.shape)}; delete the cache"
+        )
     data.features = cached
     return data

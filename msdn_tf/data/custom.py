@@ -14,7 +14,8 @@ into a prepared folder ``DATA_DIR``:
   split sizes, backbone, word-vector report);
 * ``images.csv``: ``path,class,split`` of every row of ``features.hdf5``.
 
-The ``custom`` entry of :mod:`msdn_tf.data.registry` (:func:`load_custom_dataset`) loads ``config.data.data_dir`` back into a :class:`~msdn_tf.data.base.ZSLData`,
+The ``custom`` entry of :mod:`msdn_tf.data.registry` (:func:`load_custom_dataset`) loads
+``config.data.data_dir`` back into a :class:`~msdn_tf.data.base.ZSLData`,
 so training, evaluation, export and visualisation are the benchmark code paths.
 The input format is documented in ``docs/custom_data.md``.
 """
@@ -88,12 +89,19 @@ def read_image_folder(root) -> List[ImageEntry]:
         raise DataError(f"{root}: image folder not found (expected {root}/<class>/*.jpg)")
     loose = [p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
     if loose:
-        raise DataError(f"{root}: images must be in one folder per class ({root}/<class>/*.jpg); found images "
-                        f"directly in {root}: {_short(loose, 5)}")
+        raise DataError(
+            f"{root}: images must be in one folder per class ({root}/<class>/*.jpg); found images "
+            f"directly in {root}: {_short(loose, 5)}"
+        )
     out = []
     for cls_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = sorted(p for p in cls_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                       and not any(part.startswith(".") for part in p.relative_to(root).parts))
+        files = sorted(
+            p
+            for p in cls_dir.rglob("*")
+            if p.is_file()
+            and p.suffix.lower() in IMAGE_EXTENSIONS
+            and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        )
         out.extend(ImageEntry(os.path.abspath(p), cls_dir.name, None, str(p)) for p in files)
     if not out:
         raise DataError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in class folders {root}/<class>/")
@@ -131,8 +139,10 @@ def read_image_csv(path, images_root=None) -> List[ImageEntry]:
             ip = next(i for i, h in enumerate(header) if h in _PATH_COLUMNS)
             ic = next(i for i, h in enumerate(header) if h in _CLASS_COLUMNS)
         except StopIteration:
-            raise DataError(f"{path}: the header {rows[0][1]} needs a path column ({'/'.join(_PATH_COLUMNS)}) "
-                            f"and a class column ({'/'.join(_CLASS_COLUMNS)})") from None
+            raise DataError(
+                f"{path}: the header {rows[0][1]} needs a path column ({'/'.join(_PATH_COLUMNS)}) "
+                f"and a class column ({'/'.join(_CLASS_COLUMNS)})"
+            ) from None
         isplit = header.index("split") if "split" in header else None
         rows = rows[1:]
     elif len(header) >= 3:
@@ -141,8 +151,10 @@ def read_image_csv(path, images_root=None) -> List[ImageEntry]:
     for lineno, r in rows:
         need = max(ip, ic, isplit or 0) + 1
         if len(r) < need:
-            raise DataError(f"{path}: line {lineno} has {len(r)} column(s), expected path,class"
-                            + (",split" if isplit is not None else ""))
+            raise DataError(
+                f"{path}: line {lineno} has {len(r)} column(s), expected path,class"
+                + (",split" if isplit is not None else "")
+            )
         file, cls = r[ip].strip(), r[ic].strip()
         if not file or not cls:
             raise DataError(f"{path}: line {lineno}: empty image path or class name")
@@ -156,8 +168,9 @@ def read_image_csv(path, images_root=None) -> List[ImageEntry]:
     given = [e.split is not None for e in out]
     if any(given) and not all(given):
         first = next(e for e in out if e.split is None)
-        raise DataError(f"{path}: the split column must be filled for every row or for none; "
-                        f"{first.where} ({first.path}) has none")
+        raise DataError(
+            f"{path}: the split column must be filled for every row or for none; {first.where} ({first.path}) has none"
+        )
     return out
 
 
@@ -174,11 +187,15 @@ def check_image_files(entries: Sequence[ImageEntry]) -> None:
         if not any(head.startswith(magic) for magic, _ in _MAGIC):
             bad.append(e)
     if missing:
-        raise DataError(f"{len(missing)} image file(s) not found or unreadable: "
-                        + "; ".join(f"{e.path} (listed at {e.where})" for e in missing[:10]))
+        raise DataError(
+            f"{len(missing)} image file(s) not found or unreadable: "
+            + "; ".join(f"{e.path} (listed at {e.where})" for e in missing[:10])
+        )
     if bad:
-        raise DataError(f"{len(bad)} file(s) are not readable JPEG/PNG/GIF/BMP images (empty or another format): "
-                        + "; ".join(e.path for e in bad[:10]))
+        raise DataError(
+            f"{len(bad)} file(s) are not readable JPEG/PNG/GIF/BMP images (empty or another format): "
+            + "; ".join(e.path for e in bad[:10])
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,13 +250,15 @@ def _read_table_rows(path: Path) -> list:
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
-            rows = [(i, r) for i, r in enumerate(csv.reader(fh, delimiter=delimiter), 1)
-                    if r and any(c.strip() for c in r)]
+            rows = [
+                (i, r) for i, r in enumerate(csv.reader(fh, delimiter=delimiter), 1) if r and any(c.strip() for c in r)
+            ]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"{path}: cannot read the attribute table ({exc})") from exc
     if len(rows) < 2:
-        raise DataError(f"{path}: the attribute table needs a header row (class, attribute names...) and one "
-                        "row per class")
+        raise DataError(
+            f"{path}: the attribute table needs a header row (class, attribute names...) and one row per class"
+        )
     return rows
 
 
@@ -248,8 +267,9 @@ def _attribute_header(path: Path, header_cells) -> list:
     header = [c.strip() for c in header_cells]
     attributes = header[1:]
     if not attributes:
-        raise DataError(f"{path}: the header has no attribute names (first column: class, then one column per "
-                        "attribute)")
+        raise DataError(
+            f"{path}: the header has no attribute names (first column: class, then one column per attribute)"
+        )
     if any(not a for a in attributes):
         raise DataError(f"{path}: header column {attributes.index('') + 2} has an empty attribute name")
     dup = [a for a, n in Counter(attributes).items() if n > 1]
@@ -261,8 +281,10 @@ def _attribute_header(path: Path, header_cells) -> list:
 def _class_row(path: Path, lineno: int, cls: str, attributes, cells) -> list:
     """One class's values: one finite number per attribute, else an error naming line, class and attribute."""
     if len(cells) != len(attributes):
-        raise DataError(f"{path}: line {lineno} (class {cls!r}) has {len(cells)} values, the header names "
-                        f"{len(attributes)} attributes")
+        raise DataError(
+            f"{path}: line {lineno} (class {cls!r}) has {len(cells)} values, the header names "
+            f"{len(attributes)} attributes"
+        )
     row = []
     for a, c in zip(attributes, cells):
         try:
@@ -270,9 +292,11 @@ def _class_row(path: Path, lineno: int, cls: str, attributes, cells) -> list:
         except ValueError:
             raise DataError(f"{path}: line {lineno}, class {cls!r}, attribute {a!r}: {c!r} is not a number") from None
         if not np.isfinite(v):
-            raise DataError(f"{path}: line {lineno}, class {cls!r}, attribute {a!r}: value is "
-                            f"{'missing/NaN' if np.isnan(v) else 'infinite'}; every class needs a value for "
-                            "every attribute")
+            raise DataError(
+                f"{path}: line {lineno}, class {cls!r}, attribute {a!r}: value is "
+                f"{'missing/NaN' if np.isnan(v) else 'infinite'}; every class needs a value for "
+                "every attribute"
+            )
         row.append(v)
     return row
 
@@ -281,12 +305,16 @@ def _warn_uninformative(path: Path, names, attributes, values: np.ndarray, warn:
     """Warn about attribute columns constant over all classes and classes whose row is all zeros."""
     constant = [a for j, a in enumerate(attributes) if np.all(values[:, j] == values[0, j])]
     if constant:
-        warn(f"warning: {path}: {len(constant)} attribute column(s) are constant over all classes and carry no "
-             f"information: {_short(constant)}")
+        warn(
+            f"warning: {path}: {len(constant)} attribute column(s) are constant over all classes and carry no "
+            f"information: {_short(constant)}"
+        )
     zero = [c for c, row in zip(names, values) if not np.any(row)]
     if zero:
-        warn(f"warning: {path}: class(es) {_short(zero)} have all-zero attributes; the model cannot tell them "
-             "apart from anything")
+        warn(
+            f"warning: {path}: class(es) {_short(zero)} have all-zero attributes; the model cannot tell them "
+            "apart from anything"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,8 +355,9 @@ def choose_unseen(class_names: Sequence[str], fraction: float, seed: int) -> Lis
     c = len(class_names)
     n = int(round(fraction * c))
     if n < 1 or n > c - 1:
-        raise DataError(f"--unseen-fraction {fraction} of {c} classes gives {n} unseen classes; need between 1 and "
-                        f"{c - 1}")
+        raise DataError(
+            f"--unseen-fraction {fraction} of {c} classes gives {n} unseen classes; need between 1 and {c - 1}"
+        )
     pick = np.random.default_rng(seed).choice(c, size=n, replace=False)
     return [class_names[i] for i in sorted(pick)]
 
@@ -393,14 +422,17 @@ def read_attribute_vectors_file(path, attribute_names: Sequence[str]) -> np.ndar
         raise DataError(f"{path}: attribute-vector file not found")
     arr = _read_npy_vectors(path) if path.suffix.lower() == ".npy" else _read_csv_vectors(path, attribute_names)
     if arr.ndim != 2 or arr.shape[0] != k:
-        raise DataError(f"{path}: attribute vectors must be (K={k}, D), one row per attribute of the table; got "
-                        f"shape {arr.shape}")
+        raise DataError(
+            f"{path}: attribute vectors must be (K={k}, D), one row per attribute of the table; got shape {arr.shape}"
+        )
     if not np.issubdtype(arr.dtype, np.number):
         raise DataError(f"{path}: attribute vectors must be numbers, got {arr.dtype}")
     bad = [str(attribute_names[i]) for i in np.flatnonzero(~np.isfinite(arr).all(axis=1))]
     if bad:
-        raise DataError(f"{path}: the vector(s) of attribute(s) {_short(bad)} hold NaN or infinite values; "
-                        "every attribute needs a finite vector")
+        raise DataError(
+            f"{path}: the vector(s) of attribute(s) {_short(bad)} hold NaN or infinite values; "
+            "every attribute needs a finite vector"
+        )
     return arr.astype(np.float64)
 
 
@@ -416,15 +448,20 @@ def match_classes(entries: Sequence[ImageEntry], table: AttributeTable, images_s
         if e.cls not in index:
             unknown.setdefault(e.cls, e)
     if unknown:
-        detail = "; ".join(f"{c!r} (e.g. {e.path}){_suggest(c, table.class_names)}" for c, e in
-                           list(unknown.items())[:10])
-        raise DataError(f"{images_source}: images of {len(unknown)} class(es) that are not in the attribute table "
-                        f"{table.path}: {detail}")
+        detail = "; ".join(
+            f"{c!r} (e.g. {e.path}){_suggest(c, table.class_names)}" for c, e in list(unknown.items())[:10]
+        )
+        raise DataError(
+            f"{images_source}: images of {len(unknown)} class(es) that are not in the attribute table "
+            f"{table.path}: {detail}"
+        )
     labels = np.asarray([index[e.cls] for e in entries], dtype=np.int64)
     empty = [c for i, c in enumerate(table.class_names) if not np.any(labels == i)]
     if empty:
-        raise DataError(f"{table.path}: {len(empty)} class(es) of the attribute table have no images in "
-                        f"{images_source}: {_short(empty)}")
+        raise DataError(
+            f"{table.path}: {len(empty)} class(es) of the attribute table have no images in "
+            f"{images_source}: {_short(empty)}"
+        )
     return labels
 
 
@@ -433,8 +470,10 @@ def resolve_unseen(table: AttributeTable, unseen: Sequence[str], source: str) ->
     index = {c: i for i, c in enumerate(table.class_names)}
     unknown = [u for u in unseen if u not in index]
     if unknown:
-        raise DataError(f"{source}: unseen class(es) not in the attribute table {table.path}: "
-                        + "; ".join(f"{u!r}{_suggest(u, table.class_names)}" for u in unknown[:10]))
+        raise DataError(
+            f"{source}: unseen class(es) not in the attribute table {table.path}: "
+            + "; ".join(f"{u!r}{_suggest(u, table.class_names)}" for u in unknown[:10])
+        )
     ids = np.asarray(sorted(index[u] for u in unseen), dtype=np.int64)
     if ids.size == 0:
         raise DataError(f"{source}: no unseen classes; zero-shot learning needs at least one class held out")
@@ -443,8 +482,15 @@ def resolve_unseen(table: AttributeTable, unseen: Sequence[str], source: str) ->
     return ids
 
 
-def split_rows(labels: np.ndarray, unseen_ids: np.ndarray, class_names: Sequence[str], *,
-               test_seen_fraction: float = 0.2, val_fraction: float = 0.0, seed: int = 0) -> Dict[str, np.ndarray]:
+def split_rows(
+    labels: np.ndarray,
+    unseen_ids: np.ndarray,
+    class_names: Sequence[str],
+    *,
+    test_seen_fraction: float = 0.2,
+    val_fraction: float = 0.0,
+    seed: int = 0,
+) -> Dict[str, np.ndarray]:
     """Seeded splits: per seen class ``test_seen_fraction`` of its images to test_seen (at least one,
     at least one left for trainval), all unseen images to test_unseen; optionally a class-disjoint
     ``train_loc``/``val_loc`` of trainval holding ``val_fraction`` of the seen classes."""
@@ -457,15 +503,19 @@ def split_rows(labels: np.ndarray, unseen_ids: np.ndarray, class_names: Sequence
     for c in seen:
         rows = np.flatnonzero(labels == c)
         if rows.size < 2:
-            raise DataError(f"seen class {class_names[c]!r} has {rows.size} image; a seen class needs at least 2 "
-                            "(one for trainval, one for test_seen)")
+            raise DataError(
+                f"seen class {class_names[c]!r} has {rows.size} image; a seen class needs at least 2 "
+                "(one for trainval, one for test_seen)"
+            )
         rows = rng.permutation(rows)
         n_test = int(min(max(round(test_seen_fraction * rows.size), 1), rows.size - 1))
         test_seen.extend(rows[:n_test].tolist())
         trainval.extend(rows[n_test:].tolist())
-    out = {"trainval_loc": np.sort(np.asarray(trainval, np.int64)),
-           "test_seen_loc": np.sort(np.asarray(test_seen, np.int64)),
-           "test_unseen_loc": np.flatnonzero(np.isin(labels, list(unseen))).astype(np.int64)}
+    out = {
+        "trainval_loc": np.sort(np.asarray(trainval, np.int64)),
+        "test_seen_loc": np.sort(np.asarray(test_seen, np.int64)),
+        "test_unseen_loc": np.flatnonzero(np.isin(labels, list(unseen))).astype(np.int64),
+    }
     out.update(class_disjoint_val(labels, out["trainval_loc"], val_fraction, seed))
     return out
 
@@ -477,15 +527,22 @@ def class_disjoint_val(labels, trainval_loc, val_fraction: float, seed: int) -> 
     seen = np.unique(labels[trainval_loc])
     n_val = int(round(val_fraction * seen.size))
     if not 0.0 < val_fraction < 1.0 or n_val < 1 or n_val > seen.size - 1:
-        raise DataError(f"--val-fraction {val_fraction} of {seen.size} seen classes gives {n_val} validation "
-                        "classes; need between 1 and (seen classes - 1)")
+        raise DataError(
+            f"--val-fraction {val_fraction} of {seen.size} seen classes gives {n_val} validation "
+            "classes; need between 1 and (seen classes - 1)"
+        )
     val_classes = np.random.default_rng(seed + 1).choice(seen, size=n_val, replace=False)
     in_val = np.isin(labels[trainval_loc], val_classes)
     return {"train_loc": trainval_loc[~in_val], "val_loc": trainval_loc[in_val]}
 
 
-def given_splits(entries: Sequence[ImageEntry], labels: np.ndarray, table: AttributeTable, source: str,
-                 unseen: Optional[Sequence[str]] = None) -> tuple:
+def given_splits(
+    entries: Sequence[ImageEntry],
+    labels: np.ndarray,
+    table: AttributeTable,
+    source: str,
+    unseen: Optional[Sequence[str]] = None,
+) -> tuple:
     """Splits from the CSV's ``split`` column: ``(splits, unseen_ids)``; unseen classes must have
     no trainval/test_seen images."""
     split = np.asarray([e.split for e in entries])
@@ -493,23 +550,37 @@ def given_splits(entries: Sequence[ImageEntry], labels: np.ndarray, table: Attri
     for c in unseen_ids:
         clash = [e for e, lab in zip(entries, labels) if lab == c and e.split != "test_unseen"]
         if clash:
-            raise DataError(f"{clash[0].where}: class {table.class_names[c]!r} has test_unseen images, so it is "
-                            f"unseen, but this row puts its image {clash[0].path} in {clash[0].split}; an unseen "
-                            "class must have no training images")
+            raise DataError(
+                f"{clash[0].where}: class {table.class_names[c]!r} has test_unseen images, so it is "
+                f"unseen, but this row puts its image {clash[0].path} in {clash[0].split}; an unseen "
+                "class must have no training images"
+            )
     if unseen is not None:
         want = resolve_unseen(table, unseen, source)
         if set(want.tolist()) != set(unseen_ids.tolist()):
-            raise DataError(f"{source}: the unseen list ({_short([table.class_names[i] for i in want])}) differs "
-                            f"from the classes of the split column's test_unseen rows "
-                            f"({_short([table.class_names[i] for i in unseen_ids])})")
+            raise DataError(
+                f"{source}: the unseen list ({_short([table.class_names[i] for i in want])}) differs "
+                f"from the classes of the split column's test_unseen rows "
+                f"({_short([table.class_names[i] for i in unseen_ids])})"
+            )
     resolve_unseen(table, [table.class_names[i] for i in unseen_ids], source)
     stray = np.setdiff1d(np.unique(labels[split == "test_seen"]), np.unique(labels[split == "trainval"]))
     if stray.size:
-        raise DataError(f"{source}: class(es) {_short([table.class_names[i] for i in stray])} have test_seen images "
-                        "but no trainval images")
-    return ({key: np.flatnonzero(split == name).astype(np.int64)
-             for key, name in (("trainval_loc", "trainval"), ("test_seen_loc", "test_seen"),
-                               ("test_unseen_loc", "test_unseen"))}, unseen_ids)
+        raise DataError(
+            f"{source}: class(es) {_short([table.class_names[i] for i in stray])} have test_seen images "
+            "but no trainval images"
+        )
+    return (
+        {
+            key: np.flatnonzero(split == name).astype(np.int64)
+            for key, name in (
+                ("trainval_loc", "trainval"),
+                ("test_seen_loc", "test_seen"),
+                ("test_unseen_loc", "test_unseen"),
+            )
+        },
+        unseen_ids,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -519,7 +590,8 @@ def given_splits(entries: Sequence[ImageEntry], labels: np.ndarray, table: Attri
 def backbone_id(weights: str, seed: int) -> str:
     spec = "none" if weights in (None, "none", "None") else str(weights)
     return f"keras.applications.ResNet101(include_top=False, weights={spec})" + (
-        f", initialised with keras.utils.set_random_seed({seed})" if spec == "none" else "")
+        f", initialised with keras.utils.set_random_seed({seed})" if spec == "none" else ""
+    )
 
 
 def build_backbone(weights: str = "imagenet", image_size: int = 448, seed: int = 0):
@@ -553,9 +625,9 @@ def backbone_for_data_dir(data_dir, log: Callable[[str], None] = _stderr):
         return None, None, f"cannot rebuild the backbone ({exc})"
     probe = manifest.get("probe")
     if probe and os.path.isfile(probe["path"]):
-        from msdn_tf.backbones.keras_resnet import load_image
-
         import keras
+
+        from msdn_tf.backbones.keras_resnet import load_image
 
         x = keras.applications.resnet.preprocess_input(load_image(probe["path"], size)[None])
         got = np.asarray(keras.ops.convert_to_numpy(backbone(x, training=False)))[0]  # (h, w, F)
@@ -575,21 +647,42 @@ def backbone_for_data_dir(data_dir, log: Callable[[str], None] = _stderr):
 def read_manifest(data_dir) -> dict:
     path = Path(data_dir) / MANIFEST_FILE
     if not path.is_file():
-        raise DataError(f"{path}: not found; {data_dir} is not a prepared custom dataset (make one with "
-                        "python -m msdn_tf.custom prepare ... --out DIR)")
+        raise DataError(
+            f"{path}: not found; {data_dir} is not a prepared custom dataset (make one with "
+            "python -m msdn_tf.custom prepare ... --out DIR)"
+        )
     try:
         return json.loads(path.read_text())
     except ValueError as exc:
         raise DataError(f"{path}: not valid JSON ({exc})") from exc
 
 
-def prepare_dataset(out, *, attributes, images=None, csv_file=None, images_root=None, unseen=None,
-                    unseen_fraction=None, seed: int = 0, attribute_vectors=None, word_vectors=None,
-                    allow_missing_words: bool = False, allow_zero_vectors: bool = False,
-                    test_seen_fraction: float = 0.2, val_fraction: float = 0.0, weights: str = "imagenet",
-                    image_size: int = 448, batch_size: int = 16, backbone=None, compression: Optional[str] = "gzip",
-                    overwrite: bool = False, restart: bool = False, progress: bool = True,
-                    log: Callable[[str], None] = _stderr) -> dict:
+def prepare_dataset(
+    out,
+    *,
+    attributes,
+    images=None,
+    csv_file=None,
+    images_root=None,
+    unseen=None,
+    unseen_fraction=None,
+    seed: int = 0,
+    attribute_vectors=None,
+    word_vectors=None,
+    allow_missing_words: bool = False,
+    allow_zero_vectors: bool = False,
+    test_seen_fraction: float = 0.2,
+    val_fraction: float = 0.0,
+    weights: str = "imagenet",
+    image_size: int = 448,
+    batch_size: int = 16,
+    backbone=None,
+    compression: Optional[str] = "gzip",
+    overwrite: bool = False,
+    restart: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = _stderr,
+) -> dict:
     """Validate a user's dataset, write the metadata and extract the features into ``out``.
 
     Args:
@@ -624,35 +717,62 @@ def prepare_dataset(out, *, attributes, images=None, csv_file=None, images_root=
     entries = read_image_folder(images) if images is not None else read_image_csv(csv_file, images_root)
     labels = match_classes(entries, table, source)
     check_image_files(entries)
-    splits, unseen_ids = _choose_splits(entries, labels, table, source, unseen, unseen_fraction,
-                                        test_seen_fraction, val_fraction, seed)
-    w2v, wv_report = _class_vectors(table, attribute_vectors, word_vectors, allow_missing_words,
-                                    allow_zero_vectors, log)
-    metadata = {"labels": labels, **splits, "att": table.values, "original_att": table.values, "w2v_att": w2v,
-                "allclasses_names": table.class_names, "attribute_names": table.attribute_names}
+    splits, unseen_ids = _choose_splits(
+        entries, labels, table, source, unseen, unseen_fraction, test_seen_fraction, val_fraction, seed
+    )
+    w2v, wv_report = _class_vectors(
+        table, attribute_vectors, word_vectors, allow_missing_words, allow_zero_vectors, log
+    )
+    metadata = {
+        "labels": labels,
+        **splits,
+        "att": table.values,
+        "original_att": table.values,
+        "w2v_att": w2v,
+        "allclasses_names": table.class_names,
+        "attribute_names": table.attribute_names,
+    }
     _check_as_loader_will(labels, splits, table, w2v, source)
 
     out.mkdir(parents=True, exist_ok=True)
     _write_images_file(out / IMAGES_FILE, entries, splits)
     unseen_names = [table.class_names[i] for i in unseen_ids]
-    log(f"msdn-tf custom: {len(entries)} images, {len(table.class_names)} classes ({len(unseen_names)} unseen: "
+    log(
+        f"msdn-tf custom: {len(entries)} images, {len(table.class_names)} classes ({len(unseen_names)} unseen: "
         f"{_short(unseen_names, 6)}), {len(table.attribute_names)} attributes, vectors {w2v.shape}; splits "
         f"trainval {splits['trainval_loc'].size} / test_seen {splits['test_seen_loc'].size} / test_unseen "
-        f"{splits['test_unseen_loc'].size}")
+        f"{splits['test_unseen_loc'].size}"
+    )
 
     weights_spec = None if backbone is not None else _weights_spec(weights)
     bid = "injected backbone" if backbone is not None else backbone_id(weights_spec, seed)
     if backbone is None:
         backbone = build_backbone(weights_spec, image_size, seed)
     feature_path = out / FEATURE_FILE
-    extract_features([e.path for e in entries], str(feature_path), backbone, batch_size=batch_size,
-                     image_size=image_size, compression=compression, metadata=metadata, backbone_id=bid,
-                     overwrite=overwrite, restart=restart, progress=progress, log=log)
-    sources = {"images": str(images) if images is not None else None,
-               "csv": str(csv_file) if csv_file is not None else None,
-               "attributes": str(attributes), "unseen": str(unseen) if unseen is not None else None,
-               "unseen_fraction": unseen_fraction, "seed": int(seed),
-               "test_seen_fraction": test_seen_fraction, "val_fraction": val_fraction}
+    extract_features(
+        [e.path for e in entries],
+        str(feature_path),
+        backbone,
+        batch_size=batch_size,
+        image_size=image_size,
+        compression=compression,
+        metadata=metadata,
+        backbone_id=bid,
+        overwrite=overwrite,
+        restart=restart,
+        progress=progress,
+        log=log,
+    )
+    sources = {
+        "images": str(images) if images is not None else None,
+        "csv": str(csv_file) if csv_file is not None else None,
+        "attributes": str(attributes),
+        "unseen": str(unseen) if unseen is not None else None,
+        "unseen_fraction": unseen_fraction,
+        "seed": int(seed),
+        "test_seen_fraction": test_seen_fraction,
+        "val_fraction": val_fraction,
+    }
     backbone_info = {"weights": weights_spec, "seed": int(seed), "image_size": int(image_size), "id": bid}
     manifest = _manifest(table, entries, splits, unseen_names, w2v, wv_report, sources, backbone_info)
     write_json(out / MANIFEST_FILE, manifest)
@@ -665,18 +785,30 @@ def _check_inputs_given(images, csv_file, attribute_vectors, word_vectors, unsee
     if (images is None) == (csv_file is None):
         raise DataError("give exactly one of --images DIR (class folders) or --csv FILE (path,class[,split])")
     if (attribute_vectors is None) == (word_vectors is None):
-        raise DataError("give exactly one of --attribute-vectors FILE (.npy/.csv, K x D) or --word-vectors FILE "
-                        "(word2vec text / GloVe, optionally .gz)")
+        raise DataError(
+            "give exactly one of --attribute-vectors FILE (.npy/.csv, K x D) or --word-vectors FILE "
+            "(word2vec text / GloVe, optionally .gz)"
+        )
     if unseen is not None and unseen_fraction is not None:
         raise DataError("give only one of --unseen FILE and --unseen-fraction F")
 
 
-def _choose_splits(entries, labels, table, source: str, unseen, unseen_fraction, test_seen_fraction: float,
-                   val_fraction: float, seed: int):
+def _choose_splits(
+    entries,
+    labels,
+    table,
+    source: str,
+    unseen,
+    unseen_fraction,
+    test_seen_fraction: float,
+    val_fraction: float,
+    seed: int,
+):
     """``(splits, unseen_ids)``: from the CSV's split column, or drawn from the unseen classes given."""
     if entries[0].split is not None:
-        splits, unseen_ids = given_splits(entries, labels, table, source,
-                                          read_unseen_list(unseen) if unseen is not None else None)
+        splits, unseen_ids = given_splits(
+            entries, labels, table, source, read_unseen_list(unseen) if unseen is not None else None
+        )
         if unseen_fraction is not None:
             raise DataError(f"{source}: the split column fixes the unseen classes; drop --unseen-fraction")
         splits.update(class_disjoint_val(labels, splits["trainval_loc"], val_fraction, seed))
@@ -684,37 +816,62 @@ def _choose_splits(entries, labels, table, source: str, unseen, unseen_fraction,
     if unseen is not None:
         unseen_ids = resolve_unseen(table, read_unseen_list(unseen), str(unseen))
     elif unseen_fraction is not None:
-        unseen_ids = resolve_unseen(table, choose_unseen(table.class_names, unseen_fraction, seed),
-                                    "--unseen-fraction")
+        unseen_ids = resolve_unseen(table, choose_unseen(table.class_names, unseen_fraction, seed), "--unseen-fraction")
     else:
-        raise DataError("give the unseen classes: --unseen FILE or --unseen-fraction F (or a split column "
-                        "in --csv)")
-    splits = split_rows(labels, unseen_ids, table.class_names, test_seen_fraction=test_seen_fraction,
-                        val_fraction=val_fraction, seed=seed)
+        raise DataError("give the unseen classes: --unseen FILE or --unseen-fraction F (or a split column in --csv)")
+    splits = split_rows(
+        labels,
+        unseen_ids,
+        table.class_names,
+        test_seen_fraction=test_seen_fraction,
+        val_fraction=val_fraction,
+        seed=seed,
+    )
     return splits, unseen_ids
 
 
-def _class_vectors(table, attribute_vectors, word_vectors, allow_missing_words: bool, allow_zero_vectors: bool,
-                   log: Callable[[str], None]):
+def _class_vectors(
+    table,
+    attribute_vectors,
+    word_vectors,
+    allow_missing_words: bool,
+    allow_zero_vectors: bool,
+    log: Callable[[str], None],
+):
     """``(w2v (K, D), report)``: the attribute vectors given directly, or the §1.3 recipe on word vectors."""
     if attribute_vectors is not None:
         w2v = read_attribute_vectors_file(attribute_vectors, table.attribute_names)
         return w2v, {"file": str(attribute_vectors), "given": True, "dim": int(w2v.shape[1])}
     from msdn_tf.data.wordvectors import attribute_vectors as from_words
 
-    return from_words(table.attribute_names, word_vectors, allow_missing_words=allow_missing_words,
-                      allow_zero_vectors=allow_zero_vectors, warn=log)
+    return from_words(
+        table.attribute_names,
+        word_vectors,
+        allow_missing_words=allow_missing_words,
+        allow_zero_vectors=allow_zero_vectors,
+        warn=log,
+    )
 
 
 def _check_as_loader_will(labels, splits: dict, table, w2v, source: str) -> None:
     """The checks the loader will make (a :class:`ZSLData` of placeholder features), before the long extraction."""
     from msdn_tf.data.base import ArrayFeatures, class_attributes_for_model
 
-    ZSLData(name="custom", features=ArrayFeatures(np.zeros((len(labels), 1, 1), np.float32)), labels=labels,
-            trainval_loc=splits["trainval_loc"], test_seen_loc=splits["test_seen_loc"],
-            test_unseen_loc=splits["test_unseen_loc"], att=class_attributes_for_model(table.values), w2v=w2v,
-            class_names=table.class_names, attribute_names=table.attribute_names,
-            train_loc=splits.get("train_loc"), val_loc=splits.get("val_loc"), source=source)
+    ZSLData(
+        name="custom",
+        features=ArrayFeatures(np.zeros((len(labels), 1, 1), np.float32)),
+        labels=labels,
+        trainval_loc=splits["trainval_loc"],
+        test_seen_loc=splits["test_seen_loc"],
+        test_unseen_loc=splits["test_unseen_loc"],
+        att=class_attributes_for_model(table.values),
+        w2v=w2v,
+        class_names=table.class_names,
+        attribute_names=table.attribute_names,
+        train_loc=splits.get("train_loc"),
+        val_loc=splits.get("val_loc"),
+        source=source,
+    )
 
 
 def _write_images_file(path: Path, entries, splits: dict) -> None:
@@ -725,7 +882,8 @@ def _write_images_file(path: Path, entries, splits: dict) -> None:
     for key, name in (("trainval_loc", "trainval"), ("test_seen_loc", "test_seen"), ("test_unseen_loc", "test_unseen")):
         split_of[splits[key]] = name
     lines = ["path,class,split"] + [
-        ",".join(_csv_cell(v) for v in (e.path, e.cls, split_of[i])) for i, e in enumerate(entries)]
+        ",".join(_csv_cell(v) for v in (e.path, e.cls, split_of[i])) for i, e in enumerate(entries)
+    ]
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
@@ -736,8 +894,9 @@ def _weights_spec(weights) -> str:
     return weights if weights == "imagenet" else os.path.abspath(weights)
 
 
-def _manifest(table, entries, splits: dict, unseen_names, w2v, wv_report: dict, sources: dict,
-              backbone_info: dict) -> dict:
+def _manifest(
+    table, entries, splits: dict, unseen_names, w2v, wv_report: dict, sources: dict, backbone_info: dict
+) -> dict:
     """The ``custom.json`` of a prepared folder: sources, names, sizes, vectors, backbone and a probe image."""
     probe_row = int(splits["test_unseen_loc"][0])
     return {
@@ -749,9 +908,13 @@ def _manifest(table, entries, splits: dict, unseen_names, w2v, wv_report: dict, 
         "class_names": table.class_names,
         "attribute_names": table.attribute_names,
         "unseen_classes": unseen_names,
-        "sizes": {"images": len(entries), "classes": len(table.class_names),
-                  "attributes": len(table.attribute_names), "vector_dim": int(w2v.shape[1]),
-                  **{k: int(v.size) for k, v in splits.items()}},
+        "sizes": {
+            "images": len(entries),
+            "classes": len(table.class_names),
+            "attributes": len(table.attribute_names),
+            "vector_dim": int(w2v.shape[1]),
+            **{k: int(v.size) for k, v in splits.items()},
+        },
         "attribute_vectors": wv_report,
         "backbone": backbone_info,
         "probe": {"row": probe_row, "path": entries[probe_row].path, "class": entries[probe_row].cls},
@@ -772,20 +935,26 @@ def load_custom_dataset(data_dir, config=None) -> ZSLData:
     from msdn_tf.data.hdf5 import load_feature_map_hdf5
 
     if not data_dir:
-        raise DataError("--dataset custom needs --data-dir DIR, a folder made by python -m msdn_tf.custom "
-                        "prepare ... --out DIR (see docs/custom_data.md)")
+        raise DataError(
+            "--dataset custom needs --data-dir DIR, a folder made by python -m msdn_tf.custom "
+            "prepare ... --out DIR (see docs/custom_data.md)"
+        )
     from msdn_tf.data.base import check_data_dir
 
     folder = check_data_dir(data_dir)
     if not folder.is_dir():
-        raise DataError(f"data directory {folder} does not exist; make it with python -m msdn_tf.custom prepare "
-                        f"... --out {folder}")
+        raise DataError(
+            f"data directory {folder} does not exist; make it with python -m msdn_tf.custom prepare ... --out {folder}"
+        )
     manifest = read_manifest(folder)
     path = folder / manifest.get("feature_file", FEATURE_FILE)
     if not path.is_file():
         partial = Path(str(path) + ".partial")
-        hint = (f" (an unfinished extraction {partial} exists: re-run the same prepare command to resume it)"
-                if partial.exists() else "")
+        hint = (
+            f" (an unfinished extraction {partial} exists: re-run the same prepare command to resume it)"
+            if partial.exists()
+            else ""
+        )
         raise DataError(f"{path}: not found{hint}")
     data = load_feature_map_hdf5(str(path), name="custom")
     if list(data.class_names) != list(manifest.get("class_names", data.class_names)):

@@ -64,25 +64,70 @@ class BenchmarkFacts:
 
     def expected(self) -> Dict[str, int]:
         """The sizes a loaded dataset must have (keys of ``ZSLData.summary()``)."""
-        return {"images": self.images, "attributes": self.attributes, "classes": self.classes,
-                "seen_classes": self.seen_classes, "unseen_classes": self.unseen_classes,
-                "trainval": self.trainval, "test_seen": self.test_seen, "test_unseen": self.test_unseen}
+        return {
+            "images": self.images,
+            "attributes": self.attributes,
+            "classes": self.classes,
+            "seen_classes": self.seen_classes,
+            "unseen_classes": self.unseen_classes,
+            "trainval": self.trainval,
+            "test_seen": self.test_seen,
+            "test_unseen": self.test_unseen,
+        }
 
     def summary_line(self) -> str:
         """``"CUB-200-2011, 11,788 images, 312 attributes, 150/50 classes"``."""
-        return (f"{self.title}, {self.images:,} images, {self.attributes} attributes, "
-                f"{self.seen_classes}/{self.unseen_classes} classes")
+        return (
+            f"{self.title}, {self.images:,} images, {self.attributes} attributes, "
+            f"{self.seen_classes}/{self.unseen_classes} classes"
+        )
 
 
-BENCHMARKS: Dict[str, BenchmarkFacts] = {b.name: b for b in (
-    BenchmarkFacts("cub", "CUB", "CUB-200-2011", images=11788, attributes=312, classes=200, seen_classes=150,
-                   unseen_classes=50, trainval=7057, test_seen=1764, test_unseen=2967),
-    BenchmarkFacts("sun", "SUN", "SUN attribute", images=14340, attributes=102, classes=717, seen_classes=645,
-                   unseen_classes=72, trainval=10320, test_seen=2580, test_unseen=1440),
-    BenchmarkFacts("awa2", "AWA2", "Animals with Attributes 2", images=37322, attributes=85, classes=50,
-                   seen_classes=40, unseen_classes=10, trainval=23527, test_seen=5882, test_unseen=7913,
-                   nonnegative_att=True),
-)}
+BENCHMARKS: Dict[str, BenchmarkFacts] = {
+    b.name: b
+    for b in (
+        BenchmarkFacts(
+            "cub",
+            "CUB",
+            "CUB-200-2011",
+            images=11788,
+            attributes=312,
+            classes=200,
+            seen_classes=150,
+            unseen_classes=50,
+            trainval=7057,
+            test_seen=1764,
+            test_unseen=2967,
+        ),
+        BenchmarkFacts(
+            "sun",
+            "SUN",
+            "SUN attribute",
+            images=14340,
+            attributes=102,
+            classes=717,
+            seen_classes=645,
+            unseen_classes=72,
+            trainval=10320,
+            test_seen=2580,
+            test_unseen=1440,
+        ),
+        BenchmarkFacts(
+            "awa2",
+            "AWA2",
+            "Animals with Attributes 2",
+            images=37322,
+            attributes=85,
+            classes=50,
+            seen_classes=40,
+            unseen_classes=10,
+            trainval=23527,
+            test_seen=5882,
+            test_unseen=7913,
+            nonnegative_att=True,
+        ),
+    )
+}
 
 
 def folder_name(name: str) -> str:

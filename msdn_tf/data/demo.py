@@ -99,7 +99,7 @@ def _class_attributes(rng, cfg: DemoConfig):
         att[c, present] = rng.uniform(0.5, 1.0, size=cfg.attributes_per_class)
     order = rng.permutation(C)
     unseen = np.sort(order[: cfg.num_unseen])
-    seen = np.sort(order[cfg.num_unseen:])
+    seen = np.sort(order[cfg.num_unseen :])
     missing = np.where(att[seen].max(axis=0) < 0.5)[0]
     for k in missing:
         att[rng.choice(seen), k] = rng.uniform(0.5, 1.0)

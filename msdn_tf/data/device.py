@@ -22,7 +22,7 @@ import numpy as np
 from msdn_tf.errors import ConfigError
 from msdn_tf.options import ON_DEVICE as ON_DEVICE_CHOICES  # defined once, in msdn_tf.options
 
-DEFAULT_BUDGET_BYTES = 8 * 1024 ** 3  # upper bound of the "auto" budget
+DEFAULT_BUDGET_BYTES = 8 * 1024**3  # upper bound of the "auto" budget
 CHUNK_ROWS = 256  # rows copied per assignment while loading
 
 
@@ -38,10 +38,13 @@ def _available_memory_bytes() -> Optional[int]:
 
 
 def memory_budget_bytes() -> int:
-    """The ``"auto"`` budget: the smaller of 8 GiB and half the available memory (env ``MSDN_ON_DEVICE_BUDGET_MB`` overrides)."""
+    """The ``"auto"`` budget: the smaller of 8 GiB and half the available memory.
+
+    The environment variable ``MSDN_ON_DEVICE_BUDGET_MB`` overrides it.
+    """
     env = os.environ.get("MSDN_ON_DEVICE_BUDGET_MB")
     if env:
-        return int(float(env) * 1024 ** 2)
+        return int(float(env) * 1024**2)
     available = _available_memory_bytes()
     return DEFAULT_BUDGET_BYTES if available is None else min(DEFAULT_BUDGET_BYTES, available // 2)
 
@@ -91,11 +94,12 @@ class DeviceFeatures:
         read = getattr(features, "read_native", None) or features.read
         self.position = np.full((int(features.shape[0]),), -1, dtype=np.int64)  # global row -> position
         self.position[rows] = np.arange(rows.size)
-        self.values = tf.Variable(tf.zeros((rows.size, R, F), dtype=self.dtype.name), trainable=False,
-                                  name="device_features")
+        self.values = tf.Variable(
+            tf.zeros((rows.size, R, F), dtype=self.dtype.name), trainable=False, name="device_features"
+        )
         for start in range(0, rows.size, CHUNK_ROWS):
-            chunk = np.asarray(read(rows[start:start + CHUNK_ROWS])).astype(self.dtype, copy=False)
-            self.values[start:start + chunk.shape[0]].assign(chunk)
+            chunk = np.asarray(read(rows[start : start + CHUNK_ROWS])).astype(self.dtype, copy=False)
+            self.values[start : start + chunk.shape[0]].assign(chunk)
 
     @property
     def nbytes(self) -> int:
@@ -115,8 +119,9 @@ class DeviceFeatures:
         return tf.cast(tf.gather(self.values, positions), tf.float32)
 
 
-def device_train_dataset(store: DeviceFeatures, labels, sampler, start_step: int, num_steps: int,
-                         prefetch: int = 2, shard=None):
+def device_train_dataset(
+    store: DeviceFeatures, labels, sampler, start_step: int, num_steps: int, prefetch: int = 2, shard=None
+):
     """The batches of :func:`~msdn_tf.data.pipeline.train_dataset`, gathered from ``store`` in the graph.
 
     The sampler's rows for steps ``[start, start + num)`` are computed up front (a

@@ -88,8 +88,11 @@ def read_image_list(path: str) -> tuple:
         except ValueError:
             return False
 
-    if rows and low.endswith(".csv") and rows[0][0].strip().lower() in ("path", "image", "file", "image_file",
-                                                                         "image_files", "filename"):
+    if (
+        rows
+        and low.endswith(".csv")
+        and rows[0][0].strip().lower() in ("path", "image", "file", "image_file", "image_files", "filename")
+    ):
         rows = rows[1:]
     files = [r[0].strip() for r in rows]
     labels = None
@@ -148,9 +151,14 @@ def resolve_image_paths(images_root: Optional[str], files: Sequence[str]) -> lis
 # Metadata for a complete §1.1 file
 
 
-def build_metadata(labels: Optional[np.ndarray], num_images: int, att_splits: Optional[str] = None,
-                   attributes_pkl: Optional[str] = None, sent_splits: Optional[str] = None,
-                   attribute_names: Optional[str] = None) -> dict:
+def build_metadata(
+    labels: Optional[np.ndarray],
+    num_images: int,
+    att_splits: Optional[str] = None,
+    attributes_pkl: Optional[str] = None,
+    sent_splits: Optional[str] = None,
+    attribute_names: Optional[str] = None,
+) -> dict:
     """The non-feature keys of a §1.1 file, checked for consistency before extraction.
 
     ``train_loc``/``val_loc`` (from ``att_splits.mat`` or CUB's ``sent_splits.mat``)
@@ -170,13 +178,19 @@ def build_metadata(labels: Optional[np.ndarray], num_images: int, att_splits: Op
         raise DataError(f"{att_splits}: the image list has no labels, so the splits cannot be stored")
     splits = xlsa17.load_att_splits(att_splits, num_images=num_images)
     if (splits["train_loc"] is None or splits["val_loc"] is None) and sent_splits:
-        extra = xlsa17.load_train_val_splits(sent_splits, num_images=num_images,
-                                             trainval_loc=splits["trainval_loc"])
+        extra = xlsa17.load_train_val_splits(sent_splits, num_images=num_images, trainval_loc=splits["trainval_loc"])
         splits.update(extra)
     w2v = xlsa17.load_attribute_vectors(attributes_pkl) if attributes_pkl else None
     names = xlsa17.load_attribute_names(attribute_names) if attribute_names else None
-    xlsa17.check_consistency(splits, labels, labels_path="image list", w2v=w2v, w2v_path=str(attributes_pkl),
-                             attribute_names=names, names_path=str(attribute_names))
+    xlsa17.check_consistency(
+        splits,
+        labels,
+        labels_path="image list",
+        w2v=w2v,
+        w2v_path=str(attributes_pkl),
+        attribute_names=names,
+        names_path=str(attribute_names),
+    )
     for key in xlsa17.SPLIT_KEYS:
         meta[key] = splits[key]
     for key in xlsa17.OPTIONAL_SPLIT_KEYS:
@@ -205,7 +219,6 @@ def write_metadata(f, meta: dict) -> None:
             f.create_dataset(key, data=np.asarray(value, dtype=np.float64))
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Input pipelines and batches
 
@@ -217,8 +230,7 @@ def make_dataset(paths: Sequence[str], start: int, image_size: int, batch_size: 
 
     idx = np.arange(start, len(paths), dtype=np.int64)
     ds = tf.data.Dataset.from_tensor_slices((idx, np.asarray(list(paths[start:]), dtype=object).astype(str)))
-    ds = ds.map(lambda i, p: (i, load_image(p, image_size)), num_parallel_calls=tf.data.AUTOTUNE,
-                deterministic=True)
+    ds = ds.map(lambda i, p: (i, load_image(p, image_size)), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(batch_size)
     ds = ds.map(lambda i, x: (i, keras.applications.resnet.preprocess_input(x)))
     return ds.prefetch(2)
@@ -236,7 +248,6 @@ def _bad_image_error(paths: Sequence[str], lo: int, hi: int, image_size: int, ex
             return DataError(f"{p}: cannot read or decode the image ({msg})")
     msg = getattr(exc, "message", str(exc)).strip().splitlines()[0]
     return DataError(f"cannot read or decode one of the images {list(paths[lo:hi])} ({msg})")
-
 
 
 def _to_numpy(value) -> np.ndarray:
@@ -279,7 +290,9 @@ def _torchvision_batches(backbone, paths, start, batch_size, image_size):
             else:
                 feats = _to_numpy(call_backbone(backbone, x))
             if not np.all(np.isfinite(feats)):
-                raise MSDNError(f"the backbone returned NaN or infinite values for images {list(paths[lo:lo + len(x)])}")
+                raise MSDNError(
+                    f"the backbone returned NaN or infinite values for images {list(paths[lo : lo + len(x)])}"
+                )
             yield np.arange(lo, lo + len(x), dtype=np.int64), feats
 
 
@@ -316,8 +329,10 @@ def _batches(backbone, ds, paths, start, batch_size, image_size, strategy=None):
             idx = _to_numpy(i_b)
             feats = _to_numpy(call_backbone(backbone, x_b))
         if feats.ndim != 4 or feats.shape[0] != idx.shape[0]:
-            raise MSDNError(f"the backbone must return (batch, h, w, channels); got {feats.shape} for a batch "
-                            f"of {idx.shape[0]} images")
+            raise MSDNError(
+                f"the backbone must return (batch, h, w, channels); got {feats.shape} for a batch "
+                f"of {idx.shape[0]} images"
+            )
         if idx.size and (idx[0] != pos or np.any(np.diff(idx) != 1)):
             raise MSDNError(f"internal error: expected rows starting at {pos}, got {idx[:5]}...")
         pos += idx.size
@@ -328,12 +343,13 @@ def _batches(backbone, ds, paths, start, batch_size, image_size, strategy=None):
 # Resumable writer
 
 
-
-
 def _fingerprint(paths: Sequence[str], image_size: int, backbone_id: str) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps({"v": FORMAT_VERSION, "n": len(paths), "image_size": int(image_size),
-                         "backbone": backbone_id}).encode())
+    h.update(
+        json.dumps(
+            {"v": FORMAT_VERSION, "n": len(paths), "image_size": int(image_size), "backbone": backbone_id}
+        ).encode()
+    )
     for p in paths:
         h.update(str(p).encode("utf-8", "surrogateescape") + b"\0")
     return h.hexdigest()
@@ -377,7 +393,6 @@ def _open_partial(partial: str, n: int, fingerprint: str, restart: bool, log: Ca
     return f, 0
 
 
-
 def _default_backbone_id(backbone, preprocessing: str, weights) -> str:
     """What identifies the backbone in the resume check when the caller names none."""
     if backbone is not None:
@@ -387,8 +402,7 @@ def _default_backbone_id(backbone, preprocessing: str, weights) -> str:
     return f"keras.ResNet101:{weights}"
 
 
-def _check_request(out_path: str, listed: Sequence[str], overwrite: bool, batch_size: int,
-                   image_size: int) -> None:
+def _check_request(out_path: str, listed: Sequence[str], overwrite: bool, batch_size: int, image_size: int) -> None:
     """Refuse an existing output, bad sizes and an empty image list before any work."""
     if os.path.exists(out_path) and not overwrite:
         raise MSDNError(f"{out_path} already exists; remove it or pass --overwrite")
@@ -419,35 +433,46 @@ def _ready_backbone(backbone, preprocessing: str, weights, image_size: int, stra
     return backbone, strategy
 
 
-def _feature_batches(backbone, paths, start: int, batch_size: int, image_size: int, preprocessing: str,
-                     strategy):
+def _feature_batches(backbone, paths, start: int, batch_size: int, image_size: int, preprocessing: str, strategy):
     """``(batches, note)``: the ``(rows, features)`` iterator for ``preprocessing`` and its description."""
     if preprocessing == "torchvision":
-        note = ("Pillow decoding, convert('RGB'), torchvision Resize(image_size) (PIL bilinear), "
-                "CenterCrop, ToTensor, Normalize(ImageNet mean/std)")
+        note = (
+            "Pillow decoding, convert('RGB'), torchvision Resize(image_size) (PIL bilinear), "
+            "CenterCrop, ToTensor, Normalize(ImageNet mean/std)"
+        )
         return _torchvision_batches(backbone, paths, start, batch_size, image_size), note
     if preprocessing == "keras":
         ds = make_dataset(paths, start, image_size, batch_size)
-        note = ("shorter side to image_size (bilinear, antialias), centre "
-                "crop, keras.applications.resnet.preprocess_input (caffe)")
+        note = (
+            "shorter side to image_size (bilinear, antialias), centre "
+            "crop, keras.applications.resnet.preprocess_input (caffe)"
+        )
         return _batches(backbone, ds, paths, start, batch_size, image_size, strategy), note
     raise MSDNError(f"preprocessing must be 'keras' or 'torchvision', got {preprocessing!r}")
 
 
-def _write_rows(f, partial: str, n: int, idx: np.ndarray, feats: np.ndarray, attrs: dict,
-                compression: Optional[str]) -> int:
+def _write_rows(
+    f, partial: str, n: int, idx: np.ndarray, feats: np.ndarray, attrs: dict, compression: Optional[str]
+) -> int:
     """Store one batch channel-first (creating ``feature_map`` at the first); returns rows done."""
     maps = np.ascontiguousarray(np.transpose(feats, (0, 3, 1, 2)), dtype=np.float32)
     if "feature_map" not in f:
-        f.create_dataset("feature_map", shape=(n,) + maps.shape[1:], dtype=np.float32,
-                         chunks=(1,) + maps.shape[1:], compression=compression)
+        f.create_dataset(
+            "feature_map",
+            shape=(n,) + maps.shape[1:],
+            dtype=np.float32,
+            chunks=(1,) + maps.shape[1:],
+            compression=compression,
+        )
         for key, value in attrs.items():
             f.attrs[key] = value
     ds_map = f["feature_map"]
     if ds_map.shape[1:] != maps.shape[1:]:
-        raise MSDNError(f"{partial}: 'feature_map' rows are {ds_map.shape[1:]} but the backbone "
-                        f"gives {maps.shape[1:]}; pass --restart")
-    ds_map[int(idx[0]):int(idx[-1]) + 1] = maps
+        raise MSDNError(
+            f"{partial}: 'feature_map' rows are {ds_map.shape[1:]} but the backbone "
+            f"gives {maps.shape[1:]}; pass --restart"
+        )
+    ds_map[int(idx[0]) : int(idx[-1]) + 1] = maps
     f.flush()
     done = int(idx[-1]) + 1
     f.attrs["done_count"] = done
@@ -455,8 +480,17 @@ def _write_rows(f, partial: str, n: int, idx: np.ndarray, feats: np.ndarray, att
     return done
 
 
-def _write_all(f, partial: str, n: int, done: int, batches, attrs: dict, compression: Optional[str],
-               progress: bool, after_batch: Optional[Callable[[int], None]]) -> int:
+def _write_all(
+    f,
+    partial: str,
+    n: int,
+    done: int,
+    batches,
+    attrs: dict,
+    compression: Optional[str],
+    progress: bool,
+    after_batch: Optional[Callable[[int], None]],
+) -> int:
     """Write every batch, flushing ``done_count`` after each, with a progress bar; returns rows done."""
     bar = None
     if progress:
@@ -476,13 +510,26 @@ def _write_all(f, partial: str, n: int, done: int, batches, attrs: dict, compres
     return done
 
 
-def extract_features(image_paths: Sequence[str], out_path: str, backbone=None, *,
-                     images_root: Optional[str] = None, weights: str = "imagenet", batch_size: int = 16,
-                     image_size: int = 448, compression: Optional[str] = "gzip",
-                     metadata: Optional[dict] = None, backbone_id: Optional[str] = None,
-                     restart: bool = False, overwrite: bool = False, progress: bool = True,
-                     after_batch: Optional[Callable[[int], None]] = None, strategy=None,
-                     preprocessing: str = "keras", log: Callable[[str], None] = None) -> str:
+def extract_features(
+    image_paths: Sequence[str],
+    out_path: str,
+    backbone=None,
+    *,
+    images_root: Optional[str] = None,
+    weights: str = "imagenet",
+    batch_size: int = 16,
+    image_size: int = 448,
+    compression: Optional[str] = "gzip",
+    metadata: Optional[dict] = None,
+    backbone_id: Optional[str] = None,
+    restart: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    after_batch: Optional[Callable[[int], None]] = None,
+    strategy=None,
+    preprocessing: str = "keras",
+    log: Callable[[str], None] = None,
+) -> str:
     """Extract feature maps of ``image_paths`` into ``out_path`` (resumable, crash-safe).
 
     Args:

@@ -45,9 +45,7 @@ class HDF5Features:
         self._pid = None
         ds = self._dataset()
         if ds.ndim != 4:
-            raise DataError(
-                f"{self.path}: '{key}' must be (N, channels, H, W), got shape {ds.shape}"
-            )
+            raise DataError(f"{self.path}: '{key}' must be (N, channels, H, W), got shape {ds.shape}")
         n, f, h, w = ds.shape
         self.map_shape = (int(h), int(w))
         self.shape = (int(n), int(h) * int(w), int(f))
@@ -88,9 +86,7 @@ class HDF5Features:
 def _read_key(f, path: str, key: str, required: bool = True) -> Optional[np.ndarray]:
     if key not in f:
         if required:
-            raise DataError(
-                f"{path}: missing key '{key}'; a feature-map file needs {', '.join(REQUIRED_KEYS)}"
-            )
+            raise DataError(f"{path}: missing key '{key}'; a feature-map file needs {', '.join(REQUIRED_KEYS)}")
         return None
     return np.asarray(f[key][()])
 
@@ -179,9 +175,23 @@ def load_feature_map_hdf5(
     )
 
 
-def write_feature_map_hdf5(path: str, *, feature_map: np.ndarray, labels, trainval_loc, test_seen_loc,
-                           test_unseen_loc, att, w2v_att, original_att=None, class_names=None,
-                           attribute_names=None, train_loc=None, val_loc=None, compression=None) -> str:
+def write_feature_map_hdf5(
+    path: str,
+    *,
+    feature_map: np.ndarray,
+    labels,
+    trainval_loc,
+    test_seen_loc,
+    test_unseen_loc,
+    att,
+    w2v_att,
+    original_att=None,
+    class_names=None,
+    attribute_names=None,
+    train_loc=None,
+    val_loc=None,
+    compression=None,
+) -> str:
     """Write the §1.1 layout atomically (a temporary file renamed into place).
 
     Args:
@@ -201,17 +211,26 @@ def write_feature_map_hdf5(path: str, *, feature_map: np.ndarray, labels, trainv
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         with h5py.File(tmp, "w") as f:
-            f.create_dataset("feature_map", data=np.asarray(feature_map, dtype=np.float32),
-                             compression=compression, chunks=(1,) + tuple(np.shape(feature_map)[1:]))
+            f.create_dataset(
+                "feature_map",
+                data=np.asarray(feature_map, dtype=np.float32),
+                compression=compression,
+                chunks=(1,) + tuple(np.shape(feature_map)[1:]),
+            )
             f.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
-            for key, value in (("trainval_loc", trainval_loc), ("test_seen_loc", test_seen_loc),
-                               ("test_unseen_loc", test_unseen_loc), ("train_loc", train_loc),
-                               ("val_loc", val_loc)):
+            for key, value in (
+                ("trainval_loc", trainval_loc),
+                ("test_seen_loc", test_seen_loc),
+                ("test_unseen_loc", test_unseen_loc),
+                ("train_loc", train_loc),
+                ("val_loc", val_loc),
+            ):
                 if value is not None:
                     f.create_dataset(key, data=np.asarray(value, dtype=np.int64))
             f.create_dataset("att", data=np.asarray(att, dtype=np.float64))
-            f.create_dataset("original_att", data=np.asarray(att if original_att is None else original_att,
-                                                             dtype=np.float64))
+            f.create_dataset(
+                "original_att", data=np.asarray(att if original_att is None else original_att, dtype=np.float64)
+            )
             f.create_dataset("w2v_att", data=np.asarray(w2v_att, dtype=np.float64))
             if class_names is not None:
                 f.create_dataset("allclasses_names", data=np.asarray([s.encode() for s in class_names]))

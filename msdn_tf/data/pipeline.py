@@ -57,9 +57,9 @@ class ClassBalancedSampler:
     def batch(self, step: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, int(step)])
         chosen = rng.choice(self.classes.size, size=self.n_classes, replace=False)
-        return np.concatenate([
-            self.rows_of[c][rng.integers(0, self.rows_of[c].size, size=self.per_class)] for c in chosen
-        ])
+        return np.concatenate(
+            [self.rows_of[c][rng.integers(0, self.rows_of[c].size, size=self.per_class)] for c in chosen]
+        )
 
 
 class EpochSampler:
@@ -77,7 +77,7 @@ class EpochSampler:
     def batch(self, step: int) -> np.ndarray:
         epoch, pos = divmod(int(step), self.per_epoch)
         order = np.random.default_rng([self.seed, epoch]).permutation(self.indices.size)
-        return self.indices[order[pos * self.batch_size:(pos + 1) * self.batch_size]]
+        return self.indices[order[pos * self.batch_size : (pos + 1) * self.batch_size]]
 
 
 def make_sampler(data: ZSLData, kind: str, batch_size: int, seed: int, indices=None):
@@ -121,11 +121,12 @@ def shard_of_batch(rows, part: int, count: int):
     if rows.shape[0] % count:
         raise ValueError(f"a global batch of {rows.shape[0]} rows does not split into {count} equal shards")
     size = rows.shape[0] // count
-    return rows[part * size:(part + 1) * size]
+    return rows[part * size : (part + 1) * size]
 
 
-def train_dataset(data: ZSLData, sampler, start_step: int, num_steps: int, prefetch: int = 2,
-                  parallel_reads: int = 2, shard=None):
+def train_dataset(
+    data: ZSLData, sampler, start_step: int, num_steps: int, prefetch: int = 2, parallel_reads: int = 2, shard=None
+):
     """A tf.data pipeline of ``(features (B, R, F), labels (B,))`` for steps ``[start, start + num)``.
 
     Feature rows are read from ``data.features`` on background threads while the
@@ -171,13 +172,15 @@ def eval_dataset(data: ZSLData, indices, batch_size: int, prefetch: int = 2, par
 
     def fetch(i):
         i = int(i)
-        return read(indices[i * batch_size:(i + 1) * batch_size])
+        return read(indices[i * batch_size : (i + 1) * batch_size])
 
     def load(i):
         x = tf.numpy_function(fetch, [i], tf_dtype, stateful=False)
         x.set_shape([None, R, F])
         return tf.cast(x, tf.float32)
 
-    return (tf.data.Dataset.range(n_batches)
-            .map(load, num_parallel_calls=max(1, int(parallel_reads)), deterministic=True)
-            .prefetch(prefetch))
+    return (
+        tf.data.Dataset.range(n_batches)
+        .map(load, num_parallel_calls=max(1, int(parallel_reads)), deterministic=True)
+        .prefetch(prefetch)
+    )

@@ -39,14 +39,22 @@ def prepare(config, rebuild: bool = False, progress: bool = True, log=None) -> d
         log(f"msdn-tf: {path} is up to date")
     from msdn_tf.data.cache import ensure_cache
 
-    cached = ensure_cache(source, config.data.cache_dir, config.data.cache_dtype, rebuild=rebuild,
-                          progress=progress, log=log)
+    cached = ensure_cache(
+        source, config.data.cache_dir, config.data.cache_dtype, rebuild=rebuild, progress=progress, log=log
+    )
     if tuple(cached.shape) != tuple(data.features.shape):
         raise MSDNError(f"{cached.path}: shape {cached.shape} differs from the source {data.features.shape}")
-    return {"dataset": config.data.dataset, "source": source, "cache": cached.path,
-            "was_up_to_date": bool(ok and not rebuild), "reason": reason, "shape": list(cached.shape),
-            "dtype": cached.dtype.name, "bytes": os.path.getsize(cached.path),
-            "sidecar": read_sidecar(cached.path)}
+    return {
+        "dataset": config.data.dataset,
+        "source": source,
+        "cache": cached.path,
+        "was_up_to_date": bool(ok and not rebuild),
+        "reason": reason,
+        "shape": list(cached.shape),
+        "dtype": cached.dtype.name,
+        "bytes": os.path.getsize(cached.path),
+        "sidecar": read_sidecar(cached.path),
+    }
 
 
 @cli_main

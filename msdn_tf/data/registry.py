@@ -129,6 +129,7 @@ def _find(dirs, name: str) -> Optional[Path]:
 
 def _layout_report(spec: DatasetSpec, config, dirs) -> str:
     """The files of both layouts, each marked found or missing."""
+
     def line(name):
         where = _find(dirs, name)
         return f"    {name}  [{'found: ' + str(where) if where else 'missing'}]"
@@ -141,18 +142,20 @@ def _layout_report(spec: DatasetSpec, config, dirs) -> str:
     names = [n for n in xlsa17.ATTRIBUTE_NAME_FILES]
     img_found = [n for n in image_lists if _find(dirs, n)]
     name_found = [n for n in names if _find(dirs, n)]
-    return "\n".join([
-        "  (a) the reference feature-map file (TransZero format):",
-        line(spec.required_files[0]),
-        "  (b) xlsa17 metadata plus features made by `python -m msdn_tf.extract`:",
-        line("att_splits.mat"),
-        f"    res101.mat or image_list.npz  [{'found: ' + img_found[0] if img_found else 'missing'}]",
-        line(pkl),
-        f"    attribute names ({' / '.join(names)}; optional)  "
-        f"[{'found: ' + name_found[0] if name_found else 'missing'}]",
-        line(config.data.feature_file) + "   (data.feature_file)",
-        "  (see docs/data.md for where to get each file)",
-    ])
+    return "\n".join(
+        [
+            "  (a) the reference feature-map file (TransZero format):",
+            line(spec.required_files[0]),
+            "  (b) xlsa17 metadata plus features made by `python -m msdn_tf.extract`:",
+            line("att_splits.mat"),
+            f"    res101.mat or image_list.npz  [{'found: ' + img_found[0] if img_found else 'missing'}]",
+            line(pkl),
+            f"    attribute names ({' / '.join(names)}; optional)  "
+            f"[{'found: ' + name_found[0] if name_found else 'missing'}]",
+            line(config.data.feature_file) + "   (data.feature_file)",
+            "  (see docs/data.md for where to get each file)",
+        ]
+    )
 
 
 def _names_from_xlsa17(dirs) -> tuple:
@@ -178,28 +181,36 @@ def _load_benchmark(config, spec) -> ZSLData:
 
     data_dir = config.data.data_dir
     needed = "\n  ".join(spec.required_files)
+    alternatives = ", ".join(a.format(feature_file=config.data.feature_file) for a in spec.alternative_files)
     if not data_dir:
         raise DataError(
             f"--dataset {spec.name} needs --data-dir DIR holding either\n  {needed}\n"
-            f"or the xlsa17 files {', '.join(a.format(feature_file=config.data.feature_file) for a in spec.alternative_files)}"
-            "\n(see docs/data.md)"
+            f"or the xlsa17 files {alternatives}\n(see docs/data.md)"
         )
     folder = check_data_dir(data_dir)
     if not folder.is_dir():
-        raise DataError(f"data directory {folder} does not exist; it should hold:\n  {needed}\n"
-                        "or the xlsa17 layout (see docs/data.md)")
+        raise DataError(
+            f"data directory {folder} does not exist; it should hold:\n  {needed}\n"
+            "or the xlsa17 layout (see docs/data.md)"
+        )
     dirs = _candidate_dirs(folder, spec)
 
     # (a) the reference feature-map HDF5
     reference = _find(dirs, spec.required_files[0])
     if reference is not None:
         class_names, attribute_names, splits_path = _names_from_xlsa17(dirs)
-        data = load_feature_map_hdf5(reference, name=spec.name, nonnegative_att=spec.nonnegative_att,
-                                     class_names=class_names, attribute_names=attribute_names)
+        data = load_feature_map_hdf5(
+            reference,
+            name=spec.name,
+            nonnegative_att=spec.nonnegative_att,
+            class_names=class_names,
+            attribute_names=attribute_names,
+        )
         # names stored in the HDF5 win; names from the folder must at least agree in number
         if class_names is not None and len(class_names) != data.num_classes:
-            raise DataError(f"{splits_path}: {len(class_names)} class names but {reference} has "
-                            f"{data.num_classes} classes")
+            raise DataError(
+                f"{splits_path}: {len(class_names)} class names but {reference} has {data.num_classes} classes"
+            )
         return use_cache(data, reference, config)
 
     # (b) xlsa17 metadata + extracted features
@@ -222,11 +233,14 @@ def _load_benchmark(config, spec) -> ZSLData:
     )
 
 
-register_dataset(DatasetSpec(
-    name="demo",
-    description="built-in synthetic dataset (generated on first use, no download)",
-    loader=_load_demo,
-))
+register_dataset(
+    DatasetSpec(
+        name="demo",
+        description="built-in synthetic dataset (generated on first use, no download)",
+        loader=_load_demo,
+    )
+)
+
 
 def _benchmark_spec(facts) -> DatasetSpec:
     """The table entry of a benchmark, from its facts in :data:`msdn_tf.data.datasets.BENCHMARKS`."""
@@ -239,8 +253,13 @@ def _benchmark_spec(facts) -> DatasetSpec:
         nonnegative_att=facts.nonnegative_att,
         expected=facts.expected(),
         upstream_name=stem,
-        alternative_files=("att_splits.mat", "res101.mat or image_list.npz", f"{stem}_attribute.pkl",
-                           "attribute names (optional)", "{feature_file}"),
+        alternative_files=(
+            "att_splits.mat",
+            "res101.mat or image_list.npz",
+            f"{stem}_attribute.pkl",
+            "attribute names (optional)",
+            "{feature_file}",
+        ),
     )
 
 
@@ -252,9 +271,11 @@ def _load_custom(config, spec) -> ZSLData:
     return custom_data.load_custom_dataset(config.data.data_dir, config)
 
 
-register_dataset(DatasetSpec(
-    name="custom",
-    description="your own attribute-annotated images, prepared by python -m msdn_tf.custom prepare",
-    loader=_load_custom,
-    required_files=(custom_data.FEATURE_FILE, custom_data.MANIFEST_FILE),
-))
+register_dataset(
+    DatasetSpec(
+        name="custom",
+        description="your own attribute-annotated images, prepared by python -m msdn_tf.custom prepare",
+        loader=_load_custom,
+        required_files=(custom_data.FEATURE_FILE, custom_data.MANIFEST_FILE),
+    )
+)

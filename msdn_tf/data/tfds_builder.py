@@ -77,21 +77,33 @@ class MsdnZsl(tfds.core.GeneratorBasedBuilder):
     RELEASE_NOTES = {"1.0.0": "Channel-last, region-normalised feature maps; xlsa17 proposed splits."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_INSTRUCTIONS
     BUILDER_CONFIGS = [
-        MsdnZslConfig(name="demo", dataset="demo", feature_dim=None, dtype="float32",
-                      description="msdn-tf's synthetic demo dataset (any DemoConfig)"),
-    ] + [MsdnZslConfig(name=facts.name, dataset=facts.name, feature_dim=facts.feature_dim,
-                       description=facts.summary_line()) for facts in BENCHMARKS.values()]
+        MsdnZslConfig(
+            name="demo",
+            dataset="demo",
+            feature_dim=None,
+            dtype="float32",
+            description="msdn-tf's synthetic demo dataset (any DemoConfig)",
+        ),
+    ] + [
+        MsdnZslConfig(
+            name=facts.name, dataset=facts.name, feature_dim=facts.feature_dim, description=facts.summary_line()
+        )
+        for facts in BENCHMARKS.values()
+    ]
 
     def _info(self):
         cfg = self.builder_config
         shape = (None, cfg.feature_dim)  # regions: 196 (14x14) or 49 (7x7)
         return self.dataset_info_from_configs(
-            features=tfds.features.FeaturesDict({
-                "feature_map": tfds.features.Tensor(shape=shape, dtype=np.dtype(cfg.dtype),
-                                                    encoding="bytes" if shape.count(None) > 1 else "none"),
-                "label": tfds.features.Scalar(dtype=np.int64),
-                "image_file": tfds.features.Text(),
-            }),
+            features=tfds.features.FeaturesDict(
+                {
+                    "feature_map": tfds.features.Tensor(
+                        shape=shape, dtype=np.dtype(cfg.dtype), encoding="bytes" if shape.count(None) > 1 else "none"
+                    ),
+                    "label": tfds.features.Scalar(dtype=np.int64),
+                    "image_file": tfds.features.Text(),
+                }
+            ),
             supervised_keys=("feature_map", "label"),
             metadata=tfds.core.MetadataDict(),
             homepage="https://github.com/shiming-chen/MSDN",
@@ -147,14 +159,17 @@ class MsdnZsl(tfds.core.GeneratorBasedBuilder):
 
         dtype = np.dtype(self.builder_config.dtype)
         for start in range(0, loc.size, CHUNK):
-            rows = loc[start:start + CHUNK]
+            rows = loc[start : start + CHUNK]
             x = normalize_regions(data.features.read(rows)).astype(dtype)
             for i, row in enumerate(rows):
-                yield int(row), {
-                    "feature_map": x[i],
-                    "label": int(data.labels[row]),
-                    "image_file": files[row] if files is not None else "",
-                }
+                yield (
+                    int(row),
+                    {
+                        "feature_map": x[i],
+                        "label": int(data.labels[row]),
+                        "image_file": files[row] if files is not None else "",
+                    },
+                )
 
 
 def class_metadata(data: ZSLData) -> dict:

@@ -67,17 +67,19 @@ def _parse_vector(path: str, lineno: int, token: str, rest: str, dim: int, users
     try:
         vec = np.asarray(values, dtype=np.float64)
     except ValueError as exc:
-        raise DataError(f"{path}: line {lineno} ({token!r}) holds a value that is not a number "
-                        f"({exc})") from exc
+        raise DataError(f"{path}: line {lineno} ({token!r}) holds a value that is not a number ({exc})") from exc
     if not np.all(np.isfinite(vec)):
-        raise DataError(f"{path}: line {lineno}: the vector of {token!r} holds NaN or infinite "
-                        f"values (needed by attribute(s) {', '.join(map(repr, users[:5])) or '?'}); "
-                        "fix the line or use another word-vector file")
+        raise DataError(
+            f"{path}: line {lineno}: the vector of {token!r} holds NaN or infinite "
+            f"values (needed by attribute(s) {', '.join(map(repr, users[:5])) or '?'}); "
+            "fix the line or use another word-vector file"
+        )
     return vec
 
 
-def read_word_vectors(path: str, words: Iterable[str],
-                      words_of: Optional[Dict[str, Sequence[str]]] = None) -> Tuple[Dict[str, np.ndarray], dict]:
+def read_word_vectors(
+    path: str, words: Iterable[str], words_of: Optional[Dict[str, Sequence[str]]] = None
+) -> Tuple[Dict[str, np.ndarray], dict]:
     """Stream ``path`` and keep the vectors of ``words`` only.
 
     Args:
@@ -115,8 +117,10 @@ def read_word_vectors(path: str, words: Iterable[str],
                 if dim is None:
                     dim = len(rest.split())
                     if dim == 0:
-                        raise DataError(f"{path}: line {lineno} has a word but no numbers; expected "
-                                        "'word v1 ... vD' (GloVe) or an 'N D' header (word2vec text)")
+                        raise DataError(
+                            f"{path}: line {lineno} has a word but no numbers; expected "
+                            "'word v1 ... vD' (GloVe) or an 'N D' header (word2vec text)"
+                        )
                 hit_exact = token in wanted and token not in exact
                 key = lowered.get(token.lower())
                 hit_folded = not hit_exact and key is not None and key not in exact and key not in folded
@@ -132,8 +136,10 @@ def read_word_vectors(path: str, words: Iterable[str],
                 if len(exact) == len(wanted):
                     break
     except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text near line {lineno + 1} ({exc.reason}); binary word2vec files "
-                        "are not supported, convert them to the text format first") from exc
+        raise DataError(
+            f"{path}: not UTF-8 text near line {lineno + 1} ({exc.reason}); binary word2vec files "
+            "are not supported, convert them to the text format first"
+        ) from exc
     except (OSError, EOFError) as exc:
         raise DataError(f"{path}: cannot read the word-vector file ({exc})") from exc
     if dim is None:
@@ -142,9 +148,14 @@ def read_word_vectors(path: str, words: Iterable[str],
     return vectors, {"format": fmt, "dim": int(dim), "lines": int(lineno)}
 
 
-def attribute_vectors(names: Sequence[str], path: str, *, allow_missing_words: bool = False,
-                      allow_zero_vectors: bool = False,
-                      warn: Optional[Callable[[str], None]] = None) -> Tuple[np.ndarray, dict]:
+def attribute_vectors(
+    names: Sequence[str],
+    path: str,
+    *,
+    allow_missing_words: bool = False,
+    allow_zero_vectors: bool = False,
+    warn: Optional[Callable[[str], None]] = None,
+) -> Tuple[np.ndarray, dict]:
     """``(K, D)`` attribute vectors: the sum of the word vectors of each name (§1.3).
 
     Args:
@@ -182,20 +193,30 @@ def attribute_vectors(names: Sequence[str], path: str, *, allow_missing_words: b
             else:
                 missing.setdefault(w, []).append(str(name))
     zero = [str(n) for n, row in zip(names, out) if not np.any(row)]
-    report = {"file": str(path), **info, "words": len(needed), "found_words": len(found),
-              "missing_words": missing, "zero_attributes": zero}
+    report = {
+        "file": str(path),
+        **info,
+        "words": len(needed),
+        "found_words": len(found),
+        "missing_words": missing,
+        "zero_attributes": zero,
+    }
     if missing:
-        listing = "; ".join(f"{w!r} (in {', '.join(a[:3])}{', ...' if len(a) > 3 else ''})"
-                            for w, a in sorted(missing.items()))
+        listing = "; ".join(
+            f"{w!r} (in {', '.join(a[:3])}{', ...' if len(a) > 3 else ''})" for w, a in sorted(missing.items())
+        )
         msg = f"{path}: {len(missing)} of {len(needed)} attribute words are not in the word-vector file: {listing}"
         if not allow_missing_words:
-            raise DataError(msg + ". Use another vectors file, rename the attributes, give the vectors "
-                            "directly (--attribute-vectors) or pass --allow-missing-words to skip them")
+            raise DataError(
+                msg + ". Use another vectors file, rename the attributes, give the vectors "
+                "directly (--attribute-vectors) or pass --allow-missing-words to skip them"
+            )
         warn("warning: " + msg + " (skipped)")
     if zero:
         msg = f"{path}: {len(zero)} attribute(s) got an all-zero vector (none of their words found): {zero[:20]}"
         if not allow_zero_vectors:
-            raise DataError(msg + ". Pass --allow-zero-vectors to accept them (they then carry no "
-                            "word-vector information)")
+            raise DataError(
+                msg + ". Pass --allow-zero-vectors to accept them (they then carry no word-vector information)"
+            )
         warn("warning: " + msg)
     return out, report

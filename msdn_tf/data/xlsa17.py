@@ -166,9 +166,7 @@ def _one_based(value, path: str, key: str, n: Optional[int] = None) -> np.ndarra
             raise DataError(f"{path}: '{key}' must hold integer indices, found non-integer values")
     arr = arr.astype(np.int64)
     if arr.size and arr.min() < 1:
-        raise DataError(
-            f"{path}: '{key}' holds index {int(arr.min())}, but MATLAB indices are 1-based (must be >= 1)"
-        )
+        raise DataError(f"{path}: '{key}' holds index {int(arr.min())}, but MATLAB indices are 1-based (must be >= 1)")
     if n is not None and arr.size and arr.max() > n:
         raise DataError(f"{path}: '{key}' holds index {int(arr.max())} but there are only {n} entries (1-based)")
     return arr - 1
@@ -177,8 +175,9 @@ def _one_based(value, path: str, key: str, n: Optional[int] = None) -> np.ndarra
 def _float_matrix(value, path: str, key: str) -> np.ndarray:
     arr = np.asarray(value)
     if arr.ndim != 2 or arr.dtype.kind not in "iuf" or arr.size == 0:
-        raise DataError(f"{path}: '{key}' must be a non-empty 2-D numeric matrix, got shape {arr.shape} "
-                        f"dtype {arr.dtype}")
+        raise DataError(
+            f"{path}: '{key}' must be a non-empty 2-D numeric matrix, got shape {arr.shape} dtype {arr.dtype}"
+        )
     arr = arr.astype(np.float64)
     if not np.all(np.isfinite(arr)):
         raise DataError(f"{path}: '{key}' holds NaN or infinite values")
@@ -235,8 +234,9 @@ def load_att_splits(path: str, num_images: Optional[int] = None) -> dict:
     return out
 
 
-def load_train_val_splits(path: str, num_images: Optional[int] = None,
-                          trainval_loc: Optional[np.ndarray] = None) -> dict:
+def load_train_val_splits(
+    path: str, num_images: Optional[int] = None, trainval_loc: Optional[np.ndarray] = None
+) -> dict:
     """``train_loc``/``val_loc`` (0-based) from a file of the xlsa17 family (e.g. CUB ``sent_splits.mat``).
 
     If ``trainval_loc`` (0-based) is given and the file has its own ``trainval_loc``,
@@ -275,8 +275,7 @@ def load_res101(path: str, features: bool = False) -> dict:
         feats = np.asarray(_get(mat, path, "features"))
         if feats.ndim != 2 or len(files) not in feats.shape:
             raise DataError(f"{path}: 'features' must be (D, {len(files)}), got shape {feats.shape}")
-        out["features"] = np.ascontiguousarray((feats.T if feats.shape[1] == len(files) else feats),
-                                               dtype=np.float32)
+        out["features"] = np.ascontiguousarray((feats.T if feats.shape[1] == len(files) else feats), dtype=np.float32)
     return out
 
 
@@ -401,8 +400,9 @@ def load_attribute_vectors(path: str) -> np.ndarray:
         except DataError:
             raise
         except Exception as exc:
-            raise DataError(f"{path}: cannot unpickle a numpy array (corrupt or truncated?): "
-                            f"{type(exc).__name__}: {exc}") from exc
+            raise DataError(
+                f"{path}: cannot unpickle a numpy array (corrupt or truncated?): {type(exc).__name__}: {exc}"
+            ) from exc
     if not isinstance(arr, np.ndarray):
         raise DataError(f"{path}: expected a numpy array, found {type(arr).__name__}")
     if arr.ndim != 2 or arr.dtype.kind != "f" or arr.size == 0:
@@ -456,9 +456,16 @@ def restrict_to(loc: Optional[np.ndarray], allowed: np.ndarray) -> Optional[np.n
     return loc[np.isin(loc, allowed)]
 
 
-def check_consistency(splits: dict, labels: np.ndarray, *, labels_path: str = "<labels>",
-                      w2v: Optional[np.ndarray] = None, w2v_path: str = "<w2v>",
-                      attribute_names: Optional[Sequence[str]] = None, names_path: str = "<names>") -> None:
+def check_consistency(
+    splits: dict,
+    labels: np.ndarray,
+    *,
+    labels_path: str = "<labels>",
+    w2v: Optional[np.ndarray] = None,
+    w2v_path: str = "<w2v>",
+    attribute_names: Optional[Sequence[str]] = None,
+    names_path: str = "<names>",
+) -> None:
     """Cross-file checks of xlsa17 metadata; each failure names the file and the key.
 
     Args:
@@ -478,19 +485,21 @@ def check_consistency(splits: dict, labels: np.ndarray, *, labels_path: str = "<
     _check_split_rows(splits, labels.shape[0], spath, labels_path)
     _check_split_classes(splits, labels, spath)
     if w2v is not None and (np.ndim(w2v) != 2 or np.shape(w2v)[0] != k):
-        raise DataError(f"{w2v_path}: word vectors must be ({k}, D) to match {k} attributes in 'att' of {spath}, "
-                        f"got shape {np.shape(w2v)}")
+        raise DataError(
+            f"{w2v_path}: word vectors must be ({k}, D) to match {k} attributes in 'att' of {spath}, "
+            f"got shape {np.shape(w2v)}"
+        )
     if attribute_names is not None and len(attribute_names) != k:
-        raise DataError(f"{names_path}: {len(attribute_names)} attribute names but 'att' of {spath} has {k} "
-                        "attributes")
+        raise DataError(f"{names_path}: {len(attribute_names)} attribute names but 'att' of {spath} has {k} attributes")
 
 
 def _check_labels(splits: dict, labels: np.ndarray, spath: str, labels_path: str) -> None:
     """One class name per row of ``att``, and every label a class id in ``[0, C)``."""
     c = splits["att"].shape[0]
     if len(splits["allclasses_names"]) != c:
-        raise DataError(f"{spath}: 'allclasses_names' has {len(splits['allclasses_names'])} names but 'att' "
-                        f"has {c} classes")
+        raise DataError(
+            f"{spath}: 'allclasses_names' has {len(splits['allclasses_names'])} names but 'att' has {c} classes"
+        )
     if labels.shape[0] and (labels.min() < 0 or labels.max() >= c):
         raise DataError(
             f"{labels_path}: 'labels' must be class ids in [0, {c}) ({c} classes in 'att' of {spath}), "
@@ -512,12 +521,14 @@ def _check_split_rows(splits: dict, n: int, spath: str, labels_path: str) -> Non
         dup = loc.size - np.unique(loc).size
         if dup and key in SPLIT_KEYS:
             raise DataError(f"{spath}: '{key}' lists {dup} image(s) more than once")
-    for a, b in (("trainval_loc", "test_seen_loc"), ("trainval_loc", "test_unseen_loc"),
-                 ("test_seen_loc", "test_unseen_loc")):
+    for a, b in (
+        ("trainval_loc", "test_seen_loc"),
+        ("trainval_loc", "test_unseen_loc"),
+        ("test_seen_loc", "test_unseen_loc"),
+    ):
         both = np.intersect1d(splits[a], splits[b])
         if both.size:
-            raise DataError(f"{spath}: '{a}' and '{b}' share {both.size} image(s), e.g. 1-based row "
-                            f"{int(both[0]) + 1}")
+            raise DataError(f"{spath}: '{a}' and '{b}' share {both.size} image(s), e.g. 1-based row {int(both[0]) + 1}")
 
 
 def _check_split_classes(splits: dict, labels: np.ndarray, spath: str) -> None:
@@ -533,8 +544,10 @@ def _check_split_classes(splits: dict, labels: np.ndarray, spath: str) -> None:
         )
     stray = np.setdiff1d(np.unique(labels[splits["test_seen_loc"]]), seen)
     if stray.size:
-        raise DataError(f"{spath}: 'test_seen_loc' holds {stray.size} class(es) not in 'trainval_loc', "
-                        f"e.g. {[splits['allclasses_names'][i] for i in stray[:5]]}")
+        raise DataError(
+            f"{spath}: 'test_seen_loc' holds {stray.size} class(es) not in 'trainval_loc', "
+            f"e.g. {[splits['allclasses_names'][i] for i in stray[:5]]}"
+        )
 
 
 def _dataset_dir(data_dir: str, name: str) -> str:
@@ -545,8 +558,7 @@ def _dataset_dir(data_dir: str, name: str) -> str:
         cand = os.path.join(data_dir, sub)
         if os.path.exists(os.path.join(cand, "att_splits.mat")):
             return cand
-    raise DataError(f"{data_dir}: no att_splits.mat there nor in a '{folder_name(name)}'"
-                    " sub-folder")
+    raise DataError(f"{data_dir}: no att_splits.mat there nor in a '{folder_name(name)}' sub-folder")
 
 
 def _first_existing(folder: str, names: Sequence[str]) -> Optional[str]:
@@ -575,16 +587,25 @@ def find_xlsa17_files(data_dir: str, name: str) -> dict:
     }
 
 
-def load_xlsa17_dataset(data_dir: str, name: str, features: FeatureSource, *,
-                        att_splits: Optional[str] = None, image_list: Optional[str] = None,
-                        attribute_vectors: Optional[str] = None, attribute_names: Optional[str] = None,
-                        sent_splits: Optional[str] = None, train_val: str = "trainval") -> ZSLData:
+def load_xlsa17_dataset(
+    data_dir: str,
+    name: str,
+    features: FeatureSource,
+    *,
+    att_splits: Optional[str] = None,
+    image_list: Optional[str] = None,
+    attribute_vectors: Optional[str] = None,
+    attribute_names: Optional[str] = None,
+    sent_splits: Optional[str] = None,
+    train_val: str = "trainval",
+) -> ZSLData:
     """Assemble a :class:`ZSLData` from the xlsa17 metadata and a feature source.
 
     Args:
         data_dir: the dataset folder (holding ``att_splits.mat``) or its parent
             (holding ``CUB/``, ``SUN/``, ``AWA2/``).
-        name: ``cub``, ``sun``, ``awa2`` (or another name; the sign rule of its :mod:`~msdn_tf.data.datasets` entry: AWA2 gets non-negative attributes, §1.4).
+        name: ``cub``, ``sun``, ``awa2`` (or another name; the sign rule of its
+            :mod:`~msdn_tf.data.datasets` entry: AWA2 gets non-negative attributes, §1.4).
         features: a feature source with one row per image of the image list, in
             its order (e.g. :class:`~msdn_tf.data.hdf5.HDF5Features` of an extracted file).
         att_splits, image_list, attribute_vectors, attribute_names, sent_splits:
@@ -603,7 +624,8 @@ def load_xlsa17_dataset(data_dir: str, name: str, features: FeatureSource, *,
     if train_val not in ("trainval", "raw", "none"):
         raise ValueError(f"train_val must be 'trainval', 'raw' or 'none', got {train_val!r}")
     att_splits, image_list, attribute_vectors, attribute_names, sent_splits = _xlsa17_files(
-        data_dir, name, att_splits, image_list, attribute_vectors, attribute_names, sent_splits)
+        data_dir, name, att_splits, image_list, attribute_vectors, attribute_names, sent_splits
+    )
     images = load_images(image_list)
     labels = images["labels"]
     n = labels.shape[0]
@@ -614,8 +636,15 @@ def load_xlsa17_dataset(data_dir: str, name: str, features: FeatureSource, *,
     w2v = load_attribute_vectors(attribute_vectors)
     k = splits["att"].shape[1]
     names = load_attribute_names(attribute_names) if attribute_names else [f"attribute_{i:03d}" for i in range(k)]
-    check_consistency(splits, labels, labels_path=str(image_list), w2v=w2v, w2v_path=str(attribute_vectors),
-                      attribute_names=names, names_path=str(attribute_names))
+    check_consistency(
+        splits,
+        labels,
+        labels_path=str(image_list),
+        w2v=w2v,
+        w2v_path=str(attribute_vectors),
+        attribute_names=names,
+        names_path=str(attribute_names),
+    )
     n_feat = int(features.shape[0])
     if n_feat != n:
         where = getattr(features, "path", type(features).__name__)
@@ -641,8 +670,9 @@ def load_xlsa17_dataset(data_dir: str, name: str, features: FeatureSource, *,
     return data
 
 
-def _xlsa17_files(data_dir: str, name: str, att_splits, image_list, attribute_vectors, attribute_names,
-                  sent_splits) -> tuple:
+def _xlsa17_files(
+    data_dir: str, name: str, att_splits, image_list, attribute_vectors, attribute_names, sent_splits
+) -> tuple:
     """The five metadata files: each explicit one, else what :func:`find_xlsa17_files` finds.
 
     Raises:

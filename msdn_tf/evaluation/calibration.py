@@ -75,8 +75,15 @@ def _accuracy_at(gammas: np.ndarray, d, correct_seen, correct_unseen, weights) -
     return base + suffix[first_above]
 
 
-def seen_unseen_curve(logits_seen, labels_seen, logits_unseen, labels_unseen, seen_classes,
-                      unseen_classes, max_points: Optional[int] = None) -> dict:
+def seen_unseen_curve(
+    logits_seen,
+    labels_seen,
+    logits_unseen,
+    labels_unseen,
+    seen_classes,
+    unseen_classes,
+    max_points: Optional[int] = None,
+) -> dict:
     """The exact seen-unseen accuracy curve over the calibration constant ``gamma``.
 
     Args:
@@ -114,7 +121,10 @@ def seen_unseen_curve(logits_seen, labels_seen, logits_unseen, labels_unseen, se
     h = np.array([harmonic_mean(a, b) for a, b in zip(u, s)])
     best = int(np.argmax(h))
     curve = {
-        "gamma": gammas, "S": s, "U": u, "H": h,
+        "gamma": gammas,
+        "S": s,
+        "U": u,
+        "H": h,
         "ausuc": ausuc(s, u),
         "best": {"gamma": float(gammas[best]), "S": float(s[best]), "U": float(u[best]), "H": float(h[best])},
     }
@@ -153,8 +163,9 @@ def ausuc(s: Sequence[float], u: Sequence[float]) -> float:
     return float(np.sum((s[1:] - s[:-1]) * (u[1:] + u[:-1]) / 2.0))
 
 
-def best_gamma_on_grid(logits_seen, labels_seen, logits_unseen, labels_unseen, seen_classes,
-                       unseen_classes, grid: Sequence[float]) -> dict:
+def best_gamma_on_grid(
+    logits_seen, labels_seen, logits_unseen, labels_unseen, seen_classes, unseen_classes, grid: Sequence[float]
+) -> dict:
     """The ``gamma`` of a grid with the highest H (ties: the one closest to 0, then the smallest).
 
     Returns:
@@ -166,22 +177,32 @@ def best_gamma_on_grid(logits_seen, labels_seen, logits_unseen, labels_unseen, s
         raise MSDNError("the gamma grid is empty")
     best = None
     for gamma in sorted(float(g) for g in grid):
-        m = zsl_metrics(logits_seen, labels_seen, logits_unseen, labels_unseen, seen_classes,
-                        unseen_classes, gamma=gamma)
+        m = zsl_metrics(
+            logits_seen, labels_seen, logits_unseen, labels_unseen, seen_classes, unseen_classes, gamma=gamma
+        )
         key = (m["H"], -abs(gamma))
         if best is None or key > best[0]:
             best = (key, {"gamma": gamma, "S": m["S"], "U": m["U"], "H": m["H"]})
     return best[1]
 
 
-def choose_gamma(logits_seen, labels_seen, logits_unseen, labels_unseen, seen_classes, unseen_classes,
-                 grid: Optional[Sequence[float]] = None) -> dict:
+def choose_gamma(
+    logits_seen,
+    labels_seen,
+    logits_unseen,
+    labels_unseen,
+    seen_classes,
+    unseen_classes,
+    grid: Optional[Sequence[float]] = None,
+) -> dict:
     """Calibration constant maximising H: on ``grid`` if given, else over the exact curve."""
     if grid is not None:
-        return best_gamma_on_grid(logits_seen, labels_seen, logits_unseen, labels_unseen,
-                                  seen_classes, unseen_classes, grid)
-    return seen_unseen_curve(logits_seen, labels_seen, logits_unseen, labels_unseen, seen_classes,
-                             unseen_classes)["best"]
+        return best_gamma_on_grid(
+            logits_seen, labels_seen, logits_unseen, labels_unseen, seen_classes, unseen_classes, grid
+        )
+    return seen_unseen_curve(logits_seen, labels_seen, logits_unseen, labels_unseen, seen_classes, unseen_classes)[
+        "best"
+    ]
 
 
 def plot_curve(curve: dict, path, title: str = "seen-unseen accuracy curve", marks=()) -> None:

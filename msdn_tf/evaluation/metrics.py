@@ -66,8 +66,9 @@ def gzsl_predictions(logits, seen_classes=None, gamma: float = 0.0) -> np.ndarra
     return np.argmax(logits, axis=1)
 
 
-def zsl_metrics(logits_seen, labels_seen, logits_unseen, labels_unseen, seen_classes, unseen_classes,
-                gamma: float = 0.0) -> dict:
+def zsl_metrics(
+    logits_seen, labels_seen, logits_unseen, labels_unseen, seen_classes, unseen_classes, gamma: float = 0.0
+) -> dict:
     """CZSL accuracy and GZSL U, S, H from the logits of the two test splits.
 
     Args:

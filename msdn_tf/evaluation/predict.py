@@ -38,14 +38,19 @@ def check_finite_outputs(model, data: ZSLData, indices, logits: dict, split: str
         raise NonFiniteError(f"the model's weights {', '.join(weights[:5])} hold NaN or infinite values")
     rows = nonfinite_rows(data.features, np.asarray(indices)[bad])
     if rows.size:
-        raise NonFiniteError(f"{feature_file(data.features, data.source)}: feature {describe_rows(rows)} "
-                             f"({split}) hold NaN or infinite values; fix or drop these images")
-    raise NonFiniteError(f"the model's outputs for {int(bad.sum())} {split} images are NaN or infinite "
-                         "although its weights and inputs are finite (an overflow)")
+        raise NonFiniteError(
+            f"{feature_file(data.features, data.source)}: feature {describe_rows(rows)} "
+            f"({split}) hold NaN or infinite values; fix or drop these images"
+        )
+    raise NonFiniteError(
+        f"the model's outputs for {int(bad.sum())} {split} images are NaN or infinite "
+        "although its weights and inputs are finite (an overflow)"
+    )
 
 
-def evaluate_model(model, data: ZSLData, batch_size: int = 100, gamma: float = 0.0,
-                   return_logits: bool = False, verbose=0) -> dict:
+def evaluate_model(
+    model, data: ZSLData, batch_size: int = 100, gamma: float = 0.0, return_logits: bool = False, verbose=0
+) -> dict:
     """CZSL accuracy and GZSL U/S/H of the fused logits, plus each sub-net's.
 
     Args:
@@ -78,6 +83,5 @@ def evaluate_model(model, data: ZSLData, batch_size: int = 100, gamma: float = 0
     result["a2v"] = metrics("logits_a2v")
     result["v2a"] = metrics("logits_v2a")
     if return_logits:
-        result["_logits"] = {"seen": seen_logits, "unseen": unseen_logits, "labels_seen": y_s,
-                             "labels_unseen": y_u}
+        result["_logits"] = {"seen": seen_logits, "unseen": unseen_logits, "labels_seen": y_s, "labels_unseen": y_u}
     return result

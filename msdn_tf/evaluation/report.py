@@ -36,10 +36,14 @@ from msdn_tf.utils import atomic_write_text, markdown_table, write_json
 PROTOCOL_NOTES = {
     "reference": "selected on the test split, as the reference; optimistic",
     "final": "the last training step; the test split was not used to choose anything",
-    "validation": ("steps, lambda_cal and gamma chosen on a class-disjoint validation split of the "
-                   "seen classes; test split evaluated once"),
-    "as-is": ("weights evaluated as given (no training history); released reference checkpoints "
-              "were themselves selected on the test split"),
+    "validation": (
+        "steps, lambda_cal and gamma chosen on a class-disjoint validation split of the "
+        "seen classes; test split evaluated once"
+    ),
+    "as-is": (
+        "weights evaluated as given (no training history); released reference checkpoints "
+        "were themselves selected on the test split"
+    ),
 }
 
 # Written by the validation protocol into its final run directory: the choices made on validation data.
@@ -86,19 +90,23 @@ def per_class_rows(data, logits: dict, gamma: float = 0.0) -> list:
     ys, yu = logits["labels_seen"], logits["labels_unseen"]
     ls, lu = logits["seen"]["logits"], logits["unseen"]["logits"]
     czsl = per_class_accuracies(yu, czsl_predictions(lu, unseen), unseen)
-    gzsl = {**per_class_accuracies(ys, gzsl_predictions(ls, seen, gamma), seen),
-            **per_class_accuracies(yu, gzsl_predictions(lu, seen, gamma), unseen)}
+    gzsl = {
+        **per_class_accuracies(ys, gzsl_predictions(ls, seen, gamma), seen),
+        **per_class_accuracies(yu, gzsl_predictions(lu, seen, gamma), unseen),
+    }
     counts = {**{int(c): int(np.sum(ys == c)) for c in seen}, **{int(c): int(np.sum(yu == c)) for c in unseen}}
     rows = []
     for c in sorted(gzsl):
-        rows.append({
-            "class_id": c,
-            "class_name": data.class_names[c],
-            "split": "unseen" if c in czsl else "seen",
-            "images": counts[c],
-            "czsl_acc": czsl.get(c),
-            "gzsl_acc": gzsl[c],
-        })
+        rows.append(
+            {
+                "class_id": c,
+                "class_name": data.class_names[c],
+                "split": "unseen" if c in czsl else "seen",
+                "images": counts[c],
+                "czsl_acc": czsl.get(c),
+                "gzsl_acc": gzsl[c],
+            }
+        )
     return rows
 
 
@@ -107,8 +115,16 @@ def per_class_csv(rows: list) -> str:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["class_id", "class_name", "split", "images", "czsl_acc", "gzsl_acc"])
     for r in rows:
-        writer.writerow([r["class_id"], r["class_name"], r["split"], r["images"],
-                         "" if r["czsl_acc"] is None else f"{r['czsl_acc']:.6f}", f"{r['gzsl_acc']:.6f}"])
+        writer.writerow(
+            [
+                r["class_id"],
+                r["class_name"],
+                r["split"],
+                r["images"],
+                "" if r["czsl_acc"] is None else f"{r['czsl_acc']:.6f}",
+                f"{r['gzsl_acc']:.6f}",
+            ]
+        )
     return out.getvalue()
 
 
@@ -116,8 +132,9 @@ def metrics_row(label, m: dict, *extra) -> list:
     return [label, *extra, *[pct(m[k]) for k in ("acc", "U", "S", "H")]]
 
 
-def evaluate_run(run_dir, gamma: float = 0.0, data_dir=None, calibration_curve: bool = False, data=None,
-                 out_dir=None, log=print) -> dict:
+def evaluate_run(
+    run_dir, gamma: float = 0.0, data_dir=None, calibration_curve: bool = False, data=None, out_dir=None, log=print
+) -> dict:
     """Evaluate the model of a run directory on the test split and write the reports.
 
     Args:
@@ -139,8 +156,14 @@ def evaluate_run(run_dir, gamma: float = 0.0, data_dir=None, calibration_curve: 
     protocol = run_protocol_name(run_dir)
     log(f"msdn-tf evaluate: {run_dir} ({config.data.dataset}, protocol {protocol}, gamma {gamma:g})")
     # Progress while predicting: a bar on a terminal, one line per split otherwise.
-    result = evaluate_model(model, data, config.data.eval_batch_size, gamma=gamma, return_logits=True,
-                            verbose=1 if sys.stdout.isatty() else 2)
+    result = evaluate_model(
+        model,
+        data,
+        config.data.eval_batch_size,
+        gamma=gamma,
+        return_logits=True,
+        verbose=1 if sys.stdout.isatty() else 2,
+    )
     logits = result.pop("_logits")
     rows = per_class_rows(data, logits, gamma)
 
@@ -162,8 +185,15 @@ def evaluate_run(run_dir, gamma: float = 0.0, data_dir=None, calibration_curve: 
     if gamma:
         from msdn_tf.evaluation.metrics import zsl_metrics
 
-        m0 = zsl_metrics(logits["seen"]["logits"], logits["labels_seen"], logits["unseen"]["logits"],
-                         logits["labels_unseen"], data.seen_classes, data.unseen_classes, gamma=0.0)
+        m0 = zsl_metrics(
+            logits["seen"]["logits"],
+            logits["labels_seen"],
+            logits["unseen"]["logits"],
+            logits["labels_unseen"],
+            data.seen_classes,
+            data.unseen_classes,
+            gamma=0.0,
+        )
         metrics["gamma_0"] = m0
     if protocol == "validation":
         metrics["validation_choice"] = _validation_choice(run_dir, gamma, log)
@@ -171,9 +201,9 @@ def evaluate_run(run_dir, gamma: float = 0.0, data_dir=None, calibration_curve: 
     if reference:
         metrics["reference"] = reference
     if calibration_curve:
-        metrics["calibration_curve"] = _calibration_curve(logits, data, metrics, gamma,
-                                                          out_dir / "curve.png",
-                                                          f"{config.data.dataset}: {run_dir.name}")
+        metrics["calibration_curve"] = _calibration_curve(
+            logits, data, metrics, gamma, out_dir / "curve.png", f"{config.data.dataset}: {run_dir.name}"
+        )
     _write_reports(out_dir, metrics, rows, calibration_curve, log)
     return metrics
 
@@ -187,12 +217,15 @@ def _load_run_and_data(run_dir: Path, data_dir, data):
     if data_dir:
         config.data.data_dir = str(data_dir)
     data = data if data is not None else load_dataset(config)
-    if (list(model.seen_classes) != data.seen_classes.tolist()
-            or list(model.unseen_classes) != data.unseen_classes.tolist()):
+    if (
+        list(model.seen_classes) != data.seen_classes.tolist()
+        or list(model.unseen_classes) != data.unseen_classes.tolist()
+    ):
         raise MSDNError(
             f"{run_dir / 'model.keras'}: the model's seen/unseen classes ({len(model.seen_classes)}/"
             f"{len(model.unseen_classes)}) differ from those of the dataset {data.source} "
-            f"({len(data.seen_classes)}/{len(data.unseen_classes)}); wrong --data-dir?")
+            f"({len(data.seen_classes)}/{len(data.unseen_classes)}); wrong --data-dir?"
+        )
     return config, model, data
 
 
@@ -200,8 +233,10 @@ def _validation_choice(run_dir: Path, gamma: float, log) -> dict:
     """What the validation protocol chose (``protocol_result.json``); notes a different ``gamma``."""
     choice = json.loads((run_dir / PROTOCOL_RESULT).read_text()).get("selection", {})
     if "gamma" in choice and abs(choice["gamma"] - gamma) > 1e-12:
-        log(f"msdn-tf evaluate: note: the validation protocol chose gamma {choice['gamma']:.6g}; "
-            f"this evaluation uses --gamma {gamma:g}")
+        log(
+            f"msdn-tf evaluate: note: the validation protocol chose gamma {choice['gamma']:.6g}; "
+            f"this evaluation uses --gamma {gamma:g}"
+        )
     return choice
 
 
@@ -209,13 +244,25 @@ def _calibration_curve(logits: dict, data, metrics: dict, gamma: float, path: Pa
     """The seen-unseen curve over gamma on the test split (an oracle) and its figure at ``path``."""
     from msdn_tf.evaluation.calibration import plot_curve, seen_unseen_curve
 
-    curve = seen_unseen_curve(logits["seen"]["logits"], logits["labels_seen"], logits["unseen"]["logits"],
-                              logits["labels_unseen"], data.seen_classes, data.unseen_classes,
-                              max_points=2000)
+    curve = seen_unseen_curve(
+        logits["seen"]["logits"],
+        logits["labels_seen"],
+        logits["unseen"]["logits"],
+        logits["labels_unseen"],
+        data.seen_classes,
+        data.unseen_classes,
+        max_points=2000,
+    )
     curve["best"]["note"] = "best H over gamma on the TEST split: an oracle, optimistic"
-    plot_curve(curve, path, title=title,
-               marks=[(f"gamma = {gamma:g}", metrics["S"], metrics["U"]),
-                      ("best H on test (oracle)", curve["best"]["S"], curve["best"]["U"])])
+    plot_curve(
+        curve,
+        path,
+        title=title,
+        marks=[
+            (f"gamma = {gamma:g}", metrics["S"], metrics["U"]),
+            ("best H on test (oracle)", curve["best"]["S"], curve["best"]["U"]),
+        ],
+    )
     return curve
 
 
@@ -226,8 +273,10 @@ def _write_reports(out_dir: Path, metrics: dict, rows: list, calibration_curve: 
     report = render_report(metrics)
     atomic_write_text(out_dir / "report.md", report)
     log(report)
-    log(f"msdn-tf evaluate: wrote {out_dir}/metrics.json, per_class.csv, report.md"
-        + (", curve.png" if calibration_curve else ""))
+    log(
+        f"msdn-tf evaluate: wrote {out_dir}/metrics.json, per_class.csv, report.md"
+        + (", curve.png" if calibration_curve else "")
+    )
 
 
 def _reference_from_results(run_dir) -> dict:
@@ -248,10 +297,17 @@ def reference_selection(history: list) -> dict:
     best_h = max(history, key=lambda h: (h["H"], -h["step"]))
     best_acc = max(history, key=lambda h: (h["acc"], -h["step"]))
     pick = lambda h: {k: h[k] for k in ("step", "acc", "U", "S", "H")}
-    return {"protocol": "reference", "note": PROTOCOL_NOTES["reference"],
-            "best_H": pick(best_h), "best_acc": pick(best_acc),
-            # what the reference reports: acc from its best-acc evaluation, U/S/H from its best-H one
-            "acc": best_acc["acc"], "U": best_h["U"], "S": best_h["S"], "H": best_h["H"]}
+    return {
+        "protocol": "reference",
+        "note": PROTOCOL_NOTES["reference"],
+        "best_H": pick(best_h),
+        "best_acc": pick(best_acc),
+        # what the reference reports: acc from its best-acc evaluation, U/S/H from its best-H one
+        "acc": best_acc["acc"],
+        "U": best_h["U"],
+        "S": best_h["S"],
+        "H": best_h["H"],
+    }
 
 
 def margin_gap(model) -> float:
@@ -265,35 +321,76 @@ def margin_gap(model) -> float:
 
 
 def render_report(metrics: dict) -> str:
-    lines = [f"# Evaluation of {metrics['run_dir']} ({metrics['dataset']})", "",
-             f"## protocol: {metrics['protocol']}", "", f"{metrics['protocol_note']}.", "",
-             f"Calibrated stacking gamma = {metrics['gamma']:g} (subtracted from seen-class scores) on top of "
-             f"the model's margin bias = {metrics.get('bias', 0.0):g}, which already favours unseen classes by "
-             f"{metrics.get('margin_gap', 0.0):g} in the fused scores; fusion weights {metrics['fusion_weights']}.", ""]
+    lines = [
+        f"# Evaluation of {metrics['run_dir']} ({metrics['dataset']})",
+        "",
+        f"## protocol: {metrics['protocol']}",
+        "",
+        f"{metrics['protocol_note']}.",
+        "",
+        f"Calibrated stacking gamma = {metrics['gamma']:g} (subtracted from seen-class scores) on top of "
+        f"the model's margin bias = {metrics.get('bias', 0.0):g}, which already favours unseen classes by "
+        f"{metrics.get('margin_gap', 0.0):g} in the fused scores; fusion weights {metrics['fusion_weights']}.",
+        "",
+    ]
     if metrics.get("validation_choice"):
         c = metrics["validation_choice"]
-        lines += [f"Chosen on validation: lambda_cal {c.get('lambda_cal')}, {c.get('step')} steps, "
-                  f"gamma {c.get('gamma', 0.0):.6g}.", ""]
-    rows = [metrics_row("fused", metrics), metrics_row("A->V sub-net", metrics["a2v"]),
-            metrics_row("V->A sub-net", metrics["v2a"])]
+        lines += [
+            f"Chosen on validation: lambda_cal {c.get('lambda_cal')}, {c.get('step')} steps, "
+            f"gamma {c.get('gamma', 0.0):.6g}.",
+            "",
+        ]
+    rows = [
+        metrics_row("fused", metrics),
+        metrics_row("A->V sub-net", metrics["a2v"]),
+        metrics_row("V->A sub-net", metrics["v2a"]),
+    ]
     if "gamma_0" in metrics:
         rows.append(metrics_row("fused, gamma = 0", metrics["gamma_0"]))
     lines += [markdown_table(["logits", *[label for _, label in METRIC_LABELS]], rows), ""]
     if "calibration_curve" in metrics:
         c = metrics["calibration_curve"]
-        lines += ["## calibration curve", "",
-                  f"AUSUC = {pct(c['ausuc']):.2f} (area under U against S over all gamma; curve.png). "
-                  f"Best H on the test curve (oracle, optimistic): {pct(c['best']['H']):.2f} at gamma "
-                  f"{c['best']['gamma']:.4g} (U {pct(c['best']['U']):.2f}, S {pct(c['best']['S']):.2f}).", ""]
+        lines += [
+            "## calibration curve",
+            "",
+            f"AUSUC = {pct(c['ausuc']):.2f} (area under U against S over all gamma; curve.png). "
+            f"Best H on the test curve (oracle, optimistic): {pct(c['best']['H']):.2f} at gamma "
+            f"{c['best']['gamma']:.4g} (U {pct(c['best']['U']):.2f}, S {pct(c['best']['S']):.2f}).",
+            "",
+        ]
     if "reference" in metrics:
         r = metrics["reference"]
-        lines += ["## protocol: reference", "", f"{r['note']} (from results.json).", "",
-                  markdown_table(["selection", "step", *[label for _, label in METRIC_LABELS]], [
-                      metrics_row("best H on test", r["best_H"], r["best_H"]["step"]),
-                      metrics_row("best CZSL acc on test", r["best_acc"], r["best_acc"]["step"])]), ""]
-    rows = [[r["class_id"], r["class_name"], r["split"], r["images"],
-             "" if r["czsl_acc"] is None else pct(r["czsl_acc"]), pct(r["gzsl_acc"])]
-            for r in metrics["per_class"]]
-    lines += ["## per class", "", markdown_table(
-        ["id", "class", "split", "images", "CZSL acc %", f"GZSL acc % (gamma {metrics['gamma']:g})"], rows), ""]
+        lines += [
+            "## protocol: reference",
+            "",
+            f"{r['note']} (from results.json).",
+            "",
+            markdown_table(
+                ["selection", "step", *[label for _, label in METRIC_LABELS]],
+                [
+                    metrics_row("best H on test", r["best_H"], r["best_H"]["step"]),
+                    metrics_row("best CZSL acc on test", r["best_acc"], r["best_acc"]["step"]),
+                ],
+            ),
+            "",
+        ]
+    rows = [
+        [
+            r["class_id"],
+            r["class_name"],
+            r["split"],
+            r["images"],
+            "" if r["czsl_acc"] is None else pct(r["czsl_acc"]),
+            pct(r["gzsl_acc"]),
+        ]
+        for r in metrics["per_class"]
+    ]
+    lines += [
+        "## per class",
+        "",
+        markdown_table(
+            ["id", "class", "split", "images", "CZSL acc %", f"GZSL acc % (gamma {metrics['gamma']:g})"], rows
+        ),
+        "",
+    ]
     return "\n".join(lines)

@@ -1,4 +1,6 @@
-"""The ablations of the paper's Table 2, the library of ``python -m msdn_tf.ablations --dataset demo [--rows gap,full]``.
+"""The ablations of the paper's Table 2.
+
+The library of ``python -m msdn_tf.ablations --dataset demo [--rows gap,full]``.
 
 Each row is a YAML file of overrides in ``configs/ablations/<row>.yaml``, applied
 on top of the dataset's config. Every row is trained once per seed; the report
@@ -24,7 +26,7 @@ from typing import Callable, Optional, Sequence
 from msdn_tf.config import CONFIG_DIR, load_yaml, merge, validate
 from msdn_tf.errors import ConfigError
 from msdn_tf.evaluation.report import PROTOCOL_NOTES, pct
-from msdn_tf.experiments.protocols import METRICS, reference_and_final, aggregate, default_train_fn, mean_std
+from msdn_tf.experiments.protocols import METRICS, aggregate, default_train_fn, mean_std, reference_and_final
 from msdn_tf.utils import atomic_write_text, markdown_table, write_json
 
 ABLATION_DIR = CONFIG_DIR / "ablations"
@@ -74,8 +76,16 @@ def row_config(config, row: str, ablation_dir=None):
     return cfg
 
 
-def run_ablations(config, rows: Sequence[str], out_dir, seeds: int = 1, data=None,
-                  train_fn: Optional[Callable] = None, log=print, ablation_dir=None) -> dict:
+def run_ablations(
+    config,
+    rows: Sequence[str],
+    out_dir,
+    seeds: int = 1,
+    data=None,
+    train_fn: Optional[Callable] = None,
+    log=print,
+    ablation_dir=None,
+) -> dict:
     """Train every row for every seed and write ``ablations.json`` and ``ablations.md``.
 
     Args:
@@ -103,11 +113,14 @@ def run_ablations(config, rows: Sequence[str], out_dir, seeds: int = 1, data=Non
         data = load_dataset(config)
     started = time.time()
     total, done = len(rows) * seeds, 0
-    result = {"dataset": config.data.dataset, "seeds": [config.train.seed + i for i in range(seeds)],
-              "unseen_classes": int(len(data.unseen_classes)),
-              "chance_acc": 1.0 / len(data.unseen_classes),
-              "protocols": {"final": PROTOCOL_NOTES["final"], "reference": PROTOCOL_NOTES["reference"]},
-              "rows": {}}
+    result = {
+        "dataset": config.data.dataset,
+        "seeds": [config.train.seed + i for i in range(seeds)],
+        "unseen_classes": int(len(data.unseen_classes)),
+        "chance_acc": 1.0 / len(data.unseen_classes),
+        "protocols": {"final": PROTOCOL_NOTES["final"], "reference": PROTOCOL_NOTES["reference"]},
+        "rows": {},
+    }
     for row in rows:
         per_seed = []
         for i in range(seeds):
@@ -132,23 +145,52 @@ def run_ablations(config, rows: Sequence[str], out_dir, seeds: int = 1, data=Non
 
 
 def render_ablations(result: dict) -> str:
-    header = ["row", "setting", "seeds", "CZSL acc %", "GZSL U %", "GZSL S %", "GZSL H %",
-              "CZSL acc % [ref*]", "GZSL H % [ref*]"]
+    header = [
+        "row",
+        "setting",
+        "seeds",
+        "CZSL acc %",
+        "GZSL U %",
+        "GZSL S %",
+        "GZSL H %",
+        "CZSL acc % [ref*]",
+        "GZSL H % [ref*]",
+    ]
     rows = []
     for name, r in result["rows"].items():
-        rows.append([name, r["label"], len(r["seeds"]), *[mean_std(r["final"][k]) for k in METRICS],
-                     mean_std(r["reference"]["acc"]), mean_std(r["reference"]["H"])])
-    return "\n".join([
-        f"# Ablations on {result['dataset']} (paper Table 2)", "",
-        f"Mean ± std (sample std) over seeds {result['seeds']}. Chance CZSL accuracy: "
-        f"{pct(result['chance_acc']):.2f}% (1/{result['unseen_classes']} unseen classes).", "",
-        "## protocol: final (columns without [ref*])", "", f"{PROTOCOL_NOTES['final']}.", "",
-        markdown_table(header, rows), "",
-        f"[ref*] protocol: reference: {PROTOCOL_NOTES['reference']} (best CZSL acc and best H over "
-        "all test evaluations during training).", "",
-        "Single-branch rows with distillation train both sub-nets with the full loss and evaluate one "
-        "sub-net (fusion weights [1, 0] or [0, 1]); rows without distillation train one sub-net only.", "",
-        f"Wall time: {result.get('wall_seconds', 0):.0f} s.", ""])
+        rows.append(
+            [
+                name,
+                r["label"],
+                len(r["seeds"]),
+                *[mean_std(r["final"][k]) for k in METRICS],
+                mean_std(r["reference"]["acc"]),
+                mean_std(r["reference"]["H"]),
+            ]
+        )
+    return "\n".join(
+        [
+            f"# Ablations on {result['dataset']} (paper Table 2)",
+            "",
+            f"Mean ± std (sample std) over seeds {result['seeds']}. Chance CZSL accuracy: "
+            f"{pct(result['chance_acc']):.2f}% (1/{result['unseen_classes']} unseen classes).",
+            "",
+            "## protocol: final (columns without [ref*])",
+            "",
+            f"{PROTOCOL_NOTES['final']}.",
+            "",
+            markdown_table(header, rows),
+            "",
+            f"[ref*] protocol: reference: {PROTOCOL_NOTES['reference']} (best CZSL acc and best H over "
+            "all test evaluations during training).",
+            "",
+            "Single-branch rows with distillation train both sub-nets with the full loss and evaluate one "
+            "sub-net (fusion weights [1, 0] or [0, 1]); rows without distillation train one sub-net only.",
+            "",
+            f"Wall time: {result.get('wall_seconds', 0):.0f} s.",
+            "",
+        ]
+    )
 
 
 def quality_check(result: dict, log=print) -> bool:
@@ -162,13 +204,17 @@ def quality_check(result: dict, log=print) -> bool:
         acc = s["final"]["acc"]
         passed = acc >= CHECK_CHANCE_FACTOR * chance
         ok &= passed
-        log(f"{'PASS' if passed else 'FAIL'}: full model, seed {s['seed']}: CZSL acc {pct(acc):.2f}% "
-            f">= {CHECK_CHANCE_FACTOR:g} x chance = {pct(CHECK_CHANCE_FACTOR * chance):.2f}%")
+        log(
+            f"{'PASS' if passed else 'FAIL'}: full model, seed {s['seed']}: CZSL acc {pct(acc):.2f}% "
+            f">= {CHECK_CHANCE_FACTOR:g} x chance = {pct(CHECK_CHANCE_FACTOR * chance):.2f}%"
+        )
     full, gap = rows["full"]["final"]["acc"]["mean"], rows["gap"]["final"]["acc"]["mean"]
     passed = full >= gap + CHECK_MARGIN_OVER_GAP
     ok &= passed
-    log(f"{'PASS' if passed else 'FAIL'}: full model mean CZSL acc {pct(full):.2f}% >= GAP baseline mean "
-        f"{pct(gap):.2f}% + {pct(CHECK_MARGIN_OVER_GAP):.0f} points = {pct(gap + CHECK_MARGIN_OVER_GAP):.2f}%")
+    log(
+        f"{'PASS' if passed else 'FAIL'}: full model mean CZSL acc {pct(full):.2f}% >= GAP baseline mean "
+        f"{pct(gap):.2f}% + {pct(CHECK_MARGIN_OVER_GAP):.0f} points = {pct(gap + CHECK_MARGIN_OVER_GAP):.2f}%"
+    )
     return bool(ok)
 
 
@@ -182,6 +228,8 @@ def precision_check(result: dict, log=print) -> bool:
         a, b = rows["full"]["final"][key]["mean"], rows["full_bf16"]["final"][key]["mean"]
         passed = abs(b - a) <= PARITY_POINTS + 1e-12
         ok &= passed
-        log(f"{'PASS' if passed else 'FAIL'}: mean final {name}: mixed_bfloat16 {pct(b):.2f}% vs float32 "
-            f"{pct(a):.2f}% (difference {pct(b - a):+.2f} points, allowed ±{pct(PARITY_POINTS):.0f})")
+        log(
+            f"{'PASS' if passed else 'FAIL'}: mean final {name}: mixed_bfloat16 {pct(b):.2f}% vs float32 "
+            f"{pct(a):.2f}% (difference {pct(b - a):+.2f} points, allowed ±{pct(PARITY_POINTS):.0f})"
+        )
     return bool(ok)

@@ -40,9 +40,22 @@ def _next_version(base: Path) -> int:
     return max(versions, default=0) + 1
 
 
-def run_custom(data_dir, out, *, config_files=(), overrides=(), export_dir=None, export: bool = True,
-               with_images: bool = True, gamma: float = 0.0, top_k: int = 5, verify_export: bool = False,
-               visualize: bool = False, resume: bool = False, log: Callable[[str], None] = print) -> dict:
+def run_custom(
+    data_dir,
+    out,
+    *,
+    config_files=(),
+    overrides=(),
+    export_dir=None,
+    export: bool = True,
+    with_images: bool = True,
+    gamma: float = 0.0,
+    top_k: int = 5,
+    verify_export: bool = False,
+    visualize: bool = False,
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Train, evaluate and export MSDN on a prepared folder (the ``custom`` dataset).
 
     Args:
@@ -80,17 +93,27 @@ def run_custom(data_dir, out, *, config_files=(), overrides=(), export_dir=None,
     t0 = time.time()
     results = run_training(config, run_dir=out, resume=resume, data=data, log=log)
     timings["train_s"] = round(time.time() - t0, 2)
-    write_json(out / "metadata.json", {"class_names": list(data.class_names),
-                                       "attribute_names": list(data.attribute_names),
-                                       "unseen_classes": [data.class_names[i] for i in data.unseen_classes],
-                                       "data_dir": data_dir})
+    write_json(
+        out / "metadata.json",
+        {
+            "class_names": list(data.class_names),
+            "attribute_names": list(data.attribute_names),
+            "unseen_classes": [data.class_names[i] for i in data.unseen_classes],
+            "data_dir": data_dir,
+        },
+    )
     t0 = time.time()
     metrics = evaluate_run(out, data=data, gamma=gamma, log=log)
     timings["evaluate_s"] = round(time.time() - t0, 2)
-    summary = {"run_dir": str(out), "data_dir": data_dir,
-               "train": {k: results["final"][k] for k in ("step", "acc", "U", "S", "H")},
-               "evaluate": {k: metrics[k] for k in ("protocol", "acc", "U", "S", "H")},
-               "export_dir": None, "signatures": [], "timings": timings}
+    summary = {
+        "run_dir": str(out),
+        "data_dir": data_dir,
+        "train": {k: results["final"][k] for k in ("step", "acc", "U", "S", "H")},
+        "evaluate": {k: metrics[k] for k in ("protocol", "acc", "U", "S", "H")},
+        "export_dir": None,
+        "signatures": [],
+        "timings": timings,
+    }
     backbone = size = note = None
     need_backbone = (export and with_images) or visualize
     if need_backbone:
@@ -101,8 +124,20 @@ def run_custom(data_dir, out, *, config_files=(), overrides=(), export_dir=None,
         timings["backbone_s"] = round(time.time() - t0, 2)
     if export:
         t0 = time.time()
-        if _export_run(out, data, config, summary, backbone if with_images else None, size, note,
-                       export_dir=export_dir, gamma=gamma, top_k=top_k, verify_export=verify_export, log=log):
+        if _export_run(
+            out,
+            data,
+            config,
+            summary,
+            backbone if with_images else None,
+            size,
+            note,
+            export_dir=export_dir,
+            gamma=gamma,
+            top_k=top_k,
+            verify_export=verify_export,
+            log=log,
+        ):
             timings["export_s"] = round(time.time() - t0, 2)
     if visualize:
         t0 = time.time()
@@ -112,8 +147,21 @@ def run_custom(data_dir, out, *, config_files=(), overrides=(), export_dir=None,
     return summary
 
 
-def _export_run(out: Path, data, config, summary: dict, use_images, size, note, *, export_dir, gamma: float,
-                top_k: int, verify_export: bool, log: Callable[[str], None]) -> bool:
+def _export_run(
+    out: Path,
+    data,
+    config,
+    summary: dict,
+    use_images,
+    size,
+    note,
+    *,
+    export_dir,
+    gamma: float,
+    top_k: int,
+    verify_export: bool,
+    log: Callable[[str], None],
+) -> bool:
     """Export the run as a new version (checked first with ``verify_export``); fills ``summary``.
 
     Returns False when the export modules cannot be imported here (the export is skipped).
@@ -139,10 +187,20 @@ def _export_run(out: Path, data, config, summary: dict, use_images, size, note, 
 
     try:
         path = export_mod.export_saved_model(
-            model, base, version=version, class_names=list(data.class_names),
-            seen_classes=model.seen_classes, unseen_classes=model.unseen_classes, gamma=gamma, top_k=top_k,
-            config=config, backbone=use_images, image_size=size or 448,
-            backbone_id=None if use_images is None else note, check=check)
+            model,
+            base,
+            version=version,
+            class_names=list(data.class_names),
+            seen_classes=model.seen_classes,
+            unseen_classes=model.unseen_classes,
+            gamma=gamma,
+            top_k=top_k,
+            config=config,
+            backbone=use_images,
+            image_size=size or 448,
+            backbone_id=None if use_images is None else note,
+            check=check,
+        )
     except export_mod.ExportCheckFailed as exc:
         log(verify_mod.report_markdown(exc.report))
         log(f"msdn-tf custom: {exc}")
@@ -151,7 +209,8 @@ def _export_run(out: Path, data, config, summary: dict, use_images, size, note, 
     summary["export_dir"] = str(base)
     summary["export_version_dir"] = path
     summary["signatures"] = ["serving_default", "serving_maps", "metadata"] + (
-        ["serving_images"] if use_images is not None else [])
+        ["serving_images"] if use_images is not None else []
+    )
     log(f"msdn-tf custom: exported {path} (signatures {', '.join(summary['signatures'])})")
     if reports:
         summary["export_check_ok"] = True
@@ -166,8 +225,15 @@ def _attention_figure(out: Path, data_dir, backbone, size, log: Callable[[str], 
     fig = out / "attention_test_unseen_0.png"
     if backbone is not None:
         probe = custom_data.read_manifest(data_dir)["probe"]
-        visualize_attention(out, image=probe["path"], backbone=backbone, image_size=size, out=fig,
-                            true_class=probe.get("class"), log=log)
+        visualize_attention(
+            out,
+            image=probe["path"],
+            backbone=backbone,
+            image_size=size,
+            out=fig,
+            true_class=probe.get("class"),
+            log=log,
+        )
     else:
         visualize_attention(out, index=0, split="test_unseen", out=fig, log=log)
     return fig
@@ -189,8 +255,12 @@ def _png(pixels: np.ndarray) -> bytes:
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(raw, 6))
+        + chunk(b"IEND", b"")
+    )
 
 
 def draw_shape(colour: str, shape: str, texture: str, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -199,7 +269,7 @@ def draw_shape(colour: str, shape: str, texture: str, size: int, rng: np.random.
     r = rng.uniform(0.24, 0.36) * size
     cy, cx = rng.uniform(r + 2, size - r - 2, size=2)
     if shape == "circle":
-        mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= r ** 2
+        mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2
     elif shape == "square":
         mask = (np.abs(yy - cy) <= r * 0.85) & (np.abs(xx - cx) <= r * 0.85)
     else:  # upward triangle
@@ -223,8 +293,16 @@ def draw_shape(colour: str, shape: str, texture: str, size: int, rng: np.random.
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def make_shapes_dataset(folder, *, num_classes: int = 15, num_unseen: int = 4, images_per_class: int = 12,
-                        size: int = 64, seed: int = 0, vector_dim: int = 50) -> dict:
+def make_shapes_dataset(
+    folder,
+    *,
+    num_classes: int = 15,
+    num_unseen: int = 4,
+    images_per_class: int = 12,
+    size: int = 64,
+    seed: int = 0,
+    vector_dim: int = 50,
+) -> dict:
     """Write a small attribute-annotated image set in the ``prepare`` input format.
 
     ``folder/images/<colour>_<texture>_<shape>/*.png``, ``attributes.csv`` (9 binary
@@ -249,8 +327,11 @@ def make_shapes_dataset(folder, *, num_classes: int = 15, num_unseen: int = 4, i
         raise MSDNError("could not draw seen classes covering every colour, texture and shape")
     pick.sort()
     names = ["_".join(c) for c in pick]
-    attributes = ([f"has_color::{c}" for c in COLOURS] + [f"has_shape::{s}" for s in SHAPES]
-                  + [f"has_texture::{t}" for t in TEXTURES])
+    attributes = (
+        [f"has_color::{c}" for c in COLOURS]
+        + [f"has_shape::{s}" for s in SHAPES]
+        + [f"has_texture::{t}" for t in TEXTURES]
+    )
     for (colour, texture, shape), name in zip(pick, names):
         d = folder / "images" / name
         d.mkdir(parents=True, exist_ok=True)
@@ -265,61 +346,110 @@ def make_shapes_dataset(folder, *, num_classes: int = 15, num_unseen: int = 4, i
     (folder / "unseen.txt").write_text("# held-out combinations (zero-shot classes)\n" + "\n".join(unseen_names) + "\n")
     words = ["has", "color", "shape", "texture", *COLOURS, *SHAPES, *TEXTURES, "the", "of", "bird", "wing"]
     vec_rng = np.random.default_rng(seed + 7)
-    lines = [f"{len(words)} {vector_dim}"] + [w + " " + " ".join(f"{v:.5f}" for v in vec_rng.standard_normal(vector_dim))
-                                              for w in words]
+    lines = [f"{len(words)} {vector_dim}"] + [
+        w + " " + " ".join(f"{v:.5f}" for v in vec_rng.standard_normal(vector_dim)) for w in words
+    ]
     (folder / "wordvectors.txt").write_text("\n".join(lines) + "\n")
     (folder / "dataset.yaml").write_text(
         "# python -m msdn_tf.custom prepare --spec dataset.yaml --out DATA_DIR\n"
         "images: images\nattributes: attributes.csv\nunseen: unseen.txt\nword_vectors: wordvectors.txt\n"
-        "seed: 0\ntest_seen_fraction: 0.2\n")
-    return {"images": str(folder / "images"), "attributes": str(folder / "attributes.csv"),
-            "unseen": str(folder / "unseen.txt"), "word_vectors": str(folder / "wordvectors.txt"),
-            "spec": str(folder / "dataset.yaml"), "classes": names, "unseen_classes": unseen_names}
+        "seed: 0\ntest_seen_fraction: 0.2\n"
+    )
+    return {
+        "images": str(folder / "images"),
+        "attributes": str(folder / "attributes.csv"),
+        "unseen": str(folder / "unseen.txt"),
+        "word_vectors": str(folder / "wordvectors.txt"),
+        "spec": str(folder / "dataset.yaml"),
+        "classes": names,
+        "unseen_classes": unseen_names,
+    }
 
 
-EXAMPLE_OVERRIDES = ("optimizer.learning_rate=0.001", "train.iterations=300", "train.eval_every=100",
-                     "data.batch_size=50")
+EXAMPLE_OVERRIDES = (
+    "optimizer.learning_rate=0.001",
+    "train.iterations=300",
+    "train.eval_every=100",
+    "data.batch_size=50",
+)
 
 
-def run_example(out, *, image_size: int = 96, num_classes: int = 15, images_per_class: int = 12, seed: int = 0,
-                overrides: Sequence[str] = (), serve: bool = True, top_k: int = 3,
-                log: Callable[[str], None] = log_stderr) -> dict:
+def run_example(
+    out,
+    *,
+    image_size: int = 96,
+    num_classes: int = 15,
+    images_per_class: int = 12,
+    seed: int = 0,
+    overrides: Sequence[str] = (),
+    serve: bool = True,
+    top_k: int = 3,
+    log: Callable[[str], None] = log_stderr,
+) -> dict:
     """Generate shapes -> prepare (untrained ResNet-101) -> run (train, evaluate, export) -> query
     the export through the local gRPC test double of TF Serving. Returns timings and figures."""
     out = Path(out)
     t_all = time.time()
     timings = {}
     t0 = time.time()
-    src = make_shapes_dataset(out / "source", num_classes=num_classes, images_per_class=images_per_class,
-                              size=max(image_size, 64), seed=seed)
+    src = make_shapes_dataset(
+        out / "source", num_classes=num_classes, images_per_class=images_per_class, size=max(image_size, 64), seed=seed
+    )
     timings["generate_s"] = round(time.time() - t0, 2)
-    log(f"example: {len(src['classes'])} classes x {images_per_class} images in {out / 'source'}; unseen "
-        f"{src['unseen_classes']}")
+    log(
+        f"example: {len(src['classes'])} classes x {images_per_class} images in {out / 'source'}; unseen "
+        f"{src['unseen_classes']}"
+    )
     t0 = time.time()
     data_dir = out / "data"
-    custom_data.prepare_dataset(data_dir, images=src["images"], attributes=src["attributes"], unseen=src["unseen"],
-                                word_vectors=src["word_vectors"], seed=seed, weights="none", image_size=image_size,
-                                batch_size=16, overwrite=True, restart=True, progress=False, log=log)
+    custom_data.prepare_dataset(
+        data_dir,
+        images=src["images"],
+        attributes=src["attributes"],
+        unseen=src["unseen"],
+        word_vectors=src["word_vectors"],
+        seed=seed,
+        weights="none",
+        image_size=image_size,
+        batch_size=16,
+        overwrite=True,
+        restart=True,
+        progress=False,
+        log=log,
+    )
     timings["prepare_s"] = round(time.time() - t0, 2)
-    summary = run_custom(data_dir, out / "run", overrides=[*EXAMPLE_OVERRIDES, *overrides],
-                         export_dir=out / "export" / "msdn_custom", top_k=top_k, visualize=True, log=log)
+    summary = run_custom(
+        data_dir,
+        out / "run",
+        overrides=[*EXAMPLE_OVERRIDES, *overrides],
+        export_dir=out / "export" / "msdn_custom",
+        top_k=top_k,
+        visualize=True,
+        log=log,
+    )
     timings.update(summary["timings"])
     answer = None
     if serve and summary["export_dir"]:
         answer = query_local_server(summary["export_dir"], data_dir, top_k=top_k, log=log)
         timings["serve_s"] = answer.pop("seconds")
     timings["total_s"] = round(time.time() - t_all, 2)
-    result = {"out": str(out), "image_size": image_size, "evaluate": summary["evaluate"],
-              "train_final": summary["train"], "timings": timings,
-              "query": None if answer is None else answer["summary"]}
+    result = {
+        "out": str(out),
+        "image_size": image_size,
+        "evaluate": summary["evaluate"],
+        "train_final": summary["train"],
+        "timings": timings,
+        "query": None if answer is None else answer["summary"],
+    }
     from msdn_tf.utils import write_json
 
     write_json(out / "example.json", result)
     return result
 
 
-def query_local_server(export_base, data_dir, *, top_k: int = 3, per_class: int = 1,
-                       log: Callable[[str], None] = log_stderr) -> dict:
+def query_local_server(
+    export_base, data_dir, *, top_k: int = 3, per_class: int = 1, log: Callable[[str], None] = log_stderr
+) -> dict:
     """Start the local gRPC TEST DOUBLE of TF Serving on ``export_base``, send test_unseen images
     (or their features when the export has no image signature) with :mod:`msdn_tf.client`, print
     the top-k answers."""
@@ -342,19 +472,39 @@ def query_local_server(export_base, data_dir, *, top_k: int = 3, per_class: int 
         labels = [f"{Path(r['path']).name} (true: {r['class']})" for _, r in chosen]
         has_images = "serving_images" in (metadata.get("signatures") or {})
         if has_images:
-            answer = client.classify(model="msdn_custom", server=handle.grpc_address, metadata=metadata, top_k=top_k,
-                                     images=client.read_images([r["path"] for _, r in chosen]), labels=labels)
+            answer = client.classify(
+                model="msdn_custom",
+                server=handle.grpc_address,
+                metadata=metadata,
+                top_k=top_k,
+                images=client.read_images([r["path"] for _, r in chosen]),
+                labels=labels,
+            )
         else:
             from msdn_tf.data.hdf5 import HDF5Features
 
             feats = HDF5Features(str(Path(data_dir) / custom_data.FEATURE_FILE)).read([i for i, _ in chosen])
-            answer = client.classify(model="msdn_custom", server=handle.grpc_address, metadata=metadata, top_k=top_k,
-                                     features=feats, labels=labels)
+            answer = client.classify(
+                model="msdn_custom",
+                server=handle.grpc_address,
+                metadata=metadata,
+                top_k=top_k,
+                features=feats,
+                labels=labels,
+            )
     finally:
         handle.stop()
     log(client.format_text(answer))
     hits = sum(r["czsl"]["name"] == row["class"] for r, (_, row) in zip(answer["results"], chosen))
-    return {"summary": {"signature": answer["signature"], "queries": len(chosen), "czsl_correct": int(hits),
-                        "answers": [{"input": r["input"], "czsl": r["czsl"]["name"],
-                                     "top_k": [t["name"] for t in r["top_k"]]} for r in answer["results"]]},
-            "seconds": round(time.time() - t0, 2)}
+    return {
+        "summary": {
+            "signature": answer["signature"],
+            "queries": len(chosen),
+            "czsl_correct": int(hits),
+            "answers": [
+                {"input": r["input"], "czsl": r["czsl"]["name"], "top_k": [t["name"] for t in r["top_k"]]}
+                for r in answer["results"]
+            ],
+        },
+        "seconds": round(time.time() - t0, 2),
+    }

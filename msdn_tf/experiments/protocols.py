@@ -54,8 +54,9 @@ class RowSubsetFeatures:
     def read(self, indices: np.ndarray) -> np.ndarray:
         indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         if indices.size and (indices.min() < 0 or indices.max() >= self.rows.size):
-            raise DataError(f"row indices must lie in [0, {self.rows.size}) of this view, got "
-                            f"[{indices.min()}, {indices.max()}]")
+            raise DataError(
+                f"row indices must lie in [0, {self.rows.size}) of this view, got [{indices.min()}, {indices.max()}]"
+            )
         return self.source.read(self.rows[indices])
 
 
@@ -94,12 +95,15 @@ def validation_view(data: ZSLData, holdout_fraction: float = 0.2, seed: int = 0)
     if data.train_loc is None or data.val_loc is None or not len(data.train_loc) or not len(data.val_loc):
         raise DataError(
             f"{data.source}: no 'train_loc'/'val_loc'; the validation protocol needs the class-disjoint "
-            "train/val split of the seen classes (xlsa17 att_splits.mat has one; see docs/data.md)")
+            "train/val split of the seen classes (xlsa17 att_splits.mat has one; see docs/data.md)"
+        )
     labels = data.labels
     overlap = np.intersect1d(labels[data.train_loc], labels[data.val_loc])
     if overlap.size:
-        raise DataError(f"{data.source}: 'train_loc' and 'val_loc' share classes {overlap[:10].tolist()}; "
-                        "they must be class-disjoint")
+        raise DataError(
+            f"{data.source}: 'train_loc' and 'val_loc' share classes {overlap[:10].tolist()}; "
+            "they must be class-disjoint"
+        )
     keep, held = holdout_split(labels, data.train_loc, holdout_fraction, seed)
     if held.size == 0:
         raise DataError(f"{data.source}: 'train_loc' has too few images per class to hold any out")
@@ -111,9 +115,9 @@ def validation_view(data: ZSLData, holdout_fraction: float = 0.2, seed: int = 0)
         name=f"{data.name}-validation",
         features=RowSubsetFeatures(data.features, rows),
         labels=np.array([new_id[int(c)] for c in labels[rows]], dtype=np.int64),
-        trainval_loc=local[:keep.size],
-        test_seen_loc=local[keep.size:keep.size + held.size],
-        test_unseen_loc=local[keep.size + held.size:],
+        trainval_loc=local[: keep.size],
+        test_seen_loc=local[keep.size : keep.size + held.size],
+        test_unseen_loc=local[keep.size + held.size :],
         att=data.att[classes],
         w2v=data.w2v,
         class_names=[data.class_names[c] for c in classes],
@@ -130,9 +134,12 @@ def aggregate(per_seed: Sequence[dict], keys=METRICS) -> dict:
     for key in keys:
         values = [float(r[key]) for r in per_seed]
         arr = np.asarray(values, dtype=np.float64)
-        out[key] = {"mean": float(arr.mean()) if arr.size else float("nan"),
-                    "std": float(arr.std(ddof=1)) if arr.size > 1 else 0.0,
-                    "n": int(arr.size), "values": values}
+        out[key] = {
+            "mean": float(arr.mean()) if arr.size else float("nan"),
+            "std": float(arr.std(ddof=1)) if arr.size > 1 else 0.0,
+            "n": int(arr.size),
+            "values": values,
+        }
     return out
 
 
@@ -160,8 +167,10 @@ def check_same_config(config, run_dir: Path) -> None:
 
     saved = Path(run_dir) / "config.yaml"
     if saved.is_file() and load_yaml(saved) != config.to_dict():
-        raise MSDNError(f"{run_dir} holds a run with a different config ({saved}); "
-                        "choose another --out, or delete that folder to redo it")
+        raise MSDNError(
+            f"{run_dir} holds a run with a different config ({saved}); "
+            "choose another --out, or delete that folder to redo it"
+        )
 
 
 def train_or_reuse(config, run_dir: Path, data, train_fn, log, eval_hooks=()) -> dict:
@@ -185,8 +194,14 @@ def reference_and_final(config, data, run_root: Path, seed: int, train_fn, log) 
     final = results["final"]
     ref = reference_selection(history)
     ref.update(seed=seed, run_dir=str(run_dir))
-    fin = {"protocol": "final", "note": PROTOCOL_NOTES["final"], "seed": seed, "run_dir": str(run_dir),
-           "step": final["step"], **{k: float(final[k]) for k in METRICS}}
+    fin = {
+        "protocol": "final",
+        "note": PROTOCOL_NOTES["final"],
+        "seed": seed,
+        "run_dir": str(run_dir),
+        "step": final["step"],
+        **{k: float(final[k]) for k in METRICS},
+    }
     return ref, fin
 
 
@@ -202,8 +217,10 @@ class _SelectionRecorder:
         if self.path.is_file():
             saved = json.loads(self.path.read_text())
             if saved.get("settings") != self.settings:
-                raise MSDNError(f"{self.path}: made with {saved.get('settings')}, now {self.settings}; "
-                                "choose another --out, or delete that folder to redo it")
+                raise MSDNError(
+                    f"{self.path}: made with {saved.get('settings')}, now {self.settings}; "
+                    "choose another --out, or delete that folder to redo it"
+                )
             self.candidates = saved["candidates"]
 
     def __call__(self, model=None, data=None, step=0, metrics=None, writer=None):
@@ -212,13 +229,28 @@ class _SelectionRecorder:
         if step <= 0:
             return
         lg = metrics["_logits"]
-        args = (lg["seen"]["logits"], lg["labels_seen"], lg["unseen"]["logits"], lg["labels_unseen"],
-                data.seen_classes, data.unseen_classes)
+        args = (
+            lg["seen"]["logits"],
+            lg["labels_seen"],
+            lg["unseen"]["logits"],
+            lg["labels_unseen"],
+            data.seen_classes,
+            data.unseen_classes,
+        )
         best = choose_gamma(*args, grid=self.gamma_grid)
         self.candidates = [c for c in self.candidates if c["step"] != step]
-        self.candidates.append({"lambda_cal": self.lambda_cal, "step": int(step), "gamma": best["gamma"],
-                                "acc": float(metrics["acc"]), "U": best["U"], "S": best["S"], "H": best["H"],
-                                "H_gamma_0": float(metrics["H"])})
+        self.candidates.append(
+            {
+                "lambda_cal": self.lambda_cal,
+                "step": int(step),
+                "gamma": best["gamma"],
+                "acc": float(metrics["acc"]),
+                "U": best["U"],
+                "S": best["S"],
+                "H": best["H"],
+                "H_gamma_0": float(metrics["H"]),
+            }
+        )
         write_json(self.path, {"settings": self.settings, "candidates": self.candidates})
 
 
@@ -234,8 +266,14 @@ class _FinalEvaluation:
         if step != self.step:
             return
         lg = metrics["_logits"]
-        args = (lg["seen"]["logits"], lg["labels_seen"], lg["unseen"]["logits"], lg["labels_unseen"],
-                data.seen_classes, data.unseen_classes)
+        args = (
+            lg["seen"]["logits"],
+            lg["labels_seen"],
+            lg["unseen"]["logits"],
+            lg["labels_unseen"],
+            data.seen_classes,
+            data.unseen_classes,
+        )
         from msdn_tf.evaluation.calibration import seen_unseen_curve
 
         self.result = {"test": zsl_metrics(*args, gamma=self.gamma), "test_gamma_0": zsl_metrics(*args, gamma=0.0)}
@@ -244,15 +282,28 @@ class _FinalEvaluation:
         self.result["test"]["ausuc"] = self.result["curve"]["ausuc"]
 
 
-def _validation(config, data, run_root: Path, seed: int, train_fn, log, lambda_grid, gamma_grid,
-                holdout_fraction, scale_steps, on_phase) -> dict:
+def _validation(
+    config,
+    data,
+    run_root: Path,
+    seed: int,
+    train_fn,
+    log,
+    lambda_grid,
+    gamma_grid,
+    holdout_fraction,
+    scale_steps,
+    on_phase,
+) -> dict:
     base = seed_config(config, seed)
     root = run_root / "validation" / f"seed_{seed}"
     on_phase("selection")
     view = validation_view(data, holdout_fraction, seed)
     summary = view.summary()
-    log(f"msdn-tf validation: {summary['seen_classes']} train classes ({summary['trainval']} images, "
-        f"{summary['test_seen']} held out), {summary['unseen_classes']} val classes ({summary['test_unseen']} images)")
+    log(
+        f"msdn-tf validation: {summary['seen_classes']} train classes ({summary['trainval']} images, "
+        f"{summary['test_seen']} held out), {summary['unseen_classes']} val classes ({summary['test_unseen']} images)"
+    )
     grid = list(lambda_grid) if lambda_grid else [base.loss.lambda_cal]
     candidates = []
     for lam in grid:
@@ -273,8 +324,10 @@ def _validation(config, data, run_root: Path, seed: int, train_fn, log, lambda_g
     steps = chosen["step"]
     if scale_steps:
         steps = max(1, int(round(steps * len(data.trainval_loc) / len(view.trainval_loc))))
-    log(f"msdn-tf validation: chose lambda_cal {chosen['lambda_cal']:g}, {chosen['step']} steps, "
-        f"gamma {chosen['gamma']:.4g} (validation H {pct(chosen['H']):.2f}); retraining on trainval for {steps} steps")
+    log(
+        f"msdn-tf validation: chose lambda_cal {chosen['lambda_cal']:g}, {chosen['step']} steps, "
+        f"gamma {chosen['gamma']:.4g} (validation H {pct(chosen['H']):.2f}); retraining on trainval for {steps} steps"
+    )
 
     on_phase("final")
     cfg = copy.deepcopy(base)
@@ -291,23 +344,37 @@ def _validation(config, data, run_root: Path, seed: int, train_fn, log, lambda_g
     else:
         train_or_reuse(cfg, run_dir, data, train_fn, log, eval_hooks=[final_eval])
         if final_eval.result is None:
-            raise MSDNError(f"{run_dir}: the final retraining ended without its test evaluation at step "
-                            f"{steps} (interrupted after training?); delete {run_dir} and run again")
+            raise MSDNError(
+                f"{run_dir}: the final retraining ended without its test evaluation at step "
+                f"{steps} (interrupted after training?); delete {run_dir} and run again"
+            )
         final = final_eval.result
         final["selection"] = {k: chosen[k] for k in ("lambda_cal", "step", "gamma")}
         from msdn_tf.evaluation.calibration import plot_curve
 
         t, t0 = final["test"], final["test_gamma_0"]
-        plot_curve(final.pop("curve"), run_dir / "curve.png",
-                   title=f"{config.data.dataset}: validation protocol, test split",
-                   marks=[(f"chosen gamma = {chosen['gamma']:.3g}", t["S"], t["U"]), ("gamma = 0", t0["S"], t0["U"])])
+        plot_curve(
+            final.pop("curve"),
+            run_dir / "curve.png",
+            title=f"{config.data.dataset}: validation protocol, test split",
+            marks=[(f"chosen gamma = {chosen['gamma']:.3g}", t["S"], t["U"]), ("gamma = 0", t0["S"], t0["U"])],
+        )
         write_json(results_path, final)
     return {
-        "protocol": "validation", "note": PROTOCOL_NOTES["validation"], "seed": seed, "run_dir": str(root),
-        "selection": {"lambda_cal": chosen["lambda_cal"], "step": chosen["step"], "gamma": chosen["gamma"],
-                      "validation": {k: chosen[k] for k in ("acc", "U", "S", "H", "H_gamma_0")},
-                      "lambda_grid": grid, "gamma_grid": None if gamma_grid is None else list(gamma_grid),
-                      "holdout_fraction": holdout_fraction, "candidates": candidates},
+        "protocol": "validation",
+        "note": PROTOCOL_NOTES["validation"],
+        "seed": seed,
+        "run_dir": str(root),
+        "selection": {
+            "lambda_cal": chosen["lambda_cal"],
+            "step": chosen["step"],
+            "gamma": chosen["gamma"],
+            "validation": {k: chosen[k] for k in ("acc", "U", "S", "H", "H_gamma_0")},
+            "lambda_grid": grid,
+            "gamma_grid": None if gamma_grid is None else list(gamma_grid),
+            "holdout_fraction": holdout_fraction,
+            "candidates": candidates,
+        },
         "step": steps,
         **{k: float(final["test"][k]) for k in METRICS},
         "ausuc": float(final["test"]["ausuc"]),
@@ -315,10 +382,20 @@ def _validation(config, data, run_root: Path, seed: int, train_fn, log, lambda_g
     }
 
 
-def run_protocol(config, protocol, run_root, data: Optional[ZSLData] = None, seeds: int = 1,
-                 lambda_grid: Optional[Sequence[float]] = None, gamma_grid: Optional[Sequence[float]] = None,
-                 holdout_fraction: float = 0.2, scale_steps: bool = False, train_fn: Optional[Callable] = None,
-                 log=print, on_phase: Optional[Callable] = None) -> dict:
+def run_protocol(
+    config,
+    protocol,
+    run_root,
+    data: Optional[ZSLData] = None,
+    seeds: int = 1,
+    lambda_grid: Optional[Sequence[float]] = None,
+    gamma_grid: Optional[Sequence[float]] = None,
+    holdout_fraction: float = 0.2,
+    scale_steps: bool = False,
+    train_fn: Optional[Callable] = None,
+    log=print,
+    on_phase: Optional[Callable] = None,
+) -> dict:
     """Run one selection protocol (or several) over ``seeds`` seeds and write the reports.
 
     Args:
@@ -368,14 +445,31 @@ def run_protocol(config, protocol, run_root, data: Optional[ZSLData] = None, see
             if "final" in names:
                 per_seed["final"].append(fin)
         if "validation" in names:
-            per_seed["validation"].append(_validation(config, data, run_root, seed, train_fn, log, lambda_grid,
-                                                      gamma_grid, holdout_fraction, scale_steps, on_phase))
+            per_seed["validation"].append(
+                _validation(
+                    config,
+                    data,
+                    run_root,
+                    seed,
+                    train_fn,
+                    log,
+                    lambda_grid,
+                    gamma_grid,
+                    holdout_fraction,
+                    scale_steps,
+                    on_phase,
+                )
+            )
     out = {}
     for name in names:
-        report = {"protocol": name, "note": PROTOCOL_NOTES[name], "dataset": config.data.dataset,
-                  "seeds": per_seed[name],
-                  "summary": aggregate(per_seed[name], METRICS + (("ausuc",) if name == "validation" else ())),
-                  "wall_seconds": round(time.time() - started, 1)}
+        report = {
+            "protocol": name,
+            "note": PROTOCOL_NOTES[name],
+            "dataset": config.data.dataset,
+            "seeds": per_seed[name],
+            "summary": aggregate(per_seed[name], METRICS + (("ausuc",) if name == "validation" else ())),
+            "wall_seconds": round(time.time() - started, 1),
+        }
         write_json(run_root / f"{name}.json", report)
         text = render_protocol(report)
         atomic_write_text(run_root / f"{name}.md", text)
@@ -390,31 +484,63 @@ def render_protocol(report: dict) -> str:
     lines = [f"## protocol: {name}", "", f"{report['note']}.", ""]
     if name == "reference":
         header = ["seed", "best-acc step", "best-H step", "CZSL acc %", "GZSL U %", "GZSL S %", "GZSL H %"]
-        rows = [[r["seed"], r["best_acc"]["step"], r["best_H"]["step"], *[pct(r[k]) for k in METRICS]]
-                for r in report["seeds"]]
+        rows = [
+            [r["seed"], r["best_acc"]["step"], r["best_H"]["step"], *[pct(r[k]) for k in METRICS]]
+            for r in report["seeds"]
+        ]
         blank = 2
-        lines_note = ("CZSL acc is the best over the test evaluations; U, S, H come from the evaluation "
-                      "with the best H (possibly another step), as the reference reports.")
+        lines_note = (
+            "CZSL acc is the best over the test evaluations; U, S, H come from the evaluation "
+            "with the best H (possibly another step), as the reference reports."
+        )
     elif name == "final":
         header = ["seed", "step", "CZSL acc %", "GZSL U %", "GZSL S %", "GZSL H %"]
         rows = [[r["seed"], r["step"], *[pct(r[k]) for k in METRICS]] for r in report["seeds"]]
         blank = 1
         lines_note = ""
     else:
-        header = ["seed", "lambda_cal", "steps", "gamma", "val H %", "CZSL acc %", "GZSL U %", "GZSL S %",
-                  "GZSL H %", "H at gamma 0 %", "AUSUC %"]
-        rows = [[r["seed"], f"{r['selection']['lambda_cal']:g}", r["step"], f"{r['selection']['gamma']:.4g}",
-                 pct(r["selection"]["validation"]["H"]), *[pct(r[k]) for k in METRICS],
-                 pct(r["test_gamma_0"]["H"]), pct(r["ausuc"])] for r in report["seeds"]]
+        header = [
+            "seed",
+            "lambda_cal",
+            "steps",
+            "gamma",
+            "val H %",
+            "CZSL acc %",
+            "GZSL U %",
+            "GZSL S %",
+            "GZSL H %",
+            "H at gamma 0 %",
+            "AUSUC %",
+        ]
+        rows = [
+            [
+                r["seed"],
+                f"{r['selection']['lambda_cal']:g}",
+                r["step"],
+                f"{r['selection']['gamma']:.4g}",
+                pct(r["selection"]["validation"]["H"]),
+                *[pct(r[k]) for k in METRICS],
+                pct(r["test_gamma_0"]["H"]),
+                pct(r["ausuc"]),
+            ]
+            for r in report["seeds"]
+        ]
         blank = 4
-        lines_note = ("val H: on the validation view at the chosen settings; test columns: the single test "
-                      "evaluation after retraining on trainval, with the chosen gamma; AUSUC of that model "
-                      "(independent of gamma; curve.png in its run folder).")
+        lines_note = (
+            "val H: on the validation view at the chosen settings; test columns: the single test "
+            "evaluation after retraining on trainval, with the chosen gamma; AUSUC of that model "
+            "(independent of gamma; curve.png in its run folder)."
+        )
     summary = report["summary"]
     if len(report["seeds"]) > 1:
-        rows.append([f"mean ± std ({len(report['seeds'])} seeds)", *[""] * blank,
-                     *[mean_std(summary[k]) for k in METRICS],
-                     *(["", mean_std(summary["ausuc"])] if name == "validation" else [])])
+        rows.append(
+            [
+                f"mean ± std ({len(report['seeds'])} seeds)",
+                *[""] * blank,
+                *[mean_std(summary[k]) for k in METRICS],
+                *(["", mean_std(summary["ausuc"])] if name == "validation" else []),
+            ]
+        )
     lines += [markdown_table(header, rows), ""]
     if lines_note:
         lines += [lines_note, ""]

@@ -66,8 +66,7 @@ from typing import Dict, Mapping, Optional, Sequence
 import numpy as np
 
 from msdn_tf.errors import DataError, MSDNError
-from msdn_tf.interop.torch_checkpoint import (MSDN_KEY_MAP, backbone_prefixes, read_torch_state_dict,
-                                              split_state_dict)
+from msdn_tf.interop.torch_checkpoint import MSDN_KEY_MAP, backbone_prefixes, read_torch_state_dict, split_state_dict
 
 REPORT_FILE = "conversion.json"
 METADATA_FILE = "metadata.json"
@@ -129,32 +128,39 @@ def _to_float32(key: str, value, source: str) -> np.ndarray:
     return out
 
 
-def _check_dataset_shapes(weights: Mapping[str, np.ndarray], source: str, K: Optional[int],
-                          C: Optional[int], where: str) -> None:
+def _check_dataset_shapes(
+    weights: Mapping[str, np.ndarray], source: str, K: Optional[int], C: Optional[int], where: str
+) -> None:
     """K and C of the checkpoint against the dataset's; error names key, found and expected."""
     D = weights["V"].shape[1]
     if K is not None and weights["V"].shape[0] != K:
-        raise DataError(f"{source}: 'V' has shape {weights['V'].shape}, expected ({K}, D) "
-                        f"({K} attributes in {where}; D = {D} from the checkpoint)")
+        raise DataError(
+            f"{source}: 'V' has shape {weights['V'].shape}, expected ({K}, D) "
+            f"({K} attributes in {where}; D = {D} from the checkpoint)"
+        )
     if K is not None and C is not None and weights["att"].shape != (C, K):
-        raise DataError(f"{source}: 'att' has shape {weights['att'].shape}, expected ({C}, {K}) "
-                        f"({C} classes x {K} attributes in {where})")
+        raise DataError(
+            f"{source}: 'att' has shape {weights['att'].shape}, expected ({C}, {K}) "
+            f"({C} classes x {K} attributes in {where})"
+        )
     if C is not None and weights["mask_bias"].size != C:
-        raise DataError(f"{source}: 'mask_bias' has shape {weights['mask_bias'].shape}, expected "
-                        f"(1, {C}) ({C} classes in {where})")
+        raise DataError(
+            f"{source}: 'mask_bias' has shape {weights['mask_bias'].shape}, expected (1, {C}) ({C} classes in {where})"
+        )
 
 
 def _classes_from_mask(mask: np.ndarray, source: str):
     mask = mask.reshape(-1)
     bad = np.flatnonzero((mask != 1.0) & (mask != -1.0))
     if bad.size:
-        raise DataError(f"{source}: 'mask_bias' must hold +1 (unseen) or -1 (seen) for every class, "
-                        f"found {mask[bad[0]]!r} at class {int(bad[0])} ({bad.size} such entries)")
+        raise DataError(
+            f"{source}: 'mask_bias' must hold +1 (unseen) or -1 (seen) for every class, "
+            f"found {mask[bad[0]]!r} at class {int(bad[0])} ({bad.size} such entries)"
+        )
     unseen = np.flatnonzero(mask == 1.0).tolist()
     seen = np.flatnonzero(mask == -1.0).tolist()
     if not unseen:
-        raise DataError(f"{source}: 'mask_bias' marks no class as unseen (+1); zero-shot "
-                        "evaluation needs at least one")
+        raise DataError(f"{source}: 'mask_bias' marks no class as unseen (+1); zero-shot evaluation needs at least one")
     return seen, unseen
 
 
@@ -167,24 +173,38 @@ def _describe_classes(ids, names=None, limit=8) -> str:
 def _load_metadata(data_dir: str, dataset: str, nonnegative: bool) -> dict:
     """Class/attribute metadata of ``data_dir`` (xlsa17 layout), as far as it is there."""
     from msdn_tf.data.base import class_attributes_for_model
-    from msdn_tf.data.xlsa17 import (check_consistency, find_xlsa17_files, load_att_splits,
-                                     load_attribute_names, load_images)
+    from msdn_tf.data.xlsa17 import (
+        check_consistency,
+        find_xlsa17_files,
+        load_att_splits,
+        load_attribute_names,
+        load_images,
+    )
 
     if not os.path.isdir(data_dir):
         raise DataError(f"--data-dir {data_dir} does not exist or is not a directory")
     files = find_xlsa17_files(data_dir, dataset)
     splits = load_att_splits(files["att_splits"])
     C, K = splits["att"].shape
-    meta = {"att_splits": files["att_splits"], "K": K, "C": C,
-            "class_names": list(splits["allclasses_names"]),
-            "att": class_attributes_for_model(splits["att"], nonnegative=nonnegative),
-            "image_list": files["image_list"], "seen": None, "unseen": None,
-            "attribute_names": None, "attribute_names_file": files["attribute_names"]}
+    meta = {
+        "att_splits": files["att_splits"],
+        "K": K,
+        "C": C,
+        "class_names": list(splits["allclasses_names"]),
+        "att": class_attributes_for_model(splits["att"], nonnegative=nonnegative),
+        "image_list": files["image_list"],
+        "seen": None,
+        "unseen": None,
+        "attribute_names": None,
+        "attribute_names_file": files["attribute_names"],
+    }
     if files["attribute_names"]:
         names = load_attribute_names(files["attribute_names"])
         if len(names) != K:
-            raise DataError(f"{files['attribute_names']}: {len(names)} attribute names but 'att' of "
-                            f"{files['att_splits']} has {K} attributes")
+            raise DataError(
+                f"{files['attribute_names']}: {len(names)} attribute names but 'att' of "
+                f"{files['att_splits']} has {K} attributes"
+            )
         meta["attribute_names"] = names
     if files["image_list"]:
         images = load_images(files["image_list"])
@@ -196,8 +216,9 @@ def _load_metadata(data_dir: str, dataset: str, nonnegative: bool) -> dict:
 
 
 # --------------------------------------------------------------------------- conversion
-def convert_checkpoint(path, dataset: str, out_dir, data_dir: Optional[str] = None,
-                       overrides: Sequence[str] = (), overwrite: bool = False) -> dict:
+def convert_checkpoint(
+    path, dataset: str, out_dir, data_dir: Optional[str] = None, overrides: Sequence[str] = (), overwrite: bool = False
+) -> dict:
     """Convert a PyTorch MSDN state_dict file into a run directory.
 
     Args:
@@ -223,15 +244,26 @@ def convert_checkpoint(path, dataset: str, out_dir, data_dir: Optional[str] = No
     """
     path = os.fspath(path)
     state = read_torch_state_dict(path)
-    source = {"path": os.path.abspath(path), "file_name": os.path.basename(path),
-              "size_bytes": os.path.getsize(path), "sha256": _sha256(path)}
-    return convert_state_dict(state, dataset, out_dir, data_dir=data_dir, overrides=overrides,
-                              overwrite=overwrite, source=source)
+    source = {
+        "path": os.path.abspath(path),
+        "file_name": os.path.basename(path),
+        "size_bytes": os.path.getsize(path),
+        "sha256": _sha256(path),
+    }
+    return convert_state_dict(
+        state, dataset, out_dir, data_dir=data_dir, overrides=overrides, overwrite=overwrite, source=source
+    )
 
 
-def convert_state_dict(state: Mapping[str, np.ndarray], dataset: str, out_dir,
-                       data_dir: Optional[str] = None, overrides: Sequence[str] = (),
-                       overwrite: bool = False, source: Optional[dict] = None) -> dict:
+def convert_state_dict(
+    state: Mapping[str, np.ndarray],
+    dataset: str,
+    out_dir,
+    data_dir: Optional[str] = None,
+    overrides: Sequence[str] = (),
+    overwrite: bool = False,
+    source: Optional[dict] = None,
+) -> dict:
     """Like :func:`convert_checkpoint` for a state_dict already in memory (key -> numpy array).
 
     ``source`` describes where it came from (``path``, ``sha256``, ...) for the report.
@@ -262,8 +294,7 @@ def convert_state_dict(state: Mapping[str, np.ndarray], dataset: str, out_dir,
 
     # Sizes against the dataset table, then against the actual metadata files.
     seen, unseen = _check_against_table(weights, name, dataset, spec)
-    meta, metadata_report = _check_against_metadata(weights, name, dataset, spec, data_dir, seen, unseen,
-                                                    warnings)
+    meta, metadata_report = _check_against_metadata(weights, name, dataset, spec, data_dir, seen, unseen, warnings)
     variant = _released_variant(source.get("file_name", name))
     if variant and spec is not None and variant["dataset"] != dataset:
         warnings.append(f"the file name says {variant['dataset']} but --dataset is {dataset}")
@@ -273,8 +304,10 @@ def convert_state_dict(state: Mapping[str, np.ndarray], dataset: str, out_dir,
 
     trunk = trunk_from_checkpoint(backbone, name)
     if trunk is not None and trunk[0]["conv1.weight"].shape[0] * 32 != F:
-        raise DataError(f"{name}: the resnet101.* trunk gives {trunk[0]['conv1.weight'].shape[0] * 32} channels but "
-                        f"W_1 expects F = {F}")
+        raise DataError(
+            f"{name}: the resnet101.* trunk gives {trunk[0]['conv1.weight'].shape[0] * 32} channels but "
+            f"W_1 expects F = {F}"
+        )
 
     # Everything is checked: build, fill and save the Keras model.
     _check_out_dir(out_dir, overwrite)
@@ -296,11 +329,12 @@ def convert_state_dict(state: Mapping[str, np.ndarray], dataset: str, out_dir,
         "ignored_keys": {k: ignored[k] for k in ignored},
         "backbone": _backbone_report(backbone, trunk),
         "bias": bias,
-        "mask_bias": {"seen_classes": seen, "unseen_classes": unseen,
-                      "num_seen": len(seen), "num_unseen": len(unseen)},
-        "config": {"fusion_weights": list(config.model.fusion_weights),
-                   "normalize_attribute_vectors": config.model.normalize_attribute_vectors,
-                   "overrides": list(overrides)},
+        "mask_bias": {"seen_classes": seen, "unseen_classes": unseen, "num_seen": len(seen), "num_unseen": len(unseen)},
+        "config": {
+            "fusion_weights": list(config.model.fusion_weights),
+            "normalize_attribute_vectors": config.model.normalize_attribute_vectors,
+            "overrides": list(overrides),
+        },
         "metadata": metadata_report,
         "warnings": warnings,
         "files": files,
@@ -315,14 +349,17 @@ def _check_against_table(weights: Mapping[str, np.ndarray], name: str, dataset: 
     """The sizes of the weights against the dataset table; returns the (seen, unseen) classes of ``mask_bias``."""
     expected = dict(spec.expected) if spec is not None else {}
     if "attributes" in expected or "classes" in expected:
-        _check_dataset_shapes(weights, name, expected.get("attributes"), expected.get("classes"),
-                              f"the dataset table's {dataset}")
+        _check_dataset_shapes(
+            weights, name, expected.get("attributes"), expected.get("classes"), f"the dataset table's {dataset}"
+        )
     seen, unseen = _classes_from_mask(weights["mask_bias"], name)
     want = (expected.get("seen_classes", len(seen)), expected.get("unseen_classes", len(unseen)))
     if want != (len(seen), len(unseen)):
-        raise DataError(f"{name}: 'mask_bias' marks {len(seen)} seen and {len(unseen)} unseen classes "
-                        f"but {dataset} has {want[0]} seen and {want[1]} unseen (is this a checkpoint "
-                        "of another dataset?)")
+        raise DataError(
+            f"{name}: 'mask_bias' marks {len(seen)} seen and {len(unseen)} unseen classes "
+            f"but {dataset} has {want[0]} seen and {want[1]} unseen (is this a checkpoint "
+            "of another dataset?)"
+        )
     return seen, unseen
 
 
@@ -337,21 +374,31 @@ def _check_against_metadata(weights, name, dataset, spec, data_dir, seen, unseen
     nonnegative = bool(spec.nonnegative_att) if spec is not None else False
     meta = _load_metadata(str(data_dir), dataset, nonnegative)
     _check_dataset_shapes(weights, name, meta["K"], meta["C"], meta["att_splits"])
-    report = {"data_dir": str(data_dir), "att_splits": meta["att_splits"], "image_list": meta["image_list"],
-              "attribute_names_file": meta["attribute_names_file"]}
+    report = {
+        "data_dir": str(data_dir),
+        "att_splits": meta["att_splits"],
+        "image_list": meta["image_list"],
+        "attribute_names_file": meta["attribute_names_file"],
+    }
     diff = float(np.max(np.abs(weights["att"].astype(np.float64) - meta["att"])))
     report["att_max_abs_diff"] = diff
     if diff > ATT_TOLERANCE:
-        warnings.append(f"'att' differs from the one recomputed from {meta['att_splits']} "
-                        f"(docs/reference.md §1.4) by up to {diff:.3g} (> {ATT_TOLERANCE:g}); the "
-                        "checkpoint's att is used")
+        warnings.append(
+            f"'att' differs from the one recomputed from {meta['att_splits']} "
+            f"(docs/reference.md §1.4) by up to {diff:.3g} (> {ATT_TOLERANCE:g}); the "
+            "checkpoint's att is used"
+        )
     if meta["seen"] is None:
         report["seen_unseen_match"] = None
-        warnings.append(f"no image list (image_list.npz or res101.mat) beside {meta['att_splits']}: "
-                        "the seen/unseen classes of 'mask_bias' were not checked against it")
+        warnings.append(
+            f"no image list (image_list.npz or res101.mat) beside {meta['att_splits']}: "
+            "the seen/unseen classes of 'mask_bias' were not checked against it"
+        )
         return meta, report
-    for what, mine, theirs, loc in (("seen", seen, meta["seen"], "trainval_loc"),
-                                    ("unseen", unseen, meta["unseen"], "test_unseen_loc")):
+    for what, mine, theirs, loc in (
+        ("seen", seen, meta["seen"], "trainval_loc"),
+        ("unseen", unseen, meta["unseen"], "test_unseen_loc"),
+    ):
         if mine != theirs:
             only_ckpt = sorted(set(mine) - set(theirs))
             only_meta = sorted(set(theirs) - set(mine))
@@ -359,7 +406,8 @@ def _check_against_metadata(weights, name, dataset, spec, data_dir, seen, unseen
                 f"{name}: the {what} classes of 'mask_bias' ({len(mine)}) differ from those of "
                 f"{meta['att_splits']} (labels of '{loc}', {len(theirs)}): only in the "
                 f"checkpoint: [{_describe_classes(only_ckpt, meta['class_names'])}]; only in "
-                f"the metadata: [{_describe_classes(only_meta, meta['class_names'])}]")
+                f"the metadata: [{_describe_classes(only_meta, meta['class_names'])}]"
+            )
     report["seen_unseen_match"] = True
     return meta, report
 
@@ -368,8 +416,7 @@ def _use_checkpoint_bias(config, bias: float, overrides: Sequence[str], warnings
     """The checkpoint's margin ``bias`` wins over the config's (a ``--set model.bias`` gets a warning)."""
     if config.model.bias != bias:
         if any(o.split("=", 1)[0].strip() == "model.bias" for o in overrides):
-            warnings.append(f"--set model.bias={config.model.bias:g} ignored: the checkpoint's bias "
-                            f"{bias:g} is used")
+            warnings.append(f"--set model.bias={config.model.bias:g} ignored: the checkpoint's bias {bias:g} is used")
         config.model.bias = bias
 
 
@@ -391,9 +438,13 @@ def _mapped_keys(model, msdn: Mapping[str, np.ndarray], original_dtypes: Mapping
     mapped = {}
     for key in MSDN_KEY_MAP:
         var = _model_variable(model, key)
-        mapped[key] = {"shape": list(np.shape(msdn[key])), "dtype": original_dtypes[key],
-                       "keras_weight": var.path, "keras_shape": list(var.shape),
-                       "role": MSDN_KEY_MAP[key][2]}
+        mapped[key] = {
+            "shape": list(np.shape(msdn[key])),
+            "dtype": original_dtypes[key],
+            "keras_weight": var.path,
+            "keras_shape": list(var.shape),
+            "role": MSDN_KEY_MAP[key][2],
+        }
     return mapped
 
 
@@ -405,12 +456,17 @@ def _backbone_report(backbone: Mapping[str, np.ndarray], trunk) -> dict:
         "total_parameters": int(sum(int(np.size(v)) for v in backbone.values())),
         "loaded": trunk is not None,
         "stored": BACKBONE_FILE if trunk is not None else None,
-        "architecture": ({"blocks": list(trunk[1]), "width": trunk[2], "tensors": len(trunk[0])}
-                         if trunk is not None else None),
-        "note": (f"resnet101.* trunk stored as {BACKBONE_FILE} (torchvision keys); "
-                 "msdn_tf.export --with-images serves from it" if trunk is not None else
-                 "backbone tensors are reported, not loaded: no resnet101.* trunk" if backbone
-                 else "none found"),
+        "architecture": (
+            {"blocks": list(trunk[1]), "width": trunk[2], "tensors": len(trunk[0])} if trunk is not None else None
+        ),
+        "note": (
+            f"resnet101.* trunk stored as {BACKBONE_FILE} (torchvision keys); "
+            "msdn_tf.export --with-images serves from it"
+            if trunk is not None
+            else "backbone tensors are reported, not loaded: no resnet101.* trunk"
+            if backbone
+            else "none found"
+        ),
     }
 
 
@@ -430,14 +486,25 @@ def _build_model(config, weights: Dict[str, np.ndarray], K, D, F, C, seen, unsee
     from msdn_tf.model import MSDN
 
     m, loss = config.model, config.loss
-    model = MSDN(num_classes=C, num_attributes=K, feature_dim=F, seen_classes=seen,
-                 unseen_classes=unseen, embed_dim=D,
-                 normalize_attribute_vectors=m.normalize_attribute_vectors,
-                 fusion_weights=m.fusion_weights, branches=m.branches, attention=m.attention,
-                 bias=float(weights["bias"].reshape(())), lambda_cal=loss.lambda_cal,
-                 distill_weight=loss.distill_weight, cross_entropy=loss.cross_entropy,
-                 calibration=loss.calibration, distillation=loss.distillation,
-                 seed=config.train.seed)
+    model = MSDN(
+        num_classes=C,
+        num_attributes=K,
+        feature_dim=F,
+        seen_classes=seen,
+        unseen_classes=unseen,
+        embed_dim=D,
+        normalize_attribute_vectors=m.normalize_attribute_vectors,
+        fusion_weights=m.fusion_weights,
+        branches=m.branches,
+        attention=m.attention,
+        bias=float(weights["bias"].reshape(())),
+        lambda_cal=loss.lambda_cal,
+        distill_weight=loss.distill_weight,
+        cross_entropy=loss.cross_entropy,
+        calibration=loss.calibration,
+        distillation=loss.distillation,
+        seed=config.train.seed,
+    )
     model.build((None, None, F))
     for key in MSDN_KEY_MAP:
         var = _model_variable(model, key)
@@ -451,8 +518,9 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
         raise MSDNError(f"--out {out_dir} exists and is not a directory")
     present = [f for f in _RUN_FILES if (out_dir / f).exists()]
     if present and not overwrite:
-        raise MSDNError(f"--out {out_dir} already holds a run ({', '.join(present)}); choose another "
-                        "directory or pass --overwrite")
+        raise MSDNError(
+            f"--out {out_dir} already holds a run ({', '.join(present)}); choose another directory or pass --overwrite"
+        )
 
 
 def _write_run(out_dir: Path, config, model, weights, meta) -> list:
@@ -476,14 +544,17 @@ def _write_run(out_dir: Path, config, model, weights, meta) -> list:
                 raise MSDNError(f"internal error: '{key}' changed when model.keras was reloaded")
     written = ["config.yaml", "model.keras", REPORT_FILE]
     if meta is not None:
-        write_json(out_dir / METADATA_FILE, {
-            "dataset": config.data.dataset,
-            "source": meta["att_splits"],
-            "class_names": meta["class_names"],
-            "attribute_names": meta["attribute_names"],
-            "seen_classes": meta["seen"],
-            "unseen_classes": meta["unseen"],
-        })
+        write_json(
+            out_dir / METADATA_FILE,
+            {
+                "dataset": config.data.dataset,
+                "source": meta["att_splits"],
+                "class_names": meta["class_names"],
+                "attribute_names": meta["attribute_names"],
+                "seen_classes": meta["seen"],
+                "unseen_classes": meta["unseen"],
+            },
+        )
         written.append(METADATA_FILE)
     return written
 
@@ -503,11 +574,15 @@ def summary(report: dict) -> str:
         f"({mask['num_seen']} seen, {mask['num_unseen']} unseen from mask_bias)",
         "  mapped     " + ", ".join(f"{k} {tuple(v['shape'])}" for k, v in report["mapped_keys"].items()),
         "  ignored    " + (", ".join(f"{k} ({r})" for k, r in report["ignored_keys"].items()) or "none"),
-        f"  backbone   {back['count']} tensor{'' if back['count'] == 1 else 's'}, {back['total_parameters']:,} parameters"
-        + (" (" + ", ".join(f"{n} under '{p}'" if p else f"{n} without prefix"
-                            for p, n in back["prefixes"].items())
-           + (f"; trunk stored as {back['stored']})" if back.get("stored") else "; reported, not loaded)")
-           if back["count"] else ""),
+        f"  backbone   {back['count']} tensor{'' if back['count'] == 1 else 's'}, "
+        f"{back['total_parameters']:,} parameters"
+        + (
+            " ("
+            + ", ".join(f"{n} under '{p}'" if p else f"{n} without prefix" for p, n in back["prefixes"].items())
+            + (f"; trunk stored as {back['stored']})" if back.get("stored") else "; reported, not loaded)")
+            if back["count"]
+            else ""
+        ),
         f"  bias       {report['bias']:g}",
         f"  fusion     {report['config']['fusion_weights']} (A->V, V->A)",
     ]
@@ -515,8 +590,10 @@ def summary(report: dict) -> str:
         lines.append("  cast       " + ", ".join(f"{k}: {v}" for k, v in report["cast_to_float32"].items()))
     meta = report["metadata"]
     if meta.get("data_dir"):
-        lines.append(f"  metadata   {meta['att_splits']}: att max |diff| {meta['att_max_abs_diff']:.3g}, "
-                     f"seen/unseen {'match' if meta.get('seen_unseen_match') else 'not checked'}")
+        lines.append(
+            f"  metadata   {meta['att_splits']}: att max |diff| {meta['att_max_abs_diff']:.3g}, "
+            f"seen/unseen {'match' if meta.get('seen_unseen_match') else 'not checked'}"
+        )
     for w in report["warnings"]:
         lines.append(f"  WARNING    {w}")
     lines.append(f"  run dir    {report['out_dir']} ({', '.join(report.get('files', []))})")

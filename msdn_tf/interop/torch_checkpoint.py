@@ -78,11 +78,13 @@ STORAGE_DTYPES: Dict[str, str] = {
 
 #: The only globals ``data.pkl`` may reference, as ``module.name``.
 ALLOWED_GLOBALS = frozenset(
-    ["torch._utils._rebuild_tensor_v2",
-     "torch._utils._rebuild_parameter",
-     "torch._utils._rebuild_parameter_with_state",
-     "collections.OrderedDict",
-     "torch.storage.UntypedStorage"]
+    [
+        "torch._utils._rebuild_tensor_v2",
+        "torch._utils._rebuild_parameter",
+        "torch._utils._rebuild_parameter_with_state",
+        "collections.OrderedDict",
+        "torch.storage.UntypedStorage",
+    ]
     + ["torch." + name for name in STORAGE_DTYPES]
 )
 
@@ -125,6 +127,7 @@ def _short(text: str) -> str:
 # ---------------------------------------------------------------------------
 # Frozen holders produced while unpickling
 # ---------------------------------------------------------------------------
+
 
 class _Frozen:
     """Base for objects handed to the unpickler: no ``__dict__``, no setattr."""
@@ -195,6 +198,7 @@ class _Callable(_Frozen):
 # Replacements for the allowed torch functions
 # ---------------------------------------------------------------------------
 
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -209,8 +213,7 @@ class _Corrupt(Exception):
     """Internal: data.pkl is well-formed pickle but not a sane state_dict."""
 
 
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False,
-                       backward_hooks=None, metadata=None):
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
     """Numpy version of ``torch._utils._rebuild_tensor_v2`` (dense CPU tensors)."""
     if not isinstance(storage, _Storage):
         raise _Corrupt("tensor storage is %s, not a storage record" % type(storage).__name__)
@@ -235,13 +238,14 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
         if last >= flat.size:
             raise _Corrupt(
                 "tensor of size %s, stride %s at offset %d reaches element %d but storage "
-                "'%s' holds only %d" % (size, stride, storage_offset, last, storage.key, flat.size))
+                "'%s' holds only %d" % (size, stride, storage_offset, last, storage.key, flat.size)
+            )
         if numel * flat.itemsize > _MAX_EXPANDED_BYTES and numel > flat.size:
-            raise _Corrupt("tensor of size %s expands its storage beyond %d bytes"
-                           % (size, _MAX_EXPANDED_BYTES))
+            raise _Corrupt("tensor of size %s expands its storage beyond %d bytes" % (size, _MAX_EXPANDED_BYTES))
         base = flat[storage_offset:]
         view = np.lib.stride_tricks.as_strided(
-            base, shape=size, strides=tuple(st * flat.itemsize for st in stride), writeable=False)
+            base, shape=size, strides=tuple(st * flat.itemsize for st in stride), writeable=False
+        )
         out = np.array(view, copy=True, order="C")
     if storage.type_name == "BFloat16Storage":
         out = (out.astype(np.uint32) << np.uint32(16)).view(np.float32)
@@ -286,13 +290,14 @@ def _resolve(qualname: str):
         return _Callable(qualname, _FUNCTIONS[qualname])
     if qualname == "torch.storage.UntypedStorage":
         return _StorageType("UntypedStorage", "u1")
-    name = qualname[len("torch."):]
+    name = qualname[len("torch.") :]
     return _StorageType(name, STORAGE_DTYPES[name])
 
 
 # ---------------------------------------------------------------------------
 # Restricted unpickler
 # ---------------------------------------------------------------------------
+
 
 class _Refused(Exception):
     """Internal: data.pkl named a global outside the allow-list."""
@@ -319,7 +324,7 @@ class _StateDictUnpickler(pickle.Unpickler):
         return _resolve(qualname)
 
     def persistent_load(self, pid):
-        if (not isinstance(pid, tuple) or len(pid) != 5 or pid[0] != "storage"):
+        if not isinstance(pid, tuple) or len(pid) != 5 or pid[0] != "storage":
             raise _Corrupt("unknown persistent id %s" % _short(repr(pid)))
         _, storage_type, key, location, numel = pid
         if not isinstance(storage_type, _StorageType):
@@ -333,8 +338,7 @@ class _StateDictUnpickler(pickle.Unpickler):
         cached = self._storages.get(key)
         if cached is not None:
             if cached.type_name != storage_type.name:
-                raise _Corrupt("storage '%s' is used as both %s and %s"
-                               % (key, cached.type_name, storage_type.name))
+                raise _Corrupt("storage '%s' is used as both %s and %s" % (key, cached.type_name, storage_type.name))
             return cached
         dtype = np.dtype(storage_type.dtype)
         if self._big_endian and dtype.itemsize > 1:
@@ -373,6 +377,7 @@ class _ShortRecord(Exception):
 # Public API
 # ---------------------------------------------------------------------------
 
+
 def _not_zip_message(path: str) -> str:
     try:
         with open(path, "rb") as fh:
@@ -380,30 +385,33 @@ def _not_zip_message(path: str) -> str:
     except OSError as exc:
         return "cannot read %s: %s" % (path, exc)
     if head[:2] == b"PK":
-        return ("%s is a truncated or corrupt zip archive (no readable central directory); "
-                "download it again" % path)
+        return "%s is a truncated or corrupt zip archive (no readable central directory); download it again" % path
     if head[:1] == b"\x80" and len(head) > 1 and head[1] <= 5:
-        return ("%s is a legacy (pre-zip) PyTorch file, written by torch < 1.6 or with "
-                "_use_new_zipfile_serialization=False; this reader only supports the zip "
-                "format: re-save it with torch.save(torch.load(...), path) in a trusted "
-                "environment" % path)
+        return (
+            "%s is a legacy (pre-zip) PyTorch file, written by torch < 1.6 or with "
+            "_use_new_zipfile_serialization=False; this reader only supports the zip "
+            "format: re-save it with torch.save(torch.load(...), path) in a trusted "
+            "environment" % path
+        )
     if head[257:262] == b"ustar":
-        return ("%s is a legacy tar-format PyTorch file (torch < 0.4); re-save it with a "
-                "current torch.save in a trusted environment" % path)
+        return (
+            "%s is a legacy tar-format PyTorch file (torch < 0.4); re-save it with a "
+            "current torch.save in a trusted environment" % path
+        )
     if not head:
         return "%s is empty; expected a PyTorch zip checkpoint" % path
     return "%s is not a PyTorch zip checkpoint (torch.save format)" % path
 
 
 def _find_prefix(zf: zipfile.ZipFile, path: str) -> str:
-    candidates = [n for n in zf.namelist()
-                  if n == "data.pkl" or (n.endswith("/data.pkl") and n.count("/") == 1)]
+    candidates = [n for n in zf.namelist() if n == "data.pkl" or (n.endswith("/data.pkl") and n.count("/") == 1)]
     if len(candidates) != 1:
         if not candidates:
-            raise DataError("%s is a zip file but not a PyTorch checkpoint: no "
-                            "'<archive>/data.pkl' record" % path)
-        raise DataError("%s holds %d 'data.pkl' records (%s); expected exactly one"
-                        % (path, len(candidates), ", ".join(candidates[:5])))
+            raise DataError("%s is a zip file but not a PyTorch checkpoint: no '<archive>/data.pkl' record" % path)
+        raise DataError(
+            "%s holds %d 'data.pkl' records (%s); expected exactly one"
+            % (path, len(candidates), ", ".join(candidates[:5]))
+        )
     return candidates[0][: -len("data.pkl")]
 
 
@@ -413,8 +421,7 @@ def _read_text_record(zf: zipfile.ZipFile, name: str, path: str) -> Optional[str
     except KeyError:
         return None
     if info.file_size > 64:
-        raise DataError("%s: record '%s' is %d bytes, expected a short text"
-                        % (path, name, info.file_size))
+        raise DataError("%s: record '%s' is %d bytes, expected a short text" % (path, name, info.file_size))
     try:
         return zf.read(info).decode("ascii").strip()
     except (UnicodeDecodeError, zipfile.BadZipFile, OSError, EOFError) as exc:
@@ -461,8 +468,7 @@ def read_torch_state_dict(path) -> Dict[str, np.ndarray]:
         with zipfile.ZipFile(path) as zf:
             return _read_open_zip(zf, path)
     except zipfile.BadZipFile as exc:
-        raise DataError("%s is a truncated or corrupt zip archive (%s); download it again"
-                        % (path, exc)) from None
+        raise DataError("%s is a truncated or corrupt zip archive (%s); download it again" % (path, exc)) from None
     except (OSError, EOFError) as exc:
         raise DataError("%s could not be read: %s" % (path, exc)) from None
 
@@ -471,12 +477,12 @@ def _read_open_zip(zf: zipfile.ZipFile, path: str) -> Dict[str, np.ndarray]:
     prefix = _find_prefix(zf, path)
     byteorder = _read_text_record(zf, prefix + "byteorder", path)
     if byteorder not in (None, "little", "big"):
-        raise DataError("%s: record '%sbyteorder' says %r, expected 'little' or 'big'"
-                        % (path, prefix, _short(byteorder)))
+        raise DataError(
+            "%s: record '%sbyteorder' says %r, expected 'little' or 'big'" % (path, prefix, _short(byteorder))
+        )
     version = _read_text_record(zf, prefix + "version", path)
     if version is not None and not version.isdigit():
-        raise DataError("%s: record '%sversion' is %r, expected an integer"
-                        % (path, prefix, _short(version)))
+        raise DataError("%s: record '%sversion' is %r, expected an integer" % (path, prefix, _short(version)))
     with zf.open(prefix + "data.pkl") as fh:
         unpickler = _StateDictUnpickler(fh, zf, prefix, big_endian=(byteorder == "big"))
         try:
@@ -489,32 +495,36 @@ def _read_open_zip(zf: zipfile.ZipFile, path: str) -> Dict[str, np.ndarray]:
                 raise DataError(
                     "refusing to load %s: it references '%s', which this reader does not "
                     "allow (it rebuilds only dense CPU tensors of the dtypes in "
-                    "STORAGE_DTYPES); nothing was executed" % (path, name)) from None
+                    "STORAGE_DTYPES); nothing was executed" % (path, name)
+                ) from None
             raise DataError(
                 "refusing to load %s: it references '%s', which a state_dict never needs; "
-                "nothing was executed" % (path, name)) from None
+                "nothing was executed" % (path, name)
+            ) from None
         except _MissingRecord as exc:
-            raise DataError("%s is incomplete: storage record '%s' is missing"
-                            % (path, exc.record)) from None
+            raise DataError("%s is incomplete: storage record '%s' is missing" % (path, exc.record)) from None
         except _ShortRecord as exc:
             record, got, needed, numel, type_name = exc.args_
-            raise DataError("%s is truncated: storage record '%s' has %d bytes but %d %s "
-                            "elements need %d" % (path, record, got, numel, type_name, needed)
-                            ) from None
+            raise DataError(
+                "%s is truncated: storage record '%s' has %d bytes but %d %s "
+                "elements need %d" % (path, record, got, numel, type_name, needed)
+            ) from None
         except _Corrupt as exc:
             raise DataError("%s: data.pkl is not a valid state_dict: %s" % (path, exc)) from None
         except zipfile.BadZipFile:
             raise
         except Exception as exc:  # nothing from the file ran: any failure means corrupt
-            raise DataError("%s: data.pkl is corrupt or not a state_dict (%s: %s)"
-                            % (path, type(exc).__name__, _short(exc))) from None
+            raise DataError(
+                "%s: data.pkl is corrupt or not a state_dict (%s: %s)" % (path, type(exc).__name__, _short(exc))
+            ) from None
     return _to_arrays(obj, path)
 
 
 def _to_arrays(obj: Any, path: str) -> Dict[str, np.ndarray]:
     if not isinstance(obj, dict):
-        raise DataError("%s holds a pickled %s, not a state_dict (a mapping of names to "
-                        "tensors)" % (path, type(obj).__name__))
+        raise DataError(
+            "%s holds a pickled %s, not a state_dict (a mapping of names to tensors)" % (path, type(obj).__name__)
+        )
     out: Dict[str, np.ndarray] = {}
     bad = []
     for key, value in obj.items():
@@ -526,11 +536,14 @@ def _to_arrays(obj: Any, path: str) -> Dict[str, np.ndarray]:
         nested = [k for k in bad if isinstance(obj.get(k), dict)]
         hint = ""
         if nested:
-            hint = (" (entries %s are nested mappings: this looks like a training checkpoint; "
-                    "save only its state_dict)" % ", ".join(repr(_short(k)) for k in nested[:5]))
-        raise DataError("%s is not a plain state_dict: %d entries are not named tensors, e.g. "
-                        "%s%s" % (path, len(bad), ", ".join(_short(repr(k)) for k in bad[:5]),
-                                  hint))
+            hint = (
+                " (entries %s are nested mappings: this looks like a training checkpoint; "
+                "save only its state_dict)" % ", ".join(repr(_short(k)) for k in nested[:5])
+            )
+        raise DataError(
+            "%s is not a plain state_dict: %d entries are not named tensors, e.g. "
+            "%s%s" % (path, len(bad), ", ".join(_short(repr(k)) for k in bad[:5]), hint)
+        )
     return out
 
 
@@ -555,8 +568,9 @@ def backbone_prefixes(backbone: Mapping[str, Any]) -> Dict[str, int]:
     return counts
 
 
-def split_state_dict(state: Mapping[str, np.ndarray], source: str = "state_dict"
-                     ) -> Tuple[Dict[str, np.ndarray], Dict[str, str], Dict[str, np.ndarray]]:
+def split_state_dict(
+    state: Mapping[str, np.ndarray], source: str = "state_dict"
+) -> Tuple[Dict[str, np.ndarray], Dict[str, str], Dict[str, np.ndarray]]:
     """Split a reference MSDN state_dict into MSDN weights, ignored keys and backbone.
 
     Classification (module constants):
@@ -614,14 +628,19 @@ def split_state_dict(state: Mapping[str, np.ndarray], source: str = "state_dict"
             backbone[key] = value
     missing = [k for k in MSDN_KEY_MAP if k not in msdn]
     if missing:
-        raise DataError("%s lacks the MSDN key(s) %s (has %s)"
-                        % (source, ", ".join(missing),
-                           ", ".join(_short(k) for k in list(state)[:20]) or "nothing"))
+        raise DataError(
+            "%s lacks the MSDN key(s) %s (has %s)"
+            % (source, ", ".join(missing), ", ".join(_short(k) for k in list(state)[:20]) or "nothing")
+        )
     _check_shapes(msdn, source)
     prefixes = backbone_prefixes(backbone)
-    _LOG.info("%s: %d MSDN weights, ignored %s, backbone %s", source, len(msdn),
-              sorted(ignored) or "nothing",
-              ", ".join("%d under %r" % (n, p) for p, n in prefixes.items()) or "none")
+    _LOG.info(
+        "%s: %d MSDN weights, ignored %s, backbone %s",
+        source,
+        len(msdn),
+        sorted(ignored) or "nothing",
+        ", ".join("%d under %r" % (n, p) for p, n in prefixes.items()) or "none",
+    )
     return msdn, ignored, backbone
 
 
@@ -629,9 +648,10 @@ def _check_shapes(msdn: Mapping[str, np.ndarray], source: str) -> None:
     shapes = {k: tuple(np.shape(v)) for k, v in msdn.items()}
 
     def fail(key, expected):
-        raise DataError("%s: '%s' has shape %s, expected %s (V %s, att %s, W_1 %s)"
-                        % (source, key, shapes[key], expected, shapes["V"], shapes["att"],
-                           shapes["W_1"]))
+        raise DataError(
+            "%s: '%s' has shape %s, expected %s (V %s, att %s, W_1 %s)"
+            % (source, key, shapes[key], expected, shapes["V"], shapes["att"], shapes["W_1"])
+        )
 
     for key in ("V", "att", "W_1", "W_2", "W_1_1", "W_2_1"):
         if len(shapes[key]) != 2:

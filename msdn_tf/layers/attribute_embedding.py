@@ -42,8 +42,16 @@ class AttributeEmbedding(keras.layers.Layer):
         semantic vectors z^c); docs/reference.md §2 (``V``, ``att``).
     """
 
-    def __init__(self, num_attributes, embed_dim, num_classes, normalize=False,
-                 attribute_vectors=None, class_attributes=None, **kwargs):
+    def __init__(
+        self,
+        num_attributes,
+        embed_dim,
+        num_classes,
+        normalize=False,
+        attribute_vectors=None,
+        class_attributes=None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.num_attributes = int(num_attributes)
         self.embed_dim = int(embed_dim)
@@ -73,11 +81,17 @@ class AttributeEmbedding(keras.layers.Layer):
                 return "zeros"
             return lambda shape, dtype=None: keras.ops.convert_to_tensor(value, dtype=dtype)
 
-        self.V = self.add_weight(name="V", shape=(self.num_attributes, self.embed_dim),
-                                 initializer=init(self._initial_V), trainable=True)
+        self.V = self.add_weight(
+            name="V", shape=(self.num_attributes, self.embed_dim), initializer=init(self._initial_V), trainable=True
+        )
         # autocast=False: the logits att @ scores stay float32 under a mixed-precision policy.
-        self.att = self.add_weight(name="att", shape=(self.num_classes, self.num_attributes),
-                                   initializer=init(self._initial_att), trainable=False, autocast=False)
+        self.att = self.add_weight(
+            name="att",
+            shape=(self.num_classes, self.num_attributes),
+            initializer=init(self._initial_att),
+            trainable=False,
+            autocast=False,
+        )
         self.built = True
 
     def call(self, inputs=None):
@@ -90,6 +104,10 @@ class AttributeEmbedding(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update(num_attributes=self.num_attributes, embed_dim=self.embed_dim,
-                      num_classes=self.num_classes, normalize=self.normalize)
+        config.update(
+            num_attributes=self.num_attributes,
+            embed_dim=self.embed_dim,
+            num_classes=self.num_classes,
+            normalize=self.normalize,
+        )
         return config

@@ -61,8 +61,16 @@ class AttributeToVisual(keras.layers.Layer):
         normalises over attributes (docs/reference.md §3, §8).
     """
 
-    def __init__(self, feature_dim, embed_dim, attention="softmax", score_initializer=None,
-                 attention_initializer="zeros", seed=None, **kwargs):
+    def __init__(
+        self,
+        feature_dim,
+        embed_dim,
+        attention="softmax",
+        score_initializer=None,
+        attention_initializer="zeros",
+        seed=None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         if attention not in ("softmax", "uniform"):
             raise ValueError(f"attention must be 'softmax' or 'uniform', got {attention!r}")
@@ -71,7 +79,8 @@ class AttributeToVisual(keras.layers.Layer):
         self.attention = attention
         self.seed = seed
         self.score_initializer = keras.initializers.get(
-            score_initializer or keras.initializers.RandomNormal(0.0, 1.0, seed=seed))
+            score_initializer or keras.initializers.RandomNormal(0.0, 1.0, seed=seed)
+        )
         self.attention_initializer = keras.initializers.get(attention_initializer)
 
     def build(self, input_shape=None):

@@ -26,7 +26,8 @@ def as_regions(features):
         return ops.reshape(features, (shape[0], shape[1] * shape[2], shape[3]))
     if len(features.shape) != 3:
         raise ValueError(
-            f"features must be (batch, regions, channels) or (batch, height, width, channels), got shape {features.shape}"
+            "features must be (batch, regions, channels) or (batch, height, width, channels), "
+            f"got shape {features.shape}"
         )
     return features
 
@@ -52,7 +53,7 @@ def split_last(x, sizes):
     """
     if len(sizes) == 1:
         return [x]
-    bounds = [int(sum(sizes[:i + 1])) for i in range(len(sizes) - 1)]
+    bounds = [int(sum(sizes[: i + 1])) for i in range(len(sizes) - 1)]
     return ops.split(x, bounds, axis=-1)
 
 

@@ -56,8 +56,7 @@ class VisualToAttribute(keras.layers.Layer):
         paper's ``W_att`` projection (docs/reference.md §3, §8).
     """
 
-    def __init__(self, feature_dim, embed_dim, score_initializer="zeros",
-                 attention_initializer="zeros", **kwargs):
+    def __init__(self, feature_dim, embed_dim, score_initializer="zeros", attention_initializer="zeros", **kwargs):
         super().__init__(**kwargs)
         self.feature_dim = int(feature_dim)
         self.embed_dim = int(embed_dim)
@@ -65,10 +64,12 @@ class VisualToAttribute(keras.layers.Layer):
         self.attention_initializer = keras.initializers.get(attention_initializer)
 
     def build(self, input_shape=None):
-        self.W_1_1 = self.add_weight(name="W_1_1", shape=(self.feature_dim, self.embed_dim),
-                                     initializer=self.score_initializer)
-        self.W_2_1 = self.add_weight(name="W_2_1", shape=(self.embed_dim, self.feature_dim),
-                                     initializer=self.attention_initializer)
+        self.W_1_1 = self.add_weight(
+            name="W_1_1", shape=(self.feature_dim, self.embed_dim), initializer=self.score_initializer
+        )
+        self.W_2_1 = self.add_weight(
+            name="W_2_1", shape=(self.embed_dim, self.feature_dim), initializer=self.attention_initializer
+        )
         self.built = True
 
     def projections(self, V):

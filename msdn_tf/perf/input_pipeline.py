@@ -33,8 +33,10 @@ from msdn_tf.data.datasets import BENCHMARKS
 
 #: ``--shape`` -> (images, regions, channels, classes, seen classes, trainval), from the dataset's
 #: entry in :data:`msdn_tf.data.datasets.BENCHMARKS`.
-SHAPES = {f.name: (f.images, f.regions, f.feature_dim, f.classes, f.seen_classes, f.trainval)
-          for f in (BENCHMARKS["awa2"], BENCHMARKS["cub"])}
+SHAPES = {
+    f.name: (f.images, f.regions, f.feature_dim, f.classes, f.seen_classes, f.trainval)
+    for f in (BENCHMARKS["awa2"], BENCHMARKS["cub"])
+}
 CHUNK = 128
 
 
@@ -91,8 +93,16 @@ def generate(path: str, n: int, r: int, f: int, seed: int = 0, progress: bool = 
         rows[:, 0, 0] = (np.arange(start, stop) / n).astype(np.float16)
         return rows
 
-    return write_cache(path, (n, r, f), read_chunk, dtype="float16", chunk_rows=CHUNK, normalize=False,
-                       source={"synthetic": True, "seed": seed}, progress=progress)
+    return write_cache(
+        path,
+        (n, r, f),
+        read_chunk,
+        dtype="float16",
+        chunk_rows=CHUNK,
+        normalize=False,
+        source={"synthetic": True, "seed": seed},
+        progress=progress,
+    )
 
 
 def synthetic_data(cache: str, shape: str, n: int, seed: int = 0):
@@ -112,11 +122,19 @@ def synthetic_data(cache: str, shape: str, n: int, seed: int = 0):
     test_seen = np.setdiff1d(seen_rows, trainval_loc)
     test_seen = test_seen[np.isin(labels[test_seen], labels[trainval_loc])]
     k = 85
-    return ZSLData(name=f"bench-{shape}", features=MemmapFeatures(cache), labels=labels,
-                   trainval_loc=trainval_loc, test_seen_loc=test_seen,
-                   test_unseen_loc=np.flatnonzero(~is_seen), att=rng.random((c, k)),
-                   w2v=rng.random((k, 300)), class_names=[f"c{i}" for i in range(c)],
-                   attribute_names=[f"a{i}" for i in range(k)], source=cache)
+    return ZSLData(
+        name=f"bench-{shape}",
+        features=MemmapFeatures(cache),
+        labels=labels,
+        trainval_loc=trainval_loc,
+        test_seen_loc=test_seen,
+        test_unseen_loc=np.flatnonzero(~is_seen),
+        att=rng.random((c, k)),
+        w2v=rng.random((k, 300)),
+        class_names=[f"c{i}" for i in range(c)],
+        attribute_names=[f"a{i}" for i in range(k)],
+        source=cache,
+    )
 
 
 def drop_caches() -> bool:
@@ -141,11 +159,17 @@ def measure(data, sampler, start: int, steps: int, parallel_reads: int, prefetch
         if first is None:
             first = time.perf_counter() - t0
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-    return {"steps": steps, "images": images, "seconds": round(dt, 3),
-            "images_per_s": round(images / dt, 1), "first_batch_s": round(first or 0.0, 3),
-            "cpu_seconds": round(cpu, 3), "images_per_cpu_s": round(images / cpu, 1),
-            "load_avg_1min": round(os.getloadavg()[0], 2),
-            "MB_per_s_fp16": round(images * data.num_regions * data.feature_dim * 2 / dt / 1e6, 1)}
+    return {
+        "steps": steps,
+        "images": images,
+        "seconds": round(dt, 3),
+        "images_per_s": round(images / dt, 1),
+        "first_batch_s": round(first or 0.0, 3),
+        "cpu_seconds": round(cpu, 3),
+        "images_per_cpu_s": round(images / cpu, 1),
+        "load_avg_1min": round(os.getloadavg()[0], 2),
+        "MB_per_s_fp16": round(images * data.num_regions * data.feature_dim * 2 / dt / 1e6, 1),
+    }
 
 
 def run(args) -> dict:
@@ -156,16 +180,27 @@ def run(args) -> dict:
     os.makedirs(args.dir, exist_ok=True)
     path = os.path.join(args.dir, f"bench_{args.shape}_{n}.regions_float16.npy")
     need = n * r * f * 2
-    result = {"shape": args.shape, "images": n, "regions": r, "channels": f, "fraction": args.fraction,
-              "cache": path, "cache_GiB": _gb(need), "mode": args.mode, "parallel_reads": args.parallel_reads,
-              "ram_GiB": _gb(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))}
+    result = {
+        "shape": args.shape,
+        "images": n,
+        "regions": r,
+        "channels": f,
+        "fraction": args.fraction,
+        "cache": path,
+        "cache_GiB": _gb(need),
+        "mode": args.mode,
+        "parallel_reads": args.parallel_reads,
+        "ram_GiB": _gb(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")),
+    }
     from msdn_tf.data.cache import cache_status
 
     if not cache_status(path, None, "float16")[0]:
         free = shutil.disk_usage(args.dir).free
         if free < need + 5 * 2**30:
-            raise SystemExit(f"error: {args.dir} has {_gb(free)} GB free, the cache needs {_gb(need)} GB "
-                             "(+5 GB margin); pass a smaller --fraction")
+            raise SystemExit(
+                f"error: {args.dir} has {_gb(free)} GB free, the cache needs {_gb(need)} GB "
+                "(+5 GB margin); pass a smaller --fraction"
+            )
         t0 = time.perf_counter()
         generate(path, n, r, f, progress=not args.quiet)
         result["generate_s"] = round(time.perf_counter() - t0, 1)

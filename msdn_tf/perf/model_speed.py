@@ -47,7 +47,9 @@ from msdn_tf.options import PRECISIONS  # noqa: F401  (defined once, in msdn_tf.
 CUB = {"attributes": 312, "classes": 200, "unseen": 50, "features": 2048, "embed": 300}
 IMPLS = ("fused", "einsum")
 REFERENCE = {  # reference PyTorch code, 2-core x86 CPU, CUB, R=196, batch 50 (docs/reference.md §10)
-    "train_images_per_s": 21.5, "train_step_s": 2.3, "eval_images_per_s": 32.0,
+    "train_images_per_s": 21.5,
+    "train_step_s": 2.3,
+    "eval_images_per_s": 32.0,
 }
 
 
@@ -82,8 +84,9 @@ def train_flops_per_image(regions: int, features: int, attributes: int) -> int:
     return 2 * forward_flops_per_image(regions, features, attributes)
 
 
-def all_matrix_flops_per_step(batch: int, regions: int, features: int, attributes: int, embed: int,
-                              classes: int, training: bool) -> int:
+def all_matrix_flops_per_step(
+    batch: int, regions: int, features: int, attributes: int, embed: int, classes: int, training: bool
+) -> int:
     """Every matrix product of one step, per-step work included (issue 16's accounting).
 
     The essential contractions of the batch (:func:`train_flops_per_image` or
@@ -199,19 +202,37 @@ def _einsum_forward(model, features, return_features=False):
     logits_a2v = ops.matmul(psi, ops.transpose(att)) + margin
     logits_v2a = ops.matmul(phi, ops.transpose(att)) + margin
     w1, w2 = model.fusion_weights
-    return {"logits_a2v": logits_a2v, "logits_v2a": logits_v2a, "logits": w1 * logits_a2v + w2 * logits_v2a,
-            "scores_a2v": psi, "scores_v2a": phi, "attention_a2v": A, "attention_v2a": Bw}
+    return {
+        "logits_a2v": logits_a2v,
+        "logits_v2a": logits_v2a,
+        "logits": w1 * logits_a2v + w2 * logits_v2a,
+        "scores_a2v": psi,
+        "scores_v2a": phi,
+        "attention_a2v": A,
+        "attention_v2a": Bw,
+    }
 
 
-def build_bench_model(regions: int, features: int, attributes: int, classes: int, unseen: int,
-                      embed: int, jit: bool, seed: int = 0, precision: str = "float32", **options):
-    """An MSDN at the given shapes with random non-zero weights, compiled as ``training.loop.build_model_from_config`` does.
+def build_bench_model(
+    regions: int,
+    features: int,
+    attributes: int,
+    classes: int,
+    unseen: int,
+    embed: int,
+    jit: bool,
+    seed: int = 0,
+    precision: str = "float32",
+    **options,
+):
+    """An MSDN at the given shapes with random non-zero weights.
+
+    Compiled as ``training.loop.build_model_from_config`` does.
 
     Under ``mixed_float16`` the optimizer is wrapped in a ``LossScaleOptimizer``.
     Build it under the Keras dtype policy ``precision``.
     """
     import keras
-
     import numpy as np
 
     from msdn_tf.model import build_msdn
@@ -220,8 +241,16 @@ def build_bench_model(regions: int, features: int, attributes: int, classes: int
     rng = np.random.default_rng(seed)
     unseen_ids = sorted(rng.choice(classes, size=unseen, replace=False).tolist())
     seen_ids = [c for c in range(classes) if c not in unseen_ids]
-    model = build_msdn(rng.random((classes, attributes)), rng.normal(size=(attributes, embed)),
-                       seen_ids, unseen_ids, feature_dim=features, num_regions=regions, seed=seed, **options)
+    model = build_msdn(
+        rng.random((classes, attributes)),
+        rng.normal(size=(attributes, embed)),
+        seen_ids,
+        unseen_ids,
+        feature_dim=features,
+        num_regions=regions,
+        seed=seed,
+        **options,
+    )
     for w in (model.a2v.W_2, model.v2a.W_1_1, model.v2a.W_2_1):  # zero at init: make the softmaxes non-trivial
         w.assign(rng.normal(scale=0.05, size=w.shape).astype("float32"))
     optimizer = TorchRMSprop()
@@ -247,10 +276,17 @@ def parse_variant(text: str) -> dict:
     jit = parts[1] if len(parts) > 1 else "jit"
     precision = parts[2] if len(parts) > 2 else "float32"
     check = parts[3] if len(parts) > 3 else "check"
-    if (impl not in IMPLS or jit not in ("jit", "nojit") or precision not in PRECISIONS
-            or check not in ("check", "nocheck") or len(parts) > 4):
-        raise ConfigError(f"variant {text!r}: expected IMPL[:jit|nojit[:PRECISION[:check|nocheck]]] with IMPL in "
-                         f"{IMPLS} and PRECISION in {PRECISIONS}")
+    if (
+        impl not in IMPLS
+        or jit not in ("jit", "nojit")
+        or precision not in PRECISIONS
+        or check not in ("check", "nocheck")
+        or len(parts) > 4
+    ):
+        raise ConfigError(
+            f"variant {text!r}: expected IMPL[:jit|nojit[:PRECISION[:check|nocheck]]] with IMPL in "
+            f"{IMPLS} and PRECISION in {PRECISIONS}"
+        )
     name = f"{impl}:{jit}:{precision}" + (":nocheck" if check == "nocheck" else "")
     return {"name": name, "impl": impl, "jit": jit == "jit", "precision": precision, "check": check == "check"}
 
@@ -301,7 +337,6 @@ def _jax_step_fns(model, batch, x_eval):
     return the new state (their input state is donated to them).
     """
     import jax
-
     import jax.numpy as jnp
 
     model.optimizer.build(model.trainable_variables)  # fit does this before its first step
@@ -310,8 +345,9 @@ def _jax_step_fns(model, batch, x_eval):
         return tuple([jnp.array(v.value, copy=True) for v in variables] for variables in groups)
 
     state = {
-        "train": values(model.trainable_variables, model.non_trainable_variables, model.optimizer.variables,
-                        model.metrics_variables),
+        "train": values(
+            model.trainable_variables, model.non_trainable_variables, model.optimizer.variables, model.metrics_variables
+        ),
         "eval": values(model.trainable_variables, model.non_trainable_variables),
     }
 
@@ -336,8 +372,9 @@ def bench_inputs(regions: int, args) -> tuple:
     B, E, F = args.batch, args.eval_batch, args.features
     # Backend tensors (on the accelerator, if any), so that no step copies its input from the host.
     x_train = ops.convert_to_tensor(rng.random((B, regions, F), dtype=np.float32))
-    y_train = ops.convert_to_tensor(np.asarray(_seen_classes(args))[rng.integers(0, args.classes - args.unseen,
-                                                                                 size=B)])
+    y_train = ops.convert_to_tensor(
+        np.asarray(_seen_classes(args))[rng.integers(0, args.classes - args.unseen, size=B)]
+    )
     x_eval = ops.convert_to_tensor(rng.random((E, regions, F), dtype=np.float32))
     return x_train, y_train, x_eval
 
@@ -352,8 +389,7 @@ def model_matmuls(regions: int, args) -> dict:
     }
 
 
-def step_summary(t: list, images: int, essential: float, all_matrix: float, limits: list,
-                 projection: float) -> dict:
+def step_summary(t: list, images: int, essential: float, all_matrix: float, limits: list, projection: float) -> dict:
     """The report of one step kind (train or eval) from its per-repeat seconds ``t``.
 
     Args:
@@ -367,9 +403,11 @@ def step_summary(t: list, images: int, essential: float, all_matrix: float, limi
     fractions_all = [a / lim for a, lim in zip(achieved_all, limits)]
     return {
         "batch": images,
-        "step_s_median": statistics.median(t), "step_s_min": min(t),
+        "step_s_median": statistics.median(t),
+        "step_s_min": min(t),
         "step_s_all": [round(x, 4) for x in t],
-        "images_per_s_median": images / statistics.median(t), "images_per_s_best": images / min(t),
+        "images_per_s_median": images / statistics.median(t),
+        "images_per_s_best": images / min(t),
         "essential_gflop_per_image": essential / 1e9,
         "essential_gflop_per_s_median": statistics.median(achieved),
         "limit_gflop_per_s_median": statistics.median(limits),
@@ -392,7 +430,12 @@ def variant_entry(v: dict, variants, seconds: dict, summaries: dict, regions: in
     """One variant's report: its train/eval summaries, precision, and ratios to the reference and to float32."""
     entry = dict(summaries)
     if regions == 196 and (args.attributes, args.classes, args.unseen, args.features, args.batch) == (
-            312, 200, 50, 2048, 50):
+        312,
+        200,
+        50,
+        2048,
+        50,
+    ):
         entry["vs_reference"] = {
             "train": entry["train"]["images_per_s_median"] / REFERENCE["train_images_per_s"],
             "eval": entry["eval"]["images_per_s_median"] / REFERENCE["eval_images_per_s"],
@@ -401,9 +444,10 @@ def variant_entry(v: dict, variants, seconds: dict, summaries: dict, regions: in
     base = f"{v['impl']}:{'jit' if v['jit'] else 'nojit'}:float32"
     if v["name"] != base and base in [w["name"] for w in variants]:
         # Per repeat (the same load for both), then the median: speed-up over float32.
-        entry["vs_float32"] = {mode: statistics.median(
-            b / x for b, x in zip(seconds[f"{base}/{mode}"], seconds[f"{v['name']}/{mode}"]))
-            for mode in ("train", "eval")}
+        entry["vs_float32"] = {
+            mode: statistics.median(b / x for b, x in zip(seconds[f"{base}/{mode}"], seconds[f"{v['name']}/{mode}"]))
+            for mode in ("train", "eval")
+        }
     return entry
 
 
@@ -433,19 +477,33 @@ def bench_shape(regions: int, args, variants) -> dict:
     images = {"train": B, "eval": E}
     result = {"regions": regions, "variants": {}}
     for v in variants:
-        summaries = {mode: step_summary(
-            seconds[f"{v['name']}/{mode}"], images[mode], essential[mode],
-            all_matrix_flops_per_step(images[mode], regions, F, K, args.embed, args.classes, mode == "train"),
-            limits[mode], projection_flops_per_step(F, K, args.embed, mode == "train")) for mode in ("train", "eval")}
+        summaries = {
+            mode: step_summary(
+                seconds[f"{v['name']}/{mode}"],
+                images[mode],
+                essential[mode],
+                all_matrix_flops_per_step(images[mode], regions, F, K, args.embed, args.classes, mode == "train"),
+                limits[mode],
+                projection_flops_per_step(F, K, args.embed, mode == "train"),
+            )
+            for mode in ("train", "eval")
+        }
         result["variants"][v["name"]] = variant_entry(v, variants, seconds, summaries, regions, args)
-    result["matmul"] = {name: {"shape": [v["m"], v["k"], v["n"]], "transpose_a": v.get("transpose_a", False),
-                               "gflop_per_s_median": statistics.median(gflops[name]),
-                               "gflop_per_s_max": max(gflops[name])}
-                        for name, v in matmuls.items()}
-    result["limit_note"] = (f"fraction = achieved essential FLOP/s / float32 {_MATMUL_NAME[_backend()]} FLOP/s "
-                            "measured in the same "
-                            "repeat; train limit: harmonic mean of the forward- and gradient-shaped rates; "
-                            "eval limit: the forward-shaped rate at the eval batch")
+    result["matmul"] = {
+        name: {
+            "shape": [v["m"], v["k"], v["n"]],
+            "transpose_a": v.get("transpose_a", False),
+            "gflop_per_s_median": statistics.median(gflops[name]),
+            "gflop_per_s_max": max(gflops[name]),
+        }
+        for name, v in matmuls.items()
+    }
+    result["limit_note"] = (
+        f"fraction = achieved essential FLOP/s / float32 {_MATMUL_NAME[_backend()]} FLOP/s "
+        "measured in the same "
+        "repeat; train limit: harmonic mean of the forward- and gradient-shaped rates; "
+        "eval limit: the forward-shaped rate at the eval batch"
+    )
     return result
 
 
@@ -462,13 +520,21 @@ def _backend_info() -> dict:
     if _backend() == "jax":
         import jax
 
-        return {"backend": "jax", "jax": jax.__version__, "keras": keras.__version__,
-                "devices": [str(d) for d in jax.devices()]}
+        return {
+            "backend": "jax",
+            "jax": jax.__version__,
+            "keras": keras.__version__,
+            "devices": [str(d) for d in jax.devices()],
+        }
     import tensorflow as tf
 
-    return {"backend": "tensorflow", "tensorflow": tf.__version__, "keras": keras.__version__,
-            "devices": [d.name for d in tf.config.list_logical_devices()],
-            "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads()}
+    return {
+        "backend": "tensorflow",
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "devices": [d.name for d in tf.config.list_logical_devices()],
+        "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
+    }
 
 
 _MATMUL_NAME = {"tensorflow": "tf.matmul", "jax": "jax.numpy.matmul (jax.jit)"}
@@ -509,29 +575,43 @@ def run_benchmark(args, command: str | None = None) -> dict:
     names = args.variants or [f"{args.impl}:{'jit' if args.jit else 'nojit'}:{args.precision}"]
     variants = [resolve_variant_precision(parse_variant(v)) for v in names]
     if backend == "jax" and not all(v["jit"] for v in variants):
-        raise ConfigError("on the JAX backend every step is jax.jit-compiled, as in training; 'nojit' (a TensorFlow "
-                         "graph without XLA) has no JAX counterpart: use jit variants (or --jit)")
+        raise ConfigError(
+            "on the JAX backend every step is jax.jit-compiled, as in training; 'nojit' (a TensorFlow "
+            "graph without XLA) has no JAX counterpart: use jit variants (or --jit)"
+        )
     load_before = _load()
     started = time.time()
     shapes = [bench_shape(r, args, variants) for r in args.regions]
     square_fn, square_flops = matmul_fn(2048, 2048, 2048)
     square_s = time_interleaved({"square": square_fn}, {"square": args.matmul_steps}, args.repeats, 1)["square"]
-    square = {"shape": [2048, 2048, 2048], "gflop_per_s_median": square_flops / statistics.median(square_s) / 1e9,
-              "gflop_per_s_max": square_flops / min(square_s) / 1e9}
+    square = {
+        "shape": [2048, 2048, 2048],
+        "gflop_per_s_median": square_flops / statistics.median(square_s) / 1e9,
+        "gflop_per_s_max": square_flops / min(square_s) / 1e9,
+    }
     report = {
         "command": command,
-        "config": {"variants": [v["name"] for v in variants],
-                   "precision_used": {v["name"]: v["policy"] for v in variants},
-                   "batch": args.batch, "eval_batch": args.eval_batch, "steps": args.steps,
-                   "repeats": args.repeats, "warmup": args.warmup, "attributes": args.attributes,
-                   "classes": args.classes, "unseen": args.unseen, "features": args.features,
-                   "embed": args.embed},
-        "machine": {"cpu_count": os.cpu_count(), "load_before": load_before, "load_after": _load(),
-                    **_backend_info()},
-        "flop_formula": {"forward_per_image": "4 * 2 * R * F * K",
-                         "train_per_image": "2 * forward = 16 * R * F * K",
-                         "all_matrix_train_per_step": "B * 16 R F K + 3 * 8 K D F + 2 * 4 B K C",
-                         "all_matrix_eval_per_step": "B * 8 R F K + 8 K D F + 4 B K C"},
+        "config": {
+            "variants": [v["name"] for v in variants],
+            "precision_used": {v["name"]: v["policy"] for v in variants},
+            "batch": args.batch,
+            "eval_batch": args.eval_batch,
+            "steps": args.steps,
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "attributes": args.attributes,
+            "classes": args.classes,
+            "unseen": args.unseen,
+            "features": args.features,
+            "embed": args.embed,
+        },
+        "machine": {"cpu_count": os.cpu_count(), "load_before": load_before, "load_after": _load(), **_backend_info()},
+        "flop_formula": {
+            "forward_per_image": "4 * 2 * R * F * K",
+            "train_per_image": "2 * forward = 16 * R * F * K",
+            "all_matrix_train_per_step": "B * 16 R F K + 3 * 8 K D F + 2 * 4 B K C",
+            "all_matrix_eval_per_step": "B * 8 R F K + 8 K D F + 4 B K C",
+        },
         "cpu_bf16_flags": sorted(_cpu_bf16_flags()),
         "matmul_square": square,
         "shapes": shapes,

@@ -72,8 +72,14 @@ def _version_dir(path: Path) -> Path:
         raise MSDNError(str(exc)) from exc
 
 
-def benchmark(export_dir, batches: Sequence[int] = (1, 64), iterations: int = 20, warmup: int = 3,
-              regions: int = 196, seed: int = 0) -> dict:
+def benchmark(
+    export_dir,
+    batches: Sequence[int] = (1, 64),
+    iterations: int = 20,
+    warmup: int = 3,
+    regions: int = 196,
+    seed: int = 0,
+) -> dict:
     """Time ``serving_default`` of ``export_dir`` at each batch size (see the module docstring)."""
     import tensorflow as tf
 
@@ -96,10 +102,26 @@ def benchmark(export_dir, batches: Sequence[int] = (1, 64), iterations: int = 20
             fn(features=x)["scores"].numpy()
             times.append(time.perf_counter() - t)
         ms = np.asarray(times) * 1e3
-        results.append({"batch": int(b), "iterations": int(iterations), "p50_ms": float(np.percentile(ms, 50)),
-                        "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()),
-                        "images_per_s": float(b / (ms.mean() / 1e3))})
-    return {"export_dir": str(export_dir), "loader": "tf.saved_model.load (Python)", "signature": "serving_default",
-            "regions": int(regions), "feature_dim": feature_dim, "load_s": load_s, "results": results,
-            "cpu_count": os.cpu_count(), "load_average": list(os.getloadavg()),
-            "tensorflow": tf.__version__, "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads()}
+        results.append(
+            {
+                "batch": int(b),
+                "iterations": int(iterations),
+                "p50_ms": float(np.percentile(ms, 50)),
+                "p99_ms": float(np.percentile(ms, 99)),
+                "mean_ms": float(ms.mean()),
+                "images_per_s": float(b / (ms.mean() / 1e3)),
+            }
+        )
+    return {
+        "export_dir": str(export_dir),
+        "loader": "tf.saved_model.load (Python)",
+        "signature": "serving_default",
+        "regions": int(regions),
+        "feature_dim": feature_dim,
+        "load_s": load_s,
+        "results": results,
+        "cpu_count": os.cpu_count(),
+        "load_average": list(os.getloadavg()),
+        "tensorflow": tf.__version__,
+        "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
+    }

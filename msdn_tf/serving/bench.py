@@ -38,8 +38,9 @@ from msdn_tf.perf.serving_latency import SYNTHETIC, benchmark, synthetic_model
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m msdn_tf.serving.bench",
-                                description="CPU latency/throughput of an exported MSDN SavedModel.")
+    p = argparse.ArgumentParser(
+        prog="python -m msdn_tf.serving.bench", description="CPU latency/throughput of an exported MSDN SavedModel."
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--export", help="model base path or version folder")
     src.add_argument("--synthetic", choices=sorted(SYNTHETIC), help="export a random model at these shapes first")
@@ -57,8 +58,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             with tempfile.TemporaryDirectory(prefix="msdn_bench_") as tmp:
                 model, names = synthetic_model(args.synthetic)
                 t0 = time.perf_counter()
-                path = export_saved_model(model, Path(tmp) / "model", class_names=names,
-                                          seen_classes=model.seen_classes, unseen_classes=model.unseen_classes)
+                path = export_saved_model(
+                    model,
+                    Path(tmp) / "model",
+                    class_names=names,
+                    seen_classes=model.seen_classes,
+                    unseen_classes=model.unseen_classes,
+                )
                 export_s = time.perf_counter() - t0
                 report = benchmark(path, args.batches, args.iterations, args.warmup, args.regions)
                 report["synthetic"] = args.synthetic

@@ -100,8 +100,7 @@ def _check_tf_files(tf_dir: Path) -> None:
     ]
     if missing:
         raise CcLoaderUnavailable(
-            "the tensorflow wheel lacks the C++ headers/libraries needed to build the loader: "
-            + ", ".join(missing)
+            "the tensorflow wheel lacks the C++ headers/libraries needed to build the loader: " + ", ".join(missing)
         )
 
 

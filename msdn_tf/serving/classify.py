@@ -92,8 +92,9 @@ def read_features(path, rows: Optional[Sequence[int]] = None, feature_dim: Optio
     else:
         raise MSDNError(f"{path}: unknown features file type (use .npy or .hdf5)")
     if feature_dim is not None and x.shape[-1] != feature_dim:
-        raise MSDNError(f"{path}: features have {x.shape[-1]} channels (shape {x.shape}), the model expects "
-                        f"{feature_dim}")
+        raise MSDNError(
+            f"{path}: features have {x.shape[-1]} channels (shape {x.shape}), the model expects {feature_dim}"
+        )
     if not np.issubdtype(x.dtype, np.number):
         raise MSDNError(f"{path}: features must be numbers, got dtype {x.dtype}")
     return np.ascontiguousarray(x, dtype=np.float32)  # TF Serving does not cast: the signature wants float32
@@ -107,14 +108,15 @@ def _load_npy(path: str) -> np.ndarray:
     except OSError as exc:
         raise MSDNError(f"{path}: cannot read ({exc.strerror})") from exc
     if magic != b"\x93NUMPY":
-        raise MSDNError(f"{path}: not a .npy file (it does not start with the NumPy magic bytes); write features "
-                        "with numpy.save, or give a feature-map .hdf5")
+        raise MSDNError(
+            f"{path}: not a .npy file (it does not start with the NumPy magic bytes); write features "
+            "with numpy.save, or give a feature-map .hdf5"
+        )
     try:
         x = np.load(path, allow_pickle=False)
     except ValueError as exc:
         if "pickle" in str(exc):
-            raise MSDNError(f"{path}: holds Python objects, not numbers; save a float32 array with numpy.save"
-                            ) from exc
+            raise MSDNError(f"{path}: holds Python objects, not numbers; save a float32 array with numpy.save") from exc
         raise MSDNError(f"{path}: a damaged .npy file ({exc})") from exc
     except OSError as exc:
         raise MSDNError(f"{path}: a damaged .npy file ({exc})") from exc
@@ -136,23 +138,35 @@ def read_images(paths: Sequence[str]) -> list:
 # Calls
 
 
-def _predict(inputs: dict, signature: str, *, model: str, server: Optional[str], rest: Optional[str],
-             version: Optional[int], timeout: float) -> dict:
+def _predict(
+    inputs: dict,
+    signature: str,
+    *,
+    model: str,
+    server: Optional[str],
+    rest: Optional[str],
+    version: Optional[int],
+    timeout: float,
+) -> dict:
     from msdn_tf.serving import client_lib
 
     try:
         if rest:
-            return client_lib.predict_rest(rest, model, inputs, signature_name=signature, version=version,
-                                           timeout=timeout)
-        return client_lib.predict_grpc(server, model, inputs, signature_name=signature, version=version,
-                                       timeout=timeout)
+            return client_lib.predict_rest(
+                rest, model, inputs, signature_name=signature, version=version, timeout=timeout
+            )
+        return client_lib.predict_grpc(
+            server, model, inputs, signature_name=signature, version=version, timeout=timeout
+        )
     except client_lib.PredictError as exc:
         where = rest or server
         if exc.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
-            raise ServerRefused(exc.code, f"no TF Serving answer from {where} ({exc.transport} {exc.code}): "
-                                f"{_one_line(exc.message)}") from exc
-        raise ServerRefused(exc.code, f"the server refused the request ({exc.transport} {exc.code}): "
-                            f"{_one_line(exc.message)}") from exc
+            raise ServerRefused(
+                exc.code, f"no TF Serving answer from {where} ({exc.transport} {exc.code}): {_one_line(exc.message)}"
+            ) from exc
+        raise ServerRefused(
+            exc.code, f"the server refused the request ({exc.transport} {exc.code}): {_one_line(exc.message)}"
+        ) from exc
 
 
 class ServerRefused(MSDNError):
@@ -168,24 +182,31 @@ def _one_line(text: str, limit: int = 500) -> str:
     return text if len(text) <= limit else text[:limit] + " ..."
 
 
-def fetch_metadata(*, model: str, server: Optional[str] = None, rest: Optional[str] = None,
-                   version: Optional[int] = None, timeout: float = 30.0) -> dict:
+def fetch_metadata(
+    *,
+    model: str,
+    server: Optional[str] = None,
+    rest: Optional[str] = None,
+    version: Optional[int] = None,
+    timeout: float = 30.0,
+) -> dict:
     """The export's metadata, from the server's ``metadata`` signature."""
     try:
-        out = _predict({}, METADATA_SIGNATURE, model=model, server=server, rest=rest, version=version,
-                       timeout=timeout)
+        out = _predict({}, METADATA_SIGNATURE, model=model, server=server, rest=rest, version=version, timeout=timeout)
     except ServerRefused as exc:
         if exc.code not in ("FAILED_PRECONDITION", "INVALID_ARGUMENT") or "signature" not in str(exc):
             raise  # no server, wrong model name, ...: --metadata would not help
-        raise MSDNError(f"cannot read the class names from the server's '{METADATA_SIGNATURE}' signature ({exc}); "
-                        "pass --metadata MODEL_BASE/msdn_metadata.json (written by python -m msdn_tf.export)"
-                        ) from exc
+        raise MSDNError(
+            f"cannot read the class names from the server's '{METADATA_SIGNATURE}' signature ({exc}); "
+            "pass --metadata MODEL_BASE/msdn_metadata.json (written by python -m msdn_tf.export)"
+        ) from exc
     text = np.asarray(out["metadata_json"]).reshape(-1)[0]
     return json.loads(text.decode("utf-8") if isinstance(text, bytes) else str(text))
 
 
-def summarize(outputs: dict, metadata: dict, top_k: Optional[int] = None, labels: Optional[Sequence[str]] = None
-              ) -> list:
+def summarize(
+    outputs: dict, metadata: dict, top_k: Optional[int] = None, labels: Optional[Sequence[str]] = None
+) -> list:
     """Per input: ``{"input", "gzsl": {...}, "czsl": {...}, "top_k": [{"class", "name", "score"}, ...]}``.
 
     ``top_k`` larger than the export's is served from ``scores`` minus ``gamma`` on the
@@ -208,20 +229,33 @@ def summarize(outputs: dict, metadata: dict, top_k: Optional[int] = None, labels
     unseen = set(int(i) for i in metadata["unseen_classes"])
     out = []
     for b in range(classes.shape[0]):
-        out.append({
-            "input": labels[b] if labels is not None else b,
-            "gzsl": {"class": int(gzsl[b]), "name": names[int(gzsl[b])], "unseen": int(gzsl[b]) in unseen},
-            "czsl": {"class": int(czsl[b]), "name": names[int(czsl[b])]},
-            "top_k": [{"class": int(c), "name": names[int(c)], "score": float(s)}
-                      for c, s in zip(classes[b, :k], scores[b, :k])],
-        })
+        out.append(
+            {
+                "input": labels[b] if labels is not None else b,
+                "gzsl": {"class": int(gzsl[b]), "name": names[int(gzsl[b])], "unseen": int(gzsl[b]) in unseen},
+                "czsl": {"class": int(czsl[b]), "name": names[int(czsl[b])]},
+                "top_k": [
+                    {"class": int(c), "name": names[int(c)], "score": float(s)}
+                    for c, s in zip(classes[b, :k], scores[b, :k])
+                ],
+            }
+        )
     return out
 
 
-def classify(*, model: str, server: Optional[str] = "localhost:8500", rest: Optional[str] = None,
-             features=None, images: Optional[Sequence[bytes]] = None, metadata: Optional[dict] = None,
-             top_k: Optional[int] = None, version: Optional[int] = None, labels=None, timeout: float = 30.0
-             ) -> dict:
+def classify(
+    *,
+    model: str,
+    server: Optional[str] = "localhost:8500",
+    rest: Optional[str] = None,
+    features=None,
+    images: Optional[Sequence[bytes]] = None,
+    metadata: Optional[dict] = None,
+    top_k: Optional[int] = None,
+    version: Optional[int] = None,
+    labels=None,
+    timeout: float = 30.0,
+) -> dict:
     """Send features (``(B, R, F)`` or ``(B, H, W, F)``) or encoded images; return the summary.
 
     Returns:
@@ -246,14 +280,21 @@ def classify(*, model: str, server: Optional[str] = "localhost:8500", rest: Opti
         else:
             raise MSDNError(f"features must be (B, R, F) or (B, H, W, F), got shape {x.shape}")
     outputs = _predict(inputs, signature, model=model, server=server, rest=rest, version=version, timeout=timeout)
-    return {"model": model, "transport": "rest" if rest else "grpc", "server": rest or server,
-            "signature": signature, "gamma": float(metadata["gamma"]),
-            "results": summarize(outputs, metadata, top_k, labels)}
+    return {
+        "model": model,
+        "transport": "rest" if rest else "grpc",
+        "server": rest or server,
+        "signature": signature,
+        "gamma": float(metadata["gamma"]),
+        "results": summarize(outputs, metadata, top_k, labels),
+    }
 
 
 def format_text(answer: dict) -> str:
-    lines = [f"model {answer['model']} via {answer['transport']} {answer['server']} "
-             f"(signature {answer['signature']}, gamma {answer['gamma']:g})"]
+    lines = [
+        f"model {answer['model']} via {answer['transport']} {answer['server']} "
+        f"(signature {answer['signature']}, gamma {answer['gamma']:g})"
+    ]
     for r in answer["results"]:
         tag = " (unseen)" if r["gzsl"]["unseen"] else " (seen)"
         lines.append(f"{r['input']}: GZSL {r['gzsl']['name']}{tag}; CZSL {r['czsl']['name']}")

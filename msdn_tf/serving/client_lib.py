@@ -125,8 +125,10 @@ def _grpc_error(exc: grpc.RpcError) -> PredictError:
     code = exc.code() if hasattr(exc, "code") else None
     details = exc.details() if hasattr(exc, "details") else str(exc)
     if code == grpc.StatusCode.UNAVAILABLE and "HTTP/2" in (details or ""):
-        details += ("; the server does not speak gRPC: is it the REST port? TF Serving's gRPC port is 8500 by "
-                    "default, REST 8501 (use --rest http://HOST:PORT for REST)")
+        details += (
+            "; the server does not speak gRPC: is it the REST port? TF Serving's gRPC port is 8500 by "
+            "default, REST 8501 (use --rest http://HOST:PORT for REST)"
+        )
     return PredictError(code.name if code is not None else "UNKNOWN", details or "", "grpc")
 
 
@@ -271,10 +273,14 @@ def _rest_call(url: str, body: bytes | None, timeout: float) -> dict:
         return json.loads(raw)
     except ValueError as exc:
         if raw is None:
-            raise PredictError("INVALID_ARGUMENT", f"{url} is not a usable REST URL ({exc}); give e.g. "
-                               "http://localhost:8501", "rest") from exc
-        raise PredictError("UNKNOWN", f"{url} did not answer with JSON ({raw[:60]!r}...); is it TF Serving's REST "
-                           "port (8501 by default)?", "rest") from exc
+            raise PredictError(
+                "INVALID_ARGUMENT", f"{url} is not a usable REST URL ({exc}); give e.g. http://localhost:8501", "rest"
+            ) from exc
+        raise PredictError(
+            "UNKNOWN",
+            f"{url} did not answer with JSON ({raw[:60]!r}...); is it TF Serving's REST port (8501 by default)?",
+            "rest",
+        ) from exc
     except urllib.error.HTTPError as exc:
         raw = exc.read()
         try:
@@ -290,9 +296,13 @@ def _rest_call(url: str, body: bytes | None, timeout: float) -> dict:
     except TimeoutError as exc:
         raise PredictError("DEADLINE_EXCEEDED", f"no answer from {url} within {timeout} s", "rest") from exc
     except (http.client.HTTPException, ConnectionError) as exc:  # e.g. a gRPC (HTTP/2) port
-        raise PredictError("UNAVAILABLE", f"{url} did not answer as an HTTP/1.1 REST server "
-                           f"({type(exc).__name__}); is it the gRPC port? TF Serving's REST port is 8501 by "
-                           "default, gRPC 8500", "rest") from exc
+        raise PredictError(
+            "UNAVAILABLE",
+            f"{url} did not answer as an HTTP/1.1 REST server "
+            f"({type(exc).__name__}); is it the gRPC port? TF Serving's REST port is 8501 by "
+            "default, gRPC 8500",
+            "rest",
+        ) from exc
 
 
 def _model_url(base_url: str, model_name: str, version: int | None) -> str:

@@ -95,9 +95,12 @@ PREDICTION_OUTPUTS = ("scores", "gzsl_class", "czsl_class", "top_k_classes", "to
 TORCHVISION_PREPROCESSING_NOTE = (
     "decode (JPEG: accurate integer IDCT) to RGB, torchvision Resize(image_size) with Pillow's bilinear "
     "fixed-point resampling computed exactly in-graph, CenterCrop, /255, ImageNet mean/std "
-    "(msdn_tf.backbones.preprocessing)")
-PREPROCESSING_NOTE = ("decode to RGB, resize the shorter side to image_size (bilinear, antialias), centre "
-                      "crop, keras.applications.resnet.preprocess_input (caffe), as msdn_tf.extract")
+    "(msdn_tf.backbones.preprocessing)"
+)
+PREPROCESSING_NOTE = (
+    "decode to RGB, resize the shorter side to image_size (bilinear, antialias), centre "
+    "crop, keras.applications.resnet.preprocess_input (caffe), as msdn_tf.extract"
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,15 +162,25 @@ def guard_features(features, input_name: str):
 
     shape = tf.shape(features)
     checks = [
-        tf.debugging.assert_positive(shape[0], message=f"empty batch in input {input_name} (batch size 0): send "
-                                                       "at least one sample"),
-        tf.debugging.assert_positive(tf.reduce_prod(shape[1:-1]), message=f"zero regions in input {input_name}: "
-                                     "send at least one region (or a non-empty H x W map) per sample"),
+        tf.debugging.assert_positive(
+            shape[0], message=f"empty batch in input {input_name} (batch size 0): send at least one sample"
+        ),
+        tf.debugging.assert_positive(
+            tf.reduce_prod(shape[1:-1]),
+            message=f"zero regions in input {input_name}: "
+            "send at least one region (or a non-empty H x W map) per sample",
+        ),
     ]
     # reduce_all(is_finite), not check_numerics: 12 ms instead of 72 ms at (64, 196, 2048), shared 2-core CPU.
-    checks.append(tf.debugging.Assert(tf.reduce_all(tf.math.is_finite(features)), [
-        f"NaN or inf in input {input_name} (JSON numbers outside the float32 range become inf): send finite "
-        "float32 values"]))
+    checks.append(
+        tf.debugging.Assert(
+            tf.reduce_all(tf.math.is_finite(features)),
+            [
+                f"NaN or inf in input {input_name} (JSON numbers outside the float32 range become inf): send finite "
+                "float32 values"
+            ],
+        )
+    )
     with tf.control_dependencies(checks):
         return tf.identity(features)
 
@@ -176,9 +189,10 @@ def guard_scores(scores, input_name: str):
     """In-graph check that the model's scores are finite (``InvalidArgumentError`` otherwise)."""
     import tensorflow as tf
 
-    check = tf.debugging.Assert(tf.reduce_all(tf.math.is_finite(scores)), [
-        f"NaN or inf in the model's scores for input {input_name}: its values are too large for float32 "
-        "arithmetic"])
+    check = tf.debugging.Assert(
+        tf.reduce_all(tf.math.is_finite(scores)),
+        [f"NaN or inf in the model's scores for input {input_name}: its values are too large for float32 arithmetic"],
+    )
     with tf.control_dependencies([check]):
         return tf.identity(scores)
 
@@ -240,8 +254,20 @@ def _config_dict(config):
     raise MSDNError(f"config must be a Config, a dict or None, got {type(config).__name__}")
 
 
-def build_metadata(model, *, class_names, seen_classes, unseen_classes, gamma, top_k, config=None,
-                   version=1, image_size=None, backbone_id=None, preprocessing: str = "keras") -> dict:
+def build_metadata(
+    model,
+    *,
+    class_names,
+    seen_classes,
+    unseen_classes,
+    gamma,
+    top_k,
+    config=None,
+    version=1,
+    image_size=None,
+    backbone_id=None,
+    preprocessing: str = "keras",
+) -> dict:
     """The ``msdn_metadata.json`` content (see the module docstring)."""
     import keras
     import tensorflow as tf
@@ -254,11 +280,17 @@ def build_metadata(model, *, class_names, seen_classes, unseen_classes, gamma, t
     if image_size is not None:
         signatures[IMAGES_SIGNATURE] = {"inputs": {"images": "string (batch,) encoded JPEG/PNG bytes"}}
     for sig in signatures.values():
-        sig["outputs"] = {"scores": f"float32 (batch, {c})", "gzsl_class": "int64 (batch,)",
-                          "czsl_class": "int64 (batch,)", "top_k_classes": f"int64 (batch, {top_k})",
-                          "top_k_scores": f"float32 (batch, {top_k}) calibrated scores"}
-    signatures[METADATA_SIGNATURE] = {"inputs": {}, "outputs": {"metadata_json": "string ()",
-                                                                "class_names": f"string ({c},)"}}
+        sig["outputs"] = {
+            "scores": f"float32 (batch, {c})",
+            "gzsl_class": "int64 (batch,)",
+            "czsl_class": "int64 (batch,)",
+            "top_k_classes": f"int64 (batch, {top_k})",
+            "top_k_scores": f"float32 (batch, {top_k}) calibrated scores",
+        }
+    signatures[METADATA_SIGNATURE] = {
+        "inputs": {},
+        "outputs": {"metadata_json": "string ()", "class_names": f"string ({c},)"},
+    }
     return {
         "format": METADATA_FORMAT,
         "version": int(version),
@@ -273,12 +305,16 @@ def build_metadata(model, *, class_names, seen_classes, unseen_classes, gamma, t
         "bias": float(model.bias_value),
         "top_k": int(top_k),
         "scores": "the reference's fused logits w1*S1 + w2*S2, which keep the margin bias*mask_bias (+bias unseen, "
-                  "-bias seen: unseen classes are favoured by 2*bias*(w1+w2)); gzsl_class and top_k use "
-                  "scores - gamma on seen classes, gamma on top of that margin",
-        "images": None if image_size is None else {
-            "image_size": int(image_size), "backbone": backbone_id or "custom",
+        "-bias seen: unseen classes are favoured by 2*bias*(w1+w2)); gzsl_class and top_k use "
+        "scores - gamma on seen classes, gamma on top of that margin",
+        "images": None
+        if image_size is None
+        else {
+            "image_size": int(image_size),
+            "backbone": backbone_id or "custom",
             "preprocessing_kind": preprocessing,
-            "preprocessing": TORCHVISION_PREPROCESSING_NOTE if preprocessing == "torchvision" else PREPROCESSING_NOTE},
+            "preprocessing": TORCHVISION_PREPROCESSING_NOTE if preprocessing == "torchvision" else PREPROCESSING_NOTE,
+        },
         "signatures": signatures,
         "config": _config_dict(config),
         "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -294,16 +330,19 @@ def read_metadata(path) -> dict:
         candidates = [path / METADATA_FILE, path / "assets" / METADATA_FILE]
         path = next((p for p in candidates if p.is_file()), candidates[0])
     if not path.is_file():
-        raise MSDNError(f"{path}: metadata file not found (python -m msdn_tf.export writes {METADATA_FILE} beside "
-                        "the version folders and in <version>/assets/)")
+        raise MSDNError(
+            f"{path}: metadata file not found (python -m msdn_tf.export writes {METADATA_FILE} beside "
+            "the version folders and in <version>/assets/)"
+        )
     try:
         meta = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise MSDNError(f"{path}: not valid JSON ({exc})") from exc
     missing = [k for k in ("class_names", "seen_classes", "unseen_classes", "gamma", "top_k") if k not in meta]
     if missing or not isinstance(meta.get("class_names"), list):
-        raise MSDNError(f"{path}: not an msdn-tf export metadata file (missing keys {missing}; "
-                        f"expected format {METADATA_FORMAT})")
+        raise MSDNError(
+            f"{path}: not an msdn-tf export metadata file (missing keys {missing}; expected format {METADATA_FORMAT})"
+        )
     return meta
 
 
@@ -318,9 +357,11 @@ def _check_inputs(model, class_names, seen_classes, unseen_classes, gamma, top_k
     seen = [int(i) for i in seen_classes]
     unseen = [int(i) for i in unseen_classes]
     if sorted(seen) != sorted(model.seen_classes) or sorted(unseen) != sorted(model.unseen_classes):
-        raise MSDNError("seen_classes/unseen_classes differ from the model's own (model.seen_classes, "
-                        f"model.unseen_classes): got {len(seen)}/{len(unseen)} ids, the model has "
-                        f"{len(model.seen_classes)}/{len(model.unseen_classes)}")
+        raise MSDNError(
+            "seen_classes/unseen_classes differ from the model's own (model.seen_classes, "
+            f"model.unseen_classes): got {len(seen)}/{len(unseen)} ids, the model has "
+            f"{len(model.seen_classes)}/{len(model.unseen_classes)}"
+        )
     if not np.isfinite(gamma):
         raise MSDNError(f"gamma must be a finite number, got {gamma}")
     if int(top_k) < 1:
@@ -339,14 +380,30 @@ def _backbone_output_check(backbone, image_size, feature_dim):
         return
     out = tuple(out)
     if len(out) != 4 or out[-1] != feature_dim:
-        raise MSDNError(f"the backbone must map (batch, {image_size}, {image_size}, 3) to (batch, h, w, "
-                        f"{feature_dim}) for this model; it gives {out}")
+        raise MSDNError(
+            f"the backbone must map (batch, {image_size}, {image_size}, 3) to (batch, h, w, "
+            f"{feature_dim}) for this model; it gives {out}"
+        )
 
 
-def export_saved_model(model, out_base, *, version: int = 1, class_names: Sequence[str],
-                       seen_classes, unseen_classes, gamma: float = 0.0, top_k: int = 5, config=None,
-                       backbone=None, image_size: int = 448, overwrite: bool = False,
-                       backbone_id: Optional[str] = None, preprocessing: str = "keras", check=None) -> str:
+def export_saved_model(
+    model,
+    out_base,
+    *,
+    version: int = 1,
+    class_names: Sequence[str],
+    seen_classes,
+    unseen_classes,
+    gamma: float = 0.0,
+    top_k: int = 5,
+    config=None,
+    backbone=None,
+    image_size: int = 448,
+    overwrite: bool = False,
+    backbone_id: Optional[str] = None,
+    preprocessing: str = "keras",
+    check=None,
+) -> str:
     """Write ``out_base/<version>/`` as a TF Serving SavedModel of ``model``.
 
     The SavedModel is written to ``out_base/.tmp-<version>-<pid>-*`` (not a number, so TF
@@ -390,8 +447,9 @@ def export_saved_model(model, out_base, *, version: int = 1, class_names: Sequen
         ...                    seen_classes=model.seen_classes, unseen_classes=model.unseen_classes,
         ...                    check=lambda d: verify_export(d, model, sample))  # doctest: +SKIP
     """
-    seen, unseen = _check_inputs(model, class_names, seen_classes, unseen_classes, gamma, top_k, version,
-                                 image_size, backbone)
+    seen, unseen = _check_inputs(
+        model, class_names, seen_classes, unseen_classes, gamma, top_k, version, image_size, backbone
+    )
     out_base = Path(out_base)
     final = out_base / str(int(version))
     if final.exists() and not overwrite:
@@ -400,13 +458,32 @@ def export_saved_model(model, out_base, *, version: int = 1, class_names: Sequen
     gamma = float(gamma)
     if backbone is not None:
         _backbone_output_check(backbone, int(image_size), int(model.feature_dim))
-    meta = build_metadata(model, class_names=class_names, seen_classes=seen, unseen_classes=unseen, gamma=gamma,
-                          top_k=k, config=config, version=version,
-                          image_size=None if backbone is None else int(image_size), backbone_id=backbone_id,
-                          preprocessing=preprocessing)
+    meta = build_metadata(
+        model,
+        class_names=class_names,
+        seen_classes=seen,
+        unseen_classes=unseen,
+        gamma=gamma,
+        top_k=k,
+        config=config,
+        version=version,
+        image_size=None if backbone is None else int(image_size),
+        backbone_id=backbone_id,
+        preprocessing=preprocessing,
+    )
     meta_text = json.dumps(meta, indent=2) + "\n"
-    archive = _build_archive(model, seen, unseen, gamma, k, meta_text, [str(n) for n in class_names],
-                             backbone=backbone, image_size=image_size, preprocessing=preprocessing)
+    archive = _build_archive(
+        model,
+        seen,
+        unseen,
+        gamma,
+        k,
+        meta_text,
+        [str(n) for n in class_names],
+        backbone=backbone,
+        image_size=image_size,
+        preprocessing=preprocessing,
+    )
     tmp = _make_temporary_folder(out_base, version)
     published = False
     try:
@@ -425,8 +502,19 @@ def export_saved_model(model, out_base, *, version: int = 1, class_names: Sequen
     return str(final)
 
 
-def _build_archive(model, seen, unseen, gamma: float, k: int, meta_text: str, names: Sequence[str], *,
-                   backbone=None, image_size: int = 448, preprocessing: str = "keras"):
+def _build_archive(
+    model,
+    seen,
+    unseen,
+    gamma: float,
+    k: int,
+    meta_text: str,
+    names: Sequence[str],
+    *,
+    backbone=None,
+    image_size: int = 448,
+    preprocessing: str = "keras",
+):
     """The ``keras.export.ExportArchive`` with every signature (see the module docstring)."""
     import keras
     import tensorflow as tf
@@ -444,10 +532,16 @@ def _build_archive(model, seen, unseen, gamma: float, k: int, meta_text: str, na
 
     archive = keras.export.ExportArchive()
     archive.track(model)
-    archive.add_endpoint(FEATURES_SIGNATURE, lambda features: head(features, "features"),
-                         input_signature=[tf.TensorSpec((None, None, f), tf.float32, name="features")])
-    archive.add_endpoint(MAPS_SIGNATURE, lambda feature_maps: head(feature_maps, "feature_maps"),
-                         input_signature=[tf.TensorSpec((None, None, None, f), tf.float32, name="feature_maps")])
+    archive.add_endpoint(
+        FEATURES_SIGNATURE,
+        lambda features: head(features, "features"),
+        input_signature=[tf.TensorSpec((None, None, f), tf.float32, name="features")],
+    )
+    archive.add_endpoint(
+        MAPS_SIGNATURE,
+        lambda feature_maps: head(feature_maps, "feature_maps"),
+        input_signature=[tf.TensorSpec((None, None, None, f), tf.float32, name="feature_maps")],
+    )
     if backbone is not None:
         archive.track(backbone)
         size = int(image_size)
@@ -457,8 +551,9 @@ def _build_archive(model, seen, unseen, gamma: float, k: int, meta_text: str, na
             maps = backbone(x, training=False) if isinstance(backbone, keras.layers.Layer) else backbone(x)
             return head(maps)  # (B, h, w, F)
 
-        archive.add_endpoint(IMAGES_SIGNATURE, images_fn,
-                             input_signature=[tf.TensorSpec((None,), tf.string, name="images")])
+        archive.add_endpoint(
+            IMAGES_SIGNATURE, images_fn, input_signature=[tf.TensorSpec((None,), tf.string, name="images")]
+        )
     names = list(names)
 
     def metadata_fn():
@@ -502,8 +597,9 @@ def _run_check(check, tmp: Path, final: Path) -> None:
     report["checked_as"] = str(tmp)
     report["published"] = bool(report.get("ok"))
     if not report["published"]:
-        raise ExportCheckFailed(report, f"{final} was not published: the export failed its check "
-                                        f"(checked as {tmp}, now removed)")
+        raise ExportCheckFailed(
+            report, f"{final} was not published: the export failed its check (checked as {tmp}, now removed)"
+        )
 
 
 # Temporary folders in the model base path: ``.tmp-<version>-<pid>-<random>`` while an export is
@@ -511,9 +607,13 @@ def _run_check(check, tmp: Path, final: Path) -> None:
 # name is numeric, so TF Serving never loads them.
 TMP_PREFIX = ".tmp-"
 OLD_PREFIX = ".old-"
-_WRITE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
-                 errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
-                 errno.EPERM: "permission denied"}
+_WRITE_ERRNOS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+}
 
 
 class ExportCheckFailed(MSDNError):
@@ -539,14 +639,20 @@ def _write_error(exc: Exception, out_base: Path) -> MSDNError:
         if exc.filename and Path(exc.filename).exists():
             detail += f" at {exc.filename}"
     else:  # tf.errors.OpError from the SavedModel writer (TF maps ENOSPC to RESOURCE_EXHAUSTED)
-        code = {tf.errors.ResourceExhaustedError: errno.ENOSPC,
-                tf.errors.PermissionDeniedError: errno.EACCES}.get(type(exc))
+        code = {tf.errors.ResourceExhaustedError: errno.ENOSPC, tf.errors.PermissionDeniedError: errno.EACCES}.get(
+            type(exc)
+        )
         detail = re.sub(r"\{\{[^}]*\}\}\s*", "", exc.message).strip().splitlines()[0][:300]
     why = _WRITE_ERRNOS.get(code, "it failed")
-    todo = ("free disk space or pass --out on a disk with room" if code in (errno.ENOSPC, errno.EDQUOT) else
-            f"pass a writable --out or make {out_base} writable")
-    return MSDNError(f"cannot write the export to {out_base}: {why} ({detail}); {todo}. Versions already in "
-                     f"{out_base} are unchanged; no partial export is left")
+    todo = (
+        "free disk space or pass --out on a disk with room"
+        if code in (errno.ENOSPC, errno.EDQUOT)
+        else f"pass a writable --out or make {out_base} writable"
+    )
+    return MSDNError(
+        f"cannot write the export to {out_base}: {why} ({detail}); {todo}. Versions already in "
+        f"{out_base} are unchanged; no partial export is left"
+    )
 
 
 def _pid_alive(pid: int) -> bool:
@@ -594,8 +700,10 @@ def remove_stale_temporaries(out_base) -> list:
         who = f"export process {pid}, no longer running" if pid is not None else "an earlier export"
         if path.name.startswith(OLD_PREFIX) and version is not None and not (out_base / version).exists():
             os.replace(path, out_base / version)
-            lines.append(f"note: restored {out_base / version} from {path} (left by {who} between the two "
-                         "renames of --overwrite)")
+            lines.append(
+                f"note: restored {out_base / version} from {path} (left by {who} between the two "
+                "renames of --overwrite)"
+            )
             continue
         size = _folder_bytes(path)
         shutil.rmtree(path)
@@ -638,13 +746,16 @@ def class_names_for_run(run_dir, config) -> list:
     try:
         return list(load_dataset(config).class_names)  # feature maps stay on disk: only metadata is read
     except MSDNError as exc:
-        raise MSDNError(f"cannot get the class names of {run_dir}: no metadata.json with 'class_names' and the "
-                        f"dataset does not load ({exc}); pass --set data.data_dir=... or add "
-                        f"{meta_path}") from exc
+        raise MSDNError(
+            f"cannot get the class names of {run_dir}: no metadata.json with 'class_names' and the "
+            f"dataset does not load ({exc}); pass --set data.data_dir=... or add "
+            f"{meta_path}"
+        ) from exc
 
 
-def backbone_for_images(run_dir, feature_dim: int, *, kind: str = "auto", weights: Optional[str] = None,
-                        image_size: int = 448):
+def backbone_for_images(
+    run_dir, feature_dim: int, *, kind: str = "auto", weights: Optional[str] = None, image_size: int = 448
+):
     """The backbone of ``serving_images``: ``(backbone, backbone_id, preprocessing kind)``.
 
     Args:
@@ -660,22 +771,31 @@ def backbone_for_images(run_dir, feature_dim: int, *, kind: str = "auto", weight
     """
     run_backbone = Path(run_dir) / "backbone_resnet101.npz"
     if kind == "auto":
-        kind = "torchvision_resnet101" if (run_backbone.exists() or (
-            weights or "").lower().endswith((".pth", ".pt", ".npz"))) else "keras_resnet101"
+        kind = (
+            "torchvision_resnet101"
+            if (run_backbone.exists() or (weights or "").lower().endswith((".pth", ".pt", ".npz")))
+            else "keras_resnet101"
+        )
     if kind == "torchvision_resnet101":
         from msdn_tf.backbones.torchvision_resnet import load_backbone_file
 
         weights = weights or str(run_backbone)
         if not os.path.isfile(weights):
-            raise MSDNError(f"--backbone torchvision_resnet101: {weights} not found (convert a released "
-                            "checkpoint with msdn_tf.convert, or pass --backbone-weights resnet101.pth)")
+            raise MSDNError(
+                f"--backbone torchvision_resnet101: {weights} not found (convert a released "
+                "checkpoint with msdn_tf.convert, or pass --backbone-weights resnet101.pth)"
+            )
         backbone, info = load_backbone_file(weights, blocks=None, image_size=image_size)
-        backbone_id = (f"torchvision-layout ResNet (blocks {info['blocks']}, width {info['width']}) from "
-                       f"{os.path.basename(weights)}")
+        backbone_id = (
+            f"torchvision-layout ResNet (blocks {info['blocks']}, width {info['width']}) from "
+            f"{os.path.basename(weights)}"
+        )
         return backbone, backbone_id, "torchvision"
     if feature_dim != 2048:
-        raise MSDNError(f"--with-images builds a ResNet-101 backbone (2048 channels) but the model "
-                        f"takes {feature_dim}-channel features")
+        raise MSDNError(
+            f"--with-images builds a ResNet-101 backbone (2048 channels) but the model "
+            f"takes {feature_dim}-channel features"
+        )
     from msdn_tf.backbones.keras_resnet import build_backbone
 
     weights = weights or "imagenet"

@@ -57,12 +57,12 @@ from pathlib import Path
 import grpc
 import numpy as np
 import tensorflow as tf
-
-from msdn_tf._cli import add_verbose_flag
 from google.protobuf import json_format
 from tensorflow.core.framework import types_pb2
 from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
+
+from msdn_tf._cli import add_verbose_flag
 
 __all__ = ["LocalServingHandle", "ServingError", "find_latest_version", "start_local_server"]
 
@@ -96,9 +96,7 @@ def find_latest_version(model_base_path: str | os.PathLike) -> tuple[int, Path]:
     if not base.is_dir():
         raise FileNotFoundError(f"model base path {base} does not exist or is not a directory")
     versions = [
-        (int(p.name), p)
-        for p in base.iterdir()
-        if p.is_dir() and p.name.isdigit() and (p / "saved_model.pb").exists()
+        (int(p.name), p) for p in base.iterdir() if p.is_dir() and p.name.isdigit() and (p / "saved_model.pb").exists()
     ]
     if not versions:
         raise FileNotFoundError(
@@ -114,8 +112,14 @@ class _Servable:
     Shared by the gRPC and REST front ends; every request error is a ServingError.
     """
 
-    def __init__(self, model_name: str, model_base_path: str | os.PathLike, *,
-                 max_batch: int = DEFAULT_MAX_BATCH, max_request_bytes: int = MAX_MESSAGE_BYTES):
+    def __init__(
+        self,
+        model_name: str,
+        model_base_path: str | os.PathLike,
+        *,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        max_request_bytes: int = MAX_MESSAGE_BYTES,
+    ):
         self.name = model_name
         self.max_batch = int(max_batch)
         self.max_request_bytes = int(max_request_bytes)
@@ -250,7 +254,9 @@ class _Servable:
                     code = c
             raise ServingError(code, f"signature '{name}' failed: {exc.message}") from exc
         except (TypeError, ValueError) as exc:
-            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, f"signature '{name}' rejected the inputs: {exc}") from exc
+            raise ServingError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"signature '{name}' rejected the inputs: {exc}"
+            ) from exc
         return name, {alias: np.asarray(result[alias]) for alias in outputs_wanted}
 
 
@@ -371,7 +377,7 @@ def _decode_strings(value, key: str):
         return [_decode_strings(v, key) for v in value]
     if isinstance(value, dict):
         if set(value) != {"b64"} or not isinstance(value["b64"], str):
-            raise _bad(f"input '{key}': a JSON object in a string tensor must be {{\"b64\": \"...\"}}")
+            raise _bad(f'input \'{key}\': a JSON object in a string tensor must be {{"b64": "..."}}')
         try:
             return base64.b64decode(value["b64"], validate=True)
         except ValueError as exc:
@@ -393,8 +399,10 @@ def _json_depth(value, limit: int) -> int:
 def _json_to_array(value, info, key: str) -> np.ndarray:
     dtype = tf.dtypes.as_dtype(info.dtype)
     if _json_depth(value, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
-        raise _bad(f"input '{key}': JSON lists nested more than {MAX_JSON_DEPTH} deep; a tensor has at most "
-                   f"{MAX_JSON_DEPTH} dimensions")
+        raise _bad(
+            f"input '{key}': JSON lists nested more than {MAX_JSON_DEPTH} deep; a tensor has at most "
+            f"{MAX_JSON_DEPTH} dimensions"
+        )
     try:
         if dtype == tf.string:
             return np.array(_decode_strings(value, key), dtype=object)
@@ -486,7 +494,7 @@ def _rest_predict(servable: _Servable, name: str, version: int | None, body: byt
     if row_format:
         n = {len(a) if a.ndim else -1 for a in outputs.values()}
         if len(n) != 1 or -1 in n:
-            raise _bad("outputs have different batch sizes; use the columnar \"inputs\" format")
+            raise _bad('outputs have different batch sizes; use the columnar "inputs" format')
         if len(aliases) == 1:
             return {"predictions": _array_to_json(outputs[aliases[0]], aliases[0])}
         cols = {a: _array_to_json(outputs[a], a) for a in aliases}
@@ -524,8 +532,7 @@ def _read_request_body(handler: BaseHTTPRequestHandler, max_bytes: int, request_
         raise _bad(f"invalid Content-Length {text!r}") from None
     if length > max_bytes:
         handler.close_connection = True
-        raise _bad(f"request body too large ({length} > {max_bytes} bytes, "
-                   "--max_request_bytes)")
+        raise _bad(f"request body too large ({length} > {max_bytes} bytes, --max_request_bytes)")
     chunks, got = [], 0
     try:
         while got < length:  # each read waits at most request_timeout (the socket timeout)
@@ -539,9 +546,11 @@ def _read_request_body(handler: BaseHTTPRequestHandler, max_bytes: int, request_
     body = b"".join(chunks)
     if len(body) < length:
         handler.close_connection = True
-        raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                           f"request body incomplete: got {len(body)} of {length} bytes "
-                           f"(Content-Length); nothing more arrived within {request_timeout:g} s")
+        raise ServingError(
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            f"request body incomplete: got {len(body)} of {length} bytes "
+            f"(Content-Length); nothing more arrived within {request_timeout:g} s",
+        )
     return body
 
 
@@ -602,7 +611,10 @@ def _make_rest_handler(servable: _Servable, request_timeout: float = DEFAULT_REQ
                 body = self._read_body()
                 m = _PREDICT_RE.match(self.path.split("?", 1)[0])
                 if not m:
-                    raise ServingError(grpc.StatusCode.NOT_FOUND, f"unsupported path {self.path}; use /v1/models/<name>[/versions/<n>]:predict")
+                    raise ServingError(
+                        grpc.StatusCode.NOT_FOUND,
+                        f"unsupported path {self.path}; use /v1/models/<name>[/versions/<n>]:predict",
+                    )
                 version = int(m.group(2)) if m.group(2) else None
                 self._send(200, _rest_predict(servable, m.group(1), version, body))
             except Exception as exc:
@@ -722,17 +734,32 @@ def main(argv=None) -> int:
     parser.add_argument("--model_name", required=True)
     parser.add_argument("--port", type=int, default=8500, help="gRPC port (0 = any free port)")
     parser.add_argument("--rest_api_port", type=int, default=8501, help="REST port (-1 = disabled)")
-    parser.add_argument("--max_batch_size", type=int, default=DEFAULT_MAX_BATCH,
-                        help=f"largest batch a request may send (default {DEFAULT_MAX_BATCH})")
-    parser.add_argument("--max_request_bytes", type=int, default=MAX_MESSAGE_BYTES,
-                        help=f"largest request / declared tensor in bytes (default {MAX_MESSAGE_BYTES})")
-    parser.add_argument("--request_timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT,
-                        help="seconds a REST client may stay silent while sending its request "
-                        f"(default {DEFAULT_REQUEST_TIMEOUT:g})")
+    parser.add_argument(
+        "--max_batch_size",
+        type=int,
+        default=DEFAULT_MAX_BATCH,
+        help=f"largest batch a request may send (default {DEFAULT_MAX_BATCH})",
+    )
+    parser.add_argument(
+        "--max_request_bytes",
+        type=int,
+        default=MAX_MESSAGE_BYTES,
+        help=f"largest request / declared tensor in bytes (default {MAX_MESSAGE_BYTES})",
+    )
+    parser.add_argument(
+        "--request_timeout",
+        type=float,
+        default=DEFAULT_REQUEST_TIMEOUT,
+        help=f"seconds a REST client may stay silent while sending its request (default {DEFAULT_REQUEST_TIMEOUT:g})",
+    )
     args = add_verbose_flag(parser).parse_args(argv)
     handle = start_local_server(
-        args.model_base_path, args.model_name, args.port, None if args.rest_api_port < 0 else args.rest_api_port,
-        max_batch=args.max_batch_size, max_request_bytes=args.max_request_bytes,
+        args.model_base_path,
+        args.model_name,
+        args.port,
+        None if args.rest_api_port < 0 else args.rest_api_port,
+        max_batch=args.max_batch_size,
+        max_request_bytes=args.max_request_bytes,
         request_timeout=args.request_timeout,
     )
     print(f"TEST DOUBLE of TF Serving: {handle}", flush=True)

@@ -19,10 +19,17 @@ import numpy as np
 
 from msdn_tf._cli import subprocess_env
 from msdn_tf.errors import MSDNError
-from msdn_tf.serving.export import (FEATURES_SIGNATURE, IMAGES_SIGNATURE, MAPS_SIGNATURE, METADATA_FILE,
-                                    METADATA_SIGNATURE, PREDICTION_OUTPUTS, preprocess_image_batch, read_metadata,
-                                    reference_predictions)
-
+from msdn_tf.serving.export import (
+    FEATURES_SIGNATURE,
+    IMAGES_SIGNATURE,
+    MAPS_SIGNATURE,
+    METADATA_FILE,
+    METADATA_SIGNATURE,
+    PREDICTION_OUTPUTS,
+    preprocess_image_batch,
+    read_metadata,
+    reference_predictions,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Verification
@@ -53,13 +60,20 @@ def run_saved_model_cli(export_dir) -> dict:
     if cli is None:
         return {"ok": False, "skipped": "saved_model_cli not found", "signatures": []}
     env = subprocess_env()
-    proc = subprocess.run([cli, "show", "--dir", str(export_dir), "--all"], capture_output=True, text=True,
-                          timeout=600, env=env)
-    sigs = sorted({line.split("'")[1] for line in proc.stdout.splitlines()
-                   if line.startswith("signature_def['")} - {"__saved_model_init_op"})
-    return {"ok": proc.returncode == 0, "returncode": proc.returncode, "command":
-            f"saved_model_cli show --dir {export_dir} --all", "signatures": sigs,
-            "output": proc.stdout if proc.returncode == 0 else proc.stderr[-4000:]}
+    proc = subprocess.run(
+        [cli, "show", "--dir", str(export_dir), "--all"], capture_output=True, text=True, timeout=600, env=env
+    )
+    sigs = sorted(
+        {line.split("'")[1] for line in proc.stdout.splitlines() if line.startswith("signature_def['")}
+        - {"__saved_model_init_op"}
+    )
+    return {
+        "ok": proc.returncode == 0,
+        "returncode": proc.returncode,
+        "command": f"saved_model_cli show --dir {export_dir} --all",
+        "signatures": sigs,
+        "output": proc.stdout if proc.returncode == 0 else proc.stderr[-4000:],
+    }
 
 
 def _compare(sig, want: dict, got: dict, tol: float) -> list:
@@ -72,13 +86,18 @@ def _compare(sig, want: dict, got: dict, tol: float) -> list:
             continue
         g, w = np.asarray(got[key]), np.asarray(want[key])
         if g.shape != w.shape:
-            rows.append({"signature": sig, "output": key, "ok": False,
-                         "detail": f"shape {list(g.shape)} != expected {list(w.shape)}"})
+            rows.append(
+                {
+                    "signature": sig,
+                    "output": key,
+                    "ok": False,
+                    "detail": f"shape {list(g.shape)} != expected {list(w.shape)}",
+                }
+            )
             continue
         if key in ("scores", "top_k_scores"):
             diff = float(np.max(np.abs(g.astype(np.float64) - w))) if g.size else 0.0
-            rows.append({"signature": sig, "output": key, "ok": diff <= tol, "max_abs_diff": diff,
-                         "tolerance": tol})
+            rows.append({"signature": sig, "output": key, "ok": diff <= tol, "max_abs_diff": diff, "tolerance": tol})
             continue
         mismatch = np.argwhere(g != w)
         if key == "czsl_class":
@@ -90,8 +109,15 @@ def _compare(sig, want: dict, got: dict, tol: float) -> list:
             b = idx[0]
             if abs(ref[b, int(g[tuple(idx)])] - ref[b, int(w[tuple(idx)])]) > tol:
                 bad += 1
-        rows.append({"signature": sig, "output": key, "ok": bad == 0, "mismatches": int(len(mismatch)),
-                     "mismatches_beyond_ties": bad})
+        rows.append(
+            {
+                "signature": sig,
+                "output": key,
+                "ok": bad == 0,
+                "mismatches": int(len(mismatch)),
+                "mismatches_beyond_ties": bad,
+            }
+        )
     return rows
 
 
@@ -123,8 +149,17 @@ def _expected(model, inputs, meta) -> dict:
     return ref
 
 
-def verify_export(export_dir, model, sample_features, *, sample_images=None, backbone=None,
-                  binary: Optional[str] = None, rtol: float = 1e-4, saved_model_cli: bool = True) -> dict:
+def verify_export(
+    export_dir,
+    model,
+    sample_features,
+    *,
+    sample_images=None,
+    backbone=None,
+    binary: Optional[str] = None,
+    rtol: float = 1e-4,
+    saved_model_cli: bool = True,
+) -> dict:
     """Load ``export_dir`` with TF's C++ loader, run every signature and compare with ``model``.
 
     Args:
@@ -150,8 +185,7 @@ def verify_export(export_dir, model, sample_features, *, sample_images=None, bac
 
     export_dir = Path(export_dir)
     meta = read_metadata(export_dir / "assets" / METADATA_FILE)
-    report = {"export_dir": str(export_dir), "ok": True, "loader": "c++", "signatures": {}, "checks": [],
-              "errors": []}
+    report = {"export_dir": str(export_dir), "ok": True, "loader": "c++", "signatures": {}, "checks": [], "errors": []}
     regions, maps = _regions_and_maps(sample_features)
     try:
         run = _signature_runner(export_dir, binary, report)
@@ -219,13 +253,16 @@ def _signature_runner(export_dir: Path, binary: Optional[str], report: dict):
 
         report["loader"] = f"python (C++ loader unavailable: {exc})"
         loaded = tf.saved_model.load(str(export_dir), tags=["serve"])
-        report["signatures"] = {k: {"inputs": sorted(v.structured_input_signature[1]),
-                                    "outputs": sorted(v.structured_outputs)} for k, v in loaded.signatures.items()}
+        report["signatures"] = {
+            k: {"inputs": sorted(v.structured_input_signature[1]), "outputs": sorted(v.structured_outputs)}
+            for k, v in loaded.signatures.items()
+        }
 
         def run_python(sig, inputs):
             fn = loaded.signatures[sig]
-            feeds = {k: tf.constant(v) if not isinstance(v, list) else tf.constant(v, tf.string)
-                     for k, v in inputs.items()}
+            feeds = {
+                k: tf.constant(v) if not isinstance(v, list) else tf.constant(v, tf.string) for k, v in inputs.items()
+            }
             return {k: np.asarray(v) for k, v in fn(**feeds).items()}
 
         return run_python
@@ -238,8 +275,9 @@ def _images_case(backbone, sample_images, meta: dict):
 
     images = list(sample_images) if sample_images is not None else synthetic_images()
     size = int(meta["images"]["image_size"])
-    pre = preprocess_image_batch(tf.constant(images, tf.string), size,
-                                 meta["images"].get("preprocessing_kind", "keras"))
+    pre = preprocess_image_batch(
+        tf.constant(images, tf.string), size, meta["images"].get("preprocessing_kind", "keras")
+    )
     feats = backbone(pre, training=False) if isinstance(backbone, keras.layers.Layer) else backbone(pre)
     return IMAGES_SIGNATURE, {"images": images}, feats
 
@@ -262,26 +300,42 @@ def report_markdown(report: dict) -> str:
     """A short markdown rendering of a :func:`verify_export` report."""
     from msdn_tf.utils import markdown_table
 
-    lines = [f"# Export check: {report['export_dir']}", "",
-             f"- result: {'OK' if report['ok'] else 'FAILED'}", f"- loader: {report['loader']}"]
+    lines = [
+        f"# Export check: {report['export_dir']}",
+        "",
+        f"- result: {'OK' if report['ok'] else 'FAILED'}",
+        f"- loader: {report['loader']}",
+    ]
     if "published" in report:
-        lines.append(f"- checked as {report['checked_as']} before publishing; " +
-                     ("published" if report["published"] else "NOT published: the folder was removed, TF Serving "
-                      "sees no new version"))
+        lines.append(
+            f"- checked as {report['checked_as']} before publishing; "
+            + (
+                "published"
+                if report["published"]
+                else "NOT published: the folder was removed, TF Serving sees no new version"
+            )
+        )
     for name, sig in sorted(report["signatures"].items()):
-        ins = ", ".join(f"{k} {v['dtype']} {v['shape']}" if isinstance(v, dict) else str(k)
-                        for k, v in (sig["inputs"].items() if isinstance(sig["inputs"], dict)
-                                     else [(s, s) for s in sig["inputs"]]))
+        ins = ", ".join(
+            f"{k} {v['dtype']} {v['shape']}" if isinstance(v, dict) else str(k)
+            for k, v in (sig["inputs"].items() if isinstance(sig["inputs"], dict) else [(s, s) for s in sig["inputs"]])
+        )
         lines.append(f"- signature `{name}`: inputs {ins or '(none)'}; outputs {', '.join(sorted(sig['outputs']))}")
     cli = report.get("saved_model_cli")
     if cli:
-        lines.append(f"- saved_model_cli show --all: {'ok' if cli['ok'] else cli.get('skipped', 'FAILED')}, "
-                     f"signatures {cli['signatures']}")
+        lines.append(
+            f"- saved_model_cli show --all: {'ok' if cli['ok'] else cli.get('skipped', 'FAILED')}, "
+            f"signatures {cli['signatures']}"
+        )
     rows = []
     for c in report["checks"]:
-        detail = (f"max abs diff {c['max_abs_diff']:.3g} (tol {c['tolerance']:.3g})" if "max_abs_diff" in c else
-                  f"{c.get('mismatches', 0)} mismatches ({c.get('mismatches_beyond_ties', 0)} beyond ties)"
-                  if "mismatches" in c else c.get("detail", ""))
+        detail = (
+            f"max abs diff {c['max_abs_diff']:.3g} (tol {c['tolerance']:.3g})"
+            if "max_abs_diff" in c
+            else f"{c.get('mismatches', 0)} mismatches ({c.get('mismatches_beyond_ties', 0)} beyond ties)"
+            if "mismatches" in c
+            else c.get("detail", "")
+        )
         rows.append([c["signature"], c["output"], "ok" if c["ok"] else "FAIL", detail])
     lines += ["", markdown_table(["signature", "output", "result", "detail"], rows)]
     if report["errors"]:

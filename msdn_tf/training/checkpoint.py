@@ -42,9 +42,16 @@ class Checkpointer:
             with atomic_path(self.dir / f"{stem}.optimizer.npz") as tmp:
                 with open(tmp, "wb") as f:
                     np.savez(f, *[np.asarray(v) for v in model.optimizer.variables])
-            write_json(self.state_path, {"step": step, "weights": f"{stem}.weights.npz",
-                                         "optimizer": f"{stem}.optimizer.npz", "history": history,
-                                         "resumes": list(resumes)})
+            write_json(
+                self.state_path,
+                {
+                    "step": step,
+                    "weights": f"{stem}.weights.npz",
+                    "optimizer": f"{stem}.optimizer.npz",
+                    "history": history,
+                    "resumes": list(resumes),
+                },
+            )
         except BaseException:
             # state.json still names the previous checkpoint: drop this one's partial files
             current = self.state_path.read_text() if self.state_path.is_file() else ""
@@ -62,17 +69,24 @@ class Checkpointer:
             with open(self.state_path) as f:
                 state = json.load(f)
         except ValueError as exc:
-            raise MSDNError(f"{self.state_path}: corrupt checkpoint state ({exc}); the run cannot be "
-                            "resumed from it: start a new run (another --run-dir)") from exc
-        missing = [k for k in ("step", "weights", "optimizer", "history") if not isinstance(state, dict)
-                   or k not in state]
+            raise MSDNError(
+                f"{self.state_path}: corrupt checkpoint state ({exc}); the run cannot be "
+                "resumed from it: start a new run (another --run-dir)"
+            ) from exc
+        missing = [
+            k for k in ("step", "weights", "optimizer", "history") if not isinstance(state, dict) or k not in state
+        ]
         if missing:
-            raise MSDNError(f"{self.state_path}: corrupt checkpoint state (missing {', '.join(missing)}); "
-                            "start a new run (another --run-dir)")
+            raise MSDNError(
+                f"{self.state_path}: corrupt checkpoint state (missing {', '.join(missing)}); "
+                "start a new run (another --run-dir)"
+            )
         for key in ("weights", "optimizer"):
             if not (self.dir / state[key]).is_file():
-                raise MSDNError(f"{self.dir / state[key]}: the checkpoint's {key} file is missing; "
-                                "the run cannot be resumed: restore the file or start a new run")
+                raise MSDNError(
+                    f"{self.dir / state[key]}: the checkpoint's {key} file is missing; "
+                    "the run cannot be resumed: restore the file or start a new run"
+                )
         return state
 
     def restore(self, model) -> dict:
@@ -84,14 +98,17 @@ class Checkpointer:
             else:
                 assign_all(model.weights, load_arrays(path), path, "model weights")
         except (OSError, ValueError, KeyError) as exc:
-            raise MSDNError(f"{path}: unreadable checkpoint weights ({exc}); "
-                            "restore the file or start a new run") from exc
+            raise MSDNError(
+                f"{path}: unreadable checkpoint weights ({exc}); restore the file or start a new run"
+            ) from exc
         model.optimizer.build(model.trainable_variables)
         try:
             values = load_arrays(self.dir / state["optimizer"])
         except (OSError, ValueError, KeyError) as exc:
-            raise MSDNError(f"{self.dir / state['optimizer']}: unreadable optimizer state ({exc}); "
-                            "restore the file or start a new run") from exc
+            raise MSDNError(
+                f"{self.dir / state['optimizer']}: unreadable optimizer state ({exc}); "
+                "restore the file or start a new run"
+            ) from exc
         variables = model.optimizer.variables
         if len(values) != len(variables):
             raise MSDNError(
@@ -114,8 +131,10 @@ def assign_all(variables, values, path, what) -> None:
         raise MSDNError(f"{path}: holds {len(values)} {what}, the model has {len(variables)}")
     for var, value in zip(variables, values):
         if tuple(value.shape) != tuple(var.shape):
-            raise MSDNError(f"{path}: {what} '{var.path}' has shape {value.shape} in the checkpoint, "
-                            f"{tuple(var.shape)} in the model")
+            raise MSDNError(
+                f"{path}: {what} '{var.path}' has shape {value.shape} in the checkpoint, "
+                f"{tuple(var.shape)} in the model"
+            )
         var.assign(value)
 
 

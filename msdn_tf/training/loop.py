@@ -35,8 +35,14 @@ from msdn_tf.backend import on_tensorflow
 from msdn_tf.config import Config, save_config
 from msdn_tf.errors import ConfigError, MSDNError, NonFiniteError, describe_os_error
 from msdn_tf.training.checkpoint import Checkpointer, checkpoint_note
-from msdn_tf.training.reporting import (build_results, metric_entry, pct, purge_events_after, write_eval_summaries,
-                                        write_results)
+from msdn_tf.training.reporting import (
+    build_results,
+    metric_entry,
+    pct,
+    purge_events_after,
+    write_eval_summaries,
+    write_results,
+)
 from msdn_tf.utils import atomic_path
 
 
@@ -73,23 +79,40 @@ def build_model_from_config(config: Config, data):
     precision = resolve_precision(config.train.precision)
 
     model = build_msdn(
-        data.att, data.w2v, data.seen_classes, data.unseen_classes,
-        feature_dim=data.feature_dim, num_regions=data.num_regions,
+        data.att,
+        data.w2v,
+        data.seen_classes,
+        data.unseen_classes,
+        feature_dim=data.feature_dim,
+        num_regions=data.num_regions,
         normalize_attribute_vectors=config.model.normalize_attribute_vectors,
-        fusion_weights=config.model.fusion_weights, branches=config.model.branches,
-        attention=config.model.attention, bias=config.model.bias,
-        lambda_cal=config.loss.lambda_cal, distill_weight=config.loss.distill_weight,
-        cross_entropy=config.loss.cross_entropy, calibration=config.loss.calibration,
-        distillation=config.loss.distillation, seed=config.train.seed, dtype=precision.policy,
+        fusion_weights=config.model.fusion_weights,
+        branches=config.model.branches,
+        attention=config.model.attention,
+        bias=config.model.bias,
+        lambda_cal=config.loss.lambda_cal,
+        distill_weight=config.loss.distill_weight,
+        cross_entropy=config.loss.cross_entropy,
+        calibration=config.loss.calibration,
+        distillation=config.loss.distillation,
+        seed=config.train.seed,
+        dtype=precision.policy,
     )
     opt = config.optimizer
-    optimizer = TorchRMSprop(learning_rate=opt.learning_rate, rho=opt.rho, epsilon=opt.epsilon,
-                             momentum=opt.momentum, coupled_weight_decay=opt.weight_decay)
+    optimizer = TorchRMSprop(
+        learning_rate=opt.learning_rate,
+        rho=opt.rho,
+        epsilon=opt.epsilon,
+        momentum=opt.momentum,
+        coupled_weight_decay=opt.weight_decay,
+    )
     if precision.loss_scaling:
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    model.compile(optimizer=optimizer,
-                  # train.jit_compile chooses XLA on TensorFlow; on JAX every step is jax.jit-compiled (XLA).
-                  jit_compile=config.train.jit_compile or not on_tensorflow())
+    model.compile(
+        optimizer=optimizer,
+        # train.jit_compile chooses XLA on TensorFlow; on JAX every step is jax.jit-compiled (XLA).
+        jit_compile=config.train.jit_compile or not on_tensorflow(),
+    )
     return model
 
 
@@ -110,15 +133,18 @@ def make_strategy(config: Config):
             raise ConfigError(
                 f"'train.strategy' {name!r}: tf.distribute strategies are TensorFlow-only and Keras runs on "
                 f"{current_backend()}; use train.strategy=none (--strategy none), or KERAS_BACKEND=tensorflow "
-                "to train with tf.distribute")
+                "to train with tf.distribute"
+            )
         return None
     try:
         strategy = get_strategy(name, timeout_s=config.train.worker_timeout)
     except ValueError as exc:
         raise ConfigError(f"'train.strategy': {exc}") from exc
     if config.data.batch_size % strategy.num_replicas_in_sync:
-        raise ConfigError(f"'data.batch_size' {config.data.batch_size} must be divisible by the "
-                          f"{strategy.num_replicas_in_sync} replicas of train.strategy={name}")
+        raise ConfigError(
+            f"'data.batch_size' {config.data.batch_size} must be divisible by the "
+            f"{strategy.num_replicas_in_sync} replicas of train.strategy={name}"
+        )
     return strategy
 
 
@@ -161,19 +187,27 @@ def prepare_run(config: Config, run_dir, resume: bool) -> tuple:
 def check_checkpoint(checkpointer, config: Config, run_dir: Path, resume: bool, cluster) -> None:
     """Refuse ``--resume`` without a checkpoint, a new run over one, or one past ``train.iterations``."""
     if resume and not checkpointer.exists():
-        raise MSDNError(f"--resume: no checkpoint in {run_dir / 'checkpoint'}"
-                        + ("" if cluster.is_chief else
-                           f" (worker {cluster.task_type}[{cluster.index}] resumes from the chief's checkpoint: "
-                           "give every worker the same --run-dir on a shared file system, or copy the "
-                           "chief's run directory to this path first)"))
+        raise MSDNError(
+            f"--resume: no checkpoint in {run_dir / 'checkpoint'}"
+            + (
+                ""
+                if cluster.is_chief
+                else f" (worker {cluster.task_type}[{cluster.index}] resumes from the chief's checkpoint: "
+                "give every worker the same --run-dir on a shared file system, or copy the "
+                "chief's run directory to this path first)"
+            )
+        )
     if cluster.is_chief and checkpointer.exists() and not resume:
-        raise MSDNError(f"{run_dir} already holds a checkpoint; pass --resume to continue it, "
-                        "or choose another --run-dir")
+        raise MSDNError(
+            f"{run_dir} already holds a checkpoint; pass --resume to continue it, or choose another --run-dir"
+        )
     if resume:  # check the checkpoint before config.yaml is rewritten: a refused resume changes nothing
         done = int(checkpointer.read_state()["step"])
         if config.train.iterations is not None and done > config.train.iterations:
-            raise ConfigError(f"--resume: the checkpoint is at step {done}, past train.iterations = "
-                              f"{config.train.iterations}; pass --iterations {done} or more")
+            raise ConfigError(
+                f"--resume: the checkpoint is at step {done}, past train.iterations = "
+                f"{config.train.iterations}; pass --iterations {done} or more"
+            )
 
 
 def output_dir(run_dir: Path, cluster, log) -> Path:
@@ -181,13 +215,16 @@ def output_dir(run_dir: Path, cluster, log) -> Path:
     if cluster.is_chief:
         return run_dir
     out_dir = Path(tempfile.mkdtemp(prefix=f"msdn-{cluster.task_type}{cluster.index}-"))
-    log(f"msdn-tf: {cluster.task_type}[{cluster.index}] of {cluster.num_workers}: not the chief, "
-        f"writing to the temporary {out_dir} (removed at the end)")
+    log(
+        f"msdn-tf: {cluster.task_type}[{cluster.index}] of {cluster.num_workers}: not the chief, "
+        f"writing to the temporary {out_dir} (removed at the end)"
+    )
     return out_dir
 
 
-def run_training(config: Config, run_dir=None, resume: bool = False, data=None, log=print,
-                 eval_hooks=(), resume_changes=None) -> dict:
+def run_training(
+    config: Config, run_dir=None, resume: bool = False, data=None, log=print, eval_hooks=(), resume_changes=None
+) -> dict:
     """Train and evaluate one MSDN run.
 
     Args:
@@ -216,9 +253,17 @@ def run_training(config: Config, run_dir=None, resume: bool = False, data=None, 
     strategy = make_strategy(config)  # a bad train.strategy or TF_CONFIG fails before anything is written
     out_dir = output_dir(run_dir, cluster, log)
     try:
-        session = TrainingSession(config=config, run_dir=run_dir, out_dir=out_dir, checkpointer=checkpointer,
-                                  precision=precision, cluster=cluster, strategy=strategy, log=log,
-                                  eval_hooks=tuple(eval_hooks))
+        session = TrainingSession(
+            config=config,
+            run_dir=run_dir,
+            out_dir=out_dir,
+            checkpointer=checkpointer,
+            precision=precision,
+            cluster=cluster,
+            strategy=strategy,
+            log=log,
+            eval_hooks=tuple(eval_hooks),
+        )
         session.setup(data)
         session.restore_or_start(resume, resume_changes)
         session.train()
@@ -304,17 +349,25 @@ class TrainingSession:
         self.history, self.step = state["history"], int(state["step"])
         self.resumes = list(state.get("resumes", []))
         if self.step > self.iterations:
-            raise ConfigError(f"--resume: the checkpoint is at step {self.step}, past train.iterations = "
-                              f"{self.iterations}; pass --iterations {self.step} or more")
+            raise ConfigError(
+                f"--resume: the checkpoint is at step {self.step}, past train.iterations = "
+                f"{self.iterations}; pass --iterations {self.step} or more"
+            )
         if resume_changes:
             self.resumes.append({"step": self.step, "changes": resume_changes})
-        self.log(f"msdn-tf: resumed at step {self.step}"
-                 + (f" with {', '.join(f'{k}: {a} -> {b}' for k, (a, b) in resume_changes.items())}"
-                    if resume_changes else ""))
+        self.log(
+            f"msdn-tf: resumed at step {self.step}"
+            + (
+                f" with {', '.join(f'{k}: {a} -> {b}' for k, (a, b) in resume_changes.items())}"
+                if resume_changes
+                else ""
+            )
+        )
         purged = purge_events_after(self.run_dir / "tensorboard", self.step) if self.cluster.is_chief else 0
         if purged:
-            self.log(f"msdn-tf: removed {purged} TensorBoard events past step {self.step} "
-                     "(written before the interruption)")
+            self.log(
+                f"msdn-tf: removed {purged} TensorBoard events past step {self.step} (written before the interruption)"
+            )
 
     def _device_store(self):
         """The training rows in TensorFlow memory when ``data.on_device`` asks for it (TensorFlow only)."""
@@ -322,9 +375,11 @@ class TrainingSession:
 
         if not on_tensorflow():
             if self.config.data.on_device is not False:
-                self.log(f"msdn-tf: data.on_device={self.config.data.on_device} holds rows in TensorFlow memory, "
-                         f"which only the TensorFlow backend can use; on {current_backend()} batches come from "
-                         "the host pipeline")
+                self.log(
+                    f"msdn-tf: data.on_device={self.config.data.on_device} holds rows in TensorFlow memory, "
+                    f"which only the TensorFlow backend can use; on {current_backend()} batches come from "
+                    "the host pipeline"
+                )
             return None
         if not use_on_device(self.config.data.on_device, self.data):
             return None
@@ -351,8 +406,9 @@ class TrainingSession:
         while self.step < self.iterations:
             steps = min(self.eval_every, self.iterations - self.step)
             if verbose:
-                self.log(f"period {self.step // self.eval_every + 1}/{n_periods}: "
-                         f"steps {self.step + 1}-{self.step + steps}")
+                self.log(
+                    f"period {self.step // self.eval_every + 1}/{n_periods}: steps {self.step + 1}-{self.step + steps}"
+                )
             log_cb.offset = guard.offset = self.step
             logs = self.train_period(steps, [guard, log_cb], verbose)
             self._stop_if_nonfinite(guard)
@@ -367,8 +423,9 @@ class TrainingSession:
 
         prefetch = self.config.data.prefetch
         if self.device_store is not None:
-            return functools.partial(device_train_dataset, self.device_store, self.data.labels, self.sampler,
-                                     self.step, steps, prefetch)
+            return functools.partial(
+                device_train_dataset, self.device_store, self.data.labels, self.sampler, self.step, steps, prefetch
+            )
         return functools.partial(train_dataset, self.data, self.sampler, self.step, steps, prefetch)
 
     def train_period(self, steps: int, callbacks, verbose) -> dict:
@@ -386,13 +443,17 @@ class TrainingSession:
         try:
             return self.loop.run(dataset, steps, callbacks)
         except (tf.errors.OpError, RuntimeError) as exc:
-            last = (f"from the checkpoint of step {self.step}" if self.checkpointer.exists() or self.step
-                    else "from the start")
+            last = (
+                f"from the checkpoint of step {self.step}"
+                if self.checkpointer.exists() or self.step
+                else "from the start"
+            )
             raise MSDNError(
                 f"{self.cluster.task_type}[{self.cluster.index}]: training across the TF_CONFIG cluster stopped in "
                 f"steps {self.step + 1}-{self.step + steps} (a worker stopped or is unreachable). Restart EVERY "
                 f"worker with: python -m msdn_tf.train --run-dir {self.run_dir} --resume (continues {last}). "
-                f"TensorFlow said: {str(exc).splitlines()[0][:300]}") from exc
+                f"TensorFlow said: {str(exc).splitlines()[0][:300]}"
+            ) from exc
 
     def _stop_if_nonfinite(self, guard) -> None:
         if guard.failure is not None:
@@ -406,29 +467,38 @@ class TrainingSession:
         from msdn_tf.evaluation.predict import evaluate_model
 
         try:
-            metrics = evaluate_model(self.model, self.data, self.config.data.eval_batch_size,
-                                     return_logits=bool(self.eval_hooks))
+            metrics = evaluate_model(
+                self.model, self.data, self.config.data.eval_batch_size, return_logits=bool(self.eval_hooks)
+            )
         except NonFiniteError as exc:
-            raise NonFiniteError(f"evaluation after step {self.step}: {exc}. "
-                                 f"{checkpoint_note(self.checkpointer)}") from exc
+            raise NonFiniteError(
+                f"evaluation after step {self.step}: {exc}. {checkpoint_note(self.checkpointer)}"
+            ) from exc
         entry = metric_entry(self.step, metrics, losses)
         self.history.append(entry)
         write_eval_summaries(self.writer, self.step, entry, losses)
         for hook in self.eval_hooks:
             hook(model=self.model, data=self.data, step=self.step, metrics=metrics, writer=self.writer)
         self.writer.flush()
-        self.log(f"step {self.step}: CZSL acc {pct(entry['acc']):.2f}  U {pct(entry['U']):.2f}  "
-                 f"S {pct(entry['S']):.2f}  H {pct(entry['H']):.2f}  loss {losses.get('loss', float('nan')):.4f}")
+        self.log(
+            f"step {self.step}: CZSL acc {pct(entry['acc']):.2f}  U {pct(entry['U']):.2f}  "
+            f"S {pct(entry['S']):.2f}  H {pct(entry['H']):.2f}  loss {losses.get('loss', float('nan')):.4f}"
+        )
 
     def save_checkpoint(self) -> None:
         """Checkpoint into ``out_dir``; a full disk is one clear error naming the intact checkpoint."""
         try:
             Checkpointer(self.out_dir).save(self.model, self.step, self.history, self.resumes)
         except OSError as exc:
-            then = (f"; once there is room, continue with python -m msdn_tf.train --run-dir {self.run_dir} --resume"
-                    if self.checkpointer.exists() else "")
-            raise MSDNError(f"saving the checkpoint of step {self.step}: {describe_os_error(exc)} "
-                            f"{checkpoint_note(self.checkpointer)}{then}") from exc
+            then = (
+                f"; once there is room, continue with python -m msdn_tf.train --run-dir {self.run_dir} --resume"
+                if self.checkpointer.exists()
+                else ""
+            )
+            raise MSDNError(
+                f"saving the checkpoint of step {self.step}: {describe_os_error(exc)} "
+                f"{checkpoint_note(self.checkpointer)}{then}"
+            ) from exc
 
     def finish(self) -> dict:
         """Save ``model.keras``, write ``results.json`` and ``results.md``; the results."""
@@ -436,11 +506,23 @@ class TrainingSession:
             with atomic_path(self.out_dir / "model.keras") as tmp:
                 self.model.save(tmp)
         except OSError as exc:
-            raise MSDNError(f"saving the trained model: {describe_os_error(exc)} {checkpoint_note(self.checkpointer)}; "
-                            f"once there is room, python -m msdn_tf.train --run-dir {self.run_dir} --resume "
-                            "writes the model and results from it") from exc
-        results = build_results(self.config, self.run_dir, self.data, self.iterations, self.history, self.resumes,
-                                self.precision, self.cluster, self.strategy, time.time() - self.started,
-                                current_backend())
+            raise MSDNError(
+                f"saving the trained model: {describe_os_error(exc)} {checkpoint_note(self.checkpointer)}; "
+                f"once there is room, python -m msdn_tf.train --run-dir {self.run_dir} --resume "
+                "writes the model and results from it"
+            ) from exc
+        results = build_results(
+            self.config,
+            self.run_dir,
+            self.data,
+            self.iterations,
+            self.history,
+            self.resumes,
+            self.precision,
+            self.cluster,
+            self.strategy,
+            time.time() - self.started,
+            current_backend(),
+        )
         self.log(write_results(self.out_dir, results))
         return results

@@ -49,20 +49,27 @@ def nonfinite_message(guard, data, sampler, checkpointer, strategy) -> str:
 
     step, terms, code = guard.failure
     base = (1 if strategy is None else strategy.num_replicas_in_sync) + 1  # no strategy on JAX
-    failed = [name for i, name in enumerate(NONFINITE_CHECKS) if int(code) // base ** i % base]
+    failed = [name for i, name in enumerate(NONFINITE_CHECKS) if int(code) // base**i % base]
     head = f"training step {step}: "
     tail = f". Nothing was saved for this run's result. {checkpoint_note(checkpointer)}."
     if "input features" in failed:
         batch = sampler.batch(step - 1)
         rows = nonfinite_rows(data.features, batch)
         where = feature_file(data.features, data.source)
-        which = (f"feature {describe_rows(rows)}" if rows.size else
-                 f"one of the feature {describe_rows(np.unique(batch), limit=60)} (they read back finite now)")
+        which = (
+            f"feature {describe_rows(rows)}"
+            if rows.size
+            else f"one of the feature {describe_rows(np.unique(batch), limit=60)} (they read back finite now)"
+        )
         return head + f"the input batch holds NaN or infinite values: {where}, {which}; fix or drop these images" + tail
     if terms:
-        return (head + f"loss term{'s' if len(terms) > 1 else ''} {', '.join(terms)} became NaN or infinite "
-                "(inputs were finite); lower optimizer.learning_rate or check the loss settings" + tail)
+        return (
+            head + f"loss term{'s' if len(terms) > 1 else ''} {', '.join(terms)} became NaN or infinite "
+            "(inputs were finite); lower optimizer.learning_rate or check the loss settings" + tail
+        )
     if "gradients" in failed:
         return head + "the gradients hold NaN or infinite values (the loss terms were finite)" + tail
-    return (head + "the weights became NaN or infinite in the update (inputs, loss and gradients were "
-            "finite); check the optimizer settings" + tail)
+    return (
+        head + "the weights became NaN or infinite in the update (inputs, loss and gradients were "
+        "finite); check the optimizer settings" + tail
+    )

@@ -17,10 +17,14 @@ from pathlib import Path
 from msdn_tf.utils import atomic_path, atomic_write_text, markdown_table, write_json
 
 METRICS = ("acc", "U", "S", "H")
-BEST_NOTE = ("selected on the TEST split over all evaluations during training, as the reference "
-             "implementation does; not an unbiased estimate")
-VALIDATION_NOTE = ("selected over all evaluations during training on this run's held-out split, which is a "
-                   "VALIDATION split (the test split is not used by this run)")
+BEST_NOTE = (
+    "selected on the TEST split over all evaluations during training, as the reference "
+    "implementation does; not an unbiased estimate"
+)
+VALIDATION_NOTE = (
+    "selected over all evaluations during training on this run's held-out split, which is a "
+    "VALIDATION split (the test split is not used by this run)"
+)
 
 
 def best_note(dataset_name: str) -> str:
@@ -37,13 +41,13 @@ def results_table(results: dict) -> str:
     """The Markdown table of ``results.md``: the final and the best-during-training figures."""
     rows = []
     final = results["final"]
-    rows.append(["final (last step)", final["step"], pct(final["acc"]), pct(final["U"]),
-                 pct(final["S"]), pct(final["H"])])
+    rows.append(
+        ["final (last step)", final["step"], pct(final["acc"]), pct(final["U"]), pct(final["S"]), pct(final["H"])]
+    )
     for key, label in (("best_H", "best H during training*"), ("best_acc", "best CZSL acc during training*")):
         entry = results["best_on_test"][key]
         if entry is not None:
-            rows.append([label, entry["step"], pct(entry["acc"]), pct(entry["U"]), pct(entry["S"]),
-                         pct(entry["H"])])
+            rows.append([label, entry["step"], pct(entry["acc"]), pct(entry["U"]), pct(entry["S"]), pct(entry["H"])])
     table = markdown_table(["selection", "step", "CZSL acc %", "GZSL U %", "GZSL S %", "GZSL H %"], rows)
     return f"{table}\n\n* {results['best_on_test']['note']}."
 
@@ -64,8 +68,19 @@ def best_entry(history, key):
     return max(candidates, key=lambda h: (h[key], -h["step"])) if candidates else None
 
 
-def build_results(config, run_dir, data, iterations, history, resumes, precision, cluster, strategy,
-                  train_seconds: float, backend: str) -> dict:
+def build_results(
+    config,
+    run_dir,
+    data,
+    iterations,
+    history,
+    resumes,
+    precision,
+    cluster,
+    strategy,
+    train_seconds: float,
+    backend: str,
+) -> dict:
     """The content of ``results.json`` of a finished run.
 
     Args:
@@ -86,13 +101,19 @@ def build_results(config, run_dir, data, iterations, history, resumes, precision
         "seed": config.train.seed,
         "backend": backend,
         "precision": precision.to_dict(),
-        "strategy": {"name": config.train.strategy, "workers": cluster.num_workers,
-                     "replicas": 1 if strategy is None else int(strategy.num_replicas_in_sync)},
+        "strategy": {
+            "name": config.train.strategy,
+            "workers": cluster.num_workers,
+            "replicas": 1 if strategy is None else int(strategy.num_replicas_in_sync),
+        },
         "train_seconds_this_session": round(train_seconds, 2),
         "initial": history[0] if history and history[0]["step"] == 0 else None,
         "final": history[-1],
-        "best_on_test": {"note": best_note(data.name), "best_H": best_entry(history, "H"),
-                         "best_acc": best_entry(history, "acc")},
+        "best_on_test": {
+            "note": best_note(data.name),
+            "best_H": best_entry(history, "H"),
+            "best_acc": best_entry(history, "acc"),
+        },
         "history": history,
         "resumes": resumes,
     }
@@ -111,12 +132,20 @@ def summary_line(results: dict) -> str:
     """The one-line JSON ``python -m msdn_tf.train`` prints last: final and best-on-test figures."""
     final = results["final"]
     best = results["best_on_test"]
-    return json.dumps({
-        "dataset": results["dataset"], "run_dir": results["run_dir"], "seed": results["seed"],
-        "final": {k: round(final[k], 4) for k in ("step", *METRICS)},
-        "best_H_on_test": None if best["best_H"] is None else {k: round(best["best_H"][k], 4) for k in ("step", *METRICS)},
-        "best_acc_on_test": None if best["best_acc"] is None else {k: round(best["best_acc"][k], 4) for k in ("step", *METRICS)},
-    })
+    return json.dumps(
+        {
+            "dataset": results["dataset"],
+            "run_dir": results["run_dir"],
+            "seed": results["seed"],
+            "final": {k: round(final[k], 4) for k in ("step", *METRICS)},
+            "best_H_on_test": None
+            if best["best_H"] is None
+            else {k: round(best["best_H"][k], 4) for k in ("step", *METRICS)},
+            "best_acc_on_test": None
+            if best["best_acc"] is None
+            else {k: round(best["best_acc"][k], 4) for k in ("step", *METRICS)},
+        }
+    )
 
 
 def write_eval_summaries(writer, step: int, entry: dict, losses: dict) -> None:

@@ -36,8 +36,10 @@ def resume_config(args) -> tuple:
         refused.append(f"--strategy {args.strategy} (the run used {config.train.strategy})")
     refused += [f"--config {c}" for c in args.config] + [f"--set {t}" for t in args.set]
     if refused:
-        raise ConfigError(f"--resume: refusing {'; '.join(refused)}: {why}. "
-                          "Only --iterations (more steps) and --data-dir (moved data) can change on resume")
+        raise ConfigError(
+            f"--resume: refusing {'; '.join(refused)}: {why}. "
+            "Only --iterations (more steps) and --data-dir (moved data) can change on resume"
+        )
     changes = {}
     if args.iterations is not None and args.iterations != config.train.iterations:
         changes["train.iterations"] = (config.train.iterations, int(args.iterations))

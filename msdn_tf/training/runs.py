@@ -25,8 +25,10 @@ def load_run_config(run_dir) -> Config:
     if not run_dir.is_dir():
         raise MSDNError(f"{run_dir}: run directory not found")
     if not path.is_file():
-        raise MSDNError(f"{run_dir}: not a run directory (no {CONFIG_FILE}); "
-                        "make one with python -m msdn_tf.train or python -m msdn_tf.convert")
+        raise MSDNError(
+            f"{run_dir}: not a run directory (no {CONFIG_FILE}); "
+            "make one with python -m msdn_tf.train or python -m msdn_tf.convert"
+        )
     return from_dict(load_yaml(path), str(path))
 
 
@@ -38,8 +40,10 @@ def load_run_model(run_dir):
 
     path = Path(run_dir) / MODEL_FILE
     if not path.is_file():
-        raise MSDNError(f"{path}: not found; the run has not finished (resume it with "
-                        f"python -m msdn_tf.train --run-dir {run_dir} --resume)")
+        raise MSDNError(
+            f"{path}: not found; the run has not finished (resume it with "
+            f"python -m msdn_tf.train --run-dir {run_dir} --resume)"
+        )
     return keras.models.load_model(path, compile=False)
 
 

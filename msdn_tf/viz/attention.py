@@ -137,9 +137,13 @@ def _top_attribute_rows(sel: dict, b: int, names: Names, att: np.ndarray, pred: 
     for i, k in enumerate(sel["indices"][b]):
         k = int(k)
         entry = {
-            "rank": i + 1, "id": k, "name": names.attribute_names[k],
-            "score": float(sel["score"][b, i]), "score_fused": float(sel["score_fused"][b, i]),
-            "score_a2v": float(sel["score_a2v"][b, i]), "score_v2a": float(sel["score_v2a"][b, i]),
+            "rank": i + 1,
+            "id": k,
+            "name": names.attribute_names[k],
+            "score": float(sel["score"][b, i]),
+            "score_fused": float(sel["score_fused"][b, i]),
+            "score_a2v": float(sel["score_a2v"][b, i]),
+            "score_v2a": float(sel["score_v2a"][b, i]),
             "a2v_peak_region": _peak(sel["a2v"][b, i], W),
             "v2a_peak_region": _peak(sel["v2a"][b, i], W),
             "class_attribute_predicted": float(att[pred, k]),
@@ -150,8 +154,17 @@ def _top_attribute_rows(sel: dict, b: int, names: Names, att: np.ndarray, pred: 
     return rows
 
 
-def explain(model, features, names: Names, top_k: int = 6, rank_by: str = "fused", labels=None,
-            map_shape=None, images=None, sources=None) -> list:
+def explain(
+    model,
+    features,
+    names: Names,
+    top_k: int = 6,
+    rank_by: str = "fused",
+    labels=None,
+    map_shape=None,
+    images=None,
+    sources=None,
+) -> list:
     """Run the model on ``features`` and build one :class:`AttentionExplanation` per image.
 
     Args:
@@ -186,25 +199,29 @@ def explain(model, features, names: Names, top_k: int = 6, rank_by: str = "fused
         true = None if labels is None else int(labels[b])
         attributes = _top_attribute_rows(sel, b, names, att, pred, true, W)
         summary = dict(sources[b]) if sources is not None else {}
-        summary.update({
-            "predicted_class": {**names.class_info(pred), "logit": float(logits[b, pred])},
-            "true_class": None if true is None else names.class_info(true),
-            "correct": None if true is None else bool(pred == true),
-            "top_classes": [{**names.class_info(c), "logit": float(logits[b, c])} for c in order[:3]],
-            "rank_by": rank_by,
-            "score_definition": _score_definition(rank_by, model.fusion_weights),
-            "fusion_weights": [float(w) for w in model.fusion_weights],
-            "region_grid": [H, W],
-            "top_attributes": attributes,
-        })
-        out.append(AttentionExplanation(
-            summary=summary,
-            a2v=sel["a2v"][b].reshape(-1, H, W),
-            v2a=sel["v2a"][b].reshape(-1, H, W),
-            v2a_raw=sel["v2a_raw"][b].reshape(-1, H, W),
-            context=context[b],
-            image=None if images is None else np.asarray(images[b]),
-        ))
+        summary.update(
+            {
+                "predicted_class": {**names.class_info(pred), "logit": float(logits[b, pred])},
+                "true_class": None if true is None else names.class_info(true),
+                "correct": None if true is None else bool(pred == true),
+                "top_classes": [{**names.class_info(c), "logit": float(logits[b, c])} for c in order[:3]],
+                "rank_by": rank_by,
+                "score_definition": _score_definition(rank_by, model.fusion_weights),
+                "fusion_weights": [float(w) for w in model.fusion_weights],
+                "region_grid": [H, W],
+                "top_attributes": attributes,
+            }
+        )
+        out.append(
+            AttentionExplanation(
+                summary=summary,
+                a2v=sel["a2v"][b].reshape(-1, H, W),
+                v2a=sel["v2a"][b].reshape(-1, H, W),
+                v2a_raw=sel["v2a_raw"][b].reshape(-1, H, W),
+                context=context[b],
+                image=None if images is None else np.asarray(images[b]),
+            )
+        )
     return out
 
 
@@ -277,8 +294,14 @@ def render_attention(expl: AttentionExplanation, scale: float = 1.0, alpha: floa
     fig = new_figure(width, height, dpi=int(round(100 * scale)))
     fs = 7
     axes = fig.subplots(2, k + 1, squeeze=False)
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - (HEADER_PX + 2) / (2 * PANEL_PX[1] + HEADER_PX),
-                        wspace=0.06, hspace=0.32)
+    fig.subplots_adjust(
+        left=0.01,
+        right=0.99,
+        bottom=0.01,
+        top=1 - (HEADER_PX + 2) / (2 * PANEL_PX[1] + HEADER_PX),
+        wspace=0.06,
+        hspace=0.32,
+    )
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])
@@ -289,7 +312,10 @@ def render_attention(expl: AttentionExplanation, scale: float = 1.0, alpha: floa
         f"top-{k} attributes by {how} ({s['score_definition']})\n"
         "top row: A->V attention (softmax over regions); bottom row: V->A attention to the attribute, "
         "renormalised over regions; colour 0..panel max",
-        fontsize=fs, y=0.995, va="top")
+        fontsize=fs,
+        y=0.995,
+        va="top",
+    )
 
     ax = axes[0, 0]
     if expl.image is not None:
@@ -300,10 +326,16 @@ def render_attention(expl: AttentionExplanation, scale: float = 1.0, alpha: floa
         ax.set_title(f"region feature norm\n({expl.context.shape[0]}x{expl.context.shape[1]} grid)", fontsize=fs)
     ax = axes[1, 0]
     ax.axis("off")
-    lines = [f"predicted: {_short(pred['name'])}", f"  ({'seen' if pred['seen'] else 'unseen'}, logit {pred['logit']:.3g})"]
+    lines = [
+        f"predicted: {_short(pred['name'])}",
+        f"  ({'seen' if pred['seen'] else 'unseen'}, logit {pred['logit']:.3g})",
+    ]
     if true is not None:
-        lines += [f"true: {_short(true['name'])}", f"  ({'seen' if true['seen'] else 'unseen'})",
-                  "correct" if s.get("correct") else "wrong"]
+        lines += [
+            f"true: {_short(true['name'])}",
+            f"  ({'seen' if true['seen'] else 'unseen'})",
+            "correct" if s.get("correct") else "wrong",
+        ]
     if s.get("row") is not None:
         lines.append(f"row {s['row']} ({s.get('split')})")
     ax.text(0.02, 0.98, "\n".join(lines), fontsize=fs, va="top", ha="left", transform=ax.transAxes)
@@ -319,8 +351,9 @@ def render_attention(expl: AttentionExplanation, scale: float = 1.0, alpha: floa
                 ax.imshow(expl.image)
                 ax.imshow(up[i], cmap="jet", alpha=alpha, vmin=0.0, vmax=max(float(up[i].max()), 1e-12))
             else:
-                ax.imshow(maps[i], cmap="viridis", interpolation="nearest", vmin=0.0,
-                          vmax=max(float(maps[i].max()), 1e-12))
+                ax.imshow(
+                    maps[i], cmap="viridis", interpolation="nearest", vmin=0.0, vmax=max(float(maps[i].max()), 1e-12)
+                )
             score = attr["score_a2v"] if label == "A->V" else attr["score_v2a"]
             title = f"{label} score {score:.3g}, max {float(maps[i].max()):.2f}"
             if row == 0:

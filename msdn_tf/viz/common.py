@@ -27,8 +27,9 @@ class Names:
         source: where the names came from (for notes in figures and logs).
     """
 
-    def __init__(self, class_names: Sequence[str], attribute_names: Sequence[str], unseen_classes,
-                 source: str = "dataset"):
+    def __init__(
+        self, class_names: Sequence[str], attribute_names: Sequence[str], unseen_classes, source: str = "dataset"
+    ):
         self.class_names = [str(n) for n in class_names]
         self.attribute_names = [str(n) for n in attribute_names]
         self.unseen = set(int(c) for c in unseen_classes)
@@ -56,12 +57,18 @@ class Names:
             except (ValueError, KeyError, TypeError) as exc:
                 raise DataError(f"{path}: expected JSON with 'class_names' and 'attribute_names' ({exc})") from exc
             if len(classes) != C or len(attributes) != K:
-                raise DataError(f"{path}: {len(classes)} class and {len(attributes)} attribute names, "
-                                f"the model has {C} classes and {K} attributes")
+                raise DataError(
+                    f"{path}: {len(classes)} class and {len(attributes)} attribute names, "
+                    f"the model has {C} classes and {K} attributes"
+                )
             return cls(classes, attributes, model.unseen_classes, source=str(path))
         log("note: no dataset or metadata.json for names; using class_<id> and attribute_<id>")
-        return cls([f"class_{c}" for c in range(C)], [f"attribute_{k}" for k in range(K)],
-                   model.unseen_classes, source="placeholders")
+        return cls(
+            [f"class_{c}" for c in range(C)],
+            [f"attribute_{k}" for k in range(K)],
+            model.unseen_classes,
+            source="placeholders",
+        )
 
 
 def split_rows(data, split: str) -> np.ndarray:

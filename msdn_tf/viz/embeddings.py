@@ -32,8 +32,10 @@ CHECKPOINT_PREFIX = "embedding.ckpt"
 METADATA_TSV = "metadata.tsv"
 METADATA_COLUMNS = ("class", "split", "seen", "predicted", "correct", "row")
 FIGURE_PX = (900, 760)
-NO_SKLEARN_NOTE = ("scikit-learn is not installed, so the static figure uses PCA instead of t-SNE "
-                   "(pip install 'msdn-tf[viz]' or scikit-learn for t-SNE)")
+NO_SKLEARN_NOTE = (
+    "scikit-learn is not installed, so the static figure uses PCA instead of t-SNE "
+    "(pip install 'msdn-tf[viz]' or scikit-learn for t-SNE)"
+)
 
 
 def select_rows(data, split: str = "test", max_per_class: Optional[int] = None, seed: int = 0) -> np.ndarray:
@@ -71,7 +73,7 @@ def compute_embeddings(model, data, rows, kind: str = "fused", batch_size: int =
 
         bar = tqdm(total=rows.size, unit="img", desc="embed", file=sys.stderr)
     for start in range(0, rows.size, batch_size):
-        x = data.features.read(rows[start:start + batch_size])  # (b, R, F)
+        x = data.features.read(rows[start : start + batch_size])  # (b, R, F)
         out = model(x, training=False)
         embeddings.append(ops.convert_to_numpy(attribute_scores(out, model.fusion_weights, kind)))  # (b, K)
         predictions.append(ops.convert_to_numpy(ops.argmax(out["logits"], axis=-1)))  # (b,)
@@ -116,8 +118,9 @@ def write_projector(out_dir, embeddings: np.ndarray, metadata_rows, description:
         saved = ckpt.write(str(stage / f"{CHECKPOINT_PREFIX}-1"))
         # The checkpoint state file, with a path relative to its folder (TensorBoard finds it there).
         with open(stage / "checkpoint", "w") as f:
-            f.write(f'model_checkpoint_path: "{CHECKPOINT_PREFIX}-1"\n'
-                    f'all_model_checkpoint_paths: "{CHECKPOINT_PREFIX}-1"\n')
+            f.write(
+                f'model_checkpoint_path: "{CHECKPOINT_PREFIX}-1"\nall_model_checkpoint_paths: "{CHECKPOINT_PREFIX}-1"\n'
+            )
         tensor_name = f"{TENSOR_NAME}/.ATTRIBUTES/VARIABLE_VALUE"
         with open(stage / METADATA_TSV, "w", encoding="utf-8") as f:
             f.write("\t".join(METADATA_COLUMNS) + "\n")
@@ -139,8 +142,12 @@ def write_projector(out_dir, embeddings: np.ndarray, metadata_rows, description:
             os.replace(item, out_dir / item.name)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-    return {"tensor_name": tensor_name, "checkpoint": str(out_dir / Path(saved).name),
-            "metadata": str(out_dir / METADATA_TSV), "config": str(out_dir / "projector_config.pbtxt")}
+    return {
+        "tensor_name": tensor_name,
+        "checkpoint": str(out_dir / Path(saved).name),
+        "metadata": str(out_dir / METADATA_TSV),
+        "config": str(out_dir / "projector_config.pbtxt"),
+    }
 
 
 def _import_tsne():
@@ -163,8 +170,10 @@ def project_2d(embeddings: np.ndarray, method: str = "auto", seed: int = 0, log=
             log(f"note: {NO_SKLEARN_NOTE}")
             return _pca(x), "PCA (scikit-learn not installed: no t-SNE)"
         perplexity = float(min(30.0, max(2.0, (x.shape[0] - 1) / 3.0)))
-        log(f"t-SNE of {x.shape[0]} points in {x.shape[1]} dimensions (minutes for thousands of points on "
-            "a small CPU; --max-per-class makes it faster)")
+        log(
+            f"t-SNE of {x.shape[0]} points in {x.shape[1]} dimensions (minutes for thousands of points on "
+            "a small CPU; --max-per-class makes it faster)"
+        )
         tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed)
         return tsne.fit_transform(x), f"t-SNE (perplexity {perplexity:g})"
     if method != "pca":
@@ -190,21 +199,30 @@ def render_scatter(xy: np.ndarray, labels: np.ndarray, names: Names, title: str)
     for colour, c in zip(colours, classes):
         info = names.class_info(c)
         mask = labels == c
-        ax.scatter(xy[mask, 0], xy[mask, 1], s=16, color=colour, marker="o" if info["seen"] else "^",
-                   edgecolors="black" if not info["seen"] else "none", linewidths=0.4,
-                   label=f"{info['name']} ({'seen' if info['seen'] else 'unseen'})")
+        ax.scatter(
+            xy[mask, 0],
+            xy[mask, 1],
+            s=16,
+            color=colour,
+            marker="o" if info["seen"] else "^",
+            edgecolors="black" if not info["seen"] else "none",
+            linewidths=0.4,
+            label=f"{info['name']} ({'seen' if info['seen'] else 'unseen'})",
+        )
     ax.set_title(title, fontsize=9)
     ax.set_xticks([])
     ax.set_yticks([])
     if _legend_classes(labels):
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=6, frameon=False,
-                  ncol=1 if classes.size <= 30 else 2)
+        ax.legend(
+            loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=6, frameon=False, ncol=1 if classes.size <= 30 else 2
+        )
     else:
         from matplotlib.lines import Line2D
 
-        handles = [Line2D([], [], marker="o", linestyle="", color="grey", label="seen class"),
-                   Line2D([], [], marker="^", linestyle="", color="grey", markeredgecolor="black",
-                          label="unseen class")]
+        handles = [
+            Line2D([], [], marker="o", linestyle="", color="grey", label="seen class"),
+            Line2D([], [], marker="^", linestyle="", color="grey", markeredgecolor="black", label="unseen class"),
+        ]
         ax.legend(handles=handles, loc="best", fontsize=7)
     return fig
 
@@ -213,9 +231,20 @@ def _legend_classes(labels) -> bool:
     return np.unique(labels).size <= 60
 
 
-def embed_split(model, data, names: Names, out_dir, split: str = "test", max_per_class: Optional[int] = None,
-                kind: str = "fused", method: str = "auto", seed: int = 0, batch_size: int = 100,
-                progress: bool = True, log=print) -> dict:
+def embed_split(
+    model,
+    data,
+    names: Names,
+    out_dir,
+    split: str = "test",
+    max_per_class: Optional[int] = None,
+    kind: str = "fused",
+    method: str = "auto",
+    seed: int = 0,
+    batch_size: int = 100,
+    progress: bool = True,
+    log=print,
+) -> dict:
     """Compute the embeddings of a split and write the projector files and the static figure.
 
     Returns:
@@ -229,16 +258,35 @@ def embed_split(model, data, names: Names, out_dir, split: str = "test", max_per
     meta = []
     for r, y, p in zip(rows, labels, pred):
         info = names.class_info(y)
-        meta.append((info["name"], split_of.get(int(r), "?"), "seen" if info["seen"] else "unseen",
-                     names.class_names[int(p)], int(p == y), int(r)))
+        meta.append(
+            (
+                info["name"],
+                split_of.get(int(r), "?"),
+                "seen" if info["seen"] else "unseen",
+                names.class_names[int(p)],
+                int(p == y),
+                int(r),
+            )
+        )
     w1, w2 = model.fusion_weights
-    what = {"fused": f"fused attribute scores {w1:g}*A->V + {w2:g}*V->A", "a2v": "A->V attribute scores",
-            "v2a": "V->A attribute scores"}[kind]
+    what = {
+        "fused": f"fused attribute scores {w1:g}*A->V + {w2:g}*V->A",
+        "a2v": "A->V attribute scores",
+        "v2a": "V->A attribute scores",
+    }[kind]
     files = write_projector(out_dir, emb, meta, description=f"{what} of {rows.size} '{split}' images")
     xy, method_label = project_2d(emb, method, seed, log)
     title = f"{method_label} of {what}\n{rows.size} '{split}' images; o seen class, ^ unseen class"
     fig_path = Path(out_dir) / ("tsne.png" if method_label.startswith("t-SNE") else "pca.png")
     save_figure(render_scatter(xy, labels, names, title), fig_path)
-    return {"split": split, "images": int(rows.size), "classes": int(np.unique(labels).size), "kind": kind,
-            "dimension": int(emb.shape[1]), "projection": method_label, "figure": str(fig_path), **files,
-            "tensorboard": f"tensorboard --logdir {Path(out_dir)}  (Projector tab)"}
+    return {
+        "split": split,
+        "images": int(rows.size),
+        "classes": int(np.unique(labels).size),
+        "kind": kind,
+        "dimension": int(emb.shape[1]),
+        "projection": method_label,
+        "figure": str(fig_path),
+        **files,
+        "tensorboard": f"tensorboard --logdir {Path(out_dir)}  (Projector tab)",
+    }

@@ -43,11 +43,16 @@ def _load(run_dir, need_data: bool, log=print):
         if need_data:
             raise MSDNError(f"{run_dir}: cannot load the run's dataset '{config.data.dataset}' ({exc})") from exc
         log(f"note: dataset '{config.data.dataset}' not available for names ({exc})")
-    if data is not None and (data.num_classes != model.num_classes or data.num_attributes != model.num_attributes
-                             or data.feature_dim != model.feature_dim):
-        raise MSDNError(f"{run_dir}: the dataset has C={data.num_classes}, K={data.num_attributes}, "
-                        f"F={data.feature_dim} but the model has C={model.num_classes}, "
-                        f"K={model.num_attributes}, F={model.feature_dim}")
+    if data is not None and (
+        data.num_classes != model.num_classes
+        or data.num_attributes != model.num_attributes
+        or data.feature_dim != model.feature_dim
+    ):
+        raise MSDNError(
+            f"{run_dir}: the dataset has C={data.num_classes}, K={data.num_attributes}, "
+            f"F={data.feature_dim} but the model has C={model.num_classes}, "
+            f"K={model.num_attributes}, F={model.feature_dim}"
+        )
     return config, model, data
 
 
@@ -60,10 +65,20 @@ def _resolve_class(names, value) -> int:
     raise MSDNError(f"--true-class {text!r}: not a class id in [0, {len(names.class_names)}) or a class name")
 
 
-def visualize_attention(run_dir, image=None, index: Optional[int] = None, split: str = "test_unseen",
-                        top_k: int = 6, rank_by: str = "fused", out=None, backbone=None,
-                        backbone_weights: str = "imagenet", image_size: int = 448, true_class=None,
-                        log=print) -> dict:
+def visualize_attention(
+    run_dir,
+    image=None,
+    index: Optional[int] = None,
+    split: str = "test_unseen",
+    top_k: int = 6,
+    rank_by: str = "fused",
+    out=None,
+    backbone=None,
+    backbone_weights: str = "imagenet",
+    image_size: int = 448,
+    true_class=None,
+    log=print,
+) -> dict:
     """Draw the attention figure of one image (file or dataset row) and write its JSON.
 
     Args:
@@ -95,12 +110,21 @@ def visualize_attention(run_dir, image=None, index: Optional[int] = None, split:
     if image is None:
         rows = split_rows(data, split)
         if not -rows.size <= index < rows.size:
-            raise MSDNError(f"--index {index} is out of range: split '{split}' has {rows.size} images "
-                            f"(0..{rows.size - 1})")
+            raise MSDNError(
+                f"--index {index} is out of range: split '{split}' has {rows.size} images (0..{rows.size - 1})"
+            )
         row = int(rows[index])
         features = data.features.read([row])
-        expl = explain(model, features, names, top_k, rank_by, labels=data.labels[[row]],
-                       map_shape=map_shape_of(data), sources=[{"split": split, "index": int(index), "row": row}])[0]
+        expl = explain(
+            model,
+            features,
+            names,
+            top_k,
+            rank_by,
+            labels=data.labels[[row]],
+            map_shape=map_shape_of(data),
+            sources=[{"split": split, "index": int(index), "row": row}],
+        )[0]
         default = Path(run_dir) / f"attention_{split}_{index}.png"
     else:
         label = None if true_class is None else [_resolve_class(names, true_class)]
@@ -111,10 +135,13 @@ def visualize_attention(run_dir, image=None, index: Optional[int] = None, split:
             backbone = build_backbone(backbone_weights, image_size)
         pixels, features = load_image_features(image, backbone, image_size)
         if features.shape[-1] != model.feature_dim:
-            raise MSDNError(f"the backbone gives {features.shape[-1]} channels per region but the model in "
-                            f"{run_dir} expects {model.feature_dim}: use the backbone its features came from")
-        expl = explain(model, features, names, top_k, rank_by, labels=label, images=pixels[None],
-                       sources=[{"image": str(image)}])[0]
+            raise MSDNError(
+                f"the backbone gives {features.shape[-1]} channels per region but the model in "
+                f"{run_dir} expects {model.feature_dim}: use the backbone its features came from"
+            )
+        expl = explain(
+            model, features, names, top_k, rank_by, labels=label, images=pixels[None], sources=[{"image": str(image)}]
+        )[0]
         default = Path(run_dir) / f"attention_{Path(image).stem}.png"
     out = Path(out) if out else default
     save_figure(render_attention(expl), out)
@@ -123,9 +150,17 @@ def visualize_attention(run_dir, image=None, index: Optional[int] = None, split:
     return summary
 
 
-def visualize_embeddings(run_dir, split: str = "test", max_per_class: Optional[int] = None, out=None,
-                         kind: str = "fused", method: str = "auto", seed: int = 0, progress: bool = True,
-                         log=print) -> dict:
+def visualize_embeddings(
+    run_dir,
+    split: str = "test",
+    max_per_class: Optional[int] = None,
+    out=None,
+    kind: str = "fused",
+    method: str = "auto",
+    seed: int = 0,
+    progress: bool = True,
+    log=print,
+) -> dict:
     """Write the Embedding Projector files and the static t-SNE/PCA figure of a run's images.
 
     Args:
@@ -145,7 +180,19 @@ def visualize_embeddings(run_dir, split: str = "test", max_per_class: Optional[i
     config, model, data = _load(run_dir, need_data=True, log=log)
     select_rows(data, split, max_per_class, seed)  # validate the split before any work
     out = Path(out) if out else Path(run_dir) / "tensorboard" / f"embeddings_{split}"
-    summary = embed_split(model, data, Names.from_data(data), out, split, max_per_class, kind, method, seed,
-                          config.data.eval_batch_size, progress, log)
+    summary = embed_split(
+        model,
+        data,
+        Names.from_data(data),
+        out,
+        split,
+        max_per_class,
+        kind,
+        method,
+        seed,
+        config.data.eval_batch_size,
+        progress,
+        log,
+    )
     write_json(out / "embeddings.json", summary)
     return summary

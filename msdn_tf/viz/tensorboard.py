@@ -77,13 +77,25 @@ class AttentionImageHook:
         if self.features is None:
             return
         sources = [{"row": int(r), "split": self.split_of.get(int(r), "test_seen")} for r in self.rows]
-        explanations = explain(model, self.features, self.names, self.top_k, "fused", labels=self.labels,
-                               map_shape=self.map_shape, sources=sources)
+        explanations = explain(
+            model,
+            self.features,
+            self.names,
+            self.top_k,
+            "fused",
+            labels=self.labels,
+            map_shape=self.map_shape,
+            sources=sources,
+        )
         images = np.stack([figure_to_array(render_attention(e, scale=self.scale)) for e in explanations])
         with writer.as_default(step=int(step)):
-            tf.summary.image(ATTENTION_TAG, images, max_outputs=len(images),
-                             description="top attributes by fused score; top row A->V attention (sums to 1 "
-                             "over regions), bottom row V->A attention renormalised over regions")
+            tf.summary.image(
+                ATTENTION_TAG,
+                images,
+                max_outputs=len(images),
+                description="top attributes by fused score; top row A->V attention (sums to 1 "
+                "over regions), bottom row V->A attention renormalised over regions",
+            )
 
 
 def seen_unseen_confusion(logits: dict, seen_classes, unseen_classes) -> dict:
@@ -103,9 +115,11 @@ def seen_unseen_confusion(logits: dict, seen_classes, unseen_classes) -> dict:
 
 def confusion_markdown(conf: dict) -> str:
     (ss, su), (us, uu) = conf["counts"]
-    return ("| true \\ predicted | seen class | unseen class |\n|---|---|---|\n"
-            f"| seen (test_seen) | {ss} | {su} ({100 * conf['seen_predicted_unseen']:.1f}%) |\n"
-            f"| unseen (test_unseen) | {us} ({100 * conf['unseen_predicted_seen']:.1f}%) | {uu} |")
+    return (
+        "| true \\ predicted | seen class | unseen class |\n|---|---|---|\n"
+        f"| seen (test_seen) | {ss} | {su} ({100 * conf['seen_predicted_unseen']:.1f}%) |\n"
+        f"| unseen (test_unseen) | {us} ({100 * conf['unseen_predicted_seen']:.1f}%) | {uu} |"
+    )
 
 
 class GZSLSummaryHook:
@@ -116,8 +130,10 @@ class GZSLSummaryHook:
 
         logits = metrics.get("_logits") if isinstance(metrics, dict) else None
         if logits is None:
-            raise MSDNError("the GZSL TensorBoard hook needs evaluate_model(..., return_logits=True) metrics "
-                            "(run_training does this when eval_hooks are given)")
+            raise MSDNError(
+                "the GZSL TensorBoard hook needs evaluate_model(..., return_logits=True) metrics "
+                "(run_training does this when eval_hooks are given)"
+            )
         seen, unseen = data.seen_classes, data.unseen_classes
         conf = seen_unseen_confusion(logits, seen, unseen)
         y_s, y_u = logits["labels_seen"], logits["labels_unseen"]
@@ -125,13 +141,20 @@ class GZSLSummaryHook:
         pred_u = gzsl_predictions(logits["unseen"]["logits"])
         acc_seen = list(per_class_accuracies(y_s, pred_s, seen).values())
         acc_unseen = list(per_class_accuracies(y_u, pred_u, unseen).values())
-        acc_czsl = list(per_class_accuracies(y_u, czsl_predictions(logits["unseen"]["logits"], unseen),
-                                             unseen).values())
+        acc_czsl = list(
+            per_class_accuracies(y_u, czsl_predictions(logits["unseen"]["logits"], unseen), unseen).values()
+        )
         with writer.as_default(step=int(step)):
-            tf.summary.scalar(SCALAR_TAGS[0], conf["unseen_predicted_seen"],
-                              description="fraction of test_unseen images predicted as a seen class (GZSL)")
-            tf.summary.scalar(SCALAR_TAGS[1], conf["seen_predicted_unseen"],
-                              description="fraction of test_seen images predicted as an unseen class (GZSL)")
+            tf.summary.scalar(
+                SCALAR_TAGS[0],
+                conf["unseen_predicted_seen"],
+                description="fraction of test_unseen images predicted as a seen class (GZSL)",
+            )
+            tf.summary.scalar(
+                SCALAR_TAGS[1],
+                conf["seen_predicted_unseen"],
+                description="fraction of test_seen images predicted as an unseen class (GZSL)",
+            )
             tf.summary.text(TEXT_TAG, confusion_markdown(conf))
             for tag, values in zip(HISTOGRAM_TAGS, (acc_seen, acc_unseen, acc_czsl)):
                 if values:
