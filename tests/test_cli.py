@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 # The lines TensorFlow writes at start-up on a machine without a GPU (some only on some machines).
 NOISE = (
