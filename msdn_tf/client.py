@@ -7,25 +7,7 @@ Usage::
         [--rest http://localhost:8501] [--top-k 5] \\
         [--metadata export/models/msdn_cub/msdn_metadata.json] [--version N] [--json]
 
-* ``--features``: a ``.npy`` of region vectors ``(B, R, F)`` / one ``(R, F)``, or of
-  channel-last maps ``(B, H, W, F)`` (channel-first ``(B, F, H, W)`` is recognised when
-  the metadata gives F); or a feature-map HDF5 file (reference layout, key
-  ``feature_map`` ``(N, F, H, W)``) with ``--rows`` (default row 0). Region vectors go
-  to ``serving_default``, maps to ``serving_maps``.
-* ``--images``: encoded JPEG/PNG files sent to ``serving_images`` (the export must
-  have been made with ``--with-images``).
-* gRPC (``--server``, the default transport) uses ``tensorflow-serving-api`` with
-  raised message-size limits; ``--rest URL`` sends TF Serving's REST JSON instead.
-* Class names come from ``--metadata`` (the ``msdn_metadata.json`` the export writes
-  beside the version folders); without it they are asked from the server's
-  ``metadata`` signature.
-
-Prints, per input, the top-k class names with their (calibrated) scores, the GZSL
-and CZSL predictions; ``--json`` prints the same as one JSON object. Errors (no server,
-a REST URL at the gRPC port or the reverse, a refused request, a file that is not a
-numeric ``.npy``) are one line on stderr and exit code 2.
-
-The library is :mod:`msdn_tf.serving.classify`.
+What it prints and the errors it reports: :mod:`msdn_tf.serving.classify`.
 """
 
 from __future__ import annotations

@@ -9,61 +9,9 @@ Usage::
         [--with-images [--backbone auto|torchvision_resnet101|keras_resnet101] \\
          [--backbone-weights FILE|imagenet|none] --image-size 448]
 
-Writes ``OUT/<version>/`` (default version 1) in the TF Serving model-base-path
-layout, through ``keras.export.ExportArchive`` (``tf.saved_model.save`` of a Keras 3
-model fails in the C++ loader TF Serving uses). The SavedModel is written to
-``OUT/.tmp-<version>-<pid>-*`` (not numeric: TF Serving ignores it), checked there and
-only then renamed into place, so TF Serving never sees a half-written version nor one
-that failed its check; an existing version is only replaced with ``--overwrite``.
-Temporary folders of a killed export are removed by the next one. A full disk or a
-read-only ``OUT`` is one error line and exit code 2, versions already there unchanged.
-
-Signatures (all ``tensorflow/serving/predict``):
-
-============== ============================================ =============================
-name           input                                        note
-============== ============================================ =============================
-serving_default ``features`` float32 (None, None, F)        region vectors (B, R, F), any R
-serving_maps   ``feature_maps`` float32 (None, None, None, F) channel-last maps (B, H, W, F)
-serving_images ``images`` string (None,)                    encoded JPEG/PNG (``--with-images``)
-metadata       (no input)                                   ``metadata_json``, ``class_names``
-============== ============================================ =============================
-
-The three prediction signatures return the same outputs:
-
-* ``scores`` float32 (B, C): fused logits ``w1 * S1 + w2 * S2`` over all classes
-  (no calibration);
-* ``gzsl_class`` int64 (B,): argmax over all classes after subtracting ``gamma`` from
-  the seen-class scores (calibrated stacking; ``gamma`` is baked into the export);
-* ``czsl_class`` int64 (B,): argmax over the unseen classes only, as a class id;
-* ``top_k_classes`` int64 (B, k) and ``top_k_scores`` float32 (B, k): the ``k =
-  min(top_k, C)`` best classes of the *calibrated* scores (``scores`` minus ``gamma``
-  on seen classes), best first, so ``top_k_classes[:, 0] == gzsl_class``.
-  ``top_k_scores`` are those calibrated scores.
-
-``serving_images`` decodes each image (JPEG/PNG/BMP/GIF first frame) to RGB and runs
-the preprocessing of the backbone and the backbone inside the graph: for the
-torchvision-layout ResNet-101 (``--backbone torchvision_resnet101``, the default when
-the run holds ``backbone_resnet101.npz`` from ``msdn_tf.convert``) the reference's
-torchvision/PIL preprocessing, exactly (:mod:`msdn_tf.backbones.preprocessing`); for
-Keras' ResNet-101 the shorter side resized to ``image_size`` (bilinear, antialiased),
-a centre crop and ``keras.applications.resnet.preprocess_input``, as
-``msdn_tf.extract --backbone keras_resnet101``.
-
-Metadata (class names, seen/unseen ids, fusion weights, gamma, top_k, the run
-config) is written to ``OUT/<version>/assets/msdn_metadata.json``, beside the
-version folders as ``OUT/msdn_metadata.json`` (for clients; it describes the last
-export), and is returned by the ``metadata`` signature.
-
-The prediction signatures refuse a NaN/inf input, an empty batch and zero regions
-with ``InvalidArgumentError`` raised in the graph (:func:`guard_features`), which TF
-Serving answers with INVALID_ARGUMENT / HTTP 400.
-
-Before publishing, :func:`verify_export` loads the export with TensorFlow's C++ loader
-(:mod:`msdn_tf.serving.cc_loader`), runs every signature, compares with the Keras
-model, checks that a NaN input is refused and runs ``saved_model_cli show --all``
-(``--no-verify`` skips this). Exit codes: 0 published, 1 the check failed (nothing
-published), 2 bad arguments or a write failure.
+Exit codes: 0 published, 1 the check failed (nothing published), 2 bad arguments or a write
+failure. The signatures, the metadata and the check are described in
+:mod:`msdn_tf.serving.export` and :mod:`msdn_tf.serving.verify`.
 """
 
 from __future__ import annotations

@@ -5,20 +5,7 @@ Usage::
     python -m msdn_tf.data.bench --shape awa2|cub [--dir /tmp/msdn-bench] [--steps 200]
         [--fraction 1.0] [--mode pread|memmap] [--cold] [--delete]
 
-Generates (once) a channel-last float16 cache of the given shape (AWA2: 37,322 x
-196 x 2048 = 30 GB; CUB: 11,788 x 196 x 2048 = 9.5 GB), written in chunks, never
-held in memory; ``--fraction`` keeps only that share of the images (when disk
-space is short). Then runs the real :func:`msdn_tf.data.pipeline.train_dataset`
-with the dataset's samplers (uniform random batches of 50, and class-balanced
-batches: AWA2 40 classes x 1, CUB 50 classes x 1) and prints one JSON object:
-images/s, peak RSS (``ru_maxrss``) and the RSS sampled during the run (anonymous
-and file-backed parts).
-
-"warm" runs the same steps a second time, so the rows they read are in the page
-cache (if they fit in RAM); "cold" (``--cold``, needs root) drops the page cache
-first (``echo 3 > /proc/sys/vm/drop_caches``).
-
-The library is :mod:`msdn_tf.perf.input_pipeline`.
+What it generates, measures and prints: :mod:`msdn_tf.perf.input_pipeline`.
 """
 
 from __future__ import annotations

@@ -5,21 +5,7 @@ Usage::
     python -m msdn_tf.serving.bench --export export/models/msdn_cub [--batches 1 64] [--iterations 20]
     python -m msdn_tf.serving.bench --synthetic cub [--batches 1 64] [--iterations 20]
 
-``--export`` takes a model base path (the highest version is used) or a version
-folder. ``--synthetic cub`` first exports a randomly initialised MSDN at CUB shapes
-(K=312, C=200 with 150 seen / 50 unseen, F=2048, D=300) to a temporary folder;
-``--synthetic tiny`` does the same at toy shapes (for smoke tests).
-
-The SavedModel is loaded with ``tf.saved_model.load`` (the Python loader, same
-runtime kernels as TF Serving, without its batching or RPC overhead) and its
-``serving_default`` signature is called on random non-negative region vectors
-``(B, R, F)`` (R=196, the 14x14 maps of 448-pixel images, unless ``--regions``).
-Per batch size: ``--warmup`` untimed calls, then ``--iterations`` timed calls.
-Prints one JSON object: per batch size p50/p99/mean latency (ms) and
-throughput (images/s = batch / mean latency), plus the machine's load average
-and CPU count, because the numbers depend on what else is running.
-
-The library is :mod:`msdn_tf.perf.serving_latency`.
+What it measures and prints: :mod:`msdn_tf.perf.serving_latency`.
 """
 
 from __future__ import annotations
