@@ -126,6 +126,12 @@ class TrainConfig:
         iterations: training steps; ``None`` means ``trainval * epochs // batch_size``.
         epochs: used only when ``iterations`` is ``None``.
         eval_every: steps between evaluations; ``None`` means ``trainval // batch_size``.
+        eval_offset: the first evaluation comes after step ``eval_offset`` (0: after
+            ``eval_every``), then one every ``eval_every`` steps, and always one after the
+            last step. The reference scripts evaluate after the step of every iteration
+            ``i`` with ``i % eval_every == 0`` (0-based): after steps 1, 1 + e, 1 + 2e, ...;
+            ``configs/{cub,sun,awa2}.yaml`` set 1 to evaluate at exactly those steps
+            (docs/reference.md §6), plus the last step for the ``final`` protocol.
         log_every: steps between TensorBoard loss scalars.
         jit_compile: compile the train/eval steps with XLA (TensorFlow backend; on
             JAX every step is ``jax.jit``-compiled whatever this says).
@@ -158,6 +164,7 @@ class TrainConfig:
     iterations: Optional[int] = None
     epochs: int = 30
     eval_every: Optional[int] = None
+    eval_offset: int = 0
     log_every: int = 20
     jit_compile: bool = False
     deterministic: bool = True
@@ -379,6 +386,7 @@ RANGES = {
     ("optimizer", "weight_decay"): (0.0, None, True, True),
     ("train", "iterations"): (1, None, True, True),
     ("train", "eval_every"): (1, None, True, True),
+    ("train", "eval_offset"): (0, None, True, True),
     ("train", "epochs"): (1, None, True, True),
     ("train", "log_every"): (1, None, True, True),
     ("train", "tensorboard_examples"): (0, None, True, True),

@@ -7,7 +7,7 @@ import pytest
 
 from msdn_tf import train
 from msdn_tf.config import resolve_config
-from msdn_tf.training.loop import run_training, schedule
+from msdn_tf.training.loop import evaluation_steps, run_training, schedule
 from tests.helpers import Interrupt, write_tiny_yaml
 
 
@@ -96,6 +96,29 @@ def test_seeds_change_the_run(tiny_config, tmp_path):
 def test_schedule_defaults_follow_the_reference():
     config = resolve_config("cub", overrides=["train.iterations=null", "train.eval_every=null"])
     assert schedule(config, 7057) == (7057 * 30 // 50, 141)
+    # The reference evaluates after the step of iteration i when i % 141 == 0 (0-based): after
+    # steps 1, 142, ..., 4231; msdn-tf adds the last step (the `final` protocol).
+    assert config.train.eval_offset == 1
+    points = evaluation_steps(4234, 141, config.train.eval_offset)
+    assert points[:3] == [1, 142, 283] and points[-2:] == [4231, 4234] and len(points) == 32
+    assert evaluation_steps(60, 30) == [30, 60] and evaluation_steps(10, 4) == [4, 8, 10]
+
+
+def test_reference_evaluation_points_and_resume(tiny_config, tmp_path):
+    over = [f"data.data_dir={tmp_path / 'data'}", "train.iterations=10", "train.eval_every=4", "train.eval_offset=1"]
+    config = resolve_config("demo", [tiny_config], over)
+    full = run_training(config, run_dir=tmp_path / "full", log=lambda *a: None)
+    assert [h["step"] for h in full["history"]] == [0, 1, 5, 9, 10]
+
+    def stop_at_9(step, **kwargs):
+        if step == 9:
+            raise Interrupt()
+
+    with pytest.raises(Interrupt):
+        run_training(config, run_dir=tmp_path / "cut", log=lambda *a: None, eval_hooks=[stop_at_9])
+    resumed = run_training(config, run_dir=tmp_path / "cut", resume=True, log=lambda *a: None)
+    assert [h["step"] for h in resumed["history"]] == [0, 1, 5, 9, 10]
+    assert resumed["final"]["losses"] == full["final"]["losses"]
 
 
 @pytest.mark.parametrize(

@@ -334,6 +334,7 @@ def _validation(
     cfg.loss.lambda_cal = float(chosen["lambda_cal"])
     cfg.train.iterations = steps
     cfg.train.eval_every = steps
+    cfg.train.eval_offset = 0  # one evaluation, after the last step
     cfg.train.eval_initial = False  # the test split is read once, after training
     final_eval = _FinalEvaluation(chosen["gamma"], steps)
     run_dir = root / "final"

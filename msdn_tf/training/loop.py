@@ -22,7 +22,6 @@ import copy
 import dataclasses
 import functools
 import json
-import math
 import shutil
 import sys
 import tempfile
@@ -53,6 +52,21 @@ def schedule(config: Config, trainval_size: int) -> tuple:
     iterations = config.train.iterations or max(1, trainval_size * config.train.epochs // batch)
     eval_every = config.train.eval_every or max(1, trainval_size // batch)
     return int(iterations), int(min(eval_every, iterations))
+
+
+def evaluation_steps(iterations: int, eval_every: int, eval_offset: int = 0) -> list:
+    """The steps after which a run evaluates: ``eval_offset`` (or ``eval_every`` when it
+    is 0), then every ``eval_every`` steps, and always the last step.
+
+    Example:
+        >>> evaluation_steps(10, 4, 1)   # the reference's points (docs/reference.md §6)
+        [1, 5, 9, 10]
+        >>> evaluation_steps(10, 4)
+        [4, 8, 10]
+    """
+    first = eval_offset if eval_offset > 0 else eval_every
+    points = list(range(first, iterations + 1, eval_every))
+    return points if points and points[-1] == iterations else points + [iterations]
 
 
 def set_seeds(config: Config) -> None:
@@ -388,7 +402,7 @@ class TrainingSession:
         return store
 
     def train(self) -> None:
-        """Run periods of ``eval_every`` steps until ``iterations``: train, evaluate, checkpoint."""
+        """Train up to each evaluation step (:func:`evaluation_steps`), then evaluate and checkpoint."""
         import tensorflow as tf
 
         from msdn_tf.training.nonfinite import NonFiniteGuard
@@ -402,13 +416,11 @@ class TrainingSession:
         guard = NonFiniteGuard()
         self.model.check_numerics = config.train.check_numerics
         self.started = time.time()
-        n_periods = math.ceil(self.iterations / self.eval_every)
-        while self.step < self.iterations:
-            steps = min(self.eval_every, self.iterations - self.step)
+        points = evaluation_steps(self.iterations, self.eval_every, config.train.eval_offset)
+        for end in [p for p in points if p > self.step]:
+            steps = end - self.step
             if verbose:
-                self.log(
-                    f"period {self.step // self.eval_every + 1}/{n_periods}: steps {self.step + 1}-{self.step + steps}"
-                )
+                self.log(f"period {points.index(end) + 1}/{len(points)}: steps {self.step + 1}-{end}")
             log_cb.offset = guard.offset = self.step
             logs = self.train_period(steps, [guard, log_cb], verbose)
             self._stop_if_nonfinite(guard)
