@@ -174,7 +174,9 @@ def test_real_cub_trains_xlsa17_layout_with_cache(tmp_path, capsys):
     assert summary["final"]["step"] == 4
     results = json.loads((run_dir / "results.json").read_text())
     assert results["data"]["images"] == 11788 and results["data"]["regions"] == 4
-    assert results["data"]["channels"] == 8 and len(results["history"]) == 3
+    assert results["data"]["channels"] == 8
+    # cub.yaml evaluates at the reference's points (after steps 1, 1 + e, ...) and after the last step.
+    assert [h["step"] for h in results["history"]] == [0, 1, 3, 4]
     caches = list((tmp_path / "cache").glob("*.npy"))
     assert [c.name for c in caches] == ["features_resnet101_448.regions_float16.npy"]
     assert MemmapFeatures(str(caches[0])).shape == (11788, 4, 8)
