@@ -48,6 +48,23 @@ def check_finite_outputs(model, data: ZSLData, indices, logits: dict, split: str
     )
 
 
+def zsl_arguments(logits: dict, data: ZSLData, key: str = "logits") -> tuple:
+    """``(logits_seen, labels_seen, logits_unseen, labels_unseen, seen_classes, unseen_classes)``.
+
+    The positional arguments of :func:`~msdn_tf.evaluation.metrics.zsl_metrics` and the
+    calibration functions, from the ``"_logits"`` that :func:`evaluate_model` returns
+    (``key``: the fused logits or one sub-net's).
+    """
+    return (
+        logits["seen"][key],
+        logits["labels_seen"],
+        logits["unseen"][key],
+        logits["labels_unseen"],
+        data.seen_classes,
+        data.unseen_classes,
+    )
+
+
 def evaluate_model(
     model, data: ZSLData, batch_size: int = 100, gamma: float = 0.0, return_logits: bool = False, verbose=0
 ) -> dict:

@@ -184,17 +184,9 @@ def evaluate_run(
     }
     if gamma:
         from msdn_tf.evaluation.metrics import zsl_metrics
+        from msdn_tf.evaluation.predict import zsl_arguments
 
-        m0 = zsl_metrics(
-            logits["seen"]["logits"],
-            logits["labels_seen"],
-            logits["unseen"]["logits"],
-            logits["labels_unseen"],
-            data.seen_classes,
-            data.unseen_classes,
-            gamma=0.0,
-        )
-        metrics["gamma_0"] = m0
+        metrics["gamma_0"] = zsl_metrics(*zsl_arguments(logits, data), gamma=0.0)
     if protocol == "validation":
         metrics["validation_choice"] = _validation_choice(run_dir, gamma, log)
     reference = _reference_from_results(run_dir) if protocol == "final" else {}
@@ -243,16 +235,9 @@ def _validation_choice(run_dir: Path, gamma: float, log) -> dict:
 def _calibration_curve(logits: dict, data, metrics: dict, gamma: float, path: Path, title: str) -> dict:
     """The seen-unseen curve over gamma on the test split (an oracle) and its figure at ``path``."""
     from msdn_tf.evaluation.calibration import plot_curve, seen_unseen_curve
+    from msdn_tf.evaluation.predict import zsl_arguments
 
-    curve = seen_unseen_curve(
-        logits["seen"]["logits"],
-        logits["labels_seen"],
-        logits["unseen"]["logits"],
-        logits["labels_unseen"],
-        data.seen_classes,
-        data.unseen_classes,
-        max_points=2000,
-    )
+    curve = seen_unseen_curve(*zsl_arguments(logits, data), max_points=2000)
     curve["best"]["note"] = "best H over gamma on the TEST split: an oracle, optimistic"
     plot_curve(
         curve,

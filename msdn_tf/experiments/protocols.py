@@ -228,15 +228,9 @@ class _SelectionRecorder:
 
         if step <= 0:
             return
-        lg = metrics["_logits"]
-        args = (
-            lg["seen"]["logits"],
-            lg["labels_seen"],
-            lg["unseen"]["logits"],
-            lg["labels_unseen"],
-            data.seen_classes,
-            data.unseen_classes,
-        )
+        from msdn_tf.evaluation.predict import zsl_arguments
+
+        args = zsl_arguments(metrics["_logits"], data)
         best = choose_gamma(*args, grid=self.gamma_grid)
         self.candidates = [c for c in self.candidates if c["step"] != step]
         self.candidates.append(
@@ -265,15 +259,9 @@ class _FinalEvaluation:
 
         if step != self.step:
             return
-        lg = metrics["_logits"]
-        args = (
-            lg["seen"]["logits"],
-            lg["labels_seen"],
-            lg["unseen"]["logits"],
-            lg["labels_unseen"],
-            data.seen_classes,
-            data.unseen_classes,
-        )
+        from msdn_tf.evaluation.predict import zsl_arguments
+
+        args = zsl_arguments(metrics["_logits"], data)
         from msdn_tf.evaluation.calibration import seen_unseen_curve
 
         self.result = {"test": zsl_metrics(*args, gamma=self.gamma), "test_gamma_0": zsl_metrics(*args, gamma=0.0)}
