@@ -5,7 +5,7 @@
 #   MODEL_CONFIG=export/models.config IMAGE=tensorflow/serving:2.19.0 export/serve.sh
 #
 # Needs docker. Where docker is unavailable, run the local TEST DOUBLE instead (NOT TF Serving):
-#   python -m msdn_tf.serving.local_server --model_base_path export/models/msdn_cub \
+#   python -m msdn_tf.serve_local --model_base_path export/models/msdn_cub \
 #       --model_name msdn_cub --port 8500 --rest_api_port 8501
 set -euo pipefail
 

@@ -1,11 +1,13 @@
-"""msdn-tf: MSDN (Mutually Semantic Distillation Network) for zero-shot learning, in Keras 3."""
+"""msdn-tf: MSDN (Mutually Semantic Distillation Network) for zero-shot learning, in Keras 3.
+
+``import msdn_tf`` is light and the same for every importer: it imports neither Keras nor
+TensorFlow. ``msdn_tf.MSDN``, ``msdn_tf.build_msdn`` and ``msdn_tf.TorchRMSprop`` import
+their modules on first use. :func:`load_model` opens every ``.keras`` file msdn-tf writes;
+``keras.saving.load_model`` does too once :mod:`msdn_tf.model` and :mod:`msdn_tf.optimizers`
+are imported (that registers the Keras objects). The commands are in :mod:`msdn_tf.cli`.
+"""
 
 __version__ = "0.1.0"
-
-from msdn_tf._cli import is_command_run as _cli_is_command_run
-
-# The modules whose import registers msdn-tf's Keras objects (MSDN, the layers, TorchRMSprop).
-_KERAS_MODULES = ("msdn_tf.layers", "msdn_tf.optimizers", "msdn_tf.model")
 
 _LAZY = {
     "MSDN": "msdn_tf.model",
@@ -14,54 +16,26 @@ _LAZY = {
 }
 
 
-def _check_backend():
-    # Before anything imports Keras: an unknown or uninstalled KERAS_BACKEND gets a message
-    # that says what to set or install (msdn_tf.backend), not an error from deep inside Keras.
-    import sys
+def load_model(path, **kwargs):
+    """``keras.saving.load_model`` with msdn-tf's Keras objects registered.
 
-    from msdn_tf.backend import BackendError, check_backend
+    Args:
+        path: a ``.keras`` file written by msdn-tf (a run's ``model.keras``).
+        **kwargs: passed to ``keras.saving.load_model`` (e.g. ``compile=False``).
 
-    try:
-        check_backend()
-    except BackendError as exc:
-        if sys.argv[:1] == ["-m"]:  # `python -m msdn_tf.<command>`: a message and exit status 2, no traceback
-            print(f"error: {exc}", file=sys.stderr)
-            raise SystemExit(2) from None
-        raise
+    Example:
+        >>> import msdn_tf
+        >>> model = msdn_tf.load_model("runs/demo/model.keras")
+    """
+    import keras
 
+    import msdn_tf.model  # noqa: F401  (registers MSDN and its layers)
+    import msdn_tf.optimizers  # noqa: F401  (registers TorchRMSprop)
 
-def _quiet_command_startup():
-    # A command (`python -m msdn_tf.<command>` or a console script) hides TensorFlow's C++
-    # start-up lines unless --verbose / MSDN_TF_VERBOSE=1; this must happen before anything
-    # imports TensorFlow, which is why it is here (msdn_tf._cli.quiet_tensorflow_startup).
-    from msdn_tf._cli import quiet_tensorflow_startup
-
-    if _cli_is_command_run():
-        quiet_tensorflow_startup()
-
-
-def _register_keras_objects():
-    # `keras.saving.load_model` finds MSDN, its layers and TorchRMSprop only once they are
-    # registered, which importing their (Keras-only, backend-neutral) modules does: after a
-    # plain `import msdn_tf`, every .keras file msdn-tf writes loads. Under KERAS_BACKEND=jax
-    # these modules import no TensorFlow. A command (python -m msdn_tf.X) skips this: it imports
-    # what it needs itself, so that commands which only read files start without Keras.
-    import importlib
-
-    for module in _KERAS_MODULES:
-        importlib.import_module(module)
-
-
-_quiet_command_startup()
-_check_backend()
-
-
-if not _cli_is_command_run():
-    _register_keras_objects()
+    return keras.saving.load_model(path, **kwargs)
 
 
 def __getattr__(name):
-    # Lazy so that tools which only read files (checkpoint conversion, readers) need not import TensorFlow.
     if name in _LAZY:
         import importlib
 

@@ -45,7 +45,7 @@ class DataConfig:
         feature_file: feature file of the xlsa17 layout (made by ``msdn_tf.extract``),
             relative to ``data_dir`` (or absolute); see docs/data.md.
         cache: read features from a prepared channel-last float16 cache
-            (``msdn_tf.data.prepare``), building it on first use when absent or stale.
+            (``python -m msdn_tf.prepare``), building it on first use when absent or stale.
         cache_dir: folder of the cache; default: the feature file's folder.
         cache_dtype: ``float16`` (half the size) or ``float32``.
         on_device: hold the training rows in TensorFlow memory and gather batches in

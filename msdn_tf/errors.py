@@ -71,10 +71,3 @@ def report_error(exc: BaseException) -> int:
     else:
         print(f"error: {exc}", file=sys.stderr)
     return 2
-
-
-def cli_main(main):
-    """Alias of :func:`msdn_tf._cli.cli_main` (the shared command helper), kept for existing imports."""
-    from msdn_tf._cli import cli_main as shared
-
-    return shared(main)

@@ -9,6 +9,31 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
+VERBOSE_ENV = "MSDN_TF_VERBOSE"
+TF_LOG_ENV = "TF_CPP_MIN_LOG_LEVEL"
+QUIET_TF_LOG_LEVEL = "3"  # FATAL only: hides TensorFlow's C++ INFO, WARNING and ERROR lines
+
+
+def verbose_env() -> bool:
+    """Whether ``MSDN_TF_VERBOSE`` asks for TensorFlow's own output (anything but empty or 0)."""
+    return os.environ.get(VERBOSE_ENV, "").strip() not in ("", "0")
+
+
+def subprocess_env(env=None) -> dict:
+    """A child process's environment with this process's TensorFlow log setting.
+
+    Args:
+        env: the environment to start from (default a copy of ``os.environ``).
+
+    Example:
+        >>> subprocess_env({"PATH": "/bin"})["TF_CPP_MIN_LOG_LEVEL"]  # '3' unless verbose
+        '3'
+    """
+    env = dict(os.environ if env is None else env)
+    if not verbose_env():
+        env.setdefault(TF_LOG_ENV, QUIET_TF_LOG_LEVEL)
+    return env
+
 
 @contextlib.contextmanager
 def atomic_path(path):

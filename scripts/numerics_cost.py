@@ -12,7 +12,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 import tensorflow as tf
 
-from msdn_tf.bench import build_bench_model
+from msdn_tf.cli.bench import build_bench_model
 from msdn_tf.model import MSDN
 
 model, seen = build_bench_model(196, 2048, 312, 200, 50, 300, jit=False)

@@ -82,6 +82,6 @@ umount $M
 $PY -c "pass" & DEAD=$!; wait $DEAD
 STEM=$(basename $(cat $W/h5) .hdf5)
 head -c 1000000 /dev/zero > $W/data/$STEM.regions_float16.npy.tmp-$DEAD
-case_ "stale *.npy.tmp-PID of a killed prepare" $PY -m msdn_tf.data.prepare --dataset demo --data-dir $W/data --set demo.num_classes=10 --set demo.num_unseen=3 --set demo.num_attributes=8 --set demo.attributes_per_class=3 --set demo.images_per_class=12 --set demo.map_size=3 --set demo.feature_dim=32 --set demo.embed_dim=16 --no-progress
+case_ "stale *.npy.tmp-PID of a killed prepare" $PY -m msdn_tf.prepare --dataset demo --data-dir $W/data --set demo.num_classes=10 --set demo.num_unseen=3 --set demo.num_attributes=8 --set demo.attributes_per_class=3 --set demo.images_per_class=12 --set demo.map_size=3 --set demo.feature_dim=32 --set demo.embed_dim=16 --no-progress
 ls $W/data
 echo "workdir $W"

@@ -31,7 +31,7 @@ def jax_without_tensorflow():
 
 
 def test_bench_prints_the_same_json_naming_the_backend(tmp_path, capsys):
-    from msdn_tf import bench
+    from msdn_tf.cli import bench
     from tests.helpers import BENCH_TINY_ARGS as TINY
 
     out = tmp_path / "bench.json"

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from msdn_tf import train
+from msdn_tf.cli import train
 from msdn_tf.config import resolve_config
 from msdn_tf.training.loop import build_model_from_config, run_training
 from tests.helpers import TINY

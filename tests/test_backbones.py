@@ -280,7 +280,7 @@ def test_extract_torchvision_path_writes_reference_maps_and_resumes(tmp_path, tv
 
 
 def test_extract_cli_backbone_choice_and_errors(tmp_path, capsys):
-    from msdn_tf import extract
+    from msdn_tf.cli import extract
     from msdn_tf.data import extraction
 
     lst = tmp_path / "list.txt"

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from msdn_tf import bench
+from msdn_tf.cli import bench
 from msdn_tf.perf import model_speed
 from tests.helpers import BENCH_TINY_ARGS
 

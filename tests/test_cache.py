@@ -177,7 +177,7 @@ def test_registry_cache_and_pipeline_read_float16(tmp_path):
 
 
 def test_prepare_command_builds_then_reuses(tmp_path, capsys):
-    from msdn_tf.data import prepare
+    from msdn_tf.cli import prepare
 
     tiny = [f"demo.{k}={v}" for k, v in TINY_DEMO.__dict__.items()]
     argv = ["--dataset", "demo", "--data-dir", str(tmp_path), "--cache-dir", str(tmp_path / "c"), "--no-progress"]

@@ -1,9 +1,10 @@
-"""The shared command helper (msdn_tf._cli) and what a plain ``import msdn_tf`` registers.
+"""The command wing's shared helper (msdn_tf.cli.common), and what a plain ``import msdn_tf`` does.
 
 * a command hides TensorFlow's C++ start-up noise by default and shows it under ``--verbose``
   (and ``MSDN_TF_VERBOSE=1``), while its own error line still shows;
 * if the captured import fails, what it wrote is printed;
-* ``import keras, msdn_tf`` is enough for ``keras.saving.load_model`` on a run's model.keras.
+* ``import msdn_tf`` imports neither Keras nor TensorFlow, whoever imports it; ``import msdn_tf.model``
+  is enough for ``keras.saving.load_model`` on a run's model.keras.
 """
 
 import os
@@ -39,7 +40,7 @@ def _run(args, **extra):
 
 
 # A cheap command that imports TensorFlow and then fails with msdn-tf's own one-line error.
-SERVING_BENCH_MISSING = ["-m", "msdn_tf.serving.bench", "--export", "/nonexistent/msdn-export"]
+SERVING_BENCH_MISSING = ["-m", "msdn_tf.bench_serving", "--export", "/nonexistent/msdn-export"]
 
 
 def test_a_command_hides_tensorflow_startup_noise_but_not_its_own_error():
@@ -56,7 +57,7 @@ def test_verbose_shows_tensorflow_startup_lines(monkeypatch):
     # TensorFlow's start-up lines differ between builds/machines; every 2.x CPU build writes
     # one of these at import when its C++ log is not silenced.
     assert "absl::InitializeLog()" in proc.stderr or "I0000" in proc.stderr, proc.stderr
-    from msdn_tf._cli import verbose_requested
+    from msdn_tf.cli.common import verbose_requested
 
     monkeypatch.setenv("MSDN_TF_VERBOSE", "1")
     assert verbose_requested([])
@@ -65,9 +66,8 @@ def test_verbose_shows_tensorflow_startup_lines(monkeypatch):
 
 
 def test_cli_main_takes_verbose_out_and_keeps_the_error_tail():
-    from msdn_tf._cli import cli_main
+    from msdn_tf.cli.common import cli_main
     from msdn_tf.errors import DataError
-    from msdn_tf.errors import cli_main as alias
 
     seen = []
 
@@ -78,12 +78,12 @@ def test_cli_main_takes_verbose_out_and_keeps_the_error_tail():
 
     assert main(["--dataset", "demo", "--verbose"]) == 2
     assert seen == [["--dataset", "demo"]]
-    assert alias(lambda argv: 0)(["--verbose"]) == 0
+    assert cli_main(lambda argv: 0)(["--verbose"]) == 0
 
 
 def test_a_failed_captured_import_prints_what_it_wrote():
     code = (
-        "import os\nfrom msdn_tf._cli import stderr_fd_captured\n"
+        "import os\nfrom msdn_tf.cli.common import stderr_fd_captured\n"
         "with stderr_fd_captured():\n    os.write(2, b'written-while-captured\\n')\n    raise ImportError('boom')\n"
     )
     proc = _run(["-c", code])
@@ -96,7 +96,7 @@ def test_a_failed_captured_import_prints_what_it_wrote():
 def test_common_flags_parse():
     import argparse
 
-    from msdn_tf._cli import add_common_flags
+    from msdn_tf.cli.common import add_common_flags
 
     args = add_common_flags(argparse.ArgumentParser(), dataset_help="dataset").parse_args(
         ["--dataset", "cub", "--data-dir", "d", "--config", "a.yaml", "--set", "train.seed=1", "--verbose"]
@@ -110,7 +110,7 @@ def test_common_flags_parse():
     )
 
 
-def test_plain_import_registers_the_keras_objects_for_load_model(tmp_path):
+def test_importing_the_model_module_registers_the_keras_objects_for_load_model(tmp_path):
     import keras
 
     from msdn_tf.model import build_msdn
@@ -124,7 +124,7 @@ def test_plain_import_registers_the_keras_objects_for_load_model(tmp_path):
     proc = _run(
         [
             "-c",
-            "import sys, keras, msdn_tf\n"
+            "import sys, keras, msdn_tf.model, msdn_tf.optimizers\n"
             "m = keras.saving.load_model(sys.argv[1])\n"
             "print(type(m).__name__, type(m.optimizer).__name__)",
             str(path),
@@ -132,13 +132,20 @@ def test_plain_import_registers_the_keras_objects_for_load_model(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["MSDN", "TorchRMSprop"]
+    proc = _run(["-c", "import sys, msdn_tf\nprint(type(msdn_tf.load_model(sys.argv[1])).__name__)", str(path)])
+    assert proc.returncode == 0 and proc.stdout.split() == ["MSDN"], proc.stderr[-3000:]
 
 
-@pytest.mark.parametrize(
-    "argv0, command", [("-m", True), ("/venv/bin/msdn-train", True), ("/x/pytest", False), ("-c", False), ("", False)]
-)
-def test_commands_are_recognised_by_how_python_was_started(monkeypatch, argv0, command):
-    from msdn_tf._cli import is_command_run
-
-    monkeypatch.setattr("sys.argv", [argv0, "--dataset", "demo"])
-    assert is_command_run() is command
+@pytest.mark.parametrize("argv0", ["-m", "/venv/bin/msdn-train", "/x/script.py", "-c"])
+def test_import_msdn_tf_is_the_same_for_every_importer(argv0):
+    # No sys.argv-dependent behaviour: no Keras, no TensorFlow, no hook on stderr, whoever imports it.
+    code = (
+        "import sys\nsys.argv[0] = sys.argv[1]\nimport msdn_tf\n"
+        "print(msdn_tf.__version__, 'keras' in sys.modules, 'tensorflow' in sys.modules, len(sys.meta_path))"
+    )
+    plain = _run(["-c", "import sys\nprint(len(sys.meta_path))"])
+    proc = _run(["-c", code, argv0])
+    assert proc.returncode == 0, proc.stderr
+    version, keras_loaded, tf_loaded, finders = proc.stdout.split()
+    assert (keras_loaded, tf_loaded) == ("False", "False")
+    assert finders == plain.stdout.strip()

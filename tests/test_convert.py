@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import scipy.io
 
-from msdn_tf.convert import main
+from msdn_tf.cli.convert import main
 from msdn_tf.errors import DataError, MSDNError
 from msdn_tf.interop.convert import convert_checkpoint, convert_state_dict
 from tests import reference_numpy as ref

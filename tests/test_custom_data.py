@@ -391,7 +391,7 @@ def test_prepare_and_load_through_registry(src, tmp_path):
 
 
 def test_spec_yaml_options(tmp_path):
-    from msdn_tf.custom import build_parser, prepare_options
+    from msdn_tf.cli.custom import build_parser, prepare_options
 
     spec = tmp_path / "dataset.yaml"
     spec.write_text("images: imgs\nattributes: a.csv\nunseen_fraction: 0.3\nword_vectors: v.txt.gz\nseed: 4\n")

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from msdn_tf import evaluate
+from msdn_tf.cli import evaluate
 from msdn_tf.evaluation.calibration import ausuc, best_gamma_on_grid, choose_gamma, seen_unseen_curve
 from msdn_tf.evaluation.metrics import czsl_predictions, per_class_accuracy, zsl_metrics
 from tests.helpers import QUICK_TRAIN, tiny_demo, tiny_demo_config

@@ -20,12 +20,12 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc  # noqa: E402
 
-from msdn_tf import client, export  # noqa: E402
+from msdn_tf.cli import bench_serving as bench  # noqa: E402
+from msdn_tf.cli import client, export  # noqa: E402
 from msdn_tf.errors import MSDNError  # noqa: E402
 from msdn_tf.evaluation.metrics import czsl_predictions, gzsl_predictions  # noqa: E402
 from msdn_tf.model import build_msdn  # noqa: E402
 from msdn_tf.serving import (  # noqa: E402
-    bench,
     cc_loader,
     classify,  # noqa: E402
     verify,  # noqa: E402

@@ -15,8 +15,8 @@ import scipy.io
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
-from msdn_tf import extract  # noqa: E402
 from msdn_tf.backbones import keras_resnet  # noqa: E402
+from msdn_tf.cli import extract  # noqa: E402
 from msdn_tf.data import extraction  # noqa: E402
 from msdn_tf.data.hdf5 import load_feature_map_hdf5  # noqa: E402
 from msdn_tf.errors import DataError  # noqa: E402

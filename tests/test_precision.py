@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from msdn_tf import train
+from msdn_tf.cli import train
 from msdn_tf.config import resolve_config
 from msdn_tf.errors import ConfigError
 from msdn_tf.precision import EMULATED_FLOAT16_ENV, cpu_flags, resolve_precision
@@ -114,7 +114,7 @@ def test_mixed_bfloat16_run_resume_evaluate_visualize_export(tiny_config, tmp_pa
     resumed = json.loads((tmp_path / "cut" / "results.json").read_text())
     assert resumed["final"]["losses"] == full["final"]["losses"] and resumed["precision"]["used"] == "mixed_bfloat16"
 
-    from msdn_tf import evaluate, export, visualize
+    from msdn_tf.cli import evaluate, export, visualize
 
     assert evaluate.main(["--run", str(tmp_path / "full")]) == 0
     out = capsys.readouterr().out

@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from msdn_tf import ablations as ablations_cmd
-from msdn_tf import protocols as protocols_cmd
+from msdn_tf.cli import ablations as ablations_cmd
+from msdn_tf.cli import protocols as protocols_cmd
 from msdn_tf.data.registry import load_dataset
 from msdn_tf.errors import ConfigError, DataError, MSDNError
 from msdn_tf.experiments import ablations, protocols

@@ -144,7 +144,7 @@ def test_sun_and_cub_samplers_real_labels(tmp_path):
 
 
 def test_real_cub_trains_xlsa17_layout_with_cache(tmp_path, capsys):
-    from msdn_tf import train
+    from msdn_tf.cli import train
 
     folder = link_metadata("cub", tmp_path / "CUB")
     write_extracted_features(folder / "features_resnet101_448.hdf5", 11788)

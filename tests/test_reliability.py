@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from msdn_tf import train
+from msdn_tf.cli import train
 from msdn_tf.config import resolve_config
 from msdn_tf.errors import ConfigError, DataError, NonFiniteError
 from msdn_tf.training.loop import run_training

@@ -25,6 +25,7 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc  # noqa: E402
 
+from msdn_tf.cli import cc_loader as cc_loader_cli  # noqa: E402
 from msdn_tf.serving import cc_loader, client_lib  # noqa: E402
 from msdn_tf.serving.local_server import start_local_server  # noqa: E402
 
@@ -166,7 +167,7 @@ def test_cc_loader_catches_tf_saved_model_save_of_keras3(tmp_path, cc_binary):
 
 def test_cc_loader_cli(exported, cc_binary, tmp_path, capsys):
     np.save(tmp_path / "x.npy", exported["x"])
-    rc = cc_loader.main(
+    rc = cc_loader_cli.main(
         [
             str(exported["dir"]),
             "--signature",

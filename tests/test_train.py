@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from msdn_tf import train
+from msdn_tf.cli import train
 from msdn_tf.config import resolve_config
 from msdn_tf.training.loop import evaluation_steps, run_training, schedule
 from tests.helpers import Interrupt, write_tiny_yaml

@@ -96,7 +96,7 @@ def test_figures_are_drawn_headless_on_the_agg_canvas(tiny_run):
 
 # --------------------------------------------------------------------------- attention command
 def test_attention_from_dataset_index_writes_figure_and_json(tiny_run, tmp_path, capsys):
-    from msdn_tf import visualize
+    from msdn_tf.cli import visualize
     from msdn_tf.viz.attention import figure_size
 
     out = tmp_path / "fig.png"
@@ -207,7 +207,7 @@ def test_attention_from_image_with_a_tiny_backbone(tiny_run, tmp_path):
     ],
 )
 def test_bad_inputs_give_clear_errors(tiny_run, tmp_path, capsys, args, message):
-    from msdn_tf import visualize
+    from msdn_tf.cli import visualize
 
     run = [] if "--run" in args else ["--run", str(tiny_run["dir"])]
     argv = [a.replace("{not_a_run}", str(tmp_path)) for a in args[:1] + run + args[1:]]
@@ -223,7 +223,7 @@ def test_embeddings_write_projector_files_tensorboard_can_load(tiny_run, tmp_pat
     from google.protobuf import text_format
     from tensorboard.plugins.projector import ProjectorConfig
 
-    from msdn_tf import visualize
+    from msdn_tf.cli import visualize
     from msdn_tf.viz.embeddings import FIGURE_PX
 
     out = tmp_path / "proj"

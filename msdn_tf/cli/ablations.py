@@ -7,10 +7,9 @@ The command is thin: :func:`msdn_tf.experiments.ablations.run_ablations` does th
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from msdn_tf._cli import add_common_flags, cli_main
+from msdn_tf.cli.common import add_common_flags, cli_main
 from msdn_tf.errors import ConfigError
 from msdn_tf.experiments.ablations import ROWS, parse_rows, precision_check, quality_check, run_ablations
 
@@ -59,7 +58,3 @@ def main(argv=None) -> int:
         print("precision parity check: " + ("PASSED" if passed else "FAILED"))
         status = status or (0 if passed else 1)
     return status
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-from msdn_tf._cli import add_verbose_flag, cli_main
+from msdn_tf.cli.common import add_verbose_flag, cli_main
 from msdn_tf.options import PRECISIONS
 from msdn_tf.perf.model_speed import CUB, IMPLS, run_benchmark
 
@@ -74,7 +74,3 @@ def main(argv=None) -> int:
             f.write(text + "\n")
     print(text)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

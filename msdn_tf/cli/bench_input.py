@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m msdn_tf.data.bench --shape awa2|cub [--dir /tmp/msdn-bench] [--steps 200]
+    python -m msdn_tf.bench_input --shape awa2|cub [--dir /tmp/msdn-bench] [--steps 200]
         [--fraction 1.0] [--mode pread|memmap] [--cold] [--delete]
 
 What it generates, measures and prints: :mod:`msdn_tf.perf.input_pipeline`.
@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
-from msdn_tf.errors import cli_main
+from msdn_tf.cli.common import cli_main
 from msdn_tf.perf.input_pipeline import SHAPES, run
 
 
 @cli_main
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m msdn_tf.data.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m msdn_tf.bench_input", description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", required=True, choices=sorted(SHAPES))
     p.add_argument("--dir", default="/tmp/msdn-bench", help="where the generated cache goes")
     p.add_argument("--steps", type=int, default=200, help="batches per measurement")
@@ -34,7 +33,3 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     print(json.dumps(run(args)))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,8 +2,8 @@
 
 Usage::
 
-    python -m msdn_tf.serving.bench --export export/models/msdn_cub [--batches 1 64] [--iterations 20]
-    python -m msdn_tf.serving.bench --synthetic cub [--batches 1 64] [--iterations 20]
+    python -m msdn_tf.bench_serving --export export/models/msdn_cub [--batches 1 64] [--iterations 20]
+    python -m msdn_tf.bench_serving --synthetic cub [--batches 1 64] [--iterations 20]
 
 What it measures and prints: :mod:`msdn_tf.perf.serving_latency`.
 """
@@ -18,14 +18,14 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from msdn_tf._cli import add_verbose_flag
+from msdn_tf.cli.common import add_verbose_flag
 from msdn_tf.errors import MSDNError
 from msdn_tf.perf.serving_latency import SYNTHETIC, benchmark, synthetic_model
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m msdn_tf.serving.bench", description="CPU latency/throughput of an exported MSDN SavedModel."
+        prog="python -m msdn_tf.bench_serving", description="CPU latency/throughput of an exported MSDN SavedModel."
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--export", help="model base path or version folder")
@@ -62,7 +62,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     print(json.dumps(report, indent=2))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

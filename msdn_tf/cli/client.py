@@ -17,7 +17,7 @@ import json
 import sys
 from typing import Optional, Sequence
 
-from msdn_tf._cli import add_verbose_flag
+from msdn_tf.cli.common import add_verbose_flag
 from msdn_tf.errors import MSDNError
 from msdn_tf.serving.classify import classify, fetch_metadata, format_text, read_features, read_images
 
@@ -94,7 +94,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     print(json.dumps(answer, indent=2) if args.json else format_text(answer))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,10 +12,9 @@ The library (what is checked, what is written) is :mod:`msdn_tf.interop.convert`
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from msdn_tf.errors import cli_main
+from msdn_tf.cli.common import cli_main
 from msdn_tf.interop.convert import REPORT_FILE, convert_checkpoint, summary
 
 
@@ -65,7 +64,3 @@ def main(argv=None) -> int:
     print(summary(report))
     print(f"report: {Path(args.out) / REPORT_FILE}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

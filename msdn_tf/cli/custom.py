@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 import msdn_tf.data.custom as custom_data
-from msdn_tf.errors import MSDNError, cli_main
+from msdn_tf.cli.common import cli_main
+from msdn_tf.errors import MSDNError
 from msdn_tf.experiments.custom_workflow import EXAMPLE_OVERRIDES, log_stderr, run_custom, run_example
 
 # prepare options that may also come from a dataset.yaml (--spec); path-valued ones are
@@ -258,7 +258,3 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -23,9 +23,8 @@ The library is :mod:`msdn_tf.evaluation.report`.
 from __future__ import annotations
 
 import argparse
-import sys
 
-from msdn_tf.errors import cli_main
+from msdn_tf.cli.common import cli_main
 from msdn_tf.evaluation.report import evaluate_run
 
 
@@ -60,7 +59,3 @@ def main(argv=None) -> int:
         args.run, gamma=args.gamma, data_dir=args.data_dir, calibration_curve=args.calibration_curve, out_dir=args.out
     )
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from msdn_tf._cli import add_verbose_flag
+from msdn_tf.cli.common import add_verbose_flag
 from msdn_tf.errors import MSDNError
 from msdn_tf.serving.export import (
     METADATA_FILE,
@@ -154,7 +154,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -57,8 +57,9 @@ import sys
 from typing import Optional, Sequence
 
 from msdn_tf.backbones.torchvision_resnet import TORCHVISION_WEIGHTS_HINT
+from msdn_tf.cli.common import cli_main
 from msdn_tf.data.extraction import BACKBONES, build_metadata, extract_features, read_image_list
-from msdn_tf.errors import DataError, MSDNError, cli_main
+from msdn_tf.errors import DataError, MSDNError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -155,7 +156,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

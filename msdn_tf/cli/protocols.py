@@ -8,11 +8,10 @@ docs/evaluation.md).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Optional
 
-from msdn_tf._cli import add_common_flags, cli_main
+from msdn_tf.cli.common import add_common_flags, cli_main
 from msdn_tf.errors import ConfigError
 from msdn_tf.experiments.protocols import run_protocol
 
@@ -79,7 +78,3 @@ def main(argv=None) -> int:
         scale_steps=args.scale_steps,
     )
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

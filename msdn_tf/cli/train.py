@@ -9,10 +9,9 @@ change). The last line of standard output is ``results.json``'s summary as one J
 from __future__ import annotations
 
 import argparse
-import sys
 
 from msdn_tf import options
-from msdn_tf._cli import add_common_flags, cli_main
+from msdn_tf.cli.common import add_common_flags, cli_main
 from msdn_tf.config import Config, resolve_config
 from msdn_tf.training.resume import resume_config
 
@@ -79,7 +78,3 @@ def main(argv=None) -> int:
     results = run_training(config, run_dir=args.run_dir, resume=args.resume, resume_changes=changes)
     print(summary_line(results))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -23,7 +23,7 @@ import json
 import sys
 from typing import Optional, Sequence
 
-from msdn_tf.errors import cli_main
+from msdn_tf.cli.common import cli_main
 from msdn_tf.viz.run_figures import visualize_attention, visualize_embeddings
 
 
@@ -106,7 +106,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         )
     print(json.dumps(summary, indent=2))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

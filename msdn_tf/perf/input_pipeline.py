@@ -1,8 +1,8 @@
 """Input-pipeline benchmark on a benchmark-sized feature cache (library).
 
-:func:`run` is what the command ``python -m msdn_tf.data.bench`` runs::
+:func:`run` is what the command ``python -m msdn_tf.bench_input`` runs::
 
-    python -m msdn_tf.data.bench --shape awa2|cub [--dir /tmp/msdn-bench] [--steps 200]
+    python -m msdn_tf.bench_input --shape awa2|cub [--dir /tmp/msdn-bench] [--steps 200]
         [--fraction 1.0] [--mode pread|memmap] [--cold] [--delete]
 
 Generates (once) a channel-last float16 cache of the given shape (AWA2: 37,322 x

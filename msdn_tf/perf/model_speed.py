@@ -562,7 +562,7 @@ def run_benchmark(args, command: str | None = None) -> dict:
         The report (``config``, ``machine``, ``matmul_square``, ``shapes``, ...).
 
     Example:
-        >>> from msdn_tf.bench import build_parser
+        >>> from msdn_tf.cli.bench import build_parser
         >>> report = run_benchmark(build_parser().parse_args(["--regions", "49", "--steps", "1"]))
 
     Reference: docs/reference.md §10 (the FLOP count) and docs/performance.md.

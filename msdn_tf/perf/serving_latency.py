@@ -1,9 +1,9 @@
 """Latency and throughput of an exported MSDN SavedModel on this machine's CPU (library).
 
-:func:`benchmark` is what the command ``python -m msdn_tf.serving.bench`` runs::
+:func:`benchmark` is what the command ``python -m msdn_tf.bench_serving`` runs::
 
-    python -m msdn_tf.serving.bench --export export/models/msdn_cub [--batches 1 64] [--iterations 20]
-    python -m msdn_tf.serving.bench --synthetic cub [--batches 1 64] [--iterations 20]
+    python -m msdn_tf.bench_serving --export export/models/msdn_cub [--batches 1 64] [--iterations 20]
+    python -m msdn_tf.bench_serving --synthetic cub [--batches 1 64] [--iterations 20]
 
 ``--export`` takes a model base path (the highest version is used) or a version
 folder. ``--synthetic cub`` first exports a randomly initialised MSDN at CUB shapes

@@ -62,8 +62,6 @@ from tensorflow.core.framework import types_pb2
 from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
 
-from msdn_tf._cli import add_verbose_flag
-
 __all__ = ["LocalServingHandle", "ServingError", "find_latest_version", "start_local_server"]
 
 log = logging.getLogger(__name__)
@@ -720,56 +718,3 @@ def start_local_server(
         http_thread = threading.Thread(target=http_server.serve_forever, name="tfserving-test-double-rest", daemon=True)
         http_thread.start()
     return LocalServingHandle(servable, server, port, http_server, http_thread)
-
-
-def main(argv=None) -> int:
-    import argparse
-    import time
-
-    parser = argparse.ArgumentParser(
-        prog="python -m msdn_tf.serving.local_server",
-        description="Run a local TEST DOUBLE of TensorFlow Serving (not TF Serving itself).",
-    )
-    parser.add_argument("--model_base_path", required=True)
-    parser.add_argument("--model_name", required=True)
-    parser.add_argument("--port", type=int, default=8500, help="gRPC port (0 = any free port)")
-    parser.add_argument("--rest_api_port", type=int, default=8501, help="REST port (-1 = disabled)")
-    parser.add_argument(
-        "--max_batch_size",
-        type=int,
-        default=DEFAULT_MAX_BATCH,
-        help=f"largest batch a request may send (default {DEFAULT_MAX_BATCH})",
-    )
-    parser.add_argument(
-        "--max_request_bytes",
-        type=int,
-        default=MAX_MESSAGE_BYTES,
-        help=f"largest request / declared tensor in bytes (default {MAX_MESSAGE_BYTES})",
-    )
-    parser.add_argument(
-        "--request_timeout",
-        type=float,
-        default=DEFAULT_REQUEST_TIMEOUT,
-        help=f"seconds a REST client may stay silent while sending its request (default {DEFAULT_REQUEST_TIMEOUT:g})",
-    )
-    args = add_verbose_flag(parser).parse_args(argv)
-    handle = start_local_server(
-        args.model_base_path,
-        args.model_name,
-        args.port,
-        None if args.rest_api_port < 0 else args.rest_api_port,
-        max_batch=args.max_batch_size,
-        max_request_bytes=args.max_request_bytes,
-        request_timeout=args.request_timeout,
-    )
-    print(f"TEST DOUBLE of TF Serving: {handle}", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        handle.stop()
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

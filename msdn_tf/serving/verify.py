@@ -17,7 +17,6 @@ from typing import Optional
 
 import numpy as np
 
-from msdn_tf._cli import subprocess_env
 from msdn_tf.errors import MSDNError
 from msdn_tf.serving.export import (
     FEATURES_SIGNATURE,
@@ -30,6 +29,7 @@ from msdn_tf.serving.export import (
     read_metadata,
     reference_predictions,
 )
+from msdn_tf.utils import subprocess_env
 
 # ---------------------------------------------------------------------------------------------
 # Verification

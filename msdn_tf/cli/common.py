@@ -10,14 +10,14 @@ Every ``python -m msdn_tf.<command>`` (and console script) uses this module:
 * :func:`quiet_tensorflow_startup` hides TensorFlow's C++ start-up lines (``WARNING: All log
   messages before absl::InitializeLog()``, the oneDNN and ``cudart_stub`` INFO lines,
   ``failed call to cuInit``, ``NodeDef mentions attribute use_unbounded_threadpool``). It is
-  installed once, by ``msdn_tf/__init__.py``, when a command runs, before anything can import
+  installed once, by importing :mod:`msdn_tf.cli` (only commands do), before anything can import
   TensorFlow: it sets ``TF_CPP_MIN_LOG_LEVEL=3`` (unless already set) and silences file
   descriptor 2 while ``import tensorflow`` runs, because the first lines are written before
   TensorFlow's log level is read. If that import fails, what it wrote is printed. Python
   errors and msdn-tf's own messages are not affected.
 
 ``--verbose`` on any command, or ``MSDN_TF_VERBOSE=1``, shows everything TensorFlow writes.
-This module imports only the standard library.
+This module imports only the standard library and :mod:`msdn_tf.errors` / :mod:`msdn_tf.utils`.
 """
 
 from __future__ import annotations
@@ -31,11 +31,9 @@ import sys
 import tempfile
 
 from msdn_tf.errors import MSDNError, report_error
+from msdn_tf.utils import QUIET_TF_LOG_LEVEL, TF_LOG_ENV, VERBOSE_ENV, verbose_env
 
-VERBOSE_ENV = "MSDN_TF_VERBOSE"
 VERBOSE_FLAG = "--verbose"
-TF_LOG_ENV = "TF_CPP_MIN_LOG_LEVEL"
-QUIET_TF_LOG_LEVEL = "3"  # FATAL only: hides TensorFlow's C++ INFO, WARNING and ERROR lines
 
 
 def verbose_requested(argv=None) -> bool:
@@ -49,17 +47,7 @@ def verbose_requested(argv=None) -> bool:
         True
     """
     argv = sys.argv[1:] if argv is None else argv
-    return VERBOSE_FLAG in argv or os.environ.get(VERBOSE_ENV, "").strip() not in ("", "0")
-
-
-def is_command_run() -> bool:
-    """Whether this process runs an msdn-tf command (``python -m msdn_tf.X`` or an ``msdn-*`` script).
-
-    While ``python -m`` imports the package, ``sys.argv[0]`` is ``"-m"``; a console script's
-    ``sys.argv[0]`` is its path.
-    """
-    first = sys.argv[0] if sys.argv else ""
-    return first == "-m" or os.path.basename(first).startswith("msdn")
+    return VERBOSE_FLAG in argv or verbose_env()
 
 
 @contextlib.contextmanager
@@ -122,7 +110,7 @@ class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
 def quiet_tensorflow_startup(argv=None) -> bool:
     """Hide TensorFlow's start-up noise for this process unless verbose output was asked for.
 
-    Must run before TensorFlow is imported (``msdn_tf/__init__.py`` calls it for commands).
+    Must run before TensorFlow is imported (importing :mod:`msdn_tf.cli` calls it).
     An explicit ``TF_CPP_MIN_LOG_LEVEL`` in the environment is kept.
 
     Args:
@@ -141,22 +129,6 @@ def quiet_tensorflow_startup(argv=None) -> bool:
     if "tensorflow" not in sys.modules and not any(isinstance(f, _QuietTensorFlowImport) for f in sys.meta_path):
         sys.meta_path.insert(0, _QuietTensorFlowImport())
     return True
-
-
-def subprocess_env(env=None) -> dict:
-    """A child process's environment with this process's TensorFlow log setting.
-
-    Args:
-        env: the environment to start from (default a copy of ``os.environ``).
-
-    Example:
-        >>> subprocess_env({"PATH": "/bin"})["TF_CPP_MIN_LOG_LEVEL"]  # '3' unless verbose
-        '3'
-    """
-    env = dict(os.environ if env is None else env)
-    if not verbose_requested([]):
-        env.setdefault(TF_LOG_ENV, QUIET_TF_LOG_LEVEL)
-    return env
 
 
 def add_common_flags(parser, *, dataset_help: str | None = None, data_dir: bool = True, config: bool = True):
