@@ -5,13 +5,15 @@ The library is :mod:`msdn_tf.serving.export` (export) and :mod:`msdn_tf.serving.
 Usage::
 
     python -m msdn_tf.export --run RUN_DIR --out export/models/msdn_cub [--version N] \\
-        [--gamma G] [--top-k 5] [--overwrite] [--no-verify] [--json] \\
+        [--gamma G] [--top-k 5] [--top-attributes 5] [--overwrite] [--no-verify] [--json] \\
+        [--classes FILE.csv [--replace-classes] [--added-side unseen|seen]] \\
         [--with-images [--backbone auto|torchvision_resnet101|keras_resnet101] \\
          [--backbone-weights FILE|imagenet|none] --image-size 448]
 
 Exit codes: 0 published, 1 the check failed (nothing published), 2 bad arguments or a write
 failure. The signatures, the metadata and the check are described in
-:mod:`msdn_tf.serving.export` and :mod:`msdn_tf.serving.verify`.
+:mod:`msdn_tf.serving.export` and :mod:`msdn_tf.serving.verify`; ``--classes`` (a model
+re-targeted to the trained classes plus the file's, without retraining) in :mod:`msdn_tf.zeroshot`.
 """
 
 from __future__ import annotations
@@ -53,6 +55,26 @@ def _parser() -> argparse.ArgumentParser:
         help="calibrated stacking: subtracted from seen-class scores for gzsl_class/top-k (default 0)",
     )
     p.add_argument("--top-k", type=int, default=5)
+    p.add_argument(
+        "--top-attributes",
+        type=int,
+        default=5,
+        help="attribute ids returned as evidence with every answer (top_k_attributes; default 5)",
+    )
+    p.add_argument(
+        "--classes",
+        default=None,
+        metavar="FILE.csv",
+        help="serve the trained classes plus the classes of this file (header: class, then the run's attribute "
+        "names; one row per class, values as in the training class table), without retraining",
+    )
+    p.add_argument("--replace-classes", action="store_true", help="with --classes: serve only the file's classes")
+    p.add_argument(
+        "--added-side",
+        default="unseen",
+        choices=["unseen", "seen"],
+        help="side of the margin and of calibrated stacking the file's new classes take (default unseen)",
+    )
     p.add_argument("--with-images", action="store_true", help="add serving_images (JPEG/PNG bytes -> backbone)")
     p.add_argument(
         "--backbone",
@@ -96,13 +118,33 @@ def _print_report(report: dict, as_json: bool) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = add_verbose_flag(_parser()).parse_args(argv)
     try:
+        from msdn_tf import zeroshot
         from msdn_tf.config import merge, parse_override
         from msdn_tf.training.runs import load_run
 
         config, model = load_run(args.run)
         for text in args.set:
             config = merge(config, parse_override(text), f"--set {text}")
+        if args.replace_classes and not args.classes:
+            raise MSDNError("--replace-classes needs --classes FILE.csv")
+        semantics = zeroshot.run_class_semantics(args.run, config, model)
         names = class_names_for_run(args.run, config)
+        classes = None
+        if args.classes:  # every problem of the file is one line before anything is written
+            model, class_set, semantics = zeroshot.retarget_run(
+                args.run,
+                args.classes,
+                config=config,
+                model=model,
+                replace=args.replace_classes,
+                added_side=args.added_side,
+            )
+            names, classes = class_set.names, class_set
+            print(
+                f"re-targeted: {sum(s == zeroshot.ADDED for s in class_set.status)} class(es) added from "
+                f"{args.classes}, {len(names)} served ({len(class_set.unseen_classes)} on the unseen side)",
+                file=sys.stderr,
+            )
         backbone = backbone_id = None
         preprocessing = "keras"
         if args.with_images:
@@ -142,6 +184,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 backbone_id=backbone_id,
                 preprocessing=preprocessing,
                 check=check,
+                attribute_names=semantics.get("attribute_names"),
+                classes=classes.describe() if classes is not None else None,
+                class_file=classes.class_file if classes is not None else None,
+                normalisation=semantics.get("normalisation"),
+                top_attributes=args.top_attributes,
             )
         except ExportCheckFailed as exc:
             _print_report(exc.report, args.json)

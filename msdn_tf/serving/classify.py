@@ -207,7 +207,13 @@ def fetch_metadata(
 def summarize(
     outputs: dict, metadata: dict, top_k: Optional[int] = None, labels: Optional[Sequence[str]] = None
 ) -> list:
-    """Per input: ``{"input", "gzsl": {...}, "czsl": {...}, "top_k": [{"class", "name", "score"}, ...]}``.
+    """Per input: ``{"input", "gzsl": {...}, "czsl": {...}, "top_k": [{"class", "name", "score"}, ...],
+    "attributes": [{"id", "name", "score"}, ...]}``.
+
+    ``attributes`` is the evidence: the export's ``top_k_attributes`` (the attributes the
+    attribute->visual sub-net found most in the image), named by the metadata's
+    ``attribute_names`` (``attribute_<id>`` when the export has none); absent for an
+    export without attribute outputs.
 
     ``top_k`` larger than the export's is served from ``scores`` minus ``gamma`` on the
     seen classes (the same calibrated ranking); smaller is a prefix.
@@ -227,6 +233,7 @@ def summarize(
     gzsl = np.asarray(outputs["gzsl_class"], np.int64).reshape(-1)
     czsl = np.asarray(outputs["czsl_class"], np.int64).reshape(-1)
     unseen = set(int(i) for i in metadata["unseen_classes"])
+    evidence = _attribute_evidence(outputs, metadata)
     out = []
     for b in range(classes.shape[0]):
         out.append(
@@ -240,7 +247,29 @@ def summarize(
                 ],
             }
         )
+        if evidence is not None:
+            out[-1]["attributes"] = evidence[b]
     return out
+
+
+def _attribute_evidence(outputs: dict, metadata: dict):
+    """Per input ``[{"id", "name", "score"}]`` from ``top_k_attributes``/``attribute_scores``, or None."""
+    if "top_k_attributes" not in outputs:
+        return None
+    ids = np.asarray(outputs["top_k_attributes"], np.int64)
+    scores = np.asarray(outputs["attribute_scores"], np.float64) if "attribute_scores" in outputs else None
+    names = metadata.get("attribute_names")
+    return [
+        [
+            {
+                "id": int(i),
+                "name": names[int(i)] if names else f"attribute_{int(i)}",
+                "score": None if scores is None else float(scores[b, int(i)]),
+            }
+            for i in ids[b]
+        ]
+        for b in range(ids.shape[0])
+    ]
 
 
 def classify(
@@ -298,6 +327,8 @@ def format_text(answer: dict) -> str:
     for r in answer["results"]:
         tag = " (unseen)" if r["gzsl"]["unseen"] else " (seen)"
         lines.append(f"{r['input']}: GZSL {r['gzsl']['name']}{tag}; CZSL {r['czsl']['name']}")
+        if r.get("attributes"):
+            lines.append(f"  seen: {', '.join(a['name'] for a in r['attributes'])}")
         for i, t in enumerate(r["top_k"], 1):
             lines.append(f"  {i}. {t['name']:<40s} {t['score']:.4f}")
     return "\n".join(lines)

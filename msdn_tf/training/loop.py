@@ -325,6 +325,7 @@ class TrainingSession:
         """Write ``config.yaml``, seed, load the data, build the model and the batch sampler."""
         from msdn_tf.data.pipeline import make_sampler
         from msdn_tf.data.registry import load_dataset
+        from msdn_tf.zeroshot import write_class_semantics
 
         config, log = self.config, self.log
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -332,6 +333,8 @@ class TrainingSession:
         log(f"msdn-tf: precision {self.precision.policy} ({self.precision.reason})")
         set_seeds(config)
         self.data = data if data is not None else load_dataset(config)
+        # What re-targeting to new classes needs (msdn_tf.zeroshot): rule, attribute and class names.
+        write_class_semantics(self.out_dir, self.data, config)
         self.iterations, self.eval_every = schedule(config, len(self.data.trainval_loc))
         with strategy_scope(self.strategy):  # variables (model and optimizer) mirrored over the replicas
             self.model = build_model_from_config(config, self.data)
