@@ -424,3 +424,51 @@ def test_held_out_classes_added_after_training_are_recognised(tmp_path, capsys):
         assert metrics[key] == pytest.approx(added[key]), key
     assert metrics["by_status"]["added"]["classes"] == 2
     assert "CZSL acc %" in capsys.readouterr().out
+
+
+def test_local_server_answers_a_per_request_vocabulary(run, added, exported):
+    """The TF Serving test double serves serving_open(_sided) like any signature, over gRPC and REST."""
+    from msdn_tf.serving.local_server import start_local_server
+
+    meta = serving_export.read_metadata(exported["out"])
+    x = run["x"][:3].astype(np.float32)
+    rows = np.stack([run["raw"][added["unseen"]], added["new"], run["raw"][added["seen"]]]).astype(np.float32)
+    names = ["a", "new_bird", "b"]
+    handle = start_local_server(exported["out"], "msdn_demo", grpc_port=0, rest_port=0)
+    try:
+        answers = [
+            classify.classify_open(
+                model="msdn_demo", features=x, class_attributes=rows, class_names=names, metadata=meta, **where
+            )
+            for where in ({"server": handle.grpc_address}, {"server": None, "rest": handle.rest_url})
+        ]
+        grpc_names, rest_names = ([[t["name"] for t in r["top_k"]] for r in a["results"]] for a in answers)
+        assert grpc_names == rest_names
+        direct = exported["loaded"].signatures["serving_open"](
+            features=tf.constant(x), class_attributes=tf.constant(rows)
+        )
+        assert [r["gzsl"]["name"] for r in answers[0]["results"]] == [names[i] for i in direct["gzsl_class"].numpy()]
+        assert answers[0]["results"][0]["attributes"][0]["name"] in meta["attribute_names"]
+        sided = classify.classify_open(
+            model="msdn_demo",
+            features=x,
+            class_attributes=rows,
+            class_names=names,
+            class_is_seen=[False, False, True],
+            metadata=meta,
+            server=handle.grpc_address,
+        )
+        assert sided["signature"] == "serving_open_sided"
+        with pytest.raises(
+            classify.ServerRefused, match="INVALID_ARGUMENT.*wrong attribute count in input class_attributes"
+        ):
+            classify.classify_open(
+                model="msdn_demo",
+                features=x,
+                class_attributes=rows[:, :-1],
+                class_names=names,
+                metadata=meta,
+                server=handle.grpc_address,
+            )
+    finally:
+        handle.stop()

@@ -240,7 +240,8 @@ def summarize(
             {
                 "input": labels[b] if labels is not None else b,
                 "gzsl": {"class": int(gzsl[b]), "name": names[int(gzsl[b])], "unseen": int(gzsl[b]) in unseen},
-                "czsl": {"class": int(czsl[b]), "name": names[int(czsl[b])]},
+                # -1: a per-request vocabulary with no class on the unseen side (serving_open_sided)
+                "czsl": {"class": int(czsl[b]), "name": names[int(czsl[b])] if czsl[b] >= 0 else None},
                 "top_k": [
                     {"class": int(c), "name": names[int(c)], "score": float(s)}
                     for c, s in zip(classes[b, :k], scores[b, :k])
@@ -316,6 +317,67 @@ def classify(
         "signature": signature,
         "gamma": float(metadata["gamma"]),
         "results": summarize(outputs, metadata, top_k, labels),
+    }
+
+
+def classify_open(
+    *,
+    model: str,
+    features,
+    class_attributes,
+    class_names: Sequence[str],
+    class_is_seen=None,
+    server: Optional[str] = "localhost:8500",
+    rest: Optional[str] = None,
+    metadata: Optional[dict] = None,
+    top_k: Optional[int] = None,
+    version: Optional[int] = None,
+    labels=None,
+    timeout: float = 30.0,
+) -> dict:
+    """Classify region features ``(B, R, F)`` against a vocabulary sent with the request.
+
+    ``class_attributes`` ``(C', K)``: one row per class in the form of the training class
+    table (the export normalises the rows in its graph, as training did);
+    ``class_is_seen`` ``(C',)`` bool, optional: without it every class is on the unseen
+    side (``serving_open``), with it ``serving_open_sided``. Returns what :func:`classify`
+    returns, with the request's class names.
+    """
+    if metadata is None:
+        metadata = fetch_metadata(model=model, server=server, rest=rest, version=version, timeout=timeout)
+    x = np.asarray(features)
+    rows = np.asarray(class_attributes)
+    names = [str(n) for n in class_names]
+    if x.dtype != np.float32 or rows.dtype != np.float32:
+        raise MSDNError(
+            f"features and class_attributes must be float32 (TF Serving does not cast), got {x.dtype}, {rows.dtype}"
+        )
+    if rows.ndim != 2 or rows.shape[0] != len(names):
+        raise MSDNError(
+            f"class_attributes must be ({len(names)}, K) for {len(names)} class names, got shape {rows.shape}"
+        )
+    inputs = {"features": x, "class_attributes": rows}
+    signature = "serving_open"
+    seen = []
+    if class_is_seen is not None:
+        sides = np.asarray(class_is_seen, bool).reshape(-1)
+        inputs["class_is_seen"] = sides
+        signature = "serving_open_sided"
+        seen = [int(i) for i in np.flatnonzero(sides)]
+    outputs = _predict(inputs, signature, model=model, server=server, rest=rest, version=version, timeout=timeout)
+    request_meta = dict(
+        metadata,
+        class_names=names,
+        seen_classes=seen,
+        unseen_classes=[i for i in range(len(names)) if i not in set(seen)],
+    )
+    return {
+        "model": model,
+        "transport": "rest" if rest else "grpc",
+        "server": rest or server,
+        "signature": signature,
+        "gamma": float(metadata["gamma"]),
+        "results": summarize(outputs, request_meta, top_k, labels),
     }
 
 
