@@ -177,6 +177,12 @@ def test_layout_and_metadata_asset(setup):
     assert asset["fusion_weights"] == [0.7, 0.3] and asset["bias"] == pytest.approx(0.1)  # the scores keep this margin
     assert asset["config"] == {"data": {"dataset": "tiny"}}
     assert asset["images"]["image_size"] == IMAGE_SIZE
+    # every class marked with its status and side; no class file; the model has no attribute names here
+    assert [c["status"] for c in asset["classes"]] == [
+        "trained-unseen" if c in UNSEEN else "trained-seen" for c in range(C)
+    ]
+    assert asset["class_file"] is None and asset["attribute_names"] is None
+    assert asset["class_normalisation"]["rule"] == "l2_rows" and asset["top_attributes"] == 5
 
 
 def test_cc_loader_and_saved_model_cli_list_signatures(report):
