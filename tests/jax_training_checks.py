@@ -121,7 +121,7 @@ def test_train_evaluate_checkpoint_resume(checks_dir):
     # Predictions of the saved model, for tests/test_jax_backend.py to compare on TensorFlow.
     from msdn_tf.data.registry import load_dataset
     from msdn_tf.evaluation.predict import predict_logits
-    from msdn_tf.training.runs import load_run_model
+    from msdn_tf.evaluation.runs import load_run_model
 
     data = load_dataset(config)
     rows = np.sort(np.concatenate([data.test_seen_loc, data.test_unseen_loc]))[:PREDICTED_ROWS]

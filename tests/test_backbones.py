@@ -306,9 +306,9 @@ def test_extract_cli_backbone_choice_and_errors(tmp_path, capsys):
 def test_convert_stores_backbone_and_export_serves_images(tmp_path, tv):
     import tensorflow as tf
 
-    from msdn_tf.interop.convert import BACKBONE_FILE, convert_checkpoint
+    from msdn_tf.evaluation.runs import load_run
     from msdn_tf.serving import export
-    from msdn_tf.training.runs import load_run
+    from msdn_tf.training.convert import BACKBONE_FILE, convert_checkpoint
 
     run = tmp_path / "run"
     report = convert_checkpoint(MSDN_PTH, "custom", run)

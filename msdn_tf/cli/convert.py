@@ -5,7 +5,7 @@ Usage::
     python -m msdn_tf.convert --torch-checkpoint CUB_MSDN_GZSL.pth --dataset cub \\
         --out runs/cub-official-gzsl [--data-dir data/CUB] [--set section.key=value ...]
 
-The library (what is checked, what is written) is :mod:`msdn_tf.interop.convert`; see
+The library (what is checked, what is written) is :mod:`msdn_tf.training.convert`; see
 ``docs/convert.md``.
 """
 
@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 
 from msdn_tf.cli.common import cli_main
-from msdn_tf.interop.convert import REPORT_FILE, convert_checkpoint, summary
+from msdn_tf.training.convert import REPORT_FILE, convert_checkpoint, summary
 
 
 def build_parser() -> argparse.ArgumentParser:

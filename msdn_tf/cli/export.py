@@ -97,7 +97,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = add_verbose_flag(_parser()).parse_args(argv)
     try:
         from msdn_tf.config import merge, parse_override
-        from msdn_tf.training.runs import load_run
+        from msdn_tf.evaluation.runs import load_run
 
         config, model = load_run(args.run)
         for text in args.set:

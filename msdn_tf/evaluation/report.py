@@ -203,7 +203,7 @@ def evaluate_run(
 def _load_run_and_data(run_dir: Path, data_dir, data):
     """``(config, model, data)`` of a run; the dataset must have the model's seen/unseen classes."""
     from msdn_tf.data.registry import load_dataset
-    from msdn_tf.training.runs import load_run
+    from msdn_tf.evaluation.runs import load_run
 
     config, model = load_run(run_dir)
     if data_dir:

@@ -172,7 +172,7 @@ def _export_run(
     except ImportError as exc:  # the export module is optional for training
         log(f"msdn-tf custom: msdn_tf.serving.export is not available ({exc}); skipping the export")
         return False
-    from msdn_tf.training.runs import load_run_model
+    from msdn_tf.evaluation.runs import load_run_model
 
     model = load_run_model(out)
     base = Path(export_dir) if export_dir else out / "export"

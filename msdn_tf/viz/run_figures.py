@@ -33,7 +33,7 @@ from msdn_tf.viz.common import SPLITS
 def _load(run_dir, need_data: bool, log=print):
     """``(config, model, data or None)``; the dataset is loaded when needed or cheaply available."""
     from msdn_tf.data.registry import load_dataset
-    from msdn_tf.training.runs import load_run
+    from msdn_tf.evaluation.runs import load_run
 
     config, model = load_run(run_dir)
     data = None

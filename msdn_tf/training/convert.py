@@ -9,7 +9,7 @@ The released files ``{CUB,SUN,AWA2}_MSDN_{CZSL,GZSL}.pth`` (docs/reference.md §
 are ``torch.save`` state_dicts. They are read by
 :mod:`msdn_tf.interop.torch_checkpoint` (no torch needed; a restricted unpickler that
 executes nothing from the file) and written as a run directory that
-``msdn_tf.training.runs.load_run``, evaluation and export accept:
+``msdn_tf.evaluation.runs.load_run``, evaluation and export accept:
 
 * ``config.yaml``: the dataset's resolved config (``configs/<dataset>.yaml``
   plus ``--set`` overrides; ``model.bias`` is the checkpoint's ``bias``);
@@ -50,7 +50,7 @@ All weights are cast to float32.
 
 Library use (what the tests call)::
 
-    from msdn_tf.interop.convert import convert_checkpoint
+    from msdn_tf.training.convert import convert_checkpoint
     report = convert_checkpoint("CUB_MSDN_GZSL.pth", "cub", "runs/cub-gzsl", data_dir="data/CUB")
 """
 
