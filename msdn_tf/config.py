@@ -350,9 +350,6 @@ def resolve_config(dataset: Optional[str] = None, config_files=(), overrides=(),
     return config
 
 
-CHOICES = CONFIG_CHOICES  # (section, key) -> allowed values; defined once in msdn_tf.options
-
-
 def canonical_dataset_name(name):
     """Dataset names are case-insensitive: ``CUB``, ``cub`` and ``Cub`` all mean ``cub``.
 
@@ -405,7 +402,7 @@ def validate(config: Config) -> None:
 
     Every number must be finite; the numbers of :data:`RANGES` must lie in their range
     (e.g. a positive learning rate, ``rho`` in (0, 1), batch sizes of at least 1); choices
-    must be among :data:`CHOICES`. This runs before TensorFlow starts.
+    must be among :data:`msdn_tf.options.CONFIG_CHOICES`. This runs before TensorFlow starts.
     """
     config.data.dataset = canonical_dataset_name(config.data.dataset)
 
@@ -420,7 +417,7 @@ def validate(config: Config) -> None:
             for v in values:
                 if isinstance(v, float) and not math.isfinite(v):
                     fail(section, key, f"must be a finite number, got {value!r}")
-    for (section, key), choices in CHOICES.items():
+    for (section, key), choices in CONFIG_CHOICES.items():
         value = getattr(getattr(config, section), key)
         if value not in choices:
             fail(section, key, f"must be one of {', '.join(map(str, choices))}; got {value!r}")

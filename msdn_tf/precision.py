@@ -33,7 +33,7 @@ import os
 from typing import Optional
 
 from msdn_tf.errors import ConfigError
-from msdn_tf.options import PRECISIONS  # noqa: F401  (defined once, in msdn_tf.options)
+from msdn_tf.options import PRECISIONS
 
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 FP16_CPU_FLAGS = ("avx512_fp16", "amx_fp16")

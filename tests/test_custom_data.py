@@ -32,12 +32,12 @@ def _image(cls: str, i: int) -> np.ndarray:
 
 
 def write_images(root: Path, classes=CLASSES, per_class=4) -> Path:
-    from msdn_tf.experiments.custom_workflow import _png
+    from PIL import Image
 
     for c in classes:
         (root / c).mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
-            (root / c / f"{c}_{i}.png").write_bytes(_png(_image(c, i)))
+            Image.fromarray(_image(c, i)).save(root / c / f"{c}_{i}.png")
     return root
 
 

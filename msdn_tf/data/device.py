@@ -20,7 +20,7 @@ from typing import Optional
 import numpy as np
 
 from msdn_tf.errors import ConfigError
-from msdn_tf.options import ON_DEVICE as ON_DEVICE_CHOICES  # defined once, in msdn_tf.options
+from msdn_tf.options import ON_DEVICE
 
 DEFAULT_BUDGET_BYTES = 8 * 1024**3  # upper bound of the "auto" budget
 CHUNK_ROWS = 256  # rows copied per assignment while loading
@@ -61,7 +61,7 @@ def use_on_device(setting, data, rows=None) -> bool:
     Raises:
         ConfigError: ``setting`` is not ``true``, ``false`` or ``"auto"``.
     """
-    if setting not in ON_DEVICE_CHOICES or isinstance(setting, (int, float)) and not isinstance(setting, bool):
+    if setting not in ON_DEVICE or isinstance(setting, (int, float)) and not isinstance(setting, bool):
         raise ConfigError(f"'data.on_device' must be true, false or auto; got {setting!r}")
     if setting is True or setting is False:
         return setting

@@ -13,10 +13,8 @@ What ``python -m msdn_tf.custom`` calls (format and walkthrough: ``docs/custom_d
 from __future__ import annotations
 
 import os
-import struct
 import sys
 import time
-import zlib
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -247,22 +245,6 @@ SHAPES = ("circle", "square", "triangle")
 TEXTURES = ("solid", "striped", "dotted")
 
 
-def _png(pixels: np.ndarray) -> bytes:
-    """Encode ``(H, W, 3)`` uint8 as PNG (no dependency beyond zlib)."""
-    h, w, _ = pixels.shape
-    raw = b"".join(b"\x00" + pixels[y].tobytes() for y in range(h))
-
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-        + chunk(b"IDAT", zlib.compress(raw, 6))
-        + chunk(b"IEND", b"")
-    )
-
-
 def draw_shape(colour: str, shape: str, texture: str, size: int, rng: np.random.Generator) -> np.ndarray:
     """One ``(size, size, 3)`` uint8 image: a textured shape on a noisy light background."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
@@ -314,6 +296,8 @@ def make_shapes_dataset(
     Returns:
         ``{"images", "attributes", "unseen", "word_vectors", "classes", "unseen_classes"}`` paths/names.
     """
+    from PIL import Image
+
     folder = Path(folder)
     rng = np.random.default_rng(seed)
     combos = [(c, t, s) for c in COLOURS for t in TEXTURES for s in SHAPES]
@@ -336,7 +320,7 @@ def make_shapes_dataset(
         d = folder / "images" / name
         d.mkdir(parents=True, exist_ok=True)
         for i in range(images_per_class):
-            (d / f"{name}_{i:03d}.png").write_bytes(_png(draw_shape(colour, shape, texture, size, rng)))
+            Image.fromarray(draw_shape(colour, shape, texture, size, rng)).save(d / f"{name}_{i:03d}.png")
     rows = ["class," + ",".join(attributes)]
     for colour, texture, shape in pick:
         row = [colour == c for c in COLOURS] + [shape == s for s in SHAPES] + [texture == t for t in TEXTURES]

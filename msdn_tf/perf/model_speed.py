@@ -42,7 +42,7 @@ import time
 
 from msdn_tf.backend import current as _backend
 from msdn_tf.errors import ConfigError
-from msdn_tf.options import PRECISIONS  # noqa: F401  (defined once, in msdn_tf.options)
+from msdn_tf.options import PRECISIONS
 
 CUB = {"attributes": 312, "classes": 200, "unseen": 50, "features": 2048, "embed": 300}
 IMPLS = ("fused", "einsum")

@@ -137,7 +137,8 @@ def make_strategy(config: Config):
         ConfigError: an unknown strategy; a strategy other than ``none`` on a backend
             other than TensorFlow; a batch size the replicas cannot share evenly.
     """
-    from msdn_tf.distribute import STRATEGIES, get_strategy
+    from msdn_tf.distribute import get_strategy
+    from msdn_tf.options import STRATEGIES
 
     name = config.train.strategy
     if not on_tensorflow():
