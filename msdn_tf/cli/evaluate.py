@@ -1,23 +1,8 @@
 """Command: evaluate a run directory: ``python -m msdn_tf.evaluate --run DIR [--gamma G] [--calibration-curve]``.
 
-Works for any run directory holding ``config.yaml`` and ``model.keras``: one
-written by ``python -m msdn_tf.train`` or by ``python -m msdn_tf.convert``.
-Writes to ``DIR/eval/`` (or ``--out``):
-
-* ``metrics.json``: CZSL acc, GZSL U/S/H of the fused logits and of each sub-net,
-  the protocol that produced the weights, per-class accuracies; with
-  ``--calibration-curve`` also the seen-unseen curve and its AUSUC;
-* ``per_class.csv``: class id, class name, seen/unseen, images, CZSL accuracy
-  (unseen classes), GZSL accuracy;
-* ``report.md``: the same as markdown tables (also printed);
-* ``curve.png`` with ``--calibration-curve``.
-
-Every report names its ``protocol``: how the evaluated weights were chosen
-(see docs/evaluation.md). The model in ``model.keras`` of a training run is its
-last step: protocol ``final``. A run directory without a training history
-(e.g. a converted checkpoint) is evaluated ``as-is``.
-
-The library is :mod:`msdn_tf.evaluation.report`.
+Writes ``metrics.json``, ``per_class.csv``, ``report.md`` (also printed) and, with
+``--calibration-curve``, ``curve.png`` into ``DIR/eval/`` (or ``--out``). What each holds
+and which protocol a report names: the library, :mod:`msdn_tf.evaluation.report`.
 """
 
 from __future__ import annotations

@@ -9,44 +9,8 @@ Usage::
         --attributes-pkl CUB_attribute.pkl [--sent-splits sent_splits.mat] \\
         [--attribute-names attributes.txt]]
 
-``LIST`` is an xlsa17 ``res101.mat``, an ``image_list.npz`` or a text/CSV file of
-image paths relative to ``--images-root`` (CSV: first column the path, an optional
-second column a 0-based label). The output rows follow the order of the list.
-
-For training, write the file next to the xlsa17 metadata as
-``DIR/features_resnet101_448.hdf5`` (the default ``data.feature_file``; layout (b) of
-docs/data.md) and run ``python -m msdn_tf.train --dataset cub --data-dir DIR``.
-
-Two backbones (``--backbone``):
-
-* ``torchvision_resnet101`` (default; **the paper's features**): the reference pipeline
-  of TransZero/MSDN. Each image is decoded with Pillow and ``convert("RGB")``, resized
-  with torchvision's ``Resize(448)`` rule and Pillow's bilinear resampling, centre
-  cropped, ``/255`` and ImageNet mean/std -- bit-exact in numpy
-  (:mod:`msdn_tf.backbones.preprocessing`) -- then run through the torchvision-layout
-  ResNet-101 trunk in Keras (:mod:`msdn_tf.backbones.torchvision_resnet`) with weights
-  from ``--weights FILE.pth``: torchvision's ``resnet101-63fe2227.pth`` (ImageNet V1, what
-  the reference used) or a released MSDN checkpoint (its ``resnet101.*`` tensors). No
-  torch needed.
-* ``keras_resnet101``: ``keras.applications.ResNet101(include_top=False)`` (stride in the
-  first 1x1 convolution, caffe weights) with TF decoding, antialiased bilinear resize,
-  centre crop and ``keras.applications.resnet.preprocess_input``. **Not the reference
-  features**: results will not match the paper exactly.
-
-Both store layer4 after the final ReLU channel-first as ``feature_map``
-``(N, 2048, 14, 14)`` float32 for 448-pixel inputs.
-
-The library behind this command is :mod:`msdn_tf.data.extraction` (the loop) with
-:mod:`msdn_tf.backbones.keras_resnet` and :mod:`msdn_tf.backbones.torchvision_resnet`.
-The run is resumable and crash-safe: rows are written to ``OUT.partial`` (the
-``feature_map`` dataset is preallocated; the attribute ``done_count`` is flushed
-after every batch). Re-running the same command continues at the first row not
-done. Only a complete file, with the metadata keys added, is renamed to ``OUT``
-(atomically), so a killed run never leaves a partial ``OUT``. With
-``keras_resnet101`` and more than one visible GPU the batches are split over them
-with ``tf.distribute.MirroredStrategy``; ``torchvision_resnet101`` decodes and
-preprocesses with a small thread pool, one batch ahead, and runs the network
-compiled (``predict_on_batch``) on the default device.
+What LIST may be, the two backbones and how a run resumes: :mod:`msdn_tf.data.extraction` (the
+library behind this command).
 """
 
 from __future__ import annotations

@@ -1,19 +1,11 @@
 """Command: see what a trained MSDN attends to: ``python -m msdn_tf.visualize {attention,embeddings}``.
 
-Attention (the paper's Fig. 4)::
+Usage::
 
-    python -m msdn_tf.visualize attention --run RUN --index 0 --split test_unseen [--top-k 6] [--out fig.png]
-    python -m msdn_tf.visualize attention --run RUN --image bird.jpg [--backbone-weights imagenet|FILE|none]
+    python -m msdn_tf.visualize attention --run RUN (--index 0 --split test_unseen | --image bird.jpg) [--out fig.png]
+    python -m msdn_tf.visualize embeddings --run RUN [--split test] [--out DIR]
 
-writes ``fig.png`` (top-k attributes; A->V and V->A maps side by side) and
-``fig.json`` (the attributes with their scores, predicted and true class), and
-prints the JSON. Embeddings (the paper's Fig. 5)::
-
-    python -m msdn_tf.visualize embeddings --run RUN [--split test] [--max-per-class 50] [--out DIR]
-
-writes the TensorBoard Embedding Projector files and a static ``tsne.png`` (or
-``pca.png`` without scikit-learn) into ``DIR`` (default ``RUN/tensorboard/embeddings_<split>``).
-See ``docs/visualize.md``. The library is :mod:`msdn_tf.viz.run_figures` (and :mod:`msdn_tf.viz`).
+What each writes: the library, :mod:`msdn_tf.viz.run_figures`, and ``docs/visualize.md``.
 """
 
 from __future__ import annotations

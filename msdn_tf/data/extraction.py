@@ -1,9 +1,36 @@
 """Feature-map extraction into the feature-map HDF5 layout (docs/reference.md §1.1): the library.
 
-The command is ``python -m msdn_tf.extract`` (:mod:`msdn_tf.extract`); this module holds
+The command is ``python -m msdn_tf.extract`` (:mod:`msdn_tf.cli.extract`); this module holds
 the work behind it: reading an image list, building the §1.1 metadata, batching images
 through a backbone (:mod:`msdn_tf.backbones.keras_resnet` or
 :mod:`msdn_tf.backbones.torchvision_resnet`) and writing the rows resumably.
+
+``LIST`` is an xlsa17 ``res101.mat``, an ``image_list.npz`` or a text/CSV file of
+image paths relative to ``--images-root`` (CSV: first column the path, an optional
+second column a 0-based label). The output rows follow the order of the list.
+
+For training, write the file next to the xlsa17 metadata as
+``DIR/features_resnet101_448.hdf5`` (the default ``data.feature_file``; layout (b) of
+docs/data.md) and run ``python -m msdn_tf.train --dataset cub --data-dir DIR``.
+
+Two backbones (``--backbone``):
+
+* ``torchvision_resnet101`` (default; **the paper's features**): the reference pipeline
+  of TransZero/MSDN. Each image is decoded with Pillow and ``convert("RGB")``, resized
+  with torchvision's ``Resize(448)`` rule and Pillow's bilinear resampling, centre
+  cropped, ``/255`` and ImageNet mean/std -- bit-exact in numpy
+  (:mod:`msdn_tf.backbones.preprocessing`) -- then run through the torchvision-layout
+  ResNet-101 trunk in Keras (:mod:`msdn_tf.backbones.torchvision_resnet`) with weights
+  from ``--weights FILE.pth``: torchvision's ``resnet101-63fe2227.pth`` (ImageNet V1, what
+  the reference used) or a released MSDN checkpoint (its ``resnet101.*`` tensors). No
+  torch needed.
+* ``keras_resnet101``: ``keras.applications.ResNet101(include_top=False)`` (stride in the
+  first 1x1 convolution, caffe weights) with TF decoding, antialiased bilinear resize,
+  centre crop and ``keras.applications.resnet.preprocess_input``. **Not the reference
+  features**: results will not match the paper exactly.
+
+Both store layer4 after the final ReLU channel-first as ``feature_map``
+``(N, 2048, 14, 14)`` float32 for 448-pixel inputs.
 
 The run is resumable and crash-safe: rows are written to ``OUT.partial`` (the
 ``feature_map`` dataset is preallocated; the attribute ``done_count`` is flushed
