@@ -2,7 +2,8 @@
 
 What ``python -m msdn_tf.custom`` calls (format and walkthrough: ``docs/custom_data.md``):
 
-* ``prepare`` is :func:`msdn_tf.data.custom.prepare_dataset`;
+* ``prepare`` is :func:`prepare`: :func:`msdn_tf.data.custom.prepare_dataset` with the flags and an
+  optional ``dataset.yaml`` (:func:`prepare_options`);
 * ``run`` is :func:`run_custom`: the benchmark code (:func:`msdn_tf.training.loop.run_training`,
   :func:`msdn_tf.evaluation.report.evaluate_run`,
   :func:`msdn_tf.serving.export.export_saved_model`) on the ``custom`` entry of the dataset table;
@@ -36,6 +37,83 @@ def log_stderr(msg: str) -> None:
 def _next_version(base: Path) -> int:
     versions = [int(p.name) for p in base.iterdir() if p.name.isdigit()] if base.is_dir() else []
     return max(versions, default=0) + 1
+
+
+# prepare options that may also come from a dataset.yaml (--spec); path-valued ones are
+# resolved relative to the YAML file's folder.
+SPEC_KEYS = {
+    "images": True,
+    "csv": True,
+    "images_root": True,
+    "attributes": True,
+    "unseen": True,
+    "unseen_fraction": False,
+    "seed": False,
+    "attribute_vectors": True,
+    "word_vectors": True,
+    "allow_missing_words": False,
+    "allow_zero_vectors": False,
+    "test_seen_fraction": False,
+    "val_fraction": False,
+    "weights": False,
+    "image_size": False,
+    "batch_size": False,
+}
+EXCLUSIVE = (("images", "csv"), ("unseen", "unseen_fraction"), ("attribute_vectors", "word_vectors"))
+PREPARE_DEFAULTS = {
+    "seed": 0,
+    "test_seen_fraction": 0.2,
+    "val_fraction": 0.0,
+    "weights": "imagenet",
+    "image_size": 448,
+    "batch_size": 16,
+    "allow_missing_words": False,
+    "allow_zero_vectors": False,
+}
+
+
+def prepare_options(flags: dict, spec=None) -> dict:
+    """Keyword arguments of :func:`~msdn_tf.data.custom.prepare_dataset` from the ``prepare`` flags
+    (``flags``: option name -> value, ``None`` when not given) and an optional ``--spec`` YAML
+    (flags win)."""
+    opts = {k: flags.get(k) for k in SPEC_KEYS}
+    if spec:
+        from msdn_tf.config import load_yaml
+
+        spec_path = Path(spec)
+        try:
+            spec = load_yaml(spec_path)
+        except MSDNError as exc:
+            raise MSDNError(f"--spec: {exc}") from exc
+        for key, value in spec.items():
+            k = str(key).replace("-", "_")
+            if k not in SPEC_KEYS:
+                raise MSDNError(f"{spec_path}: unknown key {key!r}; known keys: {', '.join(SPEC_KEYS)}")
+            rivals = next((g for g in EXCLUSIVE if k in g), (k,))
+            if opts[k] in (None, False) and all(flags.get(r) is None for r in rivals if r != k):
+                opts[k] = str(spec_path.parent / value) if SPEC_KEYS[k] and value is not None else value
+    for k, v in PREPARE_DEFAULTS.items():
+        if opts[k] is None:
+            opts[k] = v
+    if opts["attributes"] is None:
+        raise MSDNError("prepare needs --attributes FILE.csv (class x attribute table)")
+    opts["csv_file"] = opts.pop("csv")
+    return opts
+
+
+def prepare(out, flags: dict, spec=None, *, overwrite=False, restart=False, progress=True) -> dict:
+    """``python -m msdn_tf.custom prepare``: :func:`~msdn_tf.data.custom.prepare_dataset` with the
+    options of :func:`prepare_options`; returns the summary the command prints."""
+    opts = prepare_options(flags, spec)
+    manifest = custom_data.prepare_dataset(out, **opts, overwrite=overwrite, restart=restart, progress=progress)
+    vectors = manifest["attribute_vectors"]
+    return {
+        "data_dir": str(out),
+        **manifest["sizes"],
+        "unseen": manifest["unseen_classes"],
+        "missing_words": sorted(vectors.get("missing_words", {})),
+        "zero_attributes": vectors.get("zero_attributes", []),
+    }
 
 
 def run_custom(
