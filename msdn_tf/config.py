@@ -27,7 +27,14 @@ import yaml
 from msdn_tf.errors import ConfigError
 from msdn_tf.options import CONFIG_CHOICES
 
-CONFIG_DIR = Path(os.environ.get("MSDN_CONFIG_DIR", Path(__file__).resolve().parent.parent / "configs"))
+# The recipes ship inside the package (msdn_tf/configs, a link to the top-level configs/ in a
+# checkout, real files in a wheel), so an installed msdn-tf reads them from any folder.
+CONFIG_DIR = Path(os.environ.get("MSDN_CONFIG_DIR", Path(__file__).resolve().parent / "configs"))
+
+# Datasets whose recipe (configs/<name>.yaml) is part of msdn-tf: without it a run would silently
+# use the dataclass defaults (e.g. SUN with lambda_cal 0.1 instead of 0.0001), so its absence is
+# an error. Datasets you register yourself may have a recipe or not.
+RECIPE_DATASETS = ("demo", "cub", "sun", "awa2", "custom")
 
 
 @dataclasses.dataclass
@@ -323,13 +330,17 @@ def resolve_config(dataset: Optional[str] = None, config_files=(), overrides=(),
     """Build the resolved config of a run.
 
     Args:
-        dataset: dataset name; its ``configs/<dataset>.yaml`` is applied when it exists.
+        dataset: dataset name; its recipe ``configs/<dataset>.yaml`` is applied (required for the
+            built-in datasets, :data:`RECIPE_DATASETS`; optional for datasets you registered).
         config_files: extra YAML files, applied in order.
         overrides: ``section.key=value`` strings, applied last.
         use_dataset_file: apply ``configs/<dataset>.yaml``.
 
     Returns:
         A validated :class:`Config`.
+
+    Raises:
+        ConfigError: a built-in dataset's recipe is missing, or a file or override is invalid.
     """
     config = Config()
     if dataset is not None:
@@ -339,6 +350,11 @@ def resolve_config(dataset: Optional[str] = None, config_files=(), overrides=(),
         path = dataset_config_path(dataset)
         if use_dataset_file and path.is_file():
             merge(config, load_yaml(path), str(path))
+        elif use_dataset_file and dataset in RECIPE_DATASETS:
+            raise ConfigError(
+                f"{path}: the recipe of --dataset {dataset} is missing (the msdn-tf installation is "
+                f"incomplete: reinstall it, or point MSDN_CONFIG_DIR at a folder with {dataset}.yaml)"
+            )
     for path in config_files:
         merge(config, load_yaml(path), str(path))
     if dataset is not None:

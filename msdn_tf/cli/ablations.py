@@ -9,16 +9,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from msdn_tf.cli.common import add_common_flags, cli_main
+from msdn_tf.cli.common import CommandParser, add_common_flags, cli_main
 from msdn_tf.errors import ConfigError
 from msdn_tf.experiments.ablations import ROWS, parse_rows, precision_check, quality_check, run_ablations
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m msdn_tf.ablations", description="Run the ablations of Table 2.")
-    p.add_argument("--dataset", default="demo", help="dataset name (default demo)")
+    p = CommandParser(command="ablations", description="Run the ablations of Table 2.")
+    p.add_argument("--dataset", default="demo", help="dataset name")
     p.add_argument("--rows", default="all", help=f"all, or a comma-separated list of: {', '.join(ROWS)}")
-    p.add_argument("--seeds", type=int, default=1, help="number of seeds: train.seed + 0..N-1 (default 1)")
+    p.add_argument("--seeds", type=int, default=1, help="number of seeds: train.seed + 0..N-1")
     add_common_flags(p)
     p.add_argument("--out", help="output folder (default runs/ablations/<dataset>)")
     p.add_argument(

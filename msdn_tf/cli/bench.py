@@ -14,20 +14,20 @@ import argparse
 import json
 import sys
 
-from msdn_tf.cli.common import add_verbose_flag, cli_main
+from msdn_tf.cli.common import CommandParser, add_verbose_flag, cli_main
 from msdn_tf.options import PRECISIONS
 from msdn_tf.perf.model_speed import CUB, IMPLS, run_benchmark
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m msdn_tf.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--regions", type=int, nargs="+", default=[196, 49], help="R values to run (default 196 49)")
-    p.add_argument("--batch", type=int, default=50, help="training batch (default 50)")
-    p.add_argument("--eval-batch", type=int, default=100, help="evaluation batch (default 100)")
-    p.add_argument("--steps", type=int, default=3, help="calls per timed repeat (default 3)")
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats (default 5)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed calls first, incl. compilation (default 2)")
-    p.add_argument("--matmul-steps", type=int, default=3, help="products per timed matmul repeat (default 3)")
+    p = CommandParser(command="bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--regions", type=int, nargs="+", default=[196, 49], help="R values to run")
+    p.add_argument("--batch", type=int, default=50, help="training batch")
+    p.add_argument("--eval-batch", type=int, default=100, help="evaluation batch")
+    p.add_argument("--steps", type=int, default=3, help="calls per timed repeat")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls first, incl. compilation")
+    p.add_argument("--matmul-steps", type=int, default=3, help="products per timed matmul repeat")
     p.add_argument(
         "--jit",
         action=argparse.BooleanOptionalAction,
@@ -55,11 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="several variants timed in the same run, interleaved (e.g. einsum:nojit fused:nojit "
         "fused:jit fused:jit:mixed_bfloat16); overrides --impl/--jit/--precision",
     )
-    p.add_argument("--attributes", type=int, default=CUB["attributes"], help="K (default 312, CUB)")
-    p.add_argument("--classes", type=int, default=CUB["classes"], help="C (default 200, CUB)")
-    p.add_argument("--unseen", type=int, default=CUB["unseen"], help="unseen classes (default 50, CUB)")
-    p.add_argument("--features", type=int, default=CUB["features"], help="F (default 2048)")
-    p.add_argument("--embed", type=int, default=CUB["embed"], help="D (default 300)")
+    p.add_argument("--attributes", type=int, default=CUB["attributes"], help="K (CUB)")
+    p.add_argument("--classes", type=int, default=CUB["classes"], help="C (CUB)")
+    p.add_argument("--unseen", type=int, default=CUB["unseen"], help="unseen classes (CUB)")
+    p.add_argument("--features", type=int, default=CUB["features"], help="F")
+    p.add_argument("--embed", type=int, default=CUB["embed"], help="D")
     p.add_argument("--json", dest="json_out", help="also write the JSON report to this file")
     return add_verbose_flag(p)
 

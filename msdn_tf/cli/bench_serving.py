@@ -10,7 +10,6 @@ What it measures and prints: :mod:`msdn_tf.perf.serving_latency`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -18,22 +17,20 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from msdn_tf.cli.common import add_verbose_flag
+from msdn_tf.cli.common import CommandParser, add_verbose_flag
 from msdn_tf.errors import MSDNError
 from msdn_tf.perf.serving_latency import SYNTHETIC, benchmark, synthetic_model
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m msdn_tf.bench_serving", description="CPU latency/throughput of an exported MSDN SavedModel."
-    )
+    p = CommandParser(command="bench_serving", description="CPU latency/throughput of an exported MSDN SavedModel.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--export", help="model base path or version folder")
     src.add_argument("--synthetic", choices=sorted(SYNTHETIC), help="export a random model at these shapes first")
-    p.add_argument("--batches", nargs="+", type=int, default=[1, 64])
-    p.add_argument("--iterations", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--regions", type=int, default=196)
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 64], help="batch sizes to measure")
+    p.add_argument("--iterations", type=int, default=20, help="timed calls per batch size")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls before timing")
+    p.add_argument("--regions", type=int, default=196, help="regions R of the feature inputs (196 = 14x14)")
     args = add_verbose_flag(p).parse_args(argv)
     try:
         if min(args.batches) < 1 or args.iterations < 1 or args.warmup < 0 or args.regions < 1:

@@ -5,7 +5,6 @@ The library is :mod:`msdn_tf.serving.cc_loader`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from msdn_tf.cli.common import add_verbose_flag
+from msdn_tf.cli.common import CommandParser, add_verbose_flag
 from msdn_tf.serving.cc_loader import (
     CcLoaderError,
     CcLoaderUnavailable,
@@ -33,8 +32,8 @@ def _parse_input(spec: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m msdn_tf.cc_loader",
+    parser = CommandParser(
+        command="cc_loader",
         description="Load a SavedModel with TensorFlow's C++ loader (as TF Serving does), "
         "list its signatures and optionally run one.",
     )

@@ -17,7 +17,7 @@ import json
 import sys
 from typing import Optional, Sequence
 
-from msdn_tf.cli.common import add_verbose_flag
+from msdn_tf.cli.common import CommandParser, add_verbose_flag
 from msdn_tf.errors import MSDNError
 from msdn_tf.serving.classify import classify, fetch_metadata, format_text, read_features, read_images
 
@@ -26,10 +26,8 @@ from msdn_tf.serving.classify import classify, fetch_metadata, format_text, read
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m msdn_tf.client", description="Classify features or images with an MSDN served by TF Serving."
-    )
-    p.add_argument("--server", default="localhost:8500", help="gRPC address host:port (default localhost:8500)")
+    p = CommandParser(command="client", description="Classify features or images with an MSDN served by TF Serving.")
+    p.add_argument("--server", default="localhost:8500", help="gRPC address host:port")
     p.add_argument("--rest", default=None, help="use TF Serving's REST API at this URL, e.g. http://localhost:8501")
     p.add_argument("--model", required=True, help="model name in the server's model config, e.g. msdn_cub")
     p.add_argument("--version", type=int, default=None, help="model version (default: the latest)")
@@ -43,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="msdn_metadata.json written by the export (default: ask the server's metadata signature)",
     )
-    p.add_argument("--timeout", type=float, default=30.0)
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the server's answer")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     return p
 

@@ -22,6 +22,7 @@ This module imports only the standard library and :mod:`msdn_tf.errors` / :mod:`
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import functools
 import importlib.abc
@@ -168,11 +169,79 @@ def add_common_flags(parser, *, dataset_help: str | None = None, data_dir: bool 
 
 
 def add_verbose_flag(parser):
-    """Add ``--verbose`` (show TensorFlow's own start-up and log lines) to an argparse parser."""
+    """Add ``--verbose`` (show TensorFlow's own start-up and log lines) to an argparse parser, once."""
+    if VERBOSE_FLAG in parser._option_string_actions:
+        return parser
     parser.add_argument(
         VERBOSE_FLAG, action="store_true", help=f"show TensorFlow's start-up and log lines (also: {VERBOSE_ENV}=1)"
     )
     return parser
+
+
+CONSOLE_SCRIPT_PREFIX = "msdn-"
+
+
+def command_prog(command: str, argv0: str | None = None) -> str:
+    """The command's name as the user invoked it, for ``usage:`` lines and errors.
+
+    ``msdn-bench-input`` when run as that console script, else ``python -m msdn_tf.bench_input``.
+
+    Args:
+        command: the module name in :mod:`msdn_tf.cli` (``train``, ``bench_input``, ...).
+        argv0: the program path (default ``sys.argv[0]``).
+
+    Example:
+        >>> command_prog("bench_input", "/venv/bin/msdn-bench-input")
+        'msdn-bench-input'
+        >>> command_prog("train", "/repo/msdn_tf/train.py")
+        'python -m msdn_tf.train'
+    """
+    name = os.path.basename(sys.argv[0] if argv0 is None else argv0)
+    if name.startswith(CONSOLE_SCRIPT_PREFIX):
+        return name
+    return f"python -m msdn_tf.{command}"
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each flag's default (``(default: 50)``) unless it has none to show.
+
+    No default is shown for a flag whose default is None, False (an on/off switch) or an
+    empty list (a repeatable flag): their help text says what happens without them.
+    """
+
+    def _get_help_string(self, action):
+        default = action.default
+        if default is None or default is False or default == [] or default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class CommandParser(argparse.ArgumentParser):
+    """The argument parser of every msdn-tf command (and its sub-commands).
+
+    Differences from ``argparse.ArgumentParser``: ``command=`` names the command so ``usage:``
+    shows it as invoked (:func:`command_prog`); ``--help`` shows defaults
+    (:class:`DefaultsHelpFormatter`); ``--verbose`` is listed on every parser, because
+    :func:`cli_main` accepts it everywhere. Sub-command parsers are of this class too.
+
+    Args:
+        command: the module name in :mod:`msdn_tf.cli` (sets ``prog``); sub-parsers get their
+            ``prog`` from argparse.
+        **kwargs: as for ``argparse.ArgumentParser``.
+
+    Example:
+        >>> p = CommandParser(command="train", description="Train MSDN.")
+        >>> p.prog
+        'python -m msdn_tf.train'
+    """
+
+    def __init__(self, *args, command: str | None = None, **kwargs):
+        if command is not None:
+            kwargs["prog"] = command_prog(command)
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+        if self.add_help:
+            add_verbose_flag(self)
 
 
 def cli_main(main):

@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from msdn_tf.cli.common import cli_main
+from msdn_tf.cli.common import CommandParser, cli_main
 from msdn_tf.training.convert import REPORT_FILE, convert_checkpoint, summary
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m msdn_tf.convert",
+    p = CommandParser(
+        command="convert",
         description="Convert an authors' PyTorch MSDN checkpoint ({CUB,SUN,AWA2}_MSDN_{CZSL,GZSL}.pth) "
         "into an msdn-tf run directory. Needs no torch; the file is read without executing "
         "anything in it.",

@@ -27,7 +27,7 @@ import argparse
 import json
 from typing import Optional, Sequence
 
-from msdn_tf.cli.common import cli_main
+from msdn_tf.cli.common import CommandParser, cli_main
 from msdn_tf.experiments.custom_workflow import EXAMPLE_OVERRIDES, log_stderr, prepare, run_custom, run_example
 
 
@@ -84,8 +84,8 @@ def cmd_example(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m msdn_tf.custom",
+    p = CommandParser(
+        command="custom",
         description="MSDN on your own attribute-annotated images (docs/custom_data.md).",
     )
     sub = p.add_subparsers(dest="command", required=True)
@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", required=True, help="the prepared folder DATA_DIR")
     a.add_argument("--overwrite", action="store_true", help="replace an existing DATA_DIR/features.hdf5")
     a.add_argument("--restart", action="store_true", help="discard an unfinished extraction instead of resuming")
-    a.add_argument("--no-progress", action="store_true")
+    a.add_argument("--no-progress", action="store_true", help="no progress bar while extracting features")
     a.set_defaults(func=cmd_prepare)
 
     r = sub.add_parser("run", help="train + evaluate + export on a prepared DATA_DIR")
@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--iterations", type=int, help="shortcut for --set train.iterations=N")
     r.add_argument("--gamma", type=float, default=0.0, help="calibrated stacking for evaluation and the export")
     r.add_argument("--top-k", type=int, default=5, help="top-k of the export")
-    r.add_argument("--no-export", action="store_true")
+    r.add_argument("--no-export", action="store_true", help="train and evaluate only; no SavedModel")
     r.add_argument("--no-images", action="store_true", help="export without the serving_images signature")
     r.add_argument("--verify-export", action="store_true", help="reload the export with TF's C++ loader and compare")
     r.add_argument("--visualize", action="store_true", help="write an attention figure of one unseen test image")
@@ -162,11 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("example", help="generated coloured shapes: prepare -> run -> serve -> query")
     e.add_argument("--out", required=True, help="work folder (source images, data, run, export)")
-    e.add_argument("--image-size", type=int, default=96, help="backbone input size (default 96 -> 3x3 maps)")
-    e.add_argument("--classes", type=int, default=15)
-    e.add_argument("--images-per-class", type=int, default=12)
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--top-k", type=int, default=3)
+    e.add_argument("--image-size", type=int, default=96, help="backbone input size")
+    e.add_argument("--classes", type=int, default=15, help="number of generated classes")
+    e.add_argument("--images-per-class", type=int, default=12, help="generated images per class")
+    e.add_argument("--seed", type=int, default=0, help="seed of the generated images and the run")
+    e.add_argument("--top-k", type=int, default=3, help="top-k of the export")
     e.add_argument(
         "--set",
         action="append",

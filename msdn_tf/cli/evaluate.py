@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import argparse
 
-from msdn_tf.cli.common import cli_main
+from msdn_tf.cli.common import CommandParser, cli_main
 from msdn_tf.evaluation.report import evaluate_run
 
 
 # --------------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m msdn_tf.evaluate",
+    p = CommandParser(
+        command="evaluate",
         description="Evaluate a run directory (trained or converted) on the test split.",
     )
     p.add_argument("--run", required=True, help="run directory with config.yaml and model.keras")

@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from msdn_tf.cli.common import add_verbose_flag
+from msdn_tf.cli.common import CommandParser, add_verbose_flag
 from msdn_tf.errors import MSDNError
 from msdn_tf.serving.export import (
     METADATA_FILE,
@@ -37,14 +37,14 @@ from msdn_tf.serving.verify import report_markdown, verify_export
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m msdn_tf.export",
+    p = CommandParser(
+        command="export",
         description="Export a trained MSDN run as a TF Serving SavedModel "
         "(OUT/<version>/) and check it with TF's C++ loader.",
     )
     p.add_argument("--run", required=True, help="run directory (config.yaml + model.keras)")
     p.add_argument("--out", required=True, help="TF Serving model base path, e.g. export/models/msdn_cub")
-    p.add_argument("--version", type=int, default=1, help="version folder (default 1)")
+    p.add_argument("--version", type=int, default=1, help="version folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing version folder")
     p.add_argument(
         "--gamma",
@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
         default=0.0,
         help="calibrated stacking: subtracted from seen-class scores for gzsl_class/top-k (default 0)",
     )
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--top-k", type=int, default=5, help="classes returned per input (top_k_classes, top_k_scores)")
     p.add_argument("--with-images", action="store_true", help="add serving_images (JPEG/PNG bytes -> backbone)")
     p.add_argument(
         "--backbone",
@@ -69,7 +69,9 @@ def _parser() -> argparse.ArgumentParser:
         "keras_resnet101: 'imagenet' (default, Keras download), a local .h5 file or 'none' "
         "(random, for tests)",
     )
-    p.add_argument("--image-size", type=int, default=448)
+    p.add_argument(
+        "--image-size", type=int, default=448, help="square image size of serving_images (448 gives 14x14 maps)"
+    )
     p.add_argument(
         "--set",
         action="append",

@@ -21,14 +21,14 @@ import sys
 from typing import Optional, Sequence
 
 from msdn_tf.backbones.torchvision_resnet import TORCHVISION_WEIGHTS_HINT
-from msdn_tf.cli.common import cli_main
+from msdn_tf.cli.common import CommandParser, cli_main
 from msdn_tf.data.extraction import BACKBONES, build_metadata, extract_features, read_image_list
 from msdn_tf.errors import DataError, MSDNError
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m msdn_tf.extract",
+    p = CommandParser(
+        command="extract",
         description="Extract ResNet-101 feature maps (N, 2048, 14, 14) into the §1.1 HDF5 layout. "
         "Resumable: re-run the same command after an interruption. The default backbone, torchvision_resnet101, "
         "gives the paper's features.",
@@ -55,9 +55,9 @@ def _parser() -> argparse.ArgumentParser:
         "a released MSDN checkpoint .pth (required). keras_resnet101: 'imagenet' (default; Keras "
         "download, needs network), a local .h5/.weights.h5 file, or 'none' (random, for tests)",
     )
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="images per backbone call")
     p.add_argument("--image-size", type=int, default=448, help="square input size (448 gives 14x14 maps)")
-    p.add_argument("--compression", default="gzip", choices=["gzip", "none"])
+    p.add_argument("--compression", default="gzip", choices=["gzip", "none"], help="HDF5 compression of the features")
     p.add_argument("--limit", type=int, default=None, help="only the first N images (smoke tests)")
     p.add_argument("--att-splits", default=None, help="xlsa17 att_splits.mat: store splits, att, class names")
     p.add_argument("--attributes-pkl", default=None, help="{DS}_attribute.pkl (or .npy): store w2v_att")
@@ -65,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--attribute-names", default=None, help="attributes.txt / predicates.txt / attributes.mat")
     p.add_argument("--restart", action="store_true", help="discard an existing OUT.partial")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 

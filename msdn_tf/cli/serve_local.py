@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from msdn_tf.cli.common import add_verbose_flag
+from msdn_tf.cli.common import CommandParser, add_verbose_flag
 from msdn_tf.serving.local_server import (
     DEFAULT_MAX_BATCH,
     DEFAULT_REQUEST_TIMEOUT,
@@ -12,15 +12,14 @@ from msdn_tf.serving.local_server import (
 
 
 def main(argv=None) -> int:
-    import argparse
     import time
 
-    parser = argparse.ArgumentParser(
-        prog="python -m msdn_tf.serve_local",
+    parser = CommandParser(
+        command="serve_local",
         description="Run a local TEST DOUBLE of TensorFlow Serving (not TF Serving itself).",
     )
-    parser.add_argument("--model_base_path", required=True)
-    parser.add_argument("--model_name", required=True)
+    parser.add_argument("--model_base_path", required=True, help="folder of numbered versions (OUT of msdn_tf.export)")
+    parser.add_argument("--model_name", required=True, help="the name clients ask for (model_spec.name)")
     parser.add_argument("--port", type=int, default=8500, help="gRPC port (0 = any free port)")
     parser.add_argument("--rest_api_port", type=int, default=8501, help="REST port (-1 = disabled)")
     parser.add_argument(

@@ -5,25 +5,26 @@ The library is :mod:`msdn_tf.backbones.verify`.
 
 from __future__ import annotations
 
-import argparse
 import os
 from typing import Optional, Sequence
 
 import numpy as np
 
 from msdn_tf.backbones.verify import compare, compare_served
-from msdn_tf.cli.common import cli_main
+from msdn_tf.cli.common import CommandParser, cli_main
 from msdn_tf.errors import MSDNError
 
 
 @cli_main
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m msdn_tf.verify_backbone", description=__doc__.splitlines()[0])
+    p = CommandParser(command="verify_backbone", description=__doc__.splitlines()[0])
     p.add_argument("--weights", required=True, help="the .pth the reference maps were made with")
     p.add_argument("--images", required=True, help="folder of the images (the same as for the reference)")
     p.add_argument("--reference", required=True, help="reference.npz from make_backbone_fixtures.py --full-depth")
-    p.add_argument("--image-size", type=int, default=448)
-    p.add_argument("--tolerance", type=float, default=1e-3)
+    p.add_argument("--image-size", type=int, default=448, help="square input size the reference maps were made at")
+    p.add_argument(
+        "--tolerance", type=float, default=1e-3, help="largest allowed relative L2 error of the extracted maps"
+    )
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.add_argument(
         "--export",

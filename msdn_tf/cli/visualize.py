@@ -15,14 +15,12 @@ import json
 import sys
 from typing import Optional, Sequence
 
-from msdn_tf.cli.common import cli_main
+from msdn_tf.cli.common import CommandParser, cli_main
 from msdn_tf.viz.run_figures import visualize_attention, visualize_embeddings
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m msdn_tf.visualize", description="Attention maps and embeddings of a trained MSDN run."
-    )
+    p = CommandParser(command="visualize", description="Attention maps and embeddings of a trained MSDN run.")
     sub = p.add_subparsers(dest="command", required=True)
 
     a = sub.add_parser("attention", help="top-k attributes of one image with both sub-nets' attention maps")
@@ -31,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--image", help="an image file (runs the backbone; maps overlaid on the image)")
     src.add_argument("--index", type=int, help="N-th image (0-based) of --split (features only: region grid)")
     a.add_argument("--split", default="test_unseen", help="with --index: test_unseen (default), test_seen, trainval")
-    a.add_argument("--top-k", type=int, default=6, help="attributes shown (default 6)")
+    a.add_argument("--top-k", type=int, default=6, help="attributes shown")
     a.add_argument(
         "--rank-by",
         default="fused",
@@ -60,9 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "tsne", "pca"],
         help="static figure projection (auto: t-SNE if scikit-learn is installed, else PCA)",
     )
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--seed", type=int, default=0, help="seed of the row sample and the t-SNE projection")
     e.add_argument("--out", help="output folder (default RUN/tensorboard/embeddings_<split>)")
-    e.add_argument("--no-progress", action="store_true")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
