@@ -5,7 +5,10 @@ Resolution order (later wins):
 1. the dataclass defaults below;
 2. ``configs/<dataset>.yaml`` (the dataset's reference hyper-parameters);
 3. ``--config FILE`` (any number of YAML files);
-4. ``--set section.key=value`` overrides (values parsed as YAML).
+4. ``--set section.key=value`` overrides (values parsed as YAML);
+5. the command's own flags (``--data-dir``, ``--seed``, ...), set as the typed values the
+   user gave (:func:`flag_values`): a path is never re-read as YAML text, so
+   ``--data-dir "runs/dd #2"`` and ``--data-dir null`` are those folders.
 
 Unknown sections or keys and values of the wrong type raise :class:`ConfigError`
 naming the file (or override) and the key. The resolved config is written to
@@ -302,10 +305,12 @@ def load_yaml(path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             content = yaml.safe_load(f)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {exc.start}); save it as UTF-8") from exc
     return content or {}
 
 
@@ -322,19 +327,47 @@ def parse_override(text: str) -> dict:
     return {section: {name: value}}
 
 
+def flag_values(config: Config, flags) -> Config:
+    """Set command flags on ``config`` as typed values (never parsed as YAML); unknown keys raise.
+
+    Args:
+        config: the config to update (in place).
+        flags: ``(section.key, value, flag)`` triples, e.g. ``("data.data_dir", args.data_dir,
+            "--data-dir")``; a ``None`` value is skipped (the flag was not given). ``flag``
+            names the value's source in error messages.
+
+    Example:
+        >>> c = flag_values(Config(), [("data.data_dir", "runs/dd #2", "--data-dir")])
+        >>> c.data.data_dir
+        'runs/dd #2'
+    """
+    for key, value, flag in flags:
+        if value is None:
+            continue
+        if isinstance(value, str) and not value.strip():
+            raise ConfigError(f"{flag}: empty value; give a value or leave the flag out")
+        section, name = key.split(".", 1)
+        merge(config, {section: {name: value}}, f"{flag} {value}")
+    return config
+
+
 def dataset_config_path(dataset: str) -> Path:
     return CONFIG_DIR / f"{dataset}.yaml"
 
 
-def resolve_config(dataset: Optional[str] = None, config_files=(), overrides=(), use_dataset_file=True) -> Config:
+def resolve_config(
+    dataset: Optional[str] = None, config_files=(), overrides=(), use_dataset_file=True, flags=()
+) -> Config:
     """Build the resolved config of a run.
 
     Args:
         dataset: dataset name; its recipe ``configs/<dataset>.yaml`` is applied (required for the
             built-in datasets, :data:`RECIPE_DATASETS`; optional for datasets you registered).
         config_files: extra YAML files, applied in order.
-        overrides: ``section.key=value`` strings, applied last.
+        overrides: ``section.key=value`` strings (``--set``; the value is YAML).
         use_dataset_file: apply ``configs/<dataset>.yaml``.
+        flags: ``(section.key, value, flag)`` triples of a command's own flags, applied
+            last as typed values (:func:`flag_values`).
 
     Returns:
         A validated :class:`Config`.
@@ -362,6 +395,7 @@ def resolve_config(dataset: Optional[str] = None, config_files=(), overrides=(),
         sources_of(config)[("data", "dataset")] = f"--dataset {dataset}"
     for text in overrides:
         merge(config, parse_override(text), f"--set {text}")
+    flag_values(config, flags)
     validate(config)
     return config
 
@@ -375,6 +409,12 @@ def canonical_dataset_name(name):
     return name.lower() if isinstance(name, str) else name
 
 
+# the seeds numpy, Keras and TensorFlow all accept
+SEED_RANGE = (0, 2**32 - 1, True, True)
+# |bias| above this swamps the class scores (logits are att . scores, att rows of unit norm):
+# every image becomes an unseen (or, negative, a seen) class whatever it shows
+MAX_BIAS = 100.0
+
 # (section, key): (lowest, highest, lowest allowed?, highest allowed?), for numbers; None: unbounded
 RANGES = {
     ("data", "batch_size"): (1, None, True, True),
@@ -385,8 +425,8 @@ RANGES = {
     ("demo", "num_attributes"): (1, None, True, True),
     ("demo", "attributes_per_class"): (1, None, True, True),
     ("demo", "images_per_class"): (2, None, True, True),
-    ("demo", "map_size"): (1, None, True, True),
-    ("demo", "feature_dim"): (1, None, True, True),
+    ("demo", "map_size"): (3, None, True, True),  # the object box is 3-4 regions wide
+    ("demo", "feature_dim"): (4, None, True, True),  # each attribute pattern uses >= 4 channels
     ("demo", "embed_dim"): (1, None, True, True),
     ("demo", "test_seen_fraction"): (0.0, 1.0, False, False),
     ("demo", "distractors"): (0.0, None, True, True),
@@ -404,6 +444,9 @@ RANGES = {
     ("train", "log_every"): (1, None, True, True),
     ("train", "tensorboard_examples"): (0, None, True, True),
     ("train", "worker_timeout"): (0.0, None, False, True),
+    ("train", "seed"): SEED_RANGE,
+    ("demo", "seed"): SEED_RANGE,
+    ("model", "bias"): (-MAX_BIAS, MAX_BIAS, True, True),
 }
 
 
@@ -439,6 +482,14 @@ def validate(config: Config) -> None:
             fail(section, key, f"must be one of {', '.join(map(str, choices))}; got {value!r}")
     if len(config.model.fusion_weights) != 2:
         fail("model", "fusion_weights", f"must be [w1, w2], got {config.model.fusion_weights!r}")
+    weights = config.model.fusion_weights
+    if any(w < 0 for w in weights) or not any(w > 0 for w in weights):
+        fail(
+            "model",
+            "fusion_weights",
+            f"must be two weights >= 0, at least one > 0 (the reference uses [0.9, 0.1]), got {weights!r}: "
+            "with these the fused scores are zero or inverted and every prediction is meaningless",
+        )
     for (section, key), (lo, hi, lo_in, hi_in) in RANGES.items():
         value = getattr(getattr(config, section), key)
         if value is None:
@@ -446,6 +497,31 @@ def validate(config: Config) -> None:
         ok = (value >= lo if lo_in else value > lo) and (hi is None or (value <= hi if hi_in else value < hi))
         if not ok:
             fail(section, key, f"must be {_interval(lo, hi, lo_in, hi_in)}, got {value!r}")
+    _validate_demo(config, fail)
+
+
+def _validate_demo(config: Config, fail) -> None:
+    """The demo generator's sizes that only make sense together."""
+    demo = config.demo
+    if demo.num_unseen >= demo.num_classes:
+        fail(
+            "demo",
+            "num_unseen",
+            f"must be below demo.num_classes = {demo.num_classes} (seen classes are needed), got {demo.num_unseen}",
+        )
+    if round(demo.test_seen_fraction * demo.images_per_class) >= demo.images_per_class:
+        fail(
+            "demo",
+            "test_seen_fraction",
+            f"leaves no training image of a seen class with demo.images_per_class = {demo.images_per_class} "
+            f"(got {demo.test_seen_fraction}); lower it or raise demo.images_per_class",
+        )
+    if demo.attributes_per_class > demo.num_attributes:
+        fail(
+            "demo",
+            "attributes_per_class",
+            f"must be at most demo.num_attributes = {demo.num_attributes}, got {demo.attributes_per_class}",
+        )
 
 
 def to_yaml(config: Config) -> str:

@@ -65,9 +65,15 @@ def describe_os_error(exc: OSError) -> str:
 
 
 def report_error(exc: BaseException) -> int:
-    """Print the one-line message of a known error to stderr; the exit status (2)."""
+    """Print the one-line message of a known error to stderr; the exit status.
+
+    2, or the error's ``exit_code`` (130 for an interruption, as shells report SIGINT).
+    """
     if isinstance(exc, OSError):
         print(f"error: {describe_os_error(exc)}", file=sys.stderr)
+    elif isinstance(exc, KeyboardInterrupt):
+        print("error: interrupted", file=sys.stderr)
+        return 130
     else:
         print(f"error: {exc}", file=sys.stderr)
-    return 2
+    return int(getattr(exc, "exit_code", 2))

@@ -43,8 +43,7 @@ def main(argv=None) -> int:
     rows = parse_rows(args.rows)
     if args.check and not {"gap", "full"} <= set(rows):
         raise ConfigError("--check needs the rows gap and full (e.g. --rows gap,full)")
-    overrides = list(args.set) + ([f"data.data_dir={args.data_dir}"] if args.data_dir else [])
-    config = resolve_config(args.dataset, args.config, overrides)
+    config = resolve_config(args.dataset, args.config, args.set, flags=[("data.data_dir", args.data_dir, "--data-dir")])
     get_spec(config.data.dataset)
     out = Path(args.out) if args.out else Path(config.train.out_dir) / "ablations" / config.data.dataset
     result = run_ablations(config, rows, out, seeds=args.seeds)

@@ -247,6 +247,8 @@ class CommandParser(argparse.ArgumentParser):
 def cli_main(main):
     """Decorate a command's ``main(argv)``: :class:`MSDNError` and ``OSError`` become one line and exit 2.
 
+    Ctrl-C is one line too, with exit status 130 (training says which checkpoint is intact).
+
     Every command uses this one tail, so a disk full, a read-only folder or a bad input
     reads the same everywhere: ``error: <path>: <what> ...`` on stderr, no traceback.
     ``--verbose`` is taken out of the arguments (it acted at start-up, see
@@ -265,7 +267,7 @@ def cli_main(main):
             argv = [a for a in argv if a != VERBOSE_FLAG]
         try:
             return main(argv)
-        except (MSDNError, OSError) as exc:
+        except (MSDNError, OSError, KeyboardInterrupt) as exc:
             return report_error(exc)
 
     return wrapper

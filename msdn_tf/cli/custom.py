@@ -40,16 +40,12 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_run(args) -> int:
-    overrides = list(args.set)
-    if args.seed is not None:
-        overrides.append(f"train.seed={args.seed}")
-    if args.iterations is not None:
-        overrides.append(f"train.iterations={args.iterations}")
     summary = run_custom(
         args.data_dir,
         args.out,
         config_files=args.config,
-        overrides=overrides,
+        overrides=args.set,
+        flags=[("train.seed", args.seed, "--seed"), ("train.iterations", args.iterations, "--iterations")],
         export_dir=args.export_dir,
         export=not args.no_export,
         with_images=not args.no_images,

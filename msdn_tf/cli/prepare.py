@@ -23,14 +23,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
     from msdn_tf.config import resolve_config
 
-    overrides = list(args.set) + [f"data.data_dir={args.data_dir}"]
-    if args.dtype:
-        overrides.append(f"data.cache_dtype={args.dtype}")
-    if args.cache_dir:
-        overrides.append(f"data.cache_dir={args.cache_dir}")
-    if args.feature_file:
-        overrides.append(f"data.feature_file={args.feature_file}")
-    config = resolve_config(args.dataset, (), overrides)
+    flags = [
+        ("data.data_dir", args.data_dir, "--data-dir"),
+        ("data.cache_dtype", args.dtype, "--dtype"),
+        ("data.cache_dir", args.cache_dir, "--cache-dir"),
+        ("data.feature_file", args.feature_file, "--feature-file"),
+    ]
+    config = resolve_config(args.dataset, (), args.set, flags=flags)
     summary = prepare(config, rebuild=args.rebuild, progress=not args.no_progress)
     print(json.dumps(summary))
     return 0

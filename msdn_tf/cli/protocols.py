@@ -63,8 +63,7 @@ def main(argv=None) -> int:
     from msdn_tf.config import resolve_config
     from msdn_tf.data.registry import get_spec
 
-    overrides = list(args.set) + ([f"data.data_dir={args.data_dir}"] if args.data_dir else [])
-    config = resolve_config(args.dataset, args.config, overrides)
+    config = resolve_config(args.dataset, args.config, args.set, flags=[("data.data_dir", args.data_dir, "--data-dir")])
     get_spec(config.data.dataset)
     out = Path(args.out) if args.out else Path(config.train.out_dir) / "protocols" / config.data.dataset
     run_protocol(

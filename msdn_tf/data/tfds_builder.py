@@ -127,7 +127,7 @@ class MsdnZsl(tfds.core.GeneratorBasedBuilder):
 
                 found = [str(ensure_demo_file(DemoConfig(), manual_dir))]
             return load_feature_map_hdf5(found[0], name="demo"), None
-        config = resolve_config(name, overrides=[f"data.data_dir={manual_dir}"])
+        config = resolve_config(name, flags=[("data.data_dir", str(manual_dir), "manual_dir")])
         data = load_dataset(config)
         return data, _image_files(manual_dir, name, len(data.labels))
 

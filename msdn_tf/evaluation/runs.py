@@ -32,19 +32,57 @@ def load_run_config(run_dir) -> Config:
     return from_dict(load_yaml(path), str(path))
 
 
-def load_run_model(run_dir):
-    """The trained :class:`~msdn_tf.model.MSDN` of a run directory."""
+def load_run_model(run_dir, log=None):
+    """The trained :class:`~msdn_tf.model.MSDN` of a run directory.
+
+    Refuses, in one line naming the file: a run being written by another process that
+    has no model yet (instead of advising ``--resume``), a file Keras cannot read, a
+    model that is not an MSDN, and a model holding code (a ``Lambda`` layer: Keras' safe
+    mode stays on, nothing in the file is executed). A run being written that already
+    holds a model (a resume, an ``--overwrite``) is read with a note on stderr.
+    """
+    import sys
+    import zipfile
+
     import keras
 
-    import msdn_tf.model  # noqa: F401  (registers the custom objects)
+    from msdn_tf.model import MSDN
+    from msdn_tf.training.lock import writer_of
 
     path = Path(run_dir) / MODEL_FILE
+    writer = writer_of(run_dir)
     if not path.is_file():
+        if writer:
+            raise MSDNError(
+                f"{run_dir} is being written by {writer}; it has no {MODEL_FILE} yet: wait for it to finish"
+            )
         raise MSDNError(
             f"{path}: not found; the run has not finished (resume it with "
             f"python -m msdn_tf.train --run-dir {run_dir} --resume)"
         )
-    return keras.models.load_model(path, compile=False)
+    if writer:
+        (log or (lambda t: print(t, file=sys.stderr)))(
+            f"note: {run_dir} is being written by {writer}; reading the {MODEL_FILE} it holds now"
+        )
+    try:
+        model = keras.models.load_model(path, compile=False, safe_mode=True)
+    except (ValueError, TypeError, KeyError, OSError, zipfile.BadZipFile, AttributeError) as exc:
+        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        if "lambda" in detail.lower():
+            raise MSDNError(
+                f"{path}: holds a Lambda layer (Python code); msdn-tf never loads code from a model "
+                "file: use a model.keras written by msdn-tf"
+            ) from exc
+        raise MSDNError(
+            f"{path}: not a Keras model file msdn-tf can read ({type(exc).__name__}: {detail}); "
+            "write it again with python -m msdn_tf.train or python -m msdn_tf.convert"
+        ) from exc
+    if not isinstance(model, MSDN):
+        raise MSDNError(
+            f"{path}: holds a {type(model).__name__}, not an MSDN model; evaluate, export and visualize "
+            "need the model.keras that python -m msdn_tf.train or python -m msdn_tf.convert wrote"
+        )
+    return model
 
 
 def load_run(run_dir):

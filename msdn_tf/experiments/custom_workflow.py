@@ -131,6 +131,7 @@ def run_custom(
     visualize: bool = False,
     resume: bool = False,
     log: Callable[[str], None] = print,
+    flags=(),
 ) -> dict:
     """Train, evaluate and export MSDN on a prepared folder (the ``custom`` dataset).
 
@@ -139,6 +140,8 @@ def run_custom(
         out: the run directory.
         config_files, overrides: extra YAML files and ``section.key=value`` strings applied
             after ``configs/custom.yaml``.
+        flags: ``(section.key, value, flag)`` of command flags, set as typed values
+            (:func:`msdn_tf.config.flag_values`).
         export_dir: TF Serving model base path (default ``out/export``); a new version
             folder is added (1, 2, ...).
         export: export at all (needs :mod:`msdn_tf.serving.export`).
@@ -163,7 +166,9 @@ def run_custom(
 
     data_dir = os.path.abspath(data_dir)
     out = Path(out)
-    config = resolve_config("custom", list(config_files), [f"data.data_dir={data_dir}", *overrides])
+    config = resolve_config(
+        "custom", list(config_files), list(overrides), flags=[("data.data_dir", data_dir, "data_dir"), *flags]
+    )
     data = load_dataset(config)
     timings = {}
     t0 = time.time()

@@ -30,8 +30,10 @@ class NonFiniteGuard:
                 super().__init__()
                 self.offset = 0
                 self.failure = None  # (step, non-finite loss terms, failed checks code)
+                self.done = 0  # the last step finished (for the message of an interruption)
 
             def on_train_batch_end(self, batch, logs=None):
+                self.done = self.offset + batch + 1
                 logs = logs or {}
                 code = float(logs.get("nonfinite", 0.0))
                 terms = [k for k, v in logs.items() if k != "nonfinite" and not math.isfinite(float(v))]
