@@ -313,7 +313,7 @@ class TrainingSession:
     history: list = dataclasses.field(default_factory=list)
     resumes: list = dataclasses.field(default_factory=list)
     loop: Any = None  # the multi-worker step loop (train.strategy=multi_worker), else None
-    device_store: Any = None  # training rows held in TensorFlow memory, else None
+    device_store: Any = None  # training rows on the device (TensorFlow memory, or a JAX DeviceLoop), else None
     writer: Any = None  # the TensorBoard writer of out_dir/tensorboard
     started: float = 0.0
 
@@ -384,19 +384,26 @@ class TrainingSession:
             )
 
     def _device_store(self):
-        """The training rows in TensorFlow memory when ``data.on_device`` asks for it (TensorFlow only)."""
+        """The training rows on the device when ``data.on_device`` asks for it.
+
+        TensorFlow: a :class:`~msdn_tf.data.device.DeviceFeatures` feeding ``fit``. JAX: a
+        :class:`~msdn_tf.training.jax_loop.DeviceLoop`, which also runs the periods.
+        """
         from msdn_tf.data.device import DeviceFeatures, use_on_device
 
-        if not on_tensorflow():
-            if self.config.data.on_device is not False:
-                self.log(
-                    f"msdn-tf: data.on_device={self.config.data.on_device} holds rows in TensorFlow memory, "
-                    f"which only the TensorFlow backend can use; on {current_backend()} batches come from "
-                    "the host pipeline"
-                )
-            return None
         if not use_on_device(self.config.data.on_device, self.data):
             return None
+        if not on_tensorflow():
+            from msdn_tf.training.jax_loop import DeviceLoop
+
+            points = [0] + evaluation_steps(self.iterations, self.eval_every, self.config.train.eval_offset)
+            longest = max(b - a for a, b in zip(points, points[1:]))
+            store = DeviceLoop(self.model, self.data, self.sampler, longest)
+            self.log(
+                f"msdn-tf: training features on device ({store.nbytes / 1e6:.0f} MB, {store.dtype}); "
+                f"up to {store.max_steps} steps per dispatch"
+            )
+            return store
         store = DeviceFeatures(self.data.features, self.data.trainval_loc)
         self.log(f"msdn-tf: training features on device ({store.nbytes / 1e6:.0f} MB, {store.dtype})")
         return store
@@ -442,6 +449,8 @@ class TrainingSession:
 
     def train_period(self, steps: int, callbacks, verbose) -> dict:
         """Train ``steps`` steps (``fit``, or the multi-worker loop); the period's running-mean logs."""
+        if self.device_store is not None and not on_tensorflow():  # JAX: the period in one dispatch
+            return self.device_store.train(self.step, steps, callbacks, log=self.log if verbose else None)
         make = self._batches(steps)
         if not self.multi_worker:
             fit = self.model.fit(make(), epochs=1, verbose=verbose, callbacks=callbacks, shuffle=False)
