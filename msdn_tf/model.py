@@ -278,18 +278,66 @@ class MSDN(keras.Model):
         )
         return terms
 
-    def _update_trackers(self, terms, batch_size=None):
-        # Weighted by the (replica's) batch size: the trackers then hold global-batch means.
+    # ------------------------------------------------------------------ the training step
+    # One definition for both backends: ``step_loss`` (what is differentiated) and
+    # ``record_step`` (trackers and non-finite checks). TensorFlow's ``train_step``
+    # differentiates with a ``GradientTape``; JAX's (msdn_tf.training_jax) calls the
+    # same two methods around ``jax.value_and_grad`` and ``optimizer.stateless_apply``.
+    def step_loss(self, outputs, labels):
+        """``(loss to differentiate, terms)`` of one training batch from the model outputs.
+
+        ``terms`` is :meth:`compute_loss_terms`. Under a ``tf.distribute`` strategy with
+        several replicas the loss is weighted by this replica's share of the global batch
+        (the optimizer SUMS the replicas' gradients, so the sum is the gradient of the
+        global-batch mean); then the optimizer scales it (a ``LossScaleOptimizer`` does,
+        others pass it through).
+
+        Args:
+            outputs: the model's outputs for the batch (``call(..., training=True)``).
+            labels: ``(B,)`` class ids.
+
+        Returns:
+            ``(scalar, dict of scalars)``.
+        """
+        terms = self.compute_loss_terms(outputs, labels)
+        loss = terms["loss"]
+        if _distributed():
+            loss = loss * D.local_batch_weight(ops.shape(labels)[0], loss.dtype)
+        return self.optimizer.scale_loss(loss), terms
+
+    def record_step(self, terms, labels, features=None, grads=None, variables=None):
+        """Add one step's loss terms to the trackers; the logs (their running means).
+
+        With ``features``, ``grads`` and ``variables`` given and ``check_numerics`` on,
+        also adds this step's :meth:`nonfinite_code` to the ``nonfinite`` tracker and
+        the logs. Under several replicas the trackers are weighted by the replica's
+        batch size, so they hold global-batch means.
+
+        Args:
+            terms: :meth:`compute_loss_terms` of the batch.
+            labels: ``(B,)`` the batch's labels (for its size).
+            features, grads, variables: the batch, the gradients and the weights after
+                the update (training); ``None`` in evaluation.
+
+        Returns:
+            ``{name: running mean}`` for every term (and ``nonfinite`` when checked).
+        """
+        weight = _replica_batch_weight(ops.shape(labels)[0], terms["loss"].dtype)
         for name, value in terms.items():
-            self.trackers[name].update_state(value, sample_weight=batch_size)
-        return {name: self.trackers[name].result() for name in terms}
+            self.trackers[name].update_state(value, sample_weight=weight)
+        logs = {name: self.trackers[name].result() for name in terms}
+        if self.check_numerics and grads is not None:
+            self.trackers[NONFINITE].update_state(self.nonfinite_code(features, grads, variables))
+            logs[NONFINITE] = self.trackers[NONFINITE].result()
+        return logs
 
     def train_step(self, *args):
         """One optimizer step on ``(features, labels)``.
 
         TensorFlow: ``train_step(data)``, the gradient by ``tf.GradientTape``. JAX
         (Keras calls ``train_step(state, data)``): :func:`msdn_tf.training_jax.train_step`,
-        the stateless form of the same step. Both minimise :meth:`compute_loss_terms`.
+        the stateless form of the same step. Both run :meth:`step_loss` and
+        :meth:`record_step`.
         """
         if _on_jax():
             from msdn_tf import training_jax
@@ -299,23 +347,13 @@ class MSDN(keras.Model):
 
         (data,) = args
         features, labels = data[0], data[1]
-        batch = tf.shape(labels)[0]
         with tf.GradientTape() as tape:
             outputs = self(features, training=True, return_features=False)
-            terms = self.compute_loss_terms(outputs, labels)
-            # The optimizer SUMS the replicas' gradients: weighting each replica's
-            # batch-mean loss by its share of the global batch makes the sum the
-            # gradient of the global-batch mean (weight 1 on one device).
-            loss = terms["loss"] * D.local_batch_weight(batch, terms["loss"].dtype)
-            loss = self.optimizer.scale_loss(loss)  # a LossScaleOptimizer scales; others pass through
+            loss, terms = self.step_loss(outputs, labels)
         variables = self.trainable_variables
         grads = tape.gradient(loss, variables)
         self.optimizer.apply(grads, variables)
-        logs = self._update_trackers(terms, _replica_batch_weight(batch, terms["loss"].dtype))
-        if self.check_numerics:
-            self.trackers[NONFINITE].update_state(self.nonfinite_code(features, grads, variables))
-            logs[NONFINITE] = self.trackers[NONFINITE].result()
-        return logs
+        return self.record_step(terms, labels, features, grads, variables)
 
     @staticmethod
     def nonfinite_code(features, grads, variables):
@@ -343,8 +381,7 @@ class MSDN(keras.Model):
         (data,) = args
         features, labels = data[0], data[1]
         outputs = self(features, training=False, return_features=False)
-        terms = self.compute_loss_terms(outputs, labels)
-        return self._update_trackers(terms, _replica_batch_weight(ops.shape(labels)[0], terms["loss"].dtype))
+        return self.record_step(self.compute_loss_terms(outputs, labels), labels)
 
     def predict_step(self, *args):
         if _on_jax():  # Keras' JAX trainer calls predict_step(state, data)

@@ -327,20 +327,27 @@ def _run_locked(
             shutil.rmtree(out_dir, ignore_errors=True)
 
 
-def device_store_for(config: Config, data, log):
-    """The training rows in TensorFlow memory when ``data.on_device`` asks for it (TensorFlow only)."""
+def device_store_for(config: Config, data, log, model, sampler, iterations: int, eval_every: int):
+    """The training rows on the device when ``data.on_device`` asks for it.
+
+    TensorFlow: a :class:`~msdn_tf.data.device.DeviceFeatures` feeding ``fit``. JAX: a
+    :class:`~msdn_tf.training.jax_loop.DeviceLoop`, which also runs the periods.
+    """
     from msdn_tf.data.device import DeviceFeatures, use_on_device
 
-    if not on_tensorflow():
-        if config.data.on_device is not False:
-            log(
-                f"msdn-tf: data.on_device={config.data.on_device} holds rows in TensorFlow memory, "
-                f"which only the TensorFlow backend can use; on {current_backend()} batches come from "
-                "the host pipeline"
-            )
-        return None
     if not use_on_device(config.data.on_device, data):
         return None
+    if not on_tensorflow():
+        from msdn_tf.training.jax_loop import DeviceLoop
+
+        points = [0] + evaluation_steps(iterations, eval_every, config.train.eval_offset)
+        longest = max(b - a for a, b in zip(points, points[1:]))
+        store = DeviceLoop(model, data, sampler, longest)
+        log(
+            f"msdn-tf: training features on device ({store.nbytes / 1e6:.0f} MB, {store.dtype}); "
+            f"up to {store.max_steps} steps per dispatch"
+        )
+        return store
     store = DeviceFeatures(data.features, data.trainval_loc)
     log(f"msdn-tf: training features on device ({store.nbytes / 1e6:.0f} MB, {store.dtype})")
     return store
@@ -421,7 +428,7 @@ class TrainingSession:
     resumes: list
     problem: dict  # what --resume compares the data with (resume.data_problem)
     loop: Optional["MultiWorkerLoop"]  # the multi-worker step loop (train.strategy=multi_worker)
-    device_store: Optional["DeviceFeatures"]  # training rows held in TensorFlow memory
+    device_store: Optional["DeviceFeatures"]  # training rows on the device (TensorFlow memory, or a JAX DeviceLoop)
     writer: "tf.summary.SummaryWriter"  # the TensorBoard writer of out_dir/tensorboard
     guard: "NonFiniteGuard"  # the callback that stops at the first non-finite step
     started: float
@@ -516,7 +523,7 @@ class TrainingSession:
             resumes=start.resumes,
             problem=data_problem(data),
             loop=loop,
-            device_store=device_store_for(config, data, log),
+            device_store=device_store_for(config, data, log, model, sampler, iterations, eval_every),
             writer=tf.summary.create_file_writer(str(out_dir / "tensorboard")),
             guard=NonFiniteGuard(),
             started=time.time(),
@@ -583,7 +590,9 @@ class TrainingSession:
         return functools.partial(train_dataset, self.data, self.sampler, self.step, steps, prefetch)
 
     def train_period(self, steps: int, callbacks, verbose) -> dict:
-        """Train ``steps`` steps (``fit``, or the multi-worker loop); the period's running-mean logs."""
+        """Train ``steps`` steps (``fit``, the multi-worker loop or JAX's on-device loop); the running-mean logs."""
+        if self.device_store is not None and not on_tensorflow():  # JAX: the period in one dispatch
+            return self.device_store.train(self.step, steps, callbacks, log=self.log if verbose else None)
         import tensorflow as tf
 
         make = self._batches(steps)
