@@ -47,7 +47,7 @@ def load_run_model(run_dir, log=None):
     import keras
 
     from msdn_tf.model import MSDN
-    from msdn_tf.training.lock import writer_of
+    from msdn_tf.runlock import writer_of
 
     path = Path(run_dir) / MODEL_FILE
     writer = writer_of(run_dir)

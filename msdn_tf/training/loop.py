@@ -258,7 +258,7 @@ def run_training(
         overwrite: replace a run already in ``run_dir`` (its model, checkpoint, results and
             TensorBoard events are removed once the data and the model are ready).
 
-    The run directory has one writer at a time (:class:`~msdn_tf.training.lock.RunLock`).
+    The run directory has one writer at a time (:class:`~msdn_tf.runlock.RunLock`).
     A run that fails before its first checkpoint leaves nothing behind (no
     ``config.yaml``, no TensorBoard events); ``config.yaml`` is written with the first
     checkpoint.
@@ -274,7 +274,7 @@ def run_training(
         TrainingInterrupted: Ctrl-C; the message names the step reached and the intact
             checkpoint (exit status 130 in the commands).
     """
-    from msdn_tf.training.lock import RunLock
+    from msdn_tf.runlock import RunLock
 
     config, precision, cluster, run_dir = prepare_run(config, run_dir, resume, overwrite)
     strategy = make_strategy(config)  # a bad train.strategy or TF_CONFIG fails before anything is written
