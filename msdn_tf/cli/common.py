@@ -30,7 +30,7 @@ import os
 import sys
 import tempfile
 
-from msdn_tf.errors import MSDNError, report_error
+from msdn_tf.errors import MSDNError, describe_os_error
 from msdn_tf.utils import QUIET_TF_LOG_LEVEL, TF_LOG_ENV, VERBOSE_ENV, verbose_env
 
 VERBOSE_FLAG = "--verbose"
@@ -173,6 +173,15 @@ def add_verbose_flag(parser):
         VERBOSE_FLAG, action="store_true", help=f"show TensorFlow's start-up and log lines (also: {VERBOSE_ENV}=1)"
     )
     return parser
+
+
+def report_error(exc: BaseException) -> int:
+    """Print the one-line message of a known error to stderr; the exit status (2)."""
+    if isinstance(exc, OSError):
+        print(f"error: {describe_os_error(exc)}", file=sys.stderr)
+    else:
+        print(f"error: {exc}", file=sys.stderr)
+    return 2
 
 
 def cli_main(main):

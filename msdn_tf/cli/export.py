@@ -22,8 +22,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from msdn_tf.cli.common import add_verbose_flag
-from msdn_tf.errors import MSDNError
+from msdn_tf.cli.common import add_verbose_flag, cli_main
 from msdn_tf.serving.export import METADATA_FILE, ExportCheckFailed, export_run
 from msdn_tf.serving.verify import report_markdown
 
@@ -85,6 +84,7 @@ def _print_report(report: dict, as_json: bool) -> None:
         print(report_markdown(report))
 
 
+@cli_main
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = add_verbose_flag(_parser()).parse_args(argv)
     try:
@@ -107,9 +107,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _print_report(exc.report, args.json)
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except MSDNError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     print(f"wrote {path} (metadata: {Path(args.out) / METADATA_FILE})", file=sys.stderr)
     if report is not None:
         _print_report(report, args.json)
