@@ -6,7 +6,8 @@ Every ``python -m msdn_tf.<command>`` (and console script) uses this module:
   and ``OSError`` become one ``error: ...`` line on stderr and exit status 2 (no traceback);
   it also accepts ``--verbose`` on every command;
 * :func:`add_common_flags` adds the flags that commands repeat (``--dataset``,
-  ``--data-dir``, ``--config``, ``--set``, ``--verbose``);
+  ``--data-dir``, ``--config``, ``--set``, ``--verbose``); :func:`config_from_common_flags`
+  resolves the config they name;
 * :func:`quiet_tensorflow_startup` hides TensorFlow's C++ start-up lines (``WARNING: All log
   messages before absl::InitializeLog()``, the oneDNN and ``cudart_stub`` INFO lines,
   ``failed call to cuInit``, ``NodeDef mentions attribute use_unbounded_threadpool``). It is
@@ -165,6 +166,18 @@ def add_common_flags(parser, *, dataset_help: str | None = None, data_dir: bool 
         )
     add_verbose_flag(parser)
     return parser
+
+
+def config_from_common_flags(args):
+    """The resolved config of :func:`add_common_flags`' flags: ``--dataset``'s YAML, the ``--config``
+    files, ``--set`` and ``--data-dir``; an unknown dataset fails here, before TensorFlow starts."""
+    from msdn_tf.config import resolve_config
+    from msdn_tf.data.registry import get_spec
+
+    overrides = list(args.set) + ([f"data.data_dir={args.data_dir}"] if args.data_dir else [])
+    config = resolve_config(args.dataset, args.config, overrides)
+    get_spec(config.data.dataset)
+    return config
 
 
 def add_verbose_flag(parser):
