@@ -96,28 +96,27 @@ def gpu_compute_capabilities() -> list:
     return out
 
 
-def native_bfloat16(flags: Optional[set] = None, gpus: Optional[list] = None) -> Optional[str]:
-    """Why bfloat16 runs natively here (a short text), or ``None`` where it does not."""
+def _native(min_cc: tuple, gpu_note: str, cpu_flag_names, flags: Optional[set], gpus: Optional[list]) -> Optional[str]:
+    """Why a dtype runs natively here: every GPU at ``min_cc`` or above, or (no GPU) one of
+    ``cpu_flag_names`` among the CPU flags; ``None`` where it does not."""
     gpus = gpu_compute_capabilities() if gpus is None else gpus
     if gpus:
-        if all(cc >= (8, 0) for cc in gpus):
-            return f"GPU compute capability {'.'.join(map(str, min(gpus)))} (>= 8.0 runs bfloat16 natively)"
+        if all(cc >= min_cc for cc in gpus):
+            return f"GPU compute capability {'.'.join(map(str, min(gpus)))} ({gpu_note})"
         return None
     flags = cpu_flags() if flags is None else flags
-    found = [f for f in BF16_CPU_FLAGS if f in flags]
+    found = [f for f in cpu_flag_names if f in flags]
     return f"CPU flag {' and '.join(found)}" if found else None
+
+
+def native_bfloat16(flags: Optional[set] = None, gpus: Optional[list] = None) -> Optional[str]:
+    """Why bfloat16 runs natively here (a short text), or ``None`` where it does not."""
+    return _native((8, 0), ">= 8.0 runs bfloat16 natively", BF16_CPU_FLAGS, flags, gpus)
 
 
 def native_float16(flags: Optional[set] = None, gpus: Optional[list] = None) -> Optional[str]:
     """Why float16 runs natively here (a short text), or ``None`` where it does not."""
-    gpus = gpu_compute_capabilities() if gpus is None else gpus
-    if gpus:
-        if all(cc >= (7, 0) for cc in gpus):
-            return f"GPU compute capability {'.'.join(map(str, min(gpus)))} (>= 7.0 has float16 tensor cores)"
-        return None
-    flags = cpu_flags() if flags is None else flags
-    found = [f for f in FP16_CPU_FLAGS if f in flags]
-    return f"CPU flag {' and '.join(found)}" if found else None
+    return _native((7, 0), ">= 7.0 has float16 tensor cores", FP16_CPU_FLAGS, flags, gpus)
 
 
 def resolve_precision(

@@ -558,8 +558,8 @@ def test_failed_check_publishes_nothing_and_keeps_the_previous_version(setup, tm
     stale = out / f".tmp-1-{_dead_pid()}-k"
     stale.mkdir()
     other = _tiny_model(seed=1)  # the check compares the export with a different model: it must fail
-    real_verify = export.verify_export
-    monkeypatch.setattr(export, "verify_export", lambda d, model, *a, **k: real_verify(d, other, *a, **k))
+    real_verify = verify.verify_export
+    monkeypatch.setattr(verify, "verify_export", lambda d, model, *a, **k: real_verify(d, other, *a, **k))
     capsys.readouterr()
     rc = export.main(
         [

@@ -17,6 +17,7 @@ import sys
 from msdn_tf.cli.common import CommandParser, add_verbose_flag, cli_main
 from msdn_tf.options import PRECISIONS
 from msdn_tf.perf.model_speed import CUB, IMPLS, run_benchmark
+from msdn_tf.utils import atomic_write_text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,7 +71,6 @@ def main(argv=None) -> int:
     report = run_benchmark(args, command="python -m msdn_tf.bench " + " ".join(sys.argv[1:] if argv is None else argv))
     text = json.dumps(report, indent=1)
     if args.json_out:
-        with open(args.json_out, "w") as f:
-            f.write(text + "\n")
+        atomic_write_text(args.json_out, text + "\n")
     print(text)
     return 0

@@ -6,7 +6,8 @@ Every ``python -m msdn_tf.<command>`` (and console script) uses this module:
   and ``OSError`` become one ``error: ...`` line on stderr and exit status 2 (no traceback);
   it also accepts ``--verbose`` on every command;
 * :func:`add_common_flags` adds the flags that commands repeat (``--dataset``,
-  ``--data-dir``, ``--config``, ``--set``, ``--verbose``);
+  ``--data-dir``, ``--config``, ``--set``, ``--verbose``); :func:`config_from_common_flags`
+  resolves the config they name;
 * :func:`quiet_tensorflow_startup` hides TensorFlow's C++ start-up lines (``WARNING: All log
   messages before absl::InitializeLog()``, the oneDNN and ``cudart_stub`` INFO lines,
   ``failed call to cuInit``, ``NodeDef mentions attribute use_unbounded_threadpool``). It is
@@ -31,7 +32,7 @@ import os
 import sys
 import tempfile
 
-from msdn_tf.errors import MSDNError, report_error
+from msdn_tf.errors import MSDNError, describe_os_error
 from msdn_tf.utils import QUIET_TF_LOG_LEVEL, TF_LOG_ENV, VERBOSE_ENV, verbose_env
 
 VERBOSE_FLAG = "--verbose"
@@ -168,6 +169,17 @@ def add_common_flags(parser, *, dataset_help: str | None = None, data_dir: bool 
     return parser
 
 
+def config_from_common_flags(args):
+    """The resolved config of :func:`add_common_flags`' flags: ``--dataset``'s YAML, the ``--config``
+    files, ``--set`` and ``--data-dir``; an unknown dataset fails here, before TensorFlow starts."""
+    from msdn_tf.config import resolve_config
+    from msdn_tf.data.registry import get_spec
+
+    config = resolve_config(args.dataset, args.config, args.set, flags=[("data.data_dir", args.data_dir, "--data-dir")])
+    get_spec(config.data.dataset)
+    return config
+
+
 def add_verbose_flag(parser):
     """Add ``--verbose`` (show TensorFlow's own start-up and log lines) to an argparse parser, once."""
     if VERBOSE_FLAG in parser._option_string_actions:
@@ -242,6 +254,21 @@ class CommandParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
         if self.add_help:
             add_verbose_flag(self)
+
+
+def report_error(exc: BaseException) -> int:
+    """Print the one-line message of a known error to stderr; the exit status.
+
+    2, or the error's ``exit_code`` (130 for an interruption, as shells report SIGINT).
+    """
+    if isinstance(exc, OSError):
+        print(f"error: {describe_os_error(exc)}", file=sys.stderr)
+    elif isinstance(exc, KeyboardInterrupt):
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    else:
+        print(f"error: {exc}", file=sys.stderr)
+    return int(getattr(exc, "exit_code", 2))
 
 
 def cli_main(main):

@@ -22,18 +22,9 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-import numpy as np
-
-from msdn_tf.cli.common import CommandParser, add_verbose_flag
-from msdn_tf.errors import MSDNError
-from msdn_tf.serving.export import (
-    METADATA_FILE,
-    ExportCheckFailed,
-    backbone_for_images,
-    class_names_for_run,
-    export_saved_model,
-)
-from msdn_tf.serving.verify import report_markdown, verify_export
+from msdn_tf.cli.common import CommandParser, add_verbose_flag, cli_main
+from msdn_tf.serving.export import METADATA_FILE, ExportCheckFailed, export_run
+from msdn_tf.serving.verify import report_markdown
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -95,64 +86,30 @@ def _print_report(report: dict, as_json: bool) -> None:
         print(report_markdown(report))
 
 
+@cli_main
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = add_verbose_flag(_parser()).parse_args(argv)
     try:
-        from msdn_tf.config import merge, parse_override
-        from msdn_tf.evaluation.runs import load_run
-
-        config, model = load_run(args.run)
-        for text in args.set:
-            config = merge(config, parse_override(text), f"--set {text}")
-        names = class_names_for_run(args.run, config)
-        backbone = backbone_id = None
-        preprocessing = "keras"
-        if args.with_images:
-            backbone, backbone_id, preprocessing = backbone_for_images(
-                args.run,
-                model.feature_dim,
-                kind=args.backbone,
-                weights=args.backbone_weights,
-                image_size=args.image_size,
-            )
-        check, reports = None, []
-        if not args.no_verify:
-            rng = np.random.default_rng(0)
-            side = max(1, args.image_size // 32)
-            sample = np.abs(rng.standard_normal((args.verify_samples, side, side, model.feature_dim))).astype(
-                np.float32
-            )
-
-            def check(export_dir):
-                reports.append(verify_export(export_dir, model, sample, backbone=backbone))
-                return reports[-1]
-
-        try:
-            path = export_saved_model(
-                model,
-                args.out,
-                version=args.version,
-                class_names=names,
-                seen_classes=model.seen_classes,
-                unseen_classes=model.unseen_classes,
-                gamma=args.gamma,
-                top_k=args.top_k,
-                config=config,
-                backbone=backbone,
-                image_size=args.image_size,
-                overwrite=args.overwrite,
-                backbone_id=backbone_id,
-                preprocessing=preprocessing,
-                check=check,
-            )
-        except ExportCheckFailed as exc:
-            _print_report(exc.report, args.json)
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-        print(f"wrote {path} (metadata: {Path(args.out) / METADATA_FILE})", file=sys.stderr)
-        if reports:
-            _print_report(reports[-1], args.json)
-    except MSDNError as exc:
+        path, report = export_run(
+            args.run,
+            args.out,
+            version=args.version,
+            overwrite=args.overwrite,
+            gamma=args.gamma,
+            top_k=args.top_k,
+            overrides=args.set,
+            with_images=args.with_images,
+            backbone=args.backbone,
+            backbone_weights=args.backbone_weights,
+            image_size=args.image_size,
+            verify=not args.no_verify,
+            verify_samples=args.verify_samples,
+        )
+    except ExportCheckFailed as exc:  # an MSDNError with its own exit code: nothing was published
+        _print_report(exc.report, args.json)
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return 1
+    print(f"wrote {path} (metadata: {Path(args.out) / METADATA_FILE})", file=sys.stderr)
+    if report is not None:
+        _print_report(report, args.json)
     return 0

@@ -16,14 +16,11 @@ library behind this command).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Optional, Sequence
 
-from msdn_tf.backbones.torchvision_resnet import TORCHVISION_WEIGHTS_HINT
 from msdn_tf.cli.common import CommandParser, cli_main
-from msdn_tf.data.extraction import BACKBONES, build_metadata, extract_features, read_image_list
-from msdn_tf.errors import DataError, MSDNError
+from msdn_tf.data.extraction import BACKBONES, extract_image_list
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -72,48 +69,20 @@ def _parser() -> argparse.ArgumentParser:
 @cli_main
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    if args.att_splits and not args.attributes_pkl:
-        raise MSDNError("--att-splits needs --attributes-pkl too (a complete §1.1 file has w2v_att)")
-    if args.limit is not None and (args.att_splits or args.attributes_pkl):
-        raise MSDNError(
-            "--limit makes a partial image set; it cannot be combined with --att-splits/"
-            "--attributes-pkl (the splits index the full list)"
-        )
-    files, labels = read_image_list(args.image_list)
-    if args.limit is not None:
-        if args.limit < 1:
-            raise MSDNError("--limit must be >= 1")
-        files = files[: args.limit]
-        labels = None if labels is None else labels[: args.limit]
-    metadata = build_metadata(
-        labels,
-        len(files),
+    extract_image_list(
+        args.image_list,
+        args.out,
+        images_root=args.images_root,
+        backbone=args.backbone,
+        weights=args.weights,
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        compression=args.compression,
+        limit=args.limit,
         att_splits=args.att_splits,
         attributes_pkl=args.attributes_pkl,
         sent_splits=args.sent_splits,
         attribute_names=args.attribute_names,
-    )
-    torchvision = args.backbone == "torchvision_resnet101"
-    weights = args.weights if args.weights is not None else (None if torchvision else "imagenet")
-    if torchvision:
-        if weights is None or weights in ("imagenet", "none", "None"):
-            raise DataError(TORCHVISION_WEIGHTS_HINT)
-        if not os.path.isfile(weights):
-            raise DataError(f"{weights}: weights file not found")
-    elif weights not in ("imagenet", "none", "None") and not os.path.isfile(weights):
-        raise DataError(
-            f"{weights}: weights file not found (--weights takes 'imagenet', 'none' or a local .h5/.weights.h5 file)"
-        )
-    extract_features(
-        files,
-        args.out,
-        images_root=args.images_root,
-        weights=weights,
-        preprocessing="torchvision" if torchvision else "keras",
-        batch_size=args.batch_size,
-        image_size=args.image_size,
-        compression=None if args.compression == "none" else args.compression,
-        metadata=metadata,
         restart=args.restart,
         overwrite=args.overwrite,
         progress=not args.no_progress,

@@ -8,10 +8,9 @@ docs/evaluation.md).
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Optional
 
-from msdn_tf.cli.common import CommandParser, add_common_flags, cli_main
+from msdn_tf.cli.common import CommandParser, add_common_flags, cli_main, config_from_common_flags
 from msdn_tf.errors import ConfigError
 from msdn_tf.experiments.protocols import run_protocol
 
@@ -60,16 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_main
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from msdn_tf.config import resolve_config
-    from msdn_tf.data.registry import get_spec
-
-    config = resolve_config(args.dataset, args.config, args.set, flags=[("data.data_dir", args.data_dir, "--data-dir")])
-    get_spec(config.data.dataset)
-    out = Path(args.out) if args.out else Path(config.train.out_dir) / "protocols" / config.data.dataset
     run_protocol(
-        config,
+        config_from_common_flags(args),
         args.protocol,
-        out,
+        args.out,
         seeds=args.seeds,
         lambda_grid=parse_floats(args.lambda_grid, "--lambda-grid"),
         gamma_grid=parse_floats(args.gamma_grid, "--gamma-grid"),

@@ -66,7 +66,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from msdn_tf.backbones.keras_resnet import build_backbone, call_backbone, load_image
-from msdn_tf.backbones.torchvision_resnet import build_torchvision_backbone
+from msdn_tf.backbones.torchvision_resnet import TORCHVISION_WEIGHTS_HINT, build_torchvision_backbone
 from msdn_tf.errors import DataError, MSDNError
 
 #: ``--backbone`` choices -> what they compute.
@@ -619,3 +619,86 @@ def extract_features(
         f.close()
     os.replace(partial, out_path)
     return out_path
+
+
+def extract_image_list(
+    image_list,
+    out,
+    *,
+    images_root,
+    backbone: str = "torchvision_resnet101",
+    weights=None,
+    batch_size: int = 16,
+    image_size: int = 448,
+    compression: str = "gzip",
+    limit: Optional[int] = None,
+    att_splits=None,
+    attributes_pkl=None,
+    sent_splits=None,
+    attribute_names=None,
+    restart: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> None:
+    """What ``python -m msdn_tf.extract`` does: check the options, read the image list, build the
+    §1.1 metadata and run :func:`extract_features` with the named backbone.
+
+    Args:
+        image_list: the list (:func:`read_image_list`).
+        backbone: a name of :data:`BACKBONES`; ``weights`` defaults to ``imagenet`` for
+            ``keras_resnet101`` and is required (a ``.pth``/``.npz`` file) for
+            ``torchvision_resnet101``.
+        compression: ``gzip`` or ``none``.
+        limit: only the first N images (cannot be combined with ``att_splits``).
+        att_splits, attributes_pkl, sent_splits, attribute_names: the metadata files of
+            :func:`build_metadata`.
+
+    Raises:
+        MSDNError, DataError: one line naming the option or file.
+    """
+    if att_splits and not attributes_pkl:
+        raise MSDNError("--att-splits needs --attributes-pkl too (a complete §1.1 file has w2v_att)")
+    if limit is not None and (att_splits or attributes_pkl):
+        raise MSDNError(
+            "--limit makes a partial image set; it cannot be combined with --att-splits/"
+            "--attributes-pkl (the splits index the full list)"
+        )
+    files, labels = read_image_list(image_list)
+    if limit is not None:
+        if limit < 1:
+            raise MSDNError("--limit must be >= 1")
+        files = files[:limit]
+        labels = None if labels is None else labels[:limit]
+    metadata = build_metadata(
+        labels,
+        len(files),
+        att_splits=att_splits,
+        attributes_pkl=attributes_pkl,
+        sent_splits=sent_splits,
+        attribute_names=attribute_names,
+    )
+    torchvision = backbone == "torchvision_resnet101"
+    weights = weights if weights is not None else (None if torchvision else "imagenet")
+    if torchvision:
+        if weights is None or weights in ("imagenet", "none", "None"):
+            raise DataError(TORCHVISION_WEIGHTS_HINT)
+        if not os.path.isfile(weights):
+            raise DataError(f"{weights}: weights file not found")
+    elif weights not in ("imagenet", "none", "None") and not os.path.isfile(weights):
+        raise DataError(
+            f"{weights}: weights file not found (--weights takes 'imagenet', 'none' or a local .h5/.weights.h5 file)"
+        )
+    extract_features(
+        files,
+        out,
+        images_root=images_root,
+        weights=weights,
+        preprocessing="torchvision" if torchvision else "keras",
+        batch_size=batch_size,
+        image_size=image_size,
+        compression=None if compression == "none" else compression,
+        metadata=metadata,
+        restart=restart,
+        overwrite=overwrite,
+        progress=progress,
+    )

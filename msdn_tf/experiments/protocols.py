@@ -374,7 +374,7 @@ def _validation(
 def run_protocol(
     config,
     protocol,
-    run_root,
+    run_root=None,
     data: Optional[ZSLData] = None,
     seeds: int = 1,
     lambda_grid: Optional[Sequence[float]] = None,
@@ -390,8 +390,8 @@ def run_protocol(
     Args:
         config: the resolved :class:`~msdn_tf.config.Config`.
         protocol: ``reference``, ``final``, ``validation``, or a list / comma-separated string of them.
-        run_root: output folder; training runs go below it, reports are
-            ``<run_root>/<protocol>.json`` and ``.md``.
+        run_root: output folder (default ``<train.out_dir>/protocols/<dataset>``); training runs
+            go below it, reports are ``<run_root>/<protocol>.json`` and ``.md``.
         data: an already loaded dataset (default: load ``config.data.dataset``).
         seeds: number of seeds, ``config.train.seed + i`` for ``i < seeds``.
         lambda_grid: ``lambda_cal`` values tried by ``validation`` (default: the config's only).
@@ -417,7 +417,7 @@ def run_protocol(
         raise ConfigError(f"--seeds must be at least 1, got {seeds}")
     train_fn = train_fn or default_train_fn
     on_phase = on_phase or (lambda name: None)
-    run_root = Path(run_root)
+    run_root = Path(run_root) if run_root else Path(config.train.out_dir) / "protocols" / config.data.dataset
     if data is None:
         from msdn_tf.data.registry import load_dataset
 

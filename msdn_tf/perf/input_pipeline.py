@@ -30,6 +30,7 @@ import time
 import numpy as np
 
 from msdn_tf.data.datasets import BENCHMARKS
+from msdn_tf.errors import MSDNError
 
 #: ``--shape`` -> (images, regions, channels, classes, seen classes, trainval), from the dataset's
 #: entry in :data:`msdn_tf.data.datasets.BENCHMARKS`.
@@ -197,8 +198,8 @@ def run(args) -> dict:
     if not cache_status(path, None, "float16")[0]:
         free = shutil.disk_usage(args.dir).free
         if free < need + 5 * 2**30:
-            raise SystemExit(
-                f"error: {args.dir} has {_gb(free)} GB free, the cache needs {_gb(need)} GB "
+            raise MSDNError(
+                f"{args.dir} has {_gb(free)} GB free, the cache needs {_gb(need)} GB "
                 "(+5 GB margin); pass a smaller --fraction"
             )
         t0 = time.perf_counter()

@@ -801,3 +801,84 @@ def backbone_for_images(
     weights = weights or "imagenet"
     backbone = build_backbone(weights, image_size)
     return backbone, f"keras.applications.ResNet101(include_top=False, weights={weights})", "keras"
+
+
+def export_run(
+    run_dir,
+    out,
+    *,
+    version: int = 1,
+    overwrite: bool = False,
+    gamma: float = 0.0,
+    top_k: int = 5,
+    overrides: Sequence[str] = (),
+    with_images: bool = False,
+    backbone: str = "auto",
+    backbone_weights=None,
+    image_size: int = 448,
+    verify: bool = True,
+    verify_samples: int = 3,
+):
+    """Export a run directory: what ``python -m msdn_tf.export`` does.
+
+    Loads the run (``overrides``: ``--set`` texts applied to its config before the class
+    names are read), picks the ``serving_images`` backbone when ``with_images``
+    (:func:`backbone_for_images`), and publishes ``out/<version>`` with
+    :func:`export_saved_model`, checked before it is published by
+    :func:`msdn_tf.serving.verify.verify_export` on ``verify_samples`` random feature maps
+    unless ``verify`` is false.
+
+    Returns:
+        ``(path, report)``: the published version folder and the check's report (``None``
+        without the check).
+
+    Raises:
+        ExportCheckFailed: the check failed; nothing was published (``exc.report``).
+        MSDNError: a bad run directory, argument or write.
+    """
+    from msdn_tf.config import merge, parse_override
+    from msdn_tf.evaluation.runs import load_run
+    from msdn_tf.serving.verify import verify_export
+
+    config, model = load_run(run_dir)
+    for text in overrides:
+        config = merge(config, parse_override(text), f"--set {text}")
+    names = class_names_for_run(run_dir, config)
+    image_backbone = backbone_id = None
+    preprocessing = "keras"
+    if with_images:
+        image_backbone, backbone_id, preprocessing = backbone_for_images(
+            run_dir,
+            model.feature_dim,
+            kind=backbone,
+            weights=backbone_weights,
+            image_size=image_size,
+        )
+    check, reports = None, []
+    if verify:
+        rng = np.random.default_rng(0)
+        side = max(1, image_size // 32)
+        sample = np.abs(rng.standard_normal((verify_samples, side, side, model.feature_dim))).astype(np.float32)
+
+        def check(export_dir):
+            reports.append(verify_export(export_dir, model, sample, backbone=image_backbone))
+            return reports[-1]
+
+    path = export_saved_model(
+        model,
+        out,
+        version=version,
+        class_names=names,
+        seen_classes=model.seen_classes,
+        unseen_classes=model.unseen_classes,
+        gamma=gamma,
+        top_k=top_k,
+        config=config,
+        backbone=image_backbone,
+        image_size=image_size,
+        overwrite=overwrite,
+        backbone_id=backbone_id,
+        preprocessing=preprocessing,
+        check=check,
+    )
+    return path, (reports[-1] if reports else None)
