@@ -279,14 +279,10 @@ def run_training(
     strategy = make_strategy(config)  # a bad train.strategy or TF_CONFIG fails before anything is written
     command = "train --resume" if resume else ("train --overwrite" if overwrite else "train")
     lock = RunLock(run_dir, command, log) if cluster.is_chief else contextlib.nullcontext()
-    try:
-        with lock:
-            return _run_locked(
-                config, run_dir, resume, overwrite, precision, cluster, strategy, data, log, eval_hooks, resume_changes
-            )
-    finally:
-        if getattr(lock, "created_dir", False) and run_dir.is_dir() and not any(run_dir.iterdir()):
-            run_dir.rmdir()  # a failed new run leaves no empty folder behind
+    with lock:
+        return _run_locked(
+            config, run_dir, resume, overwrite, precision, cluster, strategy, data, log, eval_hooks, resume_changes
+        )
 
 
 def _run_locked(
