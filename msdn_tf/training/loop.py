@@ -343,13 +343,18 @@ def device_store_for(config: Config, data, log):
 
 def input_error(exc, data, where: str, checkpointer=None) -> MSDNError:
     """One line for an error TensorFlow or h5py raised while reading the data (a corrupt chunk, a bad row)."""
+    import re
+
     from msdn_tf.data.base import feature_file
 
     text = str(getattr(exc, "message", None) or exc).strip()
-    first = next((line for line in text.splitlines() if line.strip()), type(exc).__name__)[:300]
+    # the Python error raised inside tf.data is the last "SomeError: ..." line of TensorFlow's report
+    raised = [m.group(1) for m in re.finditer(r"^\s*((?:[\w.]+Error|[\w.]+Exception): .*\S)\s*$", text, re.M)]
+    first = raised[-1] if raised else next((line for line in text.splitlines() if line.strip()), type(exc).__name__)
+    first = first[:300]
     note = f" {checkpoint_note(checkpointer)}." if checkpointer is not None else ""
     return MSDNError(
-        f"{where}: reading {feature_file(data.features, data.source)} failed ({type(exc).__name__}: {first}); "
+        f"{where}: reading {feature_file(data.features, data.source)} failed ({first}); "
         f"the file may be corrupt or hold values that are not numbers: check it (or write it again).{note}"
     )
 
