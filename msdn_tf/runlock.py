@@ -164,3 +164,6 @@ class RunLock:
         if holder and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
+        if self.created_dir:  # a command that failed before writing leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                self.run_dir.rmdir()  # only succeeds when empty

@@ -53,14 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_main
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    report = convert_checkpoint(
-        args.torch_checkpoint,
-        args.dataset,
-        args.out,
-        data_dir=args.data_dir,
-        overrides=args.set,
-        overwrite=args.overwrite,
-    )
+    from msdn_tf.training.lock import RunLock
+
+    with RunLock(args.out, "convert --overwrite" if args.overwrite else "convert"):
+        report = convert_checkpoint(
+            args.torch_checkpoint,
+            args.dataset,
+            args.out,
+            data_dir=args.data_dir,
+            overrides=args.set,
+            overwrite=args.overwrite,
+        )
     print(summary(report))
     print(f"report: {Path(args.out) / REPORT_FILE}")
     return 0

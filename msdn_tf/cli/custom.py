@@ -54,6 +54,7 @@ def cmd_run(args) -> int:
         verify_export=args.verify_export,
         visualize=args.visualize,
         resume=args.resume,
+        overwrite=args.overwrite,
         log=log_stderr,
     )
     print(json.dumps(summary))
@@ -154,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--verify-export", action="store_true", help="reload the export with TF's C++ loader and compare")
     r.add_argument("--visualize", action="store_true", help="write an attention figure of one unseen test image")
     r.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    r.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     r.set_defaults(func=cmd_run)
 
     e = sub.add_parser("example", help="generated coloured shapes: prepare -> run -> serve -> query")

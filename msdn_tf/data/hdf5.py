@@ -15,7 +15,7 @@ from typing import Optional
 
 import numpy as np
 
-from msdn_tf.data.base import ZSLData, class_attributes_for_model
+from msdn_tf.data.base import ZSLData, check_feature_dtype, class_attributes_for_model
 from msdn_tf.errors import DataError
 
 REQUIRED_KEYS = ("feature_map", "labels", "trainval_loc", "test_seen_loc", "test_unseen_loc", "att", "w2v_att")
@@ -46,6 +46,7 @@ class HDF5Features:
         ds = self._dataset()
         if ds.ndim != 4:
             raise DataError(f"{self.path}: '{key}' must be (N, channels, H, W), got shape {ds.shape}")
+        check_feature_dtype(ds.dtype, f"{self.path}: '{key}'")
         n, f, h, w = ds.shape
         self.map_shape = (int(h), int(w))
         self.shape = (int(n), int(h) * int(w), int(f))

@@ -132,6 +132,7 @@ def run_custom(
     resume: bool = False,
     log: Callable[[str], None] = print,
     flags=(),
+    overwrite: bool = False,
 ) -> dict:
     """Train, evaluate and export MSDN on a prepared folder (the ``custom`` dataset).
 
@@ -154,15 +155,14 @@ def run_custom(
             ``export_check_ok`` False (``run`` then exits 1).
         visualize: write an attention figure of one unseen test image.
         resume: continue a run interrupted during training.
+        overwrite: replace a run already in ``out``.
 
     Returns:
         ``{"run_dir", "train": final figures, "evaluate": metrics, "export_dir", "signatures", ...}``.
     """
     from msdn_tf.config import resolve_config
     from msdn_tf.data.registry import load_dataset
-    from msdn_tf.evaluation.report import evaluate_run
-    from msdn_tf.training.loop import run_training
-    from msdn_tf.utils import write_json
+    from msdn_tf.training.lock import RunLock
 
     data_dir = os.path.abspath(data_dir)
     out = Path(out)
@@ -170,9 +170,48 @@ def run_custom(
         "custom", list(config_files), list(overrides), flags=[("data.data_dir", data_dir, "data_dir"), *flags]
     )
     data = load_dataset(config)
+    with RunLock(out, "custom run", log):  # one writer, from training to the export
+        return _run_custom_locked(
+            data_dir,
+            out,
+            config,
+            data,
+            export_dir,
+            export,
+            with_images,
+            gamma,
+            top_k,
+            verify_export,
+            visualize,
+            resume,
+            overwrite,
+            log,
+        )
+
+
+def _run_custom_locked(
+    data_dir,
+    out,
+    config,
+    data,
+    export_dir,
+    export,
+    with_images,
+    gamma,
+    top_k,
+    verify_export,
+    visualize,
+    resume,
+    overwrite,
+    log,
+) -> dict:
+    from msdn_tf.evaluation.report import evaluate_run
+    from msdn_tf.training.loop import run_training
+    from msdn_tf.utils import write_json
+
     timings = {}
     t0 = time.time()
-    results = run_training(config, run_dir=out, resume=resume, data=data, log=log)
+    results = run_training(config, run_dir=out, resume=resume, data=data, log=log, overwrite=overwrite)
     timings["train_s"] = round(time.time() - t0, 2)
     write_json(
         out / "metadata.json",

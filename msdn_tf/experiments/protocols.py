@@ -181,7 +181,9 @@ def train_or_reuse(config, run_dir: Path, data, train_fn, log, eval_hooks=()) ->
     if results_path.is_file() and not eval_hooks:
         log(f"msdn-tf: reusing the finished run {run_dir}")
         return json.loads(results_path.read_text())
-    resume = (run_dir / "checkpoint" / "state.json").is_file()
+    from msdn_tf.training.resume import has_checkpoint
+
+    resume = has_checkpoint(run_dir)
     return train_fn(config, run_dir=run_dir, resume=resume, data=data, log=log, eval_hooks=list(eval_hooks))
 
 

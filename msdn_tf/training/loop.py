@@ -280,14 +280,10 @@ def run_training(
     strategy = make_strategy(config)  # a bad train.strategy or TF_CONFIG fails before anything is written
     command = "train --resume" if resume else ("train --overwrite" if overwrite else "train")
     lock = RunLock(run_dir, command, log) if cluster.is_chief else contextlib.nullcontext()
-    try:
-        with lock:
-            return _run_locked(
-                config, run_dir, resume, overwrite, precision, cluster, strategy, data, log, eval_hooks, resume_changes
-            )
-    finally:
-        if getattr(lock, "created_dir", False) and run_dir.is_dir() and not any(run_dir.iterdir()):
-            run_dir.rmdir()  # a failed new run leaves no empty folder behind
+    with lock:
+        return _run_locked(
+            config, run_dir, resume, overwrite, precision, cluster, strategy, data, log, eval_hooks, resume_changes
+        )
 
 
 def _run_locked(
@@ -355,13 +351,18 @@ def device_store_for(config: Config, data, log, model, sampler, iterations: int,
 
 def input_error(exc, data, where: str, checkpointer=None) -> MSDNError:
     """One line for an error TensorFlow or h5py raised while reading the data (a corrupt chunk, a bad row)."""
+    import re
+
     from msdn_tf.data.base import feature_file
 
     text = str(getattr(exc, "message", None) or exc).strip()
-    first = next((line for line in text.splitlines() if line.strip()), type(exc).__name__)[:300]
+    # the Python error raised inside tf.data is the last "SomeError: ..." line of TensorFlow's report
+    raised = [m.group(1) for m in re.finditer(r"^\s*((?:[\w.]+Error|[\w.]+Exception): .*\S)\s*$", text, re.M)]
+    first = raised[-1] if raised else next((line for line in text.splitlines() if line.strip()), type(exc).__name__)
+    first = first[:300]
     note = f" {checkpoint_note(checkpointer)}." if checkpointer is not None else ""
     return MSDNError(
-        f"{where}: reading {feature_file(data.features, data.source)} failed ({type(exc).__name__}: {first}); "
+        f"{where}: reading {feature_file(data.features, data.source)} failed ({first}); "
         f"the file may be corrupt or hold values that are not numbers: check it (or write it again).{note}"
     )
 
