@@ -16,7 +16,8 @@ MAX_YAML_DEPTH          nesting of YAML collections: 32 (a config needs 3)
 MAX_YAML_SCALAR         characters in one YAML scalar: 65 536
 MAX_JSON_BYTES          a JSON file (``state.json``, ``custom.json``, metadata): 64 MiB
 MAX_TEXT_BYTES          a CSV or text list (image lists, class and attribute
-                        tables, unseen lists): 1 GiB
+                        tables, attribute vectors, unseen lists): 256 MiB (an image
+                        list of a million images is about 100 MB)
 ARRAY_RATIO, ARRAY_MIN  an array read whole (npz members, HDF5 datasets) may
                         take at most ARRAY_RATIO (64) times the bytes it occupies in
                         the file, or ARRAY_MIN (16 MiB) if more: compressed or
@@ -50,7 +51,7 @@ MAX_YAML_NODES = 10_000
 MAX_YAML_DEPTH = 32
 MAX_YAML_SCALAR = 1 << 16
 MAX_JSON_BYTES = 64 << 20
-MAX_TEXT_BYTES = 1 << 30
+MAX_TEXT_BYTES = 256 << 20
 ARRAY_RATIO = 64
 ARRAY_MIN = 16 << 20
 
@@ -118,11 +119,14 @@ def short_repr(value: Any, limit: int = 120) -> str:
 
 
 def short_text(text: str, limit: int = 120) -> str:
-    """``text`` (a str) cut to ``limit`` characters, saying how long it was."""
+    """``text`` cut to ``limit`` characters (saying how long it was), control characters escaped."""
     text = str(text) if not isinstance(text, str) else text
+    cut = text if len(text) <= limit else text[:limit]
+    if not cut.isprintable():  # one line: control characters (newlines, tabs, ...) are escaped
+        cut = "".join(c if c.isprintable() else repr(c)[1:-1] for c in cut)
     if len(text) <= limit:
-        return text
-    return "%s... (%d characters)" % (text[:limit], len(text))
+        return cut
+    return "%s... (%d characters)" % (cut, len(text))
 
 
 def check_file_size(path, limit: int, what: str, error: Type[MSDNError] = DataError, setting: str = "") -> int:
@@ -136,15 +140,20 @@ def check_file_size(path, limit: int, what: str, error: Type[MSDNError] = DataEr
     return size
 
 
+def check_text_file(path, what: str) -> int:
+    """:func:`check_file_size` of a CSV or text list against :data:`MAX_TEXT_BYTES`."""
+    return check_file_size(path, MAX_TEXT_BYTES, what, DataError, "MAX_TEXT_BYTES")
+
+
 def read_text_file(path, limit: int, what: str, error: Type[MSDNError] = DataError, setting: str = "") -> str:
     """The UTF-8 text of ``path`` (a BOM is dropped), at most ``limit`` bytes, checked before reading.
 
     A file that is not UTF-8 is one error naming the byte offset, not a traceback.
     """
-    check_file_size(path, limit, what, error, setting)
+    size = check_file_size(path, limit, what, error, setting)
     with open(path, "rb") as fh:
-        raw = fh.read(limit + 1)
-    if len(raw) > limit:  # it grew while we looked
+        raw = fh.read(size + 1)  # read(n) reserves n bytes: the size just checked, not the limit
+    if len(raw) > size:  # it grew while we looked
         raise error(
             "%s: %s is over the limit of %d bytes%s" % (path, what, limit, " (%s)" % setting if setting else "")
         )
