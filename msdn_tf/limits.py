@@ -346,5 +346,7 @@ def check_npz(path) -> None:
                 check_array_bytes(
                     count * dtype.itemsize, info.compress_size, str(path), "member '%s'" % short_text(info.filename, 80)
                 )
+    except DataError:
+        raise
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
         raise DataError("%s: not a readable .npz archive (%s)" % (path, short_text(str(exc), 200))) from None
