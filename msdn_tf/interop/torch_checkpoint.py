@@ -615,8 +615,8 @@ def _read_pickle_record(zf: zipfile.ZipFile, name: str, path: str) -> bytes:
             % (path, _short(name), info.file_size, MAX_PICKLE_BYTES)
         )
     with zf.open(info) as fh:
-        data = fh.read(MAX_PICKLE_BYTES + 1)
-    if len(data) > MAX_PICKLE_BYTES:  # the zip header lied about the size
+        data = fh.read(info.file_size + 1)
+    if len(data) > info.file_size:  # the zip header lied about the size
         raise DataError("%s: record '%s' is over the limit of %d bytes" % (path, _short(name), MAX_PICKLE_BYTES))
     try:
         scan_pickle(data, max_depth=MAX_PICKLE_DEPTH)
