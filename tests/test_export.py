@@ -781,3 +781,13 @@ def test_rest_client_does_not_import_tensorflow(setup, server, tmp_path):
     answer = json.loads(done.stdout.split("HEAVY")[0])
     want = _expected_names(_scores(setup["model"], setup["regions"][:1]), gamma=setup["gamma"])
     assert _names(answer) == want
+
+
+def test_each_weight_is_stored_once(setup):
+    """ExportArchive checkpointed every weight twice (_all_variables/* and variables/*): 333 MB for 170 MB."""
+    keys = tf.train.list_variables(os.path.join(setup["dir"], "variables", "variables"))
+    stored = sum(int(np.prod(shape)) for name, shape in keys if name != "_CHECKPOINTABLE_OBJECT_GRAPH")
+    weights = sum(int(np.prod(w.shape)) for w in setup["model"].weights + setup["backbone"].weights)
+    assert stored == weights, (stored, weights, sorted({k.split("/")[0] for k, _ in keys}))
+    loaded = tf.saved_model.load(str(setup["dir"]))
+    assert len(loaded.variables) == len(setup["model"].weights) + len(setup["backbone"].weights)
