@@ -198,6 +198,20 @@ class MSDN(keras.Model):
         return self.bias * self.mask_bias
 
     def call(self, features, training=False, return_features=None):
+        out = self.attribute_outputs(features, return_features=return_features)
+        att = self.embedding.att  # (C, K)
+        logits = self.class_logits(out["scores_a2v"], out["scores_v2a"], att, self.margin())
+        return {**logits, **out}
+
+    def attribute_outputs(self, features, return_features=None):
+        """Everything of :meth:`call` that does not depend on the class set (keras.ops).
+
+        Returns ``scores_a2v``, ``scores_v2a`` (B, K), ``attention_a2v``,
+        ``attention_v2a`` (B, K, R) and, with ``return_features``, ``features_a2v``
+        and ``features_v2a``. :meth:`class_logits` turns the scores into logits over
+        any class-attribute matrix: ``call`` uses the model's ``att``, a re-targeted
+        export (:mod:`msdn_tf.zeroshot`) the rows of another class set.
+        """
         return_features = self.return_features if return_features is None else return_features
         features = as_regions(ops.convert_to_tensor(features))
         # Every region over its channels; the norm in float32 also under a mixed policy.
@@ -211,16 +225,7 @@ class MSDN(keras.Model):
         parts = split_last(products, [self.num_attributes] * (len(blocks_a2v) + len(blocks_v2a)))
         out_a2v = self.a2v.attend(parts[: len(blocks_a2v)], features, return_features=return_features)
         out_v2a = self.v2a.attend(parts[len(blocks_a2v) :], V, return_features=return_features)
-        dtype = out_a2v["scores"].dtype  # float32 also under a mixed policy
-        att = ops.cast(self.embedding.att, dtype)  # (C, K)
-        margin = ops.cast(self.margin(), dtype)
-        logits_a2v = ops.matmul(out_a2v["scores"], ops.transpose(att)) + margin  # (B, C)
-        logits_v2a = ops.matmul(out_v2a["scores"], ops.transpose(att)) + margin  # (B, C)
-        w1, w2 = self.fusion_weights
         out = {
-            "logits_a2v": logits_a2v,
-            "logits_v2a": logits_v2a,
-            "logits": w1 * logits_a2v + w2 * logits_v2a,
             "scores_a2v": out_a2v["scores"],
             "scores_v2a": out_v2a["scores"],
             "attention_a2v": out_a2v["attention"],
@@ -230,6 +235,22 @@ class MSDN(keras.Model):
             out["features_a2v"] = out_a2v["features"]
             out["features_v2a"] = out_v2a["features"]
         return out
+
+    def class_logits(self, scores_a2v, scores_v2a, att, margin):
+        """``logits_a2v``, ``logits_v2a`` and fused ``logits`` (B, C') over the class rows ``att``.
+
+        Args:
+            scores_a2v, scores_v2a: attribute scores (B, K) of :meth:`attribute_outputs`.
+            att: (C', K) model-ready class attributes (rows L2-normalised, §1.4).
+            margin: (1, C') or (C',) additive margin, ``bias * (+1 unseen, -1 seen)``.
+        """
+        dtype = scores_a2v.dtype  # float32 also under a mixed policy
+        att = ops.cast(att, dtype)
+        margin = ops.reshape(ops.cast(margin, dtype), (1, -1))
+        logits_a2v = ops.matmul(scores_a2v, ops.transpose(att)) + margin  # (B, C')
+        logits_v2a = ops.matmul(scores_v2a, ops.transpose(att)) + margin  # (B, C')
+        w1, w2 = self.fusion_weights
+        return {"logits_a2v": logits_a2v, "logits_v2a": logits_v2a, "logits": w1 * logits_a2v + w2 * logits_v2a}
 
     # ------------------------------------------------------------------ losses
     def compute_loss_terms(self, outputs, labels):

@@ -158,7 +158,7 @@ def test_a_second_writer_is_refused_naming_the_holder(tiny, tmp_path, live_pid, 
 
 
 def test_readers_say_the_run_is_being_written(tmp_path, live_pid):
-    from msdn_tf.training.runs import load_run_model
+    from msdn_tf.evaluation.runs import load_run_model
 
     run = tmp_path / "run"
     write_lock(run, live_pid)
@@ -324,7 +324,7 @@ def test_train_overwrite_replaces_the_whole_run(interrupted, tmp_path):
 def test_model_file_that_is_not_an_msdn_is_one_line(tmp_path):
     import keras
 
-    from msdn_tf.training.runs import load_run_model
+    from msdn_tf.evaluation.runs import load_run_model
 
     run = tmp_path / "run"
     run.mkdir()

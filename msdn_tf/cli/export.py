@@ -5,13 +5,15 @@ The library is :mod:`msdn_tf.serving.export` (export) and :mod:`msdn_tf.serving.
 Usage::
 
     python -m msdn_tf.export --run RUN_DIR --out export/models/msdn_cub [--version N] \\
-        [--gamma G] [--top-k 5] [--overwrite] [--no-verify] [--json] \\
+        [--gamma G] [--top-k 5] [--top-attributes 5] [--overwrite] [--no-verify] [--json] \\
+        [--classes FILE.csv [--replace-classes] [--added-side unseen|seen]] \\
         [--with-images [--backbone auto|torchvision_resnet101|keras_resnet101] \\
          [--backbone-weights FILE|imagenet|none] --image-size 448]
 
 Exit codes: 0 published, 1 the check failed (nothing published), 2 bad arguments or a write
 failure. The signatures, the metadata and the check are described in
-:mod:`msdn_tf.serving.export` and :mod:`msdn_tf.serving.verify`.
+:mod:`msdn_tf.serving.export` and :mod:`msdn_tf.serving.verify`; ``--classes`` (a model
+re-targeted to the trained classes plus the file's, without retraining) in :mod:`msdn_tf.zeroshot`.
 """
 
 from __future__ import annotations
@@ -44,6 +46,26 @@ def _parser() -> argparse.ArgumentParser:
         help="calibrated stacking: subtracted from seen-class scores for gzsl_class/top-k (default 0)",
     )
     p.add_argument("--top-k", type=int, default=5, help="classes returned per input (top_k_classes, top_k_scores)")
+    p.add_argument(
+        "--top-attributes",
+        type=int,
+        default=5,
+        help="attribute ids returned as evidence with every answer (top_k_attributes)",
+    )
+    p.add_argument(
+        "--classes",
+        default=None,
+        metavar="FILE.csv",
+        help="serve the trained classes plus the classes of this file (header: class, then the run's attribute "
+        "names; one row per class, values as in the training class table), without retraining",
+    )
+    p.add_argument("--replace-classes", action="store_true", help="with --classes: serve only the file's classes")
+    p.add_argument(
+        "--added-side",
+        default="unseen",
+        choices=["unseen", "seen"],
+        help="side of the margin and of calibrated stacking the file's new classes take",
+    )
     p.add_argument("--with-images", action="store_true", help="add serving_images (JPEG/PNG bytes -> backbone)")
     p.add_argument(
         "--backbone",
@@ -104,6 +126,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             image_size=args.image_size,
             verify=not args.no_verify,
             verify_samples=args.verify_samples,
+            top_attributes=args.top_attributes,
+            classes=args.classes,
+            replace_classes=args.replace_classes,
+            added_side=args.added_side,
+            log=lambda msg: print(msg, file=sys.stderr),
         )
     except ExportCheckFailed as exc:  # an MSDNError with its own exit code: nothing was published
         _print_report(exc.report, args.json)

@@ -45,6 +45,7 @@ from msdn_tf.training.reporting import (
 )
 from msdn_tf.training.resume import RUN_FILES, RUN_FOLDERS, check_run_dir, data_problem, resume_point
 from msdn_tf.utils import atomic_path
+from msdn_tf.zeroshot import SEMANTICS_FILE, write_class_semantics
 
 if TYPE_CHECKING:  # the types of TrainingSession's fields
     import tensorflow as tf
@@ -550,7 +551,7 @@ class TrainingSession:
             self.writer.close()
         if self.fresh and self.cluster.is_chief and not Checkpointer(self.out_dir).exists():
             shutil.rmtree(self.out_dir / "tensorboard", ignore_errors=True)
-            for name in ("config.yaml", "results.json", "results.md"):
+            for name in ("config.yaml", "results.json", "results.md", SEMANTICS_FILE):
                 (self.out_dir / name).unlink(missing_ok=True)
 
     @property
@@ -663,6 +664,8 @@ class TrainingSession:
         """Checkpoint into ``out_dir``; a full disk is one clear error naming the intact checkpoint."""
         try:
             save_config(self.config, self.out_dir / "config.yaml")  # before state.json: a checkpoint always has it
+            # what re-targeting to new classes needs (msdn_tf.zeroshot): the row rule, attribute and class names
+            write_class_semantics(self.out_dir, self.data, self.config)
             Checkpointer(self.out_dir).save(self.model, self.step, self.history, self.resumes, self.problem)
         except OSError as exc:
             then = (
