@@ -30,7 +30,7 @@ def _scope(variables, values):
 
 
 def _loss(model, trainable, non_trainable, optimizer_variables, features, labels):
-    """``(scaled loss, (terms, new non-trainable values))`` of one batch: the function JAX differentiates."""
+    """``(scaled loss, (terms, outputs, new non-trainable values))`` of one batch: what JAX differentiates."""
     outputs, non_trainable = model.stateless_call(
         trainable, non_trainable, features, training=True, return_features=False
     )
@@ -38,22 +38,24 @@ def _loss(model, trainable, non_trainable, optimizer_variables, features, labels
         terms = model.compute_loss_terms(outputs, labels)
     with _scope(model.optimizer.variables, optimizer_variables):  # a LossScaleOptimizer's scale is a variable
         loss = model.optimizer.scale_loss(terms["loss"])  # other optimizers pass it through
-    return loss, (terms, non_trainable)
+    return loss, (terms, outputs, non_trainable)
 
 
-def _update_trackers(model, metrics_variables, terms, batch_size=None, nonfinite=None):
+def _update_trackers(model, metrics_variables, terms, batch_size=None, nonfinite=None, labels=None, outputs=None):
     """``(logs, new metrics values)``: ``MSDN._update_trackers`` run on the given tracker state.
 
     ``nonfinite``: this step's :meth:`~msdn_tf.model.MSDN.nonfinite_code`, added to the
-    ``nonfinite`` tracker and the logs (as the TensorFlow step does).
+    ``nonfinite`` tracker (not to the logs, as the TensorFlow step does). ``labels`` and
+    ``outputs``: update the metrics of ``compile(metrics=...)`` (:meth:`MSDN.compute_metrics`).
     """
     from msdn_tf.model import NONFINITE
 
     with _scope(model.metrics_variables, metrics_variables) as scope:
         logs = model._update_trackers(terms, batch_size)
+        if outputs is not None:
+            logs.update(model.compute_metrics(None, labels, outputs))
         if nonfinite is not None:
             model.trackers[NONFINITE].update_state(nonfinite)
-            logs[NONFINITE] = model.trackers[NONFINITE].result()
     new_values = []
     for ref, old in zip(model.metrics_variables, metrics_variables):
         value = scope.get_current_value(ref)
@@ -80,10 +82,12 @@ def train_step(model, state, data):
     grad_fn = jax.value_and_grad(
         lambda t: _loss(model, t, non_trainable, optimizer_variables, features, labels), has_aux=True
     )
-    (_, (terms, non_trainable)), grads = grad_fn(trainable)
+    (_, (terms, outputs, non_trainable)), grads = grad_fn(trainable)
     trainable, optimizer_variables = model.optimizer.stateless_apply(optimizer_variables, grads, trainable)
     code = model.nonfinite_code(features, grads, trainable) if model.check_numerics else None
-    logs, metrics_variables = _update_trackers(model, metrics_variables, terms, nonfinite=code)
+    logs, metrics_variables = _update_trackers(
+        model, metrics_variables, terms, nonfinite=code, labels=labels, outputs=outputs
+    )
     return logs, (trainable, non_trainable, optimizer_variables, metrics_variables)
 
 
@@ -99,7 +103,7 @@ def test_step(model, state, data):
     )
     with _scope(model.non_trainable_variables, non_trainable):
         terms = model.compute_loss_terms(outputs, labels)
-    logs, metrics_variables = _update_trackers(model, metrics_variables, terms)
+    logs, metrics_variables = _update_trackers(model, metrics_variables, terms, labels=labels, outputs=outputs)
     return logs, (trainable, non_trainable, metrics_variables)
 
 
