@@ -388,7 +388,7 @@ RANGES = {
     ("demo", "num_attributes"): (1, None, True, True),
     ("demo", "attributes_per_class"): (1, None, True, True),
     ("demo", "images_per_class"): (2, None, True, True),
-    ("demo", "map_size"): (1, None, True, True),
+    ("demo", "map_size"): (3, None, True, True),  # the object box needs a 3 x 3 map
     ("demo", "feature_dim"): (1, None, True, True),
     ("demo", "embed_dim"): (1, None, True, True),
     ("demo", "test_seen_fraction"): (0.0, 1.0, False, False),

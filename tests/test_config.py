@@ -88,3 +88,8 @@ def test_the_recipes_are_package_data():
 
     assert CONFIG_DIR.resolve() == (REPO / "configs").resolve()
     assert (Path(msdn_tf.__file__).parent / "configs" / "sun.yaml").is_file()
+
+
+def test_a_demo_map_below_3x3_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"demo\.map_size' must be >= 3"):
+        resolve_config("demo", overrides=["demo.map_size=2"])

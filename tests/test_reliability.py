@@ -488,23 +488,6 @@ def test_resume_purges_tensorboard_events_past_the_checkpoint(tiny, tmp_path):
     assert len(seen[("eval/H", 30)]) == 1
 
 
-def test_tfds_demo_with_an_empty_manual_dir_generates_the_demo(tmp_path, monkeypatch):
-    tfds = pytest.importorskip("tensorflow_datasets")
-    import msdn_tf.config
-    import msdn_tf.data.tfds_builder  # noqa: F401
-
-    small = msdn_tf.config.DemoConfig(**SMALL_DEMO)
-    monkeypatch.setattr(msdn_tf.config, "DemoConfig", lambda: small)
-    manual = tmp_path / "empty"
-    manual.mkdir()
-    splits = tfds.load(
-        "msdn_zsl/demo",
-        data_dir=str(tmp_path / "tfds"),
-        download_and_prepare_kwargs={"download_config": tfds.download.DownloadConfig(manual_dir=str(manual))},
-    )
-    assert len(list(splits["trainval"])) > 0 and list(manual.glob("demo_*.hdf5"))
-
-
 def test_os_errors_read_as_one_line_with_the_path():
     from msdn_tf.errors import describe_os_error
 
