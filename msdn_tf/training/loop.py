@@ -6,7 +6,9 @@ A run directory holds:
 * ``checkpoint/``: weights, optimizer state and progress after every evaluation
   (:mod:`msdn_tf.training.checkpoint`; ``--resume`` continues from it, drawing exactly
   the batches an uninterrupted run would);
-* ``tensorboard/``: loss terms and U/S/H/CZSL scalars (:mod:`msdn_tf.training.reporting`);
+* TensorBoard events (in the run directory itself, so TensorBoard names the run after it):
+  loss terms and U/S/H/CZSL scalars from step 0 on, the config (hparams plugin) and the
+  final figures (:mod:`msdn_tf.training.reporting`);
 * ``model.keras``: the final model; ``results.json`` and ``results.md``: the
   final and best-during-training figures.
 
@@ -39,7 +41,10 @@ from msdn_tf.training.reporting import (
     metric_entry,
     pct,
     purge_events_after,
+    tensorboard_dir,
     write_eval_summaries,
+    write_final_summaries,
+    write_hparams,
     write_results,
 )
 from msdn_tf.utils import atomic_path
@@ -377,7 +382,7 @@ class TrainingSession:
                 else ""
             )
         )
-        purged = purge_events_after(self.run_dir / "tensorboard", self.step) if self.cluster.is_chief else 0
+        purged = purge_events_after(tensorboard_dir(self.run_dir), self.step) if self.cluster.is_chief else 0
         if purged:
             self.log(
                 f"msdn-tf: removed {purged} TensorBoard events past step {self.step} (written before the interruption)"
@@ -410,7 +415,11 @@ class TrainingSession:
 
         config = self.config
         self.device_store = self._device_store()
-        self.writer = tf.summary.create_file_writer(str(self.out_dir / "tensorboard"))
+        self.writer = tf.summary.create_file_writer(str(tensorboard_dir(self.out_dir)))
+        if self.step == 0:  # a new run (a resumed one logged these in its first session)
+            write_hparams(self.writer, config, Path(self.run_dir).name)
+            for entry in self.history:  # the untrained model's evaluation (train.eval_initial)
+                write_eval_summaries(self.writer, entry["step"], entry, {})
         verbose = config.train.verbose if config.train.verbose >= 0 else (1 if sys.stdout.isatty() else 2)
         log_cb = TensorBoardLosses(self.writer, config.train.log_every)
         guard = NonFiniteGuard()
@@ -537,4 +546,6 @@ class TrainingSession:
             current_backend(),
         )
         self.log(write_results(self.out_dir, results))
+        if self.writer is not None:
+            write_final_summaries(self.writer, results)
         return results
