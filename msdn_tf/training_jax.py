@@ -30,7 +30,7 @@ def _scope(variables, values):
 
 
 def _loss(model, trainable, non_trainable, optimizer_variables, features, labels):
-    """``(loss, (terms, new non-trainable values))`` of one batch: the function JAX differentiates.
+    """``(loss, (terms, outputs, new non-trainable values))`` of one batch: the function JAX differentiates.
 
     :meth:`MSDN.step_loss`, with the forward pass made stateless.
     """
@@ -40,13 +40,17 @@ def _loss(model, trainable, non_trainable, optimizer_variables, features, labels
     # The loss reads the margin (bias, mask_bias); a LossScaleOptimizer's scale is a variable.
     with _scope(model.non_trainable_variables + model.optimizer.variables, non_trainable + optimizer_variables):
         loss, terms = model.step_loss(outputs, labels)
-    return loss, (terms, non_trainable)
+    return loss, (terms, outputs, non_trainable)
 
 
-def _record(model, metrics_variables, terms, labels, features=None, grads=None, trainable=None):
-    """``(logs, new metrics values)``: :meth:`MSDN.record_step` run on the given tracker state."""
+def _record(model, metrics_variables, terms, labels, features=None, grads=None, trainable=None, outputs=None):
+    """``(logs, new metrics values)``: :meth:`MSDN.record_step` run on the given tracker state.
+
+    The ``nonfinite`` code is in the logs: the trackers of a stateless step reach the model
+    only when the loop ends, so the non-finite guard reads each step's code from its logs.
+    """
     with _scope(model.metrics_variables, metrics_variables) as scope:
-        logs = model.record_step(terms, labels, features, grads, trainable)
+        logs = model.record_step(terms, labels, features, grads, trainable, outputs=outputs, log_nonfinite=True)
     new_values = []
     for ref, old in zip(model.metrics_variables, metrics_variables):
         value = scope.get_current_value(ref)
@@ -77,9 +81,11 @@ def train_step(model, state, data):
     grad_fn = jax.value_and_grad(
         lambda t: _loss(model, t, non_trainable, optimizer_variables, features, labels), has_aux=True
     )
-    (_, (terms, non_trainable)), grads = grad_fn(trainable)
+    (_, (terms, outputs, non_trainable)), grads = grad_fn(trainable)
     trainable, optimizer_variables = model.optimizer.stateless_apply(optimizer_variables, grads, trainable)
-    logs, metrics_variables = _record(model, metrics_variables, terms, labels, features, grads, trainable)
+    logs, metrics_variables = _record(
+        model, metrics_variables, terms, labels, features, grads, trainable, outputs=outputs
+    )
     return logs, (trainable, non_trainable, optimizer_variables, metrics_variables)
 
 
@@ -95,7 +101,7 @@ def test_step(model, state, data):
     )
     with _scope(model.non_trainable_variables, non_trainable):
         terms = model.compute_loss_terms(outputs, labels)
-    logs, metrics_variables = _record(model, metrics_variables, terms, labels)
+    logs, metrics_variables = _record(model, metrics_variables, terms, labels, features, outputs=outputs)
     return logs, (trainable, non_trainable, metrics_variables)
 
 

@@ -164,7 +164,7 @@ def test_train_evaluate_checkpoint_resume(checks_dir):
     run = checks_dir / "jax_full"
     for name in ("config.yaml", "model.keras", "results.json", "results.md", "checkpoint/state.json"):
         assert (run / name).is_file(), name
-    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert list(run.glob("events.out.tfevents.*"))
 
     # Predictions of the saved model, for tests/test_jax_backend.py to compare on TensorFlow.
     from msdn_tf.data.registry import load_dataset

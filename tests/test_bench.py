@@ -38,8 +38,12 @@ def test_flop_formula_against_a_hand_count():
 def test_bench_prints_valid_json(tmp_path, capsys, extra):
     out = tmp_path / "bench.json"
     assert bench.main(TINY + ["--json", str(out)] + extra) == 0
-    printed = json.loads(capsys.readouterr().out)
-    assert printed == json.loads(out.read_text())
+    table = capsys.readouterr().out  # the short human summary; the JSON went to the file
+    printed = json.loads(out.read_text())
+    lines = table.splitlines()
+    assert lines[0].startswith("matmul limit:") and len(lines) == 2 + 2 * len(printed["config"]["variants"]) + 1
+    for name in printed["config"]["variants"]:
+        assert f"   9  {name}" in table and f"   4  {name}" in table
     for key in ("config", "machine", "flop_formula", "matmul_square", "shapes", "reference"):
         assert key in printed
     assert printed["machine"]["load_before"] is None or len(printed["machine"]["load_before"]) == 3
@@ -82,8 +86,8 @@ def test_all_matrix_flops_count_the_projections_and_logits():
 def test_auto_variant_reports_the_chosen_precision(capsys):
     from msdn_tf.precision import resolve_precision
 
-    assert bench.main(TINY[:2] + TINY[4:] + ["--variants", "fused:nojit", "fused:nojit:auto"]) == 0
-    report = json.loads(capsys.readouterr().out)
+    assert bench.main(TINY[:2] + TINY[4:] + ["--variants", "fused:nojit", "fused:nojit:auto", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)  # --json alone: the JSON report on stdout
     chosen = resolve_precision("auto").policy
     assert report["config"]["precision_used"] == {"fused:nojit:float32": "float32", "fused:nojit:auto": chosen}
     entry = report["shapes"][0]["variants"]["fused:nojit:auto"]

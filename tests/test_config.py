@@ -205,3 +205,8 @@ def test_messages_do_not_repr_huge_values(tmp_path):
     with pytest.raises(ConfigError, match="must be one of") as info:
         resolve_config("demo", overrides=["data.on_device=" + "x" * 60000])
     assert len(str(info.value)) < 600
+
+
+def test_a_demo_map_below_3x3_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"demo\.map_size' must be >= 3"):
+        resolve_config("demo", overrides=["demo.map_size=2"])

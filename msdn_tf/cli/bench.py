@@ -1,7 +1,10 @@
 """Benchmark MSDN training and evaluation against this machine's own matrix-multiply rate.
 
 ``python -m msdn_tf.bench [--regions 196 49] [--batch 50] [--steps N] [--jit/--no-jit]
-[--precision float32|mixed_bfloat16|mixed_float16|auto] [--variants IMPL:JIT:PRECISION[:nocheck] ...] [--json OUT]``
+[--precision float32|mixed_bfloat16|mixed_float16|auto] [--variants IMPL:JIT:PRECISION[:nocheck] ...] [--json [OUT]]``
+
+prints a short table (images/s and the fraction of the machine's matmul rate per variant);
+``--json`` prints the full JSON report instead, ``--json OUT`` writes it to ``OUT``.
 
 The command is thin: :func:`msdn_tf.perf.model_speed.run_benchmark` does the work (what
 is timed, the FLOP count and the report are described there and in docs/performance.md).
@@ -16,7 +19,7 @@ import sys
 
 from msdn_tf.cli.common import CommandParser, add_verbose_flag, cli_main
 from msdn_tf.options import PRECISIONS
-from msdn_tf.perf.model_speed import CUB, IMPLS, run_benchmark
+from msdn_tf.perf.model_speed import CUB, IMPLS, report_text, run_benchmark
 from msdn_tf.utils import atomic_write_text
 
 
@@ -61,7 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unseen", type=int, default=CUB["unseen"], help="unseen classes (CUB)")
     p.add_argument("--features", type=int, default=CUB["features"], help="F")
     p.add_argument("--embed", type=int, default=CUB["embed"], help="D")
-    p.add_argument("--json", dest="json_out", help="also write the JSON report to this file")
+    p.add_argument(
+        "--json",
+        dest="json_out",
+        nargs="?",
+        const="-",
+        metavar="FILE",
+        help="print the full JSON report instead of the short table; with FILE, write it there (and print the table)",
+    )
     return add_verbose_flag(p)
 
 
@@ -70,7 +80,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     report = run_benchmark(args, command="python -m msdn_tf.bench " + " ".join(sys.argv[1:] if argv is None else argv))
     text = json.dumps(report, indent=1)
+    if args.json_out == "-":
+        print(text)
+        return 0
     if args.json_out:
         atomic_write_text(args.json_out, text + "\n")
-    print(text)
+    print(report_text(report))
     return 0

@@ -16,7 +16,7 @@ import sys
 from typing import Optional, Sequence
 
 from msdn_tf.cli.common import CommandParser, cli_main
-from msdn_tf.viz.run_figures import visualize_attention, visualize_embeddings
+from msdn_tf.viz.run_figures import attention_text, embeddings_text, visualize_attention, visualize_embeddings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--image-size", type=int, default=448, help="with --image: input size (448 -> 14x14 maps)")
     a.add_argument("--true-class", help="with --image: its class id or name (reported in the JSON)")
     a.add_argument("--out", help="PNG path (the JSON is written beside it)")
+    a.add_argument("--json", action="store_true", help="print the summary as JSON instead of a few readable lines")
 
     e = sub.add_parser("embeddings", help="TensorBoard projector files and a static t-SNE of attribute scores")
     e.add_argument("--run", required=True, help="run directory")
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0, help="seed of the row sample and the t-SNE projection")
     e.add_argument("--out", help="output folder (default RUN/tensorboard/embeddings_<split>)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    e.add_argument("--json", action="store_true", help="print the summary as JSON instead of a few readable lines")
     return p
 
 
@@ -94,5 +96,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             progress=not args.no_progress,
             log=log,
         )
-    print(json.dumps(summary, indent=2))
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(attention_text(summary) if args.command == "attention" else embeddings_text(summary))
     return 0

@@ -85,6 +85,8 @@ def _check_demo_config(cfg: DemoConfig) -> None:
         raise ValueError(f"demo.num_unseen must be in [1, {C - 1}], got {cfg.num_unseen}")
     if not 1 <= cfg.attributes_per_class <= K:
         raise ValueError(f"demo.attributes_per_class must be in [1, {K}]")
+    if cfg.map_size < 3:
+        raise ValueError(f"demo.map_size must be >= 3 (the object box spans up to 3 x 3 regions), got {cfg.map_size}")
 
 
 def _class_attributes(rng, cfg: DemoConfig):

@@ -619,3 +619,31 @@ def run_benchmark(args, command: str | None = None) -> dict:
         "wall_s": round(time.time() - started, 1),
     }
     return report
+
+
+def report_text(report: dict) -> str:
+    """A short readable table of :func:`run_benchmark`'s report (what ``msdn_tf.bench`` prints without --json).
+
+    One row per regions x variant: training and evaluation images/s (median) and their
+    fraction of this machine's measured matrix-multiply rate.
+
+    Example:
+        >>> print(report_text(run_benchmark(args)))
+    """
+    square = report["matmul_square"]
+    machine = report["machine"]
+    lines = [
+        f"matmul limit: {square['gflop_per_s_median']:.1f} GFLOP/s (2048^3, median); "
+        f"{machine['cpu_count']} CPUs, load {machine['load_before']} -> {machine['load_after']}",
+        f"{'R':>4}  {'variant':<28} {'train img/s':>11} {'of limit':>8} {'eval img/s':>11} {'of limit':>8}",
+    ]
+    for shape in report["shapes"]:
+        for name, entry in shape["variants"].items():
+            train, evaluate = entry["train"], entry["eval"]
+            lines.append(
+                f"{shape['regions']:>4}  {name:<28} {train['images_per_s_median']:>11.1f} "
+                f"{train['fraction_of_limit_median']:>8.1%} {evaluate['images_per_s_median']:>11.1f} "
+                f"{evaluate['fraction_of_limit_median']:>8.1%}"
+            )
+    lines.append(f"({report['wall_s']} s; --json for the full report: every repeat, FLOP counts, ratios)")
+    return "\n".join(lines)

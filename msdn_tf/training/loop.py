@@ -6,7 +6,9 @@ A run directory holds:
 * ``checkpoint/``: weights, optimizer state and progress after every evaluation
   (:mod:`msdn_tf.training.checkpoint`; ``--resume`` continues from it, drawing exactly
   the batches an uninterrupted run would);
-* ``tensorboard/``: loss terms and U/S/H/CZSL scalars (:mod:`msdn_tf.training.reporting`);
+* TensorBoard events (in the run directory itself, so TensorBoard names the run after it):
+  loss terms and U/S/H/CZSL scalars from step 0 on, the config (hparams plugin) and the
+  final figures (:mod:`msdn_tf.training.reporting`);
 * ``model.keras``: the final model; ``results.json`` and ``results.md``: the
   final and best-during-training figures.
 
@@ -40,7 +42,10 @@ from msdn_tf.training.reporting import (
     metric_entry,
     pct,
     purge_events_after,
+    tensorboard_dir,
     write_eval_summaries,
+    write_final_summaries,
+    write_hparams,
     write_results,
 )
 from msdn_tf.training.resume import RUN_FILES, RUN_FOLDERS, check_run_dir, data_problem, resume_point
@@ -370,14 +375,15 @@ def input_error(exc, data, where: str, checkpointer=None) -> MSDNError:
 
 def clear_run(run_dir: Path, log, overwrite: bool) -> None:
     """Before a new run writes: remove the old run (``overwrite``), or what a killed run left without a checkpoint."""
-    from msdn_tf.interop.convert import BACKBONE_FILE, REPORT_FILE
+    from msdn_tf.training.convert import BACKBONE_FILE, REPORT_FILE
 
     files = [n for n in (*RUN_FILES, REPORT_FILE, BACKBONE_FILE) if (run_dir / n).exists()]
+    files += sorted(p.name for p in run_dir.glob("events.out.tfevents.*"))  # reporting.tensorboard_dir
     folders = [n for n in RUN_FOLDERS if (run_dir / n).exists()]
     if not files and not folders:
         return
     if not overwrite:  # check_run_dir let it through: no model, no checkpoint: a run that never got that far
-        files = [n for n in files if n in ("config.yaml", "results.json", "results.md")]
+        files = [n for n in files if n in ("config.yaml", "results.json", "results.md") or n.startswith("events.")]
         folders = [n for n in folders if n == "tensorboard"]
         if not files and not folders:
             return
@@ -503,7 +509,7 @@ class TrainingSession:
                     else ""
                 )
             )
-            purged = purge_events_after(run_dir / "tensorboard", start.step) if cluster.is_chief else 0
+            purged = purge_events_after(tensorboard_dir(run_dir), start.step) if cluster.is_chief else 0
             if purged:
                 what = f"{purged} TensorBoard events past step {start.step}"
                 log(f"msdn-tf: removed {what} (written before the interruption)")
@@ -526,7 +532,7 @@ class TrainingSession:
             problem=data_problem(data),
             loop=loop,
             device_store=device_store_for(config, data, log, model, sampler, iterations, eval_every),
-            writer=tf.summary.create_file_writer(str(out_dir / "tensorboard")),
+            writer=tf.summary.create_file_writer(str(tensorboard_dir(out_dir))),
             guard=NonFiniteGuard(),
             started=time.time(),
             fresh=not resume,
@@ -551,6 +557,8 @@ class TrainingSession:
             self.writer.close()
         if self.fresh and self.cluster.is_chief and not Checkpointer(self.out_dir).exists():
             shutil.rmtree(self.out_dir / "tensorboard", ignore_errors=True)
+            for events in self.out_dir.glob("events.out.tfevents.*"):  # tensorboard_dir: the run dir itself
+                events.unlink(missing_ok=True)
             for name in ("config.yaml", "results.json", "results.md", SEMANTICS_FILE):
                 (self.out_dir / name).unlink(missing_ok=True)
 
@@ -563,6 +571,10 @@ class TrainingSession:
         from msdn_tf.training.reporting import TensorBoardLosses
 
         config = self.config
+        if self.step == 0:  # a new run (a resumed one logged these in its first session)
+            write_hparams(self.writer, config, Path(self.run_dir).name)
+            for entry in self.history:  # the untrained model's evaluation (train.eval_initial)
+                write_eval_summaries(self.writer, entry["step"], entry, {})
         verbose = config.train.verbose if config.train.verbose >= 0 else (1 if sys.stdout.isatty() else 2)
         log_cb = TensorBoardLosses(self.writer, config.train.log_every)
         guard = self.guard
@@ -703,4 +715,6 @@ class TrainingSession:
             current_backend(),
         )
         self.log(write_results(self.out_dir, results))
+        if self.writer is not None:
+            write_final_summaries(self.writer, results)
         return results
