@@ -96,12 +96,32 @@ def gpu_compute_capabilities() -> list:
     return out
 
 
-def native_bfloat16(flags: Optional[set] = None, gpus: Optional[list] = None) -> Optional[str]:
-    """Why bfloat16 runs natively here (a short text), or ``None`` where it does not."""
+def _backend(backend: Optional[str]) -> str:
+    from msdn_tf.backend import current
+
+    return current() if backend is None else backend
+
+
+JAX_CPU_BF16_NOTE = (
+    "JAX's CPU compiler (XLA:CPU) does not use the CPU's bfloat16 instructions: its bfloat16 products "
+    "measured slower than its float32 ones (docs/performance.md)"
+)
+
+
+def native_bfloat16(
+    flags: Optional[set] = None, gpus: Optional[list] = None, backend: Optional[str] = None
+) -> Optional[str]:
+    """Why bfloat16 runs natively here (a short text), or ``None`` where it does not.
+
+    ``backend``: the Keras backend (default the current one). On JAX a CPU's bfloat16
+    flags do not count (:data:`JAX_CPU_BF16_NOTE`); GPUs do on both backends.
+    """
     gpus = gpu_compute_capabilities() if gpus is None else gpus
     if gpus:
         if all(cc >= (8, 0) for cc in gpus):
             return f"GPU compute capability {'.'.join(map(str, min(gpus)))} (>= 8.0 runs bfloat16 natively)"
+        return None
+    if _backend(backend) == "jax":
         return None
     flags = cpu_flags() if flags is None else flags
     found = [f for f in BF16_CPU_FLAGS if f in flags]
@@ -121,7 +141,12 @@ def native_float16(flags: Optional[set] = None, gpus: Optional[list] = None) -> 
 
 
 def resolve_precision(
-    name: str, setting: str = "train.precision", flags: Optional[set] = None, gpus: Optional[list] = None, environ=None
+    name: str,
+    setting: str = "train.precision",
+    flags: Optional[set] = None,
+    gpus: Optional[list] = None,
+    environ=None,
+    backend: Optional[str] = None,
 ) -> Precision:
     """The :class:`Precision` to use for the configured ``name``.
 
@@ -130,6 +155,8 @@ def resolve_precision(
         setting: the config key or option named in errors.
         flags, gpus, environ: the CPU flags, GPU compute capabilities and environment
             to decide on (default: this machine's; injectable for tests).
+        backend: the Keras backend (default the current one): on JAX, ``auto`` ignores
+            the CPU's bfloat16 flags (:data:`JAX_CPU_BF16_NOTE`).
 
     Returns:
         A :class:`Precision` whose ``policy`` is never ``auto``.
@@ -147,7 +174,7 @@ def resolve_precision(
     if name == "float32":
         return Precision(name, "float32", "requested")
     if name == "mixed_bfloat16":
-        why = native_bfloat16(flags, gpus)
+        why = native_bfloat16(flags, gpus, backend)
         return Precision(
             name,
             name,
@@ -165,9 +192,11 @@ def resolve_precision(
             f"far slower than float32. Use auto, mixed_bfloat16 or float32 (or set "
             f"{EMULATED_FLOAT16_ENV}=1 to run it emulated anyway)"
         )
-    why = native_bfloat16(flags, gpus)
+    why = native_bfloat16(flags, gpus, backend)
     if why:
         return Precision(name, "mixed_bfloat16", f"auto: {why}")
+    if not gpus and _backend(backend) == "jax":
+        return Precision(name, "float32", f"auto: no GPU; {JAX_CPU_BF16_NOTE}")
     return Precision(
         name,
         "float32",
