@@ -31,6 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=3, help="calls per timed repeat")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls first, incl. compilation")
+    p.add_argument(
+        "--loop-steps",
+        type=int,
+        default=20,
+        help="JAX: training (and evaluation) steps per dispatch, as the on-device training loop runs "
+        "them (1 = one step per dispatch, as fit). TensorFlow: ignored",
+    )
     p.add_argument("--matmul-steps", type=int, default=3, help="products per timed matmul repeat")
     p.add_argument(
         "--jit",
@@ -65,6 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", type=int, default=CUB["features"], help="F")
     p.add_argument("--embed", type=int, default=CUB["embed"], help="D")
     p.add_argument(
+        "--compare-backends",
+        nargs=2,
+        metavar="BACKEND",
+        help="time two Keras backends in ONE run (e.g. tensorflow jax): one worker process each, "
+        "timed in turn every repeat; reports images/s and the per-repeat ratio (second / first). "
+        "Each backend runs its training default (TensorFlow fused:nojit, JAX fused:jit with --loop-steps)",
+    )
+    p.add_argument(
         "--json",
         dest="json_out",
         nargs="?",
@@ -78,12 +93,18 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_main
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    report = run_benchmark(args, command="python -m msdn_tf.bench " + " ".join(sys.argv[1:] if argv is None else argv))
+    command = "python -m msdn_tf.bench " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.compare_backends:
+        from msdn_tf.perf.backend_compare import compare_backends
+
+        report = compare_backends(args, command=command, log=lambda line: print(line, file=sys.stderr))
+    else:
+        report = run_benchmark(args, command=command)
     text = json.dumps(report, indent=1)
     if args.json_out == "-":
         print(text)
         return 0
     if args.json_out:
         atomic_write_text(args.json_out, text + "\n")
-    print(report_text(report))
+    print(text if args.compare_backends else report_text(report))  # the comparison's progress lines summarise it
     return 0
