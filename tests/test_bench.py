@@ -110,3 +110,24 @@ def test_variant_parsing():
     assert model_speed.parse_variant("einsum:nojit:mixed_float16")["jit"] is False
     with pytest.raises(ValueError, match="variant"):
         model_speed.parse_variant("fused:maybe")
+
+
+@pytest.mark.parametrize("shape", ["cub", "awa2"])
+def test_input_benchmark_synthetic_data_has_the_benchmark_structure(tmp_path, shape):
+    """The cache that bench_input generates reads back row by row, and its splits are those of a
+    zero-shot benchmark (made by the demo's split rule)."""
+    from msdn_tf.data.datasets import BENCHMARKS
+    from msdn_tf.perf.input_pipeline import generate, synthetic_data
+
+    facts, n = BENCHMARKS[shape], 600
+    path = generate(str(tmp_path / "bench.regions_float16.npy"), n, 3, 4, progress=False)
+    data = synthetic_data(path, shape, n)
+    rows = data.features.read(np.array([n - 1, 3]))
+    np.testing.assert_allclose(rows[:, 0, 0], [(n - 1) / n, 3 / n], atol=1e-3)
+    assert set(np.unique(data.labels)) == set(range(facts.classes))
+    seen = data.labels < facts.seen_classes
+    tv, ts, tu = data.trainval_loc, data.test_seen_loc, data.test_unseen_loc
+    assert seen[tv].all() and seen[ts].all() and not seen[tu].any()
+    assert np.intersect1d(tv, ts).size == 0 and sorted(np.concatenate([tv, ts, tu])) == list(range(n))
+    assert set(data.labels[ts]) <= set(data.labels[tv])
+    assert data.att.shape == (facts.classes, facts.attributes)

@@ -69,7 +69,7 @@ def generate_demo_arrays(cfg: DemoConfig) -> dict:
     return {
         "feature_map": maps,
         "labels": labels,
-        **_demo_splits(rng, cfg, labels, seen, unseen),
+        **make_splits(rng, labels, seen, unseen, cfg.test_seen_fraction),
         "att": att,
         "original_att": att * 100.0,
         "w2v_att": w2v,
@@ -149,13 +149,16 @@ def _image_map(rng, cfg: DemoConfig, class_att, patterns, object_code):
     return region.T.reshape(F, H, W)
 
 
-def _demo_splits(rng, cfg: DemoConfig, labels, seen, unseen) -> dict:
-    """trainval / test_seen from the seen classes, test_unseen = all unseen images, and a
-    class-disjoint train/val split of the seen classes (the role of xlsa17 train_loc/val_loc)."""
+def make_splits(rng, labels, seen, unseen, test_seen_fraction: float) -> dict:
+    """trainval / test_seen from the seen classes (``test_seen_fraction`` of each, at least one
+    image, and at least one left for trainval), test_unseen = all unseen images, and a
+    class-disjoint train/val split of the seen classes (the role of xlsa17 train_loc/val_loc).
+    The demo and the input-pipeline benchmark's synthetic dataset
+    (:func:`msdn_tf.perf.input_pipeline.synthetic_data`) split with it."""
     trainval, test_seen = [], []
     for c in seen:
         rows = rng.permutation(np.where(labels == c)[0])
-        n_test = max(1, int(round(cfg.test_seen_fraction * rows.size)))
+        n_test = min(rows.size - 1, max(1, int(round(test_seen_fraction * rows.size))))
         test_seen.extend(rows[:n_test])
         trainval.extend(rows[n_test:])
     test_unseen = np.where(np.isin(labels, unseen))[0]

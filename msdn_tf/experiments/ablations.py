@@ -96,7 +96,7 @@ def run_ablations(
             ablation continues where it stopped).
         seeds: seeds ``config.train.seed + i``.
         data: an already loaded dataset.
-        train_fn: training function (see :func:`msdn_tf.protocols.run_protocol`).
+        train_fn: training function (see :func:`msdn_tf.experiments.protocols.run_protocol`).
         log: function for progress lines.
         ablation_dir: folder of the row configs (default ``configs/ablations``).
 

@@ -557,7 +557,7 @@ def query_local_server(
     export_base, data_dir, *, top_k: int = 3, per_class: int = 1, log: Callable[[str], None] = log_stderr
 ) -> dict:
     """Start the local gRPC TEST DOUBLE of TF Serving on ``export_base``, send test_unseen images
-    (or their features when the export has no image signature) with :mod:`msdn_tf.client`, print
+    (or their features when the export has no image signature) with :mod:`msdn_tf.serving.classify`, print
     the top-k answers."""
     import csv
 

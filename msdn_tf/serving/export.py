@@ -1,6 +1,6 @@
 """Export library: an MSDN as a TensorFlow Serving SavedModel with fused predictions.
 
-The command is ``python -m msdn_tf.export`` (:mod:`msdn_tf.export`); the check of an
+The command is ``python -m msdn_tf.export`` (:mod:`msdn_tf.cli.export`); the check of an
 export before it is published is :mod:`msdn_tf.serving.verify`.
 
 Usage::
