@@ -467,7 +467,7 @@ rest_bodies = st.one_of(
         lambda f, b, extra, form: json.dumps(
             {"inputs": {"features": f, "image_bytes": b, **extra}}
             if form == "inputs"
-            else {"instances": [{"features": x, "image_bytes": "a"} for x in f] or [{}]}
+            else {"instances": [{"features": x, "image_bytes": "a"} for x in (f if isinstance(f, list) else [f])]}
         ).encode(),
         st.one_of(features, json_values),
         st.one_of(st.lists(st.text(max_size=4), max_size=3), json_values),

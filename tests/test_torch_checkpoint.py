@@ -7,6 +7,7 @@ values, so these tests need neither torch nor tensorflow.
 
 import ast
 import collections
+import io
 import os
 import pickle
 import struct
@@ -565,3 +566,42 @@ def test_real_checkpoints_pass_the_scan():
         with zipfile.ZipFile(fixture(stem)) as zf:
             name = [n for n in zf.namelist() if n.endswith("/data.pkl")][0]
             scan_pickle(zf.read(name), max_depth=8)  # torch's pickles are shallow
+
+
+def _patch_zip_entry(data: bytes, name: str, flags=None, method=None) -> bytes:
+    """Set the general-purpose flags and/or compression method of ``name`` in both of its zip headers."""
+    data = bytearray(data)
+    with zipfile.ZipFile(io.BytesIO(bytes(data))) as zf:
+        local = zf.getinfo(name).header_offset
+    encoded = name.encode()
+    central = data.find(b"PK\x01\x02")
+    while central != -1:
+        name_len = struct.unpack("<H", data[central + 28 : central + 30])[0]
+        if bytes(data[central + 46 : central + 46 + name_len]) == encoded:
+            break
+        central = data.find(b"PK\x01\x02", central + 4)
+    for at, flag_at, method_at in ((local, 6, 8), (central, 8, 10)):
+        if flags is not None:
+            data[at + flag_at : at + flag_at + 2] = struct.pack("<H", flags)
+        if method is not None:
+            data[at + method_at : at + method_at + 2] = struct.pack("<H", method)
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    "patch, message",
+    [
+        ({"method": 99}, "compression method is not supported"),  # AES: zipfile raises NotImplementedError
+        ({"flags": 1}, "encrypted"),  # zipfile raises RuntimeError
+        ({"flags": 1 << 6}, "strong encryption"),
+    ],
+    ids=["unsupported-method", "encrypted", "strong-encryption"],
+)
+def test_zip_features_torch_never_writes_are_one_data_error(tmp_path, patch, message):
+    # Found by tests/test_properties.py (fuzz profile): these escaped as tracebacks.
+    data = _patch_zip_entry(open(fixture("tiny_msdn"), "rb").read(), "tiny_msdn/data.pkl", **patch)
+    path = tmp_path / "odd.pth"
+    path.write_bytes(data)
+    with pytest.raises(DataError, match=message) as info:
+        read_torch_state_dict(path)
+    assert "re-save it with torch.save" in str(info.value)

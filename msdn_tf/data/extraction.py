@@ -68,6 +68,7 @@ import numpy as np
 from msdn_tf.backbones.keras_resnet import build_backbone, call_backbone, load_image
 from msdn_tf.backbones.torchvision_resnet import TORCHVISION_WEIGHTS_HINT, build_torchvision_backbone
 from msdn_tf.errors import DataError, MSDNError
+from msdn_tf.limits import check_text_file
 
 #: ``--backbone`` choices -> what they compute.
 BACKBONES = {
@@ -99,6 +100,7 @@ def read_image_list(path: str) -> tuple:
         return list(info["image_files"]), np.asarray(info["labels"], dtype=np.int64)
     if not os.path.exists(path):
         raise DataError(f"{path}: image list not found")
+    check_text_file(path, "image list")
     try:
         with open(path, "r", encoding="utf-8", newline="") as fh:
             if low.endswith(".csv"):

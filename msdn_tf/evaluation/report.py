@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from pathlib import Path
 
 import numpy as np
 
 from msdn_tf.errors import MSDNError
+from msdn_tf.limits import load_json_file
 from msdn_tf.utils import atomic_write_text, markdown_table, write_json
 
 PROTOCOL_NOTES = {
@@ -66,11 +66,8 @@ def run_protocol_name(run_dir) -> str:
         return "validation"
     path = Path(run_dir) / "results.json"
     if path.is_file():
-        try:
-            content = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise MSDNError(f"{path}: not valid JSON ({exc})") from exc
-        if content.get("history"):
+        content = load_json_file(path, "results", MSDNError)
+        if isinstance(content, dict) and content.get("history"):
             return "final"
     return "as-is"
 
@@ -219,7 +216,7 @@ def _load_run_and_data(run_dir: Path, data_dir, data):
 
 def _validation_choice(run_dir: Path, gamma: float, log) -> dict:
     """What the validation protocol chose (``protocol_result.json``); notes a different ``gamma``."""
-    choice = json.loads((run_dir / PROTOCOL_RESULT).read_text()).get("selection", {})
+    choice = load_json_file(run_dir / PROTOCOL_RESULT, "protocol result", MSDNError).get("selection", {})
     if "gamma" in choice and abs(choice["gamma"] - gamma) > 1e-12:
         log(
             f"msdn-tf evaluate: note: the validation protocol chose gamma {choice['gamma']:.6g}; "
@@ -265,7 +262,7 @@ def _reference_from_results(run_dir) -> dict:
     path = Path(run_dir) / "results.json"
     if not path.is_file():
         return {}
-    content = json.loads(path.read_text())
+    content = load_json_file(path, "results", MSDNError)
     history = [h for h in content.get("history", []) if h.get("step", 0) > 0]
     if not history:
         return {}

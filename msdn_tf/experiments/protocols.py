@@ -22,7 +22,6 @@ mean ± std (sample std, ddof 1) of every metric.
 from __future__ import annotations
 
 import copy
-import json
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -32,6 +31,7 @@ import numpy as np
 from msdn_tf.data.base import ZSLData
 from msdn_tf.errors import ConfigError, DataError, MSDNError
 from msdn_tf.evaluation.report import PROTOCOL_NOTES, PROTOCOL_RESULT, pct, reference_selection
+from msdn_tf.limits import load_json_file
 from msdn_tf.utils import atomic_write_text, markdown_table, write_json
 
 PROTOCOLS = ("reference", "final", "validation")
@@ -180,7 +180,7 @@ def train_or_reuse(config, run_dir: Path, data, train_fn, log, eval_hooks=()) ->
     results_path = run_dir / "results.json"
     if results_path.is_file() and not eval_hooks:
         log(f"msdn-tf: reusing the finished run {run_dir}")
-        return json.loads(results_path.read_text())
+        return load_json_file(results_path, "results", MSDNError)
     from msdn_tf.training.resume import has_checkpoint
 
     resume = has_checkpoint(run_dir)
@@ -217,7 +217,7 @@ class _SelectionRecorder:
         self.settings = {"gamma_grid": self.gamma_grid, "holdout_fraction": float(holdout_fraction)}
         self.candidates = []
         if self.path.is_file():
-            saved = json.loads(self.path.read_text())
+            saved = load_json_file(self.path, "protocol state", MSDNError)
             if saved.get("settings") != self.settings:
                 raise MSDNError(
                     f"{self.path}: made with {saved.get('settings')}, now {self.settings}; "
@@ -331,7 +331,7 @@ def _validation(
     results_path = run_dir / PROTOCOL_RESULT
     check_same_config(cfg, run_dir)
     if results_path.is_file():
-        final = json.loads(results_path.read_text())
+        final = load_json_file(results_path, "protocol result", MSDNError)
     else:
         train_or_reuse(cfg, run_dir, data, train_fn, log, eval_hooks=[final_eval])
         if final_eval.result is None:

@@ -600,10 +600,19 @@ def read_torch_state_dict(path, max_bytes: Optional[int] = None) -> Dict[str, np
     try:
         with zipfile.ZipFile(path) as zf:
             return _read_open_zip(zf, path, _Budget(int(max_bytes)))
+    except DataError:
+        raise
     except zipfile.BadZipFile as exc:
-        raise DataError("%s is a truncated or corrupt zip archive (%s); download it again" % (path, exc)) from None
+        raise DataError(
+            "%s is a truncated or corrupt zip archive (%s); download it again" % (path, _exception_text(exc))
+        ) from None
     except (OSError, EOFError) as exc:
-        raise DataError("%s could not be read: %s" % (path, exc)) from None
+        raise DataError("%s could not be read: %s" % (path, _exception_text(exc))) from None
+    except (NotImplementedError, RuntimeError, UnicodeDecodeError, ValueError) as exc:
+        # zipfile: an unsupported compression method, zip version or encryption, names that are not UTF-8
+        raise DataError(
+            "%s is not a zip archive torch.save writes (%s); re-save it with torch.save" % (path, _exception_text(exc))
+        ) from None
 
 
 def _read_pickle_record(zf: zipfile.ZipFile, name: str, path: str) -> bytes:
