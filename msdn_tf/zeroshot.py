@@ -28,7 +28,7 @@ Pieces:
 
 Example::
 
-    from msdn_tf.training.runs import load_run
+    from msdn_tf.evaluation.runs import load_run
     from msdn_tf import zeroshot
 
     config, model = load_run("runs/demo")
@@ -148,7 +148,7 @@ def run_class_semantics(run_dir, config=None, model=None) -> dict:
         record["source"] = str(path)
         return record
     if config is None:
-        from msdn_tf.training.runs import load_run_config
+        from msdn_tf.evaluation.runs import load_run_config
 
         config = load_run_config(run_dir)
     names = attributes = None
@@ -512,8 +512,7 @@ def retarget_model(model, classes: ClassSet):
 
 def retarget_run(run_dir, class_file, *, config=None, model=None, replace: bool = False, added_side: str = "unseen"):
     """``(model, ClassSet, semantics)`` of a run re-targeted to a class file (nothing is written)."""
-    from msdn_tf.serving.export import class_names_for_run
-    from msdn_tf.training.runs import load_run
+    from msdn_tf.evaluation.runs import class_names_for_run, load_run
 
     if model is None or config is None:
         config, model = load_run(run_dir)
@@ -641,7 +640,7 @@ def evaluate_run_with_classes(
     Writes ``metrics.json`` and ``report.md`` to ``out_dir`` (default ``RUN/eval-classes``).
     """
     from msdn_tf.data.registry import load_dataset
-    from msdn_tf.training.runs import load_run
+    from msdn_tf.evaluation.runs import load_run
     from msdn_tf.utils import atomic_write_text, write_json
 
     run_dir = Path(run_dir)

@@ -34,8 +34,8 @@ def _logits(model, x):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     from msdn_tf.data.registry import load_dataset
+    from msdn_tf.evaluation.runs import load_run
     from msdn_tf.training.loop import run_training
-    from msdn_tf.training.runs import load_run
 
     root = tmp_path_factory.mktemp("zeroshot")
     config = tiny_demo_config(root / "data" / "demo", *QUICK_TRAIN)

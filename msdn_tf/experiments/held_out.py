@@ -115,8 +115,8 @@ def run_held_out_experiment(config, out_dir, *, hold_out=2, data=None, log=print
         The content of ``results.json``.
     """
     from msdn_tf.data.registry import load_dataset
+    from msdn_tf.evaluation.runs import load_run
     from msdn_tf.training.loop import run_training
-    from msdn_tf.training.runs import load_run
     from msdn_tf.utils import atomic_write_text, write_json
     from msdn_tf.zeroshot import ADDED, evaluate_class_set, retarget_run, trained_class_set
 

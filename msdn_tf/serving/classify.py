@@ -88,6 +88,10 @@ def read_features(path, rows: Optional[Sequence[int]] = None, feature_dim: Optio
         if x.ndim not in (3, 4):
             raise MSDNError(f"{path}: expected (B, R, F), (R, F) or (B, H, W, F) features, got shape {x.shape}")
         if rows is not None:
+            rows = [int(r) for r in rows]
+            bad = [r for r in rows if not 0 <= r < x.shape[0]]
+            if bad:
+                raise MSDNError(f"{path}: rows {bad} outside [0, {x.shape[0]}) (the file holds {x.shape[0]} samples)")
             x = x[np.asarray(rows, dtype=np.int64)]
     else:
         raise MSDNError(f"{path}: unknown features file type (use .npy or .hdf5)")
@@ -200,8 +204,43 @@ def fetch_metadata(
             f"cannot read the class names from the server's '{METADATA_SIGNATURE}' signature ({exc}); "
             "pass --metadata MODEL_BASE/msdn_metadata.json (written by python -m msdn_tf.export)"
         ) from exc
-    text = np.asarray(out["metadata_json"]).reshape(-1)[0]
-    return json.loads(text.decode("utf-8") if isinstance(text, bytes) else str(text))
+    where = f"the '{METADATA_SIGNATURE}' signature of {model} at {rest or server}"
+    try:
+        text = np.asarray(out["metadata_json"]).reshape(-1)[0]
+        meta = json.loads(text.decode("utf-8") if isinstance(text, bytes) else str(text))
+    except (KeyError, IndexError, ValueError) as exc:
+        raise MSDNError(
+            f"{where}: its metadata_json is not JSON ({type(exc).__name__}: {_one_line(exc, 200)})"
+        ) from exc
+    return check_metadata(meta, where)
+
+
+def check_metadata(meta, source: str) -> dict:
+    """The export metadata the client relies on, checked: class names, seen/unseen ids in range, finite gamma.
+
+    Args:
+        meta: the parsed ``msdn_metadata.json`` (from ``--metadata`` or the ``metadata`` signature).
+        source: where it came from, named in the messages.
+    """
+    if not isinstance(meta, dict):
+        raise MSDNError(f"{source}: the metadata is not a JSON object")
+    names = meta.get("class_names")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise MSDNError(f"{source}: 'class_names' must be a non-empty list of strings")
+    c = len(names)
+    if "num_classes" in meta and meta["num_classes"] != c:
+        raise MSDNError(f"{source}: {c} class_names but num_classes is {meta['num_classes']!r}")
+    for key in ("seen_classes", "unseen_classes"):
+        ids = meta.get(key)
+        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise MSDNError(f"{source}: '{key}' must be a list of class ids")
+        bad = [i for i in ids if not 0 <= i < c]
+        if bad:
+            raise MSDNError(f"{source}: '{key}' holds ids {bad[:5]} outside the {c} class_names [0, {c})")
+    gamma = meta.get("gamma")
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not np.isfinite(gamma):
+        raise MSDNError(f"{source}: 'gamma' must be a finite number, got {_one_line(repr(gamma), 60)}")
+    return meta
 
 
 def summarize(
@@ -219,6 +258,12 @@ def summarize(
     seen classes (the same calibrated ranking); smaller is a prefix.
     """
     names = metadata["class_names"]
+    c = np.asarray(outputs["scores"]).shape[-1]
+    if c != len(names):
+        raise MSDNError(
+            f"the served model scores {c} classes but the metadata names {len(names)}: it describes another "
+            "export (pass the msdn_metadata.json of this model version, or drop --metadata to ask the server)"
+        )
     classes = np.asarray(outputs["top_k_classes"], np.int64)
     scores = np.asarray(outputs["top_k_scores"], np.float64)
     k = classes.shape[1] if top_k is None else int(top_k)
@@ -293,8 +338,14 @@ def classify(
     """
     if (features is None) == (images is None):
         raise MSDNError("give exactly one of features or images")
+    if top_k is not None and int(top_k) < 1:
+        raise MSDNError(f"--top-k must be >= 1, got {top_k}")
+    if not timeout > 0:
+        raise MSDNError(f"--timeout must be > 0 seconds, got {timeout}")
     if metadata is None:
         metadata = fetch_metadata(model=model, server=server, rest=rest, version=version, timeout=timeout)
+    else:
+        metadata = check_metadata(metadata, "the metadata")
     if images is not None:
         if not images:
             raise MSDNError("no images given")

@@ -1,6 +1,6 @@
 """Export library: an MSDN as a TensorFlow Serving SavedModel with fused predictions.
 
-The command is ``python -m msdn_tf.export`` (:mod:`msdn_tf.export`); the check of an
+The command is ``python -m msdn_tf.export`` (:mod:`msdn_tf.cli.export`); the check of an
 export before it is published is :mod:`msdn_tf.serving.verify`.
 
 Usage::
@@ -798,7 +798,31 @@ def _build_archive(
         return {"metadata_json": tf.constant(meta_text), "class_names": tf.constant(names)}
 
     archive.add_endpoint(METADATA_SIGNATURE, tf.function(metadata_fn, input_signature=[]))
+    _store_variables_once(archive)
     return archive
+
+
+def _store_variables_once(archive) -> None:
+    """Make the SavedModel hold each weight once, not twice.
+
+    ``ExportArchive`` checkpoints every weight under two objects: ``variables`` (and
+    ``trainable_variables`` / ``non_trainable_variables``) list the Keras variables, and
+    ``_all_variables`` lists the ``tf.Variable`` each one wraps (what the endpoints capture).
+    Both write the same values, so an image export of 170 MB of weights took 333 MB.
+    Listing the wrapped ``tf.Variable`` objects instead makes both names refer to one
+    object, which the SavedModel writes once; the loaded object still has ``variables``
+    (Keras 3.15's private ``_tf_trackable``; left as is if a Keras version lacks it).
+    """
+    import tensorflow as tf
+
+    trackable = getattr(archive, "_tf_trackable", None)
+    for attr in ("variables", "trainable_variables", "non_trainable_variables"):
+        listed = getattr(trackable, attr, None)
+        if listed is None:
+            continue
+        unwrapped = [getattr(v, "value", v) for v in listed]
+        if all(isinstance(v, tf.Variable) for v in unwrapped):
+            setattr(trackable, attr, unwrapped)
 
 
 def _make_temporary_folder(out_base: Path, version: int) -> Path:
@@ -969,28 +993,6 @@ def _publish(tmp: Path, final: Path, version: int, out_base: Path) -> None:
 # Run directories
 
 
-def class_names_for_run(run_dir, config) -> list:
-    """Class names of a run: ``RUN/metadata.json`` ``class_names`` if present, else the dataset's."""
-    meta_path = Path(run_dir) / "metadata.json"
-    if meta_path.is_file():
-        try:
-            names = json.loads(meta_path.read_text()).get("class_names")
-        except (OSError, ValueError) as exc:
-            raise MSDNError(f"{meta_path}: not valid JSON ({exc})") from exc
-        if names is not None:
-            return [str(n) for n in names]
-    from msdn_tf.data.registry import load_dataset
-
-    try:
-        return list(load_dataset(config).class_names)  # feature maps stay on disk: only metadata is read
-    except MSDNError as exc:
-        raise MSDNError(
-            f"cannot get the class names of {run_dir}: no metadata.json with 'class_names' and the "
-            f"dataset does not load ({exc}); pass --set data.data_dir=... or add "
-            f"{meta_path}"
-        ) from exc
-
-
 def backbone_for_images(
     run_dir, feature_dim: int, *, kind: str = "auto", weights: Optional[str] = None, image_size: int = 448
 ):
@@ -1039,3 +1041,115 @@ def backbone_for_images(
     weights = weights or "imagenet"
     backbone = build_backbone(weights, image_size)
     return backbone, f"keras.applications.ResNet101(include_top=False, weights={weights})", "keras"
+
+
+def export_run(
+    run_dir,
+    out,
+    *,
+    version: int = 1,
+    overwrite: bool = False,
+    gamma: float = 0.0,
+    top_k: int = 5,
+    overrides: Sequence[str] = (),
+    with_images: bool = False,
+    backbone: str = "auto",
+    backbone_weights=None,
+    image_size: int = 448,
+    verify: bool = True,
+    verify_samples: int = 3,
+    top_attributes: int = 5,
+    classes=None,
+    replace_classes: bool = False,
+    added_side: str = "unseen",
+    log=None,
+):
+    """Export a run directory: what ``python -m msdn_tf.export`` does.
+
+    Loads the run (``overrides``: ``--set`` texts applied to its config before the class
+    names are read), picks the ``serving_images`` backbone when ``with_images``
+    (:func:`backbone_for_images`), and publishes ``out/<version>`` with
+    :func:`export_saved_model`, checked before it is published by
+    :func:`msdn_tf.serving.verify.verify_export` on ``verify_samples`` random feature maps
+    unless ``verify`` is false.
+
+    With ``classes`` (a class file, ``FILE.csv``) the run's model is first re-targeted to the
+    trained classes plus the file's (``replace_classes``: the file's only), the new classes on
+    the ``added_side`` of the margin and of calibrated stacking (:func:`msdn_tf.zeroshot.retarget_run`);
+    every problem of the file is one error before anything is written. ``top_attributes``
+    attribute ids are returned as evidence with every answer.
+
+    Returns:
+        ``(path, report)``: the published version folder and the check's report (``None``
+        without the check).
+
+    Raises:
+        ExportCheckFailed: the check failed; nothing was published (``exc.report``).
+        MSDNError: a bad run directory, argument or write.
+    """
+    from msdn_tf import zeroshot
+    from msdn_tf.config import merge, parse_override
+    from msdn_tf.evaluation.runs import class_names_for_run, load_run
+    from msdn_tf.serving.verify import verify_export
+
+    config, model = load_run(run_dir)
+    for text in overrides:
+        config = merge(config, parse_override(text), f"--set {text}")
+    if replace_classes and not classes:
+        raise MSDNError("--replace-classes needs --classes FILE.csv")
+    semantics = zeroshot.run_class_semantics(run_dir, config, model)
+    names = class_names_for_run(run_dir, config)
+    class_set = None
+    if classes:
+        model, class_set, semantics = zeroshot.retarget_run(
+            run_dir, classes, config=config, model=model, replace=replace_classes, added_side=added_side
+        )
+        names = class_set.names
+        if log is not None:
+            log(
+                f"re-targeted: {sum(s == zeroshot.ADDED for s in class_set.status)} class(es) added from "
+                f"{classes}, {len(names)} served ({len(class_set.unseen_classes)} on the unseen side)"
+            )
+    image_backbone = backbone_id = None
+    preprocessing = "keras"
+    if with_images:
+        image_backbone, backbone_id, preprocessing = backbone_for_images(
+            run_dir,
+            model.feature_dim,
+            kind=backbone,
+            weights=backbone_weights,
+            image_size=image_size,
+        )
+    check, reports = None, []
+    if verify:
+        rng = np.random.default_rng(0)
+        side = max(1, image_size // 32)
+        sample = np.abs(rng.standard_normal((verify_samples, side, side, model.feature_dim))).astype(np.float32)
+
+        def check(export_dir):
+            reports.append(verify_export(export_dir, model, sample, backbone=image_backbone))
+            return reports[-1]
+
+    path = export_saved_model(
+        model,
+        out,
+        version=version,
+        class_names=names,
+        seen_classes=model.seen_classes,
+        unseen_classes=model.unseen_classes,
+        gamma=gamma,
+        top_k=top_k,
+        config=config,
+        backbone=image_backbone,
+        image_size=image_size,
+        overwrite=overwrite,
+        backbone_id=backbone_id,
+        preprocessing=preprocessing,
+        check=check,
+        attribute_names=semantics.get("attribute_names"),
+        classes=class_set.describe() if class_set is not None else None,
+        class_file=class_set.class_file if class_set is not None else None,
+        normalisation=semantics.get("normalisation"),
+        top_attributes=top_attributes,
+    )
+    return path, (reports[-1] if reports else None)
