@@ -1,4 +1,4 @@
-"""Classes added after training, measured: ``python -m msdn_tf.held_out [--dataset demo] [--hold-out 2]``.
+"""Classes added after training, measured: ``python -m msdn_tf.held_out [--dataset demo] [--hold-out N]``.
 
 Trains one run without some unseen classes (no image, no attribute row), adds them from
 their descriptions afterwards (no retraining) and compares CZSL/GZSL on their test
@@ -24,8 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="demo", help="dataset name (default demo)")
     p.add_argument(
         "--hold-out",
-        default="2",
-        help="how many unseen classes to hold out (seeded by train.seed), or their names separated by commas",
+        default=None,
+        help="how many unseen classes to hold out (seeded by train.seed; default half of them), or their names "
+        "separated by commas",
     )
     add_common_flags(p)
     p.add_argument("--out", help="output folder (default <train.out_dir>/held_out/<dataset>)")
@@ -40,7 +41,12 @@ def main(argv=None) -> int:
 
     overrides = list(args.set) + ([f"data.data_dir={args.data_dir}"] if args.data_dir else [])
     config = resolve_config(args.dataset, args.config, overrides)
-    hold = int(args.hold_out) if args.hold_out.strip().isdigit() else [n.strip() for n in args.hold_out.split(",")]
+    if args.hold_out is None:
+        hold = None
+    elif args.hold_out.strip().isdigit():
+        hold = int(args.hold_out)
+    else:
+        hold = [n.strip() for n in args.hold_out.split(",")]
     out = Path(args.out) if args.out else Path(config.train.out_dir) / "held_out" / config.data.dataset
     run_held_out_experiment(config, out, hold_out=hold)
     return 0
