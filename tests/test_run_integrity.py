@@ -17,7 +17,7 @@ import pytest
 from msdn_tf.cli import train
 from msdn_tf.config import flag_values, resolve_config
 from msdn_tf.errors import ConfigError, DataError, MSDNError
-from msdn_tf.training.lock import LOCK_FILE, RunLock, writer_of
+from msdn_tf.runlock import LOCK_FILE, RunLock, writer_of
 from msdn_tf.training.loop import TrainingInterrupted, TrainingSession, run_training
 from tests.helpers import write_tiny_yaml
 

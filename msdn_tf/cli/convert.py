@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_main
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from msdn_tf.training.lock import RunLock
+    from msdn_tf.runlock import RunLock
 
     with RunLock(args.out, "convert --overwrite" if args.overwrite else "convert"):
         report = convert_checkpoint(

@@ -162,7 +162,7 @@ def run_custom(
     """
     from msdn_tf.config import resolve_config
     from msdn_tf.data.registry import load_dataset
-    from msdn_tf.training.lock import RunLock
+    from msdn_tf.runlock import RunLock
 
     data_dir = os.path.abspath(data_dir)
     out = Path(out)
