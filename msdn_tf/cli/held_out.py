@@ -12,12 +12,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from msdn_tf.cli.common import add_common_flags, cli_main
+from msdn_tf.cli.common import CommandParser, add_common_flags, cli_main, config_from_common_flags
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m msdn_tf.held_out",
+    p = CommandParser(
+        command="held_out",
         description="Hold unseen classes out of training, add them afterwards from their descriptions, and "
         "compare with a run that knew them from the start.",
     )
@@ -36,11 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_main
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from msdn_tf.config import resolve_config
     from msdn_tf.experiments.held_out import run_held_out_experiment
 
-    overrides = list(args.set) + ([f"data.data_dir={args.data_dir}"] if args.data_dir else [])
-    config = resolve_config(args.dataset, args.config, overrides)
+    config = config_from_common_flags(args)
     if args.hold_out is None:
         hold = None
     elif args.hold_out.strip().isdigit():
