@@ -182,23 +182,42 @@ def test_layout_and_metadata_asset(setup):
 def test_cc_loader_and_saved_model_cli_list_signatures(report):
     assert report["loader"] == "c++"
     sigs = report["signatures"]
-    assert sorted(sigs) == ["metadata", "serving_default", "serving_images", "serving_maps"]
+    assert sorted(sigs) == [
+        "metadata",
+        "serving_default",
+        "serving_images",
+        "serving_maps",
+        "serving_open",
+        "serving_open_sided",
+    ]
     features = sigs["serving_default"]["inputs"]["features"]
     assert (features["dtype"], features["shape"]) == ("DT_FLOAT", [-1, -1, F])
     assert sigs["serving_maps"]["inputs"]["feature_maps"]["shape"] == [-1, -1, -1, F]
     assert sigs["serving_images"]["inputs"]["images"]["dtype"] == "DT_STRING"
-    for name in ("serving_default", "serving_maps", "serving_images"):
+    assert sigs["serving_open_sided"]["inputs"]["class_is_seen"]["dtype"] == "DT_BOOL"
+    assert sigs["serving_open"]["inputs"]["class_attributes"]["shape"] == [-1, -1]
+    for name in ("serving_default", "serving_maps", "serving_images", "serving_open", "serving_open_sided"):
         assert sorted(sigs[name]["outputs"]) == sorted(serving_export.PREDICTION_OUTPUTS)
         assert sigs[name]["outputs"]["gzsl_class"]["dtype"] == "DT_INT64"
     cli = report["saved_model_cli"]
     if "skipped" not in cli:
-        assert cli["ok"] and cli["signatures"] == ["metadata", "serving_default", "serving_images", "serving_maps"]
+        assert cli["ok"] and cli["signatures"] == sorted(sigs)
 
 
 def test_verify_report_passes_for_every_signature(report):
     assert report["ok"], verify.report_markdown(report)
     checked = {c["signature"] for c in report["checks"]}
-    assert checked == {"serving_default", "serving_maps", "serving_images", "metadata"}
+    assert checked == {
+        "serving_default",
+        "serving_maps",
+        "serving_images",
+        "metadata",
+        "serving_open",
+        "serving_open_sided",
+    }
+    open_checks = {(c["signature"], c["output"]) for c in report["checks"] if c["signature"].startswith("serving_open")}
+    assert ("serving_open_sided", "scores") in open_checks and ("serving_open", "attribute_scores") in open_checks
+    assert ("serving_open", "refuses a wrong attribute count") in open_checks
     assert "| serving_images" in verify.report_markdown(report)
 
 
@@ -558,8 +577,8 @@ def test_failed_check_publishes_nothing_and_keeps_the_previous_version(setup, tm
     stale = out / f".tmp-1-{_dead_pid()}-k"
     stale.mkdir()
     other = _tiny_model(seed=1)  # the check compares the export with a different model: it must fail
-    real_verify = export.verify_export
-    monkeypatch.setattr(export, "verify_export", lambda d, model, *a, **k: real_verify(d, other, *a, **k))
+    real_verify = verify.verify_export
+    monkeypatch.setattr(verify, "verify_export", lambda d, model, *a, **k: real_verify(d, other, *a, **k))
     capsys.readouterr()
     rc = export.main(
         [

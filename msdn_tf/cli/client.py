@@ -17,7 +17,7 @@ import argparse
 import json
 from typing import Optional, Sequence
 
-from msdn_tf.cli.common import add_verbose_flag, cli_main
+from msdn_tf.cli.common import CommandParser, cli_main
 from msdn_tf.errors import MSDNError
 from msdn_tf.serving.classify import (
     check_metadata,
@@ -33,10 +33,8 @@ from msdn_tf.serving.classify import (
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m msdn_tf.client", description="Classify features or images with an MSDN served by TF Serving."
-    )
-    p.add_argument("--server", default="localhost:8500", help="gRPC address host:port (default localhost:8500)")
+    p = CommandParser(command="client", description="Classify features or images with an MSDN served by TF Serving.")
+    p.add_argument("--server", default="localhost:8500", help="gRPC address host:port")
     p.add_argument("--rest", default=None, help="use TF Serving's REST API at this URL, e.g. http://localhost:8501")
     p.add_argument("--model", required=True, help="model name in the server's model config, e.g. msdn_cub")
     p.add_argument("--version", type=int, default=None, help="model version (default: the latest)")
@@ -57,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
 
 @cli_main
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = add_verbose_flag(_parser()).parse_args(argv)
+    args = _parser().parse_args(argv)
     if args.top_k is not None and args.top_k < 1:
         raise MSDNError(f"--top-k must be >= 1, got {args.top_k}")
     if not args.timeout > 0:

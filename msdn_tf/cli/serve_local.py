@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from msdn_tf.cli.common import add_verbose_flag, cli_main
+from msdn_tf.cli.common import CommandParser, cli_main
 from msdn_tf.errors import MSDNError
 from msdn_tf.serving.local_server import (
     DEFAULT_GRPC_THREADS,
@@ -24,8 +24,8 @@ from msdn_tf.serving.local_server import (
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m msdn_tf.serve_local",
+    parser = CommandParser(
+        command="serve_local",
         description="Run a local TEST DOUBLE of TensorFlow Serving (not TF Serving itself) on 127.0.0.1.",
     )
     parser.add_argument("--model_base_path", required=True, help="TF Serving layout: <path>/<version>/saved_model.pb")
@@ -97,7 +97,7 @@ def _check(args) -> None:
 def main(argv=None) -> int:
     import time
 
-    args = add_verbose_flag(_parser()).parse_args(argv)
+    args = _parser().parse_args(argv)
     _check(args)
     handle = start_local_server(
         args.model_base_path,

@@ -25,7 +25,6 @@ from __future__ import annotations
 import csv
 import datetime
 import difflib
-import json
 import os
 import sys
 from collections import Counter, OrderedDict
@@ -38,6 +37,7 @@ import numpy as np
 from msdn_tf.data.base import ZSLData
 from msdn_tf.data.cache import use_cache
 from msdn_tf.errors import DataError, MSDNError
+from msdn_tf.limits import MAX_TEXT_BYTES, check_text_file, load_json_file, load_yaml_file, read_text_file, short_repr
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 MANIFEST_FILE = "custom.json"
@@ -61,7 +61,7 @@ def _suggest(name: str, choices: Sequence[str]) -> str:
 
 def _short(items: Sequence, n: int = 10) -> str:
     items = list(items)
-    return ", ".join(repr(x) for x in items[:n]) + (f", ... ({len(items)} in all)" if len(items) > n else "")
+    return ", ".join(short_repr(x, 60) for x in items[:n]) + (f", ... ({len(items)} in all)" if len(items) > n else "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,6 +125,7 @@ def read_image_csv(path, images_root=None) -> List[ImageEntry]:
     if not path.is_file():
         raise DataError(f"{path}: image CSV not found")
     root = Path(images_root) if images_root else path.parent
+    check_text_file(path, "image CSV")
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
             rows = [(i, r) for i, r in enumerate(csv.reader(fh), 1) if r and any(c.strip() for c in r)]
@@ -140,7 +141,7 @@ def read_image_csv(path, images_root=None) -> List[ImageEntry]:
             ic = next(i for i, h in enumerate(header) if h in _CLASS_COLUMNS)
         except StopIteration:
             raise DataError(
-                f"{path}: the header {rows[0][1]} needs a path column ({'/'.join(_PATH_COLUMNS)}) "
+                f"{path}: the header {short_repr(rows[0][1])} needs a path column ({'/'.join(_PATH_COLUMNS)}) "
                 f"and a class column ({'/'.join(_CLASS_COLUMNS)})"
             ) from None
         isplit = header.index("split") if "split" in header else None
@@ -160,7 +161,7 @@ def read_image_csv(path, images_root=None) -> List[ImageEntry]:
             raise DataError(f"{path}: line {lineno}: empty image path or class name")
         split = r[isplit].strip() if isplit is not None and r[isplit].strip() else None
         if split is not None and split not in SPLITS:
-            raise DataError(f"{path}: line {lineno}: split {split!r} must be one of {', '.join(SPLITS)}")
+            raise DataError(f"{path}: line {lineno}: split {short_repr(split, 60)} must be one of {', '.join(SPLITS)}")
         full = file if os.path.isabs(file) else os.path.abspath(root / file)
         out.append(ImageEntry(full, cls, split, f"{path}:{lineno}"))
     if not out:
@@ -172,6 +173,24 @@ def read_image_csv(path, images_root=None) -> List[ImageEntry]:
             f"{path}: the split column must be filled for every row or for none; {first.where} ({first.path}) has none"
         )
     return out
+
+
+def check_duplicate_images(entries: Sequence[ImageEntry]) -> None:
+    """Each image file once: a file listed twice (or under two classes, or reached through a
+    link) would land in two rows, possibly in training and test (leakage). Names the listings."""
+    first, dups = {}, []
+    for e in entries:
+        key = os.path.realpath(e.path)
+        if key in first:
+            dups.append((first[key], e))
+        else:
+            first[key] = e
+    if dups:
+        shown = "; ".join(f"{b.path} at {a.where} ({a.cls}) and {b.where} ({b.cls})" for a, b in dups[:5])
+        raise DataError(
+            f"{len(dups)} image file(s) are listed more than once: {shown}; an image in two rows can be in "
+            "training and in a test split (leakage): list each image once, under its one class"
+        )
 
 
 def check_image_files(entries: Sequence[ImageEntry]) -> None:
@@ -234,7 +253,9 @@ def read_attribute_table(path, warn: Callable[[str], None] = _stderr) -> Attribu
         if not cls:
             raise DataError(f"{path}: line {lineno}: empty class name")
         if cls in seen_at:
-            raise DataError(f"{path}: line {lineno}: class {cls!r} is listed twice (first at line {seen_at[cls]})")
+            raise DataError(
+                f"{path}: line {lineno}: class {short_repr(cls, 60)} is listed twice (first at line {seen_at[cls]})"
+            )
         seen_at[cls] = lineno
         names.append(cls)
         values.append(_class_row(path, lineno, cls, attributes, [c.strip() for c in r[1:]]))
@@ -248,6 +269,7 @@ def _read_table_rows(path: Path) -> list:
     if not path.is_file():
         raise DataError(f"{path}: attribute table not found")
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    check_text_file(path, "attribute table")
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
             rows = [
@@ -282,7 +304,7 @@ def _class_row(path: Path, lineno: int, cls: str, attributes, cells) -> list:
     """One class's values: one finite number per attribute, else an error naming line, class and attribute."""
     if len(cells) != len(attributes):
         raise DataError(
-            f"{path}: line {lineno} (class {cls!r}) has {len(cells)} values, the header names "
+            f"{path}: line {lineno} (class {short_repr(cls, 60)}) has {len(cells)} values, the header names "
             f"{len(attributes)} attributes"
         )
     row = []
@@ -290,10 +312,13 @@ def _class_row(path: Path, lineno: int, cls: str, attributes, cells) -> list:
         try:
             v = float(c) if c else float("nan")
         except ValueError:
-            raise DataError(f"{path}: line {lineno}, class {cls!r}, attribute {a!r}: {c!r} is not a number") from None
+            raise DataError(
+                f"{path}: line {lineno}, class {short_repr(cls, 60)}, attribute {short_repr(a, 60)}: "
+                f"{short_repr(c, 60)} is not a number"
+            ) from None
         if not np.isfinite(v):
             raise DataError(
-                f"{path}: line {lineno}, class {cls!r}, attribute {a!r}: value is "
+                f"{path}: line {lineno}, class {short_repr(cls, 60)}, attribute {short_repr(a, 60)}: value is "
                 f"{'missing/NaN' if np.isnan(v) else 'infinite'}; every class needs a value for "
                 "every attribute"
             )
@@ -328,19 +353,15 @@ def read_unseen_list(path) -> List[str]:
     if not path.is_file():
         raise DataError(f"{path}: unseen-class list not found")
     if path.suffix.lower() in (".yaml", ".yml"):
-        import yaml
-
-        try:
-            content = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise DataError(f"{path}: not valid YAML ({exc})") from exc
+        content = load_yaml_file(path, "unseen-class list")
         if isinstance(content, dict):
             content = content.get("unseen")
         if not isinstance(content, list):
             raise DataError(f"{path}: expected a YAML list of class names (or a mapping with key 'unseen')")
         names = [str(x).strip() for x in content]
     else:
-        names = [line.split("#", 1)[0].strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        text = read_text_file(path, MAX_TEXT_BYTES, "unseen-class list", DataError, "MAX_TEXT_BYTES")
+        names = [line.split("#", 1)[0].strip() for line in text.splitlines()]
         names = [n for n in names if n]
     dup = [n for n, k in Counter(names).items() if k > 1]
     if dup:
@@ -380,6 +401,7 @@ def _is_number(s: str) -> bool:
 
 def _read_csv_vectors(path: Path, attribute_names: Sequence[str]) -> np.ndarray:
     """Rows of a CSV of vectors: by attribute name (first cell) or in table order; a header row skipped."""
+    check_text_file(path, "attribute-vector CSV")
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
             rows = [(i, [c.strip() for c in r]) for i, r in enumerate(csv.reader(fh), 1) if r]
@@ -651,10 +673,43 @@ def read_manifest(data_dir) -> dict:
             f"{path}: not found; {data_dir} is not a prepared custom dataset (make one with "
             "python -m msdn_tf.custom prepare ... --out DIR)"
         )
-    try:
-        return json.loads(path.read_text())
-    except ValueError as exc:
-        raise DataError(f"{path}: not valid JSON ({exc})") from exc
+    manifest = load_json_file(path, "manifest")
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise DataError(f"{path}: not a custom.json written by prepare ({problem}); prepare the folder again")
+    return manifest
+
+
+def _manifest_problem(manifest) -> Optional[str]:
+    """What is wrong with the shape of a parsed ``custom.json`` (None: the keys the readers use are well-formed)."""
+    if not isinstance(manifest, dict):
+        return f"expected a JSON object, got {type(manifest).__name__}"
+    feature_file = manifest.get("feature_file", FEATURE_FILE)
+    if not isinstance(feature_file, str) or not feature_file or Path(feature_file).name != feature_file:
+        return f"'feature_file' must be a file name in the folder, got {str(feature_file)[:60]!r}"
+    for key in ("class_names", "attribute_names", "unseen_classes"):
+        value = manifest.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            return f"'{key}' must be a list of names"
+    for key in ("backbone", "sizes", "attribute_vectors"):
+        if key in manifest and not isinstance(manifest[key], dict):
+            return f"'{key}' must be an object"
+    probe = manifest.get("probe")
+    if probe is not None and not (
+        isinstance(probe, dict)
+        and isinstance(probe.get("path"), str)
+        and isinstance(probe.get("row"), int)
+        and not isinstance(probe.get("row"), bool)
+    ):
+        return "'probe' must be an object with a 'path' (string) and a 'row' (integer)"
+    backbone = manifest.get("backbone", {})
+    if backbone.get("weights") is not None:
+        size = backbone.get("image_size")
+        if isinstance(size, bool) or not isinstance(size, int) or not 32 <= size <= 4096:
+            return f"'backbone.image_size' must be an integer in [32, 4096], got {str(size)[:20]!r}"
+        if not isinstance(backbone.get("weights"), str) or not isinstance(backbone.get("seed", 0), int):
+            return "'backbone.weights' must be a string and 'backbone.seed' an integer"
+    return None
 
 
 def prepare_dataset(
@@ -720,6 +775,7 @@ def prepare_dataset(
     splits, unseen_ids = _choose_splits(
         entries, labels, table, source, unseen, unseen_fraction, test_seen_fraction, val_fraction, seed
     )
+    check_duplicate_images(entries)
     w2v, wv_report = _class_vectors(
         table, attribute_vectors, word_vectors, allow_missing_words, allow_zero_vectors, log
     )
@@ -733,9 +789,11 @@ def prepare_dataset(
         "attribute_names": table.attribute_names,
     }
     _check_as_loader_will(labels, splits, table, w2v, source)
+    feature_path = out / FEATURE_FILE
+    if feature_path.exists() and not overwrite:  # refused before anything in out is written
+        raise DataError(f"{feature_path} already exists; remove it or pass --overwrite (nothing was written)")
 
     out.mkdir(parents=True, exist_ok=True)
-    _write_images_file(out / IMAGES_FILE, entries, splits)
     unseen_names = [table.class_names[i] for i in unseen_ids]
     log(
         f"msdn-tf custom: {len(entries)} images, {len(table.class_names)} classes ({len(unseen_names)} unseen: "
@@ -748,7 +806,6 @@ def prepare_dataset(
     bid = "injected backbone" if backbone is not None else backbone_id(weights_spec, seed)
     if backbone is None:
         backbone = build_backbone(weights_spec, image_size, seed)
-    feature_path = out / FEATURE_FILE
     extract_features(
         [e.path for e in entries],
         str(feature_path),
@@ -775,6 +832,7 @@ def prepare_dataset(
     }
     backbone_info = {"weights": weights_spec, "seed": int(seed), "image_size": int(image_size), "id": bid}
     manifest = _manifest(table, entries, splits, unseen_names, w2v, wv_report, sources, backbone_info)
+    _write_images_file(out / IMAGES_FILE, entries, splits)  # after the features: a refused prepare changes nothing
     write_json(out / MANIFEST_FILE, manifest)
     log(f"msdn-tf custom: wrote {feature_path}, {out / MANIFEST_FILE}, {out / IMAGES_FILE}")
     return manifest

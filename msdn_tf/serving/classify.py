@@ -246,7 +246,13 @@ def check_metadata(meta, source: str) -> dict:
 def summarize(
     outputs: dict, metadata: dict, top_k: Optional[int] = None, labels: Optional[Sequence[str]] = None
 ) -> list:
-    """Per input: ``{"input", "gzsl": {...}, "czsl": {...}, "top_k": [{"class", "name", "score"}, ...]}``.
+    """Per input: ``{"input", "gzsl": {...}, "czsl": {...}, "top_k": [{"class", "name", "score"}, ...],
+    "attributes": [{"id", "name", "score"}, ...]}``.
+
+    ``attributes`` is the evidence: the export's ``top_k_attributes`` (the attributes the
+    attribute->visual sub-net found most in the image), named by the metadata's
+    ``attribute_names`` (``attribute_<id>`` when the export has none); absent for an
+    export without attribute outputs.
 
     ``top_k`` larger than the export's is served from ``scores`` minus ``gamma`` on the
     seen classes (the same calibrated ranking); smaller is a prefix.
@@ -272,20 +278,44 @@ def summarize(
     gzsl = np.asarray(outputs["gzsl_class"], np.int64).reshape(-1)
     czsl = np.asarray(outputs["czsl_class"], np.int64).reshape(-1)
     unseen = set(int(i) for i in metadata["unseen_classes"])
+    evidence = _attribute_evidence(outputs, metadata)
     out = []
     for b in range(classes.shape[0]):
         out.append(
             {
                 "input": labels[b] if labels is not None else b,
                 "gzsl": {"class": int(gzsl[b]), "name": names[int(gzsl[b])], "unseen": int(gzsl[b]) in unseen},
-                "czsl": {"class": int(czsl[b]), "name": names[int(czsl[b])]},
+                # -1: a per-request vocabulary with no class on the unseen side (serving_open_sided)
+                "czsl": {"class": int(czsl[b]), "name": names[int(czsl[b])] if czsl[b] >= 0 else None},
                 "top_k": [
                     {"class": int(c), "name": names[int(c)], "score": float(s)}
                     for c, s in zip(classes[b, :k], scores[b, :k])
                 ],
             }
         )
+        if evidence is not None:
+            out[-1]["attributes"] = evidence[b]
     return out
+
+
+def _attribute_evidence(outputs: dict, metadata: dict):
+    """Per input ``[{"id", "name", "score"}]`` from ``top_k_attributes``/``attribute_scores``, or None."""
+    if "top_k_attributes" not in outputs:
+        return None
+    ids = np.asarray(outputs["top_k_attributes"], np.int64)
+    scores = np.asarray(outputs["attribute_scores"], np.float64) if "attribute_scores" in outputs else None
+    names = metadata.get("attribute_names")
+    return [
+        [
+            {
+                "id": int(i),
+                "name": names[int(i)] if names else f"attribute_{int(i)}",
+                "score": None if scores is None else float(scores[b, int(i)]),
+            }
+            for i in ids[b]
+        ]
+        for b in range(ids.shape[0])
+    ]
 
 
 def classify(
@@ -341,6 +371,67 @@ def classify(
     }
 
 
+def classify_open(
+    *,
+    model: str,
+    features,
+    class_attributes,
+    class_names: Sequence[str],
+    class_is_seen=None,
+    server: Optional[str] = "localhost:8500",
+    rest: Optional[str] = None,
+    metadata: Optional[dict] = None,
+    top_k: Optional[int] = None,
+    version: Optional[int] = None,
+    labels=None,
+    timeout: float = 30.0,
+) -> dict:
+    """Classify region features ``(B, R, F)`` against a vocabulary sent with the request.
+
+    ``class_attributes`` ``(C', K)``: one row per class in the form of the training class
+    table (the export normalises the rows in its graph, as training did);
+    ``class_is_seen`` ``(C',)`` bool, optional: without it every class is on the unseen
+    side (``serving_open``), with it ``serving_open_sided``. Returns what :func:`classify`
+    returns, with the request's class names.
+    """
+    if metadata is None:
+        metadata = fetch_metadata(model=model, server=server, rest=rest, version=version, timeout=timeout)
+    x = np.asarray(features)
+    rows = np.asarray(class_attributes)
+    names = [str(n) for n in class_names]
+    if x.dtype != np.float32 or rows.dtype != np.float32:
+        raise MSDNError(
+            f"features and class_attributes must be float32 (TF Serving does not cast), got {x.dtype}, {rows.dtype}"
+        )
+    if rows.ndim != 2 or rows.shape[0] != len(names):
+        raise MSDNError(
+            f"class_attributes must be ({len(names)}, K) for {len(names)} class names, got shape {rows.shape}"
+        )
+    inputs = {"features": x, "class_attributes": rows}
+    signature = "serving_open"
+    seen = []
+    if class_is_seen is not None:
+        sides = np.asarray(class_is_seen, bool).reshape(-1)
+        inputs["class_is_seen"] = sides
+        signature = "serving_open_sided"
+        seen = [int(i) for i in np.flatnonzero(sides)]
+    outputs = _predict(inputs, signature, model=model, server=server, rest=rest, version=version, timeout=timeout)
+    request_meta = dict(
+        metadata,
+        class_names=names,
+        seen_classes=seen,
+        unseen_classes=[i for i in range(len(names)) if i not in set(seen)],
+    )
+    return {
+        "model": model,
+        "transport": "rest" if rest else "grpc",
+        "server": rest or server,
+        "signature": signature,
+        "gamma": float(metadata["gamma"]),
+        "results": summarize(outputs, request_meta, top_k, labels),
+    }
+
+
 def format_text(answer: dict) -> str:
     lines = [
         f"model {answer['model']} via {answer['transport']} {answer['server']} "
@@ -349,6 +440,8 @@ def format_text(answer: dict) -> str:
     for r in answer["results"]:
         tag = " (unseen)" if r["gzsl"]["unseen"] else " (seen)"
         lines.append(f"{r['input']}: GZSL {r['gzsl']['name']}{tag}; CZSL {r['czsl']['name']}")
+        if r.get("attributes"):
+            lines.append(f"  seen: {', '.join(a['name'] for a in r['attributes'])}")
         for i, t in enumerate(r["top_k"], 1):
             lines.append(f"  {i}. {t['name']:<40s} {t['score']:.4f}")
     return "\n".join(lines)
