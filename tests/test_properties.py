@@ -451,7 +451,9 @@ def rest():
     servable.max_batch, servable.max_request_bytes = 16, 1 << 20
     servable.signature_defs = {"serving_default": sig}
     servable.functions = {"serving_default": model}
-    return local_server, servable
+    versions = object.__new__(local_server._Model)  # the model name's versions: this one is served
+    versions.name, versions._current = "m", servable
+    return local_server, versions
 
 
 json_values = st.recursive(
@@ -482,7 +484,7 @@ def test_rest_request_is_an_answer_or_one_serving_error(rest, body):
     local_server, servable = rest
     with memory_ceiling(64 * len(body) + (16 << 20)):
         try:
-            answer = local_server._rest_predict(servable, "m", None, body)
+            answer = local_server._rest_predict(servable, "m", None, None, body)
         except local_server.ServingError as exc:
             assert "\n" not in exc.message and len(exc.message) <= MAX_MESSAGE
             return
