@@ -28,12 +28,6 @@ import os
 
 from msdn_tf.errors import DataError, MSDNError
 
-WEIGHTS_NOTE = (
-    "Keras' ResNet-101 ImageNet weights differ from torchvision's (used by TransZero/MSDN), so "
-    "these features differ from the reference feature files; for parity with the paper use "
-    "TransZero-format feature files."
-)
-
 
 def build_backbone(weights: str = "imagenet", image_size: int = 448):
     """``keras.applications.ResNet101(include_top=False)`` with the given weights.

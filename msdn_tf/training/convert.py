@@ -87,7 +87,6 @@ _MODEL_ATTRS = {
     "bias": (None, "bias"),
     "mask_bias": (None, "mask_bias"),
 }
-_MATRIX_KEYS = ("V", "att", "W_1", "W_2", "W_1_1", "W_2_1")
 #: The checkpoint's ResNet trunk (torchvision keys, float32) in the run directory.
 BACKBONE_FILE = "backbone_resnet101.npz"
 _RUN_FILES = ("config.yaml", "model.keras", REPORT_FILE, METADATA_FILE, BACKBONE_FILE)
