@@ -321,10 +321,10 @@ def convert_state_dict(
         )
 
     # Everything is checked: build, fill and save the Keras model.
+    _recover_interrupted_swap(out_dir)
     _check_out_dir(out_dir, overwrite)
     model = _build_model(config, weights, K, D, F, C, seen, unseen)
     # built beside --out, then swapped in: a kill leaves either the old run or the new one, never a mix
-    _recover_interrupted_swap(out_dir)
     stage = out_dir.parent / f".{out_dir.name}.convert-new-{os.getpid()}"
     if stage.exists():
         shutil.rmtree(stage)
@@ -404,7 +404,12 @@ def _recover_interrupted_swap(out_dir: Path) -> None:
         pid = entry.name.rsplit("-", 1)[1]
         if not pid.isdigit() or _pid_alive(int(pid)):
             continue
-        if entry.name.startswith(f".{out_dir.name}.convert-old-") and not out_dir.exists():
+        holds_run = out_dir.is_dir() and any(_is_run_entry(p.name) for p in out_dir.iterdir())
+        if entry.name.startswith(f".{out_dir.name}.convert-old-") and not holds_run:
+            if out_dir.is_dir():  # made again since (by the run lock): its entries go into the restored run
+                for item in out_dir.iterdir():
+                    os.replace(item, entry / item.name)
+                out_dir.rmdir()
             os.replace(entry, out_dir)
             print(
                 f"note: restored {out_dir} from {entry} (a convert --overwrite, process {pid}, was killed "
