@@ -16,10 +16,10 @@ Y
 T="--dataset demo --config $W/tiny.yaml --data-dir $W/data"
 case_() { echo "### $1"; shift; "$@" > $W/out.txt 2> $W/err.txt; echo "exit $?"; grep -v '^msdn-tf\|^period\|^step ' $W/err.txt | tail -3; }
 $PY -m msdn_tf.train $T --run-dir $W/run --iterations 30 --set train.eval_every=10 > /dev/null 2>&1   # a finished run
-case_ "second writer" bash -c "$PY -m msdn_tf.train $T --run-dir $W/two --iterations 600 --set train.eval_every=100 >/dev/null 2>&1 & sleep 12; $PY -m msdn_tf.train $T --run-dir $W/two --iterations 30; r=\$?; wait; exit \$r"
+case_ "second writer" bash -c "$PY -m msdn_tf.train $T --run-dir $W/two --iterations 600 --set train.eval_every=100 >/dev/null 2>&1 & until [ -e $W/two/.msdn-lock ]; do sleep 1; done; $PY -m msdn_tf.train $T --run-dir $W/two --iterations 30; r=\$?; wait; exit \$r"
 ls -a $W/two
-case_ "reader while written" bash -c "$PY -m msdn_tf.train $T --run-dir $W/three --iterations 20000 --set train.eval_every=5000 >/dev/null 2>&1 & p=\$!; sleep 45; $PY -m msdn_tf.evaluate --run $W/three; r=\$?; kill \$p; wait; exit \$r"
-case_ "ctrl-c" bash -c "set -m; $PY -m msdn_tf.train $T --run-dir $W/int --iterations 20000 --set train.eval_every=100 >/dev/null 2>$W/int.err & p=\$!; sleep 70; kill -INT \$p; wait \$p; r=\$?; cat $W/int.err | grep error >&2; exit \$r"
+case_ "reader while written" bash -c "$PY -m msdn_tf.train $T --run-dir $W/three --iterations 20000 --set train.eval_every=5000 >/dev/null 2>&1 & p=\$!; until [ -e $W/three/.msdn-lock ]; do sleep 1; done; $PY -m msdn_tf.evaluate --run $W/three; r=\$?; kill \$p; wait; exit \$r"
+case_ "ctrl-c" bash -c "set -m; $PY -m msdn_tf.train $T --run-dir $W/int --iterations 20000 --set train.eval_every=100 >/dev/null 2>$W/int.err & p=\$!; until [ -e $W/int/checkpoint/state.json ]; do sleep 1; done; sleep 5; kill -INT \$p; wait \$p; r=\$?; cat $W/int.err | grep error >&2; exit \$r"
 ls $W/int $W/int/checkpoint
 $PY -m msdn_tf.convert --torch-checkpoint tests/fixtures/tiny_msdn.pth --dataset custom --out $W/conv > /dev/null 2>&1
 case_ "train into converted run" $PY -m msdn_tf.train $T --run-dir $W/conv

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -504,3 +505,27 @@ def test_readers_of_a_run_without_config_yet_say_it_is_being_written(tmp_path, l
     write_lock(run, live_pid)
     with pytest.raises(MSDNError, match="is being written by train"):
         load_run_config(run)
+
+
+def test_of_writers_started_together_exactly_one_gets_the_run(tmp_path):
+    """Two `train` commands started a second apart both used to finish, mixing their files."""
+    run = tmp_path / "run"
+    script = (
+        "import sys, time\n"
+        "from msdn_tf.training.lock import RunLock\n"
+        "from msdn_tf.errors import MSDNError\n"
+        "try:\n"
+        f"    with RunLock({str(run)!r}, 'train'):\n"
+        "        time.sleep(1.5)\n"
+        "    print('got it')\n"
+        "except MSDNError as exc:\n"
+        "    print('refused:', exc)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env) for _ in range(4)
+    ]
+    outs = [p.communicate(timeout=60)[0] for p in procs]
+    assert sum("got it" in o for o in outs) == 1, outs
+    assert all("is being written by train (process" in o for o in outs if "refused" in o)
+    assert not (run / LOCK_FILE).exists() and not list(run.glob(f"{LOCK_FILE}*"))
