@@ -28,9 +28,17 @@ from typing import Any, List, Optional
 import yaml
 
 from msdn_tf.errors import ConfigError
+from msdn_tf.limits import load_yaml_file, load_yaml_text, short_repr, short_text
 from msdn_tf.options import CONFIG_CHOICES
 
-CONFIG_DIR = Path(os.environ.get("MSDN_CONFIG_DIR", Path(__file__).resolve().parent.parent / "configs"))
+# The recipes ship inside the package (msdn_tf/configs, a link to the top-level configs/ in a
+# checkout, real files in a wheel), so an installed msdn-tf reads them from any folder.
+CONFIG_DIR = Path(os.environ.get("MSDN_CONFIG_DIR", Path(__file__).resolve().parent / "configs"))
+
+# Datasets whose recipe (configs/<name>.yaml) is part of msdn-tf: without it a run would silently
+# use the dataclass defaults (e.g. SUN with lambda_cal 0.1 instead of 0.0001), so its absence is
+# an error. Datasets you register yourself may have a recipe or not.
+RECIPE_DATASETS = ("demo", "cub", "sun", "awa2", "custom")
 
 
 @dataclasses.dataclass
@@ -210,20 +218,20 @@ def _coerce(value: Any, annotation, where: str):
         return _coerce(value, inner, where)
     if origin in (list, List):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {short_repr(value)}")
         return [_coerce(v, args[0] if args else Any, where) for v in value]
     if annotation is Any:
         return value
     if annotation is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        raise ConfigError(f"{where}: expected true or false, got {short_repr(value)}")
     if annotation is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        raise ConfigError(f"{where}: expected an integer, got {short_repr(value)}")
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -232,11 +240,11 @@ def _coerce(value: Any, annotation, where: str):
                 return float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
+        raise ConfigError(f"{where}: expected a number, got {short_repr(value)}")
     if annotation is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
+        raise ConfigError(f"{where}: expected a string, got {short_repr(value)}")
     return value
 
 
@@ -260,16 +268,18 @@ def merge(config: Config, updates: dict, source: str) -> Config:
     sections = _field_types(Config)
     for section, values in updates.items():
         if section not in sections:
-            raise ConfigError(f"{source}: unknown section '{section}'; known sections: {', '.join(sections)}")
+            raise ConfigError(f"{source}: unknown section {short_repr(section)}; known sections: {', '.join(sections)}")
         if values is None:
             continue
         if not isinstance(values, dict):
-            raise ConfigError(f"{source}: section '{section}' must be a mapping, got {values!r}")
+            raise ConfigError(f"{source}: section '{short_text(section)}' must be a mapping, got {short_repr(values)}")
         target = getattr(config, section)
         types = _field_types(type(target))
         for key, value in values.items():
             if key not in types:
-                raise ConfigError(f"{source}: unknown key '{section}.{key}'; known keys: {', '.join(types)}")
+                raise ConfigError(
+                    f"{source}: unknown key '{section}.{short_text(key)}'; known keys: {', '.join(types)}"
+                )
             setattr(target, key, _coerce(value, types[key], f"{source}: '{section}.{key}'"))
             sources_of(config)[(section, key)] = source
     return config
@@ -293,30 +303,26 @@ def value_source(config: Config, section: str, key: str) -> str:
 
 
 def load_yaml(path) -> dict:
-    """Read a YAML file of overrides; a clear error names the file if it is missing or malformed."""
+    """Read a YAML file of overrides; a clear error names the file if it is missing or malformed.
+
+    The file is read within the budgets of :mod:`msdn_tf.limits` (at most 1 MiB of UTF-8,
+    nesting, alias expansion and scalar size checked before anything is built), and a
+    key given twice (a whole section included) is an error naming both lines.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
-    try:
-        with open(path, encoding="utf-8") as f:
-            content = yaml.safe_load(f)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not a UTF-8 text file (byte {exc.start}); save it as UTF-8") from exc
+    content = load_yaml_file(path, "config file", ConfigError)
     return content or {}
 
 
 def parse_override(text: str) -> dict:
     """``"train.iterations=100"`` -> ``{"train": {"iterations": 100}}`` (value parsed as YAML)."""
     if "=" not in text or "." not in text.split("=", 1)[0]:
-        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. train.iterations=100")
+        raise ConfigError(f"--set {short_repr(text)}: expected section.key=value, e.g. train.iterations=100")
     key, raw = text.split("=", 1)
     section, name = key.strip().split(".", 1)
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {text!r}: value is not valid YAML ({exc})") from exc
+    value = load_yaml_text(raw, f"--set {short_text(text)}", ConfigError)
     return {section: {name: value}}
 
 
@@ -354,7 +360,8 @@ def resolve_config(
     """Build the resolved config of a run.
 
     Args:
-        dataset: dataset name; its ``configs/<dataset>.yaml`` is applied when it exists.
+        dataset: dataset name; its recipe ``configs/<dataset>.yaml`` is applied (required for the
+            built-in datasets, :data:`RECIPE_DATASETS`; optional for datasets you registered).
         config_files: extra YAML files, applied in order.
         overrides: ``section.key=value`` strings (``--set``; the value is YAML).
         use_dataset_file: apply ``configs/<dataset>.yaml``.
@@ -363,6 +370,9 @@ def resolve_config(
 
     Returns:
         A validated :class:`Config`.
+
+    Raises:
+        ConfigError: a built-in dataset's recipe is missing, or a file or override is invalid.
     """
     config = Config()
     if dataset is not None:
@@ -372,19 +382,21 @@ def resolve_config(
         path = dataset_config_path(dataset)
         if use_dataset_file and path.is_file():
             merge(config, load_yaml(path), str(path))
+        elif use_dataset_file and dataset in RECIPE_DATASETS:
+            raise ConfigError(
+                f"{path}: the recipe of --dataset {dataset} is missing (the msdn-tf installation is "
+                f"incomplete: reinstall it, or point MSDN_CONFIG_DIR at a folder with {dataset}.yaml)"
+            )
     for path in config_files:
         merge(config, load_yaml(path), str(path))
     if dataset is not None:
         config.data.dataset = dataset  # the explicit --dataset wins over files
         sources_of(config)[("data", "dataset")] = f"--dataset {dataset}"
     for text in overrides:
-        merge(config, parse_override(text), f"--set {text}")
+        merge(config, parse_override(text), f"--set {short_text(text)}")
     flag_values(config, flags)
     validate(config)
     return config
-
-
-CHOICES = CONFIG_CHOICES  # (section, key) -> allowed values; defined once in msdn_tf.options
 
 
 def canonical_dataset_name(name):
@@ -448,7 +460,7 @@ def validate(config: Config) -> None:
 
     Every number must be finite; the numbers of :data:`RANGES` must lie in their range
     (e.g. a positive learning rate, ``rho`` in (0, 1), batch sizes of at least 1); choices
-    must be among :data:`CHOICES`. This runs before TensorFlow starts.
+    must be among :data:`msdn_tf.options.CONFIG_CHOICES`. This runs before TensorFlow starts.
     """
     config.data.dataset = canonical_dataset_name(config.data.dataset)
 
@@ -462,19 +474,19 @@ def validate(config: Config) -> None:
             values = value if isinstance(value, list) else [value]
             for v in values:
                 if isinstance(v, float) and not math.isfinite(v):
-                    fail(section, key, f"must be a finite number, got {value!r}")
-    for (section, key), choices in CHOICES.items():
+                    fail(section, key, f"must be a finite number, got {short_repr(value)}")
+    for (section, key), choices in CONFIG_CHOICES.items():
         value = getattr(getattr(config, section), key)
         if value not in choices:
-            fail(section, key, f"must be one of {', '.join(map(str, choices))}; got {value!r}")
+            fail(section, key, f"must be one of {', '.join(map(str, choices))}; got {short_repr(value)}")
     if len(config.model.fusion_weights) != 2:
-        fail("model", "fusion_weights", f"must be [w1, w2], got {config.model.fusion_weights!r}")
+        fail("model", "fusion_weights", f"must be [w1, w2], got {short_repr(config.model.fusion_weights)}")
     weights = config.model.fusion_weights
     if any(w < 0 for w in weights) or not any(w > 0 for w in weights):
         fail(
             "model",
             "fusion_weights",
-            f"must be two weights >= 0, at least one > 0 (the reference uses [0.9, 0.1]), got {weights!r}: "
+            f"must be two weights >= 0, at least one > 0 (the reference uses [0.9, 0.1]), got {short_repr(weights)}: "
             "with these the fused scores are zero or inverted and every prediction is meaningless",
         )
     for (section, key), (lo, hi, lo_in, hi_in) in RANGES.items():
@@ -483,7 +495,7 @@ def validate(config: Config) -> None:
             continue  # iterations/eval_every: null means "from the epochs"
         ok = (value >= lo if lo_in else value > lo) and (hi is None or (value <= hi if hi_in else value < hi))
         if not ok:
-            fail(section, key, f"must be {_interval(lo, hi, lo_in, hi_in)}, got {value!r}")
+            fail(section, key, f"must be {_interval(lo, hi, lo_in, hi_in)}, got {short_repr(value)}")
     _validate_demo(config, fail)
 
 

@@ -138,3 +138,63 @@ def shared_zsl_dir() -> Path:
             "(set MSDN_SHARED_DATA to point elsewhere)"
         )
     return SHARED_ZSL
+
+
+# ------------------------------------------------------------------ crafted torch checkpoints
+def pickle_str(text: str) -> bytes:
+    """Pickle opcode BINUNICODE for ``text``."""
+    data = text.encode()
+    return b"X" + len(data).to_bytes(4, "little") + data
+
+
+def pickle_int(value: int) -> bytes:
+    """Pickle opcode for ``value`` (BININT, or LONG1/LONG4 outside the int32 range)."""
+    if -(1 << 31) <= value < (1 << 31):
+        return b"J" + value.to_bytes(4, "little", signed=True)
+    data = value.to_bytes((value.bit_length() + 8) // 8, "little", signed=True)
+    if len(data) < 256:
+        return b"\x8a" + bytes([len(data)]) + data
+    return b"\x8b" + len(data).to_bytes(4, "little") + data
+
+
+def pickle_int_tuple(values) -> bytes:
+    return b"(" + b"".join(pickle_int(v) for v in values) + b"t"
+
+
+def torch_tensor_pickle(storage_key, numel, size, stride, offset=0, storage_type="FloatStorage") -> bytes:
+    """The opcodes torch.save writes for one tensor: ``_rebuild_tensor_v2(storage, offset, size, stride, ...)``."""
+    return (
+        b"ctorch._utils\n_rebuild_tensor_v2\n(("
+        + pickle_str("storage")
+        + b"ctorch\n"
+        + storage_type.encode()
+        + b"\n"
+        + pickle_str(storage_key)
+        + pickle_str("cpu")
+        + pickle_int(numel)
+        + b"tQ"
+        + pickle_int(offset)
+        + pickle_int_tuple(size)
+        + pickle_int_tuple(stride)
+        + b"\x89)tR"
+    )
+
+
+def torch_state_dict_pickle(entries) -> bytes:
+    """data.pkl of an OrderedDict ``{key: tensor_opcodes}`` (``entries``: (key, opcodes) pairs)."""
+    body = b"".join(pickle_str(key) + opcodes for key, opcodes in entries)
+    return b"\x80\x02ccollections\nOrderedDict\n)R(" + body + b"u."
+
+
+def write_torch_zip(path, pickled: bytes, records=(), archive="archive", compress=None) -> str:
+    """A zip laid out like torch.save output: ``data.pkl`` = ``pickled``, ``records`` = ((key, bytes), ...)."""
+    import zipfile
+
+    compress = zipfile.ZIP_STORED if compress is None else compress
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr(archive + "/data.pkl", pickled)
+        zf.writestr(archive + "/byteorder", "little")
+        zf.writestr(archive + "/version", "3\n")
+        for key, data in records:
+            zf.writestr("%s/data/%s" % (archive, key), data, compress_type=compress)
+    return str(path)

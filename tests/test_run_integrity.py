@@ -18,7 +18,7 @@ import pytest
 from msdn_tf.cli import train
 from msdn_tf.config import flag_values, resolve_config
 from msdn_tf.errors import ConfigError, DataError, MSDNError
-from msdn_tf.training.lock import LOCK_FILE, RunLock, writer_of
+from msdn_tf.runlock import LOCK_FILE, RunLock, writer_of
 from msdn_tf.training.loop import TrainingInterrupted, TrainingSession, run_training
 from tests.helpers import write_tiny_yaml
 
@@ -159,7 +159,7 @@ def test_a_second_writer_is_refused_naming_the_holder(tiny, tmp_path, live_pid, 
 
 
 def test_readers_say_the_run_is_being_written(tmp_path, live_pid):
-    from msdn_tf.training.runs import load_run_model
+    from msdn_tf.evaluation.runs import load_run_model
 
     run = tmp_path / "run"
     write_lock(run, live_pid)
@@ -325,7 +325,7 @@ def test_train_overwrite_replaces_the_whole_run(interrupted, tmp_path):
 def test_model_file_that_is_not_an_msdn_is_one_line(tmp_path):
     import keras
 
-    from msdn_tf.training.runs import load_run_model
+    from msdn_tf.evaluation.runs import load_run_model
 
     run = tmp_path / "run"
     run.mkdir()
@@ -449,8 +449,8 @@ def test_errors_inside_tf_data_are_one_line_naming_the_file(tiny, tmp_path, spli
 
 # --------------------------------------------------------------------------- convert
 def test_converted_checkpoint_with_a_huge_bias_is_refused(tmp_path):
-    from msdn_tf.interop.convert import convert_state_dict
     from msdn_tf.interop.torch_checkpoint import read_torch_state_dict
+    from msdn_tf.training.convert import convert_state_dict
     from tests.helpers import torch_fixture
 
     state = dict(read_torch_state_dict(torch_fixture("tiny_msdn")))
@@ -499,7 +499,7 @@ def test_a_convert_killed_between_its_renames_is_undone(tmp_path, capsys):
 
 
 def test_readers_of_a_run_without_config_yet_say_it_is_being_written(tmp_path, live_pid):
-    from msdn_tf.training.runs import load_run_config
+    from msdn_tf.evaluation.runs import load_run_config
 
     run = tmp_path / "run"
     write_lock(run, live_pid)
@@ -512,7 +512,7 @@ def test_of_writers_started_together_exactly_one_gets_the_run(tmp_path):
     run = tmp_path / "run"
     script = (
         "import sys, time\n"
-        "from msdn_tf.training.lock import RunLock\n"
+        "from msdn_tf.runlock import RunLock\n"
         "from msdn_tf.errors import MSDNError\n"
         "try:\n"
         f"    with RunLock({str(run)!r}, 'train'):\n"

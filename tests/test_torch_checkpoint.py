@@ -7,6 +7,7 @@ values, so these tests need neither torch nor tensorflow.
 
 import ast
 import collections
+import io
 import os
 import pickle
 import struct
@@ -26,6 +27,7 @@ from msdn_tf.interop.torch_checkpoint import (
     split_state_dict,
 )
 from tests.helpers import TORCH_FIXTURES as FIXTURES
+from tests.helpers import pickle_str, torch_state_dict_pickle, torch_tensor_pickle, write_torch_zip
 from tests.helpers import torch_fixture as fixture
 
 STEMS = ("tiny_msdn", "tiny_msdn_backbone", "tiny_msdn_fp16")
@@ -391,3 +393,215 @@ def test_matches_torch_load(tmp_path):
             want = tensor.detach().contiguous().numpy()
             assert ours[key].dtype == want.dtype, (path, key)
             np.testing.assert_array_equal(ours[key], want, err_msg="%s %s" % (path, key))
+
+
+# --------------------------------------------------------------------------- budgets (issue 21 §4)
+
+
+def _dag_key_pickle(levels):
+    """``{k: 1}`` where k = (x, x), x = (y, y), ... ``levels`` deep: each level reuses the previous tuple twice."""
+    body = b"\x80\x02}q\x00" + pickle_str("a") + b"q\x010"
+    body += b"h\x01h\x01\x86q\x010" * levels
+    return body + b"h\x01K\x01s."
+
+
+def test_dag_key_of_1_7_kb_is_refused_at_once(tmp_path):
+    # The issue's example: on main hashing the key (and the error message's repr of it)
+    # takes 2**levels steps; 1.7 KB is about 200 levels. A subprocess keeps a regression
+    # from hanging the suite.
+    pickled = _dag_key_pickle(210)
+    assert 1600 < len(pickled) < 1800
+    path = write_torch_zip(tmp_path / "dag.pth", pickled)
+    code = (
+        "import sys\nfrom msdn_tf.interop.torch_checkpoint import read_torch_state_dict\n"
+        "try:\n    read_torch_state_dict(sys.argv[1])\nexcept Exception as e:\n    print(e)\n"
+    )
+    from tests.helpers import REPO
+
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    run = subprocess.run(
+        [sys.executable, "-c", code, path], capture_output=True, text=True, timeout=60, env=env, cwd=str(REPO)
+    )
+    assert "nested deeper than 64 levels" in run.stdout, run.stdout + run.stderr
+    assert "refusing to load %s" % path in run.stdout
+    assert len(run.stdout) < 500
+
+
+@pytest.mark.parametrize(
+    "pickled, message",
+    [
+        # 70 nested lists as a value (protocol 2: EMPTY_LIST ... APPEND).
+        (b"\x80\x02}X\x01\x00\x00\x00a" + b"]" * 70 + b"a" * 69 + b"s.", "nested deeper than 64"),
+        # the same with LIST (protocol 0) and with tuples
+        (b"\x80\x02(" * 70 + b"l" * 70 + b".", "nested deeper than 64"),
+        (b"\x80\x02K\x01" + b"\x85" * 70 + b".", "nested deeper than 64"),
+        # a tuple as a dict key (hashed while unpickling), an int key (collisions can be chosen)
+        (b"\x80\x02}K\x01K\x02\x86K\x01s.", "a dict key is a tuple, not a string"),
+        (b"\x80\x02}(K\x01K\x01K\x02K\x02u.", "a dict key is a atom, not a string"),
+        # sets are hashed too; a state_dict has none
+        (b"\x80\x02(K\x01K\x02\x91.", "sets are not allowed"),
+        # a 10-byte pickle whose memo index makes CPython allocate 2 x 16M pointers (main: 256 MB)
+        (b"\x80\x02K\x01r\xff\xff\xff\x00.", "memo index 16777215"),
+        # a list modified after it was put in a tuple; a list that holds itself
+        (b"\x80\x02]q\x00\x85h\x00K\x01a.", "modified after it was placed inside"),
+        (b"\x80\x02]q\x00h\x00a.", "contains itself"),
+        # protocol 5 out-of-band buffer; truncated stream
+        (b"\x80\x05\x97.", "NEXT_BUFFER is not allowed"),
+        (b"\x80\x02X\xff\xff\xff\x00abc.", "malformed pickle"),
+    ],
+    ids=[
+        "deep-list-value",
+        "deep-list-protocol-0",
+        "deep-tuple",
+        "tuple-key",
+        "int-keys",
+        "frozenset",
+        "memo-index",
+        "modified-after-nesting",
+        "self-reference",
+        "out-of-band-buffer",
+        "truncated",
+    ],
+)
+def test_pickle_scan_refuses_before_unpickling(tmp_path, pickled, message):
+    path = write_torch_zip(tmp_path / "crafted.pth", pickled)
+    with pytest.raises(DataError, match=message) as info:
+        read_torch_state_dict(path)
+    assert "nothing was unpickled" in str(info.value) and path in str(info.value)
+
+
+def test_data_pkl_size_is_capped_before_reading(tmp_path, monkeypatch):
+    import msdn_tf.interop.torch_checkpoint as tc
+
+    monkeypatch.setattr(tc, "MAX_PICKLE_BYTES", 100)
+    path = write_torch_zip(tmp_path / "big.pth", b"\x80\x02" + pickle_str("x" * 200) + b".")
+    with pytest.raises(DataError, match=r"'archive/data.pkl' is \d+ bytes, over the limit of 100"):
+        read_torch_state_dict(path)
+
+
+def _views_of_one_storage(tmp_path, n_views, numel, compress=zipfile.ZIP_DEFLATED, name="views.pth"):
+    entries = [("t%d" % i, torch_tensor_pickle("0", numel, (numel,), (1,))) for i in range(n_views)]
+    return write_torch_zip(
+        tmp_path / name, torch_state_dict_pickle(entries), [("0", bytes(4 * numel))], compress=compress
+    )
+
+
+def test_views_of_one_compressed_storage_are_budgeted(tmp_path):
+    # The issue's example, scaled down: a deflated storage of 16 MiB of zeros is 16 KB on
+    # disk; 8 tensors viewing all of it would materialise 128 MiB. Refused before the
+    # allocation that crosses the budget (64 MiB here: the floor for small files).
+    import tracemalloc
+
+    numel = 4 << 20
+    path = _views_of_one_storage(tmp_path, 8, numel)
+    assert os.path.getsize(path) < 100_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match=r"over this load's budget of 67108864 bytes") as info:
+            read_torch_state_dict(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "a tensor of size (4194304,)" in str(info.value)
+    assert peak < 80 << 20, peak
+    # An explicit budget: the storage alone (16 MiB) does not fit 8 MiB.
+    with pytest.raises(DataError, match=r"storage record 'archive/data/0' needs 16777216 more bytes"):
+        read_torch_state_dict(path, max_bytes=8 << 20)
+    # A legal file of the same content (one view) reads within the default budget.
+    one = _views_of_one_storage(tmp_path, 1, numel, name="one.pth")
+    assert read_torch_state_dict(one)["t0"].shape == (numel,)
+
+
+def test_default_budget_scales_with_the_file(tmp_path):
+    # Stored (not deflated) records: 3 views of a 24 MiB storage on a 24 MiB file need
+    # 24 + 72 MiB, within 3 x 24 MiB? No: 96 > 72, refused; 2 views (72 MiB) fit.
+    numel = 6 << 20
+    three = _views_of_one_storage(tmp_path, 3, numel, compress=zipfile.ZIP_STORED, name="three.pth")
+    with pytest.raises(DataError, match="budget"):
+        read_torch_state_dict(three)
+    two = _views_of_one_storage(tmp_path, 2, numel, compress=zipfile.ZIP_STORED, name="two.pth")
+    assert len(read_torch_state_dict(two)) == 2
+
+
+def test_messages_never_repr_untrusted_values(tmp_path):
+    # A tensor size of 100 000 ints, a huge int offset and a long string key: the messages
+    # stay short and are built without repr-ing the values.
+    long_size = torch_state_dict_pickle([("V", torch_tensor_pickle("0", 1, (1,) * 100_000, (1,) * 100_000))])
+    huge_offset = torch_state_dict_pickle([("V", torch_tensor_pickle("0", 1, (1,), (1,), offset=1 << 5000))])
+    long_key = b"\x80\x02ccollections\nOrderedDict\n)R(X\x01\x00\x00\x00VK\x01u."
+    for i, (pickled, message) in enumerate(
+        [
+            (
+                long_size,
+                r"tensor size must be a short tuple of 64-bit ints, got \(1, 1, 1, 1, 1, 1, ... 100000 items\)",
+            ),
+            (huge_offset, "bad storage offset an integer of 5001 bits"),
+            (long_key, "1 entries are not named tensors"),
+        ]
+    ):
+        path = write_torch_zip(tmp_path / ("m%d.pth" % i), pickled, [("0", bytes(4))])
+        with pytest.raises(DataError, match=message) as info:
+            read_torch_state_dict(path)
+        assert len(str(info.value)) < 400, str(info.value)[:1000]
+    key = "k" * 100_000
+    pickled = torch_state_dict_pickle([(key, torch_tensor_pickle("0", 1, (2,), (1,)))])
+    path = write_torch_zip(tmp_path / "longkey.pth", pickled, [("0", bytes(4))])
+    with pytest.raises(DataError, match="reaches element 1") as info:
+        read_torch_state_dict(path)
+    assert len(str(info.value)) < 400
+
+
+def test_ordered_dict_arguments_are_checked_before_hashing(tmp_path):
+    # OrderedDict([((1, 2), x)]) via REDUCE: the key would be hashed inside OrderedDict().
+    pickled = b"\x80\x02ccollections\nOrderedDict\n]K\x01K\x02\x86K\x03\x86a\x85R."
+    path = write_torch_zip(tmp_path / "od.pth", pickled)
+    with pytest.raises(DataError, match=r"OrderedDict item \(\(1, 2\), 3\) is not a \(string, value\) pair"):
+        read_torch_state_dict(path)
+
+
+def test_real_checkpoints_pass_the_scan():
+    from msdn_tf.interop.pickle_scan import scan_pickle
+
+    for stem in STEMS + ("tiny_msdn_with_resnet", "tiny_tv_resnet"):
+        with zipfile.ZipFile(fixture(stem)) as zf:
+            name = [n for n in zf.namelist() if n.endswith("/data.pkl")][0]
+            scan_pickle(zf.read(name), max_depth=8)  # torch's pickles are shallow
+
+
+def _patch_zip_entry(data: bytes, name: str, flags=None, method=None) -> bytes:
+    """Set the general-purpose flags and/or compression method of ``name`` in both of its zip headers."""
+    data = bytearray(data)
+    with zipfile.ZipFile(io.BytesIO(bytes(data))) as zf:
+        local = zf.getinfo(name).header_offset
+    encoded = name.encode()
+    central = data.find(b"PK\x01\x02")
+    while central != -1:
+        name_len = struct.unpack("<H", data[central + 28 : central + 30])[0]
+        if bytes(data[central + 46 : central + 46 + name_len]) == encoded:
+            break
+        central = data.find(b"PK\x01\x02", central + 4)
+    for at, flag_at, method_at in ((local, 6, 8), (central, 8, 10)):
+        if flags is not None:
+            data[at + flag_at : at + flag_at + 2] = struct.pack("<H", flags)
+        if method is not None:
+            data[at + method_at : at + method_at + 2] = struct.pack("<H", method)
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    "patch, message",
+    [
+        ({"method": 99}, "compression method is not supported"),  # AES: zipfile raises NotImplementedError
+        ({"flags": 1}, "encrypted"),  # zipfile raises RuntimeError
+        ({"flags": 1 << 6}, "strong encryption"),
+    ],
+    ids=["unsupported-method", "encrypted", "strong-encryption"],
+)
+def test_zip_features_torch_never_writes_are_one_data_error(tmp_path, patch, message):
+    # Found by tests/test_properties.py (fuzz profile): these escaped as tracebacks.
+    data = _patch_zip_entry(open(fixture("tiny_msdn"), "rb").read(), "tiny_msdn/data.pkl", **patch)
+    path = tmp_path / "odd.pth"
+    path.write_bytes(data)
+    with pytest.raises(DataError, match=message) as info:
+        read_torch_state_dict(path)
+    assert "re-save it with torch.save" in str(info.value)

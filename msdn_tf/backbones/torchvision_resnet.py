@@ -324,6 +324,9 @@ def save_trunk_npz(path, trunk: Mapping[str, np.ndarray], blocks: Sequence[int],
 
 
 def _read_trunk_npz(path: str):
+    from msdn_tf.limits import check_npz
+
+    check_npz(path)  # each array's declared size against its stored bytes, before inflating it
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 from msdn_tf import options
-from msdn_tf.cli.common import add_common_flags, cli_main
+from msdn_tf.cli.common import CommandParser, add_common_flags, cli_main
 from msdn_tf.config import Config, resolve_config
 from msdn_tf.training.resume import resume_config
 
@@ -19,7 +19,7 @@ from msdn_tf.training.resume import resume_config
 def build_parser() -> argparse.ArgumentParser:
     from msdn_tf.data.registry import DATASETS
 
-    p = argparse.ArgumentParser(prog="python -m msdn_tf.train", description="Train MSDN for zero-shot learning.")
+    p = CommandParser(command="train", description="Train MSDN for zero-shot learning.")
     add_common_flags(p, dataset_help=f"dataset name: {', '.join(sorted(DATASETS))} (default demo)")
     p.add_argument("--seed", type=int, help="shortcut for --set train.seed=N")
     p.add_argument("--iterations", type=int, help="shortcut for --set train.iterations=N")

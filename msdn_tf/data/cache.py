@@ -42,6 +42,7 @@ import numpy as np
 
 from msdn_tf.data.base import ZSLData
 from msdn_tf.errors import DataError
+from msdn_tf.limits import MAX_JSON_BYTES, check_hdf5_dataset
 
 CACHE_VERSION = 1
 DTYPES = ("float16", "float32")
@@ -215,10 +216,13 @@ class MemmapFeatures:
 
 # --------------------------------------------------------------------------- staleness
 def read_sidecar(cache_path: str) -> Optional[dict]:
+    """The cache's metadata, or ``None`` when absent, unreadable or over ``MAX_JSON_BYTES`` (then stale)."""
     try:
+        if os.path.getsize(sidecar_path(cache_path)) > MAX_JSON_BYTES:
+            return None
         with open(sidecar_path(cache_path)) as fh:
             return json.load(fh)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
 
 
@@ -383,6 +387,11 @@ def _hdf5_reader(path: str, key: str = "feature_map"):
     if done < n:
         fh.close()
         raise DataError(f"{path}: an incomplete extraction ({done} of {n} rows); finish it with msdn_tf.extract")
+    try:
+        check_hdf5_dataset(ds, path)  # a never-written dataset would fill the disk with its fill value
+    except DataError:
+        fh.close()
+        raise
 
     def read_chunk(start, stop):
         try:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import csv
 import datetime
 import difflib
-import json
 import os
 import sys
 from collections import Counter, OrderedDict
@@ -38,6 +37,7 @@ import numpy as np
 from msdn_tf.data.base import ZSLData
 from msdn_tf.data.cache import use_cache
 from msdn_tf.errors import DataError, MSDNError
+from msdn_tf.limits import MAX_TEXT_BYTES, check_text_file, load_json_file, load_yaml_file, read_text_file, short_repr
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 MANIFEST_FILE = "custom.json"
@@ -61,7 +61,7 @@ def _suggest(name: str, choices: Sequence[str]) -> str:
 
 def _short(items: Sequence, n: int = 10) -> str:
     items = list(items)
-    return ", ".join(repr(x) for x in items[:n]) + (f", ... ({len(items)} in all)" if len(items) > n else "")
+    return ", ".join(short_repr(x, 60) for x in items[:n]) + (f", ... ({len(items)} in all)" if len(items) > n else "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,6 +125,7 @@ def read_image_csv(path, images_root=None) -> List[ImageEntry]:
     if not path.is_file():
         raise DataError(f"{path}: image CSV not found")
     root = Path(images_root) if images_root else path.parent
+    check_text_file(path, "image CSV")
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
             rows = [(i, r) for i, r in enumerate(csv.reader(fh), 1) if r and any(c.strip() for c in r)]
@@ -140,7 +141,7 @@ def read_image_csv(path, images_root=None) -> List[ImageEntry]:
             ic = next(i for i, h in enumerate(header) if h in _CLASS_COLUMNS)
         except StopIteration:
             raise DataError(
-                f"{path}: the header {rows[0][1]} needs a path column ({'/'.join(_PATH_COLUMNS)}) "
+                f"{path}: the header {short_repr(rows[0][1])} needs a path column ({'/'.join(_PATH_COLUMNS)}) "
                 f"and a class column ({'/'.join(_CLASS_COLUMNS)})"
             ) from None
         isplit = header.index("split") if "split" in header else None
@@ -160,7 +161,7 @@ def read_image_csv(path, images_root=None) -> List[ImageEntry]:
             raise DataError(f"{path}: line {lineno}: empty image path or class name")
         split = r[isplit].strip() if isplit is not None and r[isplit].strip() else None
         if split is not None and split not in SPLITS:
-            raise DataError(f"{path}: line {lineno}: split {split!r} must be one of {', '.join(SPLITS)}")
+            raise DataError(f"{path}: line {lineno}: split {short_repr(split, 60)} must be one of {', '.join(SPLITS)}")
         full = file if os.path.isabs(file) else os.path.abspath(root / file)
         out.append(ImageEntry(full, cls, split, f"{path}:{lineno}"))
     if not out:
@@ -252,7 +253,9 @@ def read_attribute_table(path, warn: Callable[[str], None] = _stderr) -> Attribu
         if not cls:
             raise DataError(f"{path}: line {lineno}: empty class name")
         if cls in seen_at:
-            raise DataError(f"{path}: line {lineno}: class {cls!r} is listed twice (first at line {seen_at[cls]})")
+            raise DataError(
+                f"{path}: line {lineno}: class {short_repr(cls, 60)} is listed twice (first at line {seen_at[cls]})"
+            )
         seen_at[cls] = lineno
         names.append(cls)
         values.append(_class_row(path, lineno, cls, attributes, [c.strip() for c in r[1:]]))
@@ -266,6 +269,7 @@ def _read_table_rows(path: Path) -> list:
     if not path.is_file():
         raise DataError(f"{path}: attribute table not found")
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    check_text_file(path, "attribute table")
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
             rows = [
@@ -300,7 +304,7 @@ def _class_row(path: Path, lineno: int, cls: str, attributes, cells) -> list:
     """One class's values: one finite number per attribute, else an error naming line, class and attribute."""
     if len(cells) != len(attributes):
         raise DataError(
-            f"{path}: line {lineno} (class {cls!r}) has {len(cells)} values, the header names "
+            f"{path}: line {lineno} (class {short_repr(cls, 60)}) has {len(cells)} values, the header names "
             f"{len(attributes)} attributes"
         )
     row = []
@@ -308,10 +312,13 @@ def _class_row(path: Path, lineno: int, cls: str, attributes, cells) -> list:
         try:
             v = float(c) if c else float("nan")
         except ValueError:
-            raise DataError(f"{path}: line {lineno}, class {cls!r}, attribute {a!r}: {c!r} is not a number") from None
+            raise DataError(
+                f"{path}: line {lineno}, class {short_repr(cls, 60)}, attribute {short_repr(a, 60)}: "
+                f"{short_repr(c, 60)} is not a number"
+            ) from None
         if not np.isfinite(v):
             raise DataError(
-                f"{path}: line {lineno}, class {cls!r}, attribute {a!r}: value is "
+                f"{path}: line {lineno}, class {short_repr(cls, 60)}, attribute {short_repr(a, 60)}: value is "
                 f"{'missing/NaN' if np.isnan(v) else 'infinite'}; every class needs a value for "
                 "every attribute"
             )
@@ -346,19 +353,15 @@ def read_unseen_list(path) -> List[str]:
     if not path.is_file():
         raise DataError(f"{path}: unseen-class list not found")
     if path.suffix.lower() in (".yaml", ".yml"):
-        import yaml
-
-        try:
-            content = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise DataError(f"{path}: not valid YAML ({exc})") from exc
+        content = load_yaml_file(path, "unseen-class list")
         if isinstance(content, dict):
             content = content.get("unseen")
         if not isinstance(content, list):
             raise DataError(f"{path}: expected a YAML list of class names (or a mapping with key 'unseen')")
         names = [str(x).strip() for x in content]
     else:
-        names = [line.split("#", 1)[0].strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        text = read_text_file(path, MAX_TEXT_BYTES, "unseen-class list", DataError, "MAX_TEXT_BYTES")
+        names = [line.split("#", 1)[0].strip() for line in text.splitlines()]
         names = [n for n in names if n]
     dup = [n for n, k in Counter(names).items() if k > 1]
     if dup:
@@ -398,6 +401,7 @@ def _is_number(s: str) -> bool:
 
 def _read_csv_vectors(path: Path, attribute_names: Sequence[str]) -> np.ndarray:
     """Rows of a CSV of vectors: by attribute name (first cell) or in table order; a header row skipped."""
+    check_text_file(path, "attribute-vector CSV")
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
             rows = [(i, [c.strip() for c in r]) for i, r in enumerate(csv.reader(fh), 1) if r]
@@ -669,10 +673,7 @@ def read_manifest(data_dir) -> dict:
             f"{path}: not found; {data_dir} is not a prepared custom dataset (make one with "
             "python -m msdn_tf.custom prepare ... --out DIR)"
         )
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:  # UnicodeDecodeError included
-        raise DataError(f"{path}: not valid JSON ({exc})") from exc
+    manifest = load_json_file(path, "manifest")
     problem = _manifest_problem(manifest)
     if problem:
         raise DataError(f"{path}: not a custom.json written by prepare ({problem}); prepare the folder again")

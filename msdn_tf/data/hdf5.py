@@ -17,6 +17,7 @@ import numpy as np
 
 from msdn_tf.data.base import ZSLData, check_feature_dtype, class_attributes_for_model
 from msdn_tf.errors import DataError
+from msdn_tf.limits import check_hdf5_dataset
 
 REQUIRED_KEYS = ("feature_map", "labels", "trainval_loc", "test_seen_loc", "test_unseen_loc", "att", "w2v_att")
 
@@ -47,6 +48,7 @@ class HDF5Features:
         if ds.ndim != 4:
             raise DataError(f"{self.path}: '{key}' must be (N, channels, H, W), got shape {ds.shape}")
         check_feature_dtype(ds.dtype, f"{self.path}: '{key}'")
+        check_hdf5_dataset(ds, self.path)  # never-written (fill value) or over-compressed maps are refused
         n, f, h, w = ds.shape
         self.map_shape = (int(h), int(w))
         self.shape = (int(n), int(h) * int(w), int(f))
@@ -89,6 +91,7 @@ def _read_key(f, path: str, key: str, required: bool = True) -> Optional[np.ndar
         if required:
             raise DataError(f"{path}: missing key '{key}'; a feature-map file needs {', '.join(REQUIRED_KEYS)}")
         return None
+    check_hdf5_dataset(f[key], path)  # declared size against stored bytes, before reading it whole
     return np.asarray(f[key][()])
 
 

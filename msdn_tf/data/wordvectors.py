@@ -34,8 +34,31 @@ from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
 import numpy as np
 
 from msdn_tf.errors import DataError
+from msdn_tf.limits import short_repr
 
 _NON_LETTERS = re.compile(r"[^a-zA-Z]+")
+
+#: Longest line read (characters): a 300-d GloVe line is about 3 000; a file without line
+#: breaks (or a gzip bomb of one line) is refused when a line reaches this, before it is kept.
+MAX_LINE_CHARS = 1 << 20
+#: Largest vector dimension (a word2vec header is refused above it before anything is allocated).
+MAX_DIM = 1 << 16
+
+
+def _lines(fh, path: str):
+    """``(lineno, line)`` of ``fh``, each line read with a bound of :data:`MAX_LINE_CHARS`."""
+    lineno = 0
+    while True:
+        line = fh.readline(MAX_LINE_CHARS + 1)
+        if not line:
+            return
+        lineno += 1
+        if len(line) > MAX_LINE_CHARS:
+            raise DataError(
+                f"{path}: line {lineno} is longer than {MAX_LINE_CHARS} characters (MAX_LINE_CHARS); "
+                "a word-vector file has one word and its numbers per line"
+            )
+        yield lineno, line
 
 
 def attribute_words(name: str) -> list:
@@ -63,14 +86,17 @@ def _parse_vector(path: str, lineno: int, token: str, rest: str, dim: int, users
     """The ``dim`` finite numbers after ``token`` on line ``lineno``; ``users`` (attributes) name it in errors."""
     values = rest.split()
     if len(values) != dim:
-        raise DataError(f"{path}: line {lineno} ({token!r}) has {len(values)} numbers, expected {dim}")
+        raise DataError(f"{path}: line {lineno} ({short_repr(token)}) has {len(values)} numbers, expected {dim}")
     try:
         vec = np.asarray(values, dtype=np.float64)
     except ValueError as exc:
-        raise DataError(f"{path}: line {lineno} ({token!r}) holds a value that is not a number ({exc})") from exc
+        raise DataError(
+            f"{path}: line {lineno} ({short_repr(token)}) holds a value that is not a number "
+            f"({short_repr(str(exc), 200)})"
+        ) from None
     if not np.all(np.isfinite(vec)):
         raise DataError(
-            f"{path}: line {lineno}: the vector of {token!r} holds NaN or infinite "
+            f"{path}: line {lineno}: the vector of {short_repr(token)} holds NaN or infinite "
             f"values (needed by attribute(s) {', '.join(map(repr, users[:5])) or '?'}); "
             "fix the line or use another word-vector file"
         )
@@ -103,11 +129,16 @@ def read_word_vectors(
     fmt, dim, lineno = "glove", None, 0
     try:
         with _open_text(path) as fh:
-            for lineno, line in enumerate(fh, 1):
+            for lineno, line in _lines(fh, path):
                 if lineno == 1:
                     parts = line.split()
                     if _is_header(parts):
                         fmt, dim = "word2vec", int(parts[1])
+                        if not 0 < dim <= MAX_DIM:
+                            raise DataError(
+                                f"{path}: line 1: the word2vec header gives dimension {short_repr(parts[1], 40)}; "
+                                f"expected 1 to {MAX_DIM} (MAX_DIM)"
+                            )
                         continue
                 # only split the numbers of a wanted word: the first token decides
                 head = line.split(None, 1)
@@ -116,6 +147,10 @@ def read_word_vectors(
                 token, rest = head[0], (head[1] if len(head) > 1 else "")
                 if dim is None:
                     dim = len(rest.split())
+                    if dim > MAX_DIM:
+                        raise DataError(
+                            f"{path}: line {lineno} holds {dim} numbers; at most {MAX_DIM} are read (MAX_DIM)"
+                        )
                     if dim == 0:
                         raise DataError(
                             f"{path}: line {lineno} has a word but no numbers; expected "

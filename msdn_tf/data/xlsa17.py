@@ -44,6 +44,15 @@ import numpy as np
 from msdn_tf.data.base import FeatureSource, ZSLData, class_attributes_for_model, validate
 from msdn_tf.data.datasets import BENCHMARKS, folder_name, nonnegative_att
 from msdn_tf.errors import DataError
+from msdn_tf.interop.pickle_scan import PickleRefused, scan_pickle
+from msdn_tf.limits import (
+    check_array_bytes,
+    check_file_size,
+    check_hdf5_dataset,
+    check_npz,
+    check_text_file,
+    short_text,
+)
 
 SPLIT_KEYS = ("trainval_loc", "test_seen_loc", "test_unseen_loc")
 OPTIONAL_SPLIT_KEYS = ("train_loc", "val_loc")
@@ -67,12 +76,34 @@ def _require_file(path: str, what: str) -> str:
     return path
 
 
-def _h5_matlab_value(f, obj):
-    """Convert one h5py object of a MATLAB v7.3 file to numpy in MATLAB orientation."""
+#: Most elements a MATLAB v7.3 variable may expand to through cell references (each
+#: reference counted at each use: cells of cells that share their items would otherwise
+#: take exponential time), and the deepest nesting of cells.
+MAX_MAT_ELEMENTS = 50_000_000
+MAX_MAT_DEPTH = 8
+
+
+def _h5_matlab_value(f, obj, budget=None, depth=0):
+    """Convert one h5py object of a MATLAB v7.3 file to numpy in MATLAB orientation.
+
+    Each dataset's declared size is checked against the bytes it stores before it is read
+    (:func:`msdn_tf.limits.check_hdf5_dataset`); cell references count against
+    :data:`MAX_MAT_ELEMENTS` and :data:`MAX_MAT_DEPTH` before they are followed.
+    """
     import h5py
 
+    budget = [MAX_MAT_ELEMENTS] if budget is None else budget
     if isinstance(obj, h5py.Group):
-        raise DataError(f"{f.filename}: '{obj.name}' is a MATLAB struct; not supported here")
+        raise DataError(f"{f.filename}: '{short_text(obj.name, 80)}' is a MATLAB struct; not supported here")
+    if depth > MAX_MAT_DEPTH:
+        raise DataError(f"{f.filename}: cells nested deeper than {MAX_MAT_DEPTH} levels (MAX_MAT_DEPTH)")
+    budget[0] -= 1 + int(obj.size or 0)
+    if budget[0] < 0:
+        raise DataError(
+            f"{f.filename}: '{short_text(obj.name, 80)}' expands to more than {MAX_MAT_ELEMENTS} elements "
+            "through cell references (MAX_MAT_ELEMENTS)"
+        )
+    check_hdf5_dataset(obj, f.filename)
     mclass = obj.attrs.get("MATLAB_class", b"")
     if isinstance(mclass, bytes):
         mclass = mclass.decode("ascii", "replace")
@@ -81,7 +112,7 @@ def _h5_matlab_value(f, obj):
         refs = np.asarray(data)
         out = np.empty(refs.shape, dtype=object)
         for idx in np.ndindex(refs.shape):
-            out[idx] = _h5_matlab_value(f, f[refs[idx]])
+            out[idx] = _h5_matlab_value(f, f[refs[idx]], budget, depth + 1)
         return out.T
     if mclass == "char":
         codes = np.asarray(data).T  # MATLAB (rows, chars)
@@ -98,6 +129,7 @@ def _load_mat(path: str, what: str = "MATLAB file", variable_names: Optional[Seq
     path = _require_file(path, what)
     import scipy.io
 
+    _check_mat_v5_sizes(path, what, variable_names)
     try:
         return scipy.io.loadmat(path, variable_names=variable_names)
     except NotImplementedError:
@@ -116,6 +148,102 @@ def _load_mat(path: str, what: str = "MATLAB file", variable_names: Optional[Seq
         raise
     except Exception as exc:
         raise DataError(f"{path}: cannot read {what} as MATLAB v7.3/HDF5 (corrupt or truncated?): {exc}") from exc
+
+
+#: Bytes per element of each MATLAB v5 array class (cells, structs and objects count 8 per
+#: element: their contents are bounded by zlib's inflation ratio, about 1000, instead).
+_MAT_CLASS_BYTES = {1: 8, 2: 8, 3: 8, 4: 2, 5: 8, 6: 8, 7: 4, 8: 1, 9: 1, 10: 2, 11: 2, 12: 4, 13: 4, 14: 8, 15: 8}
+
+
+def _mat_v5_arrays(path: str):
+    """``[(name, dims, class code)]`` of a MATLAB v5 file, read from each variable's header only.
+
+    A compressed variable is inflated only as far as its header (a few hundred bytes);
+    ``None`` for a file that is not v5 (v7.3 is HDF5) or that cannot be parsed (``loadmat``
+    then reports it in its own words).
+    """
+    import struct
+    import zlib
+
+    out = []
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+        head = fh.read(128)
+        if len(head) < 128 or head[126:128] not in (b"IM", b"MI"):
+            return None
+        order = "<" if head[126:128] == b"IM" else ">"
+        if struct.unpack(order + "H", head[124:126])[0] != 0x0100:
+            return None  # v7.3 (0x0200) and others
+        pos = 128
+        while pos + 8 <= size:
+            fh.seek(pos)
+            dtype, nbytes = struct.unpack(order + "II", fh.read(8))
+            if dtype >> 16:  # small data element: 4 bytes of data in the tag
+                pos += 8
+                continue
+            if dtype == 15:  # miCOMPRESSED
+                inflater = zlib.decompressobj()
+                try:
+                    body = inflater.decompress(fh.read(min(nbytes, 1 << 16)), 512)
+                except zlib.error:
+                    return None
+                pos += 8 + nbytes
+            else:
+                body = struct.pack(order + "II", dtype, nbytes) + fh.read(min(nbytes, 512))
+                pos += 8 + nbytes + (-nbytes % 8)
+            parsed = _parse_mat_matrix_header(body, order)
+            if parsed is not None:
+                out.append(parsed)
+    return out
+
+
+def _parse_mat_matrix_header(body: bytes, order: str):
+    """``(name, dims, class)`` from the start of a miMATRIX element, or ``None``."""
+    import struct
+
+    def element(at):
+        if at + 8 > len(body):
+            return None, None, at
+        dtype, nbytes = struct.unpack(order + "II", body[at : at + 8])
+        if dtype >> 16:  # small element
+            n = dtype >> 16
+            return dtype & 0xFFFF, body[at + 4 : at + 4 + n], at + 8
+        return dtype, body[at + 8 : at + 8 + nbytes], at + 8 + nbytes + (-nbytes % 8)
+
+    kind, _, at = element(0)
+    if kind != 14:  # miMATRIX
+        return None
+    at = 8  # the sub-elements start after the matrix tag
+    _, flags, at = element(at)
+    _, dims_raw, at = element(at)
+    _, name, at = element(at)
+    if not flags or len(flags) < 4 or dims_raw is None or len(dims_raw) % 4:
+        return None
+    mclass = struct.unpack(order + "I", flags[:4])[0] & 0xFF
+    dims = struct.unpack(order + "%di" % (len(dims_raw) // 4), dims_raw)
+    return (name or b"").decode("latin-1"), dims, mclass
+
+
+def _check_mat_v5_sizes(path: str, what: str, variable_names) -> None:
+    """Before ``loadmat`` of a v5 file: the variables' declared sizes against the file's size.
+
+    Reads only each variable's header (:func:`_mat_v5_arrays`), so a small file that
+    declares or inflates to gigabytes is refused before anything is allocated (budget:
+    :func:`msdn_tf.limits.array_budget` of the file's size). v7.3 (HDF5) files are checked
+    dataset by dataset when read.
+    """
+    arrays = _mat_v5_arrays(path)
+    if not arrays:
+        return
+    declared = 0
+    for name, dims, mclass in arrays:
+        if variable_names is not None and name not in variable_names:
+            continue
+        count = 1
+        for n in dims:
+            count *= max(int(n), 0)
+        declared += count * _MAT_CLASS_BYTES.get(mclass, 8)
+    check_array_bytes(declared, os.path.getsize(path), path, what + " (all its variables)")
 
 
 def _get(mat: dict, path: str, key: str, required: bool = True):
@@ -282,6 +410,7 @@ def load_res101(path: str, features: bool = False) -> dict:
 def load_image_list(path: str) -> dict:
     """Read an ``image_list.npz`` (``labels`` 0-based, ``image_files`` relative paths)."""
     path = _require_file(path, "image list")
+    check_npz(path)
     try:
         with np.load(path, allow_pickle=False) as z:
             keys = list(z.files)
@@ -365,13 +494,18 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         target = _NUMPY_GLOBALS.get((module, name))
         if target is None:
             raise DataError(
-                f"{self._path}: refused to load pickle global '{module}.{name}'; an attribute-vector pickle "
+                f"{self._path}: refused to load pickle global '{short_text(module + '.' + name, 120)}'; "
+                "an attribute-vector pickle "
                 "may only contain a numpy array (nothing in the file was executed)"
             )
         return _numpy_global(*target)
 
     def persistent_load(self, pid):
         raise DataError(f"{self._path}: refused a pickle persistent id; expected a plain numpy array")
+
+
+#: Largest attribute word-vector pickle read (``{DS}_attribute.pkl``: 312 x 300 float64 is 750 KB).
+MAX_VECTOR_PICKLE_BYTES = 256 << 20
 
 
 def load_attribute_vectors(path: str) -> np.ndarray:
@@ -393,8 +527,13 @@ def load_attribute_vectors(path: str) -> np.ndarray:
         except Exception as exc:
             raise DataError(f"{path}: cannot read as .npy without pickle ({type(exc).__name__}: {exc})") from exc
     else:
+        check_file_size(path, MAX_VECTOR_PICKLE_BYTES, "attribute-vector pickle", setting="MAX_VECTOR_PICKLE_BYTES")
         with open(path, "rb") as fh:
-            raw = fh.read()
+            raw = fh.read(MAX_VECTOR_PICKLE_BYTES + 1)
+        try:
+            scan_pickle(raw, max_depth=32)
+        except PickleRefused as exc:
+            raise DataError(f"{path}: not a plain numpy array pickle: {exc}; nothing was unpickled") from None
         try:
             arr = _NumpyOnlyUnpickler(io.BytesIO(raw), path).load()
         except DataError:
@@ -431,6 +570,7 @@ def load_attribute_names(path: str) -> list:
             raise DataError(f"{path}: missing key 'attributes' (keys present: {sorted(keys)})")
         names = _cell_strings(mat[key], path, key)
     else:
+        check_text_file(path, "attribute-name file")
         try:
             with open(path, "r", encoding="utf-8") as fh:
                 lines = [line.strip() for line in fh]

@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import csv
 import io
-import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
 from msdn_tf.errors import MSDNError
+from msdn_tf.limits import load_json_file
 from msdn_tf.utils import atomic_write_text, markdown_table, write_json
 
 PROTOCOL_NOTES = {
@@ -67,11 +66,8 @@ def run_protocol_name(run_dir) -> str:
         return "validation"
     path = Path(run_dir) / "results.json"
     if path.is_file():
-        try:
-            content = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise MSDNError(f"{path}: not valid JSON ({exc})") from exc
-        if content.get("history"):
+        content = load_json_file(path, "results", MSDNError)
+        if isinstance(content, dict) and content.get("history"):
             return "final"
     return "as-is"
 
@@ -155,15 +151,12 @@ def evaluate_run(
     config, model, data = _load_run_and_data(run_dir, data_dir, data)
     protocol = run_protocol_name(run_dir)
     log(f"msdn-tf evaluate: {run_dir} ({config.data.dataset}, protocol {protocol}, gamma {gamma:g})")
-    # Progress while predicting: a bar on a terminal, one line per split otherwise.
-    result = evaluate_model(
-        model,
-        data,
-        config.data.eval_batch_size,
-        gamma=gamma,
-        return_logits=True,
-        verbose=1 if sys.stdout.isatty() else 2,
+    # Quiet: one line of ours, no Keras step lines (the results are what the command prints).
+    log(
+        f"msdn-tf evaluate: predicting {len(data.test_seen_loc)} test_seen and "
+        f"{len(data.test_unseen_loc)} test_unseen images"
     )
+    result = evaluate_model(model, data, config.data.eval_batch_size, gamma=gamma, return_logits=True, verbose=0)
     logits = result.pop("_logits")
     rows = per_class_rows(data, logits, gamma)
 
@@ -203,7 +196,7 @@ def evaluate_run(
 def _load_run_and_data(run_dir: Path, data_dir, data):
     """``(config, model, data)`` of a run; the dataset must have the model's seen/unseen classes."""
     from msdn_tf.data.registry import load_dataset
-    from msdn_tf.training.runs import load_run
+    from msdn_tf.evaluation.runs import load_run
 
     config, model = load_run(run_dir)
     if data_dir:
@@ -223,7 +216,7 @@ def _load_run_and_data(run_dir: Path, data_dir, data):
 
 def _validation_choice(run_dir: Path, gamma: float, log) -> dict:
     """What the validation protocol chose (``protocol_result.json``); notes a different ``gamma``."""
-    choice = json.loads((run_dir / PROTOCOL_RESULT).read_text()).get("selection", {})
+    choice = load_json_file(run_dir / PROTOCOL_RESULT, "protocol result", MSDNError).get("selection", {})
     if "gamma" in choice and abs(choice["gamma"] - gamma) > 1e-12:
         log(
             f"msdn-tf evaluate: note: the validation protocol chose gamma {choice['gamma']:.6g}; "
@@ -269,7 +262,7 @@ def _reference_from_results(run_dir) -> dict:
     path = Path(run_dir) / "results.json"
     if not path.is_file():
         return {}
-    content = json.loads(path.read_text())
+    content = load_json_file(path, "results", MSDNError)
     history = [h for h in content.get("history", []) if h.get("step", 0) > 0]
     if not history:
         return {}

@@ -22,7 +22,6 @@ mean ± std (sample std, ddof 1) of every metric.
 from __future__ import annotations
 
 import copy
-import json
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -32,6 +31,7 @@ import numpy as np
 from msdn_tf.data.base import ZSLData
 from msdn_tf.errors import ConfigError, DataError, MSDNError
 from msdn_tf.evaluation.report import PROTOCOL_NOTES, PROTOCOL_RESULT, pct, reference_selection
+from msdn_tf.limits import load_json_file
 from msdn_tf.utils import atomic_write_text, markdown_table, write_json
 
 PROTOCOLS = ("reference", "final", "validation")
@@ -180,7 +180,7 @@ def train_or_reuse(config, run_dir: Path, data, train_fn, log, eval_hooks=()) ->
     results_path = run_dir / "results.json"
     if results_path.is_file() and not eval_hooks:
         log(f"msdn-tf: reusing the finished run {run_dir}")
-        return json.loads(results_path.read_text())
+        return load_json_file(results_path, "results", MSDNError)
     from msdn_tf.training.resume import has_checkpoint
 
     resume = has_checkpoint(run_dir)
@@ -217,7 +217,7 @@ class _SelectionRecorder:
         self.settings = {"gamma_grid": self.gamma_grid, "holdout_fraction": float(holdout_fraction)}
         self.candidates = []
         if self.path.is_file():
-            saved = json.loads(self.path.read_text())
+            saved = load_json_file(self.path, "protocol state", MSDNError)
             if saved.get("settings") != self.settings:
                 raise MSDNError(
                     f"{self.path}: made with {saved.get('settings')}, now {self.settings}; "
@@ -331,7 +331,7 @@ def _validation(
     results_path = run_dir / PROTOCOL_RESULT
     check_same_config(cfg, run_dir)
     if results_path.is_file():
-        final = json.loads(results_path.read_text())
+        final = load_json_file(results_path, "protocol result", MSDNError)
     else:
         train_or_reuse(cfg, run_dir, data, train_fn, log, eval_hooks=[final_eval])
         if final_eval.result is None:
@@ -376,7 +376,7 @@ def _validation(
 def run_protocol(
     config,
     protocol,
-    run_root,
+    run_root=None,
     data: Optional[ZSLData] = None,
     seeds: int = 1,
     lambda_grid: Optional[Sequence[float]] = None,
@@ -392,8 +392,8 @@ def run_protocol(
     Args:
         config: the resolved :class:`~msdn_tf.config.Config`.
         protocol: ``reference``, ``final``, ``validation``, or a list / comma-separated string of them.
-        run_root: output folder; training runs go below it, reports are
-            ``<run_root>/<protocol>.json`` and ``.md``.
+        run_root: output folder (default ``<train.out_dir>/protocols/<dataset>``); training runs
+            go below it, reports are ``<run_root>/<protocol>.json`` and ``.md``.
         data: an already loaded dataset (default: load ``config.data.dataset``).
         seeds: number of seeds, ``config.train.seed + i`` for ``i < seeds``.
         lambda_grid: ``lambda_cal`` values tried by ``validation`` (default: the config's only).
@@ -419,7 +419,7 @@ def run_protocol(
         raise ConfigError(f"--seeds must be at least 1, got {seeds}")
     train_fn = train_fn or default_train_fn
     on_phase = on_phase or (lambda name: None)
-    run_root = Path(run_root)
+    run_root = Path(run_root) if run_root else Path(config.train.out_dir) / "protocols" / config.data.dataset
     if data is None:
         from msdn_tf.data.registry import load_dataset
 

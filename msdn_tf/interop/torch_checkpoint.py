@@ -21,6 +21,17 @@ fail with :class:`~msdn_tf.errors.DataError` before anything it names is
 called. Objects produced while unpickling are frozen holders, so pickle
 ``BUILD`` instructions cannot alter them or this module's functions.
 
+Budgets (checked before the work, each refusal a :class:`~msdn_tf.errors.DataError`
+naming the file and the limit; docs/reliability.md, "Limits"): ``data.pkl`` is at most
+:data:`MAX_PICKLE_BYTES` and is scanned opcode by opcode before anything is unpickled
+(:func:`msdn_tf.interop.pickle_scan.scan_pickle`: nesting at most :data:`MAX_PICKLE_DEPTH`,
+string dict keys, sane memo indices); the bytes materialised, storages read plus
+arrays returned, are at most ``max_bytes`` (default: the larger of
+:data:`MIN_BYTES_BUDGET` and :data:`BYTES_BUDGET_FACTOR` times the file's size: a legal
+file needs about twice its size, while a small file whose tensors all view one
+compressed storage would need thousands of times its size). Messages never show more
+than a short summary of a value read from the file.
+
 Only dense CPU tensors of the dtypes in :data:`STORAGE_DTYPES` are supported;
 bfloat16 is widened to float32 exactly (bit shift), everything else keeps its
 dtype. Arrays are returned in native byte order.
@@ -38,6 +49,7 @@ Example:
 from __future__ import annotations
 
 import collections
+import io
 import logging
 import os
 import pickle
@@ -47,10 +59,15 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import numpy as np
 
 from msdn_tf.errors import DataError
+from msdn_tf.interop.pickle_scan import PickleRefused, scan_pickle
 
 __all__ = [
     "ALLOWED_GLOBALS",
     "STORAGE_DTYPES",
+    "MAX_PICKLE_BYTES",
+    "MAX_PICKLE_DEPTH",
+    "MIN_BYTES_BUDGET",
+    "BYTES_BUDGET_FACTOR",
     "MSDN_KEY_MAP",
     "IGNORED_KEYS",
     "read_torch_state_dict",
@@ -111,6 +128,16 @@ IGNORED_KEYS: Dict[str, str] = {
     "W_3_1": "dead code in the reference, always zero",
 }
 
+#: Largest ``data.pkl`` record read (bytes, uncompressed). A state_dict's pickle holds
+#: only names, shapes and storage keys: ResNet-101 with the MSDN weights is about 16 KB.
+MAX_PICKLE_BYTES = 16 << 20
+#: Deepest nesting of objects in ``data.pkl`` (a state_dict needs about 6 levels).
+MAX_PICKLE_DEPTH = 64
+#: Bytes materialised (storages read plus arrays returned) are at most the larger of
+#: this and ``BYTES_BUDGET_FACTOR`` times the checkpoint's size on disk.
+MIN_BYTES_BUDGET = 64 << 20
+BYTES_BUDGET_FACTOR = 3
+
 # Refuse to materialise a tensor bigger than this when it is larger than its
 # storage (only possible with zero/overlapping strides, i.e. a crafted file).
 _MAX_EXPANDED_BYTES = 1 << 28
@@ -118,10 +145,75 @@ _MAX_NAME_IN_MESSAGE = 120
 
 
 def _short(text: str) -> str:
-    text = str(text)
+    """``text`` cut to a message-sized prefix (``text`` must already be a str)."""
+    if not isinstance(text, str):
+        return _describe(text)
     if len(text) > _MAX_NAME_IN_MESSAGE:
         return text[:_MAX_NAME_IN_MESSAGE] + "..."
     return text
+
+
+def _describe(value, _level: int = 0) -> str:
+    """A short summary of an untrusted value, built in bounded time and memory.
+
+    Strings and bytes are cut before ``repr``; integers with more than 64 bits are
+    described by their size (``str`` of a huge int is quadratic and may raise); a
+    container shows at most 6 items, 2 levels deep. Never calls ``repr`` on a container
+    or on an object of unknown type.
+    """
+    if value is None or isinstance(value, (bool, float)):
+        return repr(value)
+    if isinstance(value, int):
+        if value.bit_length() > 64:
+            return "an integer of %d bits" % value.bit_length()
+        return repr(value)
+    if isinstance(value, (str, bytes, bytearray)):
+        if len(value) > 60:
+            return "%s... (%d long)" % (repr(value[:60]), len(value))
+        return repr(value)
+    if isinstance(value, (tuple, list)):
+        if _level >= 2:
+            return "a %s of %d items" % (type(value).__name__, len(value))
+        items = [_describe(v, _level + 1) for v in value[:6]]
+        if len(value) > 6:
+            items.append("... %d items" % len(value))
+        if isinstance(value, tuple):
+            return "(" + ", ".join(items) + ("," if len(value) == 1 else "") + ")"
+        return "[" + ", ".join(items) + "]"
+    if isinstance(value, dict):
+        return "a %s of %d items" % (type(value).__name__, len(value))
+    if isinstance(value, (_StorageType, _Callable)):
+        return repr(value)
+    return "a %s object" % type(value).__name__
+
+
+def _exception_text(exc: BaseException) -> str:
+    """``Type: message`` of an exception raised while unpickling, without repr-ing its arguments."""
+    args = getattr(exc, "args", ())
+    if len(args) == 1 and isinstance(args[0], str):
+        return "%s: %s" % (type(exc).__name__, _short(args[0]))
+    return "%s: %s" % (type(exc).__name__, ", ".join(_describe(a) for a in args[:3]))
+
+
+class _Budget:
+    """Bytes this load may still materialise; charged before each allocation."""
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+
+    def charge(self, nbytes: int, what: str) -> None:
+        if self.used + nbytes > self.limit:
+            raise _OverBudget(self.limit, self.used, nbytes, what)
+        self.used += nbytes
+
+
+class _OverBudget(Exception):
+    def __init__(self, limit, used, nbytes, what):
+        super().__init__(what)
+        self.args_ = (limit, used, nbytes, what)
 
 
 # ---------------------------------------------------------------------------
@@ -160,12 +252,13 @@ class _StorageType(_Frozen):
 class _Storage(_Frozen):
     """One storage record read from the zip: a flat numpy array."""
 
-    __slots__ = ("key", "type_name", "array")
+    __slots__ = ("key", "type_name", "array", "budget")
 
-    def __init__(self, key: str, type_name: str, array: np.ndarray):
+    def __init__(self, key: str, type_name: str, array: np.ndarray, budget: _Budget):
         object.__setattr__(self, "key", key)
         object.__setattr__(self, "type_name", type_name)
         object.__setattr__(self, "array", array)
+        object.__setattr__(self, "budget", budget)
 
 
 class _Tensor(_Frozen):
@@ -200,12 +293,13 @@ class _Callable(_Frozen):
 
 
 def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An int that fits torch's int64 (larger ones would make the arithmetic on sizes slow)."""
+    return isinstance(value, int) and not isinstance(value, bool) and -(1 << 63) <= value < (1 << 63)
 
 
 def _int_tuple(value, what: str) -> Tuple[int, ...]:
-    if not isinstance(value, (tuple, list)) or not all(_is_int(v) for v in value):
-        raise _Corrupt("%s must be a tuple of ints, got %s" % (what, _short(repr(value))))
+    if not isinstance(value, (tuple, list)) or len(value) > 64 or not all(_is_int(v) for v in value):
+        raise _Corrupt("%s must be a short tuple of 64-bit ints, got %s" % (what, _describe(value)))
     return tuple(value)
 
 
@@ -218,13 +312,15 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
     if not isinstance(storage, _Storage):
         raise _Corrupt("tensor storage is %s, not a storage record" % type(storage).__name__)
     if not _is_int(storage_offset) or storage_offset < 0:
-        raise _Corrupt("bad storage offset %s" % _short(repr(storage_offset)))
+        raise _Corrupt("bad storage offset %s" % _describe(storage_offset))
     size = _int_tuple(size, "tensor size")
     stride = _int_tuple(stride, "tensor stride")
     if len(size) != len(stride):
-        raise _Corrupt("tensor size %s and stride %s differ in length" % (size, stride))
+        raise _Corrupt("tensor size %s and stride %s differ in length" % (_describe(size), _describe(stride)))
+    if len(size) > 32:
+        raise _Corrupt("tensor has %d dimensions; at most 32 are supported" % len(size))
     if any(s < 0 for s in size) or any(s < 0 for s in stride):
-        raise _Corrupt("negative size or stride (%s, %s)" % (size, stride))
+        raise _Corrupt("negative size or stride (%s, %s)" % (_describe(size), _describe(stride)))
     if backward_hooks:
         raise _Corrupt("tensor has backward hooks")
     flat = storage.array
@@ -237,11 +333,23 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
         last = storage_offset + sum((n - 1) * st for n, st in zip(size, stride))
         if last >= flat.size:
             raise _Corrupt(
-                "tensor of size %s, stride %s at offset %d reaches element %d but storage "
-                "'%s' holds only %d" % (size, stride, storage_offset, last, storage.key, flat.size)
+                "tensor of size %s, stride %s at offset %s reaches element %s but storage "
+                "'%s' holds only %d"
+                % (
+                    _describe(size),
+                    _describe(stride),
+                    _describe(storage_offset),
+                    _describe(last),
+                    storage.key,
+                    flat.size,
+                )
             )
         if numel * flat.itemsize > _MAX_EXPANDED_BYTES and numel > flat.size:
-            raise _Corrupt("tensor of size %s expands its storage beyond %d bytes" % (size, _MAX_EXPANDED_BYTES))
+            raise _Corrupt(
+                "tensor of size %s expands its storage beyond %d bytes" % (_describe(size), _MAX_EXPANDED_BYTES)
+            )
+        out_itemsize = 4 if storage.type_name == "BFloat16Storage" else flat.itemsize
+        storage.budget.charge(numel * out_itemsize, "a tensor of size %s" % _describe(size))
         base = flat[storage_offset:]
         view = np.lib.stride_tricks.as_strided(
             base, shape=size, strides=tuple(st * flat.itemsize for st in stride), writeable=False
@@ -268,8 +376,23 @@ def _rebuild_parameter_with_state(data, requires_grad=True, backward_hooks=None,
     return _rebuild_parameter(data, requires_grad, backward_hooks)
 
 
-def _ordered_dict(*args, **kwargs):
-    return collections.OrderedDict(*args, **kwargs)
+def _ordered_dict(*args):
+    """``OrderedDict(items)``; keys must be strings (checked before any key is hashed)."""
+    if len(args) > 1:
+        raise _Corrupt("OrderedDict called with %d arguments" % len(args))
+    if not args:
+        return collections.OrderedDict()
+    items = args[0]
+    if isinstance(items, dict):
+        pairs = list(items.items())  # keys were checked by the scan: dict keys are strings
+    elif isinstance(items, (list, tuple)):
+        pairs = items
+    else:
+        raise _Corrupt("OrderedDict called with %s" % _describe(items))
+    for pair in pairs:
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not isinstance(pair[0], str):
+            raise _Corrupt("OrderedDict item %s is not a (string, value) pair" % _describe(pair))
+    return collections.OrderedDict(pairs)
 
 
 def _untyped_storage(*args, **kwargs):
@@ -310,11 +433,12 @@ class _Refused(Exception):
 class _StateDictUnpickler(pickle.Unpickler):
     """Unpickler whose ``find_class`` admits only :data:`ALLOWED_GLOBALS`."""
 
-    def __init__(self, file, zf: zipfile.ZipFile, prefix: str, big_endian: bool):
+    def __init__(self, file, zf: zipfile.ZipFile, prefix: str, big_endian: bool, budget: _Budget):
         super().__init__(file)
         self._zf = zf
         self._prefix = prefix
         self._big_endian = big_endian
+        self._budget = budget
         self._storages: Dict[str, _Storage] = {}
 
     def find_class(self, module, name):  # noqa: D401 - pickle API
@@ -325,16 +449,16 @@ class _StateDictUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid):
         if not isinstance(pid, tuple) or len(pid) != 5 or pid[0] != "storage":
-            raise _Corrupt("unknown persistent id %s" % _short(repr(pid)))
+            raise _Corrupt("unknown persistent id %s" % _describe(pid))
         _, storage_type, key, location, numel = pid
         if not isinstance(storage_type, _StorageType):
-            raise _Corrupt("persistent id names storage type %s" % _short(repr(storage_type)))
+            raise _Corrupt("persistent id names storage type %s" % _describe(storage_type))
         if not isinstance(key, str) or not key or "/" in key or "\\" in key or ".." in key:
-            raise _Corrupt("bad storage key %s" % _short(repr(key)))
+            raise _Corrupt("bad storage key %s" % _describe(key))
         if not isinstance(location, str):
-            raise _Corrupt("bad storage location %s" % _short(repr(location)))
+            raise _Corrupt("bad storage location %s" % _describe(location))
         if not _is_int(numel) or numel < 0:
-            raise _Corrupt("bad storage size %s" % _short(repr(numel)))
+            raise _Corrupt("bad storage size %s" % _describe(numel))
         cached = self._storages.get(key)
         if cached is not None:
             if cached.type_name != storage_type.name:
@@ -351,12 +475,13 @@ class _StateDictUnpickler(pickle.Unpickler):
         needed = numel * dtype.itemsize
         if info.file_size < needed:
             raise _ShortRecord(record, info.file_size, needed, numel, storage_type.name)
+        self._budget.charge(needed, "storage record '%s'" % record)
         with self._zf.open(info) as fh:
             raw = fh.read(needed)
         if len(raw) < needed:
             raise _ShortRecord(record, len(raw), needed, numel, storage_type.name)
         array = np.frombuffer(raw, dtype=dtype, count=numel)
-        storage = _Storage(key, storage_type.name, array)
+        storage = _Storage(key, storage_type.name, array, self._budget)
         self._storages[key] = storage
         return storage
 
@@ -410,7 +535,7 @@ def _find_prefix(zf: zipfile.ZipFile, path: str) -> str:
             raise DataError("%s is a zip file but not a PyTorch checkpoint: no '<archive>/data.pkl' record" % path)
         raise DataError(
             "%s holds %d 'data.pkl' records (%s); expected exactly one"
-            % (path, len(candidates), ", ".join(candidates[:5]))
+            % (path, len(candidates), ", ".join(_short(c) for c in candidates[:5]))
         )
     return candidates[0][: -len("data.pkl")]
 
@@ -428,7 +553,7 @@ def _read_text_record(zf: zipfile.ZipFile, name: str, path: str) -> Optional[str
         raise DataError("%s: record '%s' is unreadable (%s)" % (path, name, exc)) from None
 
 
-def read_torch_state_dict(path) -> Dict[str, np.ndarray]:
+def read_torch_state_dict(path, max_bytes: Optional[int] = None) -> Dict[str, np.ndarray]:
     """Read a ``torch.save``-d state_dict into numpy arrays, without torch.
 
     Nothing referenced by the file is imported or run: ``data.pkl`` is read by a
@@ -438,6 +563,9 @@ def read_torch_state_dict(path) -> Dict[str, np.ndarray]:
     Args:
         path: path of a ``.pth``/``.pt`` file in torch's zip format
             (``torch.save`` of torch >= 1.6).
+        max_bytes: most bytes this call may materialise (storage records read plus
+            the arrays returned), checked before each allocation; default the larger of
+            :data:`MIN_BYTES_BUDGET` and :data:`BYTES_BUDGET_FACTOR` times the file's size.
 
     Returns:
         ``dict`` mapping each state_dict key to a numpy array, in file order.
@@ -452,7 +580,10 @@ def read_torch_state_dict(path) -> Dict[str, np.ndarray]:
             storage record missing or shorter than the tensor needs;
             ``data.pkl`` references any global outside the allow-list (the
             message names it, e.g. ``'os.system'``; nothing was executed);
-            or the pickle is not a mapping of string keys to tensors.
+            or the pickle is not a mapping of string keys to tensors; or a budget is
+            exceeded (``data.pkl`` larger than :data:`MAX_PICKLE_BYTES`, nested deeper
+            than :data:`MAX_PICKLE_DEPTH` or otherwise refused by the pickle scan; more
+            than ``max_bytes`` to materialise).
 
     Example:
         >>> state = read_torch_state_dict("tests/fixtures/tiny_msdn.pth")  # doctest: +SKIP
@@ -464,16 +595,49 @@ def read_torch_state_dict(path) -> Dict[str, np.ndarray]:
         raise DataError("checkpoint %s does not exist or is not a file" % path)
     if not zipfile.is_zipfile(path):
         raise DataError(_not_zip_message(path))
+    if max_bytes is None:
+        max_bytes = max(MIN_BYTES_BUDGET, BYTES_BUDGET_FACTOR * os.path.getsize(path))
     try:
         with zipfile.ZipFile(path) as zf:
-            return _read_open_zip(zf, path)
+            return _read_open_zip(zf, path, _Budget(int(max_bytes)))
+    except DataError:
+        raise
     except zipfile.BadZipFile as exc:
-        raise DataError("%s is a truncated or corrupt zip archive (%s); download it again" % (path, exc)) from None
+        raise DataError(
+            "%s is a truncated or corrupt zip archive (%s); download it again" % (path, _exception_text(exc))
+        ) from None
     except (OSError, EOFError) as exc:
-        raise DataError("%s could not be read: %s" % (path, exc)) from None
+        raise DataError("%s could not be read: %s" % (path, _exception_text(exc))) from None
+    except (NotImplementedError, RuntimeError, UnicodeDecodeError, ValueError) as exc:
+        # zipfile: an unsupported compression method, zip version or encryption, names that are not UTF-8
+        raise DataError(
+            "%s is not a zip archive torch.save writes (%s); re-save it with torch.save" % (path, _exception_text(exc))
+        ) from None
 
 
-def _read_open_zip(zf: zipfile.ZipFile, path: str) -> Dict[str, np.ndarray]:
+def _read_pickle_record(zf: zipfile.ZipFile, name: str, path: str) -> bytes:
+    info = zf.getinfo(name)
+    if info.file_size > MAX_PICKLE_BYTES:
+        raise DataError(
+            "%s: record '%s' is %d bytes, over the limit of %d for a state_dict's pickle "
+            "(MAX_PICKLE_BYTES; a state_dict's pickle holds only names and shapes)"
+            % (path, _short(name), info.file_size, MAX_PICKLE_BYTES)
+        )
+    with zf.open(info) as fh:
+        data = fh.read(info.file_size + 1)
+    if len(data) > info.file_size:  # the zip header lied about the size
+        raise DataError("%s: record '%s' is over the limit of %d bytes" % (path, _short(name), MAX_PICKLE_BYTES))
+    try:
+        scan_pickle(data, max_depth=MAX_PICKLE_DEPTH)
+    except PickleRefused as exc:
+        raise DataError(
+            "refusing to load %s: its '%s' is not a state_dict pickle: %s; nothing was unpickled"
+            % (path, _short(name), exc)
+        ) from None
+    return data
+
+
+def _read_open_zip(zf: zipfile.ZipFile, path: str, budget: _Budget) -> Dict[str, np.ndarray]:
     prefix = _find_prefix(zf, path)
     byteorder = _read_text_record(zf, prefix + "byteorder", path)
     if byteorder not in (None, "little", "big"):
@@ -483,8 +647,9 @@ def _read_open_zip(zf: zipfile.ZipFile, path: str) -> Dict[str, np.ndarray]:
     version = _read_text_record(zf, prefix + "version", path)
     if version is not None and not version.isdigit():
         raise DataError("%s: record '%sversion' is %r, expected an integer" % (path, prefix, _short(version)))
-    with zf.open(prefix + "data.pkl") as fh:
-        unpickler = _StateDictUnpickler(fh, zf, prefix, big_endian=(byteorder == "big"))
+    data = _read_pickle_record(zf, prefix + "data.pkl", path)
+    with io.BytesIO(data) as fh:
+        unpickler = _StateDictUnpickler(fh, zf, prefix, big_endian=(byteorder == "big"), budget=budget)
         try:
             obj = unpickler.load()
         except DataError:
@@ -511,12 +676,18 @@ def _read_open_zip(zf: zipfile.ZipFile, path: str) -> Dict[str, np.ndarray]:
             ) from None
         except _Corrupt as exc:
             raise DataError("%s: data.pkl is not a valid state_dict: %s" % (path, exc)) from None
+        except _OverBudget as exc:
+            limit, used, nbytes, what = exc.args_
+            raise DataError(
+                "refusing to load %s: %s needs %d more bytes after %d already read, over this "
+                "load's budget of %d bytes (max_bytes; by default %d times the file's size, at "
+                "least %d): a file whose tensors expand far beyond its size is crafted or corrupt"
+                % (path, what, nbytes, used, limit, BYTES_BUDGET_FACTOR, MIN_BYTES_BUDGET)
+            ) from None
         except zipfile.BadZipFile:
             raise
         except Exception as exc:  # nothing from the file ran: any failure means corrupt
-            raise DataError(
-                "%s: data.pkl is corrupt or not a state_dict (%s: %s)" % (path, type(exc).__name__, _short(exc))
-            ) from None
+            raise DataError("%s: data.pkl is corrupt or not a state_dict (%s)" % (path, _exception_text(exc))) from None
     return _to_arrays(obj, path)
 
 
@@ -538,11 +709,11 @@ def _to_arrays(obj: Any, path: str) -> Dict[str, np.ndarray]:
         if nested:
             hint = (
                 " (entries %s are nested mappings: this looks like a training checkpoint; "
-                "save only its state_dict)" % ", ".join(repr(_short(k)) for k in nested[:5])
+                "save only its state_dict)" % ", ".join(_describe(k) for k in nested[:5])
             )
         raise DataError(
             "%s is not a plain state_dict: %d entries are not named tensors, e.g. "
-            "%s%s" % (path, len(bad), ", ".join(_short(repr(k)) for k in bad[:5]), hint)
+            "%s%s" % (path, len(bad), ", ".join(_describe(k) for k in bad[:5]), hint)
         )
     return out
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from msdn_tf.errors import MSDNError
+from msdn_tf.limits import MAX_JSON_BYTES, check_file_size, check_npz
 from msdn_tf.utils import atomic_path, write_json
 
 
@@ -70,10 +71,11 @@ class Checkpointer:
 
     def read_state(self) -> dict:
         """``state.json``, checked: a clear error names the file if it is corrupt or incomplete."""
+        check_file_size(self.state_path, MAX_JSON_BYTES, "checkpoint state", MSDNError, "MAX_JSON_BYTES")
         try:
             with open(self.state_path) as f:
                 state = json.load(f)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: JSON nested thousands deep
             raise MSDNError(
                 f"{self.state_path}: corrupt checkpoint state ({exc}); the run cannot be "
                 "resumed from it: start a new run (another --run-dir)"
@@ -151,6 +153,7 @@ def _first_line(exc) -> str:
 
 def load_arrays(path) -> list:
     """The arrays ``arr_0, arr_1, ...`` of an ``.npz`` written by :meth:`Checkpointer.save` (no pickles)."""
+    check_npz(path)  # each array's declared size against its stored bytes, before inflating it
     with np.load(path, allow_pickle=False) as saved:
         return [saved[f"arr_{i}"] for i in range(len(saved.files))]
 

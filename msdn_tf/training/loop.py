@@ -6,7 +6,9 @@ A run directory holds:
 * ``checkpoint/``: weights, optimizer state and progress after every evaluation
   (:mod:`msdn_tf.training.checkpoint`; ``--resume`` continues from it, drawing exactly
   the batches an uninterrupted run would);
-* ``tensorboard/``: loss terms and U/S/H/CZSL scalars (:mod:`msdn_tf.training.reporting`);
+* TensorBoard events (in the run directory itself, so TensorBoard names the run after it):
+  loss terms and U/S/H/CZSL scalars from step 0 on, the config (hparams plugin) and the
+  final figures (:mod:`msdn_tf.training.reporting`);
 * ``model.keras``: the final model; ``results.json`` and ``results.md``: the
   final and best-during-training figures.
 
@@ -40,11 +42,15 @@ from msdn_tf.training.reporting import (
     metric_entry,
     pct,
     purge_events_after,
+    tensorboard_dir,
     write_eval_summaries,
+    write_final_summaries,
+    write_hparams,
     write_results,
 )
 from msdn_tf.training.resume import RUN_FILES, RUN_FOLDERS, check_run_dir, data_problem, resume_point
 from msdn_tf.utils import atomic_path
+from msdn_tf.zeroshot import SEMANTICS_FILE, write_class_semantics
 
 if TYPE_CHECKING:  # the types of TrainingSession's fields
     import tensorflow as tf
@@ -151,7 +157,8 @@ def make_strategy(config: Config):
         ConfigError: an unknown strategy; a strategy other than ``none`` on a backend
             other than TensorFlow; a batch size the replicas cannot share evenly.
     """
-    from msdn_tf.distribute import STRATEGIES, get_strategy
+    from msdn_tf.distribute import get_strategy
+    from msdn_tf.options import STRATEGIES
 
     name = config.train.strategy
     if not on_tensorflow():
@@ -257,7 +264,7 @@ def run_training(
         overwrite: replace a run already in ``run_dir`` (its model, checkpoint, results and
             TensorBoard events are removed once the data and the model are ready).
 
-    The run directory has one writer at a time (:class:`~msdn_tf.training.lock.RunLock`).
+    The run directory has one writer at a time (:class:`~msdn_tf.runlock.RunLock`).
     A run that fails before its first checkpoint leaves nothing behind (no
     ``config.yaml``, no TensorBoard events); ``config.yaml`` is written with the first
     checkpoint.
@@ -273,7 +280,7 @@ def run_training(
         TrainingInterrupted: Ctrl-C; the message names the step reached and the intact
             checkpoint (exit status 130 in the commands).
     """
-    from msdn_tf.training.lock import RunLock
+    from msdn_tf.runlock import RunLock
 
     config, precision, cluster, run_dir = prepare_run(config, run_dir, resume, overwrite)
     strategy = make_strategy(config)  # a bad train.strategy or TF_CONFIG fails before anything is written
@@ -322,20 +329,27 @@ def _run_locked(
             shutil.rmtree(out_dir, ignore_errors=True)
 
 
-def device_store_for(config: Config, data, log):
-    """The training rows in TensorFlow memory when ``data.on_device`` asks for it (TensorFlow only)."""
+def device_store_for(config: Config, data, log, model, sampler, iterations: int, eval_every: int):
+    """The training rows on the device when ``data.on_device`` asks for it.
+
+    TensorFlow: a :class:`~msdn_tf.data.device.DeviceFeatures` feeding ``fit``. JAX: a
+    :class:`~msdn_tf.training.jax_loop.DeviceLoop`, which also runs the periods.
+    """
     from msdn_tf.data.device import DeviceFeatures, use_on_device
 
-    if not on_tensorflow():
-        if config.data.on_device is not False:
-            log(
-                f"msdn-tf: data.on_device={config.data.on_device} holds rows in TensorFlow memory, "
-                f"which only the TensorFlow backend can use; on {current_backend()} batches come from "
-                "the host pipeline"
-            )
-        return None
     if not use_on_device(config.data.on_device, data):
         return None
+    if not on_tensorflow():
+        from msdn_tf.training.jax_loop import DeviceLoop
+
+        points = [0] + evaluation_steps(iterations, eval_every, config.train.eval_offset)
+        longest = max(b - a for a, b in zip(points, points[1:]))
+        store = DeviceLoop(model, data, sampler, longest)
+        log(
+            f"msdn-tf: training features on device ({store.nbytes / 1e6:.0f} MB, {store.dtype}); "
+            f"up to {store.max_steps} steps per dispatch"
+        )
+        return store
     store = DeviceFeatures(data.features, data.trainval_loc)
     log(f"msdn-tf: training features on device ({store.nbytes / 1e6:.0f} MB, {store.dtype})")
     return store
@@ -361,14 +375,15 @@ def input_error(exc, data, where: str, checkpointer=None) -> MSDNError:
 
 def clear_run(run_dir: Path, log, overwrite: bool) -> None:
     """Before a new run writes: remove the old run (``overwrite``), or what a killed run left without a checkpoint."""
-    from msdn_tf.interop.convert import BACKBONE_FILE, REPORT_FILE
+    from msdn_tf.training.convert import BACKBONE_FILE, REPORT_FILE
 
     files = [n for n in (*RUN_FILES, REPORT_FILE, BACKBONE_FILE) if (run_dir / n).exists()]
+    files += sorted(p.name for p in run_dir.glob("events.out.tfevents.*"))  # reporting.tensorboard_dir
     folders = [n for n in RUN_FOLDERS if (run_dir / n).exists()]
     if not files and not folders:
         return
     if not overwrite:  # check_run_dir let it through: no model, no checkpoint: a run that never got that far
-        files = [n for n in files if n in ("config.yaml", "results.json", "results.md")]
+        files = [n for n in files if n in ("config.yaml", "results.json", "results.md") or n.startswith("events.")]
         folders = [n for n in folders if n == "tensorboard"]
         if not files and not folders:
             return
@@ -421,7 +436,7 @@ class TrainingSession:
     resumes: list
     problem: dict  # what --resume compares the data with (resume.data_problem)
     loop: Optional["MultiWorkerLoop"]  # the multi-worker step loop (train.strategy=multi_worker)
-    device_store: Optional["DeviceFeatures"]  # training rows held in TensorFlow memory
+    device_store: Optional["DeviceFeatures"]  # training rows on the device (TensorFlow memory, or a JAX DeviceLoop)
     writer: "tf.summary.SummaryWriter"  # the TensorBoard writer of out_dir/tensorboard
     guard: "NonFiniteGuard"  # the callback that stops at the first non-finite step
     started: float
@@ -494,7 +509,7 @@ class TrainingSession:
                     else ""
                 )
             )
-            purged = purge_events_after(run_dir / "tensorboard", start.step) if cluster.is_chief else 0
+            purged = purge_events_after(tensorboard_dir(run_dir), start.step) if cluster.is_chief else 0
             if purged:
                 what = f"{purged} TensorBoard events past step {start.step}"
                 log(f"msdn-tf: removed {what} (written before the interruption)")
@@ -516,8 +531,8 @@ class TrainingSession:
             resumes=start.resumes,
             problem=data_problem(data),
             loop=loop,
-            device_store=device_store_for(config, data, log),
-            writer=tf.summary.create_file_writer(str(out_dir / "tensorboard")),
+            device_store=device_store_for(config, data, log, model, sampler, iterations, eval_every),
+            writer=tf.summary.create_file_writer(str(tensorboard_dir(out_dir))),
             guard=NonFiniteGuard(),
             started=time.time(),
             fresh=not resume,
@@ -542,7 +557,9 @@ class TrainingSession:
             self.writer.close()
         if self.fresh and self.cluster.is_chief and not Checkpointer(self.out_dir).exists():
             shutil.rmtree(self.out_dir / "tensorboard", ignore_errors=True)
-            for name in ("config.yaml", "results.json", "results.md"):
+            for events in self.out_dir.glob("events.out.tfevents.*"):  # tensorboard_dir: the run dir itself
+                events.unlink(missing_ok=True)
+            for name in ("config.yaml", "results.json", "results.md", SEMANTICS_FILE):
                 (self.out_dir / name).unlink(missing_ok=True)
 
     @property
@@ -554,6 +571,10 @@ class TrainingSession:
         from msdn_tf.training.reporting import TensorBoardLosses
 
         config = self.config
+        if self.step == 0:  # a new run (a resumed one logged these in its first session)
+            write_hparams(self.writer, config, Path(self.run_dir).name)
+            for entry in self.history:  # the untrained model's evaluation (train.eval_initial)
+                write_eval_summaries(self.writer, entry["step"], entry, {})
         verbose = config.train.verbose if config.train.verbose >= 0 else (1 if sys.stdout.isatty() else 2)
         log_cb = TensorBoardLosses(self.writer, config.train.log_every)
         guard = self.guard
@@ -583,7 +604,9 @@ class TrainingSession:
         return functools.partial(train_dataset, self.data, self.sampler, self.step, steps, prefetch)
 
     def train_period(self, steps: int, callbacks, verbose) -> dict:
-        """Train ``steps`` steps (``fit``, or the multi-worker loop); the period's running-mean logs."""
+        """Train ``steps`` steps (``fit``, the multi-worker loop or JAX's on-device loop); the running-mean logs."""
+        if self.device_store is not None and not on_tensorflow():  # JAX: the period in one dispatch
+            return self.device_store.train(self.step, steps, callbacks, log=self.log if verbose else None)
         import tensorflow as tf
 
         make = self._batches(steps)
@@ -653,6 +676,8 @@ class TrainingSession:
         """Checkpoint into ``out_dir``; a full disk is one clear error naming the intact checkpoint."""
         try:
             save_config(self.config, self.out_dir / "config.yaml")  # before state.json: a checkpoint always has it
+            # what re-targeting to new classes needs (msdn_tf.zeroshot): the row rule, attribute and class names
+            write_class_semantics(self.out_dir, self.data, self.config)
             Checkpointer(self.out_dir).save(self.model, self.step, self.history, self.resumes, self.problem)
         except OSError as exc:
             then = (
@@ -690,4 +715,6 @@ class TrainingSession:
             current_backend(),
         )
         self.log(write_results(self.out_dir, results))
+        if self.writer is not None:
+            write_final_summaries(self.writer, results)
         return results

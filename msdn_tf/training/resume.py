@@ -23,7 +23,7 @@ from msdn_tf.config import flag_values, from_dict, load_yaml, validate
 from msdn_tf.errors import ConfigError, DataError, MSDNError
 
 # files a run directory holds; a new run only replaces them with --overwrite
-RUN_FILES = ("model.keras", "results.json", "results.md", "config.yaml", "metadata.json")
+RUN_FILES = ("model.keras", "results.json", "results.md", "config.yaml", "metadata.json", "class_semantics.json")
 RUN_FOLDERS = ("checkpoint", "tensorboard")
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Optional, Sequence
@@ -10,6 +9,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from msdn_tf.errors import DataError, MSDNError
+from msdn_tf.limits import load_json_file
 from msdn_tf.utils import atomic_path
 
 SPLITS = ("test_unseen", "test_seen", "trainval")
@@ -52,7 +52,7 @@ class Names:
         path = Path(run_dir) / METADATA_FILE if run_dir is not None else None
         if path is not None and path.is_file():
             try:
-                meta = json.loads(path.read_text())
+                meta = load_json_file(path, "metadata")
                 classes, attributes = meta["class_names"], meta["attribute_names"]
             except (ValueError, KeyError, TypeError) as exc:
                 raise DataError(f"{path}: expected JSON with 'class_names' and 'attribute_names' ({exc})") from exc

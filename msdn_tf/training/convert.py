@@ -9,7 +9,7 @@ The released files ``{CUB,SUN,AWA2}_MSDN_{CZSL,GZSL}.pth`` (docs/reference.md §
 are ``torch.save`` state_dicts. They are read by
 :mod:`msdn_tf.interop.torch_checkpoint` (no torch needed; a restricted unpickler that
 executes nothing from the file) and written as a run directory that
-``msdn_tf.training.runs.load_run``, evaluation and export accept:
+``msdn_tf.evaluation.runs.load_run``, evaluation and export accept:
 
 * ``config.yaml``: the dataset's resolved config (``configs/<dataset>.yaml``
   plus ``--set`` overrides; ``model.bias`` is the checkpoint's ``bias``);
@@ -50,7 +50,7 @@ All weights are cast to float32.
 
 Library use (what the tests call)::
 
-    from msdn_tf.interop.convert import convert_checkpoint
+    from msdn_tf.training.convert import convert_checkpoint
     report = convert_checkpoint("CUB_MSDN_GZSL.pth", "cub", "runs/cub-gzsl", data_dir="data/CUB")
 """
 
@@ -321,55 +321,58 @@ def convert_state_dict(
         )
 
     # Everything is checked: build, fill and save the Keras model.
-    _recover_interrupted_swap(out_dir)
-    _check_out_dir(out_dir, overwrite)
-    model = _build_model(config, weights, K, D, F, C, seen, unseen)
-    # built beside --out, then swapped in: a kill leaves either the old run or the new one, never a mix
-    stage = out_dir.parent / f".{out_dir.name}.convert-new-{os.getpid()}"
-    if stage.exists():
-        shutil.rmtree(stage)
-    try:
-        files = _write_run(stage, config, model, weights, meta)
-        files += _write_backbone(stage, trunk)
-        report_path = stage / REPORT_FILE
+    from msdn_tf.runlock import RunLock
 
-        report = {
-            "source": source,
-            "released_checkpoint": variant,
-            "dataset": dataset,
-            "dataset_in_table": spec is not None,
-            "out_dir": str(out_dir),
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "msdn_tf_version": _version(),
-            "sizes": {"K": int(K), "D": int(D), "F": int(F), "C": int(C)},
-            "mapped_keys": _mapped_keys(model, msdn, original_dtypes),
-            "cast_to_float32": {k: f"{d} -> float32" for k, d in original_dtypes.items() if d != "float32"},
-            "ignored_keys": {k: ignored[k] for k in ignored},
-            "backbone": _backbone_report(backbone, trunk),
-            "bias": bias,
-            "mask_bias": {
-                "seen_classes": seen,
-                "unseen_classes": unseen,
-                "num_seen": len(seen),
-                "num_unseen": len(unseen),
-            },
-            "config": {
-                "fusion_weights": list(config.model.fusion_weights),
-                "normalize_attribute_vectors": config.model.normalize_attribute_vectors,
-                "overrides": list(overrides),
-            },
-            "metadata": metadata_report,
-            "warnings": warnings,
-            "files": files,
-        }
-        from msdn_tf.utils import write_json
-
-        write_json(report_path, report)
-        _swap_in(stage, out_dir)
-    finally:
+    with RunLock(out_dir, "convert --overwrite" if overwrite else "convert"):  # one writer
+        _recover_interrupted_swap(out_dir)
+        _check_out_dir(out_dir, overwrite)
+        model = _build_model(config, weights, K, D, F, C, seen, unseen)
+        # built beside --out, then swapped in: a kill leaves either the old run or the new one, never a mix
+        stage = out_dir.parent / f".{out_dir.name}.convert-new-{os.getpid()}"
         if stage.exists():
-            shutil.rmtree(stage, ignore_errors=True)
-    return report
+            shutil.rmtree(stage)
+        try:
+            files = _write_run(stage, config, model, weights, meta)
+            files += _write_backbone(stage, trunk)
+            report_path = stage / REPORT_FILE
+
+            report = {
+                "source": source,
+                "released_checkpoint": variant,
+                "dataset": dataset,
+                "dataset_in_table": spec is not None,
+                "out_dir": str(out_dir),
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "msdn_tf_version": _version(),
+                "sizes": {"K": int(K), "D": int(D), "F": int(F), "C": int(C)},
+                "mapped_keys": _mapped_keys(model, msdn, original_dtypes),
+                "cast_to_float32": {k: f"{d} -> float32" for k, d in original_dtypes.items() if d != "float32"},
+                "ignored_keys": {k: ignored[k] for k in ignored},
+                "backbone": _backbone_report(backbone, trunk),
+                "bias": bias,
+                "mask_bias": {
+                    "seen_classes": seen,
+                    "unseen_classes": unseen,
+                    "num_seen": len(seen),
+                    "num_unseen": len(unseen),
+                },
+                "config": {
+                    "fusion_weights": list(config.model.fusion_weights),
+                    "normalize_attribute_vectors": config.model.normalize_attribute_vectors,
+                    "overrides": list(overrides),
+                },
+                "metadata": metadata_report,
+                "warnings": warnings,
+                "files": files,
+            }
+            from msdn_tf.utils import write_json
+
+            write_json(report_path, report)
+            _swap_in(stage, out_dir)
+        finally:
+            if stage.exists():
+                shutil.rmtree(stage, ignore_errors=True)
+        return report
 
 
 def _is_run_entry(name: str) -> bool:

@@ -3,8 +3,9 @@
 Every command that writes a run directory (``train``, ``train --resume``, ``convert``,
 ``custom run``, the protocols and ablations through :func:`~msdn_tf.training.loop.run_training`)
 holds the lock while it writes. The file holds the holder's process id, host name,
-command and start time as JSON; it is created with ``O_CREAT | O_EXCL``, so of two
-commands started together exactly one gets it. The other is refused with a message
+command and start time as JSON; it is created with its content in one step (a hard
+link of a written temporary file; ``O_CREAT | O_EXCL`` where links are not supported), so
+of two commands started together exactly one gets it. The other is refused with a message
 naming the holder. A lock left by a process that no longer runs on this host (killed,
 power loss) is taken over with a note; a lock of another host is never taken over (its
 process cannot be checked from here): the message says which file to remove once that

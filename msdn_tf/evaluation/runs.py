@@ -9,6 +9,7 @@ A run directory holds at least ``config.yaml`` (the resolved
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from msdn_tf.config import Config, from_dict, load_yaml
@@ -20,7 +21,7 @@ MODEL_FILE = "model.keras"
 
 def load_run_config(run_dir) -> Config:
     """The resolved config of a run directory; clear error if it is not a run directory."""
-    from msdn_tf.training.lock import writer_of
+    from msdn_tf.runlock import writer_of
 
     run_dir = Path(run_dir)
     path = run_dir / CONFIG_FILE
@@ -52,7 +53,7 @@ def load_run_model(run_dir, log=None):
     import keras
 
     from msdn_tf.model import MSDN
-    from msdn_tf.training.lock import writer_of
+    from msdn_tf.runlock import writer_of
 
     path = Path(run_dir) / MODEL_FILE
     writer = writer_of(run_dir)
@@ -93,3 +94,25 @@ def load_run_model(run_dir, log=None):
 def load_run(run_dir):
     """``(config, model)`` of a run directory."""
     return load_run_config(run_dir), load_run_model(run_dir)
+
+
+def class_names_for_run(run_dir, config) -> list:
+    """Class names of a run: ``RUN/metadata.json`` ``class_names`` if present, else the dataset's."""
+    meta_path = Path(run_dir) / "metadata.json"
+    if meta_path.is_file():
+        try:
+            names = json.loads(meta_path.read_text()).get("class_names")
+        except (OSError, ValueError) as exc:
+            raise MSDNError(f"{meta_path}: not valid JSON ({exc})") from exc
+        if names is not None:
+            return [str(n) for n in names]
+    from msdn_tf.data.registry import load_dataset
+
+    try:
+        return list(load_dataset(config).class_names)  # feature maps stay on disk: only metadata is read
+    except MSDNError as exc:
+        raise MSDNError(
+            f"cannot get the class names of {run_dir}: no metadata.json with 'class_names' and the "
+            f"dataset does not load ({exc}); pass --set data.data_dir=... or add "
+            f"{meta_path}"
+        ) from exc
