@@ -112,7 +112,7 @@ def test_config_file_that_is_not_utf8_is_one_line(tmp_path, capsys):
     bad = tmp_path / "latin1.yaml"
     bad.write_bytes("train:\n  run_name: caf\xe9\n".encode("latin-1"))
     assert train.main(["--config", str(bad), "--print-config"]) == 2
-    assert f"{bad}: not a UTF-8 text file" in one_error_line(capsys)
+    assert f"{bad}: config file is not UTF-8 text (byte 0xe9 at offset 22)" in one_error_line(capsys)
 
 
 def _resume_args(run_dir, *extra):
@@ -473,9 +473,12 @@ def test_convert_overwrite_onto_a_trained_run_keeps_nothing_of_it(interrupted, t
     (run / "notes.txt").write_text("mine")
     argv = ["--torch-checkpoint", torch_fixture("tiny_msdn"), "--dataset", "custom", "--out", str(run)]
     assert convert.main(argv) == 2
-    assert "already holds a run (config.yaml, checkpoint, tensorboard, results.json)" in one_error_line(capsys)
+    assert "already holds a run (config.yaml, checkpoint, results.json, TensorBoard events)" in one_error_line(capsys)
     assert convert.main([*argv, "--overwrite"]) == 0
-    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "conversion.json", "model.keras", "notes.txt"]
+    names = {p.name for p in run.iterdir()}
+    assert {"config.yaml", "conversion.json", "model.keras", "notes.txt"} <= names
+    assert not names & {"checkpoint", "results.json", "results.md", "tensorboard", "class_semantics.json"}
+    assert not [n for n in names if n.startswith("events.")]
     assert not list(tmp_path.glob(".run.convert-*"))  # nothing left beside it
     with pytest.raises(MSDNError, match="--resume: no checkpoint"):
         run_training(interrupted.config, run_dir=run, resume=True, log=lambda *a: None)

@@ -92,7 +92,7 @@ _MATRIX_KEYS = ("V", "att", "W_1", "W_2", "W_1_1", "W_2_1")
 BACKBONE_FILE = "backbone_resnet101.npz"
 _RUN_FILES = ("config.yaml", "model.keras", REPORT_FILE, METADATA_FILE, BACKBONE_FILE)
 # what a trained run adds; all of it is replaced by --overwrite (never kept beside the converted model)
-_TRAINED_RUN = ("checkpoint", "tensorboard", "results.json", "results.md")
+_TRAINED_RUN = ("checkpoint", "tensorboard", "results.json", "results.md", "class_semantics.json")
 
 _RELEASED_NAME = re.compile(r"^(CUB|SUN|AWA2)_MSDN_(CZSL|GZSL)\.pth?$", re.IGNORECASE)
 
@@ -376,7 +376,8 @@ def convert_state_dict(
 
 
 def _is_run_entry(name: str) -> bool:
-    return name in _RUN_FILES or name in _TRAINED_RUN
+    # TensorBoard events live in the run directory itself (training.reporting.tensorboard_dir)
+    return name in _RUN_FILES or name in _TRAINED_RUN or name.startswith("events.out.tfevents.")
 
 
 def _swap_in(stage: Path, out_dir: Path) -> None:
@@ -605,6 +606,8 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise MSDNError(f"--out {out_dir} exists and is not a directory")
     present = [f for f in (*_RUN_FILES, *_TRAINED_RUN) if (out_dir / f).exists()]
+    if out_dir.is_dir() and any(out_dir.glob("events.out.tfevents.*")):
+        present.append("TensorBoard events")
     if present and not overwrite:
         raise MSDNError(
             f"--out {out_dir} already holds a run ({', '.join(present)}); choose another directory or pass --overwrite"
