@@ -473,7 +473,9 @@ def test_convert_overwrite_onto_a_trained_run_keeps_nothing_of_it(interrupted, t
     (run / "notes.txt").write_text("mine")
     argv = ["--torch-checkpoint", torch_fixture("tiny_msdn"), "--dataset", "custom", "--out", str(run)]
     assert convert.main(argv) == 2
-    assert "already holds a run (config.yaml, checkpoint, results.json, TensorBoard events)" in one_error_line(capsys)
+    assert "already holds a run (config.yaml, checkpoint, results.json, class_semantics.json, TensorBoard events)" in (
+        one_error_line(capsys)
+    )
     assert convert.main([*argv, "--overwrite"]) == 0
     names = {p.name for p in run.iterdir()}
     assert {"config.yaml", "conversion.json", "model.keras", "notes.txt"} <= names
