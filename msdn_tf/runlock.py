@@ -3,8 +3,9 @@
 Every command that writes a run directory (``train``, ``train --resume``, ``convert``,
 ``custom run``, the protocols and ablations through :func:`~msdn_tf.training.loop.run_training`)
 holds the lock while it writes. The file holds the holder's process id, host name,
-command and start time as JSON; it is created with ``O_CREAT | O_EXCL``, so of two
-commands started together exactly one gets it. The other is refused with a message
+command and start time as JSON; it is created with its content in one step (a hard
+link of a written temporary file; ``O_CREAT | O_EXCL`` where links are not supported), so
+of two commands started together exactly one gets it. The other is refused with a message
 naming the holder. A lock left by a process that no longer runs on this host (killed,
 power loss) is taken over with a note; a lock of another host is never taken over (its
 process cannot be checked from here): the message says which file to remove once that
@@ -60,8 +61,12 @@ def _alive(pid) -> bool:
 
 
 def read_holder(run_dir) -> Optional[dict]:
-    """The holder recorded in ``run_dir``'s lock file, or None when there is none (or it is unreadable)."""
-    path = Path(run_dir) / LOCK_FILE
+    """The holder recorded in ``run_dir``'s lock file, or None when there is none."""
+    return read_holder_file(Path(run_dir) / LOCK_FILE)
+
+
+def read_holder_file(path: Path) -> Optional[dict]:
+    """The holder recorded in a lock file; None if absent; a placeholder if unreadable (taken for stale)."""
     try:
         holder = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -120,17 +125,35 @@ class RunLock:
             "command": self.command,
             "started": datetime.datetime.now().isoformat(timespec="seconds"),
         }
-        for _ in range(3):
+        for _ in range(5):
+            if self._create(record):
+                _HELD[key] = 1
+                return self
+            self._take_over_or_refuse()
+        raise MSDNError(f"{self.path}: could not take the run directory's lock; try again")
+
+    def _create(self, record: dict) -> bool:
+        """Create the lock file with its content in one step (a hard link of a written file); False if taken.
+
+        Another process never sees a lock file without its holder (which it would take for stale).
+        """
+        tmp = self.path.with_name(f"{LOCK_FILE}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(record), encoding="utf-8")
+        try:
+            os.link(tmp, self.path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:  # a file system without hard links: exclusive create, then write
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                self._take_over_or_refuse()
-                continue
+                return False
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(record, f)
-            _HELD[key] = 1
-            return self
-        raise MSDNError(f"{self.path}: could not take the run directory's lock; try again")
+            return True
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def _take_over_or_refuse(self) -> None:
         holder = read_holder(self.run_dir)
@@ -150,8 +173,19 @@ class RunLock:
             why = "an unreadable lock"
         else:
             why = f"the lock of {_describe(holder)}, which no longer runs"
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        # move the stale lock aside and check it is still the one judged stale: of two processes
+        # taking over the same lock, the second must not remove the lock the first just made
+        aside = self.path.with_name(f"{LOCK_FILE}.stale-{os.getpid()}")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return
+        if read_holder_file(aside) != holder:
+            with contextlib.suppress(OSError):
+                os.link(aside, self.path)  # put a fresh lock back (unless yet another one is there)
+            aside.unlink(missing_ok=True)
+            return
+        aside.unlink(missing_ok=True)
         self.log(f"note: {self.run_dir}: took over {why} (it was killed or crashed while writing this run)")
 
     def __exit__(self, *exc) -> None:

@@ -455,3 +455,49 @@ def test_shapes_example_source_passes_the_readers(tmp_path):
     assert np.all(seen_rows.sum(axis=0) > 0)  # every attribute of an unseen class occurs among the seen ones
     vecs, report = wordvectors.attribute_vectors(table.attribute_names, src["word_vectors"])
     assert vecs.shape == (9, 50) and report["format"] == "word2vec" and not report["missing_words"]
+
+
+# ---------------------------------------------------------------------------------------------
+# A refused prepare changes nothing; leakage through the image list; custom.json of the wrong shape
+
+
+def test_refused_prepare_changes_nothing(src, tmp_path):
+    out = tmp_path / "prepared"
+    prepare(src, out, unseen=None, unseen_fraction=0.34, seed=0)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(DataError, match=r"features\.hdf5 already exists; remove it or pass --overwrite"):
+        prepare(src, out, unseen=None, unseen_fraction=0.34, seed=7)  # another split
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_an_image_listed_twice_is_refused_naming_both_rows(src, tmp_path):
+    rows = ["path,class"] + [f"{c}/{c}_{i}.png,{c}" for c in CLASSES for i in range(4)]
+    rows.append("red_box/red_box_1.png,blue_dot")  # the same file under a second class
+    listing = tmp_path / "list.csv"
+    listing.write_text("\n".join(rows) + "\n")
+    (tmp_path / "link.png").symlink_to(src["images"] / "red_box" / "red_box_2.png")
+    with pytest.raises(DataError, match=r"red_box_1\.png at .*list\.csv:3 \(red_box\) and .*list\.csv:26 \(blue_dot\)"):
+        prepare(src, tmp_path / "out", images=None, csv_file=str(listing), images_root=str(src["images"]))
+    assert not (tmp_path / "out").exists()
+    entries = custom.read_image_folder(src["images"])
+    entries.append(custom.ImageEntry(str(tmp_path / "link.png"), "red_box", None, "link"))
+    with pytest.raises(DataError, match="listed more than once.*leakage"):
+        custom.check_duplicate_images(entries)
+
+
+@pytest.mark.parametrize(
+    "manifest, message",
+    [
+        ([1, 2], "expected a JSON object, got list"),
+        ({"feature_file": "../../etc/passwd"}, "'feature_file' must be a file name in the folder"),
+        ({"feature_file": 3}, "'feature_file' must be a file name"),
+        ({"class_names": "abc"}, "'class_names' must be a list of names"),
+        ({"probe": {"path": 1, "row": 0}}, "'probe' must be an object with a 'path'"),
+        ({"backbone": {"weights": "none", "image_size": "big"}}, "'backbone.image_size' must be an integer"),
+        ({"backbone": None}, "'backbone' must be an object"),
+    ],
+)
+def test_custom_json_of_the_wrong_shape_is_one_line(tmp_path, manifest, message):
+    (tmp_path / "custom.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=rf"custom\.json: not a custom\.json written by prepare \({message}"):
+        custom.read_manifest(tmp_path)

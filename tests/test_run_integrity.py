@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -111,7 +112,7 @@ def test_config_file_that_is_not_utf8_is_one_line(tmp_path, capsys):
     bad = tmp_path / "latin1.yaml"
     bad.write_bytes("train:\n  run_name: caf\xe9\n".encode("latin-1"))
     assert train.main(["--config", str(bad), "--print-config"]) == 2
-    assert f"{bad}: config file is not UTF-8 text" in one_error_line(capsys)
+    assert f"{bad}: config file is not UTF-8 text (byte 0xe9 at offset 22)" in one_error_line(capsys)
 
 
 def _resume_args(run_dir, *extra):
@@ -444,3 +445,92 @@ def test_errors_inside_tf_data_are_one_line_naming_the_file(tiny, tmp_path, spli
     text = str(err.value)
     assert "\n" not in text and "reading broken.hdf5 failed" in text and "inflate() failed" in text
     assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------- convert
+def test_converted_checkpoint_with_a_huge_bias_is_refused(tmp_path):
+    from msdn_tf.interop.torch_checkpoint import read_torch_state_dict
+    from msdn_tf.training.convert import convert_state_dict
+    from tests.helpers import torch_fixture
+
+    state = dict(read_torch_state_dict(torch_fixture("tiny_msdn")))
+    for bias in (1e30, -101.0):  # NaN and inf were refused before (as every non-finite weight)
+        state["bias"] = np.array(bias, np.float32)
+        with pytest.raises(DataError, match=r"'bias' is .*; the margin must be a finite number in \[-100, 100\]"):
+            convert_state_dict(state, "custom", tmp_path / "run")
+        assert not (tmp_path / "run").exists()
+
+
+def test_convert_overwrite_onto_a_trained_run_keeps_nothing_of_it(interrupted, tmp_path, capsys):
+    import shutil
+
+    from msdn_tf.cli import convert
+    from tests.helpers import torch_fixture
+
+    run = tmp_path / "run"
+    shutil.copytree(interrupted.run, run)
+    (run / "results.json").write_text("{}")
+    (run / "notes.txt").write_text("mine")
+    argv = ["--torch-checkpoint", torch_fixture("tiny_msdn"), "--dataset", "custom", "--out", str(run)]
+    assert convert.main(argv) == 2
+    assert "already holds a run (config.yaml, checkpoint, results.json, class_semantics.json, TensorBoard events)" in (
+        one_error_line(capsys)
+    )
+    assert convert.main([*argv, "--overwrite"]) == 0
+    names = {p.name for p in run.iterdir()}
+    assert {"config.yaml", "conversion.json", "model.keras", "notes.txt"} <= names
+    assert not names & {"checkpoint", "results.json", "results.md", "tensorboard", "class_semantics.json"}
+    assert not [n for n in names if n.startswith("events.")]
+    assert not list(tmp_path.glob(".run.convert-*"))  # nothing left beside it
+    with pytest.raises(MSDNError, match="--resume: no checkpoint"):
+        run_training(interrupted.config, run_dir=run, resume=True, log=lambda *a: None)
+
+
+def test_a_convert_killed_between_its_renames_is_undone(tmp_path, capsys):
+    from msdn_tf.cli import convert
+    from tests.helpers import torch_fixture
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    old = tmp_path / f".run.convert-old-{proc.pid}"  # the old run, moved aside; the new one never arrived
+    old.mkdir()
+    (old / "model.keras").write_bytes(b"old run")
+    (tmp_path / f".run.convert-new-{proc.pid}").mkdir()
+    argv = ["--torch-checkpoint", torch_fixture("tiny_msdn"), "--dataset", "custom", "--out", str(tmp_path / "run")]
+    assert convert.main(argv) == 2  # the restored run is there again: refused without --overwrite
+    assert (tmp_path / "run" / "model.keras").read_bytes() == b"old run"
+    assert "note: restored" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_readers_of_a_run_without_config_yet_say_it_is_being_written(tmp_path, live_pid):
+    from msdn_tf.evaluation.runs import load_run_config
+
+    run = tmp_path / "run"
+    write_lock(run, live_pid)
+    with pytest.raises(MSDNError, match="is being written by train"):
+        load_run_config(run)
+
+
+def test_of_writers_started_together_exactly_one_gets_the_run(tmp_path):
+    """Two `train` commands started a second apart both used to finish, mixing their files."""
+    run = tmp_path / "run"
+    script = (
+        "import sys, time\n"
+        "from msdn_tf.runlock import RunLock\n"
+        "from msdn_tf.errors import MSDNError\n"
+        "try:\n"
+        f"    with RunLock({str(run)!r}, 'train'):\n"
+        "        time.sleep(1.5)\n"
+        "    print('got it')\n"
+        "except MSDNError as exc:\n"
+        "    print('refused:', exc)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env) for _ in range(4)
+    ]
+    outs = [p.communicate(timeout=60)[0] for p in procs]
+    assert sum("got it" in o for o in outs) == 1, outs
+    assert all("is being written by train (process" in o for o in outs if "refused" in o)
+    assert not (run / LOCK_FILE).exists() and not list(run.glob(f"{LOCK_FILE}*"))

@@ -53,17 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_main
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from msdn_tf.runlock import RunLock
-
-    with RunLock(args.out, "convert --overwrite" if args.overwrite else "convert"):
-        report = convert_checkpoint(
-            args.torch_checkpoint,
-            args.dataset,
-            args.out,
-            data_dir=args.data_dir,
-            overrides=args.set,
-            overwrite=args.overwrite,
-        )
+    report = convert_checkpoint(
+        args.torch_checkpoint,
+        args.dataset,
+        args.out,
+        data_dir=args.data_dir,
+        overrides=args.set,
+        overwrite=args.overwrite,
+    )
     print(summary(report))
     print(f"report: {Path(args.out) / REPORT_FILE}")
     return 0

@@ -6,9 +6,20 @@ only, so a resumed run draws exactly the batches an uninterrupted run would.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import numpy as np
 
 from msdn_tf.data.base import ZSLData
+
+
+class Sampler(Protocol):
+    """What the training loop needs of a sampler: the rows of the batch of ``step`` (a pure function)."""
+
+    batch_size: int
+
+    def batch(self, step: int) -> np.ndarray:  # pragma: no cover - protocol
+        ...
 
 
 class RandomBatchSampler:
@@ -80,7 +91,7 @@ class EpochSampler:
         return self.indices[order[pos * self.batch_size : (pos + 1) * self.batch_size]]
 
 
-def make_sampler(data: ZSLData, kind: str, batch_size: int, seed: int, indices=None):
+def make_sampler(data: ZSLData, kind: str, batch_size: int, seed: int, indices=None) -> Sampler:
     """Build the sampler named in the config (``random``, ``class_balanced`` or ``epoch``)."""
     indices = data.trainval_loc if indices is None else indices
     if kind == "random":

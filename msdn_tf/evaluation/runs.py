@@ -21,10 +21,15 @@ MODEL_FILE = "model.keras"
 
 def load_run_config(run_dir) -> Config:
     """The resolved config of a run directory; clear error if it is not a run directory."""
+    from msdn_tf.runlock import writer_of
+
     run_dir = Path(run_dir)
     path = run_dir / CONFIG_FILE
     if not run_dir.is_dir():
         raise MSDNError(f"{run_dir}: run directory not found")
+    writer = writer_of(run_dir)
+    if writer and not (run_dir / MODEL_FILE).is_file():
+        raise MSDNError(f"{run_dir} is being written by {writer}; it has no {MODEL_FILE} yet: wait for it to finish")
     if not path.is_file():
         raise MSDNError(
             f"{run_dir}: not a run directory (no {CONFIG_FILE}); "

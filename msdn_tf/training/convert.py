@@ -91,7 +91,7 @@ _MODEL_ATTRS = {
 BACKBONE_FILE = "backbone_resnet101.npz"
 _RUN_FILES = ("config.yaml", "model.keras", REPORT_FILE, METADATA_FILE, BACKBONE_FILE)
 # what a trained run adds; all of it is replaced by --overwrite (never kept beside the converted model)
-_TRAINED_RUN = ("checkpoint", "tensorboard", "results.json", "results.md")
+_TRAINED_RUN = ("checkpoint", "tensorboard", "results.json", "results.md", "class_semantics.json")
 
 _RELEASED_NAME = re.compile(r"^(CUB|SUN|AWA2)_MSDN_(CZSL|GZSL)\.pth?$", re.IGNORECASE)
 
@@ -320,59 +320,63 @@ def convert_state_dict(
         )
 
     # Everything is checked: build, fill and save the Keras model.
-    _check_out_dir(out_dir, overwrite)
-    model = _build_model(config, weights, K, D, F, C, seen, unseen)
-    # built beside --out, then swapped in: a kill leaves either the old run or the new one, never a mix
-    _recover_interrupted_swap(out_dir)
-    stage = out_dir.parent / f".{out_dir.name}.convert-new-{os.getpid()}"
-    if stage.exists():
-        shutil.rmtree(stage)
-    try:
-        files = _write_run(stage, config, model, weights, meta)
-        files += _write_backbone(stage, trunk)
-        report_path = stage / REPORT_FILE
+    from msdn_tf.runlock import RunLock
 
-        report = {
-            "source": source,
-            "released_checkpoint": variant,
-            "dataset": dataset,
-            "dataset_in_table": spec is not None,
-            "out_dir": str(out_dir),
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "msdn_tf_version": _version(),
-            "sizes": {"K": int(K), "D": int(D), "F": int(F), "C": int(C)},
-            "mapped_keys": _mapped_keys(model, msdn, original_dtypes),
-            "cast_to_float32": {k: f"{d} -> float32" for k, d in original_dtypes.items() if d != "float32"},
-            "ignored_keys": {k: ignored[k] for k in ignored},
-            "backbone": _backbone_report(backbone, trunk),
-            "bias": bias,
-            "mask_bias": {
-                "seen_classes": seen,
-                "unseen_classes": unseen,
-                "num_seen": len(seen),
-                "num_unseen": len(unseen),
-            },
-            "config": {
-                "fusion_weights": list(config.model.fusion_weights),
-                "normalize_attribute_vectors": config.model.normalize_attribute_vectors,
-                "overrides": list(overrides),
-            },
-            "metadata": metadata_report,
-            "warnings": warnings,
-            "files": files,
-        }
-        from msdn_tf.utils import write_json
-
-        write_json(report_path, report)
-        _swap_in(stage, out_dir)
-    finally:
+    with RunLock(out_dir, "convert --overwrite" if overwrite else "convert"):  # one writer
+        _recover_interrupted_swap(out_dir)
+        _check_out_dir(out_dir, overwrite)
+        model = _build_model(config, weights, K, D, F, C, seen, unseen)
+        # built beside --out, then swapped in: a kill leaves either the old run or the new one, never a mix
+        stage = out_dir.parent / f".{out_dir.name}.convert-new-{os.getpid()}"
         if stage.exists():
-            shutil.rmtree(stage, ignore_errors=True)
-    return report
+            shutil.rmtree(stage)
+        try:
+            files = _write_run(stage, config, model, weights, meta)
+            files += _write_backbone(stage, trunk)
+            report_path = stage / REPORT_FILE
+
+            report = {
+                "source": source,
+                "released_checkpoint": variant,
+                "dataset": dataset,
+                "dataset_in_table": spec is not None,
+                "out_dir": str(out_dir),
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "msdn_tf_version": _version(),
+                "sizes": {"K": int(K), "D": int(D), "F": int(F), "C": int(C)},
+                "mapped_keys": _mapped_keys(model, msdn, original_dtypes),
+                "cast_to_float32": {k: f"{d} -> float32" for k, d in original_dtypes.items() if d != "float32"},
+                "ignored_keys": {k: ignored[k] for k in ignored},
+                "backbone": _backbone_report(backbone, trunk),
+                "bias": bias,
+                "mask_bias": {
+                    "seen_classes": seen,
+                    "unseen_classes": unseen,
+                    "num_seen": len(seen),
+                    "num_unseen": len(unseen),
+                },
+                "config": {
+                    "fusion_weights": list(config.model.fusion_weights),
+                    "normalize_attribute_vectors": config.model.normalize_attribute_vectors,
+                    "overrides": list(overrides),
+                },
+                "metadata": metadata_report,
+                "warnings": warnings,
+                "files": files,
+            }
+            from msdn_tf.utils import write_json
+
+            write_json(report_path, report)
+            _swap_in(stage, out_dir)
+        finally:
+            if stage.exists():
+                shutil.rmtree(stage, ignore_errors=True)
+        return report
 
 
 def _is_run_entry(name: str) -> bool:
-    return name in _RUN_FILES or name in _TRAINED_RUN
+    # TensorBoard events live in the run directory itself (training.reporting.tensorboard_dir)
+    return name in _RUN_FILES or name in _TRAINED_RUN or name.startswith("events.out.tfevents.")
 
 
 def _swap_in(stage: Path, out_dir: Path) -> None:
@@ -403,7 +407,12 @@ def _recover_interrupted_swap(out_dir: Path) -> None:
         pid = entry.name.rsplit("-", 1)[1]
         if not pid.isdigit() or _pid_alive(int(pid)):
             continue
-        if entry.name.startswith(f".{out_dir.name}.convert-old-") and not out_dir.exists():
+        holds_run = out_dir.is_dir() and any(_is_run_entry(p.name) for p in out_dir.iterdir())
+        if entry.name.startswith(f".{out_dir.name}.convert-old-") and not holds_run:
+            if out_dir.is_dir():  # made again since (by the run lock): its entries go into the restored run
+                for item in out_dir.iterdir():
+                    os.replace(item, entry / item.name)
+                out_dir.rmdir()
             os.replace(entry, out_dir)
             print(
                 f"note: restored {out_dir} from {entry} (a convert --overwrite, process {pid}, was killed "
@@ -596,6 +605,8 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise MSDNError(f"--out {out_dir} exists and is not a directory")
     present = [f for f in (*_RUN_FILES, *_TRAINED_RUN) if (out_dir / f).exists()]
+    if out_dir.is_dir() and any(out_dir.glob("events.out.tfevents.*")):
+        present.append("TensorBoard events")
     if present and not overwrite:
         raise MSDNError(
             f"--out {out_dir} already holds a run ({', '.join(present)}); choose another directory or pass --overwrite"
