@@ -44,6 +44,9 @@ def load_run_model(run_dir):
             f"{path}: not found; the run has not finished (resume it with "
             f"python -m msdn_tf.train --run-dir {run_dir} --resume)"
         )
+    from msdn_tf.limits import check_keras_archive
+
+    check_keras_archive(path)  # the weight shapes its config declares, before Keras allocates them
     return keras.models.load_model(path, compile=False)
 
 
