@@ -19,10 +19,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m msdn_tf.train --dataset demo
 
-# Lint and format check (ruff, pyproject.toml), then the test suite (CPU, a few minutes).
+# Lint and format check (ruff), the layer contracts (import-linter; both set in pyproject.toml),
+# then the test suite (CPU, a few minutes).
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 clean:

@@ -30,11 +30,10 @@ def load_model(path, **kwargs):
     import keras
 
     import msdn_tf.model  # noqa: F401  (registers MSDN and its layers)
+    import msdn_tf.optimizers  # noqa: F401  (registers TorchRMSprop)
     from msdn_tf.limits import check_keras_archive
 
     check_keras_archive(path)  # the weight shapes its config declares, before Keras allocates them
-    import msdn_tf.optimizers  # noqa: F401  (registers TorchRMSprop)
-
     return keras.saving.load_model(path, **kwargs)
 
 

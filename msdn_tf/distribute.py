@@ -33,7 +33,7 @@ import os
 from typing import Optional
 
 from msdn_tf.errors import ConfigError
-from msdn_tf.options import STRATEGIES  # noqa: F401  (defined once, in msdn_tf.options)
+from msdn_tf.options import STRATEGIES
 
 
 @dataclasses.dataclass(frozen=True)

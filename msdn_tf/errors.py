@@ -1,10 +1,10 @@
-"""Exceptions with messages that tell the user what to fix, and the one error tail of every command."""
+"""Exceptions with messages that tell the user what to fix (the commands print them as one line:
+:func:`msdn_tf.cli.common.report_error`)."""
 
 from __future__ import annotations
 
 import errno
 import re
-import sys
 
 
 class MSDNError(Exception):
@@ -62,12 +62,3 @@ def describe_os_error(exc: OSError) -> str:
     what = _OS_ADVICE.get(code) or detail
     head = f"{where}: " if where else ""
     return f"{head}{what} ({detail}); files written before are unchanged."
-
-
-def report_error(exc: BaseException) -> int:
-    """Print the one-line message of a known error to stderr; the exit status (2)."""
-    if isinstance(exc, OSError):
-        print(f"error: {describe_os_error(exc)}", file=sys.stderr)
-    else:
-        print(f"error: {exc}", file=sys.stderr)
-    return 2

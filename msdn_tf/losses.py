@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from keras import ops
 
-from msdn_tf.options import DISTILLATION_FORMS  # noqa: F401  (defined once, in msdn_tf.options)
+from msdn_tf.options import DISTILLATION_FORMS
 
 
 def _log_softmax(logits):

@@ -18,6 +18,8 @@ from msdn_tf.layers.common import as_regions, contract, l2_normalize, split_last
 LOSS_TERMS = ("ce_a2v", "cal_a2v", "ce_v2a", "cal_v2a", "distill", "loss")
 NONFINITE = "nonfinite"
 NONFINITE_CHECKS = ("input features", "gradients", "weights after the update")
+# The outputs ``compile(metrics=...)`` may name (a dict of metrics); a list applies to ``logits``.
+METRIC_OUTPUTS = ("logits", "logits_a2v", "logits_v2a")
 
 
 @keras.saving.register_keras_serializable(package="msdn_tf")
@@ -69,6 +71,15 @@ class MSDN(keras.Model):
         **kwargs: forwarded to ``keras.Model``; ``dtype`` (a Keras dtype policy such as
             ``"mixed_bfloat16"``, default the global policy) also sets the sub-layers'
             policy and is saved by ``get_config`` (``msdn_tf.precision``).
+
+    Keras conventions: MSDN owns its loss, so ``compile(loss=...)`` is refused (set the
+    ``loss.*`` keys of the config, or ``lambda_cal``, ``distill_weight``, ``cross_entropy``,
+    ``calibration`` and ``distillation`` here). ``compile(metrics=[...])`` is honoured: a
+    list is computed on the fused ``logits`` against the integer labels (``"accuracy"`` is
+    the top-1 accuracy over all C classes, the margin included), a dict may name
+    ``logits``, ``logits_a2v`` and ``logits_v2a``; ``fit`` and ``evaluate`` report them
+    next to the loss terms. ``predict`` takes ``(B, R, F)`` and ``(B, H, W, F)`` features
+    in any order; ``build`` on a built (or loaded) model checks the shape and keeps the weights.
 
     Call returns a dict: ``logits_a2v``, ``logits_v2a``, ``logits`` (B, C);
     ``scores_a2v``, ``scores_v2a`` (B, K); ``attention_a2v`` (B, K, R) summing to
@@ -164,12 +175,111 @@ class MSDN(keras.Model):
         # Sum over the steps of a fit() of the non-finite code (see nonfinite_code); 0 while all is finite.
         self.trackers[NONFINITE] = keras.metrics.Sum(name=NONFINITE)
         self.check_numerics = True  # a run-time switch, not part of the config (train.check_numerics)
+        self._step_functions = {}  # (kind, input rank) -> Keras' compiled predict/test function
+
+    # ------------------------------------------------------------------ Keras conventions
+    def compile(self, optimizer="rmsprop", loss=None, loss_weights=None, metrics=None, **kwargs):
+        """``keras.Model.compile`` without ``loss``/``loss_weights``: MSDN computes its own loss.
+
+        Args:
+            optimizer: as for Keras (the training loop uses ``msdn_tf.optimizers.TorchRMSprop``).
+            loss, loss_weights: must be None; the loss is :meth:`compute_loss_terms`.
+            metrics: a list of Keras metrics computed on the fused ``logits`` and the integer
+                labels, or a dict keyed by ``logits``, ``logits_a2v``, ``logits_v2a``.
+            **kwargs: ``weighted_metrics``, ``jit_compile``, ``steps_per_execution``, ... as for Keras.
+
+        Raises:
+            ValueError: a ``loss``/``loss_weights`` was given, or a metrics dict names another output.
+
+        Example:
+            >>> model.compile(optimizer=TorchRMSprop(1e-4), metrics=["accuracy"])
+            >>> model.evaluate(features, labels, return_dict=True)["accuracy"]
+        """
+        if loss is not None or loss_weights is not None:
+            raise ValueError(
+                "MSDN computes its own loss (cross-entropy + lambda_cal * self-calibration per sub-net + "
+                "distill_weight * distillation, docs/reference.md §4); compile() takes no loss= or loss_weights=. "
+                "Set the loss.* keys of the config (loss.lambda_cal, loss.distill_weight, loss.cross_entropy, "
+                "loss.calibration, loss.distillation) or the MSDN arguments of the same names."
+            )
+        for name, value in (("metrics", metrics), ("weighted_metrics", kwargs.get("weighted_metrics"))):
+            if isinstance(value, dict) and not set(value) <= set(METRIC_OUTPUTS):
+                raise ValueError(
+                    f"compile({name}=...): a dict may name the outputs {', '.join(METRIC_OUTPUTS)}; "
+                    f"got {sorted(set(value) - set(METRIC_OUTPUTS))}"
+                )
+        self._step_functions, self._predict_rank, self._test_rank = {}, None, None
+        super().compile(optimizer=optimizer, metrics=metrics, **kwargs)
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        """Update the metrics of ``compile(metrics=...)`` on this batch; their results as a dict.
+
+        ``y`` are the integer labels, ``y_pred`` the dict :meth:`call` returns. The loss
+        trackers are updated by the steps themselves, not here.
+        """
+        compiled = self._compile_metrics
+        if compiled is None:
+            return {}
+        if self._metrics_per_output():
+            y_true = {name: y for name in METRIC_OUTPUTS}
+            y_pred = {name: y_pred[name] for name in METRIC_OUTPUTS}
+            weights = None if sample_weight is None else {name: sample_weight for name in METRIC_OUTPUTS}
+        else:
+            y_true, y_pred, weights = y, y_pred["logits"], sample_weight
+        compiled.update_state(y_true, y_pred, sample_weight=weights)
+        return dict(compiled.result())
+
+    def _metrics_per_output(self) -> bool:
+        compiled = self._compile_metrics
+        return any(isinstance(m, dict) for m in (compiled._user_metrics, compiled._user_weighted_metrics))
+
+    def _compiled_function(self, kind, x):
+        """Keras' ``predict``/``test`` function for inputs of ``x``'s rank, one per rank.
+
+        TensorFlow relaxes a ``tf.function`` traced with (B, R, F) to an unknown rank when
+        it next sees (B, H, W, F); MSDN's reshape needs the rank, so each rank gets its own.
+        """
+        rank = _input_rank(x)
+        attr = f"{kind}_function"
+        current = getattr(self, f"_{kind}_rank", None)
+        if rank is None or rank == current:
+            return
+        if current is not None and getattr(self, attr, None) is not None:
+            self._step_functions[(kind, current)] = getattr(self, attr)
+        setattr(self, attr, self._step_functions.get((kind, rank)))
+        setattr(self, f"_{kind}_rank", rank)
+
+    def predict(self, x, *args, **kwargs):
+        self._compiled_function("predict", x)
+        return super().predict(x, *args, **kwargs)
+
+    def evaluate(self, x=None, *args, **kwargs):
+        self._compiled_function("test", x)
+        return super().evaluate(x, *args, **kwargs)
 
     # ------------------------------------------------------------------ weights
     def build(self, input_shape):
-        self.embedding.build()
-        self.a2v.build(input_shape)
-        self.v2a.build(input_shape)
+        """Create the weights for features of ``input_shape``: ``(B, R, F)`` or ``(B, H, W, F)``.
+
+        On a model that is already built (e.g. loaded) only the shape is checked: the
+        weights do not depend on ``B``, ``R``, ``H`` or ``W``.
+        """
+        shape = tuple(input_shape)
+        if len(shape) not in (3, 4) or shape[-1] not in (None, self.feature_dim):
+            raise ValueError(
+                f"MSDN.build: features must be (batch, regions, {self.feature_dim}) or "
+                f"(batch, height, width, {self.feature_dim}); got input_shape {shape}"
+            )
+        if self.built:
+            return
+        regions = shape[1]
+        if len(shape) == 4:
+            regions = None if None in shape[1:3] else shape[1] * shape[2]
+        features = (shape[0], regions, self.feature_dim)
+        vectors = (self.num_attributes, self.embed_dim)
+        self.embedding.build(None)
+        self.a2v.build([features, vectors])
+        self.v2a.build([features, vectors])
         # Reference state_dict entries: margin size and sign (+1 unseen, -1 seen).
         self.bias = self.add_weight(
             name="bias",
@@ -190,7 +300,9 @@ class MSDN(keras.Model):
 
     @property
     def metrics(self):
-        return list(self.trackers.values())
+        """The loss trackers (and the internal ``nonfinite`` check), then the metrics of ``compile``."""
+        compiled = getattr(self, "_compile_metrics", None)
+        return list(self.trackers.values()) + ([compiled] if compiled is not None else [])
 
     # ------------------------------------------------------------------ forward
     def margin(self):
@@ -198,6 +310,20 @@ class MSDN(keras.Model):
         return self.bias * self.mask_bias
 
     def call(self, features, training=False, return_features=None):
+        out = self.attribute_outputs(features, return_features=return_features)
+        att = self.embedding.att  # (C, K)
+        logits = self.class_logits(out["scores_a2v"], out["scores_v2a"], att, self.margin())
+        return {**logits, **out}
+
+    def attribute_outputs(self, features, return_features=None):
+        """Everything of :meth:`call` that does not depend on the class set (keras.ops).
+
+        Returns ``scores_a2v``, ``scores_v2a`` (B, K), ``attention_a2v``,
+        ``attention_v2a`` (B, K, R) and, with ``return_features``, ``features_a2v``
+        and ``features_v2a``. :meth:`class_logits` turns the scores into logits over
+        any class-attribute matrix: ``call`` uses the model's ``att``, a re-targeted
+        export (:mod:`msdn_tf.zeroshot`) the rows of another class set.
+        """
         return_features = self.return_features if return_features is None else return_features
         features = as_regions(ops.convert_to_tensor(features))
         # Every region over its channels; the norm in float32 also under a mixed policy.
@@ -211,16 +337,7 @@ class MSDN(keras.Model):
         parts = split_last(products, [self.num_attributes] * (len(blocks_a2v) + len(blocks_v2a)))
         out_a2v = self.a2v.attend(parts[: len(blocks_a2v)], features, return_features=return_features)
         out_v2a = self.v2a.attend(parts[len(blocks_a2v) :], V, return_features=return_features)
-        dtype = out_a2v["scores"].dtype  # float32 also under a mixed policy
-        att = ops.cast(self.embedding.att, dtype)  # (C, K)
-        margin = ops.cast(self.margin(), dtype)
-        logits_a2v = ops.matmul(out_a2v["scores"], ops.transpose(att)) + margin  # (B, C)
-        logits_v2a = ops.matmul(out_v2a["scores"], ops.transpose(att)) + margin  # (B, C)
-        w1, w2 = self.fusion_weights
         out = {
-            "logits_a2v": logits_a2v,
-            "logits_v2a": logits_v2a,
-            "logits": w1 * logits_a2v + w2 * logits_v2a,
             "scores_a2v": out_a2v["scores"],
             "scores_v2a": out_v2a["scores"],
             "attention_a2v": out_a2v["attention"],
@@ -230,6 +347,22 @@ class MSDN(keras.Model):
             out["features_a2v"] = out_a2v["features"]
             out["features_v2a"] = out_v2a["features"]
         return out
+
+    def class_logits(self, scores_a2v, scores_v2a, att, margin):
+        """``logits_a2v``, ``logits_v2a`` and fused ``logits`` (B, C') over the class rows ``att``.
+
+        Args:
+            scores_a2v, scores_v2a: attribute scores (B, K) of :meth:`attribute_outputs`.
+            att: (C', K) model-ready class attributes (rows L2-normalised, §1.4).
+            margin: (1, C') or (C',) additive margin, ``bias * (+1 unseen, -1 seen)``.
+        """
+        dtype = scores_a2v.dtype  # float32 also under a mixed policy
+        att = ops.cast(att, dtype)
+        margin = ops.reshape(ops.cast(margin, dtype), (1, -1))
+        logits_a2v = ops.matmul(scores_a2v, ops.transpose(att)) + margin  # (B, C')
+        logits_v2a = ops.matmul(scores_v2a, ops.transpose(att)) + margin  # (B, C')
+        w1, w2 = self.fusion_weights
+        return {"logits_a2v": logits_a2v, "logits_v2a": logits_v2a, "logits": w1 * logits_a2v + w2 * logits_v2a}
 
     # ------------------------------------------------------------------ losses
     def compute_loss_terms(self, outputs, labels):
@@ -278,18 +411,74 @@ class MSDN(keras.Model):
         )
         return terms
 
-    def _update_trackers(self, terms, batch_size=None):
-        # Weighted by the (replica's) batch size: the trackers then hold global-batch means.
+    # ------------------------------------------------------------------ the training step
+    # One definition for both backends: ``step_loss`` (what is differentiated) and
+    # ``record_step`` (trackers and non-finite checks). TensorFlow's ``train_step``
+    # differentiates with a ``GradientTape``; JAX's (msdn_tf.training_jax) calls the
+    # same two methods around ``jax.value_and_grad`` and ``optimizer.stateless_apply``.
+    def step_loss(self, outputs, labels):
+        """``(loss to differentiate, terms)`` of one training batch from the model outputs.
+
+        ``terms`` is :meth:`compute_loss_terms`. Under a ``tf.distribute`` strategy with
+        several replicas the loss is weighted by this replica's share of the global batch
+        (the optimizer SUMS the replicas' gradients, so the sum is the gradient of the
+        global-batch mean); then the optimizer scales it (a ``LossScaleOptimizer`` does,
+        others pass it through).
+
+        Args:
+            outputs: the model's outputs for the batch (``call(..., training=True)``).
+            labels: ``(B,)`` class ids.
+
+        Returns:
+            ``(scalar, dict of scalars)``.
+        """
+        terms = self.compute_loss_terms(outputs, labels)
+        loss = terms["loss"]
+        if _distributed():
+            loss = loss * D.local_batch_weight(ops.shape(labels)[0], loss.dtype)
+        return self.optimizer.scale_loss(loss), terms
+
+    def record_step(self, terms, labels, features=None, grads=None, variables=None, outputs=None, log_nonfinite=False):
+        """Add one step's loss terms to the trackers; the logs (their running means).
+
+        With ``features``, ``grads`` and ``variables`` given and ``check_numerics`` on,
+        also adds this step's :meth:`nonfinite_code` to the ``nonfinite`` tracker (not to
+        the logs unless ``log_nonfinite``: it is not a metric; the non-finite guard reads
+        the tracker; the stateless JAX step logs it, as its trackers live outside the model
+        until the loop ends). With
+        ``outputs`` the metrics of ``compile(metrics=...)`` are updated and logged
+        (:meth:`compute_metrics`). Under several replicas the trackers are weighted by the
+        replica's batch size, so they hold global-batch means.
+
+        Args:
+            terms: :meth:`compute_loss_terms` of the batch.
+            labels: ``(B,)`` the batch's labels (for its size).
+            features, grads, variables: the batch, the gradients and the weights after
+                the update (training); ``None`` in evaluation.
+            outputs: the dict :meth:`call` returned for the batch (for the compiled metrics).
+
+        Returns:
+            ``{name: running mean}`` for every term, and the compiled metrics' results.
+        """
+        weight = _replica_batch_weight(ops.shape(labels)[0], terms["loss"].dtype)
         for name, value in terms.items():
-            self.trackers[name].update_state(value, sample_weight=batch_size)
-        return {name: self.trackers[name].result() for name in terms}
+            self.trackers[name].update_state(value, sample_weight=weight)
+        logs = {name: self.trackers[name].result() for name in terms}
+        if self.check_numerics and grads is not None:
+            self.trackers[NONFINITE].update_state(self.nonfinite_code(features, grads, variables))
+            if log_nonfinite:
+                logs[NONFINITE] = self.trackers[NONFINITE].result()
+        if outputs is not None:
+            logs.update(self.compute_metrics(features, labels, outputs))
+        return logs
 
     def train_step(self, *args):
         """One optimizer step on ``(features, labels)``.
 
         TensorFlow: ``train_step(data)``, the gradient by ``tf.GradientTape``. JAX
         (Keras calls ``train_step(state, data)``): :func:`msdn_tf.training_jax.train_step`,
-        the stateless form of the same step. Both minimise :meth:`compute_loss_terms`.
+        the stateless form of the same step. Both run :meth:`step_loss` and
+        :meth:`record_step`.
         """
         if _on_jax():
             from msdn_tf import training_jax
@@ -299,23 +488,13 @@ class MSDN(keras.Model):
 
         (data,) = args
         features, labels = data[0], data[1]
-        batch = tf.shape(labels)[0]
         with tf.GradientTape() as tape:
             outputs = self(features, training=True, return_features=False)
-            terms = self.compute_loss_terms(outputs, labels)
-            # The optimizer SUMS the replicas' gradients: weighting each replica's
-            # batch-mean loss by its share of the global batch makes the sum the
-            # gradient of the global-batch mean (weight 1 on one device).
-            loss = terms["loss"] * D.local_batch_weight(batch, terms["loss"].dtype)
-            loss = self.optimizer.scale_loss(loss)  # a LossScaleOptimizer scales; others pass through
+            loss, terms = self.step_loss(outputs, labels)
         variables = self.trainable_variables
         grads = tape.gradient(loss, variables)
         self.optimizer.apply(grads, variables)
-        logs = self._update_trackers(terms, _replica_batch_weight(batch, terms["loss"].dtype))
-        if self.check_numerics:
-            self.trackers[NONFINITE].update_state(self.nonfinite_code(features, grads, variables))
-            logs[NONFINITE] = self.trackers[NONFINITE].result()
-        return logs
+        return self.record_step(terms, labels, features, grads, variables, outputs=outputs)
 
     @staticmethod
     def nonfinite_code(features, grads, variables):
@@ -343,8 +522,7 @@ class MSDN(keras.Model):
         (data,) = args
         features, labels = data[0], data[1]
         outputs = self(features, training=False, return_features=False)
-        terms = self.compute_loss_terms(outputs, labels)
-        return self._update_trackers(terms, _replica_batch_weight(ops.shape(labels)[0], terms["loss"].dtype))
+        return self.record_step(self.compute_loss_terms(outputs, labels), labels, features, outputs=outputs)
 
     def predict_step(self, *args):
         if _on_jax():  # Keras' JAX trainer calls predict_step(state, data)
@@ -380,6 +558,18 @@ class MSDN(keras.Model):
             "seed": self.seed,
             "dtype": keras.dtype_policies.serialize(self.dtype_policy),
         }
+
+
+def _input_rank(x):
+    """The rank of the features in ``x`` (an array, a tensor or a ``tf.data.Dataset``), or None."""
+    if hasattr(x, "element_spec"):
+        spec = x.element_spec
+        x = spec[0] if isinstance(spec, (tuple, list)) else spec
+    shape = getattr(x, "shape", None)
+    try:
+        return None if shape is None else len(shape)
+    except TypeError:  # a TensorShape of unknown rank
+        return None
 
 
 def _distributed() -> bool:

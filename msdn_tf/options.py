@@ -1,6 +1,6 @@
 """Every option list of msdn-tf, defined once.
 
-The config validation (:data:`msdn_tf.config.CHOICES`), the model's argument checks,
+The config validation (:data:`CONFIG_CHOICES`, read by :func:`msdn_tf.config.validate`), the model's argument checks,
 the losses, the distribution strategies, the precision policies and the commands'
 ``argparse`` choices all read these tuples; nothing else spells them out.
 """

@@ -33,7 +33,7 @@ import os
 from typing import Optional
 
 from msdn_tf.errors import ConfigError
-from msdn_tf.options import PRECISIONS  # noqa: F401  (defined once, in msdn_tf.options)
+from msdn_tf.options import PRECISIONS
 
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 FP16_CPU_FLAGS = ("avx512_fp16", "amx_fp16")
@@ -96,32 +96,59 @@ def gpu_compute_capabilities() -> list:
     return out
 
 
-def native_bfloat16(flags: Optional[set] = None, gpus: Optional[list] = None) -> Optional[str]:
-    """Why bfloat16 runs natively here (a short text), or ``None`` where it does not."""
+def _backend(backend: Optional[str]) -> str:
+    from msdn_tf.backend import current
+
+    return current() if backend is None else backend
+
+
+JAX_CPU_BF16_NOTE = (
+    "JAX's CPU compiler (XLA:CPU) does not use the CPU's bfloat16 instructions: its bfloat16 products "
+    "measured slower than its float32 ones (docs/performance.md)"
+)
+
+
+def _native(
+    min_cc: tuple, gpu_note: str, cpu_flag_names, flags: Optional[set], gpus: Optional[list], cpu_counts: bool = True
+) -> Optional[str]:
+    """Why a dtype runs natively here: every GPU at ``min_cc`` or above, or (no GPU, ``cpu_counts``)
+    one of ``cpu_flag_names`` among the CPU flags; ``None`` where it does not."""
     gpus = gpu_compute_capabilities() if gpus is None else gpus
     if gpus:
-        if all(cc >= (8, 0) for cc in gpus):
-            return f"GPU compute capability {'.'.join(map(str, min(gpus)))} (>= 8.0 runs bfloat16 natively)"
+        if all(cc >= min_cc for cc in gpus):
+            return f"GPU compute capability {'.'.join(map(str, min(gpus)))} ({gpu_note})"
+        return None
+    if not cpu_counts:
         return None
     flags = cpu_flags() if flags is None else flags
-    found = [f for f in BF16_CPU_FLAGS if f in flags]
+    found = [f for f in cpu_flag_names if f in flags]
     return f"CPU flag {' and '.join(found)}" if found else None
+
+
+def native_bfloat16(
+    flags: Optional[set] = None, gpus: Optional[list] = None, backend: Optional[str] = None
+) -> Optional[str]:
+    """Why bfloat16 runs natively here (a short text), or ``None`` where it does not.
+
+    ``backend``: the Keras backend (default the current one). On JAX a CPU's bfloat16
+    flags do not count (:data:`JAX_CPU_BF16_NOTE`); GPUs do on both backends.
+    """
+    cpu_counts = gpus or _backend(backend) != "jax"
+    return _native((8, 0), ">= 8.0 runs bfloat16 natively", BF16_CPU_FLAGS, flags, gpus, cpu_counts=bool(cpu_counts))
 
 
 def native_float16(flags: Optional[set] = None, gpus: Optional[list] = None) -> Optional[str]:
     """Why float16 runs natively here (a short text), or ``None`` where it does not."""
-    gpus = gpu_compute_capabilities() if gpus is None else gpus
-    if gpus:
-        if all(cc >= (7, 0) for cc in gpus):
-            return f"GPU compute capability {'.'.join(map(str, min(gpus)))} (>= 7.0 has float16 tensor cores)"
-        return None
-    flags = cpu_flags() if flags is None else flags
-    found = [f for f in FP16_CPU_FLAGS if f in flags]
-    return f"CPU flag {' and '.join(found)}" if found else None
+    return _native((7, 0), ">= 7.0 has float16 tensor cores", FP16_CPU_FLAGS, flags, gpus)
 
 
 def resolve_precision(
-    name: str, setting: str = "train.precision", flags: Optional[set] = None, gpus: Optional[list] = None, environ=None
+    name: str,
+    setting: str = "train.precision",
+    flags: Optional[set] = None,
+    gpus: Optional[list] = None,
+    environ=None,
+    backend: Optional[str] = None,
 ) -> Precision:
     """The :class:`Precision` to use for the configured ``name``.
 
@@ -130,6 +157,8 @@ def resolve_precision(
         setting: the config key or option named in errors.
         flags, gpus, environ: the CPU flags, GPU compute capabilities and environment
             to decide on (default: this machine's; injectable for tests).
+        backend: the Keras backend (default the current one): on JAX, ``auto`` ignores
+            the CPU's bfloat16 flags (:data:`JAX_CPU_BF16_NOTE`).
 
     Returns:
         A :class:`Precision` whose ``policy`` is never ``auto``.
@@ -147,7 +176,7 @@ def resolve_precision(
     if name == "float32":
         return Precision(name, "float32", "requested")
     if name == "mixed_bfloat16":
-        why = native_bfloat16(flags, gpus)
+        why = native_bfloat16(flags, gpus, backend)
         return Precision(
             name,
             name,
@@ -165,9 +194,11 @@ def resolve_precision(
             f"far slower than float32. Use auto, mixed_bfloat16 or float32 (or set "
             f"{EMULATED_FLOAT16_ENV}=1 to run it emulated anyway)"
         )
-    why = native_bfloat16(flags, gpus)
+    why = native_bfloat16(flags, gpus, backend)
     if why:
         return Precision(name, "mixed_bfloat16", f"auto: {why}")
+    if not gpus and _backend(backend) == "jax":
+        return Precision(name, "float32", f"auto: no GPU; {JAX_CPU_BF16_NOTE}")
     return Precision(
         name,
         "float32",

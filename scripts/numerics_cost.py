@@ -12,8 +12,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 import tensorflow as tf
 
-from msdn_tf.cli.bench import build_bench_model
 from msdn_tf.model import MSDN
+from msdn_tf.perf.model_speed import build_bench_model
 
 model, seen = build_bench_model(196, 2048, 312, 200, 50, 300, jit=False)
 x = tf.constant(np.random.default_rng(0).random((50, 196, 2048), dtype=np.float32))

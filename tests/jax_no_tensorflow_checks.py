@@ -36,8 +36,8 @@ def test_bench_prints_the_same_json_naming_the_backend(tmp_path, capsys):
 
     out = tmp_path / "bench.json"
     assert bench.main(TINY[:1] + ["4"] + TINY[3:] + ["--json", str(out)]) == 0  # --regions 4 only
-    printed = json.loads(capsys.readouterr().out)
-    assert printed == json.loads(out.read_text())
+    assert "fused:jit:float32" in capsys.readouterr().out  # the short table
+    printed = json.loads(out.read_text())
     assert printed["machine"]["backend"] == "jax" and printed["machine"]["devices"]
     assert printed["config"]["variants"] == ["fused:jit:float32"]  # JAX always jits, as in training
     entry = printed["shapes"][0]["variants"]["fused:jit:float32"]

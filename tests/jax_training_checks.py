@@ -4,7 +4,10 @@ subprocess, after writing TensorFlow's results for the same steps into
 ``$MSDN_JAX_CHECKS_DIR``.
 
 * 20 steps of the tiny demo from the same initial weights and batches give the
-  weights TensorFlow gives, within 1e-4 relative;
+  weights TensorFlow gives, within 1e-4 relative: with ``fit`` (host batches) and
+  with the on-device loop (:mod:`msdn_tf.training.jax_loop`, two periods of 12 and
+  8 steps in two dispatches), which also equals ``fit`` on JAX exactly;
+* the on-device loop stops at a NaN input row and names the step and the row;
 * ``run_training`` trains, evaluates, checkpoints, resumes (bit-identical to an
   uninterrupted run) and writes the run directory TensorFlow writes; its
   predictions go to ``jax_predictions.npz`` for the TensorFlow side to compare
@@ -40,7 +43,7 @@ def tiny_config(workdir, *overrides):
     return resolve_config("demo", [path], [f"data.data_dir={Path(workdir) / 'data'}", *overrides])
 
 
-def demo_steps(workdir, steps=STEPS):
+def demo_steps(workdir, steps=STEPS, device_loop=False):
     """``(initial, final)`` trainable weights by name around ``steps`` ``fit`` steps on the tiny demo.
 
     The model and optimizer are ``run_training``'s (:func:`msdn_tf.build_model_from_config`),
@@ -56,7 +59,14 @@ def demo_steps(workdir, steps=STEPS):
     model.a2v.W_1.assign(np.random.default_rng(0).normal(size=model.a2v.W_1.shape).astype("float32"))
     initial = {w.name: np.array(w) for w in model.trainable_weights}
     sampler = make_sampler(data, config.data.sampler, config.data.batch_size, config.train.seed)
-    model.fit(train_dataset(data, sampler, 0, steps), epochs=1, verbose=0, shuffle=False)
+    if device_loop:  # JAX: the training loop with the rows on the device, two periods
+        from msdn_tf.training.jax_loop import DeviceLoop
+
+        loop = DeviceLoop(model, data, sampler, max_steps=12)
+        loop.train(0, 12)
+        loop.train(12, steps - 12)
+    else:
+        model.fit(train_dataset(data, sampler, 0, steps), epochs=1, verbose=0, shuffle=False)
     return initial, {w.name: np.array(w) for w in model.trainable_weights}
 
 
@@ -84,6 +94,44 @@ def test_twenty_steps_equal_tensorflow(checks_dir):
         assert moved > 50 * TOL, f"{name} barely moved ({moved:.2e}): the comparison would not discriminate"
         err = relative_error(value, want[name])
         assert err < TOL, f"{name}: JAX vs TensorFlow relative error {err:.2e} after {STEPS} steps"
+
+
+def test_device_loop_equals_tensorflow_and_fit(checks_dir):
+    with np.load(checks_dir / "tf_steps.npz") as npz:
+        want = {k: npz[k] for k in npz.files}
+    _, fit = demo_steps(checks_dir)
+    _, final = demo_steps(checks_dir, device_loop=True)
+    for name, value in final.items():
+        err = relative_error(value, want[name])
+        assert err < TOL, f"{name}: JAX device loop vs TensorFlow relative error {err:.2e} after {STEPS} steps"
+        np.testing.assert_array_equal(value, fit[name], err_msg=f"{name}: device loop vs fit on JAX")
+
+
+def test_device_loop_stops_at_a_nan_row_naming_step_and_row(checks_dir):
+    from msdn_tf.data.pipeline import make_sampler
+    from msdn_tf.data.registry import load_dataset
+    from msdn_tf.errors import NonFiniteError
+
+    config = tiny_config(checks_dir, "train.iterations=4", "train.eval_every=2", "data.on_device=true")
+    data = load_dataset(config)
+    sampler = make_sampler(data, config.data.sampler, config.data.batch_size, config.train.seed)
+    row = int(np.setdiff1d(sampler.batch(2), np.concatenate([sampler.batch(0), sampler.batch(1)]))[0])  # step 3 only
+    inner = data.features
+
+    class Poisoned:
+        shape, path = inner.shape, "poisoned.hdf5"
+
+        def read(self, indices):
+            x = np.array(inner.read(indices), dtype=np.float32)
+            x[np.asarray(indices) == row] = np.nan
+            return x
+
+    data.features = Poisoned()
+    run = checks_dir / "jax_nan"
+    with pytest.raises(NonFiniteError, match=rf"training step 3:.*poisoned\.hdf5.*row {row}\b"):
+        run_training(config, run_dir=run, data=data, log=lambda *a: None)
+    assert json.loads((run / "checkpoint" / "state.json").read_text())["step"] == 2
+    assert not (run / "results.json").exists()
 
 
 class Interrupt(Exception):
@@ -116,12 +164,12 @@ def test_train_evaluate_checkpoint_resume(checks_dir):
     run = checks_dir / "jax_full"
     for name in ("config.yaml", "model.keras", "results.json", "results.md", "checkpoint/state.json"):
         assert (run / name).is_file(), name
-    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert list(run.glob("events.out.tfevents.*"))
 
     # Predictions of the saved model, for tests/test_jax_backend.py to compare on TensorFlow.
     from msdn_tf.data.registry import load_dataset
     from msdn_tf.evaluation.predict import predict_logits
-    from msdn_tf.training.runs import load_run_model
+    from msdn_tf.evaluation.runs import load_run_model
 
     data = load_dataset(config)
     rows = np.sort(np.concatenate([data.test_seen_loc, data.test_unseen_loc]))[:PREDICTED_ROWS]

@@ -306,9 +306,9 @@ def test_extract_cli_backbone_choice_and_errors(tmp_path, capsys):
 def test_convert_stores_backbone_and_export_serves_images(tmp_path, tv):
     import tensorflow as tf
 
-    from msdn_tf.interop.convert import BACKBONE_FILE, convert_checkpoint
+    from msdn_tf.evaluation.runs import load_run
     from msdn_tf.serving import export
-    from msdn_tf.training.runs import load_run
+    from msdn_tf.training.convert import BACKBONE_FILE, convert_checkpoint
 
     run = tmp_path / "run"
     report = convert_checkpoint(MSDN_PTH, "custom", run)
@@ -373,3 +373,35 @@ def test_keras_file_round_trip(tmp_path, tiny_model):
     x = np.random.default_rng(4).standard_normal((2, SIZE, SIZE, 3)).astype(np.float32)
     np.testing.assert_array_equal(np.asarray(again(x)), np.asarray(tiny_model(x)))
     assert again.get_layer("layer2.1.bn3").epsilon == 1e-5
+
+
+def test_verify_backbone_report(tmp_path, monkeypatch):
+    """The command's checks around :func:`compare` (its figures are tested above): which images, ok, the text."""
+    from msdn_tf.backbones import verify
+    from msdn_tf.errors import MSDNError
+
+    def fake_compare(weights, paths, reference, image_size, blocks=None):
+        err = {"photo.jpg": 1e-4, "wide.png": 2e-3}
+        return [
+            {
+                "image": os.path.basename(p),
+                "extract_rel_l2": err[os.path.basename(p)],
+                "serving_rel_l2": 1e-2,
+                "decode_pixels_differing": 0,
+                "serving_input_max_abs_diff": 0.0,
+            }
+            for p in paths
+        ]
+
+    monkeypatch.setattr(verify, "compare", fake_compare)
+    reference = tmp_path / "reference.npz"
+    np.savez(reference, **{"map::photo.jpg": np.zeros(1), "map::wide.png": np.zeros(1), "other": np.zeros(1)})
+    report = verify.verify_backbone(TV_PTH, IMG_DIR, reference)
+    assert [r["image"] for r in report["rows"]] == ["photo.jpg", "wide.png"]  # gray.png has no map
+    assert report["max_extract_rel_l2"] == 2e-3 and not report["ok"]
+    assert verify.verify_backbone(TV_PTH, IMG_DIR, reference, tolerance=1e-2)["ok"]
+    text = verify.report_text(report)
+    assert text.count("\n") == 4 and "max extract rel L2 2.00e-03 (tolerance 0.001)" in text and "2 images" in text
+    np.savez(reference, other=np.zeros(1))
+    with pytest.raises(MSDNError, match="has a map in"):
+        verify.verify_backbone(TV_PTH, IMG_DIR, reference)

@@ -38,8 +38,12 @@ def test_flop_formula_against_a_hand_count():
 def test_bench_prints_valid_json(tmp_path, capsys, extra):
     out = tmp_path / "bench.json"
     assert bench.main(TINY + ["--json", str(out)] + extra) == 0
-    printed = json.loads(capsys.readouterr().out)
-    assert printed == json.loads(out.read_text())
+    table = capsys.readouterr().out  # the short human summary; the JSON went to the file
+    printed = json.loads(out.read_text())
+    lines = table.splitlines()
+    assert lines[0].startswith("matmul limit:") and len(lines) == 2 + 2 * len(printed["config"]["variants"]) + 1
+    for name in printed["config"]["variants"]:
+        assert f"   9  {name}" in table and f"   4  {name}" in table
     for key in ("config", "machine", "flop_formula", "matmul_square", "shapes", "reference"):
         assert key in printed
     assert printed["machine"]["load_before"] is None or len(printed["machine"]["load_before"]) == 3
@@ -82,8 +86,8 @@ def test_all_matrix_flops_count_the_projections_and_logits():
 def test_auto_variant_reports_the_chosen_precision(capsys):
     from msdn_tf.precision import resolve_precision
 
-    assert bench.main(TINY[:2] + TINY[4:] + ["--variants", "fused:nojit", "fused:nojit:auto"]) == 0
-    report = json.loads(capsys.readouterr().out)
+    assert bench.main(TINY[:2] + TINY[4:] + ["--variants", "fused:nojit", "fused:nojit:auto", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)  # --json alone: the JSON report on stdout
     chosen = resolve_precision("auto").policy
     assert report["config"]["precision_used"] == {"fused:nojit:float32": "float32", "fused:nojit:auto": chosen}
     entry = report["shapes"][0]["variants"]["fused:nojit:auto"]
@@ -106,3 +110,24 @@ def test_variant_parsing():
     assert model_speed.parse_variant("einsum:nojit:mixed_float16")["jit"] is False
     with pytest.raises(ValueError, match="variant"):
         model_speed.parse_variant("fused:maybe")
+
+
+@pytest.mark.parametrize("shape", ["cub", "awa2"])
+def test_input_benchmark_synthetic_data_has_the_benchmark_structure(tmp_path, shape):
+    """The cache that bench_input generates reads back row by row, and its splits are those of a
+    zero-shot benchmark (made by the demo's split rule)."""
+    from msdn_tf.data.datasets import BENCHMARKS
+    from msdn_tf.perf.input_pipeline import generate, synthetic_data
+
+    facts, n = BENCHMARKS[shape], 600
+    path = generate(str(tmp_path / "bench.regions_float16.npy"), n, 3, 4, progress=False)
+    data = synthetic_data(path, shape, n)
+    rows = data.features.read(np.array([n - 1, 3]))
+    np.testing.assert_allclose(rows[:, 0, 0], [(n - 1) / n, 3 / n], atol=1e-3)
+    assert set(np.unique(data.labels)) == set(range(facts.classes))
+    seen = data.labels < facts.seen_classes
+    tv, ts, tu = data.trainval_loc, data.test_seen_loc, data.test_unseen_loc
+    assert seen[tv].all() and seen[ts].all() and not seen[tu].any()
+    assert np.intersect1d(tv, ts).size == 0 and sorted(np.concatenate([tv, ts, tu])) == list(range(n))
+    assert set(data.labels[ts]) <= set(data.labels[tv])
+    assert data.att.shape == (facts.classes, facts.attributes)

@@ -149,3 +149,31 @@ def test_import_msdn_tf_is_the_same_for_every_importer(argv0):
     version, keras_loaded, tf_loaded, finders = proc.stdout.split()
     assert (keras_loaded, tf_loaded) == ("False", "False")
     assert finders == plain.stdout.strip()
+
+
+def test_scripts_import_only_names_the_package_has():
+    """scripts/*.py are not imported by the suite; their ``from msdn_tf... import NAME`` lines must still resolve."""
+    import ast
+    import importlib
+
+    missing = []
+    for script in sorted((REPO / "scripts").glob("*.py")):
+        for node in ast.walk(ast.parse(script.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("msdn_tf"):
+                module = importlib.import_module(node.module)
+                missing += [f"{script.name}: {node.module}.{a.name}" for a in node.names if not hasattr(module, a.name)]
+    assert not missing
+
+
+def test_test_modules_never_import_each_other():
+    """What tests share lives in tests/helpers.py and tests/conftest.py (docs/architecture.md)."""
+    import ast
+
+    found = []
+    for path in sorted((REPO / "tests").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+            found += [f"{path.name}: {n}" for n in names if n.split(".")[-1].startswith("test_")]
+    assert not found

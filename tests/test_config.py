@@ -1,10 +1,13 @@
 """Typed config: dataset files, overrides, unknown keys and wrong types."""
 
+from pathlib import Path
+
 import pytest
 import yaml
 
 from msdn_tf.config import CONFIG_DIR, Config, from_dict, resolve_config, to_yaml
 from msdn_tf.errors import ConfigError
+from tests.helpers import REPO
 
 
 @pytest.mark.parametrize(
@@ -67,6 +70,24 @@ def test_resolved_config_round_trips_through_yaml():
     again = from_dict(yaml.safe_load(to_yaml(c)))
     assert again == c
     assert Config() != c
+
+
+def test_a_missing_builtin_recipe_is_an_error(tmp_path, monkeypatch):
+    import msdn_tf.config as config_module
+
+    monkeypatch.setattr(config_module, "CONFIG_DIR", tmp_path)
+    for name in config_module.RECIPE_DATASETS:
+        with pytest.raises(ConfigError, match=rf"{name}\.yaml: the recipe of --dataset {name} is missing"):
+            resolve_config(name)
+    assert resolve_config("my_own").data.dataset == "my_own"  # a dataset you register may have no recipe
+    assert resolve_config("sun", use_dataset_file=False).loss.lambda_cal == Config().loss.lambda_cal
+
+
+def test_the_recipes_are_package_data():
+    import msdn_tf
+
+    assert CONFIG_DIR.resolve() == (REPO / "configs").resolve()
+    assert (Path(msdn_tf.__file__).parent / "configs" / "sun.yaml").is_file()
 
 
 # --------------------------------------------------------------------------- budgets (issue 21 §2, §4)
@@ -184,3 +205,8 @@ def test_messages_do_not_repr_huge_values(tmp_path):
     with pytest.raises(ConfigError, match="must be one of") as info:
         resolve_config("demo", overrides=["data.on_device=" + "x" * 60000])
     assert len(str(info.value)) < 600
+
+
+def test_a_demo_map_below_3x3_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"demo\.map_size' must be >= 3"):
+        resolve_config("demo", overrides=["demo.map_size=2"])

@@ -21,7 +21,7 @@ import scipy.io
 
 from msdn_tf.cli.convert import main
 from msdn_tf.errors import DataError, MSDNError
-from msdn_tf.interop.convert import convert_checkpoint, convert_state_dict
+from msdn_tf.training.convert import convert_checkpoint, convert_state_dict
 from tests import reference_numpy as ref
 from tests.helpers import shared_zsl_dir
 from tests.helpers import torch_fixture as fixture
@@ -71,7 +71,7 @@ def assert_logits_equal(got, want):
 
 
 def load_run(run_dir):
-    from msdn_tf.training.runs import load_run as _load_run
+    from msdn_tf.evaluation.runs import load_run as _load_run
 
     return _load_run(run_dir)
 

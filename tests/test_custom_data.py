@@ -32,12 +32,12 @@ def _image(cls: str, i: int) -> np.ndarray:
 
 
 def write_images(root: Path, classes=CLASSES, per_class=4) -> Path:
-    from msdn_tf.experiments.custom_workflow import _png
+    from PIL import Image
 
     for c in classes:
         (root / c).mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
-            (root / c / f"{c}_{i}.png").write_bytes(_png(_image(c, i)))
+            Image.fromarray(_image(c, i)).save(root / c / f"{c}_{i}.png")
     return root
 
 
@@ -391,23 +391,25 @@ def test_prepare_and_load_through_registry(src, tmp_path):
 
 
 def test_spec_yaml_options(tmp_path):
-    from msdn_tf.cli.custom import build_parser, prepare_options
+    from msdn_tf.cli.custom import build_parser
+    from msdn_tf.experiments.custom_workflow import prepare_options
 
     spec = tmp_path / "dataset.yaml"
     spec.write_text("images: imgs\nattributes: a.csv\nunseen_fraction: 0.3\nword_vectors: v.txt.gz\nseed: 4\n")
     args = build_parser().parse_args(["prepare", "--spec", str(spec), "--out", "x", "--seed", "9"])
-    opts = prepare_options(args)
+    opts = prepare_options(vars(args), args.spec)
     assert opts["images"] == str(tmp_path / "imgs") and opts["unseen_fraction"] == 0.3 and opts["seed"] == 9
     assert opts["weights"] == "imagenet" and opts["csv_file"] is None
     # a flag replaces the spec's choice of the same group (here: --unseen instead of unseen_fraction)
-    opts = prepare_options(
-        build_parser().parse_args(["prepare", "--spec", str(spec), "--out", "x", "--unseen", "u.txt", "--csv", "l.csv"])
+    args = build_parser().parse_args(
+        ["prepare", "--spec", str(spec), "--out", "x", "--unseen", "u.txt", "--csv", "l.csv"]
     )
+    opts = prepare_options(vars(args), args.spec)
     assert opts["unseen"] == "u.txt" and opts["unseen_fraction"] is None
     assert opts["csv_file"] == "l.csv" and opts["images"] is None
     spec.write_text("imagez: x\n")
     with pytest.raises(Exception, match="unknown key 'imagez'"):
-        prepare_options(build_parser().parse_args(["prepare", "--spec", str(spec), "--out", "x"]))
+        prepare_options({}, spec)
 
 
 @pytest.mark.slow

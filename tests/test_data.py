@@ -56,11 +56,11 @@ def test_hdf5_errors_name_file_and_key(rng, tmp_path):
 def test_validate_catches_inconsistent_splits(rng):
     base = dict(
         name="t",
-        features=ArrayFeatures(np.zeros((4, 2, 3))),
-        labels=[0, 1, 2, 2],
+        features=ArrayFeatures(np.zeros((6, 2, 3))),
+        labels=[0, 0, 1, 2, 2, 2],
         trainval_loc=[0],
-        test_seen_loc=[0],
-        test_unseen_loc=[2, 3],
+        test_seen_loc=[1],
+        test_unseen_loc=[3, 4],
         att=np.eye(3),
         w2v=np.ones((3, 2)),
         class_names=list("abc"),
@@ -69,15 +69,15 @@ def test_validate_catches_inconsistent_splits(rng):
     )
     ZSLData(**base)
     with pytest.raises(DataError, match="disjoint"):
-        ZSLData(**{**base, "trainval_loc": [0, 2]})
-    with pytest.raises(DataError, match=r"'test_unseen_loc' must hold 0-based row indices in \[0, 4\)"):
-        ZSLData(**{**base, "test_unseen_loc": [2, 4]})
+        ZSLData(**{**base, "trainval_loc": [0, 5]})
+    with pytest.raises(DataError, match=r"'test_unseen_loc' must hold 0-based row indices in \[0, 6\)"):
+        ZSLData(**{**base, "test_unseen_loc": [3, 6]})
     with pytest.raises(DataError, match="'labels' must be 0-based"):
-        ZSLData(**{**base, "labels": [0, 1, 2, 3]})
+        ZSLData(**{**base, "labels": [0, 0, 1, 2, 2, 3]})
     with pytest.raises(DataError, match="w2v_att"):
         ZSLData(**{**base, "w2v": np.ones((2, 2))})
     with pytest.raises(DataError, match="test_seen_loc"):
-        ZSLData(**{**base, "test_seen_loc": [1]})
+        ZSLData(**{**base, "test_seen_loc": [2]})
 
 
 def test_demo_is_seeded_and_read_through_the_standard_loader(tmp_path):

@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parent.parent
 def test_strategy_names_and_config():
     from msdn_tf.cli.train import build_parser, config_from_args
     from msdn_tf.config import resolve_config
-    from msdn_tf.distribute import STRATEGIES, get_strategy
+    from msdn_tf.distribute import get_strategy
+    from msdn_tf.options import STRATEGIES
 
     assert STRATEGIES == ("none", "mirrored", "multi_worker")
     with pytest.raises(ValueError, match="unknown strategy"):

@@ -100,7 +100,9 @@ def tiny_run(tmp_path_factory):
 def test_evaluate_cli_writes_named_reports(tiny_run, capsys):
     run = tiny_run / "run"
     assert evaluate.main(["--run", str(run), "--calibration-curve", "--gamma", "0.5"]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert "/step" not in printed + captured.err  # quiet: no Keras step lines
     assert "## protocol: final" in printed and "## protocol: reference" in printed
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     assert metrics["protocol"] == "final" and metrics["gamma"] == 0.5

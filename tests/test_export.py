@@ -182,23 +182,42 @@ def test_layout_and_metadata_asset(setup):
 def test_cc_loader_and_saved_model_cli_list_signatures(report):
     assert report["loader"] == "c++"
     sigs = report["signatures"]
-    assert sorted(sigs) == ["metadata", "serving_default", "serving_images", "serving_maps"]
+    assert sorted(sigs) == [
+        "metadata",
+        "serving_default",
+        "serving_images",
+        "serving_maps",
+        "serving_open",
+        "serving_open_sided",
+    ]
     features = sigs["serving_default"]["inputs"]["features"]
     assert (features["dtype"], features["shape"]) == ("DT_FLOAT", [-1, -1, F])
     assert sigs["serving_maps"]["inputs"]["feature_maps"]["shape"] == [-1, -1, -1, F]
     assert sigs["serving_images"]["inputs"]["images"]["dtype"] == "DT_STRING"
-    for name in ("serving_default", "serving_maps", "serving_images"):
+    assert sigs["serving_open_sided"]["inputs"]["class_is_seen"]["dtype"] == "DT_BOOL"
+    assert sigs["serving_open"]["inputs"]["class_attributes"]["shape"] == [-1, -1]
+    for name in ("serving_default", "serving_maps", "serving_images", "serving_open", "serving_open_sided"):
         assert sorted(sigs[name]["outputs"]) == sorted(serving_export.PREDICTION_OUTPUTS)
         assert sigs[name]["outputs"]["gzsl_class"]["dtype"] == "DT_INT64"
     cli = report["saved_model_cli"]
     if "skipped" not in cli:
-        assert cli["ok"] and cli["signatures"] == ["metadata", "serving_default", "serving_images", "serving_maps"]
+        assert cli["ok"] and cli["signatures"] == sorted(sigs)
 
 
 def test_verify_report_passes_for_every_signature(report):
     assert report["ok"], verify.report_markdown(report)
     checked = {c["signature"] for c in report["checks"]}
-    assert checked == {"serving_default", "serving_maps", "serving_images", "metadata"}
+    assert checked == {
+        "serving_default",
+        "serving_maps",
+        "serving_images",
+        "metadata",
+        "serving_open",
+        "serving_open_sided",
+    }
+    open_checks = {(c["signature"], c["output"]) for c in report["checks"] if c["signature"].startswith("serving_open")}
+    assert ("serving_open_sided", "scores") in open_checks and ("serving_open", "attribute_scores") in open_checks
+    assert ("serving_open", "refuses a wrong attribute count") in open_checks
     assert "| serving_images" in verify.report_markdown(report)
 
 
@@ -558,8 +577,8 @@ def test_failed_check_publishes_nothing_and_keeps_the_previous_version(setup, tm
     stale = out / f".tmp-1-{_dead_pid()}-k"
     stale.mkdir()
     other = _tiny_model(seed=1)  # the check compares the export with a different model: it must fail
-    real_verify = export.verify_export
-    monkeypatch.setattr(export, "verify_export", lambda d, model, *a, **k: real_verify(d, other, *a, **k))
+    real_verify = verify.verify_export
+    monkeypatch.setattr(verify, "verify_export", lambda d, model, *a, **k: real_verify(d, other, *a, **k))
     capsys.readouterr()
     rc = export.main(
         [
@@ -727,3 +746,67 @@ def test_client_one_line_errors(setup, server, tmp_path, capsys):
         lines = [line for line in err.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, err)
         assert "--metadata" not in err and "pickle" not in err and "Traceback" not in err, (args, err)
+
+
+def test_client_rows_and_metadata_errors_are_one_line(setup, server, tmp_path, capsys):
+    """--rows out of range and metadata that does not fit the model: one line each, no traceback."""
+    np.save(tmp_path / "x.npy", setup["regions"][:2])
+    x = str(tmp_path / "x.npy")
+    good = json.loads((setup["base"] / serving_export.METADATA_FILE).read_text())
+
+    def meta_file(name, **changes):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({**good, **changes}))
+        return str(path)
+
+    few = meta_file("few", class_names=good["class_names"][:3], num_classes=3, seen_classes=[0], unseen_classes=[1])
+    cases = [
+        (["--features", x, "--rows", "5"], "rows [5] outside [0, 2)"),
+        (["--features", x, "--rows", "-1"], "rows [-1] outside [0, 2)"),
+        (["--features", x, "--metadata", few], "the served model scores 12 classes but the metadata names 3"),
+        (["--features", x, "--metadata", meta_file("ids", seen_classes=[0, 99])], "'seen_classes' holds ids [99]"),
+        (["--features", x, "--metadata", meta_file("gamma", gamma="high")], "'gamma' must be a finite number"),
+        (["--features", x, "--metadata", meta_file("names", class_names=[1, 2])], "'class_names' must be"),
+        (["--features", x, "--top-k", "0"], "--top-k must be >= 1"),
+        (["--features", x, "--timeout", "0"], "--timeout must be > 0"),
+    ]
+    for transport in (["--server", server.grpc_address], ["--rest", server.rest_url]):
+        for args, message in cases:
+            rc, err = _client_cli(transport + args + ["--model", MODEL_NAME], capsys)
+            lines = [line for line in err.splitlines() if line.strip()]
+            assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, err)
+
+
+def test_rest_client_does_not_import_tensorflow(setup, server, tmp_path):
+    """The REST path needs no TensorFlow (it took 9 s to start for a 5 ms request)."""
+    import subprocess
+    import sys
+
+    from msdn_tf.utils import subprocess_env
+    from tests.helpers import REPO
+
+    np.save(tmp_path / "x.npy", setup["regions"][:1])
+    code = (
+        "import sys; from msdn_tf.cli import client; "
+        f"rc = client.main(['--rest', {server.rest_url!r}, '--model', {MODEL_NAME!r}, '--features', "
+        f"{str(tmp_path / 'x.npy')!r}, '--json']); "
+        "heavy = sorted(m for m in ('tensorflow', 'keras', 'grpc', 'h5py') if m in sys.modules); "
+        "print('HEAVY', heavy); sys.exit(rc)"
+    )
+    env = subprocess_env({**os.environ, "PYTHONPATH": str(REPO)})
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "HEAVY []" in done.stdout
+    answer = json.loads(done.stdout.split("HEAVY")[0])
+    want = _expected_names(_scores(setup["model"], setup["regions"][:1]), gamma=setup["gamma"])
+    assert _names(answer) == want
+
+
+def test_each_weight_is_stored_once(setup):
+    """ExportArchive checkpointed every weight twice (_all_variables/* and variables/*): 333 MB for 170 MB."""
+    keys = tf.train.list_variables(os.path.join(setup["dir"], "variables", "variables"))
+    stored = sum(int(np.prod(shape)) for name, shape in keys if name != "_CHECKPOINTABLE_OBJECT_GRAPH")
+    weights = sum(int(np.prod(w.shape)) for w in setup["model"].weights + setup["backbone"].weights)
+    assert stored == weights, (stored, weights, sorted({k.split("/")[0] for k, _ in keys}))
+    loaded = tf.saved_model.load(str(setup["dir"]))
+    assert len(loaded.variables) == len(setup["model"].weights) + len(setup["backbone"].weights)

@@ -107,7 +107,7 @@ def test_training_on_jax_equals_tensorflow_and_its_model_loads_here(jax_runs):
     # (the model msdn_tf.export exports).
     from msdn_tf.data.registry import load_dataset
     from msdn_tf.evaluation.predict import LOGIT_KEYS, predict_logits
-    from msdn_tf.training.runs import load_run
+    from msdn_tf.evaluation.runs import load_run
     from tests.jax_training_checks import tiny_config
 
     checks = jax_runs["checks"]

@@ -26,9 +26,19 @@ from tests.helpers import Interrupt, write_tiny_yaml
     ],
 )
 def test_auto_follows_the_hardware(flags, gpus, policy, why):
-    p = resolve_precision("auto", flags=flags, gpus=gpus, environ={})
+    p = resolve_precision("auto", flags=flags, gpus=gpus, environ={}, backend="tensorflow")
     assert p.policy == policy and why in p.reason and p.requested == "auto"
     assert p.to_dict() == {"requested": "auto", "used": policy, "reason": p.reason}
+
+
+def test_auto_on_jax_uses_bfloat16_on_gpus_only():
+    # XLA:CPU does not use the CPU's bfloat16 instructions: auto stays float32 there, and says why.
+    cpu = resolve_precision("auto", flags={"avx512_bf16", "amx_bf16"}, gpus=[], environ={}, backend="jax")
+    assert cpu.policy == "float32" and "XLA:CPU" in cpu.reason
+    gpu = resolve_precision("auto", flags=set(), gpus=[(9, 0)], environ={}, backend="jax")
+    assert gpu.policy == "mixed_bfloat16" and "compute capability 9.0" in gpu.reason
+    tf_cpu = resolve_precision("auto", flags={"avx512_bf16"}, gpus=[], environ={}, backend="tensorflow")
+    assert tf_cpu.policy == "mixed_bfloat16"
 
 
 def test_explicit_values_and_float16_hardware():

@@ -198,6 +198,23 @@ def test_multi_seed_mean_and_std_on_a_stubbed_runner(tiny, tmp_path):
     assert protocols.aggregate([{"acc": 0.5}], keys=("acc",))["acc"]["std"] == 0.0
 
 
+def test_reports_go_below_train_out_dir_by_default(tiny, tmp_path):
+    """``python -m msdn_tf.protocols`` / ``ablations`` without --out: <train.out_dir>/<kind>/<dataset>."""
+    import copy
+
+    from msdn_tf.experiments import ablations
+
+    config, data, _ = tiny
+    config = copy.deepcopy(config)
+    config.train.out_dir = str(tmp_path)
+    quiet = lambda *a: None  # noqa: E731
+    fake_train.calls = []
+    protocols.run_protocol(config, "final", data=data, train_fn=fake_train, log=quiet)
+    assert (tmp_path / "protocols" / config.data.dataset / "final.json").is_file()
+    ablations.run_ablations(config, ["full"], data=data, train_fn=fake_train, log=quiet)
+    assert (tmp_path / "ablations" / config.data.dataset / "ablations.json").is_file()
+
+
 def test_protocol_argument_errors(tiny, tmp_path):
     config, data, _ = tiny
     with pytest.raises(ConfigError, match="unknown protocol 'best'"):

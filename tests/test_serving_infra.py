@@ -467,7 +467,7 @@ def test_rest_limits(strict_server, exported):
     status, payload = post(b"x" * 10, length=(1 << 20) + 1)
     assert status == 400 and "request body too large" in payload["error"]
     # deeply nested JSON: 400, not a RecursionError (500)
-    status, payload = post(b'{"inputs": {"features": ' + b"[" * 100000 + b"]" * 100000 + b"}}")
+    status, payload = post(b'{"inputs": {"features": ' + b"[" * 5000 + b"]" * 5000 + b"}}")
     assert status == 400 and "nested too deeply" in payload["error"]
     status, payload = post(b'{"inputs": {"features": ' + b"[" * 40 + b"1" + b"]" * 40 + b"}}")
     assert status == 400 and "nested more than 32 deep" in payload["error"]
@@ -491,3 +491,278 @@ def test_rest_listen_backlog_holds_8_concurrent_clients(exported):
             sock.close()
     finally:
         server.server_close()
+
+
+# ----------------------------------- (f) budgets across inputs, threads, ports (issue 21) --
+
+
+@pytest.fixture(scope="module")
+def multi_base(tmp_path_factory):
+    """A SavedModel whose serving_default takes four float32 (None, None) inputs a, b, c, d."""
+
+    class Four(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec((None, None), tf.float32, name=k) for k in "abcd"])
+        def serve(self, a, b, c, d):
+            return {"total": tf.reduce_sum(a) + tf.reduce_sum(b) + tf.reduce_sum(c) + tf.reduce_sum(d)}
+
+    module = Four()
+    base = tmp_path_factory.mktemp("multi") / "model"
+    tf.saved_model.save(module, str(base / "1"), signatures={"serving_default": module.serve})
+    return base
+
+
+def test_grpc_inputs_are_capped_together_before_allocation(multi_base):
+    """Four declared-only inputs of 800 KB each pass the 1 MiB per-input cap; together they are refused."""
+    import resource
+
+    handle = start_local_server(multi_base, "four", grpc_port=0, max_request_bytes=1 << 20, poll_seconds=0)
+    channel = grpc.insecure_channel(handle.grpc_address)
+    try:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = "four"
+        for key in "abcd":
+            proto = request.inputs[key]
+            proto.dtype = tf.float32.as_datatype_enum
+            proto.tensor_shape.dim.add(size=1)
+            proto.tensor_shape.dim.add(size=200_000)
+        assert request.ByteSize() < 250
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Predict(request, timeout=30)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "declare 3200000 bytes together" in info.value.details()
+        # an input the signature does not have is refused before anything is built for it
+        request.inputs["zzz"].CopyFrom(request.inputs["a"])
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Predict(request, timeout=30)
+        assert "unknown: ['zzz']" in info.value.details()
+        assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 2 * 1024  # KiB: nothing was allocated
+        ok = client_lib.predict_grpc(handle.grpc_address, "four", {k: np.ones((1, 2), np.float32) for k in "abcd"})
+        assert float(ok["total"]) == 8.0
+    finally:
+        channel.close()
+        handle.stop()
+
+
+def test_rest_json_values_are_counted_before_parsing(strict_server):
+    """A body of many small numbers is refused by counting, before json.loads builds Python floats."""
+    body = b'{"inputs": {"features": [' + b"0.5," * 40000 + b"0.5]}}"
+    assert len(body) < (1 << 20)  # under the body limit
+    head = f"POST /v1/models/{MODEL_NAME}:predict HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+    status, payload = _post_raw(strict_server.rest_url, head.encode(), body)
+    assert status == 400 and "JSON values, over this server's limit of 32768" in payload["error"]
+
+
+def _rest_conn_threads() -> int:
+    import threading
+
+    return sum(t.name == "tfserving-test-double-rest-conn" for t in threading.enumerate())
+
+
+def test_rest_connection_threads_are_bounded(exported):
+    import socket
+    import time
+
+    handle = start_local_server(
+        exported["base"], MODEL_NAME, grpc_port=None, rest_port=0, rest_threads=2, request_timeout=1.0, poll_seconds=0
+    )
+    try:
+        host, port = handle.rest_url[len("http://") :].split(":")
+        socks = [socket.create_connection((host, int(port)), timeout=5) for _ in range(8)]  # idle clients
+        time.sleep(0.3)
+        assert _rest_conn_threads() <= 2  # was one thread per connection
+        for sock in socks:
+            sock.close()
+        # once the idle ones time out, a real client is served
+        out = client_lib.predict_rest(handle.rest_url, MODEL_NAME, {"features": exported["x"]}, timeout=30)
+        _assert_outputs(out, exported["ref"])
+    finally:
+        handle.stop()
+
+
+def test_busy_port_is_an_error(exported, server):
+    grpc_port = int(server.grpc_address.rsplit(":", 1)[1])
+    rest_port = int(server.rest_url.rsplit(":", 1)[1])
+    with pytest.raises(OSError, match=f"cannot listen for gRPC on 127.0.0.1:{grpc_port}"):
+        start_local_server(exported["base"], MODEL_NAME, grpc_port=grpc_port, poll_seconds=0)
+    with pytest.raises(OSError, match=f"cannot listen for REST on 127.0.0.1:{rest_port}"):
+        start_local_server(exported["base"], MODEL_NAME, grpc_port=None, rest_port=rest_port, poll_seconds=0)
+    # the first server still answers alone
+    _assert_outputs(
+        client_lib.predict_grpc(server.grpc_address, MODEL_NAME, {"features": exported["x"]}), exported["ref"]
+    )
+
+
+# ------------------------------------------ (g) as TF Serving answers (issue 23 §3) --
+
+
+def _get(url: str) -> tuple[int, dict]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=30) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def _keys(value):
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield k
+            yield from _keys(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _keys(v)
+
+
+def test_rest_metadata_uses_proto_field_names(server):
+    """TF Serving prints GetModelMetadataResponse with preserve_proto_field_names (http_rest_api_util.cc)."""
+    status, meta = _get(f"{server.rest_url}/v1/models/{MODEL_NAME}/metadata")
+    assert status == 200
+    assert meta["model_spec"] == {"name": MODEL_NAME, "signature_name": "", "version": "1"}
+    sig = meta["metadata"]["signature_def"]["signature_def"]["serving_default"]
+    assert sig["method_name"] == "tensorflow/serving/predict"
+    features = sig["inputs"]["features"]
+    assert features["dtype"] == "DT_FLOAT"
+    assert [d["size"] for d in features["tensor_shape"]["dim"]] == ["-1", "4", "3"]
+    assert features["tensor_shape"]["unknown_rank"] is False  # default values printed, as TF Serving does
+    camel = sorted({k for k in _keys(meta) if any(c.isupper() for c in k) and "_" not in k and k.isidentifier()})
+    assert not [k for k in camel if k[0].islower()], camel  # no signatureDef, tensorShape, methodName ...
+
+
+def test_rest_status_and_paths_as_tf_serving(server):
+    status, body = _get(f"{server.rest_url}/v1/models/{MODEL_NAME}")
+    assert status == 200 and body == {
+        "model_version_status": [
+            {"version": "1", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}
+        ]
+    }
+    assert _get(f"{server.rest_url}/v1/models") == (400, {"error": "Missing model name in request."})
+    assert _get(f"{server.rest_url}/v1/models/") == (400, {"error": "Malformed request: GET /v1/models/"})
+    assert _get(f"{server.rest_url}/v1/models/{MODEL_NAME}/extra")[0] == 400
+    assert _get(f"{server.rest_url}/V1/Models/{MODEL_NAME}/versions/1")[0] == 200  # TF Serving's paths ignore case
+    assert _get(f"{server.rest_url}/v1/models/{MODEL_NAME}/versions/7") == (
+        404,
+        {"error": f"Could not find version 7 of model {MODEL_NAME}"},
+    )
+    assert _get(f"{server.rest_url}/v1/models/nope")[0] == 404
+    assert _get(f"{server.rest_url}/healthz")[0] == 404
+
+
+def test_grpc_get_model_status_with_official_stub(server):
+    from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
+
+    channel = grpc.insecure_channel(server.grpc_address)
+    try:
+        stub = model_service_pb2_grpc.ModelServiceStub(channel)
+        request = get_model_status_pb2.GetModelStatusRequest()
+        request.model_spec.name = MODEL_NAME
+        response = stub.GetModelStatus(request, timeout=30)
+        (entry,) = response.model_version_status
+        assert entry.version == 1 and entry.state == get_model_status_pb2.ModelVersionStatus.AVAILABLE
+        assert entry.status.error_code == 0
+        request.model_spec.name = "nope"
+        with pytest.raises(grpc.RpcError) as info:
+            stub.GetModelStatus(request, timeout=30)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        assert info.value.details() == "Could not find any versions of model nope"
+    finally:
+        channel.close()
+
+
+def _wait_for(predicate, timeout=60.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_new_versions_are_polled_and_removed_ones_unloaded(exported, tmp_path):
+    import shutil
+
+    base = tmp_path / "model"
+    shutil.copytree(exported["dir"], base / "1")
+    handle = start_local_server(base, MODEL_NAME, grpc_port=0, rest_port=0, poll_seconds=0.2)
+    try:
+        assert handle.version == 1
+        shutil.copytree(exported["dir"], base / ".incoming")
+        (base / ".incoming").rename(base / "2")  # as msdn_tf.export publishes: rename into place
+        assert _wait_for(lambda: handle.version == 2)
+        status, body = _get(f"{handle.rest_url}/v1/models/{MODEL_NAME}")
+        states = {e["version"]: e["state"] for e in body["model_version_status"]}
+        assert states == {"1": "END", "2": "AVAILABLE"}
+        out = client_lib.predict_grpc(handle.grpc_address, MODEL_NAME, {"features": exported["x"]}, version=2)
+        _assert_outputs(out, exported["ref"])
+        with pytest.raises(client_lib.PredictError) as info:
+            client_lib.predict_grpc(handle.grpc_address, MODEL_NAME, {"features": exported["x"]}, version=1)
+        assert info.value.code == "NOT_FOUND"
+        # a version that does not load leaves the served one in place, its error in the status
+        (base / "3").mkdir()
+        (base / "3" / "saved_model.pb").write_bytes(b"not a protocol buffer")
+        assert _wait_for(lambda: _get(f"{handle.rest_url}/v1/models/{MODEL_NAME}/versions/3")[0] == 200)
+        entry = _get(f"{handle.rest_url}/v1/models/{MODEL_NAME}/versions/3")[1]["model_version_status"][0]
+        assert entry["state"] == "END" and "not a SavedModel" in entry["status"]["error_message"]
+        assert handle.version == 2
+        shutil.rmtree(base / "3")
+        shutil.rmtree(base / "2")  # removed: unloaded, the highest remaining version is served again
+        assert _wait_for(lambda: handle.version == 1)
+        _assert_outputs(
+            client_lib.predict_grpc(handle.grpc_address, MODEL_NAME, {"features": exported["x"]}), exported["ref"]
+        )
+    finally:
+        handle.stop()
+
+
+def test_missing_or_corrupt_model_is_one_line(tmp_path, capsys):
+    from msdn_tf.cli import serve_local
+
+    (tmp_path / "bad" / "1").mkdir(parents=True)
+    (tmp_path / "bad" / "1" / "saved_model.pb").write_bytes(b"\x08\x01garbage")
+    cases = {
+        str(tmp_path / "missing"): "does not exist",
+        str(tmp_path): "no version directory with a saved_model.pb",
+        str(tmp_path / "bad"): "not a SavedModel",
+    }
+    for base, message in cases.items():
+        assert (
+            serve_local.main(["--model_base_path", base, "--model_name", "m", "--port", "0", "--rest_api_port", "1"])
+            == 2
+        )
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_serve_local_flags_as_tf_serving(exported, monkeypatch, capsys):
+    """REST is off unless --rest_api_port is given; 0 disables a port; a busy port is one line."""
+    import socket
+    import time
+
+    from msdn_tf.cli import serve_local
+
+    def interrupt(_seconds):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(time, "sleep", interrupt)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        free = probe.getsockname()[1]
+    base = ["--model_base_path", str(exported["base"]), "--model_name", MODEL_NAME]
+    assert serve_local.main(base + ["--port", str(free), "--file_system_poll_wait_seconds", "0"]) == 0
+    out = capsys.readouterr().out
+    assert f"grpc=127.0.0.1:{free}" in out and "rest=None" in out
+    assert serve_local.main(base + ["--port", "0", "--rest_api_port", "0"]) == 2
+    assert "disable both gRPC and REST" in capsys.readouterr().err
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert serve_local.main(base + ["--port", "0", "--rest_api_port", str(port)]) == 2
+        err = capsys.readouterr().err
+        assert f"error: cannot listen for REST on 127.0.0.1:{port}" in err and len(err.strip().splitlines()) == 1

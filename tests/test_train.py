@@ -39,8 +39,44 @@ def test_tiny_demo_trains_end_to_end(tiny_config, tmp_path, capsys):
     assert saved.train.iterations == 60 and saved.demo.num_classes == 10
     assert (run / "model.keras").is_file()
     # TensorBoard: loss terms and evaluation scalars.
-    tags = _tensorboard_tags(run / "tensorboard")
+    tags = _tensorboard_tags(run)
     assert {"train/ce_a2v", "train/distill", "eval/H", "eval/acc", "eval/U", "eval/S"} <= tags
+    _check_tensorboard_run(run, results)
+
+
+def _events(folder):
+    import tensorflow as tf
+
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        yield from tf.compat.v1.train.summary_iterator(str(path))
+
+
+def _check_tensorboard_run(run, results):
+    """Step-0 evaluation, hparams session named after the run folder, final figures, descriptions."""
+    import tensorflow as tf
+    from tensorboard.plugins.hparams import metadata as hp_metadata
+
+    scalars, descriptions, session = {}, {}, None
+    for event in _events(run):  # the events are in the run folder: TensorBoard's run name is its name
+        for v in event.summary.value:
+            if v.metadata.plugin_data.plugin_name == hp_metadata.PLUGIN_NAME:
+                if v.tag == hp_metadata.SESSION_START_INFO_TAG:
+                    session = hp_metadata.parse_session_start_info_plugin_data(v.metadata.plugin_data.content)
+                continue
+            scalars[(v.tag, event.step)] = float(tf.make_ndarray(v.tensor))
+            if v.metadata.summary_description:
+                descriptions[v.tag] = v.metadata.summary_description
+    assert scalars[("eval/H", 0)] == pytest.approx(results["initial"]["H"], abs=1e-6)  # the step-0 evaluation
+    final = results["final"]
+    for key in ("acc", "U", "S", "H"):
+        assert scalars[(f"final/{key}", final["step"])] == pytest.approx(final[key], abs=1e-6)
+    assert scalars[("best_on_test/H", final["step"])] == pytest.approx(results["best_on_test"]["best_H"]["H"], abs=1e-6)
+    for tag in ("eval/H", "eval/acc", "train/loss", "train/distill", "period/loss", "final/H"):
+        assert descriptions.get(tag), f"{tag} has no description"
+    assert "harmonic mean" in descriptions["eval/H"]
+    assert session is not None and session.group_name == run.name
+    hparams = {k: v.string_value or v.number_value or v.bool_value for k, v in session.hparams.items()}
+    assert hparams["loss.lambda_cal"] == pytest.approx(0.1) and hparams["data.dataset"] == "demo"
 
 
 def _tensorboard_tags(folder):
@@ -166,5 +202,5 @@ def test_tensorboard_images_option_wires_the_visualisation_hooks(tiny_config, tm
     )
     results = run_training(config, run_dir=tmp_path / "run", log=lambda *a: None)
     assert results["initial"] is None and [h["step"] for h in results["history"]] == [2]
-    tags = _tensorboard_tags(tmp_path / "run" / "tensorboard")
+    tags = _tensorboard_tags(tmp_path / "run")
     assert {"attention/maps", "gzsl/unseen_predicted_seen", "gzsl/per_class_acc_unseen"} <= tags

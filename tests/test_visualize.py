@@ -113,6 +113,7 @@ def test_attention_from_dataset_index_writes_figure_and_json(tiny_run, tmp_path,
             "3",
             "--out",
             str(out),
+            "--json",
         ]
     )
     assert rc == 0
@@ -120,6 +121,13 @@ def test_attention_from_dataset_index_writes_figure_and_json(tiny_run, tmp_path,
     assert png_shape(out)[:2] == (height, width) == (2 * 230 + 60, 4 * 200)
     summary = json.loads((tmp_path / "fig.json").read_text())
     assert json.loads(capsys.readouterr().out) == summary
+    # Without --json: a short readable summary (the JSON stays beside the figure).
+    argv = ["attention", "--run", str(tiny_run["dir"]), "--index", "1", "--split", "test_seen", "--top-k", "3"]
+    assert visualize.main(argv + ["--out", str(tmp_path / "fig2.png")]) == 0
+    text = capsys.readouterr().out
+    assert not text.lstrip().startswith("{") and len(text.splitlines()) == 3 + 3 + 1
+    assert text.startswith(f"predicted: {summary['predicted_class']['name']}")
+    assert f"1. {summary['top_attributes'][0]['name']}" in text and "fig2.json" in text
     data = tiny_run["data"]
     row = int(data.test_seen_loc[1])
     assert summary["row"] == row and summary["region_grid"] == [3, 3]
@@ -228,7 +236,17 @@ def test_embeddings_write_projector_files_tensorboard_can_load(tiny_run, tmp_pat
 
     out = tmp_path / "proj"
     rc = visualize.main(
-        ["embeddings", "--run", str(tiny_run["dir"]), "--max-per-class", "2", "--out", str(out), "--no-progress"]
+        [
+            "embeddings",
+            "--run",
+            str(tiny_run["dir"]),
+            "--max-per-class",
+            "2",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--json",
+        ]
     )
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)

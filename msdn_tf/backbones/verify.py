@@ -94,3 +94,67 @@ def compare_served(export_dir: str, images: Sequence[str], reference: dict) -> l
             }
         )
     return rows
+
+
+def verify_backbone(
+    weights, images, reference, *, image_size: int = 448, tolerance: float = 1e-3, export=None, blocks=(3, 4, 23, 3)
+) -> dict:
+    """What ``python -m msdn_tf.verify_backbone`` checks: :func:`compare` on every image of the
+    folder ``images`` that has a map in the ``reference`` npz, and :func:`compare_served` with
+    ``export``.
+
+    Args:
+        blocks: stage depths of the network in ``weights`` (``None``: read from the file).
+
+    Returns:
+        ``{"rows", "served", "max_extract_rel_l2", "max_serving_rel_l2", "tolerance", "ok"}``;
+        ``ok`` is false when an extractor-path error exceeds ``tolerance`` or a served score
+        misses 2e-2 / the argmax.
+    """
+    try:
+        with np.load(reference) as z:
+            maps = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as exc:
+        raise MSDNError(f"{reference}: cannot read the reference maps ({exc})") from None
+    paths = sorted(os.path.join(images, f) for f in os.listdir(images) if "map::" + f in maps)
+    if not paths:
+        raise MSDNError(f"no image of {images} has a map in {reference}")
+    rows = compare(weights, paths, maps, image_size, blocks=blocks)
+    served = compare_served(export, paths, maps) if export else []
+    worst = max(r["extract_rel_l2"] for r in rows)
+    served_ok = all(r["scores_rel_l2"] <= 2e-2 and r["same_argmax"] for r in served)
+    return {
+        "rows": rows,
+        "served": served,
+        "max_extract_rel_l2": worst,
+        "max_serving_rel_l2": max(r["serving_rel_l2"] for r in rows),
+        "tolerance": tolerance,
+        "ok": worst <= tolerance and served_ok,
+    }
+
+
+def report_text(report: dict) -> str:
+    """The tables ``python -m msdn_tf.verify_backbone`` prints for a :func:`verify_backbone` report."""
+    rows, served = report["rows"], report["served"]
+    lines = [
+        "| image | extract rel L2 | serving rel L2 | decoded pixels differing | serving input max abs diff |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['image']} | {r['extract_rel_l2']:.2e} | {r['serving_rel_l2']:.2e} | "
+            f"{r['decode_pixels_differing']} | {r['serving_input_max_abs_diff']:.3g} |"
+        )
+    lines.append(
+        f"max extract rel L2 {report['max_extract_rel_l2']:.2e} (tolerance {report['tolerance']:g}); "
+        f"max serving rel L2 {report['max_serving_rel_l2']:.2e}; {len(rows)} images"
+    )
+    if served:
+        lines += ["", "| image | served scores rel L2 | same argmax | same gzsl_class |", "|---|---|---|---|"]
+        for r in served:
+            lines.append(f"| {r['image']} | {r['scores_rel_l2']:.2e} | {r['same_argmax']} | {r['same_gzsl_class']} |")
+        lines.append(
+            f"max served scores rel L2 {max(r['scores_rel_l2'] for r in served):.2e} (tolerance 2e-2); "
+            f"argmax equal for {sum(r['same_argmax'] for r in served)}/{len(served)}"
+        )
+    return "\n".join(lines)

@@ -7,18 +7,17 @@ The command is thin: :func:`msdn_tf.experiments.ablations.run_ablations` does th
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from msdn_tf.cli.common import add_common_flags, cli_main
+from msdn_tf.cli.common import CommandParser, add_common_flags, cli_main, config_from_common_flags
 from msdn_tf.errors import ConfigError
 from msdn_tf.experiments.ablations import ROWS, parse_rows, precision_check, quality_check, run_ablations
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m msdn_tf.ablations", description="Run the ablations of Table 2.")
-    p.add_argument("--dataset", default="demo", help="dataset name (default demo)")
+    p = CommandParser(command="ablations", description="Run the ablations of Table 2.")
+    p.add_argument("--dataset", default="demo", help="dataset name")
     p.add_argument("--rows", default="all", help=f"all, or a comma-separated list of: {', '.join(ROWS)}")
-    p.add_argument("--seeds", type=int, default=1, help="number of seeds: train.seed + 0..N-1 (default 1)")
+    p.add_argument("--seeds", type=int, default=1, help="number of seeds: train.seed + 0..N-1")
     add_common_flags(p)
     p.add_argument("--out", help="output folder (default runs/ablations/<dataset>)")
     p.add_argument(
@@ -37,17 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_main
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from msdn_tf.config import resolve_config
-    from msdn_tf.data.registry import get_spec
-
     rows = parse_rows(args.rows)
     if args.check and not {"gap", "full"} <= set(rows):
         raise ConfigError("--check needs the rows gap and full (e.g. --rows gap,full)")
-    overrides = list(args.set) + ([f"data.data_dir={args.data_dir}"] if args.data_dir else [])
-    config = resolve_config(args.dataset, args.config, overrides)
-    get_spec(config.data.dataset)
-    out = Path(args.out) if args.out else Path(config.train.out_dir) / "ablations" / config.data.dataset
-    result = run_ablations(config, rows, out, seeds=args.seeds)
+    result = run_ablations(config_from_common_flags(args), rows, args.out, seeds=args.seeds)
     status = 0
     if args.check:
         passed = quality_check(result)

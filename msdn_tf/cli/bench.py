@@ -1,7 +1,10 @@
 """Benchmark MSDN training and evaluation against this machine's own matrix-multiply rate.
 
 ``python -m msdn_tf.bench [--regions 196 49] [--batch 50] [--steps N] [--jit/--no-jit]
-[--precision float32|mixed_bfloat16|mixed_float16|auto] [--variants IMPL:JIT:PRECISION[:nocheck] ...] [--json OUT]``
+[--precision float32|mixed_bfloat16|mixed_float16|auto] [--variants IMPL:JIT:PRECISION[:nocheck] ...] [--json [OUT]]``
+
+prints a short table (images/s and the fraction of the machine's matmul rate per variant);
+``--json`` prints the full JSON report instead, ``--json OUT`` writes it to ``OUT``.
 
 The command is thin: :func:`msdn_tf.perf.model_speed.run_benchmark` does the work (what
 is timed, the FLOP count and the report are described there and in docs/performance.md).
@@ -14,20 +17,28 @@ import argparse
 import json
 import sys
 
-from msdn_tf.cli.common import add_verbose_flag, cli_main
+from msdn_tf.cli.common import CommandParser, add_verbose_flag, cli_main
 from msdn_tf.options import PRECISIONS
-from msdn_tf.perf.model_speed import CUB, IMPLS, run_benchmark
+from msdn_tf.perf.model_speed import CUB, IMPLS, report_text, run_benchmark
+from msdn_tf.utils import atomic_write_text
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m msdn_tf.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--regions", type=int, nargs="+", default=[196, 49], help="R values to run (default 196 49)")
-    p.add_argument("--batch", type=int, default=50, help="training batch (default 50)")
-    p.add_argument("--eval-batch", type=int, default=100, help="evaluation batch (default 100)")
-    p.add_argument("--steps", type=int, default=3, help="calls per timed repeat (default 3)")
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats (default 5)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed calls first, incl. compilation (default 2)")
-    p.add_argument("--matmul-steps", type=int, default=3, help="products per timed matmul repeat (default 3)")
+    p = CommandParser(command="bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--regions", type=int, nargs="+", default=[196, 49], help="R values to run")
+    p.add_argument("--batch", type=int, default=50, help="training batch")
+    p.add_argument("--eval-batch", type=int, default=100, help="evaluation batch")
+    p.add_argument("--steps", type=int, default=3, help="calls per timed repeat")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls first, incl. compilation")
+    p.add_argument(
+        "--loop-steps",
+        type=int,
+        default=20,
+        help="JAX: training (and evaluation) steps per dispatch, as the on-device training loop runs "
+        "them (1 = one step per dispatch, as fit). TensorFlow: ignored",
+    )
+    p.add_argument("--matmul-steps", type=int, default=3, help="products per timed matmul repeat")
     p.add_argument(
         "--jit",
         action=argparse.BooleanOptionalAction,
@@ -55,22 +66,45 @@ def build_parser() -> argparse.ArgumentParser:
         help="several variants timed in the same run, interleaved (e.g. einsum:nojit fused:nojit "
         "fused:jit fused:jit:mixed_bfloat16); overrides --impl/--jit/--precision",
     )
-    p.add_argument("--attributes", type=int, default=CUB["attributes"], help="K (default 312, CUB)")
-    p.add_argument("--classes", type=int, default=CUB["classes"], help="C (default 200, CUB)")
-    p.add_argument("--unseen", type=int, default=CUB["unseen"], help="unseen classes (default 50, CUB)")
-    p.add_argument("--features", type=int, default=CUB["features"], help="F (default 2048)")
-    p.add_argument("--embed", type=int, default=CUB["embed"], help="D (default 300)")
-    p.add_argument("--json", dest="json_out", help="also write the JSON report to this file")
+    p.add_argument("--attributes", type=int, default=CUB["attributes"], help="K (CUB)")
+    p.add_argument("--classes", type=int, default=CUB["classes"], help="C (CUB)")
+    p.add_argument("--unseen", type=int, default=CUB["unseen"], help="unseen classes (CUB)")
+    p.add_argument("--features", type=int, default=CUB["features"], help="F")
+    p.add_argument("--embed", type=int, default=CUB["embed"], help="D")
+    p.add_argument(
+        "--compare-backends",
+        nargs=2,
+        metavar="BACKEND",
+        help="time two Keras backends in ONE run (e.g. tensorflow jax): one worker process each, "
+        "timed in turn every repeat; reports images/s and the per-repeat ratio (second / first). "
+        "Each backend runs its training default (TensorFlow fused:nojit, JAX fused:jit with --loop-steps)",
+    )
+    p.add_argument(
+        "--json",
+        dest="json_out",
+        nargs="?",
+        const="-",
+        metavar="FILE",
+        help="print the full JSON report instead of the short table; with FILE, write it there (and print the table)",
+    )
     return add_verbose_flag(p)
 
 
 @cli_main
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    report = run_benchmark(args, command="python -m msdn_tf.bench " + " ".join(sys.argv[1:] if argv is None else argv))
+    command = "python -m msdn_tf.bench " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.compare_backends:
+        from msdn_tf.perf.backend_compare import compare_backends
+
+        report = compare_backends(args, command=command, log=lambda line: print(line, file=sys.stderr))
+    else:
+        report = run_benchmark(args, command=command)
     text = json.dumps(report, indent=1)
+    if args.json_out == "-":
+        print(text)
+        return 0
     if args.json_out:
-        with open(args.json_out, "w") as f:
-            f.write(text + "\n")
-    print(text)
+        atomic_write_text(args.json_out, text + "\n")
+    print(text if args.compare_backends else report_text(report))  # the comparison's progress lines summarise it
     return 0

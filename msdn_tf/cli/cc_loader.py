@@ -5,20 +5,19 @@ The library is :mod:`msdn_tf.serving.cc_loader`.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from msdn_tf.cli.common import add_verbose_flag
+from msdn_tf.cli.common import CommandParser, add_verbose_flag
 from msdn_tf.serving.cc_loader import (
     CcLoaderError,
     CcLoaderUnavailable,
     compile_loader,
     inspect_saved_model,
+    outputs_report,
     run_signature,
 )
 
@@ -33,8 +32,8 @@ def _parse_input(spec: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m msdn_tf.cc_loader",
+    parser = CommandParser(
+        command="cc_loader",
         description="Load a SavedModel with TensorFlow's C++ loader (as TF Serving does), "
         "list its signatures and optionally run one.",
     )
@@ -75,17 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 inputs[name] = value
         outputs = run_signature(args.export_dir, args.signature, inputs, binary=binary)
-        report = {}
-        for key, arr in outputs.items():
-            entry = {"dtype": str(arr.dtype), "shape": list(arr.shape)}
-            if arr.dtype != object:
-                entry["values"] = arr.tolist()
-            if args.out:
-                os.makedirs(args.out, exist_ok=True)
-                if arr.dtype != object:
-                    np.save(os.path.join(args.out, f"{key}.npy"), arr)
-            report[key] = entry
-        print(json.dumps(report, indent=2))
+        print(json.dumps(outputs_report(outputs, args.out), indent=2))
         return 0
     except (CcLoaderUnavailable, CcLoaderError) as exc:
         print(f"error: {exc}", file=sys.stderr)

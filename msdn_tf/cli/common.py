@@ -6,7 +6,8 @@ Every ``python -m msdn_tf.<command>`` (and console script) uses this module:
   and ``OSError`` become one ``error: ...`` line on stderr and exit status 2 (no traceback);
   it also accepts ``--verbose`` on every command;
 * :func:`add_common_flags` adds the flags that commands repeat (``--dataset``,
-  ``--data-dir``, ``--config``, ``--set``, ``--verbose``);
+  ``--data-dir``, ``--config``, ``--set``, ``--verbose``); :func:`config_from_common_flags`
+  resolves the config they name;
 * :func:`quiet_tensorflow_startup` hides TensorFlow's C++ start-up lines (``WARNING: All log
   messages before absl::InitializeLog()``, the oneDNN and ``cudart_stub`` INFO lines,
   ``failed call to cuInit``, ``NodeDef mentions attribute use_unbounded_threadpool``). It is
@@ -22,6 +23,7 @@ This module imports only the standard library and :mod:`msdn_tf.errors` / :mod:`
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import functools
 import importlib.abc
@@ -30,7 +32,7 @@ import os
 import sys
 import tempfile
 
-from msdn_tf.errors import MSDNError, report_error
+from msdn_tf.errors import MSDNError, describe_os_error
 from msdn_tf.utils import QUIET_TF_LOG_LEVEL, TF_LOG_ENV, VERBOSE_ENV, verbose_env
 
 VERBOSE_FLAG = "--verbose"
@@ -167,16 +169,112 @@ def add_common_flags(parser, *, dataset_help: str | None = None, data_dir: bool 
     return parser
 
 
+def config_from_common_flags(args):
+    """The resolved config of :func:`add_common_flags`' flags: ``--dataset``'s YAML, the ``--config``
+    files, ``--set`` and ``--data-dir``; an unknown dataset fails here, before TensorFlow starts."""
+    from msdn_tf.config import resolve_config
+    from msdn_tf.data.registry import get_spec
+
+    config = resolve_config(args.dataset, args.config, args.set, flags=[("data.data_dir", args.data_dir, "--data-dir")])
+    get_spec(config.data.dataset)
+    return config
+
+
 def add_verbose_flag(parser):
-    """Add ``--verbose`` (show TensorFlow's own start-up and log lines) to an argparse parser."""
+    """Add ``--verbose`` (show TensorFlow's own start-up and log lines) to an argparse parser, once."""
+    if VERBOSE_FLAG in parser._option_string_actions:
+        return parser
     parser.add_argument(
         VERBOSE_FLAG, action="store_true", help=f"show TensorFlow's start-up and log lines (also: {VERBOSE_ENV}=1)"
     )
     return parser
 
 
+CONSOLE_SCRIPT_PREFIX = "msdn-"
+
+
+def command_prog(command: str, argv0: str | None = None) -> str:
+    """The command's name as the user invoked it, for ``usage:`` lines and errors.
+
+    ``msdn-bench-input`` when run as that console script, else ``python -m msdn_tf.bench_input``.
+
+    Args:
+        command: the module name in :mod:`msdn_tf.cli` (``train``, ``bench_input``, ...).
+        argv0: the program path (default ``sys.argv[0]``).
+
+    Example:
+        >>> command_prog("bench_input", "/venv/bin/msdn-bench-input")
+        'msdn-bench-input'
+        >>> command_prog("train", "/repo/msdn_tf/train.py")
+        'python -m msdn_tf.train'
+    """
+    name = os.path.basename(sys.argv[0] if argv0 is None else argv0)
+    if name.startswith(CONSOLE_SCRIPT_PREFIX):
+        return name
+    return f"python -m msdn_tf.{command}"
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each flag's default (``(default: 50)``) unless it has none to show.
+
+    No default is shown for a flag whose default is None, False (an on/off switch) or an
+    empty list (a repeatable flag): their help text says what happens without them.
+    """
+
+    def _get_help_string(self, action):
+        default = action.default
+        if default is None or default is False or default == [] or default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class CommandParser(argparse.ArgumentParser):
+    """The argument parser of every msdn-tf command (and its sub-commands).
+
+    Differences from ``argparse.ArgumentParser``: ``command=`` names the command so ``usage:``
+    shows it as invoked (:func:`command_prog`); ``--help`` shows defaults
+    (:class:`DefaultsHelpFormatter`); ``--verbose`` is listed on every parser, because
+    :func:`cli_main` accepts it everywhere. Sub-command parsers are of this class too.
+
+    Args:
+        command: the module name in :mod:`msdn_tf.cli` (sets ``prog``); sub-parsers get their
+            ``prog`` from argparse.
+        **kwargs: as for ``argparse.ArgumentParser``.
+
+    Example:
+        >>> p = CommandParser(command="train", description="Train MSDN.")
+        >>> p.prog
+        'python -m msdn_tf.train'
+    """
+
+    def __init__(self, *args, command: str | None = None, **kwargs):
+        if command is not None:
+            kwargs["prog"] = command_prog(command)
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+        if self.add_help:
+            add_verbose_flag(self)
+
+
+def report_error(exc: BaseException) -> int:
+    """Print the one-line message of a known error to stderr; the exit status.
+
+    2, or the error's ``exit_code`` (130 for an interruption, as shells report SIGINT).
+    """
+    if isinstance(exc, OSError):
+        print(f"error: {describe_os_error(exc)}", file=sys.stderr)
+    elif isinstance(exc, KeyboardInterrupt):
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    else:
+        print(f"error: {exc}", file=sys.stderr)
+    return int(getattr(exc, "exit_code", 2))
+
+
 def cli_main(main):
     """Decorate a command's ``main(argv)``: :class:`MSDNError` and ``OSError`` become one line and exit 2.
+
+    Ctrl-C is one line too, with exit status 130 (training says which checkpoint is intact).
 
     Every command uses this one tail, so a disk full, a read-only folder or a bad input
     reads the same everywhere: ``error: <path>: <what> ...`` on stderr, no traceback.
@@ -196,7 +294,7 @@ def cli_main(main):
             argv = [a for a in argv if a != VERBOSE_FLAG]
         try:
             return main(argv)
-        except (MSDNError, OSError) as exc:
+        except (MSDNError, OSError, KeyboardInterrupt) as exc:
             return report_error(exc)
 
     return wrapper

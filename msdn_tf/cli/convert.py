@@ -5,7 +5,7 @@ Usage::
     python -m msdn_tf.convert --torch-checkpoint CUB_MSDN_GZSL.pth --dataset cub \\
         --out runs/cub-official-gzsl [--data-dir data/CUB] [--set section.key=value ...]
 
-The library (what is checked, what is written) is :mod:`msdn_tf.interop.convert`; see
+The library (what is checked, what is written) is :mod:`msdn_tf.training.convert`; see
 ``docs/convert.md``.
 """
 
@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from msdn_tf.cli.common import cli_main
-from msdn_tf.interop.convert import REPORT_FILE, convert_checkpoint, summary
+from msdn_tf.cli.common import CommandParser, cli_main
+from msdn_tf.training.convert import REPORT_FILE, convert_checkpoint, summary
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m msdn_tf.convert",
+    p = CommandParser(
+        command="convert",
         description="Convert an authors' PyTorch MSDN checkpoint ({CUB,SUN,AWA2}_MSDN_{CZSL,GZSL}.pth) "
         "into an msdn-tf run directory. Needs no torch; the file is read without executing "
         "anything in it.",
@@ -53,14 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_main
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    report = convert_checkpoint(
-        args.torch_checkpoint,
-        args.dataset,
-        args.out,
-        data_dir=args.data_dir,
-        overrides=args.set,
-        overwrite=args.overwrite,
-    )
+    from msdn_tf.runlock import RunLock
+
+    with RunLock(args.out, "convert --overwrite" if args.overwrite else "convert"):
+        report = convert_checkpoint(
+            args.torch_checkpoint,
+            args.dataset,
+            args.out,
+            data_dir=args.data_dir,
+            overrides=args.set,
+            overwrite=args.overwrite,
+        )
     print(summary(report))
     print(f"report: {Path(args.out) / REPORT_FILE}")
     return 0

@@ -25,106 +25,27 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Optional, Sequence
 
-import msdn_tf.data.custom as custom_data
-from msdn_tf.cli.common import cli_main
-from msdn_tf.errors import MSDNError
-from msdn_tf.experiments.custom_workflow import EXAMPLE_OVERRIDES, log_stderr, run_custom, run_example
-
-# prepare options that may also come from a dataset.yaml (--spec); path-valued ones are
-# resolved relative to the YAML file's folder.
-SPEC_KEYS = {
-    "images": True,
-    "csv": True,
-    "images_root": True,
-    "attributes": True,
-    "unseen": True,
-    "unseen_fraction": False,
-    "seed": False,
-    "attribute_vectors": True,
-    "word_vectors": True,
-    "allow_missing_words": False,
-    "allow_zero_vectors": False,
-    "test_seen_fraction": False,
-    "val_fraction": False,
-    "weights": False,
-    "image_size": False,
-    "batch_size": False,
-}
-EXCLUSIVE = (("images", "csv"), ("unseen", "unseen_fraction"), ("attribute_vectors", "word_vectors"))
-PREPARE_DEFAULTS = {
-    "seed": 0,
-    "test_seen_fraction": 0.2,
-    "val_fraction": 0.0,
-    "weights": "imagenet",
-    "image_size": 448,
-    "batch_size": 16,
-    "allow_missing_words": False,
-    "allow_zero_vectors": False,
-}
-
-
-def prepare_options(args) -> dict:
-    """Keyword arguments of :func:`prepare_dataset` from the flags and an optional ``--spec`` YAML
-    (flags win)."""
-    opts = {k: getattr(args, k) for k in SPEC_KEYS}
-    if args.spec:
-        from msdn_tf.config import load_yaml
-
-        spec_path = Path(args.spec)
-        try:
-            spec = load_yaml(spec_path)
-        except MSDNError as exc:
-            raise MSDNError(f"--spec: {exc}") from exc
-        for key, value in spec.items():
-            k = str(key).replace("-", "_")
-            if k not in SPEC_KEYS:
-                raise MSDNError(f"{spec_path}: unknown key {key!r}; known keys: {', '.join(SPEC_KEYS)}")
-            rivals = next((g for g in EXCLUSIVE if k in g), (k,))
-            if opts[k] in (None, False) and all(getattr(args, r) is None for r in rivals if r != k):
-                opts[k] = str(spec_path.parent / value) if SPEC_KEYS[k] and value is not None else value
-    for k, v in PREPARE_DEFAULTS.items():
-        if opts[k] is None:
-            opts[k] = v
-    if opts["attributes"] is None:
-        raise MSDNError("prepare needs --attributes FILE.csv (class x attribute table)")
-    opts["csv_file"] = opts.pop("csv")
-    return opts
+from msdn_tf.cli.common import CommandParser, cli_main
+from msdn_tf.experiments.custom_workflow import EXAMPLE_OVERRIDES, log_stderr, prepare, run_custom, run_example
 
 
 def cmd_prepare(args) -> int:
-    opts = prepare_options(args)
-    manifest = custom_data.prepare_dataset(
-        args.out, **opts, overwrite=args.overwrite, restart=args.restart, progress=not args.no_progress
+    summary = prepare(
+        args.out, vars(args), args.spec, overwrite=args.overwrite, restart=args.restart, progress=not args.no_progress
     )
-    vectors = manifest["attribute_vectors"]
-    print(
-        json.dumps(
-            {
-                "data_dir": str(args.out),
-                **manifest["sizes"],
-                "unseen": manifest["unseen_classes"],
-                "missing_words": sorted(vectors.get("missing_words", {})),
-                "zero_attributes": vectors.get("zero_attributes", []),
-            }
-        )
-    )
+    print(json.dumps(summary))
     return 0
 
 
 def cmd_run(args) -> int:
-    overrides = list(args.set)
-    if args.seed is not None:
-        overrides.append(f"train.seed={args.seed}")
-    if args.iterations is not None:
-        overrides.append(f"train.iterations={args.iterations}")
     summary = run_custom(
         args.data_dir,
         args.out,
         config_files=args.config,
-        overrides=overrides,
+        overrides=args.set,
+        flags=[("train.seed", args.seed, "--seed"), ("train.iterations", args.iterations, "--iterations")],
         export_dir=args.export_dir,
         export=not args.no_export,
         with_images=not args.no_images,
@@ -133,6 +54,7 @@ def cmd_run(args) -> int:
         verify_export=args.verify_export,
         visualize=args.visualize,
         resume=args.resume,
+        overwrite=args.overwrite,
         log=log_stderr,
     )
     print(json.dumps(summary))
@@ -159,8 +81,8 @@ def cmd_example(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m msdn_tf.custom",
+    p = CommandParser(
+        command="custom",
         description="MSDN on your own attribute-annotated images (docs/custom_data.md).",
     )
     sub = p.add_subparsers(dest="command", required=True)
@@ -215,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", required=True, help="the prepared folder DATA_DIR")
     a.add_argument("--overwrite", action="store_true", help="replace an existing DATA_DIR/features.hdf5")
     a.add_argument("--restart", action="store_true", help="discard an unfinished extraction instead of resuming")
-    a.add_argument("--no-progress", action="store_true")
+    a.add_argument("--no-progress", action="store_true", help="no progress bar while extracting features")
     a.set_defaults(func=cmd_prepare)
 
     r = sub.add_parser("run", help="train + evaluate + export on a prepared DATA_DIR")
@@ -228,20 +150,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--iterations", type=int, help="shortcut for --set train.iterations=N")
     r.add_argument("--gamma", type=float, default=0.0, help="calibrated stacking for evaluation and the export")
     r.add_argument("--top-k", type=int, default=5, help="top-k of the export")
-    r.add_argument("--no-export", action="store_true")
+    r.add_argument("--no-export", action="store_true", help="train and evaluate only; no SavedModel")
     r.add_argument("--no-images", action="store_true", help="export without the serving_images signature")
     r.add_argument("--verify-export", action="store_true", help="reload the export with TF's C++ loader and compare")
     r.add_argument("--visualize", action="store_true", help="write an attention figure of one unseen test image")
     r.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    r.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     r.set_defaults(func=cmd_run)
 
     e = sub.add_parser("example", help="generated coloured shapes: prepare -> run -> serve -> query")
     e.add_argument("--out", required=True, help="work folder (source images, data, run, export)")
-    e.add_argument("--image-size", type=int, default=96, help="backbone input size (default 96 -> 3x3 maps)")
-    e.add_argument("--classes", type=int, default=15)
-    e.add_argument("--images-per-class", type=int, default=12)
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--top-k", type=int, default=3)
+    e.add_argument("--image-size", type=int, default=96, help="backbone input size")
+    e.add_argument("--classes", type=int, default=15, help="number of generated classes")
+    e.add_argument("--images-per-class", type=int, default=12, help="generated images per class")
+    e.add_argument("--seed", type=int, default=0, help="seed of the generated images and the run")
+    e.add_argument("--top-k", type=int, default=3, help="top-k of the export")
     e.add_argument(
         "--set",
         action="append",

@@ -8,10 +8,9 @@ docs/evaluation.md).
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Optional
 
-from msdn_tf.cli.common import add_common_flags, cli_main
+from msdn_tf.cli.common import CommandParser, add_common_flags, cli_main, config_from_common_flags
 from msdn_tf.errors import ConfigError
 from msdn_tf.experiments.protocols import run_protocol
 
@@ -31,23 +30,23 @@ def parse_floats(text: Optional[str], option: str) -> Optional[list]:
 def build_parser() -> argparse.ArgumentParser:
     from msdn_tf.data.registry import DATASETS
 
-    p = argparse.ArgumentParser(
-        prog="python -m msdn_tf.protocols",
+    p = CommandParser(
+        command="protocols",
         description="Train and report under a model-selection protocol (docs/evaluation.md).",
     )
-    p.add_argument("--dataset", default="demo", help=f"dataset name: {', '.join(sorted(DATASETS))} (default demo)")
+    p.add_argument("--dataset", default="demo", help=f"dataset name: {', '.join(sorted(DATASETS))}")
     p.add_argument(
         "--protocol",
         default="validation",
         help="reference, final, validation, or a comma-separated list (default validation)",
     )
     add_common_flags(p)
-    p.add_argument("--seeds", type=int, default=1, help="number of seeds: train.seed + 0..N-1 (default 1)")
+    p.add_argument("--seeds", type=int, default=1, help="number of seeds: train.seed + 0..N-1")
     p.add_argument("--lambda-grid", help="lambda_cal values for validation, e.g. 0.05,0.1,0.2 (default: the config's)")
     p.add_argument(
         "--gamma-grid", help="calibration gammas for validation (default: the exact curve; 0 = no calibration)"
     )
-    p.add_argument("--holdout", type=float, default=0.2, help="share of each train class held out (default 0.2)")
+    p.add_argument("--holdout", type=float, default=0.2, help="share of each train class held out")
     p.add_argument(
         "--scale-steps",
         action="store_true",
@@ -60,17 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_main
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from msdn_tf.config import resolve_config
-    from msdn_tf.data.registry import get_spec
-
-    overrides = list(args.set) + ([f"data.data_dir={args.data_dir}"] if args.data_dir else [])
-    config = resolve_config(args.dataset, args.config, overrides)
-    get_spec(config.data.dataset)
-    out = Path(args.out) if args.out else Path(config.train.out_dir) / "protocols" / config.data.dataset
     run_protocol(
-        config,
+        config_from_common_flags(args),
         args.protocol,
-        out,
+        args.out,
         seeds=args.seeds,
         lambda_grid=parse_floats(args.lambda_grid, "--lambda-grid"),
         gamma_grid=parse_floats(args.gamma_grid, "--gamma-grid"),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 from msdn_tf import options
-from msdn_tf.cli.common import add_common_flags, cli_main
+from msdn_tf.cli.common import CommandParser, add_common_flags, cli_main
 from msdn_tf.config import Config, resolve_config
 from msdn_tf.training.resume import resume_config
 
@@ -19,12 +19,17 @@ from msdn_tf.training.resume import resume_config
 def build_parser() -> argparse.ArgumentParser:
     from msdn_tf.data.registry import DATASETS
 
-    p = argparse.ArgumentParser(prog="python -m msdn_tf.train", description="Train MSDN for zero-shot learning.")
+    p = CommandParser(command="train", description="Train MSDN for zero-shot learning.")
     add_common_flags(p, dataset_help=f"dataset name: {', '.join(sorted(DATASETS))} (default demo)")
     p.add_argument("--seed", type=int, help="shortcut for --set train.seed=N")
     p.add_argument("--iterations", type=int, help="shortcut for --set train.iterations=N")
     p.add_argument("--run-dir", help="output folder (default runs/<dataset>-seed<N>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run already in --run-dir (its model, checkpoint, results and TensorBoard events)",
+    )
     p.add_argument(
         "--strategy",
         choices=list(options.STRATEGIES),
@@ -42,18 +47,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args) -> Config:
     """The resolved config of the flags: the dataset's YAML, ``--config`` files, ``--set`` and the shortcuts."""
-    overrides = list(args.set)
-    if args.data_dir:
-        overrides.append(f"data.data_dir={args.data_dir}")
-    if args.seed is not None:
-        overrides.append(f"train.seed={args.seed}")
-    if args.iterations is not None:
-        overrides.append(f"train.iterations={args.iterations}")
-    if getattr(args, "strategy", None):
-        overrides.append(f"train.strategy={args.strategy}")
-    if getattr(args, "precision", None):
-        overrides.append(f"train.precision={args.precision}")
-    return resolve_config(args.dataset or "demo", args.config, overrides)
+    return resolve_config(args.dataset or "demo", args.config, args.set, flags=flag_triples(args))
+
+
+def flag_triples(args) -> list:
+    """``(section.key, value, flag)`` of the shortcut flags given (typed values, never YAML text)."""
+    return [
+        ("data.data_dir", args.data_dir, "--data-dir"),
+        ("train.seed", args.seed, "--seed"),
+        ("train.iterations", args.iterations, "--iterations"),
+        ("train.strategy", getattr(args, "strategy", None), "--strategy"),
+        ("train.precision", getattr(args, "precision", None), "--precision"),
+    ]
 
 
 @cli_main
@@ -75,6 +80,8 @@ def main(argv=None) -> int:
     from msdn_tf.training.loop import run_training
     from msdn_tf.training.reporting import summary_line
 
-    results = run_training(config, run_dir=args.run_dir, resume=args.resume, resume_changes=changes)
+    results = run_training(
+        config, run_dir=args.run_dir, resume=args.resume, resume_changes=changes, overwrite=args.overwrite
+    )
     print(summary_line(results))
     return 0

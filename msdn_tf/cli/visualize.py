@@ -1,19 +1,11 @@
 """Command: see what a trained MSDN attends to: ``python -m msdn_tf.visualize {attention,embeddings}``.
 
-Attention (the paper's Fig. 4)::
+Usage::
 
-    python -m msdn_tf.visualize attention --run RUN --index 0 --split test_unseen [--top-k 6] [--out fig.png]
-    python -m msdn_tf.visualize attention --run RUN --image bird.jpg [--backbone-weights imagenet|FILE|none]
+    python -m msdn_tf.visualize attention --run RUN (--index 0 --split test_unseen | --image bird.jpg) [--out fig.png]
+    python -m msdn_tf.visualize embeddings --run RUN [--split test] [--out DIR]
 
-writes ``fig.png`` (top-k attributes; A->V and V->A maps side by side) and
-``fig.json`` (the attributes with their scores, predicted and true class), and
-prints the JSON. Embeddings (the paper's Fig. 5)::
-
-    python -m msdn_tf.visualize embeddings --run RUN [--split test] [--max-per-class 50] [--out DIR]
-
-writes the TensorBoard Embedding Projector files and a static ``tsne.png`` (or
-``pca.png`` without scikit-learn) into ``DIR`` (default ``RUN/tensorboard/embeddings_<split>``).
-See ``docs/visualize.md``. The library is :mod:`msdn_tf.viz.run_figures` (and :mod:`msdn_tf.viz`).
+What each writes: the library, :mod:`msdn_tf.viz.run_figures`, and ``docs/visualize.md``.
 """
 
 from __future__ import annotations
@@ -23,14 +15,12 @@ import json
 import sys
 from typing import Optional, Sequence
 
-from msdn_tf.cli.common import cli_main
-from msdn_tf.viz.run_figures import visualize_attention, visualize_embeddings
+from msdn_tf.cli.common import CommandParser, cli_main
+from msdn_tf.viz.run_figures import attention_text, embeddings_text, visualize_attention, visualize_embeddings
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m msdn_tf.visualize", description="Attention maps and embeddings of a trained MSDN run."
-    )
+    p = CommandParser(command="visualize", description="Attention maps and embeddings of a trained MSDN run.")
     sub = p.add_subparsers(dest="command", required=True)
 
     a = sub.add_parser("attention", help="top-k attributes of one image with both sub-nets' attention maps")
@@ -39,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--image", help="an image file (runs the backbone; maps overlaid on the image)")
     src.add_argument("--index", type=int, help="N-th image (0-based) of --split (features only: region grid)")
     a.add_argument("--split", default="test_unseen", help="with --index: test_unseen (default), test_seen, trainval")
-    a.add_argument("--top-k", type=int, default=6, help="attributes shown (default 6)")
+    a.add_argument("--top-k", type=int, default=6, help="attributes shown")
     a.add_argument(
         "--rank-by",
         default="fused",
@@ -54,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--image-size", type=int, default=448, help="with --image: input size (448 -> 14x14 maps)")
     a.add_argument("--true-class", help="with --image: its class id or name (reported in the JSON)")
     a.add_argument("--out", help="PNG path (the JSON is written beside it)")
+    a.add_argument("--json", action="store_true", help="print the summary as JSON instead of a few readable lines")
 
     e = sub.add_parser("embeddings", help="TensorBoard projector files and a static t-SNE of attribute scores")
     e.add_argument("--run", required=True, help="run directory")
@@ -68,9 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "tsne", "pca"],
         help="static figure projection (auto: t-SNE if scikit-learn is installed, else PCA)",
     )
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--seed", type=int, default=0, help="seed of the row sample and the t-SNE projection")
     e.add_argument("--out", help="output folder (default RUN/tensorboard/embeddings_<split>)")
-    e.add_argument("--no-progress", action="store_true")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    e.add_argument("--json", action="store_true", help="print the summary as JSON instead of a few readable lines")
     return p
 
 
@@ -104,5 +96,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             progress=not args.no_progress,
             log=log,
         )
-    print(json.dumps(summary, indent=2))
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(attention_text(summary) if args.command == "attention" else embeddings_text(summary))
     return 0

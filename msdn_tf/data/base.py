@@ -46,6 +46,28 @@ class FeatureSource(Protocol):
         ...
 
 
+def check_feature_dtype(dtype, where: str) -> None:
+    """Refuse feature values that are not real numbers, naming ``where`` (file and key).
+
+    Floats and integers (quantised activations) are accepted. Booleans are refused too:
+    backbone activations are never booleans, so a boolean array is a wrong key or file
+    (training on 0/1 maps would run and mean nothing). Strings, objects and complex
+    numbers are refused.
+    """
+    dtype = np.dtype(dtype)
+    if dtype.kind in "fiu":
+        return
+    what = {
+        "b": "booleans (activations are never booleans: is this the right file or key?)",
+        "c": "complex numbers",
+        "U": "strings",
+        "S": "strings",
+        "O": "Python objects",
+        "V": "records (a compound type)",
+    }.get(dtype.kind, str(dtype))
+    raise DataError(f"{where}: feature values must be real numbers (float or integer), got {what} ({dtype})")
+
+
 class ArrayFeatures:
     """A :class:`FeatureSource` over an array already in memory (tests, small data).
 
@@ -57,6 +79,7 @@ class ArrayFeatures:
         array = np.asarray(array)
         if array.ndim != 3:
             raise DataError(f"feature array must be (N, R, F), got shape {array.shape}")
+        check_feature_dtype(array.dtype, "feature array")
         self.array = array
         self.shape = tuple(array.shape)
 
@@ -234,9 +257,34 @@ def validate(data: ZSLData) -> None:
     optional ``train_loc``/``val_loc`` lie inside trainval.
     """
     _check_shapes(data)
+    _check_not_empty(data)
     _check_finite(data)
     _check_labels_and_rows(data)
+    _check_no_leakage(data)
     _check_split_classes(data)
+
+
+def _check_not_empty(data: ZSLData) -> None:
+    """Every dimension the model needs is at least 1: regions, channels, classes, attributes, word-vector length.
+
+    With zero of any of them MSDN trains to chance and reports it, or crashes inside
+    oneDNN (zero attributes); the error names the file and the dimension instead.
+    """
+    n, r, f = (int(v) for v in data.features.shape)
+    where = feature_file(data.features, data.source)
+    for size, what in ((r, "regions (H x W of the feature maps)"), (f, "feature channels")):
+        if size == 0:
+            raise DataError(f"{where}: the features have zero {what}, shape (N, R, F) = {(n, r, f)}; MSDN needs >= 1")
+    c, k = data.att.shape
+    if c == 0:
+        raise DataError(f"{data.source}: 'att' has zero classes, shape {data.att.shape}")
+    if k == 0:
+        raise DataError(f"{data.source}: 'att' has zero attributes, shape {data.att.shape}; MSDN needs >= 1 attribute")
+    if data.w2v.shape[1] == 0:
+        raise DataError(
+            f"{data.source}: 'w2v_att' has zero-length word vectors, shape {data.w2v.shape}; "
+            "every attribute needs a vector of length >= 1"
+        )
 
 
 def _check_shapes(data: ZSLData) -> None:
@@ -304,6 +352,20 @@ def _check_labels_and_rows(data: ZSLData) -> None:
                 f"(e.g. row {int(dup[0])} {int(counts[counts > 1][0])} times); each image "
                 "belongs in a split once"
             )
+
+
+def _check_no_leakage(data: ZSLData) -> None:
+    """No row in two of trainval, test_seen and test_unseen: a test image seen in training is leakage."""
+    splits = ("trainval_loc", "test_seen_loc", "test_unseen_loc")
+    for i, a in enumerate(splits):
+        for b in splits[i + 1 :]:
+            both = np.intersect1d(getattr(data, a), getattr(data, b))
+            if both.size:
+                raise DataError(
+                    f"{data.source}: {both.size} row(s) are in both '{a}' and '{b}' ({describe_rows(both)}); "
+                    "an image used for training and testing makes the accuracy meaningless (leakage): "
+                    "each image belongs in one split"
+                )
 
 
 def _check_split_classes(data: ZSLData) -> None:

@@ -175,6 +175,24 @@ def read_image_csv(path, images_root=None) -> List[ImageEntry]:
     return out
 
 
+def check_duplicate_images(entries: Sequence[ImageEntry]) -> None:
+    """Each image file once: a file listed twice (or under two classes, or reached through a
+    link) would land in two rows, possibly in training and test (leakage). Names the listings."""
+    first, dups = {}, []
+    for e in entries:
+        key = os.path.realpath(e.path)
+        if key in first:
+            dups.append((first[key], e))
+        else:
+            first[key] = e
+    if dups:
+        shown = "; ".join(f"{b.path} at {a.where} ({a.cls}) and {b.where} ({b.cls})" for a, b in dups[:5])
+        raise DataError(
+            f"{len(dups)} image file(s) are listed more than once: {shown}; an image in two rows can be in "
+            "training and in a test split (leakage): list each image once, under its one class"
+        )
+
+
 def check_image_files(entries: Sequence[ImageEntry]) -> None:
     """Every image exists, is non-empty and starts like a JPEG/PNG/GIF/BMP; else name them all."""
     missing, bad = [], []
@@ -655,7 +673,43 @@ def read_manifest(data_dir) -> dict:
             f"{path}: not found; {data_dir} is not a prepared custom dataset (make one with "
             "python -m msdn_tf.custom prepare ... --out DIR)"
         )
-    return load_json_file(path, "manifest")
+    manifest = load_json_file(path, "manifest")
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise DataError(f"{path}: not a custom.json written by prepare ({problem}); prepare the folder again")
+    return manifest
+
+
+def _manifest_problem(manifest) -> Optional[str]:
+    """What is wrong with the shape of a parsed ``custom.json`` (None: the keys the readers use are well-formed)."""
+    if not isinstance(manifest, dict):
+        return f"expected a JSON object, got {type(manifest).__name__}"
+    feature_file = manifest.get("feature_file", FEATURE_FILE)
+    if not isinstance(feature_file, str) or not feature_file or Path(feature_file).name != feature_file:
+        return f"'feature_file' must be a file name in the folder, got {str(feature_file)[:60]!r}"
+    for key in ("class_names", "attribute_names", "unseen_classes"):
+        value = manifest.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            return f"'{key}' must be a list of names"
+    for key in ("backbone", "sizes", "attribute_vectors"):
+        if key in manifest and not isinstance(manifest[key], dict):
+            return f"'{key}' must be an object"
+    probe = manifest.get("probe")
+    if probe is not None and not (
+        isinstance(probe, dict)
+        and isinstance(probe.get("path"), str)
+        and isinstance(probe.get("row"), int)
+        and not isinstance(probe.get("row"), bool)
+    ):
+        return "'probe' must be an object with a 'path' (string) and a 'row' (integer)"
+    backbone = manifest.get("backbone", {})
+    if backbone.get("weights") is not None:
+        size = backbone.get("image_size")
+        if isinstance(size, bool) or not isinstance(size, int) or not 32 <= size <= 4096:
+            return f"'backbone.image_size' must be an integer in [32, 4096], got {str(size)[:20]!r}"
+        if not isinstance(backbone.get("weights"), str) or not isinstance(backbone.get("seed", 0), int):
+            return "'backbone.weights' must be a string and 'backbone.seed' an integer"
+    return None
 
 
 def prepare_dataset(
@@ -721,6 +775,7 @@ def prepare_dataset(
     splits, unseen_ids = _choose_splits(
         entries, labels, table, source, unseen, unseen_fraction, test_seen_fraction, val_fraction, seed
     )
+    check_duplicate_images(entries)
     w2v, wv_report = _class_vectors(
         table, attribute_vectors, word_vectors, allow_missing_words, allow_zero_vectors, log
     )
@@ -734,9 +789,11 @@ def prepare_dataset(
         "attribute_names": table.attribute_names,
     }
     _check_as_loader_will(labels, splits, table, w2v, source)
+    feature_path = out / FEATURE_FILE
+    if feature_path.exists() and not overwrite:  # refused before anything in out is written
+        raise DataError(f"{feature_path} already exists; remove it or pass --overwrite (nothing was written)")
 
     out.mkdir(parents=True, exist_ok=True)
-    _write_images_file(out / IMAGES_FILE, entries, splits)
     unseen_names = [table.class_names[i] for i in unseen_ids]
     log(
         f"msdn-tf custom: {len(entries)} images, {len(table.class_names)} classes ({len(unseen_names)} unseen: "
@@ -749,7 +806,6 @@ def prepare_dataset(
     bid = "injected backbone" if backbone is not None else backbone_id(weights_spec, seed)
     if backbone is None:
         backbone = build_backbone(weights_spec, image_size, seed)
-    feature_path = out / FEATURE_FILE
     extract_features(
         [e.path for e in entries],
         str(feature_path),
@@ -776,6 +832,7 @@ def prepare_dataset(
     }
     backbone_info = {"weights": weights_spec, "seed": int(seed), "image_size": int(image_size), "id": bid}
     manifest = _manifest(table, entries, splits, unseen_names, w2v, wv_report, sources, backbone_info)
+    _write_images_file(out / IMAGES_FILE, entries, splits)  # after the features: a refused prepare changes nothing
     write_json(out / MANIFEST_FILE, manifest)
     log(f"msdn-tf custom: wrote {feature_path}, {out / MANIFEST_FILE}, {out / IMAGES_FILE}")
     return manifest

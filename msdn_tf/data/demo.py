@@ -69,7 +69,7 @@ def generate_demo_arrays(cfg: DemoConfig) -> dict:
     return {
         "feature_map": maps,
         "labels": labels,
-        **_demo_splits(rng, cfg, labels, seen, unseen),
+        **make_splits(rng, labels, seen, unseen, cfg.test_seen_fraction),
         "att": att,
         "original_att": att * 100.0,
         "w2v_att": w2v,
@@ -85,6 +85,8 @@ def _check_demo_config(cfg: DemoConfig) -> None:
         raise ValueError(f"demo.num_unseen must be in [1, {C - 1}], got {cfg.num_unseen}")
     if not 1 <= cfg.attributes_per_class <= K:
         raise ValueError(f"demo.attributes_per_class must be in [1, {K}]")
+    if cfg.map_size < 3:
+        raise ValueError(f"demo.map_size must be >= 3 (the object box spans up to 3 x 3 regions), got {cfg.map_size}")
 
 
 def _class_attributes(rng, cfg: DemoConfig):
@@ -147,13 +149,16 @@ def _image_map(rng, cfg: DemoConfig, class_att, patterns, object_code):
     return region.T.reshape(F, H, W)
 
 
-def _demo_splits(rng, cfg: DemoConfig, labels, seen, unseen) -> dict:
-    """trainval / test_seen from the seen classes, test_unseen = all unseen images, and a
-    class-disjoint train/val split of the seen classes (the role of xlsa17 train_loc/val_loc)."""
+def make_splits(rng, labels, seen, unseen, test_seen_fraction: float) -> dict:
+    """trainval / test_seen from the seen classes (``test_seen_fraction`` of each, at least one
+    image, and at least one left for trainval), test_unseen = all unseen images, and a
+    class-disjoint train/val split of the seen classes (the role of xlsa17 train_loc/val_loc).
+    The demo and the input-pipeline benchmark's synthetic dataset
+    (:func:`msdn_tf.perf.input_pipeline.synthetic_data`) split with it."""
     trainval, test_seen = [], []
     for c in seen:
         rows = rng.permutation(np.where(labels == c)[0])
-        n_test = max(1, int(round(cfg.test_seen_fraction * rows.size)))
+        n_test = min(rows.size - 1, max(1, int(round(test_seen_fraction * rows.size))))
         test_seen.extend(rows[:n_test])
         trainval.extend(rows[n_test:])
     test_unseen = np.where(np.isin(labels, unseen))[0]

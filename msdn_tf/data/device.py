@@ -20,7 +20,7 @@ from typing import Optional
 import numpy as np
 
 from msdn_tf.errors import ConfigError
-from msdn_tf.options import ON_DEVICE as ON_DEVICE_CHOICES  # defined once, in msdn_tf.options
+from msdn_tf.options import ON_DEVICE
 
 DEFAULT_BUDGET_BYTES = 8 * 1024**3  # upper bound of the "auto" budget
 CHUNK_ROWS = 256  # rows copied per assignment while loading
@@ -61,7 +61,7 @@ def use_on_device(setting, data, rows=None) -> bool:
     Raises:
         ConfigError: ``setting`` is not ``true``, ``false`` or ``"auto"``.
     """
-    if setting not in ON_DEVICE_CHOICES or isinstance(setting, (int, float)) and not isinstance(setting, bool):
+    if setting not in ON_DEVICE or isinstance(setting, (int, float)) and not isinstance(setting, bool):
         raise ConfigError(f"'data.on_device' must be true, false or auto; got {setting!r}")
     if setting is True or setting is False:
         return setting
@@ -119,6 +119,25 @@ class DeviceFeatures:
         return tf.cast(tf.gather(self.values, positions), tf.float32)
 
 
+def batch_table(positions, labels, sampler, start_step: int, num_steps: int, shard=None) -> tuple:
+    """``(positions, labels)``, both ``(num, B)`` int64: the sampler's batches of steps ``[start, start + num)``.
+
+    The rows of each step's batch (:func:`~msdn_tf.data.pipeline.shard_of_batch` of it
+    with ``shard=(parts, count)``), mapped to positions in a held array by
+    ``positions(rows)``. The host pipeline, the TensorFlow on-device pipeline and the
+    JAX loop (:mod:`msdn_tf.training.jax_loop`) all draw their batches from here or
+    from the same ``sampler.batch(step)``, so they see the same batches.
+    """
+    from msdn_tf.data.pipeline import shard_of_batch
+
+    steps = range(int(start_step), int(start_step) + int(num_steps))
+    parts, count = ([0], 1) if shard is None else (list(shard[0]), int(shard[1]))
+    batches = [shard_of_batch(sampler.batch(s), p, count) for s in steps for p in parts]
+    table = np.stack([positions(b) for b in batches]).astype(np.int64)  # (num, B)
+    batch_labels = np.stack([np.asarray(labels)[b] for b in batches]).astype(np.int64)  # (num, B)
+    return table, batch_labels
+
+
 def device_train_dataset(
     store: DeviceFeatures, labels, sampler, start_step: int, num_steps: int, prefetch: int = 2, shard=None
 ):
@@ -132,13 +151,7 @@ def device_train_dataset(
     """
     import tensorflow as tf
 
-    from msdn_tf.data.pipeline import shard_of_batch
-
-    steps = range(int(start_step), int(start_step) + int(num_steps))
-    parts, count = ([0], 1) if shard is None else (list(shard[0]), int(shard[1]))
-    batches = [shard_of_batch(sampler.batch(s), p, count) for s in steps for p in parts]
-    table = np.stack([store.positions(b) for b in batches])  # (num, B)
-    batch_labels = np.stack([np.asarray(labels)[b] for b in batches]).astype(np.int64)  # (num, B)
+    table, batch_labels = batch_table(store.positions, labels, sampler, start_step, num_steps, shard)
 
     def load(positions, y):
         x = store.gather(positions)

@@ -1,9 +1,36 @@
 """Feature-map extraction into the feature-map HDF5 layout (docs/reference.md §1.1): the library.
 
-The command is ``python -m msdn_tf.extract`` (:mod:`msdn_tf.extract`); this module holds
+The command is ``python -m msdn_tf.extract`` (:mod:`msdn_tf.cli.extract`); this module holds
 the work behind it: reading an image list, building the §1.1 metadata, batching images
 through a backbone (:mod:`msdn_tf.backbones.keras_resnet` or
 :mod:`msdn_tf.backbones.torchvision_resnet`) and writing the rows resumably.
+
+``LIST`` is an xlsa17 ``res101.mat``, an ``image_list.npz`` or a text/CSV file of
+image paths relative to ``--images-root`` (CSV: first column the path, an optional
+second column a 0-based label). The output rows follow the order of the list.
+
+For training, write the file next to the xlsa17 metadata as
+``DIR/features_resnet101_448.hdf5`` (the default ``data.feature_file``; layout (b) of
+docs/data.md) and run ``python -m msdn_tf.train --dataset cub --data-dir DIR``.
+
+Two backbones (``--backbone``):
+
+* ``torchvision_resnet101`` (default; **the paper's features**): the reference pipeline
+  of TransZero/MSDN. Each image is decoded with Pillow and ``convert("RGB")``, resized
+  with torchvision's ``Resize(448)`` rule and Pillow's bilinear resampling, centre
+  cropped, ``/255`` and ImageNet mean/std -- bit-exact in numpy
+  (:mod:`msdn_tf.backbones.preprocessing`) -- then run through the torchvision-layout
+  ResNet-101 trunk in Keras (:mod:`msdn_tf.backbones.torchvision_resnet`) with weights
+  from ``--weights FILE.pth``: torchvision's ``resnet101-63fe2227.pth`` (ImageNet V1, what
+  the reference used) or a released MSDN checkpoint (its ``resnet101.*`` tensors). No
+  torch needed.
+* ``keras_resnet101``: ``keras.applications.ResNet101(include_top=False)`` (stride in the
+  first 1x1 convolution, caffe weights) with TF decoding, antialiased bilinear resize,
+  centre crop and ``keras.applications.resnet.preprocess_input``. **Not the reference
+  features**: results will not match the paper exactly.
+
+Both store layer4 after the final ReLU channel-first as ``feature_map``
+``(N, 2048, 14, 14)`` float32 for 448-pixel inputs.
 
 The run is resumable and crash-safe: rows are written to ``OUT.partial`` (the
 ``feature_map`` dataset is preallocated; the attribute ``done_count`` is flushed
@@ -39,7 +66,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from msdn_tf.backbones.keras_resnet import build_backbone, call_backbone, load_image
-from msdn_tf.backbones.torchvision_resnet import build_torchvision_backbone
+from msdn_tf.backbones.torchvision_resnet import TORCHVISION_WEIGHTS_HINT, build_torchvision_backbone
 from msdn_tf.errors import DataError, MSDNError
 from msdn_tf.limits import check_text_file
 
@@ -594,3 +621,86 @@ def extract_features(
         f.close()
     os.replace(partial, out_path)
     return out_path
+
+
+def extract_image_list(
+    image_list,
+    out,
+    *,
+    images_root,
+    backbone: str = "torchvision_resnet101",
+    weights=None,
+    batch_size: int = 16,
+    image_size: int = 448,
+    compression: str = "gzip",
+    limit: Optional[int] = None,
+    att_splits=None,
+    attributes_pkl=None,
+    sent_splits=None,
+    attribute_names=None,
+    restart: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> None:
+    """What ``python -m msdn_tf.extract`` does: check the options, read the image list, build the
+    §1.1 metadata and run :func:`extract_features` with the named backbone.
+
+    Args:
+        image_list: the list (:func:`read_image_list`).
+        backbone: a name of :data:`BACKBONES`; ``weights`` defaults to ``imagenet`` for
+            ``keras_resnet101`` and is required (a ``.pth``/``.npz`` file) for
+            ``torchvision_resnet101``.
+        compression: ``gzip`` or ``none``.
+        limit: only the first N images (cannot be combined with ``att_splits``).
+        att_splits, attributes_pkl, sent_splits, attribute_names: the metadata files of
+            :func:`build_metadata`.
+
+    Raises:
+        MSDNError, DataError: one line naming the option or file.
+    """
+    if att_splits and not attributes_pkl:
+        raise MSDNError("--att-splits needs --attributes-pkl too (a complete §1.1 file has w2v_att)")
+    if limit is not None and (att_splits or attributes_pkl):
+        raise MSDNError(
+            "--limit makes a partial image set; it cannot be combined with --att-splits/"
+            "--attributes-pkl (the splits index the full list)"
+        )
+    files, labels = read_image_list(image_list)
+    if limit is not None:
+        if limit < 1:
+            raise MSDNError("--limit must be >= 1")
+        files = files[:limit]
+        labels = None if labels is None else labels[:limit]
+    metadata = build_metadata(
+        labels,
+        len(files),
+        att_splits=att_splits,
+        attributes_pkl=attributes_pkl,
+        sent_splits=sent_splits,
+        attribute_names=attribute_names,
+    )
+    torchvision = backbone == "torchvision_resnet101"
+    weights = weights if weights is not None else (None if torchvision else "imagenet")
+    if torchvision:
+        if weights is None or weights in ("imagenet", "none", "None"):
+            raise DataError(TORCHVISION_WEIGHTS_HINT)
+        if not os.path.isfile(weights):
+            raise DataError(f"{weights}: weights file not found")
+    elif weights not in ("imagenet", "none", "None") and not os.path.isfile(weights):
+        raise DataError(
+            f"{weights}: weights file not found (--weights takes 'imagenet', 'none' or a local .h5/.weights.h5 file)"
+        )
+    extract_features(
+        files,
+        out,
+        images_root=images_root,
+        weights=weights,
+        preprocessing="torchvision" if torchvision else "keras",
+        batch_size=batch_size,
+        image_size=image_size,
+        compression=None if compression == "none" else compression,
+        metadata=metadata,
+        restart=restart,
+        overwrite=overwrite,
+        progress=progress,
+    )

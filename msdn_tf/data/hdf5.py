@@ -15,7 +15,7 @@ from typing import Optional
 
 import numpy as np
 
-from msdn_tf.data.base import ZSLData, class_attributes_for_model
+from msdn_tf.data.base import ZSLData, check_feature_dtype, class_attributes_for_model
 from msdn_tf.errors import DataError
 from msdn_tf.limits import check_hdf5_dataset
 
@@ -47,6 +47,7 @@ class HDF5Features:
         ds = self._dataset()
         if ds.ndim != 4:
             raise DataError(f"{self.path}: '{key}' must be (N, channels, H, W), got shape {ds.shape}")
+        check_feature_dtype(ds.dtype, f"{self.path}: '{key}'")
         check_hdf5_dataset(ds, self.path)  # never-written (fill value) or over-compressed maps are refused
         n, f, h, w = ds.shape
         self.map_shape = (int(h), int(w))

@@ -3,9 +3,10 @@
 Importing this module registers the builder ``msdn_zsl`` with configs ``demo``,
 ``cub``, ``sun`` and ``awa2``. Nothing is downloaded: ``manual_dir`` is the folder
 that ``python -m msdn_tf.train --data-dir`` takes (either layout of docs/data.md;
-for ``demo``, a folder holding one ``demo_*.hdf5`` made by
-:func:`msdn_tf.data.demo.ensure_demo_file`, generated with the default
-:class:`~msdn_tf.config.DemoConfig` when there is none)::
+for ``demo``, a folder holding one ``demo_*.hdf5`` of the default
+:class:`~msdn_tf.config.DemoConfig`, or no folder at all: then the builder reads the demo
+file that ``python -m msdn_tf.train --dataset demo`` uses, under ``~/.cache/msdn_tf/demo``,
+generating it there if needed, so the demo data is never copied into ``downloads/manual``)::
 
     import tensorflow_datasets as tfds
     import msdn_tf.data.tfds_builder  # registers "msdn_zsl"
@@ -13,12 +14,14 @@ for ``demo``, a folder holding one ``demo_*.hdf5`` made by
     splits, info = tfds.load(
         "msdn_zsl/cub", data_dir="~/tensorflow_datasets", with_info=True,
         download_and_prepare_kwargs={"download_config": tfds.download.DownloadConfig(manual_dir="DIR")})
-    ds = splits["trainval"]          # {"feature_map": (R, F) float16, "label": int64, "image_file": str}
-    info.metadata["class_names"]     # plus seen_classes, unseen_classes, att, w2v, ...
+    ds = splits["trainval"]          # {"feature_map": (196, 2048) float16, "label": int64, "image_file": str}
+    info.features["label"].names     # the class names (tfds.features.ClassLabel)
+    info.metadata["seen_classes"]    # plus unseen_classes, att, w2v, attribute_names, ...
 
 Splits: ``trainval``, ``test_seen``, ``test_unseen``, and ``train``/``val`` when the
 metadata has them. Examples are the feature maps of one image, channel-last
-``(R, F)``, every region L2-normalised (the model normalises again, so this is
+``(R, F)`` with static shapes per config (``(196, 2048)`` for CUB, SUN and AWA2: ResNet-101
+at 448 pixels; ``(49, 256)`` for the demo), every region L2-normalised (the model normalises again, so this is
 lossless up to the float16 rounding, at most 2**-12 per value), in the order of
 the split. ``metadata`` holds the class structure as the model uses it: ``att``
 (C, K) rows normalised (§1.4), ``w2v`` (K, D), names, seen/unseen ids.
@@ -37,11 +40,63 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
+from msdn_tf.config import DemoConfig
 from msdn_tf.data.base import ZSLData
 from msdn_tf.data.datasets import BENCHMARKS
 
+_DEMO = DemoConfig()  # the demo of configs/demo.yaml (the same sizes): static shapes of msdn_zsl/demo
+
 SPLITS = ("trainval", "test_seen", "test_unseen", "train", "val")
 CHUNK = 256
+
+DESCRIPTION = """\
+ResNet-101 feature maps of zero-shot learning benchmarks with the proposed splits of Xian et
+al. (xlsa17), channel-last and L2-normalised per region, with the class attributes, attribute
+word vectors and seen/unseen classes in the metadata: the inputs of MSDN (msdn-tf).
+Built from local files (manual_dir); nothing is downloaded.
+"""
+
+MSDN_CITATION = """\
+@inproceedings{chen2022msdn,
+  title={MSDN: Mutually Semantic Distillation Network for Zero-Shot Learning},
+  author={Chen, Shiming and Hong, Ziming and Xie, Guo-Sen and Yang, Wenhan and Peng, Qinmu and
+          Wang, Kai and Zhao, Jian and You, Xinge},
+  booktitle={IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
+  pages={7612--7621},
+  year={2022}
+}"""
+
+XLSA17_CITATION = """\
+@article{xian2019zsl,
+  title={Zero-Shot Learning -- A Comprehensive Evaluation of the Good, the Bad and the Ugly},
+  author={Xian, Yongqin and Lampert, Christoph H. and Schiele, Bernt and Akata, Zeynep},
+  journal={IEEE Transactions on Pattern Analysis and Machine Intelligence},
+  volume={41},
+  number={9},
+  pages={2251--2265},
+  year={2019}
+}"""
+
+DATASET_CITATIONS = {
+    "cub": """\
+@techreport{wah2011cub,
+  title={The Caltech-UCSD Birds-200-2011 Dataset},
+  author={Wah, Catherine and Branson, Steve and Welinder, Peter and Perona, Pietro and Belongie, Serge},
+  institution={California Institute of Technology},
+  number={CNS-TR-2011-001},
+  year={2011}
+}""",
+    "sun": """\
+@inproceedings{patterson2012sun,
+  title={SUN Attribute Database: Discovering, Annotating, and Recognizing Scene Attributes},
+  author={Patterson, Genevieve and Hays, James},
+  booktitle={IEEE Conference on Computer Vision and Pattern Recognition (CVPR)},
+  pages={2751--2758},
+  year={2012}
+}""",
+    "awa2": XLSA17_CITATION.replace("xian2019zsl", "xian2019awa2"),
+    "demo": "",
+}
 
 
 class MsdnZslConfig(tfds.core.BuilderConfig):
@@ -49,15 +104,23 @@ class MsdnZslConfig(tfds.core.BuilderConfig):
 
     Args:
         dataset: the msdn-tf dataset name (``demo``, ``cub``, ``sun``, ``awa2``).
-        feature_dim: channels ``F`` when known (2048 for ResNet-101), else ``None``.
+        regions: regions ``R`` of a feature map (196 = 14 x 14).
+        feature_dim: channels ``F`` (2048 for ResNet-101).
+        num_classes: classes ``C`` (the ``label`` feature's size).
         dtype: ``float16`` or ``float32`` for ``feature_map``.
+        citation: BibTeX of the dataset itself (MSDN's and xlsa17's are added to every config).
     """
 
-    def __init__(self, *, dataset: str, feature_dim=None, dtype: str = "float16", **kwargs):
+    def __init__(
+        self, *, dataset: str, regions: int, feature_dim: int, num_classes: int, dtype="float16", citation="", **kwargs
+    ):
         super().__init__(**kwargs)
         self.dataset = dataset
-        self.feature_dim = feature_dim
+        self.regions = int(regions)
+        self.feature_dim = int(feature_dim)
+        self.num_classes = int(num_classes)
         self.dtype = dtype
+        self.citation = citation
 
 
 MANUAL_INSTRUCTIONS = """\
@@ -73,79 +136,93 @@ folder with one demo_*.hdf5 (generated when absent).
 class MsdnZsl(tfds.core.GeneratorBasedBuilder):
     """Zero-shot learning feature maps (CUB, SUN, AWA2, demo) with the xlsa17 splits."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Channel-last, region-normalised feature maps; xlsa17 proposed splits."}
+    VERSION = tfds.core.Version("2.0.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Channel-last, region-normalised feature maps; xlsa17 proposed splits.",
+        "2.0.0": "label is a ClassLabel with the class names; static feature_map shapes per config.",
+    }
     MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_INSTRUCTIONS
     BUILDER_CONFIGS = [
         MsdnZslConfig(
             name="demo",
             dataset="demo",
-            feature_dim=None,
+            regions=_DEMO.map_size**2,
+            feature_dim=_DEMO.feature_dim,
+            num_classes=_DEMO.num_classes,
             dtype="float32",
-            description="msdn-tf's synthetic demo dataset (any DemoConfig)",
+            description="msdn-tf's synthetic demo dataset (the default DemoConfig, as make demo trains on)",
         ),
     ] + [
         MsdnZslConfig(
-            name=facts.name, dataset=facts.name, feature_dim=facts.feature_dim, description=facts.summary_line()
+            name=facts.name,
+            dataset=facts.name,
+            regions=facts.regions,
+            feature_dim=facts.feature_dim,
+            num_classes=facts.classes,
+            description=facts.summary_line(),
+            citation=DATASET_CITATIONS[facts.name],
         )
         for facts in BENCHMARKS.values()
     ]
 
     def _info(self):
         cfg = self.builder_config
-        shape = (None, cfg.feature_dim)  # regions: 196 (14x14) or 49 (7x7)
         return self.dataset_info_from_configs(
+            description=DESCRIPTION,
             features=tfds.features.FeaturesDict(
                 {
                     "feature_map": tfds.features.Tensor(
-                        shape=shape, dtype=np.dtype(cfg.dtype), encoding="bytes" if shape.count(None) > 1 else "none"
+                        shape=(cfg.regions, cfg.feature_dim), dtype=np.dtype(cfg.dtype), doc="(R, F) region features"
                     ),
-                    "label": tfds.features.Scalar(dtype=np.int64),
-                    "image_file": tfds.features.Text(),
+                    "label": tfds.features.ClassLabel(num_classes=cfg.num_classes, doc="class id (names: .names)"),
+                    "image_file": tfds.features.Text(doc="image path of the xlsa17 image list ('' when unknown)"),
                 }
             ),
             supervised_keys=("feature_map", "label"),
             metadata=tfds.core.MetadataDict(),
             homepage="https://github.com/shiming-chen/MSDN",
+            citation="\n\n".join(c for c in (MSDN_CITATION, XLSA17_CITATION, cfg.citation) if c),
         )
 
     # ------------------------------------------------------------------ reading the manual files
     def _load(self, manual_dir: str) -> tuple:
         """``(ZSLData, image_files)`` of the manual folder, through the msdn-tf dataset table."""
-        from msdn_tf.config import DemoConfig, resolve_config
+        from msdn_tf.config import resolve_config
         from msdn_tf.data.hdf5 import load_feature_map_hdf5
         from msdn_tf.data.registry import load_dataset
 
-        manual_dir = os.fspath(manual_dir)
+        manual_dir = None if manual_dir is None else os.fspath(manual_dir)
         name = self.builder_config.dataset
         if name == "demo":
-            found = sorted(glob.glob(os.path.join(manual_dir, "demo_*.hdf5")))
+            found = sorted(glob.glob(os.path.join(manual_dir, "demo_*.hdf5"))) if manual_dir else []
             if len(found) > 1:
                 raise ValueError(f"{manual_dir}: {len(found)} demo_*.hdf5 files; keep one")
-            if not found:
+            if not found:  # the demo file msdn-tf trains on (generated once, in its cache), not a copy
                 from msdn_tf.data.demo import ensure_demo_file
 
-                found = [str(ensure_demo_file(DemoConfig(), manual_dir))]
+                found = [str(ensure_demo_file(DemoConfig(), None))]
             return load_feature_map_hdf5(found[0], name="demo"), None
-        config = resolve_config(name, overrides=[f"data.data_dir={manual_dir}"])
+        config = resolve_config(name, flags=[("data.data_dir", str(manual_dir), "manual_dir")])
         data = load_dataset(config)
         return data, _image_files(manual_dir, name, len(data.labels))
 
     def _manual_folder(self, dl_manager):
-        """The manual folder. For ``demo`` it may be empty or absent: the demo file is generated there.
+        """The manual folder, or None for ``demo`` without one (then the msdn-tf demo file is read).
 
-        ``dl_manager.manual_dir`` refuses an empty folder (TFDS' "does not exist or is
-        empty"), so for ``demo`` the configured folder is read before that check.
+        ``dl_manager.manual_dir`` refuses an empty or absent folder (TFDS' "does not exist
+        or is empty"), so for ``demo`` the configured folder is read before that check.
         """
         if self.builder_config.dataset == "demo":
-            folder = getattr(dl_manager, "_manual_dir", None)
-            if folder:
-                os.makedirs(os.fspath(folder), exist_ok=True)
-                return folder
+            try:
+                return dl_manager.manual_dir
+            except AssertionError:  # no manual folder, or an empty one
+                return None
         return dl_manager.manual_dir
 
     def _split_generators(self, dl_manager):
         data, files = self._load(self._manual_folder(dl_manager))
+        self._check_shapes(data)
+        self.info.features["label"].names = [str(n) for n in data.class_names]
         self.info.metadata.update(class_metadata(data))
         out = {}
         for split in SPLITS:
@@ -153,6 +230,16 @@ class MsdnZsl(tfds.core.GeneratorBasedBuilder):
             if loc is not None and len(loc):
                 out[split] = self._generate_examples(data, np.asarray(loc), files)
         return out
+
+    def _check_shapes(self, data: ZSLData) -> None:
+        cfg = self.builder_config
+        want = (cfg.regions, cfg.feature_dim, cfg.num_classes)
+        got = (int(data.num_regions), int(data.feature_dim), len(data.class_names))
+        if got != want:
+            raise ValueError(
+                f"{data.source}: msdn_zsl/{cfg.name} holds (regions, channels, classes) = {want}, the files give "
+                f"{got}" + (" (the demo config is the default DemoConfig's demo)" if cfg.dataset == "demo" else "")
+            )
 
     def _generate_examples(self, data: ZSLData, loc: np.ndarray, files):
         from msdn_tf.data.cache import normalize_regions

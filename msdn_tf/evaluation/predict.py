@@ -16,7 +16,16 @@ def predict_logits(model, data: ZSLData, indices, batch_size: int = 100, verbose
     """Fused and per-sub-net logits for the rows ``indices``: ``{key: (n, C) array}``.
 
     ``verbose`` is Keras' progress display (0 silent, 1 progress bar, 2 one line).
+    On JAX the rows go to the device in large blocks, many batches per dispatch
+    (:func:`msdn_tf.training_jax.predict_rows`; no progress display).
     """
+    from msdn_tf.backend import on_jax
+
+    if on_jax():
+        from msdn_tf.training_jax import predict_rows
+
+        read = getattr(data.features, "read_native", None) or data.features.read
+        return predict_rows(model, read, indices, batch_size)
     outputs = model.predict(eval_dataset(data, indices, batch_size), verbose=verbose)
     return {k: np.asarray(outputs[k]) for k in LOGIT_KEYS}
 

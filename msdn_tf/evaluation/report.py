@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import csv
 import io
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -152,15 +151,12 @@ def evaluate_run(
     config, model, data = _load_run_and_data(run_dir, data_dir, data)
     protocol = run_protocol_name(run_dir)
     log(f"msdn-tf evaluate: {run_dir} ({config.data.dataset}, protocol {protocol}, gamma {gamma:g})")
-    # Progress while predicting: a bar on a terminal, one line per split otherwise.
-    result = evaluate_model(
-        model,
-        data,
-        config.data.eval_batch_size,
-        gamma=gamma,
-        return_logits=True,
-        verbose=1 if sys.stdout.isatty() else 2,
+    # Quiet: one line of ours, no Keras step lines (the results are what the command prints).
+    log(
+        f"msdn-tf evaluate: predicting {len(data.test_seen_loc)} test_seen and "
+        f"{len(data.test_unseen_loc)} test_unseen images"
     )
+    result = evaluate_model(model, data, config.data.eval_batch_size, gamma=gamma, return_logits=True, verbose=0)
     logits = result.pop("_logits")
     rows = per_class_rows(data, logits, gamma)
 
@@ -200,7 +196,7 @@ def evaluate_run(
 def _load_run_and_data(run_dir: Path, data_dir, data):
     """``(config, model, data)`` of a run; the dataset must have the model's seen/unseen classes."""
     from msdn_tf.data.registry import load_dataset
-    from msdn_tf.training.runs import load_run
+    from msdn_tf.evaluation.runs import load_run
 
     config, model = load_run(run_dir)
     if data_dir:

@@ -79,7 +79,7 @@ def row_config(config, row: str, ablation_dir=None):
 def run_ablations(
     config,
     rows: Sequence[str],
-    out_dir,
+    out_dir=None,
     seeds: int = 1,
     data=None,
     train_fn: Optional[Callable] = None,
@@ -91,11 +91,12 @@ def run_ablations(
     Args:
         config: the dataset's resolved config (rows are applied on top).
         rows: row names (keys of :data:`ROWS`).
-        out_dir: output folder; runs go to ``<out_dir>/<row>/train/seed_<s>`` and are
-            reused when finished (an interrupted ablation continues where it stopped).
+        out_dir: output folder (default ``<train.out_dir>/ablations/<dataset>``); runs go to
+            ``<out_dir>/<row>/train/seed_<s>`` and are reused when finished (an interrupted
+            ablation continues where it stopped).
         seeds: seeds ``config.train.seed + i``.
         data: an already loaded dataset.
-        train_fn: training function (see :func:`msdn_tf.protocols.run_protocol`).
+        train_fn: training function (see :func:`msdn_tf.experiments.protocols.run_protocol`).
         log: function for progress lines.
         ablation_dir: folder of the row configs (default ``configs/ablations``).
 
@@ -104,7 +105,7 @@ def run_ablations(
     """
     if seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {seeds}")
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir) if out_dir else Path(config.train.out_dir) / "ablations" / config.data.dataset
     train_fn = train_fn or default_train_fn
     configs = {row: row_config(config, row, ablation_dir) for row in rows}  # fail fast on a bad file
     if data is None:

@@ -2,7 +2,8 @@
 
 What ``python -m msdn_tf.custom`` calls (format and walkthrough: ``docs/custom_data.md``):
 
-* ``prepare`` is :func:`msdn_tf.data.custom.prepare_dataset`;
+* ``prepare`` is :func:`prepare`: :func:`msdn_tf.data.custom.prepare_dataset` with the flags and an
+  optional ``dataset.yaml`` (:func:`prepare_options`);
 * ``run`` is :func:`run_custom`: the benchmark code (:func:`msdn_tf.training.loop.run_training`,
   :func:`msdn_tf.evaluation.report.evaluate_run`,
   :func:`msdn_tf.serving.export.export_saved_model`) on the ``custom`` entry of the dataset table;
@@ -13,10 +14,8 @@ What ``python -m msdn_tf.custom`` calls (format and walkthrough: ``docs/custom_d
 from __future__ import annotations
 
 import os
-import struct
 import sys
 import time
-import zlib
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -40,6 +39,83 @@ def _next_version(base: Path) -> int:
     return max(versions, default=0) + 1
 
 
+# prepare options that may also come from a dataset.yaml (--spec); path-valued ones are
+# resolved relative to the YAML file's folder.
+SPEC_KEYS = {
+    "images": True,
+    "csv": True,
+    "images_root": True,
+    "attributes": True,
+    "unseen": True,
+    "unseen_fraction": False,
+    "seed": False,
+    "attribute_vectors": True,
+    "word_vectors": True,
+    "allow_missing_words": False,
+    "allow_zero_vectors": False,
+    "test_seen_fraction": False,
+    "val_fraction": False,
+    "weights": False,
+    "image_size": False,
+    "batch_size": False,
+}
+EXCLUSIVE = (("images", "csv"), ("unseen", "unseen_fraction"), ("attribute_vectors", "word_vectors"))
+PREPARE_DEFAULTS = {
+    "seed": 0,
+    "test_seen_fraction": 0.2,
+    "val_fraction": 0.0,
+    "weights": "imagenet",
+    "image_size": 448,
+    "batch_size": 16,
+    "allow_missing_words": False,
+    "allow_zero_vectors": False,
+}
+
+
+def prepare_options(flags: dict, spec=None) -> dict:
+    """Keyword arguments of :func:`~msdn_tf.data.custom.prepare_dataset` from the ``prepare`` flags
+    (``flags``: option name -> value, ``None`` when not given) and an optional ``--spec`` YAML
+    (flags win)."""
+    opts = {k: flags.get(k) for k in SPEC_KEYS}
+    if spec:
+        from msdn_tf.config import load_yaml
+
+        spec_path = Path(spec)
+        try:
+            spec = load_yaml(spec_path)
+        except MSDNError as exc:
+            raise MSDNError(f"--spec: {exc}") from exc
+        for key, value in spec.items():
+            k = str(key).replace("-", "_")
+            if k not in SPEC_KEYS:
+                raise MSDNError(f"{spec_path}: unknown key {key!r}; known keys: {', '.join(SPEC_KEYS)}")
+            rivals = next((g for g in EXCLUSIVE if k in g), (k,))
+            if opts[k] in (None, False) and all(flags.get(r) is None for r in rivals if r != k):
+                opts[k] = str(spec_path.parent / value) if SPEC_KEYS[k] and value is not None else value
+    for k, v in PREPARE_DEFAULTS.items():
+        if opts[k] is None:
+            opts[k] = v
+    if opts["attributes"] is None:
+        raise MSDNError("prepare needs --attributes FILE.csv (class x attribute table)")
+    opts["csv_file"] = opts.pop("csv")
+    return opts
+
+
+def prepare(out, flags: dict, spec=None, *, overwrite=False, restart=False, progress=True) -> dict:
+    """``python -m msdn_tf.custom prepare``: :func:`~msdn_tf.data.custom.prepare_dataset` with the
+    options of :func:`prepare_options`; returns the summary the command prints."""
+    opts = prepare_options(flags, spec)
+    manifest = custom_data.prepare_dataset(out, **opts, overwrite=overwrite, restart=restart, progress=progress)
+    vectors = manifest["attribute_vectors"]
+    return {
+        "data_dir": str(out),
+        **manifest["sizes"],
+        "unseen": manifest["unseen_classes"],
+        "missing_words": sorted(vectors.get("missing_words", {})),
+        "zero_attributes": vectors.get("zero_attributes", []),
+    }
+
+
 def run_custom(
     data_dir,
     out,
@@ -55,6 +131,8 @@ def run_custom(
     visualize: bool = False,
     resume: bool = False,
     log: Callable[[str], None] = print,
+    flags=(),
+    overwrite: bool = False,
 ) -> dict:
     """Train, evaluate and export MSDN on a prepared folder (the ``custom`` dataset).
 
@@ -63,6 +141,8 @@ def run_custom(
         out: the run directory.
         config_files, overrides: extra YAML files and ``section.key=value`` strings applied
             after ``configs/custom.yaml``.
+        flags: ``(section.key, value, flag)`` of command flags, set as typed values
+            (:func:`msdn_tf.config.flag_values`).
         export_dir: TF Serving model base path (default ``out/export``); a new version
             folder is added (1, 2, ...).
         export: export at all (needs :mod:`msdn_tf.serving.export`).
@@ -75,23 +155,63 @@ def run_custom(
             ``export_check_ok`` False (``run`` then exits 1).
         visualize: write an attention figure of one unseen test image.
         resume: continue a run interrupted during training.
+        overwrite: replace a run already in ``out``.
 
     Returns:
         ``{"run_dir", "train": final figures, "evaluate": metrics, "export_dir", "signatures", ...}``.
     """
     from msdn_tf.config import resolve_config
     from msdn_tf.data.registry import load_dataset
+    from msdn_tf.runlock import RunLock
+
+    data_dir = os.path.abspath(data_dir)
+    out = Path(out)
+    config = resolve_config(
+        "custom", list(config_files), list(overrides), flags=[("data.data_dir", data_dir, "data_dir"), *flags]
+    )
+    data = load_dataset(config)
+    with RunLock(out, "custom run", log):  # one writer, from training to the export
+        return _run_custom_locked(
+            data_dir,
+            out,
+            config,
+            data,
+            export_dir,
+            export,
+            with_images,
+            gamma,
+            top_k,
+            verify_export,
+            visualize,
+            resume,
+            overwrite,
+            log,
+        )
+
+
+def _run_custom_locked(
+    data_dir,
+    out,
+    config,
+    data,
+    export_dir,
+    export,
+    with_images,
+    gamma,
+    top_k,
+    verify_export,
+    visualize,
+    resume,
+    overwrite,
+    log,
+) -> dict:
     from msdn_tf.evaluation.report import evaluate_run
     from msdn_tf.training.loop import run_training
     from msdn_tf.utils import write_json
 
-    data_dir = os.path.abspath(data_dir)
-    out = Path(out)
-    config = resolve_config("custom", list(config_files), [f"data.data_dir={data_dir}", *overrides])
-    data = load_dataset(config)
     timings = {}
     t0 = time.time()
-    results = run_training(config, run_dir=out, resume=resume, data=data, log=log)
+    results = run_training(config, run_dir=out, resume=resume, data=data, log=log, overwrite=overwrite)
     timings["train_s"] = round(time.time() - t0, 2)
     write_json(
         out / "metadata.json",
@@ -172,7 +292,7 @@ def _export_run(
     except ImportError as exc:  # the export module is optional for training
         log(f"msdn-tf custom: msdn_tf.serving.export is not available ({exc}); skipping the export")
         return False
-    from msdn_tf.training.runs import load_run_model
+    from msdn_tf.evaluation.runs import load_run_model
 
     model = load_run_model(out)
     base = Path(export_dir) if export_dir else out / "export"
@@ -247,22 +367,6 @@ SHAPES = ("circle", "square", "triangle")
 TEXTURES = ("solid", "striped", "dotted")
 
 
-def _png(pixels: np.ndarray) -> bytes:
-    """Encode ``(H, W, 3)`` uint8 as PNG (no dependency beyond zlib)."""
-    h, w, _ = pixels.shape
-    raw = b"".join(b"\x00" + pixels[y].tobytes() for y in range(h))
-
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-        + chunk(b"IDAT", zlib.compress(raw, 6))
-        + chunk(b"IEND", b"")
-    )
-
-
 def draw_shape(colour: str, shape: str, texture: str, size: int, rng: np.random.Generator) -> np.ndarray:
     """One ``(size, size, 3)`` uint8 image: a textured shape on a noisy light background."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
@@ -314,6 +418,8 @@ def make_shapes_dataset(
     Returns:
         ``{"images", "attributes", "unseen", "word_vectors", "classes", "unseen_classes"}`` paths/names.
     """
+    from PIL import Image
+
     folder = Path(folder)
     rng = np.random.default_rng(seed)
     combos = [(c, t, s) for c in COLOURS for t in TEXTURES for s in SHAPES]
@@ -336,7 +442,7 @@ def make_shapes_dataset(
         d = folder / "images" / name
         d.mkdir(parents=True, exist_ok=True)
         for i in range(images_per_class):
-            (d / f"{name}_{i:03d}.png").write_bytes(_png(draw_shape(colour, shape, texture, size, rng)))
+            Image.fromarray(draw_shape(colour, shape, texture, size, rng)).save(d / f"{name}_{i:03d}.png")
     rows = ["class," + ",".join(attributes)]
     for colour, texture, shape in pick:
         row = [colour == c for c in COLOURS] + [shape == s for s in SHAPES] + [texture == t for t in TEXTURES]
@@ -451,7 +557,7 @@ def query_local_server(
     export_base, data_dir, *, top_k: int = 3, per_class: int = 1, log: Callable[[str], None] = log_stderr
 ) -> dict:
     """Start the local gRPC TEST DOUBLE of TF Serving on ``export_base``, send test_unseen images
-    (or their features when the export has no image signature) with :mod:`msdn_tf.client`, print
+    (or their features when the export has no image signature) with :mod:`msdn_tf.serving.classify`, print
     the top-k answers."""
     import csv
 

@@ -181,7 +181,9 @@ def train_or_reuse(config, run_dir: Path, data, train_fn, log, eval_hooks=()) ->
     if results_path.is_file() and not eval_hooks:
         log(f"msdn-tf: reusing the finished run {run_dir}")
         return load_json_file(results_path, "results", MSDNError)
-    resume = (run_dir / "checkpoint" / "state.json").is_file()
+    from msdn_tf.training.resume import has_checkpoint
+
+    resume = has_checkpoint(run_dir)
     return train_fn(config, run_dir=run_dir, resume=resume, data=data, log=log, eval_hooks=list(eval_hooks))
 
 
@@ -374,7 +376,7 @@ def _validation(
 def run_protocol(
     config,
     protocol,
-    run_root,
+    run_root=None,
     data: Optional[ZSLData] = None,
     seeds: int = 1,
     lambda_grid: Optional[Sequence[float]] = None,
@@ -390,8 +392,8 @@ def run_protocol(
     Args:
         config: the resolved :class:`~msdn_tf.config.Config`.
         protocol: ``reference``, ``final``, ``validation``, or a list / comma-separated string of them.
-        run_root: output folder; training runs go below it, reports are
-            ``<run_root>/<protocol>.json`` and ``.md``.
+        run_root: output folder (default ``<train.out_dir>/protocols/<dataset>``); training runs
+            go below it, reports are ``<run_root>/<protocol>.json`` and ``.md``.
         data: an already loaded dataset (default: load ``config.data.dataset``).
         seeds: number of seeds, ``config.train.seed + i`` for ``i < seeds``.
         lambda_grid: ``lambda_cal`` values tried by ``validation`` (default: the config's only).
@@ -417,7 +419,7 @@ def run_protocol(
         raise ConfigError(f"--seeds must be at least 1, got {seeds}")
     train_fn = train_fn or default_train_fn
     on_phase = on_phase or (lambda name: None)
-    run_root = Path(run_root)
+    run_root = Path(run_root) if run_root else Path(config.train.out_dir) / "protocols" / config.data.dataset
     if data is None:
         from msdn_tf.data.registry import load_dataset
 

@@ -127,6 +127,19 @@ class AttributeToVisual(keras.layers.Layer):
         K = ops.shape(V)[0]
         return self.attend(split_last(products, [K] * len(blocks)), features, return_features)
 
+    def compute_output_spec(self, *args, **kwargs):
+        # Symbolic calls trace call() (exact dtypes, return_features), as without compute_output_shape,
+        # which is there for summary().
+        return super(keras.layers.Layer, self).compute_output_spec(*args, **kwargs)
+
+    def compute_output_shape(self, input_shape):
+        """``{"scores": (B, K), "attention": (B, K, R)}`` for ``input_shape = [(B, R, F), (K, D)]``."""
+        try:
+            (batch, regions, _), (attributes, _) = input_shape
+        except (TypeError, ValueError):
+            raise NotImplementedError("the output shape needs [features (B, R, F), V (K, D)] shapes") from None
+        return {"scores": (batch, attributes), "attention": (batch, attributes, regions)}
+
     def get_config(self):
         config = super().get_config()
         config.update(

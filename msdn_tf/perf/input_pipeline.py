@@ -30,6 +30,7 @@ import time
 import numpy as np
 
 from msdn_tf.data.datasets import BENCHMARKS
+from msdn_tf.errors import MSDNError
 
 #: ``--shape`` -> (images, regions, channels, classes, seen classes, trainval), from the dataset's
 #: entry in :data:`msdn_tf.data.datasets.BENCHMARKS`.
@@ -109,28 +110,27 @@ def synthetic_data(cache: str, shape: str, n: int, seed: int = 0):
     """A :class:`ZSLData` over the generated cache with the benchmark's class structure."""
     from msdn_tf.data.base import ZSLData
     from msdn_tf.data.cache import MemmapFeatures
+    from msdn_tf.data.demo import make_splits
 
-    full_n, _, _, c, seen, trainval = SHAPES[shape]
+    facts = BENCHMARKS[shape]
+    c, seen = facts.classes, facts.seen_classes
     rng = np.random.default_rng(seed)
     labels = np.sort(rng.integers(0, c, size=n))
     labels[:c] = np.arange(c)  # every class present
     labels = rng.permutation(labels)
-    is_seen = labels < seen
-    seen_rows = np.flatnonzero(is_seen)
-    n_tv = min(int(round(trainval * n / full_n)), seen_rows.size - 1)
-    trainval_loc = rng.permutation(seen_rows)[:n_tv]
-    test_seen = np.setdiff1d(seen_rows, trainval_loc)
-    test_seen = test_seen[np.isin(labels[test_seen], labels[trainval_loc])]
-    k = 85
+    splits = make_splits(
+        rng, labels, np.arange(seen), np.arange(seen, c), facts.test_seen / (facts.trainval + facts.test_seen)
+    )
+    k = facts.attributes
     return ZSLData(
         name=f"bench-{shape}",
         features=MemmapFeatures(cache),
         labels=labels,
-        trainval_loc=trainval_loc,
-        test_seen_loc=test_seen,
-        test_unseen_loc=np.flatnonzero(~is_seen),
+        trainval_loc=splits["trainval_loc"],
+        test_seen_loc=splits["test_seen_loc"],
+        test_unseen_loc=splits["test_unseen_loc"],
         att=rng.random((c, k)),
-        w2v=rng.random((k, 300)),
+        w2v=rng.random((k, facts.word_dim)),
         class_names=[f"c{i}" for i in range(c)],
         attribute_names=[f"a{i}" for i in range(k)],
         source=cache,
@@ -197,8 +197,8 @@ def run(args) -> dict:
     if not cache_status(path, None, "float16")[0]:
         free = shutil.disk_usage(args.dir).free
         if free < need + 5 * 2**30:
-            raise SystemExit(
-                f"error: {args.dir} has {_gb(free)} GB free, the cache needs {_gb(need)} GB "
+            raise MSDNError(
+                f"{args.dir} has {_gb(free)} GB free, the cache needs {_gb(need)} GB "
                 "(+5 GB margin); pass a smaller --fraction"
             )
         t0 = time.perf_counter()

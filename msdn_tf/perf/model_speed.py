@@ -42,7 +42,7 @@ import time
 
 from msdn_tf.backend import current as _backend
 from msdn_tf.errors import ConfigError
-from msdn_tf.options import PRECISIONS  # noqa: F401  (defined once, in msdn_tf.options)
+from msdn_tf.options import PRECISIONS
 
 CUB = {"attributes": 312, "classes": 200, "unseen": 50, "features": 2048, "embed": 300}
 IMPLS = ("fused", "einsum")
@@ -323,43 +323,62 @@ def _variant_fns(variant, regions, args, x_train, y_train, x_eval):
     model.make_predict_function()
     batch = (x_train, y_train)
     if _backend() == "jax":
-        return _jax_step_fns(model, batch, x_eval)
+        return _jax_step_fns(model, batch, x_eval, getattr(args, "loop_steps", 1))
     return {
         "train": lambda: float(model.train_function([batch])["loss"]),
         "eval": lambda: model.predict_function([x_eval])["logits"].numpy(),
     }
 
 
-def _jax_step_fns(model, batch, x_eval):
-    """Blocking ``train`` and ``eval`` calls on JAX: Keras' jitted step functions, the state threaded through.
+def _jax_step_fns(model, batch, x_eval, loop_steps: int = 1):
+    """Blocking ``train`` and ``eval`` calls on JAX, each ``loop_steps`` steps in ONE dispatch.
 
-    As in ``fit``/``predict``, the functions take the model state as arrays and
-    return the new state (their input state is donated to them).
+    ``train`` is the training loop's own multi-step function
+    (:func:`msdn_tf.training.jax_loop.make_multi_step`): the batch of every step is
+    gathered on the device from a held pool (here the bench batch, in a new order
+    each step) and :func:`msdn_tf.training_jax.train_step` runs inside a
+    ``lax.fori_loop``. ``eval`` runs the forward pass of the evaluation batch
+    ``loop_steps`` times in a ``lax.fori_loop`` (as evaluation runs many batches per
+    dispatch). Each function carries ``steps_per_call``; the report is per step.
     """
     import jax
     import jax.numpy as jnp
+    import numpy as np
+
+    from msdn_tf.training.jax_loop import make_multi_step, model_state
 
     model.optimizer.build(model.trainable_variables)  # fit does this before its first step
+    x, y = batch
+    steps = max(1, int(loop_steps))
+    rng = np.random.default_rng(2)
+    order = np.stack([rng.permutation(x.shape[0]) for _ in range(steps)]).astype(np.int32)
+    positions, labels = jnp.asarray(order), jnp.asarray(np.asarray(y)[order])
+    run, _ = make_multi_step(model, steps)
 
-    def values(*groups):  # copies: each function donates (frees) the state it is given
-        return tuple([jnp.array(v.value, copy=True) for v in variables] for variables in groups)
+    def copies(values):  # the function donates (frees) the state it is given
+        return jax.tree.map(lambda v: jnp.array(v, copy=True), values)
 
-    state = {
-        "train": values(
-            model.trainable_variables, model.non_trainable_variables, model.optimizer.variables, model.metrics_variables
-        ),
-        "eval": values(model.trainable_variables, model.non_trainable_variables),
-    }
+    state = {"train": copies(model_state(model))}
 
     def train():
-        logs, state["train"] = model.train_function(state["train"], iter([batch]))
-        jax.block_until_ready(state["train"])
-        return float(logs["loss"])
+        state["train"], logs = run(state["train"], x, positions, labels, steps)
+        return float(jax.block_until_ready(logs)[-1, 0])
+
+    trainable = [v.value for v in model.trainable_variables]
+    non_trainable = [v.value for v in model.non_trainable_variables]
+
+    @jax.jit
+    def evaluate_many(trainable, non_trainable, x):
+        def body(i, total):
+            outputs, _ = model.stateless_call(trainable, non_trainable, x, training=False, return_features=False)
+            return total + outputs["logits"][0, 0]
+
+        return jax.lax.fori_loop(0, steps, body, jnp.zeros((), "float32"))
 
     def evaluate():
-        outputs, state["eval"] = model.predict_function(state["eval"], iter([x_eval]))
-        return jax.block_until_ready(outputs["logits"])
+        return float(jax.block_until_ready(evaluate_many(trainable, non_trainable, x_eval)))
 
+    train.steps_per_call = evaluate.steps_per_call = steps
     return {"train": train, "eval": evaluate}
 
 
@@ -465,6 +484,8 @@ def bench_shape(regions: int, args, variants) -> dict:
         fns[name], flops[name] = matmul_fn(**shape)
         steps[name] = args.matmul_steps
     seconds = time_interleaved(fns, steps, args.repeats, args.warmup)
+    for name, fn in fns.items():  # a call of several steps in one dispatch (JAX): report per step
+        seconds[name] = [t / getattr(fn, "steps_per_call", 1) for t in seconds[name]]
 
     gflops = {name: [flops[name] / t / 1e9 for t in seconds[name]] for name in matmuls}
     # Training does as many FLOPs in forward-shaped as in gradient-shaped products:
@@ -604,6 +625,7 @@ def run_benchmark(args, command: str | None = None) -> dict:
             "unseen": args.unseen,
             "features": args.features,
             "embed": args.embed,
+            "steps_per_dispatch": getattr(args, "loop_steps", 1) if backend == "jax" else 1,
         },
         "machine": {"cpu_count": os.cpu_count(), "load_before": load_before, "load_after": _load(), **_backend_info()},
         "flop_formula": {
@@ -619,3 +641,31 @@ def run_benchmark(args, command: str | None = None) -> dict:
         "wall_s": round(time.time() - started, 1),
     }
     return report
+
+
+def report_text(report: dict) -> str:
+    """A short readable table of :func:`run_benchmark`'s report (what ``msdn_tf.bench`` prints without --json).
+
+    One row per regions x variant: training and evaluation images/s (median) and their
+    fraction of this machine's measured matrix-multiply rate.
+
+    Example:
+        >>> print(report_text(run_benchmark(args)))
+    """
+    square = report["matmul_square"]
+    machine = report["machine"]
+    lines = [
+        f"matmul limit: {square['gflop_per_s_median']:.1f} GFLOP/s (2048^3, median); "
+        f"{machine['cpu_count']} CPUs, load {machine['load_before']} -> {machine['load_after']}",
+        f"{'R':>4}  {'variant':<28} {'train img/s':>11} {'of limit':>8} {'eval img/s':>11} {'of limit':>8}",
+    ]
+    for shape in report["shapes"]:
+        for name, entry in shape["variants"].items():
+            train, evaluate = entry["train"], entry["eval"]
+            lines.append(
+                f"{shape['regions']:>4}  {name:<28} {train['images_per_s_median']:>11.1f} "
+                f"{train['fraction_of_limit_median']:>8.1%} {evaluate['images_per_s_median']:>11.1f} "
+                f"{evaluate['fraction_of_limit_median']:>8.1%}"
+            )
+    lines.append(f"({report['wall_s']} s; --json for the full report: every repeat, FLOP counts, ratios)")
+    return "\n".join(lines)

@@ -1,6 +1,7 @@
 """Latency and throughput of an exported MSDN SavedModel on this machine's CPU (library).
 
-:func:`benchmark` is what the command ``python -m msdn_tf.bench_serving`` runs::
+:func:`run` (:func:`benchmark`, after a synthetic export with ``--synthetic``) is what the command
+``python -m msdn_tf.bench_serving`` runs::
 
     python -m msdn_tf.bench_serving --export export/models/msdn_cub [--batches 1 64] [--iterations 20]
     python -m msdn_tf.bench_serving --synthetic cub [--batches 1 64] [--iterations 20]
@@ -125,3 +126,39 @@ def benchmark(
         "tensorflow": tf.__version__,
         "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
     }
+
+
+def run(
+    export_dir=None,
+    synthetic=None,
+    batches: Sequence[int] = (1, 64),
+    iterations: int = 20,
+    warmup: int = 3,
+    regions: int = 196,
+) -> dict:
+    """What ``python -m msdn_tf.bench_serving`` does: :func:`benchmark` of ``export_dir``, or of a
+    :func:`synthetic_model` at the ``synthetic`` shapes exported to a temporary folder first
+    (the report then also holds ``synthetic`` and ``export_s``)."""
+    if min(batches) < 1 or iterations < 1 or warmup < 0 or regions < 1:
+        raise MSDNError("--batches, --iterations and --regions must be >= 1, --warmup >= 0")
+    if not synthetic:
+        return benchmark(export_dir, batches, iterations, warmup, regions)
+    import tempfile
+
+    from msdn_tf.serving.export import export_saved_model
+
+    with tempfile.TemporaryDirectory(prefix="msdn_bench_") as tmp:
+        model, names = synthetic_model(synthetic)
+        t0 = time.perf_counter()
+        path = export_saved_model(
+            model,
+            Path(tmp) / "model",
+            class_names=names,
+            seen_classes=model.seen_classes,
+            unseen_classes=model.unseen_classes,
+        )
+        export_s = time.perf_counter() - t0
+        report = benchmark(path, batches, iterations, warmup, regions)
+        report["synthetic"] = synthetic
+        report["export_s"] = export_s
+    return report

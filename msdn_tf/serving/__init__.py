@@ -13,7 +13,7 @@
 * :mod:`msdn_tf.serving.bench` -- command: CPU latency/throughput of an exported SavedModel
   (library :mod:`msdn_tf.perf.serving_latency`).
 
-The commands are :mod:`msdn_tf.export` and :mod:`msdn_tf.client`; ``export/README.md`` shows the whole path.
+The commands are :mod:`msdn_tf.cli.export` and :mod:`msdn_tf.cli.client`; ``export/README.md`` shows the whole path.
 
 Importing this package does not import TensorFlow; the submodules import it
 when they need it.

@@ -297,3 +297,20 @@ def run_signature(
             else:
                 outputs[key] = np.load(meta["file"], allow_pickle=False)
         return outputs
+
+
+def outputs_report(outputs: dict, out_dir=None) -> dict:
+    """What ``python -m msdn_tf.cc_loader --signature`` prints for :func:`run_signature`'s outputs:
+    key -> dtype, shape and (numeric outputs) values; with ``out_dir`` numeric outputs are also
+    saved there as ``<key>.npy``."""
+    report = {}
+    for key, arr in outputs.items():
+        entry = {"dtype": str(arr.dtype), "shape": list(arr.shape)}
+        if arr.dtype != object:
+            entry["values"] = arr.tolist()
+        if out_dir:
+            os.makedirs(out_dir, exist_ok=True)
+            if arr.dtype != object:
+                np.save(os.path.join(out_dir, f"{key}.npy"), arr)
+        report[key] = entry
+    return report

@@ -88,6 +88,10 @@ def read_features(path, rows: Optional[Sequence[int]] = None, feature_dim: Optio
         if x.ndim not in (3, 4):
             raise MSDNError(f"{path}: expected (B, R, F), (R, F) or (B, H, W, F) features, got shape {x.shape}")
         if rows is not None:
+            rows = [int(r) for r in rows]
+            bad = [r for r in rows if not 0 <= r < x.shape[0]]
+            if bad:
+                raise MSDNError(f"{path}: rows {bad} outside [0, {x.shape[0]}) (the file holds {x.shape[0]} samples)")
             x = x[np.asarray(rows, dtype=np.int64)]
     else:
         raise MSDNError(f"{path}: unknown features file type (use .npy or .hdf5)")
@@ -200,19 +204,66 @@ def fetch_metadata(
             f"cannot read the class names from the server's '{METADATA_SIGNATURE}' signature ({exc}); "
             "pass --metadata MODEL_BASE/msdn_metadata.json (written by python -m msdn_tf.export)"
         ) from exc
-    text = np.asarray(out["metadata_json"]).reshape(-1)[0]
-    return json.loads(text.decode("utf-8") if isinstance(text, bytes) else str(text))
+    where = f"the '{METADATA_SIGNATURE}' signature of {model} at {rest or server}"
+    try:
+        text = np.asarray(out["metadata_json"]).reshape(-1)[0]
+        meta = json.loads(text.decode("utf-8") if isinstance(text, bytes) else str(text))
+    except (KeyError, IndexError, ValueError) as exc:
+        raise MSDNError(
+            f"{where}: its metadata_json is not JSON ({type(exc).__name__}: {_one_line(exc, 200)})"
+        ) from exc
+    return check_metadata(meta, where)
+
+
+def check_metadata(meta, source: str) -> dict:
+    """The export metadata the client relies on, checked: class names, seen/unseen ids in range, finite gamma.
+
+    Args:
+        meta: the parsed ``msdn_metadata.json`` (from ``--metadata`` or the ``metadata`` signature).
+        source: where it came from, named in the messages.
+    """
+    if not isinstance(meta, dict):
+        raise MSDNError(f"{source}: the metadata is not a JSON object")
+    names = meta.get("class_names")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise MSDNError(f"{source}: 'class_names' must be a non-empty list of strings")
+    c = len(names)
+    if "num_classes" in meta and meta["num_classes"] != c:
+        raise MSDNError(f"{source}: {c} class_names but num_classes is {meta['num_classes']!r}")
+    for key in ("seen_classes", "unseen_classes"):
+        ids = meta.get(key)
+        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise MSDNError(f"{source}: '{key}' must be a list of class ids")
+        bad = [i for i in ids if not 0 <= i < c]
+        if bad:
+            raise MSDNError(f"{source}: '{key}' holds ids {bad[:5]} outside the {c} class_names [0, {c})")
+    gamma = meta.get("gamma")
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not np.isfinite(gamma):
+        raise MSDNError(f"{source}: 'gamma' must be a finite number, got {_one_line(repr(gamma), 60)}")
+    return meta
 
 
 def summarize(
     outputs: dict, metadata: dict, top_k: Optional[int] = None, labels: Optional[Sequence[str]] = None
 ) -> list:
-    """Per input: ``{"input", "gzsl": {...}, "czsl": {...}, "top_k": [{"class", "name", "score"}, ...]}``.
+    """Per input: ``{"input", "gzsl": {...}, "czsl": {...}, "top_k": [{"class", "name", "score"}, ...],
+    "attributes": [{"id", "name", "score"}, ...]}``.
+
+    ``attributes`` is the evidence: the export's ``top_k_attributes`` (the attributes the
+    attribute->visual sub-net found most in the image), named by the metadata's
+    ``attribute_names`` (``attribute_<id>`` when the export has none); absent for an
+    export without attribute outputs.
 
     ``top_k`` larger than the export's is served from ``scores`` minus ``gamma`` on the
     seen classes (the same calibrated ranking); smaller is a prefix.
     """
     names = metadata["class_names"]
+    c = np.asarray(outputs["scores"]).shape[-1]
+    if c != len(names):
+        raise MSDNError(
+            f"the served model scores {c} classes but the metadata names {len(names)}: it describes another "
+            "export (pass the msdn_metadata.json of this model version, or drop --metadata to ask the server)"
+        )
     classes = np.asarray(outputs["top_k_classes"], np.int64)
     scores = np.asarray(outputs["top_k_scores"], np.float64)
     k = classes.shape[1] if top_k is None else int(top_k)
@@ -227,20 +278,44 @@ def summarize(
     gzsl = np.asarray(outputs["gzsl_class"], np.int64).reshape(-1)
     czsl = np.asarray(outputs["czsl_class"], np.int64).reshape(-1)
     unseen = set(int(i) for i in metadata["unseen_classes"])
+    evidence = _attribute_evidence(outputs, metadata)
     out = []
     for b in range(classes.shape[0]):
         out.append(
             {
                 "input": labels[b] if labels is not None else b,
                 "gzsl": {"class": int(gzsl[b]), "name": names[int(gzsl[b])], "unseen": int(gzsl[b]) in unseen},
-                "czsl": {"class": int(czsl[b]), "name": names[int(czsl[b])]},
+                # -1: a per-request vocabulary with no class on the unseen side (serving_open_sided)
+                "czsl": {"class": int(czsl[b]), "name": names[int(czsl[b])] if czsl[b] >= 0 else None},
                 "top_k": [
                     {"class": int(c), "name": names[int(c)], "score": float(s)}
                     for c, s in zip(classes[b, :k], scores[b, :k])
                 ],
             }
         )
+        if evidence is not None:
+            out[-1]["attributes"] = evidence[b]
     return out
+
+
+def _attribute_evidence(outputs: dict, metadata: dict):
+    """Per input ``[{"id", "name", "score"}]`` from ``top_k_attributes``/``attribute_scores``, or None."""
+    if "top_k_attributes" not in outputs:
+        return None
+    ids = np.asarray(outputs["top_k_attributes"], np.int64)
+    scores = np.asarray(outputs["attribute_scores"], np.float64) if "attribute_scores" in outputs else None
+    names = metadata.get("attribute_names")
+    return [
+        [
+            {
+                "id": int(i),
+                "name": names[int(i)] if names else f"attribute_{int(i)}",
+                "score": None if scores is None else float(scores[b, int(i)]),
+            }
+            for i in ids[b]
+        ]
+        for b in range(ids.shape[0])
+    ]
 
 
 def classify(
@@ -263,8 +338,14 @@ def classify(
     """
     if (features is None) == (images is None):
         raise MSDNError("give exactly one of features or images")
+    if top_k is not None and int(top_k) < 1:
+        raise MSDNError(f"--top-k must be >= 1, got {top_k}")
+    if not timeout > 0:
+        raise MSDNError(f"--timeout must be > 0 seconds, got {timeout}")
     if metadata is None:
         metadata = fetch_metadata(model=model, server=server, rest=rest, version=version, timeout=timeout)
+    else:
+        metadata = check_metadata(metadata, "the metadata")
     if images is not None:
         if not images:
             raise MSDNError("no images given")
@@ -290,6 +371,67 @@ def classify(
     }
 
 
+def classify_open(
+    *,
+    model: str,
+    features,
+    class_attributes,
+    class_names: Sequence[str],
+    class_is_seen=None,
+    server: Optional[str] = "localhost:8500",
+    rest: Optional[str] = None,
+    metadata: Optional[dict] = None,
+    top_k: Optional[int] = None,
+    version: Optional[int] = None,
+    labels=None,
+    timeout: float = 30.0,
+) -> dict:
+    """Classify region features ``(B, R, F)`` against a vocabulary sent with the request.
+
+    ``class_attributes`` ``(C', K)``: one row per class in the form of the training class
+    table (the export normalises the rows in its graph, as training did);
+    ``class_is_seen`` ``(C',)`` bool, optional: without it every class is on the unseen
+    side (``serving_open``), with it ``serving_open_sided``. Returns what :func:`classify`
+    returns, with the request's class names.
+    """
+    if metadata is None:
+        metadata = fetch_metadata(model=model, server=server, rest=rest, version=version, timeout=timeout)
+    x = np.asarray(features)
+    rows = np.asarray(class_attributes)
+    names = [str(n) for n in class_names]
+    if x.dtype != np.float32 or rows.dtype != np.float32:
+        raise MSDNError(
+            f"features and class_attributes must be float32 (TF Serving does not cast), got {x.dtype}, {rows.dtype}"
+        )
+    if rows.ndim != 2 or rows.shape[0] != len(names):
+        raise MSDNError(
+            f"class_attributes must be ({len(names)}, K) for {len(names)} class names, got shape {rows.shape}"
+        )
+    inputs = {"features": x, "class_attributes": rows}
+    signature = "serving_open"
+    seen = []
+    if class_is_seen is not None:
+        sides = np.asarray(class_is_seen, bool).reshape(-1)
+        inputs["class_is_seen"] = sides
+        signature = "serving_open_sided"
+        seen = [int(i) for i in np.flatnonzero(sides)]
+    outputs = _predict(inputs, signature, model=model, server=server, rest=rest, version=version, timeout=timeout)
+    request_meta = dict(
+        metadata,
+        class_names=names,
+        seen_classes=seen,
+        unseen_classes=[i for i in range(len(names)) if i not in set(seen)],
+    )
+    return {
+        "model": model,
+        "transport": "rest" if rest else "grpc",
+        "server": rest or server,
+        "signature": signature,
+        "gamma": float(metadata["gamma"]),
+        "results": summarize(outputs, request_meta, top_k, labels),
+    }
+
+
 def format_text(answer: dict) -> str:
     lines = [
         f"model {answer['model']} via {answer['transport']} {answer['server']} "
@@ -298,6 +440,8 @@ def format_text(answer: dict) -> str:
     for r in answer["results"]:
         tag = " (unseen)" if r["gzsl"]["unseen"] else " (seen)"
         lines.append(f"{r['input']}: GZSL {r['gzsl']['name']}{tag}; CZSL {r['czsl']['name']}")
+        if r.get("attributes"):
+            lines.append(f"  seen: {', '.join(a['name'] for a in r['attributes'])}")
         for i, t in enumerate(r["top_k"], 1):
             lines.append(f"  {i}. {t['name']:<40s} {t['score']:.4f}")
     return "\n".join(lines)

@@ -19,8 +19,10 @@ String (``DT_STRING``) outputs come back as numpy object arrays of ``bytes``.
 REST returns JSON numbers, so REST numeric outputs are float64/int64 arrays
 (cast them if you need the model's dtype); gRPC outputs keep the model dtype.
 
-Note: the ``tensorflow_serving.apis`` protos import TensorFlow, so importing this
-module imports TensorFlow.
+Importing this module imports neither TensorFlow nor gRPC: the REST path needs only the
+standard library and NumPy (``python -m msdn_tf.client --rest`` starts in well under a
+second). The gRPC functions import ``grpc`` and the ``tensorflow_serving.apis`` protos
+(which import TensorFlow) when first called.
 """
 
 from __future__ import annotations
@@ -32,10 +34,7 @@ import urllib.error
 import urllib.request
 from typing import Iterable, Mapping, Sequence
 
-import grpc
 import numpy as np
-import tensorflow as tf
-from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
@@ -99,7 +98,7 @@ def make_predict_request(
     signature_name: str = DEFAULT_SIGNATURE,
     version: int | None = None,
     output_filter: Iterable[str] = (),
-) -> predict_pb2.PredictRequest:
+):
     """Build a ``PredictRequest``.
 
     Args:
@@ -108,7 +107,13 @@ def make_predict_request(
             (e.g. encoded JPEG/PNG images) sent as a 1-D DT_STRING tensor.
         version: a specific model version; None means the latest.
         output_filter: only return these output aliases.
+
+    Returns:
+        a ``tensorflow_serving.apis.predict_pb2.PredictRequest``.
     """
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2
+
     request = predict_pb2.PredictRequest()
     request.model_spec.name = model_name
     request.model_spec.signature_name = signature_name
@@ -121,7 +126,9 @@ def make_predict_request(
     return request
 
 
-def _grpc_error(exc: grpc.RpcError) -> PredictError:
+def _grpc_error(exc) -> PredictError:
+    import grpc
+
     code = exc.code() if hasattr(exc, "code") else None
     details = exc.details() if hasattr(exc, "details") else str(exc)
     if code == grpc.StatusCode.UNAVAILABLE and "HTTP/2" in (details or ""):
@@ -145,6 +152,9 @@ class GrpcClient:
         timeout: float = DEFAULT_TIMEOUT,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ):
+        import grpc
+        from tensorflow_serving.apis import prediction_service_pb2_grpc
+
         self.address = address
         self.timeout = timeout
         options = [
@@ -154,7 +164,10 @@ class GrpcClient:
         self._channel = grpc.insecure_channel(address, options=options)
         self._stub = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
 
-    def predict_request(self, request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:
+    def predict_request(self, request):
+        """Send a ``PredictRequest``; return the ``PredictResponse``."""
+        import grpc
+
         try:
             return self._stub.Predict(request, timeout=self.timeout)
         except grpc.RpcError as exc:
@@ -174,10 +187,15 @@ class GrpcClient:
             model_name, inputs, signature_name=signature_name, version=version, output_filter=output_filter
         )
         response = self.predict_request(request)
+        import tensorflow as tf
+
         return {key: tf.make_ndarray(proto) for key, proto in response.outputs.items()}
 
     def get_signature_defs(self, model_name: str, *, version: int | None = None) -> dict:
         """``GetModelMetadata`` -> signature key -> ``SignatureDef`` proto."""
+        import grpc
+        from tensorflow_serving.apis import get_model_metadata_pb2
+
         request = get_model_metadata_pb2.GetModelMetadataRequest()
         request.model_spec.name = model_name
         if version is not None:
@@ -346,6 +364,22 @@ def predict_rest(
         payload["inputs"] = {k: _to_json_value(a) for k, a in arrays.items()}
     url = _model_url(base_url, model_name, version)
     answer = _rest_call(url + ":predict", json.dumps(payload).encode("utf-8"), timeout)
+    try:
+        return _rest_outputs(answer, url, signature_name, row_format, timeout)
+    except PredictError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+        raise PredictError(
+            "UNKNOWN",
+            f"{url} answered JSON that is not a TF Serving predict response ({type(exc).__name__}: {exc})",
+            "rest",
+        ) from exc
+
+
+def _rest_outputs(answer, url: str, signature_name: str, row_format: bool, timeout: float) -> dict:
+    """The outputs of a REST predict answer (row or columnar form), by alias."""
+    if not isinstance(answer, dict):
+        raise TypeError(f"expected a JSON object, got {type(answer).__name__}")
     if "error" in answer:
         raise PredictError("UNKNOWN", str(answer["error"]), "rest")
 

@@ -1,6 +1,6 @@
 """Export library: an MSDN as a TensorFlow Serving SavedModel with fused predictions.
 
-The command is ``python -m msdn_tf.export`` (:mod:`msdn_tf.export`); the check of an
+The command is ``python -m msdn_tf.export`` (:mod:`msdn_tf.cli.export`); the check of an
 export before it is published is :mod:`msdn_tf.serving.verify`.
 
 Usage::
@@ -90,7 +90,19 @@ FEATURES_SIGNATURE = "serving_default"
 MAPS_SIGNATURE = "serving_maps"
 IMAGES_SIGNATURE = "serving_images"
 METADATA_SIGNATURE = "metadata"
-PREDICTION_OUTPUTS = ("scores", "gzsl_class", "czsl_class", "top_k_classes", "top_k_scores")
+OPEN_SIGNATURE = "serving_open"
+OPEN_SIDED_SIGNATURE = "serving_open_sided"
+PREDICTION_OUTPUTS = (
+    "scores",
+    "gzsl_class",
+    "czsl_class",
+    "top_k_classes",
+    "top_k_scores",
+    "attribute_scores",
+    "top_k_attributes",
+)
+#: Attribute evidence returned with every answer: how many attribute ids (at most K).
+DEFAULT_TOP_ATTRIBUTES = 5
 #: Reference (torchvision + PIL) preprocessing in-graph, for the torchvision-layout backbone.
 TORCHVISION_PREPROCESSING_NOTE = (
     "decode (JPEG: accurate integer IDCT) to RGB, torchvision Resize(image_size) with Pillow's bilinear "
@@ -197,7 +209,9 @@ def guard_scores(scores, input_name: str):
         return tf.identity(scores)
 
 
-def fused_predictions(scores, seen_mask, unseen_ids, gamma: float, top_k: int) -> dict:
+def fused_predictions(
+    scores, seen_mask, unseen_ids, gamma: float, top_k: int, attribute_scores=None, top_attributes: int = 0
+) -> dict:
     """The prediction outputs from fused scores ``(B, C)`` (keras.ops; runs in the export graph).
 
     Args:
@@ -206,6 +220,8 @@ def fused_predictions(scores, seen_mask, unseen_ids, gamma: float, top_k: int) -
         unseen_ids: (U,) int class ids of the unseen classes.
         gamma: calibrated-stacking constant subtracted from seen-class scores.
         top_k: k of the top-k outputs (at most C).
+        attribute_scores: optional (B, K) attribute scores of the A->V sub-net (the evidence).
+        top_attributes: how many attribute ids ``top_k_attributes`` holds (at most K).
     """
     from keras import ops
 
@@ -213,16 +229,117 @@ def fused_predictions(scores, seen_mask, unseen_ids, gamma: float, top_k: int) -
     unseen_ids = ops.convert_to_tensor(unseen_ids, "int64")
     unseen_scores = ops.take(scores, unseen_ids, axis=1)  # (B, U)
     values, indices = ops.top_k(calibrated, k=top_k, sorted=True)  # (B, k)
-    return {
+    out = {
         "scores": scores,
         "gzsl_class": ops.cast(ops.argmax(calibrated, axis=-1), "int64"),
         "czsl_class": ops.take(unseen_ids, ops.argmax(unseen_scores, axis=-1), axis=0),
         "top_k_classes": ops.cast(indices, "int64"),
         "top_k_scores": values,
     }
+    return out | attribute_evidence(attribute_scores, top_attributes)
 
 
-def reference_predictions(scores, seen_classes, unseen_classes, gamma: float, top_k: int) -> dict:
+def attribute_evidence(attribute_scores, top_attributes: int) -> dict:
+    """``attribute_scores`` (B, K) and ``top_k_attributes`` (B, k) int64, best first (keras.ops)."""
+    from keras import ops
+
+    if attribute_scores is None:
+        return {}
+    attribute_scores = ops.cast(attribute_scores, "float32")
+    _, ids = ops.top_k(attribute_scores, k=int(top_attributes), sorted=True)
+    return {"attribute_scores": attribute_scores, "top_k_attributes": ops.cast(ids, "int64")}
+
+
+def open_predictions(scores, is_seen, gamma: float, top_k: int, attribute_scores, top_attributes: int) -> dict:
+    """:func:`fused_predictions` over a per-request class set (``serving_open``).
+
+    The sides come as a tensor: ``is_seen`` (C',) bool. ``czsl_class`` is the best class
+    on the unseen side, -1 when the request marks every class seen; ``k = min(top_k, C')``.
+    """
+    import tensorflow as tf  # the per-request k is a tensor: TensorFlow's top_k (export only)
+    from keras import ops
+
+    seen = ops.cast(is_seen, scores.dtype)[None, :]
+    calibrated = scores - gamma * seen
+    unseen_only = ops.where(is_seen[None, :], ops.full_like(scores, float("-inf")), scores)
+    any_unseen = ops.any(ops.logical_not(is_seen))
+    czsl = ops.where(
+        any_unseen,
+        ops.cast(ops.argmax(unseen_only, axis=-1), "int64"),
+        -ops.ones_like(ops.cast(ops.argmax(unseen_only, axis=-1), "int64")),
+    )
+    k = tf.minimum(int(top_k), tf.shape(scores)[1])
+    values, indices = tf.math.top_k(calibrated, k=k, sorted=True)
+    out = {
+        "scores": scores,
+        "gzsl_class": ops.cast(ops.argmax(calibrated, axis=-1), "int64"),
+        "czsl_class": czsl,
+        "top_k_classes": ops.cast(indices, "int64"),
+        "top_k_scores": values,
+    }
+    return out | attribute_evidence(attribute_scores, top_attributes)
+
+
+def guard_class_rows(class_attributes, num_attributes: int, nonnegative: bool, input_name: str = "class_attributes"):
+    """In-graph checks of a per-request class vocabulary (``InvalidArgumentError`` naming the input).
+
+    Refused: no row; a column count other than the model's K; a NaN or inf; a row that
+    is all zero (after setting negatives to 0 where the training data was).
+    """
+    import tensorflow as tf
+
+    shape = tf.shape(class_attributes)
+    rows = tf.maximum(class_attributes, 0.0) if nonnegative else class_attributes
+    zero_rows = tf.reduce_all(tf.equal(rows, 0.0), axis=1)
+    checks = [
+        tf.debugging.assert_positive(
+            shape[0], message=f"empty class vocabulary in input {input_name} (0 rows): send at least one class row"
+        ),
+        tf.debugging.assert_equal(
+            shape[1],
+            num_attributes,
+            message=f"wrong attribute count in input {input_name}: expected {num_attributes} columns (the export's "
+            "attribute_names, in order); got",
+        ),
+    ]
+    with tf.control_dependencies(checks):
+        checks.append(
+            tf.debugging.Assert(
+                tf.reduce_all(tf.math.is_finite(class_attributes)),
+                [f"NaN or inf in input {input_name}: send finite float32 attribute values"],
+            )
+        )
+        checks.append(
+            tf.debugging.Assert(
+                tf.logical_not(tf.reduce_any(zero_rows)),
+                [
+                    f"all-zero row in input {input_name}"
+                    + (" (after negatives are set to 0, as the training data was)" if nonnegative else "")
+                    + "; rows:",
+                    tf.where(zero_rows)[:, 0],
+                ],
+            )
+        )
+    with tf.control_dependencies(checks):
+        return tf.identity(class_attributes)
+
+
+def guard_sides(class_is_seen, class_attributes, input_name: str = "class_is_seen"):
+    """In-graph check that ``class_is_seen`` has one entry per row of ``class_attributes``."""
+    import tensorflow as tf
+
+    check = tf.debugging.assert_equal(
+        tf.shape(class_is_seen)[0],
+        tf.shape(class_attributes)[0],
+        message=f"input {input_name} must have one entry per row of class_attributes; lengths",
+    )
+    with tf.control_dependencies([check]):
+        return tf.identity(class_is_seen)
+
+
+def reference_predictions(
+    scores, seen_classes, unseen_classes, gamma: float, top_k: int, attribute_scores=None, top_attributes: int = 0
+) -> dict:
     """NumPy version of :func:`fused_predictions`, via :mod:`msdn_tf.evaluation.metrics` (for verification)."""
     from msdn_tf.evaluation.metrics import czsl_predictions, gzsl_predictions
 
@@ -231,13 +348,18 @@ def reference_predictions(scores, seen_classes, unseen_classes, gamma: float, to
     calibrated[:, np.asarray(seen_classes, dtype=np.int64)] -= gamma
     k = min(int(top_k), scores.shape[1])
     order = np.argsort(-calibrated, axis=1, kind="stable")[:, :k]
-    return {
+    out = {
         "scores": scores,
         "gzsl_class": gzsl_predictions(scores, seen_classes, gamma).astype(np.int64),
         "czsl_class": czsl_predictions(scores, unseen_classes).astype(np.int64),
         "top_k_classes": order.astype(np.int64),
         "top_k_scores": np.take_along_axis(calibrated, order, axis=1).astype(np.float32),
     }
+    if attribute_scores is not None:
+        a = np.asarray(attribute_scores, np.float32)
+        out["attribute_scores"] = a
+        out["top_k_attributes"] = np.argsort(-a.astype(np.float64), axis=1, kind="stable")[:, : int(top_attributes)]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,18 +389,31 @@ def build_metadata(
     image_size=None,
     backbone_id=None,
     preprocessing: str = "keras",
+    attribute_names=None,
+    classes=None,
+    class_file=None,
+    normalisation=None,
+    top_attributes: int = DEFAULT_TOP_ATTRIBUTES,
 ) -> dict:
     """The ``msdn_metadata.json`` content (see the module docstring)."""
     import keras
     import tensorflow as tf
 
+    from msdn_tf.zeroshot import normalisation_rule
+
     c = int(model.num_classes)
+    k_att = int(model.num_attributes)
+    f = int(model.feature_dim)
     signatures = {
-        FEATURES_SIGNATURE: {"inputs": {"features": f"float32 (batch, regions, {model.feature_dim})"}},
-        MAPS_SIGNATURE: {"inputs": {"feature_maps": f"float32 (batch, height, width, {model.feature_dim})"}},
+        FEATURES_SIGNATURE: {"inputs": {"features": f"float32 (batch, regions, {f})"}},
+        MAPS_SIGNATURE: {"inputs": {"feature_maps": f"float32 (batch, height, width, {f})"}},
     }
     if image_size is not None:
         signatures[IMAGES_SIGNATURE] = {"inputs": {"images": "string (batch,) encoded JPEG/PNG bytes"}}
+    evidence = {
+        "attribute_scores": f"float32 (batch, {k_att}) attribute scores of the attribute->visual sub-net",
+        "top_k_attributes": f"int64 (batch, {top_attributes}) attribute ids of the highest attribute_scores",
+    }
     for sig in signatures.values():
         sig["outputs"] = {
             "scores": f"float32 (batch, {c})",
@@ -286,7 +421,28 @@ def build_metadata(
             "czsl_class": "int64 (batch,)",
             "top_k_classes": f"int64 (batch, {top_k})",
             "top_k_scores": f"float32 (batch, {top_k}) calibrated scores",
-        }
+        } | evidence
+    open_outputs = {
+        "scores": "float32 (batch, classes) over the request's class rows",
+        "gzsl_class": "int64 (batch,) row index into class_attributes",
+        "czsl_class": "int64 (batch,) best row on the unseen side (-1 if none)",
+        "top_k_classes": f"int64 (batch, min({top_k}, classes))",
+        "top_k_scores": f"float32 (batch, min({top_k}, classes)) calibrated scores",
+    } | evidence
+    rows = f"float32 (classes, {k_att}) raw class rows, the form of the training class table; normalised in the graph"
+    signatures[OPEN_SIGNATURE] = {
+        "inputs": {"features": f"float32 (batch, regions, {f})", "class_attributes": rows},
+        "outputs": open_outputs,
+        "note": "every class of the request is on the unseen side (+bias margin, no gamma)",
+    }
+    signatures[OPEN_SIDED_SIGNATURE] = {
+        "inputs": {
+            "features": f"float32 (batch, regions, {f})",
+            "class_attributes": rows,
+            "class_is_seen": "bool (classes,) True: the seen side (-bias margin, gamma subtracted)",
+        },
+        "outputs": open_outputs,
+    }
     signatures[METADATA_SIGNATURE] = {
         "inputs": {},
         "outputs": {"metadata_json": "string ()", "class_names": f"string ({c},)"},
@@ -316,6 +472,11 @@ def build_metadata(
             "preprocessing": TORCHVISION_PREPROCESSING_NOTE if preprocessing == "torchvision" else PREPROCESSING_NOTE,
         },
         "signatures": signatures,
+        "attribute_names": [str(a) for a in attribute_names] if attribute_names is not None else None,
+        "top_attributes": int(top_attributes),
+        "class_normalisation": dict(normalisation) if normalisation is not None else normalisation_rule(False),
+        "classes": classes,
+        "class_file": class_file,
         "config": _config_dict(config),
         "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "tensorflow": tf.__version__,
@@ -403,6 +564,11 @@ def export_saved_model(
     backbone_id: Optional[str] = None,
     preprocessing: str = "keras",
     check=None,
+    attribute_names=None,
+    classes=None,
+    class_file=None,
+    normalisation=None,
+    top_attributes: int = DEFAULT_TOP_ATTRIBUTES,
 ) -> str:
     """Write ``out_base/<version>/`` as a TF Serving SavedModel of ``model``.
 
@@ -432,6 +598,13 @@ def export_saved_model(
         preprocessing: ``"keras"`` (the backbone takes ``resnet.preprocess_input`` images)
             or ``"torchvision"`` (ImageNet mean/std images from the reference preprocessing,
             for :mod:`msdn_tf.backbones.torchvision_resnet`).
+        attribute_names: K attribute names for the metadata (clients print the evidence by name).
+        classes: ``[{"id", "name", "status", "side"}]`` (:meth:`msdn_tf.zeroshot.ClassSet.describe`);
+            default: every class ``trained-seen``/``trained-unseen``.
+        class_file: ``{"path", "sha256", ...}`` of the class file a re-targeted model came from.
+        normalisation: the run's class-row rule (:func:`msdn_tf.zeroshot.normalisation_rule`),
+            applied in the graph by ``serving_open``.
+        top_attributes: how many attribute ids ``top_k_attributes`` holds (clipped to K).
 
     Returns:
         The version directory path.
@@ -455,6 +628,24 @@ def export_saved_model(
     if final.exists() and not overwrite:
         raise MSDNError(f"{final} already exists; choose another --version or pass --overwrite")
     k = min(int(top_k), int(model.num_classes))
+    k_att = min(int(top_attributes), int(model.num_attributes))
+    if k_att < 1:
+        raise MSDNError(f"top_attributes must be >= 1, got {top_attributes}")
+    if attribute_names is not None and len(attribute_names) != int(model.num_attributes):
+        raise MSDNError(f"{len(attribute_names)} attribute names for a model with {model.num_attributes} attributes")
+    if classes is None:
+        classes = [
+            {
+                "id": i,
+                "name": str(n),
+                "status": "trained-unseen" if i in unseen else "trained-seen",
+                "side": "unseen" if i in unseen else "seen",
+            }
+            for i, n in enumerate(class_names)
+        ]
+    from msdn_tf.zeroshot import normalisation_rule
+
+    normalisation = dict(normalisation) if normalisation is not None else normalisation_rule(False)
     gamma = float(gamma)
     if backbone is not None:
         _backbone_output_check(backbone, int(image_size), int(model.feature_dim))
@@ -470,6 +661,11 @@ def export_saved_model(
         image_size=None if backbone is None else int(image_size),
         backbone_id=backbone_id,
         preprocessing=preprocessing,
+        attribute_names=attribute_names,
+        classes=classes,
+        class_file=class_file,
+        normalisation=normalisation,
+        top_attributes=k_att,
     )
     meta_text = json.dumps(meta, indent=2) + "\n"
     archive = _build_archive(
@@ -483,6 +679,8 @@ def export_saved_model(
         backbone=backbone,
         image_size=image_size,
         preprocessing=preprocessing,
+        top_attributes=k_att,
+        nonnegative=bool(normalisation.get("nonnegative")),
     )
     tmp = _make_temporary_folder(out_base, version)
     published = False
@@ -514,6 +712,8 @@ def _build_archive(
     backbone=None,
     image_size: int = 448,
     preprocessing: str = "keras",
+    top_attributes: int = DEFAULT_TOP_ATTRIBUTES,
+    nonnegative: bool = False,
 ):
     """The ``keras.export.ExportArchive`` with every signature (see the module docstring)."""
     import keras
@@ -527,8 +727,32 @@ def _build_archive(
 
     def head(features, input_name="images"):  # serving_images passes the backbone's maps
         features = guard_features(features, input_name)  # InvalidArgumentError: TF Serving INVALID_ARGUMENT
-        scores = keras.ops.cast(model(features, training=False)["logits"], "float32")  # (B, C), even if mixed
-        return fused_predictions(guard_scores(scores, input_name), seen_mask, unseen_ids, gamma, k)
+        out = model(features, training=False)
+        scores = keras.ops.cast(out["logits"], "float32")  # (B, C), even if mixed
+        return fused_predictions(
+            guard_scores(scores, input_name), seen_mask, unseen_ids, gamma, k, out["scores_a2v"], top_attributes
+        )
+
+    num_attributes = int(model.num_attributes)
+
+    def open_head(features, class_attributes, class_is_seen=None):
+        from msdn_tf.zeroshot import normalise_rows_ops
+
+        features = guard_features(features, "features")
+        class_attributes = guard_class_rows(class_attributes, num_attributes, nonnegative)
+        if class_is_seen is None:  # serving_open: every request class on the unseen side
+            class_is_seen = tf.zeros(tf.shape(class_attributes)[:1], tf.bool)
+        else:
+            class_is_seen = guard_sides(class_is_seen, class_attributes)
+        att = normalise_rows_ops(class_attributes, nonnegative)  # exactly the run's rule (§1.4)
+        out = model.attribute_outputs(features)
+        margin = model.bias * (1.0 - 2.0 * tf.cast(class_is_seen, tf.float32))  # +bias unseen, -bias seen
+        scores = keras.ops.cast(
+            model.class_logits(out["scores_a2v"], out["scores_v2a"], att, margin)["logits"], "float32"
+        )
+        return open_predictions(
+            guard_scores(scores, "features"), class_is_seen, gamma, k, out["scores_a2v"], top_attributes
+        )
 
     archive = keras.export.ExportArchive()
     archive.track(model)
@@ -541,6 +765,20 @@ def _build_archive(
         MAPS_SIGNATURE,
         lambda feature_maps: head(feature_maps, "feature_maps"),
         input_signature=[tf.TensorSpec((None, None, None, f), tf.float32, name="feature_maps")],
+    )
+    open_specs = [
+        tf.TensorSpec((None, None, f), tf.float32, name="features"),
+        tf.TensorSpec((None, None), tf.float32, name="class_attributes"),
+    ]
+    archive.add_endpoint(
+        OPEN_SIGNATURE,
+        lambda features, class_attributes: open_head(features, class_attributes),
+        input_signature=open_specs,
+    )
+    archive.add_endpoint(
+        OPEN_SIDED_SIGNATURE,
+        lambda features, class_attributes, class_is_seen: open_head(features, class_attributes, class_is_seen),
+        input_signature=open_specs + [tf.TensorSpec((None,), tf.bool, name="class_is_seen")],
     )
     if backbone is not None:
         archive.track(backbone)
@@ -560,7 +798,31 @@ def _build_archive(
         return {"metadata_json": tf.constant(meta_text), "class_names": tf.constant(names)}
 
     archive.add_endpoint(METADATA_SIGNATURE, tf.function(metadata_fn, input_signature=[]))
+    _store_variables_once(archive)
     return archive
+
+
+def _store_variables_once(archive) -> None:
+    """Make the SavedModel hold each weight once, not twice.
+
+    ``ExportArchive`` checkpoints every weight under two objects: ``variables`` (and
+    ``trainable_variables`` / ``non_trainable_variables``) list the Keras variables, and
+    ``_all_variables`` lists the ``tf.Variable`` each one wraps (what the endpoints capture).
+    Both write the same values, so an image export of 170 MB of weights took 333 MB.
+    Listing the wrapped ``tf.Variable`` objects instead makes both names refer to one
+    object, which the SavedModel writes once; the loaded object still has ``variables``
+    (Keras 3.15's private ``_tf_trackable``; left as is if a Keras version lacks it).
+    """
+    import tensorflow as tf
+
+    trackable = getattr(archive, "_tf_trackable", None)
+    for attr in ("variables", "trainable_variables", "non_trainable_variables"):
+        listed = getattr(trackable, attr, None)
+        if listed is None:
+            continue
+        unwrapped = [getattr(v, "value", v) for v in listed]
+        if all(isinstance(v, tf.Variable) for v in unwrapped):
+            setattr(trackable, attr, unwrapped)
 
 
 def _make_temporary_folder(out_base: Path, version: int) -> Path:
@@ -731,28 +993,6 @@ def _publish(tmp: Path, final: Path, version: int, out_base: Path) -> None:
 # Run directories
 
 
-def class_names_for_run(run_dir, config) -> list:
-    """Class names of a run: ``RUN/metadata.json`` ``class_names`` if present, else the dataset's."""
-    meta_path = Path(run_dir) / "metadata.json"
-    if meta_path.is_file():
-        try:
-            names = json.loads(meta_path.read_text()).get("class_names")
-        except (OSError, ValueError) as exc:
-            raise MSDNError(f"{meta_path}: not valid JSON ({exc})") from exc
-        if names is not None:
-            return [str(n) for n in names]
-    from msdn_tf.data.registry import load_dataset
-
-    try:
-        return list(load_dataset(config).class_names)  # feature maps stay on disk: only metadata is read
-    except MSDNError as exc:
-        raise MSDNError(
-            f"cannot get the class names of {run_dir}: no metadata.json with 'class_names' and the "
-            f"dataset does not load ({exc}); pass --set data.data_dir=... or add "
-            f"{meta_path}"
-        ) from exc
-
-
 def backbone_for_images(
     run_dir, feature_dim: int, *, kind: str = "auto", weights: Optional[str] = None, image_size: int = 448
 ):
@@ -801,3 +1041,115 @@ def backbone_for_images(
     weights = weights or "imagenet"
     backbone = build_backbone(weights, image_size)
     return backbone, f"keras.applications.ResNet101(include_top=False, weights={weights})", "keras"
+
+
+def export_run(
+    run_dir,
+    out,
+    *,
+    version: int = 1,
+    overwrite: bool = False,
+    gamma: float = 0.0,
+    top_k: int = 5,
+    overrides: Sequence[str] = (),
+    with_images: bool = False,
+    backbone: str = "auto",
+    backbone_weights=None,
+    image_size: int = 448,
+    verify: bool = True,
+    verify_samples: int = 3,
+    top_attributes: int = 5,
+    classes=None,
+    replace_classes: bool = False,
+    added_side: str = "unseen",
+    log=None,
+):
+    """Export a run directory: what ``python -m msdn_tf.export`` does.
+
+    Loads the run (``overrides``: ``--set`` texts applied to its config before the class
+    names are read), picks the ``serving_images`` backbone when ``with_images``
+    (:func:`backbone_for_images`), and publishes ``out/<version>`` with
+    :func:`export_saved_model`, checked before it is published by
+    :func:`msdn_tf.serving.verify.verify_export` on ``verify_samples`` random feature maps
+    unless ``verify`` is false.
+
+    With ``classes`` (a class file, ``FILE.csv``) the run's model is first re-targeted to the
+    trained classes plus the file's (``replace_classes``: the file's only), the new classes on
+    the ``added_side`` of the margin and of calibrated stacking (:func:`msdn_tf.zeroshot.retarget_run`);
+    every problem of the file is one error before anything is written. ``top_attributes``
+    attribute ids are returned as evidence with every answer.
+
+    Returns:
+        ``(path, report)``: the published version folder and the check's report (``None``
+        without the check).
+
+    Raises:
+        ExportCheckFailed: the check failed; nothing was published (``exc.report``).
+        MSDNError: a bad run directory, argument or write.
+    """
+    from msdn_tf import zeroshot
+    from msdn_tf.config import merge, parse_override
+    from msdn_tf.evaluation.runs import class_names_for_run, load_run
+    from msdn_tf.serving.verify import verify_export
+
+    config, model = load_run(run_dir)
+    for text in overrides:
+        config = merge(config, parse_override(text), f"--set {text}")
+    if replace_classes and not classes:
+        raise MSDNError("--replace-classes needs --classes FILE.csv")
+    semantics = zeroshot.run_class_semantics(run_dir, config, model)
+    names = class_names_for_run(run_dir, config)
+    class_set = None
+    if classes:
+        model, class_set, semantics = zeroshot.retarget_run(
+            run_dir, classes, config=config, model=model, replace=replace_classes, added_side=added_side
+        )
+        names = class_set.names
+        if log is not None:
+            log(
+                f"re-targeted: {sum(s == zeroshot.ADDED for s in class_set.status)} class(es) added from "
+                f"{classes}, {len(names)} served ({len(class_set.unseen_classes)} on the unseen side)"
+            )
+    image_backbone = backbone_id = None
+    preprocessing = "keras"
+    if with_images:
+        image_backbone, backbone_id, preprocessing = backbone_for_images(
+            run_dir,
+            model.feature_dim,
+            kind=backbone,
+            weights=backbone_weights,
+            image_size=image_size,
+        )
+    check, reports = None, []
+    if verify:
+        rng = np.random.default_rng(0)
+        side = max(1, image_size // 32)
+        sample = np.abs(rng.standard_normal((verify_samples, side, side, model.feature_dim))).astype(np.float32)
+
+        def check(export_dir):
+            reports.append(verify_export(export_dir, model, sample, backbone=image_backbone))
+            return reports[-1]
+
+    path = export_saved_model(
+        model,
+        out,
+        version=version,
+        class_names=names,
+        seen_classes=model.seen_classes,
+        unseen_classes=model.unseen_classes,
+        gamma=gamma,
+        top_k=top_k,
+        config=config,
+        backbone=image_backbone,
+        image_size=image_size,
+        overwrite=overwrite,
+        backbone_id=backbone_id,
+        preprocessing=preprocessing,
+        check=check,
+        attribute_names=semantics.get("attribute_names"),
+        classes=class_set.describe() if class_set is not None else None,
+        class_file=class_set.class_file if class_set is not None else None,
+        normalisation=semantics.get("normalisation"),
+        top_attributes=top_attributes,
+    )
+    return path, (reports[-1] if reports else None)

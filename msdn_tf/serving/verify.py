@@ -24,6 +24,8 @@ from msdn_tf.serving.export import (
     MAPS_SIGNATURE,
     METADATA_FILE,
     METADATA_SIGNATURE,
+    OPEN_SIDED_SIGNATURE,
+    OPEN_SIGNATURE,
     PREDICTION_OUTPUTS,
     preprocess_image_batch,
     read_metadata,
@@ -95,13 +97,15 @@ def _compare(sig, want: dict, got: dict, tol: float) -> list:
                 }
             )
             continue
-        if key in ("scores", "top_k_scores"):
+        if key in ("scores", "top_k_scores", "attribute_scores"):
             diff = float(np.max(np.abs(g.astype(np.float64) - w))) if g.size else 0.0
             rows.append({"signature": sig, "output": key, "ok": diff <= tol, "max_abs_diff": diff, "tolerance": tol})
             continue
         mismatch = np.argwhere(g != w)
         if key == "czsl_class":
             ref = want["scores"].astype(np.float64)
+        elif key == "top_k_attributes":
+            ref = want["attribute_scores"].astype(np.float64)
         else:
             ref = calibrated
         bad = 0
@@ -141,8 +145,17 @@ def _check_refuses_nan(run, regions) -> dict:
 def _expected(model, inputs, meta) -> dict:
     from keras import ops
 
-    scores = np.asarray(ops.convert_to_numpy(model(inputs, training=False)["logits"]), np.float32)
-    ref = reference_predictions(scores, meta["seen_classes"], meta["unseen_classes"], meta["gamma"], meta["top_k"])
+    out = model(inputs, training=False)
+    scores = np.asarray(ops.convert_to_numpy(out["logits"]), np.float32)
+    ref = reference_predictions(
+        scores,
+        meta["seen_classes"],
+        meta["unseen_classes"],
+        meta["gamma"],
+        meta["top_k"],
+        np.asarray(ops.convert_to_numpy(out["scores_a2v"]), np.float32),
+        meta.get("top_attributes", 0),
+    )
     calibrated = scores.astype(np.float64).copy()
     calibrated[:, np.asarray(meta["seen_classes"], dtype=np.int64)] -= meta["gamma"]
     ref["_calibrated"] = calibrated
@@ -214,6 +227,8 @@ def verify_export(
         tol = rtol * max(1.0, float(np.max(np.abs(want["scores"]))) if want["scores"].size else 1.0)
         report["checks"].extend(_compare(sig, want, got, tol))
     report["checks"].append(_check_refuses_nan(run, regions))
+    if OPEN_SIDED_SIGNATURE in report["signatures"]:
+        report["checks"].extend(_check_open_signatures(run, model, regions, meta, rtol))
     _check_metadata_signature(run, meta, report)
     if saved_model_cli:
         report["saved_model_cli"] = run_saved_model_cli(export_dir)
@@ -221,6 +236,49 @@ def verify_export(
             report["errors"].append("saved_model_cli show --all failed")
     report["ok"] = report["ok"] and not report["errors"] and all(c["ok"] for c in report["checks"])
     return report
+
+
+def _check_open_signatures(run, model, regions, meta: dict, rtol: float) -> list:
+    """``serving_open_sided`` given the served classes' rows and sides answers what ``serving_default`` answers;
+    ``serving_open`` with the same rows answers the all-unseen margin; both refuse a wrong attribute count."""
+    from keras import ops
+
+    from msdn_tf.serving import cc_loader
+
+    att = np.asarray(ops.convert_to_numpy(model.embedding.att), np.float32)
+    is_seen = np.zeros((att.shape[0],), bool)
+    is_seen[np.asarray(meta["seen_classes"], np.int64)] = True
+    rows = []
+    try:
+        got = run(OPEN_SIDED_SIGNATURE, {"features": regions, "class_attributes": att, "class_is_seen": is_seen})
+        want = _expected(model, regions, meta)
+        tol = rtol * max(1.0, float(np.max(np.abs(want["scores"]))) if want["scores"].size else 1.0)
+        rows.extend(_compare(OPEN_SIDED_SIGNATURE, want, got, tol))
+        got_all = run(OPEN_SIGNATURE, {"features": regions, "class_attributes": att})
+        unseen_meta = meta | {"seen_classes": [], "unseen_classes": list(range(att.shape[0]))}
+        shift = 2.0 * float(ops.convert_to_numpy(model.bias)) * is_seen.astype(np.float64)
+        want_all = reference_predictions(
+            want["scores"] + shift[None, :],
+            [],
+            unseen_meta["unseen_classes"],
+            0.0,
+            meta["top_k"],
+            want["attribute_scores"],
+            meta.get("top_attributes", 0),
+        )
+        want_all["_calibrated"] = want_all["scores"].astype(np.float64)
+        rows.extend(_compare(OPEN_SIGNATURE, want_all, got_all, tol))
+    except cc_loader.CcLoaderError as exc:
+        rows.append({"signature": OPEN_SIDED_SIGNATURE, "output": "runs", "ok": False, "detail": str(exc)[:300]})
+        return rows
+    row = {"signature": OPEN_SIGNATURE, "output": "refuses a wrong attribute count"}
+    try:
+        run(OPEN_SIGNATURE, {"features": regions, "class_attributes": att[:, :-1]})
+        rows.append(row | {"ok": False, "detail": "answered with status OK"})
+    except (cc_loader.CcLoaderError, Exception) as exc:  # noqa: BLE001 - the Python fallback raises TF errors
+        ok = "wrong attribute count in input class_attributes" in str(exc)
+        rows.append(row | {"ok": ok, "detail": "InvalidArgumentError" if ok else str(exc)[:200]})
+    return rows
 
 
 def _regions_and_maps(sample_features):

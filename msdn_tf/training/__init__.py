@@ -8,7 +8,8 @@
 * :mod:`msdn_tf.training.nonfinite`: stop at the first NaN/inf and say where it came from;
 * :mod:`msdn_tf.training.multi_worker`: the step loop under MultiWorkerMirroredStrategy;
 * :mod:`msdn_tf.training.resume`: which flags ``--resume`` may change;
-* :mod:`msdn_tf.training.runs`: load a run directory (its resolved config and model).
+* :mod:`msdn_tf.training.convert`: a released PyTorch checkpoint -> a run directory (the command is
+  ``python -m msdn_tf.convert``).
 
 ``distribute.py``, ``precision.py`` and ``training_jax.py`` stay top level: the model
 (core) imports ``distribute`` and ``training_jax``, and the benchmark library

@@ -8,6 +8,8 @@ history and the record of resumes). ``python -m msdn_tf.train --resume`` continu
 from __future__ import annotations
 
 import json
+import re
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +33,9 @@ class Checkpointer:
     def exists(self) -> bool:
         return self.state_path.is_file()
 
-    def save(self, model, step: int, history: list, resumes: list = ()) -> None:
+    def save(self, model, step: int, history: list, resumes: list = (), problem=None) -> None:
+        """Write the checkpoint of ``step``; ``problem`` (:func:`~msdn_tf.training.resume.data_problem`)
+        is what ``--resume`` compares the data with."""
         self.dir.mkdir(parents=True, exist_ok=True)
         stem = f"step_{step:08d}"
         try:
@@ -51,6 +55,7 @@ class Checkpointer:
                     "optimizer": f"{stem}.optimizer.npz",
                     "history": history,
                     "resumes": list(resumes),
+                    **({"problem": problem} if problem is not None else {}),
                 },
             )
         except BaseException:
@@ -83,6 +88,12 @@ class Checkpointer:
                 f"{self.state_path}: corrupt checkpoint state (missing {', '.join(missing)}); "
                 "start a new run (another --run-dir)"
             )
+        problem = _state_problem(state)
+        if problem:
+            raise MSDNError(
+                f"{self.state_path}: corrupt checkpoint state ({problem}); the run cannot be resumed from it: "
+                "restore the file or start a new run (another --run-dir)"
+            )
         for key in ("weights", "optimizer"):
             if not (self.dir / state[key]).is_file():
                 raise MSDNError(
@@ -99,31 +110,49 @@ class Checkpointer:
                 model.load_weights(path)
             else:
                 assign_all(model.weights, load_arrays(path), path, "model weights")
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
             raise MSDNError(
-                f"{path}: unreadable checkpoint weights ({exc}); restore the file or start a new run"
+                f"{path}: unreadable checkpoint weights ({_first_line(exc)}); restore the file or start a new run"
             ) from exc
         model.optimizer.build(model.trainable_variables)
+        path = self.dir / state["optimizer"]
         try:
-            values = load_arrays(self.dir / state["optimizer"])
-        except (OSError, ValueError, KeyError) as exc:
+            values = load_arrays(path)
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
             raise MSDNError(
-                f"{self.dir / state['optimizer']}: unreadable optimizer state ({exc}); "
-                "restore the file or start a new run"
+                f"{path}: unreadable optimizer state ({_first_line(exc)}); restore the file or start a new run"
             ) from exc
-        variables = model.optimizer.variables
-        if len(values) != len(variables):
-            raise MSDNError(
-                f"{self.dir / state['optimizer']}: holds {len(values)} optimizer variables, "
-                f"the model's optimizer has {len(variables)}"
-            )
-        for var, value in zip(variables, values):
-            var.assign(value)
+        assign_all(model.optimizer.variables, values, path, "optimizer variables")
         return state
 
 
+_STEM = r"step_\d{8}"
+_NAMES = {"weights": rf"{_STEM}\.weights\.(npz|h5)", "optimizer": rf"{_STEM}\.optimizer\.npz"}
+
+
+def _state_problem(state: dict):
+    """What is wrong with a ``state.json`` that parsed, or None (a tampered file is refused, not used)."""
+    step = state["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        return f"'step' must be a whole number >= 0, got {str(step)[:40]!r}"
+    for key, pattern in _NAMES.items():
+        if not isinstance(state[key], str) or not re.fullmatch(pattern, state[key]):
+            got = str(state[key])[:60]
+            return f"'{key}' must name a file step_NNNNNNNN.{key}.npz in the checkpoint folder, got {got!r}"
+    if not isinstance(state["history"], list) or not all(isinstance(h, dict) for h in state["history"]):
+        return "'history' must be a list of evaluation records"
+    if not isinstance(state.get("resumes", []), list):
+        return "'resumes' must be a list"
+    return None
+
+
+def _first_line(exc) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0][:200] if text else type(exc).__name__) or type(exc).__name__
+
+
 def load_arrays(path) -> list:
-    """The arrays ``arr_0, arr_1, ...`` of an ``.npz`` written by :meth:`Checkpointer.save`."""
+    """The arrays ``arr_0, arr_1, ...`` of an ``.npz`` written by :meth:`Checkpointer.save` (no pickles)."""
     check_npz(path)  # each array's declared size against its stored bytes, before inflating it
     with np.load(path, allow_pickle=False) as saved:
         return [saved[f"arr_{i}"] for i in range(len(saved.files))]
@@ -137,6 +166,12 @@ def assign_all(variables, values, path, what) -> None:
             raise MSDNError(
                 f"{path}: {what} '{var.path}' has shape {value.shape} in the checkpoint, "
                 f"{tuple(var.shape)} in the model"
+            )
+        if value.dtype.kind not in "fiu":
+            raise MSDNError(f"{path}: {what} '{var.path}' holds {value.dtype} values, not numbers")
+        if not np.isfinite(value).all():
+            raise MSDNError(
+                f"{path}: {what} '{var.path}' holds NaN or infinite values; restore the file or start a new run"
             )
         var.assign(value)
 

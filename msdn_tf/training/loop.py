@@ -6,7 +6,9 @@ A run directory holds:
 * ``checkpoint/``: weights, optimizer state and progress after every evaluation
   (:mod:`msdn_tf.training.checkpoint`; ``--resume`` continues from it, drawing exactly
   the batches an uninterrupted run would);
-* ``tensorboard/``: loss terms and U/S/H/CZSL scalars (:mod:`msdn_tf.training.reporting`);
+* TensorBoard events (in the run directory itself, so TensorBoard names the run after it):
+  loss terms and U/S/H/CZSL scalars from step 0 on, the config (hparams plugin) and the
+  final figures (:mod:`msdn_tf.training.reporting`);
 * ``model.keras``: the final model; ``results.json`` and ``results.md``: the
   final and best-during-training figures.
 
@@ -18,6 +20,7 @@ writes the model and the results.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -27,7 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable, Optional
 
 from msdn_tf.backend import current as current_backend
 from msdn_tf.backend import on_tensorflow
@@ -39,10 +42,27 @@ from msdn_tf.training.reporting import (
     metric_entry,
     pct,
     purge_events_after,
+    tensorboard_dir,
     write_eval_summaries,
+    write_final_summaries,
+    write_hparams,
     write_results,
 )
+from msdn_tf.training.resume import RUN_FILES, RUN_FOLDERS, check_run_dir, data_problem, resume_point
 from msdn_tf.utils import atomic_path
+from msdn_tf.zeroshot import SEMANTICS_FILE, write_class_semantics
+
+if TYPE_CHECKING:  # the types of TrainingSession's fields
+    import tensorflow as tf
+
+    from msdn_tf.data.base import ZSLData
+    from msdn_tf.data.device import DeviceFeatures
+    from msdn_tf.data.pipeline import Sampler
+    from msdn_tf.distribute import ClusterInfo
+    from msdn_tf.model import MSDN
+    from msdn_tf.precision import Precision
+    from msdn_tf.training.multi_worker import MultiWorkerLoop
+    from msdn_tf.training.nonfinite import NonFiniteGuard
 
 
 # --------------------------------------------------------------------------- setup helpers
@@ -137,7 +157,8 @@ def make_strategy(config: Config):
         ConfigError: an unknown strategy; a strategy other than ``none`` on a backend
             other than TensorFlow; a batch size the replicas cannot share evenly.
     """
-    from msdn_tf.distribute import STRATEGIES, get_strategy
+    from msdn_tf.distribute import get_strategy
+    from msdn_tf.options import STRATEGIES
 
     name = config.train.strategy
     if not on_tensorflow():
@@ -175,13 +196,14 @@ def default_run_dir(config: Config) -> Path:
     return Path(config.train.out_dir) / name
 
 
-def prepare_run(config: Config, run_dir, resume: bool) -> tuple:
-    """``(config, precision, cluster, run_dir, checkpointer)`` after every check that precedes a write.
+def prepare_run(config: Config, run_dir, resume: bool, overwrite: bool = False) -> tuple:
+    """``(config, precision, cluster, run_dir)`` after every check that precedes a write.
 
     The precision is resolved (``auto`` -> the policy used, recorded in the returned
-    config copy), TF_CONFIG is read, and the run directory is checked: a file where the
-    folder should be, ``--resume`` without a checkpoint, a checkpoint without
-    ``--resume``, or a checkpoint past ``train.iterations`` is refused here.
+    config copy), TF_CONFIG is read, and the run directory is checked
+    (:func:`~msdn_tf.training.resume.check_run_dir`): a file where the folder should be,
+    ``--resume`` without a checkpoint, a checkpoint or a model without ``--resume`` or
+    ``--overwrite`` is refused here. Nothing is written.
     """
     from msdn_tf.distribute import cluster_info
     from msdn_tf.precision import resolve_precision
@@ -193,35 +215,8 @@ def prepare_run(config: Config, run_dir, resume: bool) -> tuple:
     run_dir = Path(run_dir) if run_dir else default_run_dir(config)
     if run_dir.exists() and not run_dir.is_dir():
         raise MSDNError(f"--run-dir {run_dir}: is a file, not a folder; choose another --run-dir")
-    checkpointer = Checkpointer(run_dir)
-    check_checkpoint(checkpointer, config, run_dir, resume, cluster)
-    return config, precision, cluster, run_dir, checkpointer
-
-
-def check_checkpoint(checkpointer, config: Config, run_dir: Path, resume: bool, cluster) -> None:
-    """Refuse ``--resume`` without a checkpoint, a new run over one, or one past ``train.iterations``."""
-    if resume and not checkpointer.exists():
-        raise MSDNError(
-            f"--resume: no checkpoint in {run_dir / 'checkpoint'}"
-            + (
-                ""
-                if cluster.is_chief
-                else f" (worker {cluster.task_type}[{cluster.index}] resumes from the chief's checkpoint: "
-                "give every worker the same --run-dir on a shared file system, or copy the "
-                "chief's run directory to this path first)"
-            )
-        )
-    if cluster.is_chief and checkpointer.exists() and not resume:
-        raise MSDNError(
-            f"{run_dir} already holds a checkpoint; pass --resume to continue it, or choose another --run-dir"
-        )
-    if resume:  # check the checkpoint before config.yaml is rewritten: a refused resume changes nothing
-        done = int(checkpointer.read_state()["step"])
-        if config.train.iterations is not None and done > config.train.iterations:
-            raise ConfigError(
-                f"--resume: the checkpoint is at step {done}, past train.iterations = "
-                f"{config.train.iterations}; pass --iterations {done} or more"
-            )
+    check_run_dir(run_dir, resume, overwrite, cluster)
+    return config, precision, cluster, run_dir
 
 
 def output_dir(run_dir: Path, cluster, log) -> Path:
@@ -236,8 +231,21 @@ def output_dir(run_dir: Path, cluster, log) -> Path:
     return out_dir
 
 
+class TrainingInterrupted(MSDNError):
+    """Ctrl-C (SIGINT) during training; the message says which checkpoint is intact. Exit status 130."""
+
+    exit_code = 130
+
+
 def run_training(
-    config: Config, run_dir=None, resume: bool = False, data=None, log=print, eval_hooks=(), resume_changes=None
+    config: Config,
+    run_dir=None,
+    resume: bool = False,
+    data=None,
+    log=print,
+    eval_hooks=(),
+    resume_changes=None,
+    overwrite: bool = False,
 ) -> dict:
     """Train and evaluate one MSDN run.
 
@@ -253,6 +261,13 @@ def run_training(
             result with ``"_logits"`` (e.g. TensorBoard images, see ``msdn_tf.viz``).
         resume_changes: ``{"section.key": (old, new)}`` applied on ``--resume``
             (recorded under ``resumes`` in the checkpoint and ``results.json``).
+        overwrite: replace a run already in ``run_dir`` (its model, checkpoint, results and
+            TensorBoard events are removed once the data and the model are ready).
+
+    The run directory has one writer at a time (:class:`~msdn_tf.runlock.RunLock`).
+    A run that fails before its first checkpoint leaves nothing behind (no
+    ``config.yaml``, no TensorBoard events); ``config.yaml`` is written with the first
+    checkpoint.
 
     Returns:
         The content of ``results.json``.
@@ -262,12 +277,243 @@ def run_training(
             gradients, the weights or the evaluation outputs); the message names the
             step and what went non-finite. The last checkpoint stays as it was and
             neither ``model.keras`` nor ``results.json`` is written.
+        TrainingInterrupted: Ctrl-C; the message names the step reached and the intact
+            checkpoint (exit status 130 in the commands).
     """
-    config, precision, cluster, run_dir, checkpointer = prepare_run(config, run_dir, resume)
+    from msdn_tf.runlock import RunLock
+
+    config, precision, cluster, run_dir = prepare_run(config, run_dir, resume, overwrite)
     strategy = make_strategy(config)  # a bad train.strategy or TF_CONFIG fails before anything is written
+    command = "train --resume" if resume else ("train --overwrite" if overwrite else "train")
+    lock = RunLock(run_dir, command, log) if cluster.is_chief else contextlib.nullcontext()
+    with lock:
+        return _run_locked(
+            config, run_dir, resume, overwrite, precision, cluster, strategy, data, log, eval_hooks, resume_changes
+        )
+
+
+def _run_locked(
+    config, run_dir, resume, overwrite, precision, cluster, strategy, data, log, eval_hooks, resume_changes
+):
+    """:func:`run_training` once the lock is held."""
+    check_run_dir(run_dir, resume, overwrite, cluster)  # again, under the lock
     out_dir = output_dir(run_dir, cluster, log)
+    session = None
     try:
-        session = TrainingSession(
+        session = TrainingSession.build(
+            config,
+            run_dir=run_dir,
+            out_dir=out_dir,
+            precision=precision,
+            cluster=cluster,
+            strategy=strategy,
+            data=data,
+            log=log,
+            eval_hooks=tuple(eval_hooks),
+            resume=resume,
+            resume_changes=resume_changes,
+            overwrite=overwrite,
+        )
+        session.train()
+        return session.finish()
+    except KeyboardInterrupt as exc:
+        if session is not None:
+            session.discard_unfinished()
+        raise TrainingInterrupted(interrupted_message(session, run_dir, resume)) from exc
+    except BaseException:
+        if session is not None:
+            session.discard_unfinished()
+        raise
+    finally:
+        if out_dir != run_dir:
+            shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def device_store_for(config: Config, data, log, model, sampler, iterations: int, eval_every: int):
+    """The training rows on the device when ``data.on_device`` asks for it.
+
+    TensorFlow: a :class:`~msdn_tf.data.device.DeviceFeatures` feeding ``fit``. JAX: a
+    :class:`~msdn_tf.training.jax_loop.DeviceLoop`, which also runs the periods.
+    """
+    from msdn_tf.data.device import DeviceFeatures, use_on_device
+
+    if not use_on_device(config.data.on_device, data):
+        return None
+    if not on_tensorflow():
+        from msdn_tf.training.jax_loop import DeviceLoop
+
+        points = [0] + evaluation_steps(iterations, eval_every, config.train.eval_offset)
+        longest = max(b - a for a, b in zip(points, points[1:]))
+        store = DeviceLoop(model, data, sampler, longest)
+        log(
+            f"msdn-tf: training features on device ({store.nbytes / 1e6:.0f} MB, {store.dtype}); "
+            f"up to {store.max_steps} steps per dispatch"
+        )
+        return store
+    store = DeviceFeatures(data.features, data.trainval_loc)
+    log(f"msdn-tf: training features on device ({store.nbytes / 1e6:.0f} MB, {store.dtype})")
+    return store
+
+
+def input_error(exc, data, where: str, checkpointer=None) -> MSDNError:
+    """One line for an error TensorFlow or h5py raised while reading the data (a corrupt chunk, a bad row)."""
+    import re
+
+    from msdn_tf.data.base import feature_file
+
+    text = str(getattr(exc, "message", None) or exc).strip()
+    # the Python error raised inside tf.data is the last "SomeError: ..." line of TensorFlow's report
+    raised = [m.group(1) for m in re.finditer(r"^\s*((?:[\w.]+Error|[\w.]+Exception): .*\S)\s*$", text, re.M)]
+    first = raised[-1] if raised else next((line for line in text.splitlines() if line.strip()), type(exc).__name__)
+    first = first[:300]
+    note = f" {checkpoint_note(checkpointer)}." if checkpointer is not None else ""
+    return MSDNError(
+        f"{where}: reading {feature_file(data.features, data.source)} failed ({first}); "
+        f"the file may be corrupt or hold values that are not numbers: check it (or write it again).{note}"
+    )
+
+
+def clear_run(run_dir: Path, log, overwrite: bool) -> None:
+    """Before a new run writes: remove the old run (``overwrite``), or what a killed run left without a checkpoint."""
+    from msdn_tf.training.convert import BACKBONE_FILE, REPORT_FILE
+
+    files = [n for n in (*RUN_FILES, REPORT_FILE, BACKBONE_FILE) if (run_dir / n).exists()]
+    files += sorted(p.name for p in run_dir.glob("events.out.tfevents.*"))  # reporting.tensorboard_dir
+    folders = [n for n in RUN_FOLDERS if (run_dir / n).exists()]
+    if not files and not folders:
+        return
+    if not overwrite:  # check_run_dir let it through: no model, no checkpoint: a run that never got that far
+        files = [n for n in files if n in ("config.yaml", "results.json", "results.md") or n.startswith("events.")]
+        folders = [n for n in folders if n == "tensorboard"]
+        if not files and not folders:
+            return
+    for name in files:
+        (run_dir / name).unlink()
+    for name in folders:
+        shutil.rmtree(run_dir / name)
+    why = "--overwrite" if overwrite else "left by a run that stopped before its first checkpoint"
+    log(f"msdn-tf: removed {', '.join(files + [f + '/' for f in folders])} from {run_dir} ({why})")
+
+
+def interrupted_message(session, run_dir: Path, resume: bool) -> str:
+    """The one line of a Ctrl-C: the step reached, the intact checkpoint, how to continue."""
+    checkpointer = Checkpointer(run_dir)
+    reached = session.reached if session is not None else 0
+    head = f"interrupted at step {reached}" if session is not None else "interrupted before training started"
+    if checkpointer.exists():
+        step = json.loads(checkpointer.state_path.read_text())["step"]
+        return (
+            f"{head}; the checkpoint of step {step} in {checkpointer.dir} is intact; resume with "
+            f"python -m msdn_tf.train --run-dir {run_dir} --resume"
+        )
+    return f"{head}; no checkpoint had been written, so nothing of this run was kept; start it again"
+
+
+@dataclasses.dataclass
+class TrainingSession:
+    """One training session of a run: everything it needs, set when it is built, and its steps.
+
+    Build it with :meth:`build` (:func:`run_training` does). Writes go to ``out_dir`` (the
+    run directory on the chief); restores come from ``checkpointer`` (the run
+    directory's). The only fields that change are the progress: ``step``,
+    ``history`` and ``resumes``.
+    """
+
+    config: Config
+    run_dir: Path
+    out_dir: Path
+    checkpointer: Checkpointer
+    precision: "Precision"
+    cluster: "ClusterInfo"
+    strategy: Optional["tf.distribute.Strategy"]  # None on JAX
+    data: "ZSLData"
+    model: "MSDN"
+    sampler: "Sampler"
+    iterations: int
+    eval_every: int
+    step: int
+    history: list
+    resumes: list
+    problem: dict  # what --resume compares the data with (resume.data_problem)
+    loop: Optional["MultiWorkerLoop"]  # the multi-worker step loop (train.strategy=multi_worker)
+    device_store: Optional["DeviceFeatures"]  # training rows on the device (TensorFlow memory, or a JAX DeviceLoop)
+    writer: "tf.summary.SummaryWriter"  # the TensorBoard writer of out_dir/tensorboard
+    guard: "NonFiniteGuard"  # the callback that stops at the first non-finite step
+    started: float
+    fresh: bool  # a new run (not a resume): what it wrote is removed if it fails before a checkpoint
+    eval_hooks: tuple = ()
+    log: Callable = print
+
+    @classmethod
+    def build(
+        cls,
+        config: Config,
+        *,
+        run_dir: Path,
+        out_dir: Path,
+        precision,
+        cluster,
+        strategy,
+        data=None,
+        log=print,
+        eval_hooks=(),
+        resume: bool = False,
+        resume_changes=None,
+        overwrite: bool = False,
+    ) -> "TrainingSession":
+        """Seed, load the data, build the model and sampler, find the start point; then (last) write.
+
+        Every check runs before the first write: a refused resume or bad data leave the
+        run directory as it was. The writes are: the old run's files removed (``overwrite``),
+        the checkpoint restored, TensorBoard events past it purged, the TensorBoard writer.
+        """
+        import tensorflow as tf
+
+        from msdn_tf.data.pipeline import make_sampler
+        from msdn_tf.data.registry import load_dataset
+        from msdn_tf.training.nonfinite import NonFiniteGuard
+
+        log(f"msdn-tf: precision {precision.policy} ({precision.reason})")
+        set_seeds(config)
+        data = data if data is not None else load_dataset(config)
+        iterations, eval_every = schedule(config, len(data.trainval_loc))
+        checkpointer = Checkpointer(run_dir)
+        start = resume_point(checkpointer, resume, iterations, data, resume_changes)
+        with strategy_scope(strategy):  # variables (model and optimizer) mirrored over the replicas
+            model = build_model_from_config(config, data)
+        loop = None
+        if config.train.strategy == "multi_worker":
+            from msdn_tf.training.multi_worker import MultiWorkerLoop
+
+            loop = MultiWorkerLoop(model, strategy)
+        sampler = make_sampler(data, config.data.sampler, config.data.batch_size, config.train.seed)
+        if config.train.tensorboard_images:
+            from msdn_tf.viz.tensorboard import make_eval_hooks
+
+            eval_hooks = tuple(eval_hooks) + tuple(make_eval_hooks(config, data))
+        if resume:
+            with strategy_scope(strategy):
+                checkpointer.restore(model)
+        # everything is checked: from here on the run directory is written
+        if cluster.is_chief and not resume:
+            clear_run(run_dir, log, overwrite)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        log(f"msdn-tf: {json.dumps(data.summary())}")
+        log(f"msdn-tf: {iterations} iterations, evaluation every {eval_every}, run dir {run_dir}")
+        if resume:
+            log(
+                f"msdn-tf: resumed at step {start.step}"
+                + (
+                    f" with {', '.join(f'{k}: {a} -> {b}' for k, (a, b) in resume_changes.items())}"
+                    if resume_changes
+                    else ""
+                )
+            )
+            purged = purge_events_after(tensorboard_dir(run_dir), start.step) if cluster.is_chief else 0
+            if purged:
+                what = f"{purged} TensorBoard events past step {start.step}"
+                log(f"msdn-tf: removed {what} (written before the interruption)")
+        session = cls(
             config=config,
             run_dir=run_dir,
             out_dir=out_dir,
@@ -275,147 +521,64 @@ def run_training(
             precision=precision,
             cluster=cluster,
             strategy=strategy,
-            log=log,
+            data=data,
+            model=model,
+            sampler=sampler,
+            iterations=iterations,
+            eval_every=eval_every,
+            step=start.step,
+            history=start.history,
+            resumes=start.resumes,
+            problem=data_problem(data),
+            loop=loop,
+            device_store=device_store_for(config, data, log, model, sampler, iterations, eval_every),
+            writer=tf.summary.create_file_writer(str(tensorboard_dir(out_dir))),
+            guard=NonFiniteGuard(),
+            started=time.time(),
+            fresh=not resume,
             eval_hooks=tuple(eval_hooks),
+            log=log,
         )
-        session.setup(data)
-        session.restore_or_start(resume, resume_changes)
-        session.train()
-        return session.finish()
-    finally:
-        if out_dir != run_dir:
-            shutil.rmtree(out_dir, ignore_errors=True)
+        if not resume and config.train.eval_initial:
+            from msdn_tf.evaluation.predict import evaluate_model
 
+            initial = evaluate_model(model, data, config.data.eval_batch_size)
+            session.history.append(metric_entry(0, initial))
+        return session
 
-@dataclasses.dataclass
-class TrainingSession:
-    """The state of one training session of a run, and its steps (each one method).
+    @property
+    def reached(self) -> int:
+        """The last training step finished (within a period, as the step callback saw it)."""
+        return max(self.step, int(getattr(self.guard, "done", 0) or 0))
 
-    Writes go to ``out_dir`` (the run directory on the chief); restores come from
-    ``checkpointer`` (the run directory's). :func:`run_training` is the way to use it.
-    """
-
-    config: Config
-    run_dir: Path
-    out_dir: Path
-    checkpointer: Checkpointer
-    precision: Any
-    cluster: Any
-    strategy: Any
-    log: Callable = print
-    eval_hooks: tuple = ()
-    data: Any = None
-    model: Any = None
-    sampler: Any = None
-    iterations: int = 0
-    eval_every: int = 1
-    step: int = 0
-    history: list = dataclasses.field(default_factory=list)
-    resumes: list = dataclasses.field(default_factory=list)
-    loop: Any = None  # the multi-worker step loop (train.strategy=multi_worker), else None
-    device_store: Any = None  # training rows held in TensorFlow memory, else None
-    writer: Any = None  # the TensorBoard writer of out_dir/tensorboard
-    started: float = 0.0
+    def discard_unfinished(self) -> None:
+        """After a failure: a new run that wrote no checkpoint leaves nothing (no events, no config)."""
+        with contextlib.suppress(Exception):
+            self.writer.close()
+        if self.fresh and self.cluster.is_chief and not Checkpointer(self.out_dir).exists():
+            shutil.rmtree(self.out_dir / "tensorboard", ignore_errors=True)
+            for events in self.out_dir.glob("events.out.tfevents.*"):  # tensorboard_dir: the run dir itself
+                events.unlink(missing_ok=True)
+            for name in ("config.yaml", "results.json", "results.md", SEMANTICS_FILE):
+                (self.out_dir / name).unlink(missing_ok=True)
 
     @property
     def multi_worker(self) -> bool:
         return self.config.train.strategy == "multi_worker"
 
-    def setup(self, data=None) -> None:
-        """Write ``config.yaml``, seed, load the data, build the model and the batch sampler."""
-        from msdn_tf.data.pipeline import make_sampler
-        from msdn_tf.data.registry import load_dataset
-
-        config, log = self.config, self.log
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, self.out_dir / "config.yaml")
-        log(f"msdn-tf: precision {self.precision.policy} ({self.precision.reason})")
-        set_seeds(config)
-        self.data = data if data is not None else load_dataset(config)
-        self.iterations, self.eval_every = schedule(config, len(self.data.trainval_loc))
-        with strategy_scope(self.strategy):  # variables (model and optimizer) mirrored over the replicas
-            self.model = build_model_from_config(config, self.data)
-        if self.multi_worker:
-            from msdn_tf.training.multi_worker import MultiWorkerLoop
-
-            self.loop = MultiWorkerLoop(self.model, self.strategy)
-        self.sampler = make_sampler(self.data, config.data.sampler, config.data.batch_size, config.train.seed)
-        log(f"msdn-tf: {json.dumps(self.data.summary())}")
-        log(f"msdn-tf: {self.iterations} iterations, evaluation every {self.eval_every}, run dir {self.run_dir}")
-        if config.train.tensorboard_images:
-            from msdn_tf.viz.tensorboard import make_eval_hooks
-
-            self.eval_hooks = tuple(self.eval_hooks) + tuple(make_eval_hooks(config, self.data))
-
-    def restore_or_start(self, resume: bool, resume_changes=None) -> None:
-        """Continue from the checkpoint (``resume``), or evaluate the untrained model (``train.eval_initial``)."""
-        if resume:
-            self._restore(resume_changes)
-        elif self.config.train.eval_initial:
-            from msdn_tf.evaluation.predict import evaluate_model
-
-            initial = evaluate_model(self.model, self.data, self.config.data.eval_batch_size)
-            self.history.append(metric_entry(0, initial))
-
-    def _restore(self, resume_changes) -> None:
-        with strategy_scope(self.strategy):
-            state = self.checkpointer.restore(self.model)
-        self.history, self.step = state["history"], int(state["step"])
-        self.resumes = list(state.get("resumes", []))
-        if self.step > self.iterations:
-            raise ConfigError(
-                f"--resume: the checkpoint is at step {self.step}, past train.iterations = "
-                f"{self.iterations}; pass --iterations {self.step} or more"
-            )
-        if resume_changes:
-            self.resumes.append({"step": self.step, "changes": resume_changes})
-        self.log(
-            f"msdn-tf: resumed at step {self.step}"
-            + (
-                f" with {', '.join(f'{k}: {a} -> {b}' for k, (a, b) in resume_changes.items())}"
-                if resume_changes
-                else ""
-            )
-        )
-        purged = purge_events_after(self.run_dir / "tensorboard", self.step) if self.cluster.is_chief else 0
-        if purged:
-            self.log(
-                f"msdn-tf: removed {purged} TensorBoard events past step {self.step} (written before the interruption)"
-            )
-
-    def _device_store(self):
-        """The training rows in TensorFlow memory when ``data.on_device`` asks for it (TensorFlow only)."""
-        from msdn_tf.data.device import DeviceFeatures, use_on_device
-
-        if not on_tensorflow():
-            if self.config.data.on_device is not False:
-                self.log(
-                    f"msdn-tf: data.on_device={self.config.data.on_device} holds rows in TensorFlow memory, "
-                    f"which only the TensorFlow backend can use; on {current_backend()} batches come from "
-                    "the host pipeline"
-                )
-            return None
-        if not use_on_device(self.config.data.on_device, self.data):
-            return None
-        store = DeviceFeatures(self.data.features, self.data.trainval_loc)
-        self.log(f"msdn-tf: training features on device ({store.nbytes / 1e6:.0f} MB, {store.dtype})")
-        return store
-
     def train(self) -> None:
         """Train up to each evaluation step (:func:`evaluation_steps`), then evaluate and checkpoint."""
-        import tensorflow as tf
-
-        from msdn_tf.training.nonfinite import NonFiniteGuard
         from msdn_tf.training.reporting import TensorBoardLosses
 
         config = self.config
-        self.device_store = self._device_store()
-        self.writer = tf.summary.create_file_writer(str(self.out_dir / "tensorboard"))
+        if self.step == 0:  # a new run (a resumed one logged these in its first session)
+            write_hparams(self.writer, config, Path(self.run_dir).name)
+            for entry in self.history:  # the untrained model's evaluation (train.eval_initial)
+                write_eval_summaries(self.writer, entry["step"], entry, {})
         verbose = config.train.verbose if config.train.verbose >= 0 else (1 if sys.stdout.isatty() else 2)
         log_cb = TensorBoardLosses(self.writer, config.train.log_every)
-        guard = NonFiniteGuard()
+        guard = self.guard
         self.model.check_numerics = config.train.check_numerics
-        self.started = time.time()
         points = evaluation_steps(self.iterations, self.eval_every, config.train.eval_offset)
         for end in [p for p in points if p > self.step]:
             steps = end - self.step
@@ -441,12 +604,18 @@ class TrainingSession:
         return functools.partial(train_dataset, self.data, self.sampler, self.step, steps, prefetch)
 
     def train_period(self, steps: int, callbacks, verbose) -> dict:
-        """Train ``steps`` steps (``fit``, or the multi-worker loop); the period's running-mean logs."""
+        """Train ``steps`` steps (``fit``, the multi-worker loop or JAX's on-device loop); the running-mean logs."""
+        if self.device_store is not None and not on_tensorflow():  # JAX: the period in one dispatch
+            return self.device_store.train(self.step, steps, callbacks, log=self.log if verbose else None)
+        import tensorflow as tf
+
         make = self._batches(steps)
         if not self.multi_worker:
-            fit = self.model.fit(make(), epochs=1, verbose=verbose, callbacks=callbacks, shuffle=False)
+            try:
+                fit = self.model.fit(make(), epochs=1, verbose=verbose, callbacks=callbacks, shuffle=False)
+            except tf.errors.OpError as exc:
+                raise input_error(exc, self.data, f"training steps {self.step + 1}-{self.step + steps}") from exc
             return {k: v[-1] for k, v in fit.history.items()}
-        import tensorflow as tf
 
         from msdn_tf.training.multi_worker import worker_shard
 
@@ -486,6 +655,12 @@ class TrainingSession:
             raise NonFiniteError(
                 f"evaluation after step {self.step}: {exc}. {checkpoint_note(self.checkpointer)}"
             ) from exc
+        except Exception as exc:
+            import tensorflow as tf
+
+            if isinstance(exc, (tf.errors.OpError, OSError)) and not isinstance(exc, MSDNError):
+                raise input_error(exc, self.data, f"evaluation after step {self.step}", self.checkpointer) from exc
+            raise
         entry = metric_entry(self.step, metrics, losses)
         self.history.append(entry)
         write_eval_summaries(self.writer, self.step, entry, losses)
@@ -500,7 +675,10 @@ class TrainingSession:
     def save_checkpoint(self) -> None:
         """Checkpoint into ``out_dir``; a full disk is one clear error naming the intact checkpoint."""
         try:
-            Checkpointer(self.out_dir).save(self.model, self.step, self.history, self.resumes)
+            save_config(self.config, self.out_dir / "config.yaml")  # before state.json: a checkpoint always has it
+            # what re-targeting to new classes needs (msdn_tf.zeroshot): the row rule, attribute and class names
+            write_class_semantics(self.out_dir, self.data, self.config)
+            Checkpointer(self.out_dir).save(self.model, self.step, self.history, self.resumes, self.problem)
         except OSError as exc:
             then = (
                 f"; once there is room, continue with python -m msdn_tf.train --run-dir {self.run_dir} --resume"
@@ -537,4 +715,6 @@ class TrainingSession:
             current_backend(),
         )
         self.log(write_results(self.out_dir, results))
+        if self.writer is not None:
+            write_final_summaries(self.writer, results)
         return results

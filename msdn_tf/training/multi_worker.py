@@ -23,9 +23,17 @@ class MultiWorkerLoop:
 
         self.model, self.strategy = model, strategy
 
+        from msdn_tf.model import NONFINITE
+
+        def replica_step(batch):
+            logs = model.train_step(batch)
+            if model.check_numerics:  # the non-finite guard's code, not a metric of train_step
+                logs[NONFINITE] = model.trackers[NONFINITE].result()
+            return logs
+
         @tf.function
         def step_fn(iterator):
-            per_replica = strategy.run(model.train_step, args=(next(iterator),))
+            per_replica = strategy.run(replica_step, args=(next(iterator),))
             # Equal slices on every replica: the mean of the replicas' means is the global mean.
             return {k: strategy.reduce("MEAN", v, axis=None) for k, v in per_replica.items()}
 

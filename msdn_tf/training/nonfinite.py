@@ -13,13 +13,17 @@ import numpy as np
 
 from msdn_tf.training.checkpoint import checkpoint_note
 
+NONFINITE = "nonfinite"  # msdn_tf.model.NONFINITE (not imported here: that module imports Keras)
+
 
 class NonFiniteGuard:
     """Keras callback that stops ``fit`` at the first step with a NaN or inf.
 
-    It reads what the training step already returns: the running means of the loss
-    terms (non-finite from the first bad step on) and the ``nonfinite`` code of
+    It reads the running means of the loss terms in the step's logs (non-finite from the
+    first bad step on) and the ``nonfinite`` tracker of the model, the sum of
     :meth:`msdn_tf.model.MSDN.nonfinite_code` (input features, gradients, updated weights).
+    That code is not a metric, so it is not in ``fit``'s logs or progress bar; the
+    multi-worker loop, which reduces it itself, passes it in the logs.
     """
 
     def __new__(cls):
@@ -30,14 +34,20 @@ class NonFiniteGuard:
                 super().__init__()
                 self.offset = 0
                 self.failure = None  # (step, non-finite loss terms, failed checks code)
+                self.done = 0  # the last step finished (for the message of an interruption)
 
             def on_train_batch_end(self, batch, logs=None):
+                self.done = self.offset + batch + 1
                 logs = logs or {}
-                code = float(logs.get("nonfinite", 0.0))
-                terms = [k for k, v in logs.items() if k != "nonfinite" and not math.isfinite(float(v))]
+                code = float(logs[NONFINITE]) if NONFINITE in logs else self.nonfinite_code()
+                terms = [k for k, v in logs.items() if k != NONFINITE and not math.isfinite(float(v))]
                 if code or terms:
                     self.failure = (self.offset + batch + 1, terms, code)
                     self.model.stop_training = True
+
+            def nonfinite_code(self):
+                tracker = self.model.trackers.get(NONFINITE) if hasattr(self.model, "trackers") else None
+                return 0.0 if tracker is None else float(keras.ops.convert_to_numpy(tracker.result()))
 
         return Callback()
 

@@ -148,15 +148,96 @@ def summary_line(results: dict) -> str:
     )
 
 
+# What each TensorBoard scalar is (shown under the chart).
+METRIC_DESCRIPTIONS = {
+    "acc": "CZSL: mean per-class top-1 accuracy on test_unseen, choosing among the unseen classes",
+    "U": "GZSL U: mean per-class accuracy on test_unseen, choosing among all classes",
+    "S": "GZSL S: mean per-class accuracy on test_seen, choosing among all classes",
+    "H": "GZSL H: harmonic mean of U and S",
+}
+LOSS_DESCRIPTIONS = {
+    "ce_a2v": "cross-entropy of the attribute->visual sub-net's logits (margin removed)",
+    "cal_a2v": "self-calibration of the attribute->visual sub-net (weighted by loss.lambda_cal in loss)",
+    "ce_v2a": "cross-entropy of the visual->attribute sub-net's logits (margin removed)",
+    "cal_v2a": "self-calibration of the visual->attribute sub-net (weighted by loss.lambda_cal in loss)",
+    "distill": "mutual distillation between the two sub-nets (weighted by loss.distill_weight in loss)",
+    "loss": "the minimised total: ce + lambda_cal * cal per sub-net + distill_weight * distill",
+}
+
+
+def scalar_description(section: str, key: str) -> str:
+    """The description of TensorBoard scalar ``section/key`` (``eval/H``, ``train/loss``, ...)."""
+    where = {
+        "eval": "after this step's period, on the test split",
+        "train": "running mean over the period so far",
+        "period": "running mean over the period that ended at this step",
+        "final": "at the last step (results.json 'final')",
+        "best_on_test": "best evaluation during training, selected on the TEST split (not an unbiased estimate)",
+    }.get(section, "")
+    what = METRIC_DESCRIPTIONS.get(key) or LOSS_DESCRIPTIONS.get(key) or f"metric {key} of compile(metrics=...)"
+    return f"{what}; {where}" if where else what
+
+
+def tensorboard_dir(out_dir) -> Path:
+    """Where a run's TensorBoard events go: the run directory itself, so TensorBoard names the run after it.
+
+    ``tensorboard --logdir runs`` then lists ``cub-seed214-...`` rather than
+    ``cub-seed214-.../tensorboard``. A run begun before this layout (events in
+    ``tensorboard/``) keeps writing there when resumed.
+    """
+    out_dir = Path(out_dir)
+    legacy = out_dir / "tensorboard"
+    return legacy if any(legacy.glob("events.out.tfevents.*")) else out_dir
+
+
 def write_eval_summaries(writer, step: int, entry: dict, losses: dict) -> None:
     """TensorBoard scalars of one evaluation: ``eval/acc|U|S|H`` and the period's ``period/<loss>``."""
     import tensorflow as tf
 
     with writer.as_default(step=step):
         for key in METRICS:
-            tf.summary.scalar(f"eval/{key}", entry[key])
+            tf.summary.scalar(f"eval/{key}", entry[key], description=scalar_description("eval", key))
         for key, value in losses.items():
-            tf.summary.scalar(f"period/{key}", value)
+            tf.summary.scalar(f"period/{key}", value, description=scalar_description("period", key))
+
+
+def hparams_of(config) -> dict:
+    """The resolved config as the hparams plugin's flat ``{"section.key": bool|int|float|str}``."""
+    flat = {}
+    for section, values in config.to_dict().items():
+        for key, value in values.items():
+            if isinstance(value, (bool, int, float, str)):
+                flat[f"{section}.{key}"] = value
+            else:  # lists and None: their YAML text
+                flat[f"{section}.{key}"] = "none" if value is None else str(value)
+    return flat
+
+
+def write_hparams(writer, config, run_name: str) -> None:
+    """Log the resolved config with the hparams plugin (one session, named ``run_name``).
+
+    With the ``final/*`` and ``eval/*`` scalars, TensorBoard's HPARAMS tab then compares
+    runs in one table (hyper-parameters against the figures).
+    """
+    from tensorboard.plugins.hparams import api as hp
+
+    with writer.as_default():
+        hp.hparams(hparams_of(config), trial_id=run_name)
+
+
+def write_final_summaries(writer, results: dict) -> None:
+    """The figures of ``results.json`` as ``final/*`` and ``best_on_test/*`` scalars at the last step."""
+    import tensorflow as tf
+
+    final = results["final"]
+    with writer.as_default(step=int(final["step"])):
+        for key in METRICS:
+            tf.summary.scalar(f"final/{key}", final[key], description=scalar_description("final", key))
+        for key in ("H", "acc"):
+            best = results["best_on_test"][f"best_{key}"]
+            if best is not None:
+                tf.summary.scalar(f"best_on_test/{key}", best[key], description=scalar_description("best_on_test", key))
+    writer.flush()
 
 
 class TensorBoardLosses:
@@ -178,7 +259,9 @@ class TensorBoardLosses:
                     with writer.as_default(step=step):
                         for key, value in logs.items():
                             if key != "nonfinite":  # a check code (0 while all is finite), not a loss
-                                tf.summary.scalar(f"train/{key}", float(value))
+                                tf.summary.scalar(
+                                    f"train/{key}", float(value), description=scalar_description("train", key)
+                                )
 
         return Callback()
 

@@ -33,7 +33,7 @@ from msdn_tf.viz.common import SPLITS
 def _load(run_dir, need_data: bool, log=print):
     """``(config, model, data or None)``; the dataset is loaded when needed or cheaply available."""
     from msdn_tf.data.registry import load_dataset
-    from msdn_tf.training.runs import load_run
+    from msdn_tf.evaluation.runs import load_run
 
     config, model = load_run(run_dir)
     data = None
@@ -196,3 +196,36 @@ def visualize_embeddings(
     )
     write_json(out / "embeddings.json", summary)
     return summary
+
+
+def attention_text(summary: dict) -> str:
+    """A few readable lines of :func:`visualize_attention`'s summary (what the command prints without --json).
+
+    Example:
+        >>> print(attention_text(summary))
+        predicted: 013.Bobolink (class 12, unseen), logit 3.21; true: 013.Bobolink (correct)
+    """
+
+    def cls(info):
+        return f"{info['name']} (class {info['id']}, {'seen' if info['seen'] else 'unseen'})"
+
+    lines = [f"predicted: {cls(summary['predicted_class'])}, logit {summary['predicted_class']['logit']:.3f}"]
+    if summary.get("true_class") is not None:
+        lines[0] += f"; true: {cls(summary['true_class'])} ({'correct' if summary['correct'] else 'wrong'})"
+    lines.append("top classes: " + ", ".join(f"{c['name']} {c['logit']:.3f}" for c in summary["top_classes"]))
+    lines.append(f"top attributes ({summary['score_definition']}):")
+    lines += [f"  {a['rank']}. {a['name']}  {a['score']:.4f}" for a in summary["top_attributes"]]
+    lines.append(f"figure: {summary['figure']} (all figures: {Path(summary['figure']).with_suffix('.json')})")
+    return "\n".join(lines)
+
+
+def embeddings_text(summary: dict) -> str:
+    """A few readable lines of :func:`visualize_embeddings`'s summary (what the command prints without --json)."""
+    return "\n".join(
+        [
+            f"{summary['images']} images of {summary['classes']} classes ({summary['split']}), "
+            f"{summary['kind']} scores, {summary['dimension']} dimensions, {summary['projection']}",
+            f"figure: {summary['figure']}",
+            f"projector: {summary['tensorboard']}",
+        ]
+    )

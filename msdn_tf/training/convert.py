@@ -9,7 +9,7 @@ The released files ``{CUB,SUN,AWA2}_MSDN_{CZSL,GZSL}.pth`` (docs/reference.md §
 are ``torch.save`` state_dicts. They are read by
 :mod:`msdn_tf.interop.torch_checkpoint` (no torch needed; a restricted unpickler that
 executes nothing from the file) and written as a run directory that
-``msdn_tf.training.runs.load_run``, evaluation and export accept:
+``msdn_tf.evaluation.runs.load_run``, evaluation and export accept:
 
 * ``config.yaml``: the dataset's resolved config (``configs/<dataset>.yaml``
   plus ``--set`` overrides; ``model.bias`` is the checkpoint's ``bias``);
@@ -50,7 +50,7 @@ All weights are cast to float32.
 
 Library use (what the tests call)::
 
-    from msdn_tf.interop.convert import convert_checkpoint
+    from msdn_tf.training.convert import convert_checkpoint
     report = convert_checkpoint("CUB_MSDN_GZSL.pth", "cub", "runs/cub-gzsl", data_dir="data/CUB")
 """
 
@@ -58,13 +58,16 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import math
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
+from msdn_tf.config import MAX_BIAS
 from msdn_tf.errors import DataError, MSDNError
 from msdn_tf.interop.torch_checkpoint import MSDN_KEY_MAP, backbone_prefixes, read_torch_state_dict, split_state_dict
 
@@ -88,6 +91,9 @@ _MATRIX_KEYS = ("V", "att", "W_1", "W_2", "W_1_1", "W_2_1")
 #: The checkpoint's ResNet trunk (torchvision keys, float32) in the run directory.
 BACKBONE_FILE = "backbone_resnet101.npz"
 _RUN_FILES = ("config.yaml", "model.keras", REPORT_FILE, METADATA_FILE, BACKBONE_FILE)
+# what a trained run adds; all of it is replaced by --overwrite (never kept beside the converted model)
+_TRAINED_RUN = ("checkpoint", "tensorboard", "results.json", "results.md")
+
 _RELEASED_NAME = re.compile(r"^(CUB|SUN|AWA2)_MSDN_(CZSL|GZSL)\.pth?$", re.IGNORECASE)
 
 __all__ = ["convert_checkpoint", "convert_state_dict", "summary"]
@@ -298,6 +304,11 @@ def convert_state_dict(
     variant = _released_variant(source.get("file_name", name))
     if variant and spec is not None and variant["dataset"] != dataset:
         warnings.append(f"the file name says {variant['dataset']} but --dataset is {dataset}")
+    if not math.isfinite(bias) or abs(bias) > MAX_BIAS:
+        raise DataError(
+            f"{name}: 'bias' is {bias:g}; the margin must be a finite number in [-{MAX_BIAS:g}, {MAX_BIAS:g}] "
+            "(the released checkpoints hold 1): with this one every image would be scored as one class"
+        )
     _use_checkpoint_bias(config, bias, overrides, warnings)
 
     from msdn_tf.backbones.torchvision_resnet import trunk_from_checkpoint
@@ -312,37 +323,106 @@ def convert_state_dict(
     # Everything is checked: build, fill and save the Keras model.
     _check_out_dir(out_dir, overwrite)
     model = _build_model(config, weights, K, D, F, C, seen, unseen)
-    files = _write_run(out_dir, config, model, weights, meta)
-    files += _write_backbone(out_dir, trunk)
+    # built beside --out, then swapped in: a kill leaves either the old run or the new one, never a mix
+    _recover_interrupted_swap(out_dir)
+    stage = out_dir.parent / f".{out_dir.name}.convert-new-{os.getpid()}"
+    if stage.exists():
+        shutil.rmtree(stage)
+    try:
+        files = _write_run(stage, config, model, weights, meta)
+        files += _write_backbone(stage, trunk)
+        report_path = stage / REPORT_FILE
 
-    report = {
-        "source": source,
-        "released_checkpoint": variant,
-        "dataset": dataset,
-        "dataset_in_table": spec is not None,
-        "out_dir": str(out_dir),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "msdn_tf_version": _version(),
-        "sizes": {"K": int(K), "D": int(D), "F": int(F), "C": int(C)},
-        "mapped_keys": _mapped_keys(model, msdn, original_dtypes),
-        "cast_to_float32": {k: f"{d} -> float32" for k, d in original_dtypes.items() if d != "float32"},
-        "ignored_keys": {k: ignored[k] for k in ignored},
-        "backbone": _backbone_report(backbone, trunk),
-        "bias": bias,
-        "mask_bias": {"seen_classes": seen, "unseen_classes": unseen, "num_seen": len(seen), "num_unseen": len(unseen)},
-        "config": {
-            "fusion_weights": list(config.model.fusion_weights),
-            "normalize_attribute_vectors": config.model.normalize_attribute_vectors,
-            "overrides": list(overrides),
-        },
-        "metadata": metadata_report,
-        "warnings": warnings,
-        "files": files,
-    }
-    from msdn_tf.utils import write_json
+        report = {
+            "source": source,
+            "released_checkpoint": variant,
+            "dataset": dataset,
+            "dataset_in_table": spec is not None,
+            "out_dir": str(out_dir),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "msdn_tf_version": _version(),
+            "sizes": {"K": int(K), "D": int(D), "F": int(F), "C": int(C)},
+            "mapped_keys": _mapped_keys(model, msdn, original_dtypes),
+            "cast_to_float32": {k: f"{d} -> float32" for k, d in original_dtypes.items() if d != "float32"},
+            "ignored_keys": {k: ignored[k] for k in ignored},
+            "backbone": _backbone_report(backbone, trunk),
+            "bias": bias,
+            "mask_bias": {
+                "seen_classes": seen,
+                "unseen_classes": unseen,
+                "num_seen": len(seen),
+                "num_unseen": len(unseen),
+            },
+            "config": {
+                "fusion_weights": list(config.model.fusion_weights),
+                "normalize_attribute_vectors": config.model.normalize_attribute_vectors,
+                "overrides": list(overrides),
+            },
+            "metadata": metadata_report,
+            "warnings": warnings,
+            "files": files,
+        }
+        from msdn_tf.utils import write_json
 
-    write_json(out_dir / REPORT_FILE, report)
+        write_json(report_path, report)
+        _swap_in(stage, out_dir)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
     return report
+
+
+def _is_run_entry(name: str) -> bool:
+    return name in _RUN_FILES or name in _TRAINED_RUN
+
+
+def _swap_in(stage: Path, out_dir: Path) -> None:
+    """Replace ``out_dir`` by ``stage`` with two renames; other files of ``out_dir`` are carried over.
+
+    Every run file of the old run (model, config, checkpoint, results, TensorBoard events,
+    metadata, backbone) goes; anything else in ``out_dir`` (the run lock, the user's own
+    files) moves into the new folder first.
+    """
+    if not out_dir.exists():
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(stage, out_dir)
+        return
+    for entry in out_dir.iterdir():
+        if not _is_run_entry(entry.name):
+            os.replace(entry, stage / entry.name)
+    old = out_dir.parent / f".{out_dir.name}.convert-old-{os.getpid()}"
+    os.replace(out_dir, old)
+    os.replace(stage, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _recover_interrupted_swap(out_dir: Path) -> None:
+    """Undo what a convert killed between its two renames left: restore ``out_dir``, drop stale stages."""
+    import sys
+
+    for entry in sorted(out_dir.parent.glob(f".{out_dir.name}.convert-*-*")) if out_dir.parent.is_dir() else []:
+        pid = entry.name.rsplit("-", 1)[1]
+        if not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        if entry.name.startswith(f".{out_dir.name}.convert-old-") and not out_dir.exists():
+            os.replace(entry, out_dir)
+            print(
+                f"note: restored {out_dir} from {entry} (a convert --overwrite, process {pid}, was killed "
+                "between its two renames)",
+                file=sys.stderr,
+            )
+        else:
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _check_against_table(weights: Mapping[str, np.ndarray], name: str, dataset: str, spec):
@@ -516,7 +596,7 @@ def _build_model(config, weights: Dict[str, np.ndarray], K, D, F, C, seen, unsee
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise MSDNError(f"--out {out_dir} exists and is not a directory")
-    present = [f for f in _RUN_FILES if (out_dir / f).exists()]
+    present = [f for f in (*_RUN_FILES, *_TRAINED_RUN) if (out_dir / f).exists()]
     if present and not overwrite:
         raise MSDNError(
             f"--out {out_dir} already holds a run ({', '.join(present)}); choose another directory or pass --overwrite"
