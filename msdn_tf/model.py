@@ -211,6 +211,18 @@ class MSDN(keras.Model):
         self._step_functions, self._predict_rank, self._test_rank = {}, None, None
         super().compile(optimizer=optimizer, metrics=metrics, **kwargs)
 
+    def compile_from_config(self, config):
+        """Compile a loaded model as it was saved (``keras.saving.load_model`` calls this).
+
+        Keras skips ``compile`` on loading for a model whose ``compile`` is overridden
+        unless the model says how; MSDN's takes the saved arguments unchanged (its saved
+        ``loss`` is always None), so the optimizer and the compiled metrics come back.
+        """
+        config = keras.saving.deserialize_keras_object(config)
+        self.compile(**config)
+        if self.built:
+            self.optimizer.build(self.trainable_variables)  # its variables, so the saved optimizer state loads
+
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
         """Update the metrics of ``compile(metrics=...)`` on this batch; their results as a dict.
 

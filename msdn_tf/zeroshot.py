@@ -8,7 +8,7 @@ goes through the same normalisation (§1.4: negative entries clipped for AWA2, t
 every row scaled to unit L2 norm).
 
 What a run records for that (``RUN/class_semantics.json``, written by
-``python -m msdn_tf.train`` when it starts; derived from the config and the dataset
+``python -m msdn_tf.train`` with every checkpoint, beside ``config.yaml``; derived from the config and the dataset
 for older runs): the normalisation rule, the attribute names in column order, the class
 names and their seen/unseen side.
 
@@ -110,7 +110,7 @@ def semantics_record(data, nonnegative: bool, dataset: str = "") -> dict:
 
 
 def write_class_semantics(out_dir, data, config) -> Path:
-    """Write ``out_dir/class_semantics.json`` for the run's data (called when training starts)."""
+    """Write ``out_dir/class_semantics.json`` for the run's data (called with every checkpoint of a training run)."""
     from msdn_tf.utils import write_json
 
     path = Path(out_dir) / SEMANTICS_FILE

@@ -86,6 +86,15 @@ RUN = [
     # docs/visualize.md
     "python -m msdn_tf.visualize attention --run runs/demo --index 3 --split test_unseen --out demo_att.png",
     "python -m msdn_tf.visualize embeddings --run runs/demo",
+    # docs/zero_shot.md: classes added after training, the held-out-classes experiment
+    "python -m msdn_tf.train --dataset demo --run-dir runs/demo-zs --set data.data_dir=data/demo",
+    'python -c \'import csv, json; names = json.load(open("runs/demo-zs/class_semantics.json"))["attribute_names"]; '
+    'w = csv.writer(open("new_classes.csv", "w", newline="")); w.writerow(["class", *names]); '
+    'w.writerow(["new_bird_00", 80, 60, 40, *[0] * (len(names) - 3)])\'',
+    "python -m msdn_tf.export --run runs/demo-zs --out export/models/msdn_zs --version 2 --classes new_classes.csv",
+    "python -m msdn_tf.held_out --dataset demo --set data.data_dir=data/demo",
+    "python -m msdn_tf.evaluate --run runs/held_out/demo/added --classes runs/held_out/demo/held_out_classes.csv "
+    "--data-dir data/demo",
     # docs/custom_data.md: the example, then the same run through the separate commands
     "python -m msdn_tf.custom example --out /tmp/shapes",
     "python -m msdn_tf.custom prepare --spec DIR/source/dataset.yaml --weights none --image-size 96 --out DIR/data",

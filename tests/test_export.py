@@ -177,6 +177,12 @@ def test_layout_and_metadata_asset(setup):
     assert asset["fusion_weights"] == [0.7, 0.3] and asset["bias"] == pytest.approx(0.1)  # the scores keep this margin
     assert asset["config"] == {"data": {"dataset": "tiny"}}
     assert asset["images"]["image_size"] == IMAGE_SIZE
+    # every class marked with its status and side; no class file; the model has no attribute names here
+    assert [c["status"] for c in asset["classes"]] == [
+        "trained-unseen" if c in UNSEEN else "trained-seen" for c in range(C)
+    ]
+    assert asset["class_file"] is None and asset["attribute_names"] is None
+    assert asset["class_normalisation"]["rule"] == "l2_rows" and asset["top_attributes"] == 5
 
 
 def test_cc_loader_and_saved_model_cli_list_signatures(report):
@@ -249,7 +255,7 @@ def test_cc_maps_and_images_signatures(setup, cc_binary, cc_default):
     want = setup["image_scores"]
     np.testing.assert_allclose(imgs["scores"], want, atol=1e-4 * max(1.0, np.abs(want).max()))
     np.testing.assert_array_equal(imgs["czsl_class"], czsl_predictions(want, UNSEEN))
-    with pytest.raises(cc_loader.CcLoaderError, match="Unknown image file format|decode"):
+    with pytest.raises(cc_loader.CcLoaderError, match="not a JPEG, PNG, BMP or WebP image"):
         cc_loader.run_signature(setup["dir"], "serving_images", {"images": [b"not an image"]}, binary=cc_binary)
 
 
@@ -447,7 +453,7 @@ def _raw(inputs, signature="serving_default"):
         ("wrong_shape", grpc.StatusCode.INVALID_ARGUMENT, "expects shape"),
         ("wrong_rank", grpc.StatusCode.INVALID_ARGUMENT, "expects shape"),
         ("wrong_dtype", grpc.StatusCode.INVALID_ARGUMENT, "expects DT_FLOAT"),
-        ("malformed_image", grpc.StatusCode.INVALID_ARGUMENT, "Unknown image file format"),
+        ("malformed_image", grpc.StatusCode.INVALID_ARGUMENT, "not a JPEG, PNG, BMP or WebP image"),
         # TF Serving answers FAILED_PRECONDITION 'Serving signature key "..." not found.' (kept by the test double)
         ("unknown_signature", grpc.StatusCode.FAILED_PRECONDITION, 'Serving signature key "serving_nope" not found'),
     ],
@@ -515,7 +521,7 @@ def test_rest_bad_requests_keep_the_server_answering(setup, server):
     bad = [
         ({"features": np.zeros((1, 16, F + 1), np.float32)}, "serving_default", "expects shape"),
         ({"features": setup["regions"]}, "serving_nope", "not found"),
-        ({"images": [b"\x89PNG not really"]}, "serving_images", "Unknown image file format"),
+        ({"images": [b"\x89PNG not really"]}, "serving_images", "not a JPEG, PNG, BMP or WebP image"),
     ]
     for inputs, signature, message in bad:
         with pytest.raises(client_lib.PredictError) as info:
@@ -810,3 +816,75 @@ def test_each_weight_is_stored_once(setup):
     assert stored == weights, (stored, weights, sorted({k.split("/")[0] for k, _ in keys}))
     loaded = tf.saved_model.load(str(setup["dir"]))
     assert len(loaded.variables) == len(setup["model"].weights) + len(setup["backbone"].weights)
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that declares ``width`` x ``height`` RGB pixels and holds one tiny IDAT (it would not decode)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+
+
+def _pil_bytes(array, fmt: str) -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(array).save(out, fmt)
+    return out.getvalue()
+
+
+def _image_cases():
+    rng = np.random.default_rng(5)
+    photo = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    thin = _pil_bytes(rng.integers(0, 256, (1, 20000, 3), dtype=np.uint8), "PNG")  # the issue's 20000 x 1 PNG
+    return {
+        "huge": ([_png_header(12000, 12000)], "is 12000 x 12000 pixels (width x height): at most 16777216 pixels"),
+        "thin": ([thin], "is 20000 x 1 pixels (width x height): each side must be at least 16 pixels"),
+        "wide": (
+            [_pil_bytes(rng.integers(0, 256, (20, 400, 3), dtype=np.uint8), "PNG")],
+            "the longer side may be at most 10 times the shorter one",
+        ),
+        "tiny": ([_pil_bytes(photo[:1, :1], "PNG")], "is 1 x 1 pixels"),
+        "blank": ([_pil_bytes(np.full((40, 60, 3), 200, np.uint8), "JPEG")], "is blank (every pixel the same colour)"),
+        "gif": ([_pil_bytes(photo, "GIF")], "is a GIF: not accepted"),
+        "together": (
+            [_pil_bytes(photo, "BMP")] + [_png_header(4000, 4000)] * 5,
+            "the 6 images of this request have 80002400 pixels together: at most 67108864",
+        ),
+        "second": ([_pil_bytes(photo, "PNG"), _png_header(12000, 12000)], "image 1 of the request is 12000 x 12000"),
+    }
+
+
+def test_image_limits_are_checked_in_the_exported_graph(setup, server):
+    """Decoded size, aspect ratio, 1x1 and blank images are refused by serving_images itself, before decoding."""
+    from msdn_tf.serving import client_lib
+
+    for name, (images, message) in _image_cases().items():
+        with pytest.raises(client_lib.PredictError) as info:
+            client_lib.predict_grpc(
+                server.grpc_address, MODEL_NAME, {"images": images}, signature_name="serving_images"
+            )
+        assert info.value.code == "INVALID_ARGUMENT" and message in info.value.message, (name, info.value.message)
+    # formats that pass: PNG, JPEG, BMP and WebP photographs
+    rng = np.random.default_rng(6)
+    photo = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    images = [_pil_bytes(photo, fmt) for fmt in ("PNG", "JPEG", "BMP", "WEBP")]
+    out = client_lib.predict_grpc(server.grpc_address, MODEL_NAME, {"images": images}, signature_name="serving_images")
+    assert out["scores"].shape == (4, C) and np.isfinite(out["scores"]).all()
+
+
+def test_image_limits_hold_in_the_cpp_loader(setup, cc_binary):
+    """The same refusals through TensorFlow's C++ SavedModel loader, the one TF Serving uses."""
+    cases = _image_cases()
+    for name in ("huge", "thin", "blank"):
+        images, message = cases[name]
+        with pytest.raises(cc_loader.CcLoaderError) as info:
+            cc_loader.run_signature(setup["dir"], "serving_images", {"images": images}, binary=cc_binary)
+        assert message in str(info.value), (name, str(info.value)[:500])

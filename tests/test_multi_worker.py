@@ -151,6 +151,7 @@ def test_two_processes_train_like_one_and_resume_after_a_killed_worker(tiny, tmp
     assert chief["final"]["losses"]["loss"] == pytest.approx(single["final"]["losses"]["loss"], rel=1e-4)
     assert sorted(p.name for p in chief_dir.iterdir() if not p.name.startswith("events.out.tfevents.")) == [
         "checkpoint",
+        "class_semantics.json",
         "config.yaml",
         "model.keras",
         "results.json",

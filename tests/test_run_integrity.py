@@ -111,7 +111,7 @@ def test_config_file_that_is_not_utf8_is_one_line(tmp_path, capsys):
     bad = tmp_path / "latin1.yaml"
     bad.write_bytes("train:\n  run_name: caf\xe9\n".encode("latin-1"))
     assert train.main(["--config", str(bad), "--print-config"]) == 2
-    assert f"{bad}: not a UTF-8 text file" in one_error_line(capsys)
+    assert f"{bad}: config file is not UTF-8 text" in one_error_line(capsys)
 
 
 def _resume_args(run_dir, *extra):

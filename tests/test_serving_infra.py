@@ -546,12 +546,12 @@ def test_grpc_inputs_are_capped_together_before_allocation(multi_base):
 
 
 def test_rest_json_values_are_counted_before_parsing(strict_server):
-    """A body of many small numbers is refused by counting, before json.loads builds Python floats."""
+    """A body of many small numbers is refused by counting, before json.loads builds Python floats (1 MiB / 48)."""
     body = b'{"inputs": {"features": [' + b"0.5," * 40000 + b"0.5]}}"
     assert len(body) < (1 << 20)  # under the body limit
     head = f"POST /v1/models/{MODEL_NAME}:predict HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
     status, payload = _post_raw(strict_server.rest_url, head.encode(), body)
-    assert status == 400 and "JSON values, over this server's limit of 32768" in payload["error"]
+    assert status == 400 and "JSON values, over this server's limit of 21845" in payload["error"]
 
 
 def _rest_conn_threads() -> int:

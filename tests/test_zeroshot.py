@@ -298,8 +298,19 @@ def _bad_file(tmp_path, run, case):
         "header": ("name," + ",".join(names) + "\n" + good, "row 1, column 1"),
         "zero_row": (header + "\n" + "x," + ",".join(["0"] * len(names)), "row 2"),
         "no_rows": (header + "\n", "row 2"),
+        "empty_name": (header + "\n" + good.replace("new_bird", " ", 1), "row 2, column 1"),
+        "inf": (header + "\n" + good.replace("0.5", "inf", 2), "row 2, column 2"),
+        "extra_cell": (header + "\n" + good + ",7", f"row 2, column {len(names) + 2}"),
+        "repeated_attribute": (
+            "class," + ",".join(names[:-1] + [names[0]]) + "\n" + good,
+            f"row 1, column {len(names) + 1}",
+        ),
         "empty": ("", "row 1"),
     }
+    if case == "missing":
+        return tmp_path / "nowhere.csv", "row 1"
+    if case == "folder":
+        return tmp_path, "row 1"
     if case == "non_utf8":
         path = tmp_path / "latin1.csv"
         path.write_bytes((header + "\n" + "Mönch," + ",".join(["1"] * len(names)) + "\n").encode("latin-1"))
@@ -324,6 +335,12 @@ BAD_CASES = [
     "no_rows",
     "empty",
     "non_utf8",
+    "inf",
+    "empty_name",
+    "extra_cell",
+    "repeated_attribute",
+    "missing",
+    "folder",
 ]
 
 

@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=MAX_MESSAGE_BYTES,
         help="largest request, and most bytes the tensors of one request may declare together; a REST body may "
-        f"hold at most this / 32 JSON values (default {MAX_MESSAGE_BYTES})",
+        f"hold at most this / 48 JSON values (default {MAX_MESSAGE_BYTES})",
     )
     parser.add_argument(
         "--request_timeout",

@@ -2,7 +2,7 @@
 
 :func:`run_held_out_experiment` is what ``python -m msdn_tf.held_out`` runs:
 
-1. choose ``hold_out`` unseen classes of the dataset (seeded, or by name);
+1. choose ``hold_out`` unseen classes of the dataset (seeded, by default half of them; or by name);
 2. train run ``added/`` on a view of the data WITHOUT them: no image, no attribute
    row, not in the self-calibration's unseen mass (:func:`held_out_view`);
 3. write their rows of the dataset's class table to ``held_out_classes.csv`` and add
@@ -78,8 +78,11 @@ def write_class_file(path, data, classes: Sequence[int]) -> Path:
 
 
 def choose_held_out(data, hold_out, seed: int) -> list:
-    """Class ids to hold out: ``hold_out`` names, or that many unseen classes drawn with ``seed``."""
+    """Class ids to hold out: ``hold_out`` names, or that many unseen classes drawn with ``seed``
+    (``None``: half of the unseen classes, at least one)."""
     unseen = [int(c) for c in data.unseen_classes]
+    if hold_out is None:
+        hold_out = max(1, len(unseen) // 2)
     if isinstance(hold_out, int):
         if not 1 <= hold_out < len(unseen):
             raise ConfigError(
@@ -101,13 +104,14 @@ def choose_held_out(data, hold_out, seed: int) -> list:
     return sorted(out)
 
 
-def run_held_out_experiment(config, out_dir, *, hold_out=2, data=None, log=print) -> dict:
+def run_held_out_experiment(config, out_dir, *, hold_out=None, data=None, log=print) -> dict:
     """Train without some unseen classes, add them from their descriptions, compare with a run that had them.
 
     Args:
         config: the resolved :class:`~msdn_tf.config.Config` of both runs.
         out_dir: output folder (``added/``, ``from_start/``, the class file, the results).
-        hold_out: an int (that many unseen classes, seeded by ``train.seed``) or class names.
+        hold_out: an int (that many unseen classes, seeded by ``train.seed``), class names, or
+            ``None`` (half of the unseen classes).
         data: the full dataset (default: load ``config``'s).
         log: progress lines.
 

@@ -42,7 +42,8 @@ The three prediction signatures return the same outputs:
   on seen classes), best first, so ``top_k_classes[:, 0] == gzsl_class``.
   ``top_k_scores`` are those calibrated scores.
 
-``serving_images`` decodes each image (JPEG/PNG/BMP/GIF first frame) to RGB and runs
+``serving_images`` first checks each image's size from its header (:mod:`msdn_tf.serving.image_guard`:
+JPEG/PNG/BMP/WebP, 16 to 4096 x 4096 pixels, aspect ratio at most 10, not blank), then decodes it to RGB and runs
 the preprocessing of the backbone and the backbone inside the graph: for the
 torchvision-layout ResNet-101 (``--backbone torchvision_resnet101``, the default when
 the run holds ``backbone_resnet101.npz`` from ``msdn_tf.convert``) the reference's
@@ -137,10 +138,15 @@ def preprocess_image_batch(images, image_size: int, preprocessing: str = "keras"
 
     ``preprocessing="keras"``: :func:`preprocess_encoded_image` then ``resnet.preprocess_input``;
     ``"torchvision"``: the reference's PIL/torchvision preprocessing in-graph
-    (:func:`msdn_tf.backbones.preprocessing.tf_preprocess_batch`).
+    (:func:`msdn_tf.backbones.preprocessing.tf_preprocess_batch`). First, the size limits of
+    :mod:`msdn_tf.serving.image_guard` are checked from the image headers (before decoding).
     """
     import keras
     import tensorflow as tf
+
+    from msdn_tf.serving.image_guard import guard_encoded_images
+
+    images = guard_encoded_images(images)
 
     if preprocessing == "torchvision":
         from msdn_tf.backbones.preprocessing import tf_preprocess_batch

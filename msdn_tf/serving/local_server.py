@@ -37,8 +37,8 @@ Limits (``start_local_server`` arguments / command-line flags): ``max_batch``
 ``max_request_bytes`` (``--max_request_bytes``, 256 MiB) caps the gRPC message, the
 REST body, and the bytes the tensors of one request *declare*, summed over all its
 inputs (checked before ``make_ndarray`` allocates any of them); a REST body may hold
-at most ``max_request_bytes / 32`` JSON values (a parsed JSON number costs about 32
-bytes in Python: counted in the raw body before it is parsed); ``request_timeout``
+at most ``max_request_bytes / 48`` JSON values (a parsed JSON number costs 32 bytes in
+Python and 8 + 4 more as arrays: counted in the raw body before it is parsed); ``request_timeout``
 (``--request_timeout``, 30 s) is the socket timeout of REST connections, so a body
 shorter than its Content-Length ends in HTTP 408.  JSON nested deeper than 32 lists is
 a 400; the REST listen backlog is 128 (Python's default 5 stalls the 7th concurrent
@@ -101,7 +101,7 @@ DEFAULT_REQUEST_TIMEOUT = 30.0  # seconds a REST client may take to send its req
 DEFAULT_POLL_SECONDS = 1.0  # TF Serving's --file_system_poll_wait_seconds default
 DEFAULT_REST_THREADS = 16  # connections served at once (TF Serving: --rest_api_num_threads)
 DEFAULT_GRPC_THREADS = 4  # gRPC handler threads (TF Serving: --grpc_max_threads)
-JSON_VALUE_BYTES = 32  # what one parsed JSON number costs in Python (float object + list slot)
+JSON_VALUE_BYTES = 48  # one JSON number: a float object and its list slot (32 B), then float64 and tensor copies
 MAX_JSON_DEPTH = 32  # a tensor has at most 32 dimensions (numpy's limit too)
 REST_LISTEN_BACKLOG = 128  # http.server's default 5 drops connections (1 s SYN retry) beyond 6 clients
 DEFAULT_SIGNATURE = "serving_default"
@@ -653,8 +653,8 @@ def _check_json_values(body: bytes, max_request_bytes: int) -> None:
 
     Every JSON value but the last of a list or object is followed by a comma, so commas plus
     twice the brackets bound the number of Python objects ``json.loads`` builds; each costs
-    about :data:`JSON_VALUE_BYTES` (a float object and its list slot). Without this a 33 MB
-    body of ``0.5,`` costs 440 MB of Python floats.
+    about :data:`JSON_VALUE_BYTES` (a float object and its list slot, then the float64 array
+    and the tensor). Without this a 33 MB body of ``0.5,`` costs 440 MB.
     """
     values = body.count(b",") + 2 * (body.count(b"[") + body.count(b"{")) + 1
     limit = max(1, int(max_request_bytes) // JSON_VALUE_BYTES)
@@ -993,7 +993,7 @@ def start_local_server(
         max_workers: gRPC handler threads; at most ``4 * max_workers`` calls are queued.
         max_batch: the largest first dimension of any input (larger: INVALID_ARGUMENT / 400).
         max_request_bytes: the largest request (gRPC message, REST body), the most bytes the
-            tensors of one request may declare together, and (divided by 32) the most JSON
+            tensors of one request may declare together, and (divided by 48) the most JSON
             values of a REST body.
         request_timeout: seconds a REST client may take to send its request line, headers
             and body (an incomplete body: HTTP 408).
