@@ -31,7 +31,9 @@ def load_model(path, **kwargs):
 
     import msdn_tf.model  # noqa: F401  (registers MSDN and its layers)
     import msdn_tf.optimizers  # noqa: F401  (registers TorchRMSprop)
+    from msdn_tf.limits import check_keras_archive
 
+    check_keras_archive(path)  # the weight shapes its config declares, before Keras allocates them
     return keras.saving.load_model(path, **kwargs)
 
 

@@ -350,3 +350,60 @@ def check_npz(path) -> None:
         raise
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
         raise DataError("%s: not a readable .npz archive (%s)" % (path, short_text(str(exc), 200))) from None
+
+
+def check_keras_archive(path) -> None:
+    """Before ``keras.saving.load_model``: the weights an MSDN ``.keras`` archive declares.
+
+    Keras creates every variable at the shapes ``config.json`` declares before it reads
+    ``model.weights.h5``, so a 17 KB archive whose config says ``feature_dim: 8000,
+    embed_dim: 8000`` takes 1.5 GB (quadratic: 30 000 takes 14 GB). The MSDN configs in
+    the archive (``num_classes`` C, ``num_attributes`` K, ``feature_dim`` F, ``embed_dim``
+    D) give the bytes of V (K, D), att (C, K), W_1, W_2, W_2_1 (D, F), W_1_1 (F, D) and
+    the margins; they are checked against the bytes the weights file occupies
+    (:func:`check_array_bytes`). Archives that are not zips, or hold no MSDN, are left to
+    Keras (and its own messages).
+    """
+    try:
+        with zipfile.ZipFile(path) as zf:
+            try:
+                info = zf.getinfo("config.json")
+            except KeyError:
+                return
+            if info.file_size > MAX_JSON_BYTES:
+                raise DataError(
+                    "%s: config.json of %d bytes is over the limit of %d bytes (MAX_JSON_BYTES)"
+                    % (path, info.file_size, MAX_JSON_BYTES)
+                )
+            config = json.loads(zf.read(info).decode("utf-8"))
+            names = zf.namelist()
+            stored = zf.getinfo("model.weights.h5").compress_size if "model.weights.h5" in names else 0
+    except DataError:
+        raise
+    except RecursionError:
+        raise DataError("%s: config.json is JSON nested too deeply" % path) from None
+    except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError, RuntimeError):
+        return  # Keras reports a broken archive in its own words
+    declared, shapes = 0, []
+    stack = [(config, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > 64:
+            raise DataError("%s: config.json is nested deeper than 64 levels" % path)
+        if isinstance(node, dict):
+            if node.get("class_name") == "MSDN" and isinstance(node.get("config"), dict):
+                cfg = node["config"]
+                dims = [cfg.get(k) for k in ("num_classes", "num_attributes", "feature_dim", "embed_dim")]
+                if not all(isinstance(d, int) and not isinstance(d, bool) and 0 < d < (1 << 31) for d in dims):
+                    raise DataError(
+                        "%s: the MSDN config's num_classes, num_attributes, feature_dim and embed_dim must be "
+                        "positive integers below 2**31, got %s" % (path, short_repr(dims))
+                    )
+                c, k, f, d = dims
+                declared += 4 * (k * d + c * k + 4 * d * f + 2 * c + 1)
+                shapes.append("C=%d, K=%d, F=%d, D=%d" % (c, k, f, d))
+            stack.extend((v, depth + 1) for v in node.values() if isinstance(v, (dict, list)))
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node if isinstance(v, (dict, list)))
+    if declared:
+        check_array_bytes(declared, stored, str(path), "the model (MSDN %s) weights" % "; ".join(shapes[:3]))

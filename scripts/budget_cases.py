@@ -5,11 +5,12 @@ process (``timeout`` seconds, at most) and prints one row per case: file size, w
 the child's peak resident memory and the first line of what it said. Run it from the
 repository whose code you want to measure (``PYTHONPATH`` picks the checkout)::
 
-    PYTHONPATH=. python scripts/budget_cases.py --out /tmp/budget_cases [--timeout 60]
+    PYTHONPATH=. python scripts/budget_cases.py --out /tmp/budget_cases [--timeout 60] [--only pth yaml npz keras]
 """
 
 import argparse
 import io
+import json
 import os
 import subprocess
 import sys
@@ -87,13 +88,36 @@ def build(out):
         zf.writestr("labels.npy", buf.getvalue() + bytes(256 << 20))
         zf.writestr("image_files.npy", buf.getvalue() + bytes(256 << 20))
     cases.append(("npz: image list deflating to 2 x 256 MiB", "npz", "image_list.npz"))
+    # a tiny MSDN .keras whose config.json declares feature_dim = embed_dim = 8000
+    tiny = os.path.join(out, "tiny.keras")
+    subprocess.run([sys.executable, "-c", _BUILD_KERAS, tiny], check=True, capture_output=True)
+    with zipfile.ZipFile(tiny) as zf:
+        items = {i.filename: zf.read(i) for i in zf.infolist()}
+    config = json.loads(items["config.json"])
+    config["config"].update(feature_dim=8000, embed_dim=8000)
+    config["build_config"]["input_shape"] = [1, 6, 8000]
+    items["config.json"] = json.dumps(config).encode()
+    with zipfile.ZipFile(os.path.join(out, "tampered.keras"), "w") as zf:
+        for name, data in items.items():
+            zf.writestr(name, data)
+    cases.append(("keras: model.keras declaring F = D = 8000", "keras", "tampered.keras"))
     return cases
+
+
+_BUILD_KERAS = """import sys, numpy as np
+from msdn_tf.model import MSDN
+m = MSDN(7, 5, 10, [0, 1, 2, 4, 5], [3, 6], embed_dim=4, class_attributes=np.ones((7, 5), 'float32'),
+         attribute_vectors=np.ones((5, 4), 'float32'))
+m(np.zeros((1, 6, 10), 'float32'))
+m.save(sys.argv[1])
+"""
 
 
 READERS = {  # kind: (imports, the call that reads p)
     "pth": ("from msdn_tf.interop.torch_checkpoint import read_torch_state_dict as r", "r(p)"),
     "yaml": ("from msdn_tf.config import resolve_config", "resolve_config('demo', [p])"),
     "npz": ("from msdn_tf.data.xlsa17 import load_image_list as r", "r(p)"),
+    "keras": ("import msdn_tf, msdn_tf.model", "msdn_tf.load_model(p, compile=False)"),
 }
 
 
@@ -136,8 +160,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--timeout", type=int, default=60)
+    parser.add_argument("--only", nargs="*", help="kinds to run (pth, yaml, npz, keras); default all")
     args = parser.parse_args()
     for label, kind, name in build(args.out):
+        if args.only and kind not in args.only:
+            continue
         path = os.path.join(args.out, name)
         wall, peak, said = run(kind, path, args.timeout)
         peak_text = "%d -> %d MB" % peak if peak is not None else "?"

@@ -208,3 +208,32 @@ def test_short_repr_is_bounded_for_shared_and_recursive_values():
     assert limits.short_repr(10**5000) == "<integer of 16610 bits>"
     assert limits.short_text("a\nb") == "a\\nb"
     assert json.loads(json.dumps(limits.short_repr({"k": [1, 2]}))) == "{'k': [1, 2]}"
+
+
+def test_keras_archive_declaring_huge_weights_is_refused_before_keras(tmp_path):
+    # config.json of a real MSDN .keras with feature_dim and embed_dim raised to 8000:
+    # Keras would create 4 x 8000 x 8000 float32 variables (1 GB) before reading the
+    # 17 KB weights file. Checked from the archive alone (no Keras needed).
+    config = {
+        "module": "msdn_tf.model",
+        "class_name": "MSDN",
+        "registered_name": "msdn_tf>MSDN",
+        "config": {"num_classes": 7, "num_attributes": 5, "feature_dim": 8000, "embed_dim": 8000},
+    }
+    path = tmp_path / "model.keras"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("metadata.json", "{}")
+        zf.writestr("config.json", json.dumps(config))
+        zf.writestr("model.weights.h5", bytes(16932))
+    with pytest.raises(DataError, match=r"the model \(MSDN C=7, K=5, F=8000, D=8000\) weights declares 1024160200"):
+        limits.check_keras_archive(path)
+    config["config"].update(feature_dim=10, embed_dim=4)
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("config.json", json.dumps(config))
+        zf.writestr("model.weights.h5", bytes(16932))
+    limits.check_keras_archive(path)  # the real sizes pass
+    config["config"]["embed_dim"] = True
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("config.json", json.dumps(config))
+    with pytest.raises(DataError, match="must be positive integers below 2\\*\\*31"):
+        limits.check_keras_archive(path)

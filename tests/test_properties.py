@@ -21,14 +21,16 @@ import csv
 import io
 import json
 import os
+import sys
 import tempfile
+import threading
 import tracemalloc
 import zipfile
 
 import numpy as np
 import pytest
 import yaml
-from hypothesis import assume, given
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 from msdn_tf.config import resolve_config
@@ -425,7 +427,7 @@ def test_word_vectors_are_vectors_or_one_data_error(scratch, content):
 
 @pytest.fixture(scope="module")
 def rest():
-    """``_rest_predict`` of the local TF Serving test double on a servable with a fake model.
+    """``_rest_predict`` of the local TF Serving test double (as ``predict(body)``) on a fake model.
 
     The signature (a float ``features`` (None, 4, 3) and a string ``image_bytes`` input,
     one float ``scores`` output) is a real SignatureDef, so the parser's own checks run;
@@ -447,13 +449,17 @@ def rest():
         return {"scores": tf.zeros((tf.shape(features)[0], 2))}
 
     servable = object.__new__(local_server._Servable)
-    servable.name, servable.version = "m", 1
+    servable.name, servable.version, servable.path = "m", 1, "fake/1"
     servable.max_batch, servable.max_request_bytes = 16, 1 << 20
     servable.signature_defs = {"serving_default": sig}
     servable.functions = {"serving_default": model}
-    versions = object.__new__(local_server._Model)  # the model name's versions: this one is served
-    versions.name, versions._current = "m", servable
-    return local_server, versions
+    served = object.__new__(local_server._Model)  # the model of the server, holding that one version
+    served.name, served._current, served.max_request_bytes = "m", servable, servable.max_request_bytes
+
+    def predict(body):
+        return local_server._rest_predict(served, "m", None, None, body)
+
+    return local_server, predict
 
 
 json_values = st.recursive(
@@ -481,11 +487,59 @@ rest_bodies = st.one_of(
 
 @given(rest_bodies)
 def test_rest_request_is_an_answer_or_one_serving_error(rest, body):
-    local_server, servable = rest
+    local_server, predict = rest
     with memory_ceiling(64 * len(body) + (16 << 20)):
         try:
-            answer = local_server._rest_predict(servable, "m", None, None, body)
+            answer = predict(body)
         except local_server.ServingError as exc:
             assert "\n" not in exc.message and len(exc.message) <= MAX_MESSAGE
             return
     json.dumps(answer)
+
+
+def _nested(value, depth):
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.xfail(
+    reason="serving helper's code (msdn_tf/serving/local_server.py): the depth check follows first elements only, "
+    "so a string input nested about 500 deep or more in a later element raises RecursionError in "
+    "_decode_strings (HTTP 500); "
+    "see /work/notes/issue-21-budgets.md",
+    strict=False,
+)
+@given(depth=st.integers(40, 990), position=st.integers(1, 3))
+@example(depth=900, position=1)
+def test_rest_string_input_nested_in_a_later_element_is_one_serving_error(rest, depth, position):
+    local_server, predict = rest
+    values = ["a"] * position + [_nested("a", depth)]
+    body = json.dumps({"inputs": {"features": [[[0.0] * 3] * 4], "image_bytes": values}}).encode()
+    outcome = []
+
+    def parse():  # in a fresh thread, as the server's handler threads: the stack starts shallow
+        try:
+            outcome.append(predict(body))
+        except BaseException as exc:  # noqa: BLE001 - the property is about which exception
+            outcome.append(exc)
+
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(1000)  # Python's default, as in the server (hypothesis raises it while testing)
+    try:
+        worker = threading.Thread(target=parse)
+        worker.start()
+        worker.join()
+    finally:
+        sys.setrecursionlimit(limit)
+    if isinstance(outcome[0], BaseException):
+        assert isinstance(outcome[0], local_server.ServingError), repr(outcome[0])[:300]
+
+
+@given(key=st.text(min_size=1, max_size=10).filter(lambda k: not k.isprintable()))
+def test_rest_unknown_key_with_control_characters_is_one_line(rest, key):
+    local_server, predict = rest
+    body = json.dumps({"inputs": {key: 1}}).encode()
+    with pytest.raises(local_server.ServingError) as info:
+        predict(body)
+    assert "\n" not in info.value.message and "\r" not in info.value.message

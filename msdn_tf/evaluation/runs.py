@@ -52,6 +52,7 @@ def load_run_model(run_dir, log=None):
 
     import keras
 
+    from msdn_tf.limits import check_keras_archive
     from msdn_tf.model import MSDN
     from msdn_tf.runlock import writer_of
 
@@ -70,6 +71,7 @@ def load_run_model(run_dir, log=None):
         (log or (lambda t: print(t, file=sys.stderr)))(
             f"note: {run_dir} is being written by {writer}; reading the {MODEL_FILE} it holds now"
         )
+    check_keras_archive(path)  # the weight shapes its config declares, before Keras allocates them
     try:
         model = keras.models.load_model(path, compile=False, safe_mode=True)
     except (ValueError, TypeError, KeyError, OSError, zipfile.BadZipFile, AttributeError) as exc:
