@@ -88,8 +88,8 @@ RUN = [
     "python -m msdn_tf.visualize embeddings --run runs/demo",
     # docs/custom_data.md: the example, then the same run through the separate commands
     "python -m msdn_tf.custom example --out /tmp/shapes",
-    "python -m msdn_tf.custom prepare --spec DIR/source/dataset.yaml --weights none --image-size 96 --out DIR/data",
-    "python -m msdn_tf.custom run --data-dir DIR/data --out DIR/run --iterations 300 "
+    "python -m msdn_tf.custom prepare --spec DIR/source/dataset.yaml --weights none --image-size 96 --out DIR/data2",
+    "python -m msdn_tf.custom run --data-dir DIR/data2 --out DIR/run2 --iterations 300 "
     "--set optimizer.learning_rate=0.001 --set train.eval_every=100 --verify-export --visualize",
 ]
 
@@ -132,7 +132,9 @@ def _scratch(tmp_path):
     (configs / "custom.yaml").write_text(yaml.safe_dump(custom, sort_keys=False))
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "python").symlink_to(sys.executable)
+    wrapper = bin_dir / "python"  # a script, not a link: a venv's python finds its packages from its own path
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    wrapper.chmod(0o755)
     home = tmp_path / "home"
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("XDG_CACHE_HOME", "TF_CONFIG", "KERAS_BACKEND")}
@@ -179,4 +181,4 @@ def test_documented_commands_run_as_written(tmp_path):
             server.wait(timeout=30)
     assert (work / "runs" / "demo" / "eval" / "curve.png").is_file()
     assert (work / "demo_att.png").is_file() and (work / "runs" / "demo" / "attention.png").is_file()
-    assert (shapes / "run" / "model.keras").is_file()
+    assert (shapes / "run" / "model.keras").is_file() and (shapes / "run2" / "model.keras").is_file()
