@@ -79,10 +79,6 @@ RUN = [
     # docs/backends.md
     "KERAS_BACKEND=jax python -m msdn_tf.train --dataset demo --run-dir runs/demo-jax",
     "python -m msdn_tf.export --run runs/demo-jax --out export/models/msdn_demo_jax",
-    # docs/evaluation.md
-    "python -m msdn_tf.protocols --dataset demo --protocol validation --lambda-grid 0.05,0.1,0.2",
-    "python -m msdn_tf.protocols --dataset demo --protocol reference,final,validation --seeds 3 "
-    "--out runs/protocols/demo",
     # docs/visualize.md
     "python -m msdn_tf.visualize attention --run runs/demo --index 3 --split test_unseen --out demo_att.png",
     "python -m msdn_tf.visualize embeddings --run runs/demo",
@@ -150,6 +146,10 @@ def _scratch(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("MSDN_TEST_DOCS") != "1",
+    reason="runs every documented command (about 25 trainings and exports, minutes): set MSDN_TEST_DOCS=1",
+)
 def test_documented_commands_run_as_written(tmp_path):
     work, env = _scratch(tmp_path)
     port = str(_free_port())
