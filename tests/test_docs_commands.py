@@ -79,10 +79,6 @@ RUN = [
     # docs/backends.md
     "KERAS_BACKEND=jax python -m msdn_tf.train --dataset demo --run-dir runs/demo-jax",
     "python -m msdn_tf.export --run runs/demo-jax --out export/models/msdn_demo_jax",
-    # docs/evaluation.md
-    "python -m msdn_tf.protocols --dataset demo --protocol validation --lambda-grid 0.05,0.1,0.2",
-    "python -m msdn_tf.protocols --dataset demo --protocol reference,final,validation --seeds 3 "
-    "--out runs/protocols/demo",
     # docs/visualize.md
     "python -m msdn_tf.visualize attention --run runs/demo --index 3 --split test_unseen --out demo_att.png",
     "python -m msdn_tf.visualize embeddings --run runs/demo",
@@ -97,8 +93,8 @@ RUN = [
     "--data-dir data/demo",
     # docs/custom_data.md: the example, then the same run through the separate commands
     "python -m msdn_tf.custom example --out /tmp/shapes",
-    "python -m msdn_tf.custom prepare --spec DIR/source/dataset.yaml --weights none --image-size 96 --out DIR/data",
-    "python -m msdn_tf.custom run --data-dir DIR/data --out DIR/run --iterations 300 "
+    "python -m msdn_tf.custom prepare --spec DIR/source/dataset.yaml --weights none --image-size 96 --out DIR/data2",
+    "python -m msdn_tf.custom run --data-dir DIR/data2 --out DIR/run2 --iterations 300 "
     "--set optimizer.learning_rate=0.001 --set train.eval_every=100 --verify-export --visualize",
 ]
 
@@ -141,7 +137,9 @@ def _scratch(tmp_path):
     (configs / "custom.yaml").write_text(yaml.safe_dump(custom, sort_keys=False))
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "python").symlink_to(sys.executable)
+    wrapper = bin_dir / "python"  # a script, not a link: a venv's python finds its packages from its own path
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    wrapper.chmod(0o755)
     home = tmp_path / "home"
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("XDG_CACHE_HOME", "TF_CONFIG", "KERAS_BACKEND")}
@@ -157,6 +155,10 @@ def _scratch(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("MSDN_TEST_DOCS") != "1",
+    reason="runs every documented command (about 25 trainings and exports, minutes): set MSDN_TEST_DOCS=1",
+)
 def test_documented_commands_run_as_written(tmp_path):
     work, env = _scratch(tmp_path)
     port = str(_free_port())
@@ -188,4 +190,4 @@ def test_documented_commands_run_as_written(tmp_path):
             server.wait(timeout=30)
     assert (work / "runs" / "demo" / "eval" / "curve.png").is_file()
     assert (work / "demo_att.png").is_file() and (work / "runs" / "demo" / "attention.png").is_file()
-    assert (shapes / "run" / "model.keras").is_file()
+    assert (shapes / "run" / "model.keras").is_file() and (shapes / "run2" / "model.keras").is_file()
