@@ -84,6 +84,17 @@ def test_pil_resize_matches_pillow_per_axis():
         np.testing.assert_array_equal(pre.pil_resize(img, n, int(w)), want_h)
 
 
+def test_fast_resize_equals_the_exact_account_on_any_pillow():
+    # The extraction path resizes with Pillow in two one-axis passes (C, no GIL); it must
+    # equal pil_resize (Pillow 4.3-12.x's 2-D behaviour) bit for bit, also on Pillow 13.
+    rng = np.random.default_rng(2)
+    sizes = [(375, 500, 448, 597), (500, 375, 597, 448), (448, 600, 448, 600), (17, 900, 448, 23717)]
+    sizes += [tuple(int(v) for v in rng.integers(2, 400, 4)) for _ in range(12)]
+    for h, w, nh, nw in sizes:
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        np.testing.assert_array_equal(pre._pillow_resize(img, nh, nw), pre.pil_resize(img, nh, nw), err_msg=str((h, w)))
+
+
 @pytest.mark.skipif(
     PILLOW_MAJOR >= 13,
     reason="Pillow 13 changed the pass order of 2-D resizes for some sizes; "
@@ -135,6 +146,21 @@ def test_feature_maps_equal_torchvision(tv, path):
     maps = np.asarray(model(x, training=False))
     for i, n in enumerate(IMAGES):
         assert rel_l2(maps[i].transpose(2, 0, 1), tv["map::" + n]) < 1e-5, n
+
+
+@pytest.mark.parametrize("dtype", ["float32", "mixed_bfloat16"])
+def test_inference_trunk_folds_batch_norm_exactly_enough(tv, tiny_model, dtype):
+    from msdn_tf.backbones.torchvision_resnet import inference_trunk
+
+    fast = inference_trunk(tiny_model, dtype)
+    assert not any("bn" in layer.name for layer in fast.layers)  # every BatchNormalization folded
+    assert fast.output_shape == tiny_model.output_shape
+    x = np.stack([tv["pre::" + n].transpose(1, 2, 0) for n in IMAGES])
+    maps = np.asarray(fast.predict_on_batch(x))
+    assert maps.dtype == np.float32
+    tol = 1e-5 if dtype == "float32" else 3e-2  # bfloat16 products: about 1 % (docs/data.md)
+    for i, n in enumerate(IMAGES):
+        assert rel_l2(maps[i].transpose(2, 0, 1), tv["map::" + n]) < tol, n
 
 
 def test_weight_errors_name_the_key(tmp_path, tiny_model):

@@ -92,6 +92,14 @@ def _parser() -> argparse.ArgumentParser:
         "download, needs network), a local .h5/.weights.h5 file, or 'none' (random, for tests)",
     )
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument(
+        "--precision",
+        default="float32",
+        choices=["float32", "mixed_bfloat16", "auto"],
+        help="torchvision backbone: float32 (default), mixed_bfloat16, or auto (bfloat16 where the CPU/GPU "
+        "runs it natively, e.g. CPU flag avx512_bf16); bfloat16 maps differ from float32 by about 1 %% "
+        "(python -m msdn_tf.bench_extract reports it)",
+    )
     p.add_argument("--image-size", type=int, default=448, help="square input size (448 gives 14x14 maps)")
     p.add_argument("--compression", default="gzip", choices=["gzip", "none"])
     p.add_argument("--limit", type=int, default=None, help="only the first N images (smoke tests)")
@@ -153,6 +161,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         restart=args.restart,
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        precision=args.precision,
     )
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
