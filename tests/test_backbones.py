@@ -305,6 +305,43 @@ def test_extract_torchvision_path_writes_reference_maps_and_resumes(tmp_path, tv
         assert rel_l2(fm[i], tv["map::" + n]) < 1e-5, n
 
 
+def test_extract_bfloat16_is_close_recorded_and_never_mixed_with_float32(tmp_path, tv, tiny_model):
+    import h5py
+
+    from msdn_tf.data import extraction
+
+    out = tmp_path / "f.hdf5"
+    kwargs = dict(
+        backbone=tiny_model,
+        images_root=IMG_DIR,
+        batch_size=2,
+        image_size=SIZE,
+        preprocessing="torchvision",
+        progress=False,
+        backbone_id="tiny",
+        log=lambda *a: None,
+    )
+
+    class Stop(Exception):
+        pass
+
+    def stop(done):
+        raise Stop
+
+    with pytest.raises(Stop):  # a float32 job interrupted after its first batch
+        extraction.extract_features(list(IMAGES), out, after_batch=stop, **kwargs)
+    with pytest.raises(DataError, match=r"partial extraction of a different job"):
+        extraction.extract_features(list(IMAGES), out, precision="mixed_bfloat16", **kwargs)
+    extraction.extract_features(list(IMAGES), out, precision="mixed_bfloat16", restart=True, **kwargs)
+    with h5py.File(out) as f:
+        fm = f["feature_map"][:]
+        assert f.attrs["precision"] == "mixed_bfloat16" and f.attrs["backbone"] == "tiny:mixed_bfloat16"
+    for i, n in enumerate(IMAGES):
+        assert 1e-5 < rel_l2(fm[i], tv["map::" + n]) < 3e-2, n  # bfloat16 products: close, not equal
+    with pytest.raises(Exception, match=r"float32, mixed_bfloat16 or auto"):
+        extraction.extract_features(list(IMAGES), tmp_path / "g.hdf5", precision="mixed_float16", **kwargs)
+
+
 def test_extract_cli_backbone_choice_and_errors(tmp_path, capsys):
     from msdn_tf.cli import extract
     from msdn_tf.data import extraction
