@@ -4,7 +4,7 @@ Usage::
 
     python -m msdn_tf.extract --images-root DIR --image-list LIST --out FILE.hdf5 \\
         [--backbone torchvision_resnet101|keras_resnet101] [--weights FILE|imagenet|none] \\
-        [--batch-size 16] [--image-size 448] \\
+        [--batch-size 16] [--image-size 448] [--precision float32|mixed_bfloat16|auto] \\
         [--compression gzip|none] [--limit N] [--att-splits att_splits.mat \\
         --attributes-pkl CUB_attribute.pkl [--sent-splits sent_splits.mat] \\
         [--attribute-names attributes.txt]]
