@@ -119,17 +119,17 @@ def predict_step(model, state, data):
 
 
 PREDICT_BLOCK_BYTES = 512 * 1024**2  # feature bytes moved to the device per evaluation dispatch
-_predict_fns = {}  # (id(model), batch, batches) -> (model ref, jitted function)
+_PREDICT_FUNCTIONS = {}  # (id(model), batch, batches) -> (model ref, jitted function)
 
 
-def _predict_fn(model, batch: int, batches: int):
+def predict_function(model, batch: int, batches: int):
     """A jitted ``run(trainable, non_trainable, x (batches * batch, ...)) -> {key: (batches * batch, C)}``."""
     import weakref
 
     import jax.numpy as jnp
 
     key = (id(model), batch, batches)
-    cached = _predict_fns.get(key)
+    cached = _PREDICT_FUNCTIONS.get(key)
     if cached is not None and cached[0]() is model:
         return cached[1]
 
@@ -144,7 +144,7 @@ def _predict_fn(model, batch: int, batches: int):
         return {k: jnp.reshape(v, (batches * batch,) + v.shape[2:]) for k, v in out.items()}
 
     fn = jax.jit(run)
-    _predict_fns[key] = (weakref.ref(model), fn)
+    _PREDICT_FUNCTIONS[key] = (weakref.ref(model), fn)
     return fn
 
 
@@ -174,7 +174,7 @@ def predict_rows(model, read, indices, batch_size: int = 100) -> dict:
     per_row = max(1, first.nbytes)
     batches = int(max(1, min(-(-n // batch_size), PREDICT_BLOCK_BYTES // (per_row * batch_size))))
     block = batches * batch_size
-    fn = _predict_fn(model, batch_size, batches)
+    fn = predict_function(model, batch_size, batches)
     trainable = [v.value for v in model.trainable_variables]
     non_trainable = [v.value for v in model.non_trainable_variables]
     pending = []

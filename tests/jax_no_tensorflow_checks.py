@@ -44,8 +44,21 @@ def test_bench_prints_the_same_json_naming_the_backend(tmp_path, capsys):
     for mode in ("train", "eval"):
         assert entry[mode]["fraction_of_limit_median"] > 0 and np.isfinite(entry[mode]["step_s_median"])
     assert "jax.numpy.matmul" in printed["shapes"][0]["limit_note"]
+    assert printed["config"]["steps_per_dispatch"] == 20  # the on-device loop's multi-step dispatch
     assert bench.main(TINY + ["--variants", "fused:nojit"]) == 2
     assert "jax.jit" in capsys.readouterr().err
+
+
+def test_the_gpu_bench_command_runs(capsys):
+    # docs/performance.md's GPU command (float32 and bfloat16, many steps per dispatch) at tiny shapes.
+    from msdn_tf.cli import bench
+    from tests.helpers import BENCH_TINY_ARGS as TINY
+
+    argv = TINY[:1] + ["4"] + TINY[3:] + ["--variants", "fused:jit", "fused:jit:mixed_bfloat16", "--loop-steps", "5"]
+    assert bench.main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    entry = report["shapes"][0]["variants"]["fused:jit:mixed_bfloat16"]
+    assert report["config"]["steps_per_dispatch"] == 5 and entry["vs_float32"]["train"] > 0
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9])

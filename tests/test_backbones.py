@@ -84,6 +84,17 @@ def test_pil_resize_matches_pillow_per_axis():
         np.testing.assert_array_equal(pre.pil_resize(img, n, int(w)), want_h)
 
 
+def test_fast_resize_equals_the_exact_account_on_any_pillow():
+    # The extraction path resizes with Pillow in two one-axis passes (C, no GIL); it must
+    # equal pil_resize (Pillow 4.3-12.x's 2-D behaviour) bit for bit, also on Pillow 13.
+    rng = np.random.default_rng(2)
+    sizes = [(375, 500, 448, 597), (500, 375, 597, 448), (448, 600, 448, 600), (17, 900, 448, 23717)]
+    sizes += [tuple(int(v) for v in rng.integers(2, 400, 4)) for _ in range(12)]
+    for h, w, nh, nw in sizes:
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        np.testing.assert_array_equal(pre._pillow_resize(img, nh, nw), pre.pil_resize(img, nh, nw), err_msg=str((h, w)))
+
+
 @pytest.mark.skipif(
     PILLOW_MAJOR >= 13,
     reason="Pillow 13 changed the pass order of 2-D resizes for some sizes; "
@@ -135,6 +146,21 @@ def test_feature_maps_equal_torchvision(tv, path):
     maps = np.asarray(model(x, training=False))
     for i, n in enumerate(IMAGES):
         assert rel_l2(maps[i].transpose(2, 0, 1), tv["map::" + n]) < 1e-5, n
+
+
+@pytest.mark.parametrize("dtype", ["float32", "mixed_bfloat16"])
+def test_inference_trunk_folds_batch_norm_exactly_enough(tv, tiny_model, dtype):
+    from msdn_tf.backbones.torchvision_resnet import inference_trunk
+
+    fast = inference_trunk(tiny_model, dtype)
+    assert not any("bn" in layer.name for layer in fast.layers)  # every BatchNormalization folded
+    assert fast.output_shape == tiny_model.output_shape
+    x = np.stack([tv["pre::" + n].transpose(1, 2, 0) for n in IMAGES])
+    maps = np.asarray(fast.predict_on_batch(x))
+    assert maps.dtype == np.float32
+    tol = 1e-5 if dtype == "float32" else 3e-2  # bfloat16 products: about 1 % (docs/data.md)
+    for i, n in enumerate(IMAGES):
+        assert rel_l2(maps[i].transpose(2, 0, 1), tv["map::" + n]) < tol, n
 
 
 def test_weight_errors_name_the_key(tmp_path, tiny_model):
@@ -277,6 +303,43 @@ def test_extract_torchvision_path_writes_reference_maps_and_resumes(tmp_path, tv
         assert fm.shape == (3, 128, 2, 2) and "Normalize" in f.attrs["preprocessing"]
     for i, n in enumerate(names):
         assert rel_l2(fm[i], tv["map::" + n]) < 1e-5, n
+
+
+def test_extract_bfloat16_is_close_recorded_and_never_mixed_with_float32(tmp_path, tv, tiny_model):
+    import h5py
+
+    from msdn_tf.data import extraction
+
+    out = tmp_path / "f.hdf5"
+    kwargs = dict(
+        backbone=tiny_model,
+        images_root=IMG_DIR,
+        batch_size=2,
+        image_size=SIZE,
+        preprocessing="torchvision",
+        progress=False,
+        backbone_id="tiny",
+        log=lambda *a: None,
+    )
+
+    class Stop(Exception):
+        pass
+
+    def stop(done):
+        raise Stop
+
+    with pytest.raises(Stop):  # a float32 job interrupted after its first batch
+        extraction.extract_features(list(IMAGES), out, after_batch=stop, **kwargs)
+    with pytest.raises(DataError, match=r"partial extraction of a different job"):
+        extraction.extract_features(list(IMAGES), out, precision="mixed_bfloat16", **kwargs)
+    extraction.extract_features(list(IMAGES), out, precision="mixed_bfloat16", restart=True, **kwargs)
+    with h5py.File(out) as f:
+        fm = f["feature_map"][:]
+        assert f.attrs["precision"] == "mixed_bfloat16" and f.attrs["backbone"] == "tiny:mixed_bfloat16"
+    for i, n in enumerate(IMAGES):
+        assert 1e-5 < rel_l2(fm[i], tv["map::" + n]) < 3e-2, n  # bfloat16 products: close, not equal
+    with pytest.raises(Exception, match=r"float32, mixed_bfloat16 or auto"):
+        extraction.extract_features(list(IMAGES), tmp_path / "g.hdf5", precision="mixed_float16", **kwargs)
 
 
 def test_extract_cli_backbone_choice_and_errors(tmp_path, capsys):

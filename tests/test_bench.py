@@ -131,3 +131,26 @@ def test_input_benchmark_synthetic_data_has_the_benchmark_structure(tmp_path, sh
     assert np.intersect1d(tv, ts).size == 0 and sorted(np.concatenate([tv, ts, tu])) == list(range(n))
     assert set(data.labels[ts]) <= set(data.labels[tv])
     assert data.att.shape == (facts.classes, facts.attributes)
+
+
+@pytest.mark.slow
+def test_compare_backends_times_both_in_one_run(capsys):
+    # Two worker processes (TensorFlow, JAX), timed in turn every repeat; the ratio per repeat.
+    import importlib.util
+
+    if importlib.util.find_spec("jax") is None:
+        pytest.skip("JAX is not installed: pip install -e '.[jax]'")
+    argv = TINY[:1] + ["4"] + TINY[3:] + ["--compare-backends", "tensorflow", "jax", "--loop-steps", "2"]
+    assert bench.main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    shape = report["shapes"][0]
+    assert set(shape["backends"]) == {"tensorflow", "jax"} and shape["regions"] == 4
+    assert shape["backends"]["jax"]["steps_per_dispatch"] == 2
+    assert shape["backends"]["jax"]["machine"]["backend"] == "jax"
+    assert len(shape["ratio"]["all"]["train"]) == 2 and shape["ratio"]["train"] > 0
+    assert report["load_before"] is not None and report["config"]["backends"] == ["tensorflow", "jax"]
+
+
+def test_compare_backends_refuses_unknown_backends(capsys):
+    assert bench.main(TINY + ["--compare-backends", "tensorflow", "torch"]) == 2
+    assert "--compare-backends" in capsys.readouterr().err

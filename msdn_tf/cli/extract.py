@@ -4,7 +4,7 @@ Usage::
 
     python -m msdn_tf.extract --images-root DIR --image-list LIST --out FILE.hdf5 \\
         [--backbone torchvision_resnet101|keras_resnet101] [--weights FILE|imagenet|none] \\
-        [--batch-size 16] [--image-size 448] \\
+        [--batch-size 16] [--image-size 448] [--precision float32|mixed_bfloat16|auto] \\
         [--compression gzip|none] [--limit N] [--att-splits att_splits.mat \\
         --attributes-pkl CUB_attribute.pkl [--sent-splits sent_splits.mat] \\
         [--attribute-names attributes.txt]]
@@ -53,6 +53,14 @@ def _parser() -> argparse.ArgumentParser:
         "download, needs network), a local .h5/.weights.h5 file, or 'none' (random, for tests)",
     )
     p.add_argument("--batch-size", type=int, default=16, help="images per backbone call")
+    p.add_argument(
+        "--precision",
+        default="float32",
+        choices=["float32", "mixed_bfloat16", "auto"],
+        help="torchvision backbone: float32, mixed_bfloat16, or auto (bfloat16 where the CPU/GPU "
+        "runs it natively, e.g. CPU flag avx512_bf16); bfloat16 maps differ from float32 by about 1 %% "
+        "(python -m msdn_tf.bench_extract reports it)",
+    )
     p.add_argument("--image-size", type=int, default=448, help="square input size (448 gives 14x14 maps)")
     p.add_argument("--compression", default="gzip", choices=["gzip", "none"], help="HDF5 compression of the features")
     p.add_argument("--limit", type=int, default=None, help="only the first N images (smoke tests)")
@@ -86,6 +94,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         restart=args.restart,
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        precision=args.precision,
     )
     print(f"wrote {args.out}", file=sys.stderr)
     return 0

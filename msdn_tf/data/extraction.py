@@ -441,13 +441,45 @@ def _check_request(out_path: str, listed: Sequence[str], overwrite: bool, batch_
         raise DataError("no images to extract")
 
 
-def _ready_backbone(backbone, preprocessing: str, weights, image_size: int, strategy):
+def extraction_precision(name: str):
+    """The :class:`~msdn_tf.precision.Precision` of ``--precision`` for extraction (float32, mixed_bfloat16, auto).
+
+    ``auto`` is ``mixed_bfloat16`` where the hardware runs bfloat16 natively (CPU flag
+    ``avx512_bf16``/``amx_bf16``, GPUs of compute capability >= 8.0), else float32.
+
+    Raises:
+        ConfigError: an unknown name, or ``mixed_float16`` (no loss of range is acceptable
+            in 2048-channel sums; not offered).
+    """
+    from msdn_tf.errors import ConfigError
+    from msdn_tf.precision import resolve_precision
+
+    if name == "mixed_float16":
+        raise ConfigError("'--precision' for extraction must be float32, mixed_bfloat16 or auto; got mixed_float16")
+    return resolve_precision(name, setting="--precision", backend="tensorflow")
+
+
+def _is_torchvision_trunk(backbone) -> bool:
+    try:
+        return {"conv1", "bn1", "layer1.0.conv1", "layer1.0.bn1"} <= {layer.name for layer in backbone.layers}
+    except AttributeError:
+        return False
+
+
+def _ready_backbone(backbone, preprocessing: str, weights, image_size: int, strategy, policy: str = "float32"):
     """``(backbone, strategy)``: the given backbone, or the default one for ``preprocessing``.
 
     The Keras default is built under MirroredStrategy when more than one GPU is visible.
+    A torchvision-layout trunk (built here or given) runs as its
+    :func:`~msdn_tf.backbones.torchvision_resnet.inference_trunk` (BatchNorm folded,
+    fused convolutions) under the dtype policy ``policy``.
     """
+    from msdn_tf.backbones.torchvision_resnet import inference_trunk
+
     if backbone is None and preprocessing == "torchvision":
         backbone = build_torchvision_backbone(weights, image_size)
+    if preprocessing == "torchvision" and _is_torchvision_trunk(backbone):
+        return inference_trunk(backbone, policy), strategy
     if strategy is None and backbone is None:
         import tensorflow as tf
 
@@ -558,6 +590,7 @@ def extract_features(
     strategy=None,
     preprocessing: str = "keras",
     log: Callable[[str], None] = None,
+    precision: str = "float32",
 ) -> str:
     """Extract feature maps of ``image_paths`` into ``out_path`` (resumable, crash-safe).
 
@@ -580,6 +613,11 @@ def extract_features(
             ResNet-101) or ``"torchvision"`` (Pillow decoding and the reference's PIL-exact
             Resize/CenterCrop/Normalize, :mod:`msdn_tf.backbones.preprocessing`; the
             default backbone is then :func:`build_torchvision_backbone` of ``weights``).
+        precision: ``float32`` (default), ``mixed_bfloat16`` or ``auto``
+            (:func:`extraction_precision`) for the torchvision trunk's convolutions.
+            bfloat16 maps differ from float32 ones by about 1 % (relative L2,
+            docs/data.md); the precision is part of the resume check, so one file never
+            mixes rows of two precisions.
 
     Returns:
         ``out_path``.
@@ -600,6 +638,12 @@ def extract_features(
         compression = None
     if backbone_id is None:
         backbone_id = _default_backbone_id(backbone, preprocessing, weights)
+    chosen = extraction_precision(precision)
+    if chosen.policy != "float32":
+        if preprocessing != "torchvision":
+            raise MSDNError(f"--precision {precision} ({chosen.policy}) is offered for the torchvision backbone only")
+        backbone_id += f":{chosen.policy}"
+        log(f"extraction precision {chosen.policy} ({chosen.reason})")
     partial = out_path + PARTIAL_SUFFIX
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     f, done = _open_partial(partial, n, _fingerprint(listed, image_size, backbone_id), restart, log)
@@ -607,9 +651,14 @@ def extract_features(
         if done < n:
             if done:
                 log(f"resuming {partial}: {done}/{n} images already done")
-            backbone, strategy = _ready_backbone(backbone, preprocessing, weights, image_size, strategy)
+            backbone, strategy = _ready_backbone(backbone, preprocessing, weights, image_size, strategy, chosen.policy)
             batches, note = _feature_batches(backbone, paths, done, batch_size, image_size, preprocessing, strategy)
-            attrs = {"image_size": int(image_size), "backbone": backbone_id, "preprocessing": note}
+            attrs = {
+                "image_size": int(image_size),
+                "backbone": backbone_id,
+                "preprocessing": note,
+                "precision": chosen.policy,
+            }
             done = _write_all(f, partial, n, done, batches, attrs, compression, progress, after_batch)
         if done != n:
             raise MSDNError(f"{partial}: only {done} of {n} images were extracted")

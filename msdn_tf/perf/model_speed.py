@@ -337,14 +337,16 @@ def _jax_step_fns(model, batch, x_eval, loop_steps: int = 1):
     (:func:`msdn_tf.training.jax_loop.make_multi_step`): the batch of every step is
     gathered on the device from a held pool (here the bench batch, in a new order
     each step) and :func:`msdn_tf.training_jax.train_step` runs inside a
-    ``lax.fori_loop``. ``eval`` runs the forward pass of the evaluation batch
-    ``loop_steps`` times in a ``lax.fori_loop`` (as evaluation runs many batches per
-    dispatch). Each function carries ``steps_per_call``; the report is per step.
+    ``lax.fori_loop``. ``eval`` is evaluation's own block function
+    (:func:`msdn_tf.training_jax.predict_rows`): ``loop_steps`` evaluation batches
+    (the bench batch in new row orders) in one dispatch. Each function carries
+    ``steps_per_call``; the report is per step.
     """
     import jax
     import jax.numpy as jnp
     import numpy as np
 
+    from msdn_tf import training_jax
     from msdn_tf.training.jax_loop import make_multi_step, model_state
 
     model.optimizer.build(model.trainable_variables)  # fit does this before its first step
@@ -366,17 +368,15 @@ def _jax_step_fns(model, batch, x_eval, loop_steps: int = 1):
 
     trainable = [v.value for v in model.trainable_variables]
     non_trainable = [v.value for v in model.non_trainable_variables]
-
-    @jax.jit
-    def evaluate_many(trainable, non_trainable, x):
-        def body(i, total):
-            outputs, _ = model.stateless_call(trainable, non_trainable, x, training=False, return_features=False)
-            return total + outputs["logits"][0, 0]
-
-        return jax.lax.fori_loop(0, steps, body, jnp.zeros((), "float32"))
+    # Evaluation's own function (training_jax.predict_rows): a block of `steps` batches, one
+    # dispatch, lax.map over the batches. Each batch is the eval batch in another row order,
+    # so no batch's work can be shared with another's.
+    eval_order = np.concatenate([rng.permutation(x_eval.shape[0]) for _ in range(steps)])
+    block = jnp.take(x_eval, jnp.asarray(eval_order), axis=0)
+    predict = training_jax.predict_function(model, int(x_eval.shape[0]), steps)
 
     def evaluate():
-        return float(jax.block_until_ready(evaluate_many(trainable, non_trainable, x_eval)))
+        return jax.block_until_ready(predict(trainable, non_trainable, block)["logits"])
 
     train.steps_per_call = evaluate.steps_per_call = steps
     return {"train": train, "eval": evaluate}

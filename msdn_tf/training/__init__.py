@@ -7,6 +7,8 @@
   TensorBoard scalars and the purge of events past a resumed checkpoint;
 * :mod:`msdn_tf.training.nonfinite`: stop at the first NaN/inf and say where it came from;
 * :mod:`msdn_tf.training.multi_worker`: the step loop under MultiWorkerMirroredStrategy;
+* :mod:`msdn_tf.training.jax_loop`: on JAX, the trainval rows on the device and a whole
+  evaluation period per dispatch (``lax.fori_loop`` over ``training_jax.train_step``);
 * :mod:`msdn_tf.training.resume`: which flags ``--resume`` may change;
 * :mod:`msdn_tf.training.convert`: a released PyTorch checkpoint -> a run directory (the command is
   ``python -m msdn_tf.convert``).
