@@ -395,10 +395,6 @@ def _ordered_dict(*args):
     return collections.OrderedDict(pairs)
 
 
-def _untyped_storage(*args, **kwargs):
-    raise _Corrupt("torch.storage.UntypedStorage may only appear as a storage type")
-
-
 _FUNCTIONS = {
     "torch._utils._rebuild_tensor_v2": _rebuild_tensor_v2,
     "torch._utils._rebuild_parameter": _rebuild_parameter,
