@@ -5,11 +5,11 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from msdn_tf.layers.common import contract, softmax_dtype, split_last
+from msdn_tf.layers.common import ScoresAndAttention, contract, softmax_dtype, split_last
 
 
 @keras.saving.register_keras_serializable(package="msdn_tf")
-class AttributeToVisual(keras.layers.Layer):
+class AttributeToVisual(ScoresAndAttention, keras.layers.Layer):
     """Attribute -> visual attention: each attribute attends over the image regions.
 
     With region features ``Fs`` (B, R, F), already L2-normalised per region, and
@@ -126,19 +126,6 @@ class AttributeToVisual(keras.layers.Layer):
         products = contract(features, ops.concatenate(blocks, axis=1))  # (B, R, nK)
         K = ops.shape(V)[0]
         return self.attend(split_last(products, [K] * len(blocks)), features, return_features)
-
-    def compute_output_spec(self, *args, **kwargs):
-        # Symbolic calls trace call() (exact dtypes, return_features), as without compute_output_shape,
-        # which is there for summary().
-        return super(keras.layers.Layer, self).compute_output_spec(*args, **kwargs)
-
-    def compute_output_shape(self, input_shape):
-        """``{"scores": (B, K), "attention": (B, K, R)}`` for ``input_shape = [(B, R, F), (K, D)]``."""
-        try:
-            (batch, regions, _), (attributes, _) = input_shape
-        except (TypeError, ValueError):
-            raise NotImplementedError("the output shape needs [features (B, R, F), V (K, D)] shapes") from None
-        return {"scores": (batch, attributes), "attention": (batch, attributes, regions)}
 
     def get_config(self):
         config = super().get_config()

@@ -1,5 +1,6 @@
 """Small numerical helpers shared by the MSDN layers."""
 
+import keras
 from keras import ops
 
 
@@ -61,3 +62,23 @@ def softmax_dtype(dtype):
     """float32 for half-precision compute dtypes (softmax and sums stay in float32), else ``dtype``."""
     name = getattr(dtype, "name", str(dtype))
     return "float32" if name in ("float16", "bfloat16") else name
+
+
+class ScoresAndAttention:
+    """The output shapes of the two attention sub-nets: ``{"scores": (B, K), "attention": (B, K, R)}``.
+
+    A mixin placed before ``keras.layers.Layer``: ``compute_output_shape`` (what ``summary()``
+    shows) from ``[features (B, R, F), V (K, D)]``; symbolic calls still trace ``call`` (exact
+    dtypes and ``return_features``).
+    """
+
+    def compute_output_spec(self, *args, **kwargs):
+        return super(keras.layers.Layer, self).compute_output_spec(*args, **kwargs)
+
+    def compute_output_shape(self, input_shape):
+        """``{"scores": (B, K), "attention": (B, K, R)}`` for ``input_shape = [(B, R, F), (K, D)]``."""
+        try:
+            (batch, regions, _), (attributes, _) = input_shape
+        except (TypeError, ValueError):
+            raise NotImplementedError("the output shape needs [features (B, R, F), V (K, D)] shapes") from None
+        return {"scores": (batch, attributes), "attention": (batch, attributes, regions)}

@@ -5,11 +5,11 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from msdn_tf.layers.common import contract, softmax_dtype, split_last
+from msdn_tf.layers.common import ScoresAndAttention, contract, softmax_dtype, split_last
 
 
 @keras.saving.register_keras_serializable(package="msdn_tf")
-class VisualToAttribute(keras.layers.Layer):
+class VisualToAttribute(ScoresAndAttention, keras.layers.Layer):
     """Visual -> attribute attention: each region attends over the attributes.
 
     With region features ``Fs`` (B, R, F), L2-normalised per region, and
@@ -108,19 +108,6 @@ class VisualToAttribute(keras.layers.Layer):
         products = contract(features, ops.concatenate(blocks, axis=1))  # (B, R, 2K)
         K = ops.shape(V)[0]
         return self.attend(split_last(products, [K, K]), V, return_features)
-
-    def compute_output_spec(self, *args, **kwargs):
-        # Symbolic calls trace call() (exact dtypes, return_features), as without compute_output_shape,
-        # which is there for summary().
-        return super(keras.layers.Layer, self).compute_output_spec(*args, **kwargs)
-
-    def compute_output_shape(self, input_shape):
-        """``{"scores": (B, K), "attention": (B, K, R)}`` for ``input_shape = [(B, R, F), (K, D)]``."""
-        try:
-            (batch, regions, _), (attributes, _) = input_shape
-        except (TypeError, ValueError):
-            raise NotImplementedError("the output shape needs [features (B, R, F), V (K, D)] shapes") from None
-        return {"scores": (batch, attributes), "attention": (batch, attributes, regions)}
 
     def get_config(self):
         config = super().get_config()
