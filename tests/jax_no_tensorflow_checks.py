@@ -54,7 +54,12 @@ def test_the_gpu_bench_command_runs(capsys):
     from msdn_tf.cli import bench
     from tests.helpers import BENCH_TINY_ARGS as TINY
 
-    argv = TINY[:1] + ["4"] + TINY[3:] + ["--variants", "fused:jit", "fused:jit:mixed_bfloat16", "--loop-steps", "5"]
+    argv = (
+        TINY[:1]
+        + ["4"]
+        + TINY[3:]
+        + ["--variants", "fused:jit", "fused:jit:mixed_bfloat16", "--loop-steps", "5", "--json"]
+    )
     assert bench.main(argv) == 0
     report = json.loads(capsys.readouterr().out)
     entry = report["shapes"][0]["variants"]["fused:jit:mixed_bfloat16"]

@@ -14,30 +14,31 @@ import argparse
 import json
 import sys
 
-from msdn_tf.cli.common import add_verbose_flag, cli_main
+from msdn_tf.cli.common import CommandParser, cli_main
 from msdn_tf.perf.extraction_speed import VARIANTS, run_extraction_benchmark
+from msdn_tf.utils import atomic_write_text
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m msdn_tf.bench_extract", description=__doc__.split("\n\n")[0])
+    p = CommandParser(command="bench_extract", description=__doc__.split("\n\n")[0])
     p.add_argument("--weights", help="torchvision resnet101 state_dict / MSDN checkpoint (default: seeded random)")
     p.add_argument("--images", help="folder or image list with at least 2 x --batch images (default: synthetic)")
-    p.add_argument("--image-size", type=int, default=448, help="square input size (default 448)")
-    p.add_argument("--batch", type=int, default=4, help="images per network call (default 4)")
+    p.add_argument("--image-size", type=int, default=448, help="square input size")
+    p.add_argument("--batch", type=int, default=4, help="images per network call")
     p.add_argument(
         "--variants",
         nargs="+",
         default=["before", "float32", "auto"],
         choices=list(VARIANTS),
         help="before (the trunk as loaded), float32 (BatchNorm folded), auto / mixed_bfloat16 "
-        "(folded, bfloat16 convolutions); default: before float32 auto",
+        "(folded, bfloat16 convolutions)",
     )
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats (default 3)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed calls first, incl. tracing (default 1)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls first, incl. tracing")
     p.add_argument("--blocks", type=int, nargs=4, default=[3, 4, 23, 3], help="random trunk's blocks (ResNet-101)")
-    p.add_argument("--width", type=int, default=64, help="random trunk's conv1 channels (64)")
+    p.add_argument("--width", type=int, default=64, help="random trunk's conv1 channels")
     p.add_argument("--json", dest="json_out", help="also write the JSON report to this file")
-    return add_verbose_flag(p)
+    return p
 
 
 @cli_main
@@ -47,7 +48,6 @@ def main(argv=None) -> int:
     report = run_extraction_benchmark(args, command=command, log=lambda line: print(line, file=sys.stderr))
     text = json.dumps(report, indent=1)
     if args.json_out:
-        with open(args.json_out, "w") as f:
-            f.write(text + "\n")
+        atomic_write_text(args.json_out, text + "\n")
     print(text)
     return 0

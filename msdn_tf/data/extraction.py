@@ -690,6 +690,7 @@ def extract_image_list(
     restart: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    precision: str = "float32",
 ) -> None:
     """What ``python -m msdn_tf.extract`` does: check the options, read the image list, build the
     §1.1 metadata and run :func:`extract_features` with the named backbone.
@@ -703,6 +704,7 @@ def extract_image_list(
         limit: only the first N images (cannot be combined with ``att_splits``).
         att_splits, attributes_pkl, sent_splits, attribute_names: the metadata files of
             :func:`build_metadata`.
+        precision: ``float32``, ``mixed_bfloat16`` or ``auto`` (:func:`extract_features`).
 
     Raises:
         MSDNError, DataError: one line naming the option or file.
@@ -752,4 +754,5 @@ def extract_image_list(
         restart=restart,
         overwrite=overwrite,
         progress=progress,
+        precision=precision,
     )
