@@ -503,13 +503,6 @@ def _nested(value, depth):
     return value
 
 
-@pytest.mark.xfail(
-    reason="serving helper's code (msdn_tf/serving/local_server.py): the depth check follows first elements only, "
-    "so a string input nested about 500 deep or more in a later element raises RecursionError in "
-    "_decode_strings (HTTP 500); "
-    "see /work/notes/issue-21-budgets.md",
-    strict=False,
-)
 @given(depth=st.integers(40, 990), position=st.integers(1, 3))
 @example(depth=900, position=1)
 def test_rest_string_input_nested_in_a_later_element_is_one_serving_error(rest, depth, position):

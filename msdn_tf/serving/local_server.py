@@ -579,10 +579,19 @@ def _bad(msg: str) -> ServingError:
     return ServingError(grpc.StatusCode.INVALID_ARGUMENT, msg)
 
 
-def _decode_strings(value, key: str):
-    """JSON value -> nested lists of bytes ({"b64": ...} decoded, str UTF-8 encoded)."""
+def _decode_strings(value, key: str, depth: int = 0):
+    """JSON value -> nested lists of bytes ({"b64": ...} decoded, str UTF-8 encoded).
+
+    Every element's nesting is bounded (``MAX_JSON_DEPTH``), not only the first one's: a string
+    nested hundreds of lists deep in a later element is a 400, never a RecursionError.
+    """
     if isinstance(value, list):
-        return [_decode_strings(v, key) for v in value]
+        if depth >= MAX_JSON_DEPTH:
+            raise _bad(
+                f"input '{key}': JSON lists nested more than {MAX_JSON_DEPTH} deep; a tensor has at most "
+                f"{MAX_JSON_DEPTH} dimensions"
+            )
+        return [_decode_strings(v, key, depth + 1) for v in value]
     if isinstance(value, dict):
         if set(value) != {"b64"} or not isinstance(value["b64"], str):
             raise _bad(f'input \'{key}\': a JSON object in a string tensor must be {{"b64": "..."}}')
