@@ -140,8 +140,10 @@ def test_compare_backends_times_both_in_one_run(capsys):
 
     if importlib.util.find_spec("jax") is None:
         pytest.skip("JAX is not installed: pip install -e '.[jax]'")
+    from msdn_tf.perf.backend_compare import report_text
+
     argv = TINY[:1] + ["4"] + TINY[3:] + ["--compare-backends", "tensorflow", "jax", "--loop-steps", "2"]
-    assert bench.main(argv) == 0
+    assert bench.main(argv + ["--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     shape = report["shapes"][0]
     assert set(shape["backends"]) == {"tensorflow", "jax"} and shape["regions"] == 4
@@ -149,6 +151,10 @@ def test_compare_backends_times_both_in_one_run(capsys):
     assert shape["backends"]["jax"]["machine"]["backend"] == "jax"
     assert len(shape["ratio"]["all"]["train"]) == 2 and shape["ratio"]["train"] > 0
     assert report["load_before"] is not None and report["config"]["backends"] == ["tensorflow", "jax"]
+    # What the command prints without --json: a row per backend, then the ratio with its range.
+    table = report_text(report).splitlines()
+    assert [line.split()[1] for line in table[2:4]] == ["tensorflow", "jax"]
+    assert table[4].split()[1:3] == ["jax", "images/s"] and f"train {shape['ratio']['train']:.2f}x" in table[4]
 
 
 def test_compare_backends_refuses_unknown_backends(capsys):

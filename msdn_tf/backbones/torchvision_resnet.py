@@ -369,6 +369,35 @@ def load_torchvision_weights(model, state: Mapping[str, np.ndarray], source: str
             )
 
 
+def torchvision_state(model) -> Dict[str, np.ndarray]:
+    """``model``'s weights as a torchvision ``state_dict`` (numpy): the inverse of :func:`load_torchvision_weights`.
+
+    Convolution kernels go back to ``(out, in, kh, kw)``; BatchNormalization to ``weight``,
+    ``bias``, ``running_mean``, ``running_var``. ``torch.from_numpy`` of each value loads
+    into torchvision's ResNet trunk (the extraction benchmark runs torchvision on the same
+    weights this way).
+
+    Args:
+        model: from :func:`build_torchvision_resnet` (not :func:`inference_trunk`: its
+            BatchNorms are folded away).
+
+    Example:
+        >>> trunk = build_torchvision_resnet((1, 1, 1, 1), width=4, image_size=32)
+        >>> torchvision_state(trunk)["conv1.weight"].shape
+        (4, 3, 7, 7)
+    """
+    blocks, width = _model_arch(model)
+    state = {}
+    for name, kind, _ in _module_specs(blocks, width):
+        weights = model.get_layer(name).get_weights()
+        if kind == "conv":
+            state[f"{name}.weight"] = np.ascontiguousarray(np.transpose(weights[0], (3, 2, 0, 1)))
+        else:
+            for part, value in zip(("weight", "bias", "running_mean", "running_var"), weights):
+                state[f"{name}.{part}"] = np.asarray(value)
+    return state
+
+
 def _model_arch(model) -> Tuple[Tuple[int, ...], int]:
     names = [layer.name for layer in model.layers]
     blocks = tuple(sum(1 for n in names if re.fullmatch(rf"layer{s}\.\d+\.conv1", n)) for s in range(1, 5))

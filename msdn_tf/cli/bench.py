@@ -106,5 +106,10 @@ def main(argv=None) -> int:
         return 0
     if args.json_out:
         atomic_write_text(args.json_out, text + "\n")
-    print(text if args.compare_backends else report_text(report))  # the comparison's progress lines summarise it
+    if args.compare_backends:
+        from msdn_tf.perf.backend_compare import report_text as compare_text
+
+        print(compare_text(report))
+    else:
+        print(report_text(report))
     return 0

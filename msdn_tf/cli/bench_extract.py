@@ -1,7 +1,11 @@
 """Benchmark feature extraction: images/s, GFLOP/s and the fraction of the conv rate, in one run.
 
 ``python -m msdn_tf.bench_extract [--weights resnet101-63fe2227.pth] [--images DIR|LIST]
-[--image-size 448] [--batch 4] [--variants before float32 auto] [--repeats 3] [--json OUT]``
+[--image-size 448] [--batch 4] [--variants before float32 auto] [--repeats 3]
+[--torch-python PY] [--json [OUT]]``
+
+It prints a short table; ``--json`` prints the full JSON report instead, ``--json OUT``
+writes it to ``OUT`` (and prints the table).
 
 The command is thin: :func:`msdn_tf.perf.extraction_speed.run_extraction_benchmark`
 does the work (what is timed and the report are described there and in
@@ -15,7 +19,7 @@ import json
 import sys
 
 from msdn_tf.cli.common import CommandParser, cli_main
-from msdn_tf.perf.extraction_speed import VARIANTS, run_extraction_benchmark
+from msdn_tf.perf.extraction_speed import VARIANTS, report_text, run_extraction_benchmark
 from msdn_tf.utils import atomic_write_text
 
 
@@ -37,7 +41,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1, help="untimed calls first, incl. tracing")
     p.add_argument("--blocks", type=int, nargs=4, default=[3, 4, 23, 3], help="random trunk's blocks (ResNet-101)")
     p.add_argument("--width", type=int, default=64, help="random trunk's conv1 channels")
-    p.add_argument("--json", dest="json_out", help="also write the JSON report to this file")
+    p.add_argument(
+        "--torch-python",
+        metavar="PY",
+        help="also time torchvision in the same run: an interpreter with torch and torchvision "
+        "(e.g. a separate venv's bin/python), run as a worker process on the same weights and images",
+    )
+    p.add_argument(
+        "--json",
+        dest="json_out",
+        nargs="?",
+        const="-",
+        metavar="FILE",
+        help="print the full JSON report instead of the short table; with FILE, write it there (and print the table)",
+    )
     return p
 
 
@@ -47,7 +64,10 @@ def main(argv=None) -> int:
     command = "python -m msdn_tf.bench_extract " + " ".join(sys.argv[1:] if argv is None else argv)
     report = run_extraction_benchmark(args, command=command, log=lambda line: print(line, file=sys.stderr))
     text = json.dumps(report, indent=1)
+    if args.json_out == "-":
+        print(text)
+        return 0
     if args.json_out:
         atomic_write_text(args.json_out, text + "\n")
-    print(text)
+    print(report_text(report))
     return 0

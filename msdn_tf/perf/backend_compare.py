@@ -224,3 +224,35 @@ def compare_backends(args, command: str | None = None, log=None) -> dict:
         "shapes": shapes,
         "wall_s": round(time.time() - started, 1),
     }
+
+
+def report_text(report: dict) -> str:
+    """A short readable table of :func:`compare_backends`' report (what the command prints without ``--json``).
+
+    One row per region count and backend: training and evaluation images/s (median) and,
+    for two backends, the second's speed over the first's (median of per-repeat ratios,
+    with their range).
+
+    Example:
+        >>> print(report_text(compare_backends(args)))
+    """
+    lines = [
+        f"load {report['load_before']} -> {report['load_after']}, {report.get('cpu_count')} CPUs",
+        f"{'R':>4}  {'backend':<11} {'variant':<22} {'steps/call':>10} {'train img/s':>11} {'eval img/s':>10}",
+    ]
+    for shape in report["shapes"]:
+        for backend, entry in shape["backends"].items():
+            lines.append(
+                f"{shape['regions']:>4}  {backend:<11} {entry['variant']:<22} {entry['steps_per_dispatch']:>10} "
+                f"{entry['train']['images_per_s_median']:>11.1f} {entry['eval']['images_per_s_median']:>10.1f}"
+            )
+        ratio = shape.get("ratio")
+        if ratio:
+            spread = {m: (min(ratio["all"][m]), max(ratio["all"][m])) for m in ("train", "eval")}
+            lines.append(
+                f"{shape['regions']:>4}  {ratio['of']}: train {ratio['train']:.2f}x "
+                f"({spread['train'][0]:.2f}-{spread['train'][1]:.2f}), eval {ratio['eval']:.2f}x "
+                f"({spread['eval'][0]:.2f}-{spread['eval'][1]:.2f})"
+            )
+    lines.append(f"({report['wall_s']} s; --json for the full report: every repeat, both machines)")
+    return "\n".join(lines)

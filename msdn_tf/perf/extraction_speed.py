@@ -21,10 +21,19 @@ by repeat (so every repeat's ratios compare numbers taken under the same load):
   pool one batch ahead, the network, the finiteness check) over two batches, before and
   after.
 
+* **torchvision**, with ``--torch-python PY`` (an interpreter that has ``torch`` and
+  ``torchvision``, e.g. a separate virtual environment): a worker process
+  (:mod:`msdn_tf.perf.torchvision_worker`) runs torchvision's own ResNet trunk on the
+  SAME weights and the same batch (NCHW as the reference runs it, and ``channels_last``),
+  and torchvision's own pipeline end to end (its transforms, a thread pool one batch
+  ahead, the trunk) on the same images; each is one more timed function of the
+  interleaved repeats, so the ratios to it are taken under the same load.
+
 Each variant's features are compared with ``before``'s (relative L2), so the report
-says what bfloat16 costs in accuracy. Without ``--weights`` the trunk has seeded
-random weights (He-initialised convolutions, BatchNorm statistics drawn near the
-identity, so the maps stay finite through 33 blocks); with the reference's
+says what bfloat16 costs in accuracy; with ``--torch-python`` also with torchvision's
+features on the same weights and batch, and the preprocessed batch with torchvision's.
+Without ``--weights`` the trunk has seeded random weights (He-initialised convolutions,
+BatchNorm statistics drawn near the identity, so the maps stay finite through 33 blocks); with the reference's
 ``resnet101-63fe2227.pth`` the error figures are the real ones. Without
 ``--images`` the command writes synthetic 500x375 JPEG photos (CUB's typical size)
 to a temporary folder.
@@ -32,6 +41,7 @@ to a temporary folder.
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import tempfile
@@ -42,6 +52,7 @@ import numpy as np
 from msdn_tf.errors import MSDNError
 
 VARIANTS = ("before", "float32", "auto", "mixed_bfloat16")
+TORCHVISION_COMMANDS = ("net", "net_channels_last", "end_to_end")
 
 
 def _load():
@@ -179,6 +190,102 @@ def _end_to_end(backbone, paths, batch: int, size: int, numpy_preprocess: bool) 
             patch.stop()
 
 
+class TorchvisionWorker:
+    """torchvision in another interpreter (:mod:`msdn_tf.perf.torchvision_worker`), driven over pipes.
+
+    Args:
+        python: the interpreter with ``torch`` and ``torchvision``.
+        trunk: the Keras trunk (:func:`~msdn_tf.backbones.torchvision_resnet.build_torchvision_resnet`
+            layout) whose weights torchvision loads.
+        paths: the images of the end-to-end pipeline. x: the preprocessed batch (NHWC).
+        size, batch: image size and images per network call.
+        folder: where the weights, the image list and the batch are handed over.
+        startup_s, call_s: time budgets of the start (import, build, first call) and of each command.
+    """
+
+    def __init__(self, python, trunk, paths, x, size, batch, folder, startup_s=600.0, call_s=900.0):
+        import subprocess
+
+        from msdn_tf.backbones.torchvision_resnet import torchvision_state
+
+        if not (os.path.isfile(python) and os.access(python, os.X_OK)):
+            raise MSDNError(f"--torch-python {python}: not an executable file")
+        self.python, self.call_s, self.settle_s = python, float(call_s), 0.25
+        np.savez(os.path.join(folder, "state.npz"), **torchvision_state(trunk))
+        with open(os.path.join(folder, "images.txt"), "w", encoding="utf-8") as f:
+            f.write("".join(p + "\n" for p in paths))
+        np.save(os.path.join(folder, "x.npy"), np.asarray(x, np.float32))
+        self._stderr = open(os.path.join(folder, "worker.stderr"), "w+", encoding="utf-8")
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torchvision_worker.py")
+        argv = [python, script, "--weights", os.path.join(folder, "state.npz")]
+        argv += ["--images", os.path.join(folder, "images.txt"), "--image-size", str(size), "--batch", str(batch)]
+        argv += ["--batch-input", os.path.join(folder, "x.npy"), "--out", folder]
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True, cwd=folder
+        )
+        line = self._readline(float(startup_s), "starting")
+        if not line.startswith("ready"):
+            self._raise(line, "starting")
+        self.info = json.loads(line[len("ready") :] or "{}")
+        self.features = np.load(os.path.join(folder, "features.npy"))
+        self.preprocessed = np.load(os.path.join(folder, "preprocessed.npy"))
+
+    def _readline(self, budget_s: float, what: str) -> str:
+        import selectors
+
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.proc.stdout, selectors.EVENT_READ)
+            if not sel.select(timeout=budget_s):
+                self.close()
+                raise MSDNError(
+                    f"--torch-python {self.python}: the torchvision worker took over {budget_s:.0f} s {what}"
+                )
+        line = self.proc.stdout.readline()
+        if not line:
+            self._raise("", what)
+        return line.strip()
+
+    def _raise(self, line: str, what: str):
+        try:
+            message = json.loads(line)["error"]
+        except (ValueError, KeyError, TypeError):
+            self._stop()
+            self._stderr.seek(0)
+            tail = [t for t in self._stderr.read().strip().splitlines() if t.strip()][-1:] or [line or "no output"]
+            message = f"exited with code {self.proc.returncode} while {what}: {tail[0]}"
+        self.close()
+        raise MSDNError(f"--torch-python {self.python}: {message}")
+
+    def call(self, command: str) -> float:
+        """Run ``net``, ``net_channels_last`` or ``end_to_end`` in the worker; the seconds it timed."""
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        line = self._readline(self.call_s, f"running {command}")
+        try:
+            seconds = float(json.loads(line)["seconds"])
+        except (ValueError, KeyError, TypeError):
+            self._raise(line, f"running {command}")
+        time.sleep(self.settle_s)  # torch's idle OpenMP threads spin a while: not into the next timing
+        return seconds
+
+    def _stop(self) -> None:
+        import subprocess
+
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write("quit\n")
+                self.proc.stdin.flush()
+                self.proc.wait(timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+
+    def close(self) -> None:
+        """Stop the worker (``quit``, then kill after 30 s)."""
+        self._stop()
+        self._stderr.close()
+
+
 def run_extraction_benchmark(args, command=None, log=None) -> dict:
     """Time preprocessing, the network variants, the conv rate and the end-to-end pipeline; the JSON report.
 
@@ -205,6 +312,9 @@ def run_extraction_benchmark(args, command=None, log=None) -> dict:
     if unknown:
         raise MSDNError(f"--variants: unknown {unknown}; expected some of {list(VARIANTS)}")
     size, batch = int(args.image_size), int(args.batch)
+    torch_python = getattr(args, "torch_python", None)
+    if torch_python and not (os.path.isfile(torch_python) and os.access(torch_python, os.X_OK)):
+        raise MSDNError(f"--torch-python {torch_python}: not an executable file")  # before minutes of work
     started, load_before = time.time(), _load()
     if args.weights:
         trunk, _ = load_backbone_file(args.weights, image_size=size)
@@ -246,18 +356,30 @@ def run_extraction_benchmark(args, command=None, log=None) -> dict:
         fns[f"end_to_end/{v}"] = (lambda n, old: lambda: _end_to_end(n, paths, batch, size, old))(
             nets[v], v == "before"
         )
-    for fn in fns.values():
-        for _ in range(int(args.warmup)):
-            fn()
-    seconds = {name: [] for name in fns}
-    for repeat in range(int(args.repeats)):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            seconds[name].append(time.perf_counter() - t0)
-        log(f"repeat {repeat + 1}/{args.repeats} done (load {_load()})")
-    if tmp is not None:
-        tmp.cleanup()
+    worker = None
+    handover = tempfile.TemporaryDirectory(prefix="msdn-bench-torchvision-")
+    try:
+        if torch_python:
+            log(f"starting the torchvision worker ({args.torch_python})")
+            worker = TorchvisionWorker(args.torch_python, trunk, paths, x, size, batch, handover.name)
+            for name in TORCHVISION_COMMANDS:
+                fns[f"torchvision/{name}"] = (lambda c: lambda: worker.call(c))(name)
+        for fn in fns.values():
+            for _ in range(int(args.warmup)):
+                fn()
+        seconds = {name: [] for name in fns}
+        for repeat in range(int(args.repeats)):
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                timed = fn()  # the torchvision worker's commands return their own timing
+                seconds[name].append(timed if isinstance(timed, float) else time.perf_counter() - t0)
+            log(f"repeat {repeat + 1}/{args.repeats} done (load {_load()})")
+    finally:
+        if worker is not None:
+            worker.close()
+        handover.cleanup()
+        if tmp is not None:
+            tmp.cleanup()
 
     def rate(name, images):
         return [images / s for s in seconds[name]]
@@ -288,6 +410,41 @@ def run_extraction_benchmark(args, command=None, log=None) -> dict:
             speedups[f"end_to_end {a} / {b}"] = statistics.median(
                 x / y for x, y in zip(seconds[f"end_to_end/{b}"], seconds[f"end_to_end/{a}"])
             )
+    torchvision = None
+    if worker is not None:
+        for a in ("float32", "auto", "mixed_bfloat16"):
+            if a in nets:
+                for b, label in (("net", "torchvision"), ("net_channels_last", "torchvision channels_last")):
+                    speedups[f"net {a} / {label}"] = statistics.median(
+                        x / y for x, y in zip(seconds[f"torchvision/{b}"], seconds[f"net/{a}"])
+                    )
+            if a in ends:
+                speedups[f"end_to_end {a} / torchvision"] = statistics.median(
+                    x / y for x, y in zip(seconds["torchvision/end_to_end"], seconds[f"end_to_end/{a}"])
+                )
+        theirs = worker.features
+        torchvision = {
+            "python": args.torch_python,
+            **worker.info,
+            "net": {"images_per_s_median": statistics.median(rate("torchvision/net", batch)), "layout": "NCHW"},
+            "net_channels_last": {
+                "images_per_s_median": statistics.median(rate("torchvision/net_channels_last", batch)),
+                "layout": "channels_last",
+            },
+            "end_to_end": {
+                "images": len(paths),
+                "images_per_s_median": statistics.median(rate("torchvision/end_to_end", len(paths))),
+                "what": "PIL decode + torchvision Resize/CenterCrop/ToTensor/Normalize (thread pool, one batch "
+                "ahead) + the NCHW trunk",
+            },
+            "feature_rel_l2_ours_vs_torchvision": {
+                v: float(np.linalg.norm(f - theirs) / np.linalg.norm(theirs)) for v, f in feats.items()
+            },
+            "preprocessed_vs_torchvision": {
+                "max_abs": float(np.max(np.abs(worker.preprocessed - x))),
+                "fraction_differing": float(np.mean(worker.preprocessed != x)),
+            },
+        }
     speedups["preprocess now / before"] = statistics.median(
         x / y for x, y in zip(seconds["preprocess_before"], seconds["preprocess"])
     )
@@ -342,7 +499,58 @@ def run_extraction_benchmark(args, command=None, log=None) -> dict:
             }
             for v in ends
         },
+        **({"torchvision": torchvision} if torchvision is not None else {}),
         "speedups": speedups,
         "wall_s": round(time.time() - started, 1),
     }
     return report
+
+
+def report_text(report: dict) -> str:
+    """A short readable table of :func:`run_extraction_benchmark`'s report (what the command prints).
+
+    One row per network variant (and torchvision's, when it ran): images/s of the network
+    and end to end, the convolutions' GFLOP/s and fraction of the conv rate, the feature
+    error; then the speed-ups (medians of per-repeat ratios).
+
+    Example:
+        >>> print(report_text(run_extraction_benchmark(args)))
+    """
+    machine, conv = report["machine"], report["conv_rate"]
+    flops = report["conv_gflop_per_image"]
+    lines = [
+        f"conv rate: {conv['float32_gflop_per_s_median']:.1f} GFLOP/s float32 3x3"
+        + (f", {conv['bfloat16_gflop_per_s_median']:.1f} bfloat16" if "bfloat16_gflop_per_s_median" in conv else "")
+        + f", matmul {conv['matmul_2048_float32_gflop_per_s_median']:.1f}; {flops:.1f} GFLOP per image; "
+        f"{machine['cpu_count']} CPUs {'+'.join(machine['cpu_bf16_flags']) or '(no bf16 flags)'}, "
+        f"load {machine['load_before']} -> {machine['load_after']}",
+        f"{'network':<28} {'net img/s':>9} {'GFLOP/s':>8} {'of conv':>7} {'end-to-end img/s':>16} {'rel L2 err':>10}",
+    ]
+    ends = report["end_to_end"]
+    for name, v in report["variants"].items():
+        label = f"{name} ({v['precision']['used']})"
+        end = f"{ends[name]['images_per_s_median']:.2f}" if name in ends else "-"
+        lines.append(
+            f"{label:<28} {v['images_per_s_median']:>9.2f} {v['gflop_per_s_median']:>8.1f} "
+            f"{v['fraction_of_conv_rate_median']:>7.2f} {end:>16} {v['feature_rel_l2_vs_before']:>10.1e}"
+        )
+    tv = report.get("torchvision")
+    if tv:
+        errors = tv["feature_rel_l2_ours_vs_torchvision"]
+        for key, label in (("net", "torchvision (NCHW)"), ("net_channels_last", "torchvision (channels_last)")):
+            ips = tv[key]["images_per_s_median"]
+            end = f"{tv['end_to_end']['images_per_s_median']:.2f}" if key == "net" else "-"
+            lines.append(f"{label:<28} {ips:>9.2f} {ips * flops:>8.1f} {'':>7} {end:>16} {'':>10}")
+        lines.append(
+            "features vs torchvision (same weights, same batch), rel L2: "
+            + ", ".join(f"{k} {e:.1e}" for k, e in errors.items())
+            + f"; preprocessed batch max abs diff {tv['preprocessed_vs_torchvision']['max_abs']:.1e}"
+        )
+    lines.append(
+        f"preprocessing, one thread: {report['preprocess']['images_per_s_median']:.1f} img/s "
+        f"(before: {report['preprocess']['before_images_per_s_median']:.1f})"
+    )
+    lines.append("speed-ups (medians of per-repeat ratios):")
+    lines += [f"  {k:<46} {v:>6.2f}x" for k, v in report["speedups"].items()]
+    lines.append(f"({report['wall_s']} s; --json for the full report: every repeat, the error in max abs too)")
+    return "\n".join(lines)
