@@ -117,7 +117,7 @@ def test_input_benchmark_synthetic_data_has_the_benchmark_structure(tmp_path, sh
     """The cache that bench_input generates reads back row by row, and its splits are those of a
     zero-shot benchmark (made by the demo's split rule)."""
     from msdn_tf.data.datasets import BENCHMARKS
-    from msdn_tf.perf.input_pipeline import generate, synthetic_data
+    from msdn_tf.perf.input_pipeline import check_read_back, generate, synthetic_data
 
     facts, n = BENCHMARKS[shape], 600
     path = generate(str(tmp_path / "bench.regions_float16.npy"), n, 3, 4, progress=False)
@@ -131,6 +131,21 @@ def test_input_benchmark_synthetic_data_has_the_benchmark_structure(tmp_path, sh
     assert np.intersect1d(tv, ts).size == 0 and sorted(np.concatenate([tv, ts, tu])) == list(range(n))
     assert set(data.labels[ts]) <= set(data.labels[tv])
     assert data.att.shape == (facts.classes, facts.attributes)
+    check_read_back(data, n, path)  # as generated: passes
+
+
+def test_input_benchmark_refuses_a_cache_that_reads_back_wrong(tmp_path):
+    from msdn_tf.errors import MSDNError
+    from msdn_tf.perf.input_pipeline import check_read_back, generate, synthetic_data
+
+    n = 600
+    path = generate(str(tmp_path / "bench.regions_float16.npy"), n, 3, 4, progress=False)
+    rows = np.load(path, mmap_mode="r+")
+    rows[3, 0, 0] = 0.5  # another run's (or a damaged) cache
+    rows.flush()
+    del rows
+    with pytest.raises(MSDNError, match=r"bench\.regions_float16\.npy: rows 599 and 3 read back as .*delete it"):
+        check_read_back(synthetic_data(path, "cub", n), n, path)
 
 
 @pytest.mark.slow

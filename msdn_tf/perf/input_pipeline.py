@@ -172,6 +172,21 @@ def measure(data, sampler, start: int, steps: int, parallel_reads: int, prefetch
     }
 
 
+def check_read_back(data, n: int, path: str) -> None:
+    """Raise :class:`MSDNError` unless rows ``n - 1`` and 3 of the cache read back as :func:`generate` wrote them.
+
+    ``generate`` sets element ``[0, 0]`` of row ``i`` to ``i / n``; a cache left by another
+    run (or damaged) is named, with what was read and what was expected.
+    """
+    check = np.asarray(data.features.read(np.array([n - 1, 3])))[:, 0, 0].astype(np.float64)
+    expected = np.array([(n - 1) / n, 3 / n])
+    if not np.all(np.abs(check - expected) < 1e-3):
+        raise MSDNError(
+            f"{path}: rows {n - 1} and 3 read back as {check.round(4).tolist()}, expected about "
+            f"{expected.round(4).tolist()}: the cache is not what this benchmark wrote; delete it and run again"
+        )
+
+
 def run(args) -> dict:
     from msdn_tf.data.pipeline import ClassBalancedSampler, RandomBatchSampler
 
@@ -207,8 +222,7 @@ def run(args) -> dict:
         result["generate_MB_per_s"] = round(need / 1e6 / (time.perf_counter() - t0), 1)
     data = synthetic_data(path, args.shape, n)
     data.features.mode = args.mode
-    check = data.features.read(np.array([n - 1, 3]))[:, 0, 0]
-    assert abs(check[0] - (n - 1) / n) < 1e-3 and abs(check[1] - 3 / n) < 1e-3, check
+    check_read_back(data, n, path)
 
     samplers = {
         "random": RandomBatchSampler(data.trainval_loc, 50, seed=1),
