@@ -175,3 +175,29 @@ def test_compare_backends_times_both_in_one_run(capsys):
 def test_compare_backends_refuses_unknown_backends(capsys):
     assert bench.main(TINY + ["--compare-backends", "tensorflow", "torch"]) == 2
     assert "--compare-backends" in capsys.readouterr().err
+
+
+def test_pipe_worker_reports_a_dead_silent_or_chatty_worker(tmp_path):
+    """The benchmarks' worker processes (other backend, torchvision): every way a worker goes wrong is one line."""
+    import sys
+
+    from msdn_tf.errors import MSDNError
+    from msdn_tf.perf.pipe_worker import PipeWorker
+
+    dies = PipeWorker([sys.executable, "-c", "import sys; print('boom', file=sys.stderr); sys.exit(3)"], "w1")
+    with pytest.raises(MSDNError, match=r"^w1: exited with code 3 while starting: boom$"):
+        dies.receive(30, "starting")
+    silent = PipeWorker([sys.executable, "-c", "import time; time.sleep(60)"], "w2", hint=" (see why)")
+    with pytest.raises(MSDNError, match=r"^w2: took over 1 s starting \(see why\)$"):
+        silent.receive(1, "starting")
+    assert silent.proc.poll() is not None  # stopped, not left running
+    # 1 MB on stderr before the answer: a stderr pipe nobody reads would block the worker here.
+    code = "import sys; sys.stderr.write('x' * 2**20 + '\\nlast\\n'); print('{}')"
+    chatty = PipeWorker([sys.executable, "-c", code], "w3")
+    assert chatty.receive_json(30) == {} and chatty.last_stderr_line() == "last"
+    chatty.close()
+    garbled = PipeWorker([sys.executable, "-c", "print('not json')"], "w4")
+    with pytest.raises(MSDNError, match=r"^w4: answered 'not json' while running, not a JSON line$"):
+        garbled.receive_json(30)
+    with pytest.raises(MSDNError, match="not an executable file"):
+        PipeWorker([str(tmp_path / "missing")], "w5")

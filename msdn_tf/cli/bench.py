@@ -14,13 +14,11 @@ is timed, the FLOP count and the report are described there and in docs/performa
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from msdn_tf.cli.common import CommandParser, add_verbose_flag, cli_main
+from msdn_tf.cli.common import CommandParser, add_report_flag, add_verbose_flag, cli_main, print_report
 from msdn_tf.options import PRECISIONS
 from msdn_tf.perf.model_speed import CUB, IMPLS, report_text, run_benchmark
-from msdn_tf.utils import atomic_write_text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,15 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         "timed in turn every repeat; reports images/s and the per-repeat ratio (second / first). "
         "Each backend runs its training default (TensorFlow fused:nojit, JAX fused:jit with --loop-steps)",
     )
-    p.add_argument(
-        "--json",
-        dest="json_out",
-        nargs="?",
-        const="-",
-        metavar="FILE",
-        help="print the full JSON report instead of the short table; with FILE, write it there (and print the table)",
-    )
-    return add_verbose_flag(p)
+    return add_verbose_flag(add_report_flag(p))
 
 
 @cli_main
@@ -96,20 +86,10 @@ def main(argv=None) -> int:
     command = "python -m msdn_tf.bench " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.compare_backends:
         from msdn_tf.perf.backend_compare import compare_backends
-
-        report = compare_backends(args, command=command, log=lambda line: print(line, file=sys.stderr))
-    else:
-        report = run_benchmark(args, command=command)
-    text = json.dumps(report, indent=1)
-    if args.json_out == "-":
-        print(text)
-        return 0
-    if args.json_out:
-        atomic_write_text(args.json_out, text + "\n")
-    if args.compare_backends:
         from msdn_tf.perf.backend_compare import report_text as compare_text
 
-        print(compare_text(report))
+        report = compare_backends(args, command=command, log=lambda line: print(line, file=sys.stderr))
+        print_report(report, args.json_out, compare_text)
     else:
-        print(report_text(report))
+        print_report(run_benchmark(args, command=command), args.json_out, report_text)
     return 0

@@ -15,12 +15,10 @@ docs/performance.md).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from msdn_tf.cli.common import CommandParser, cli_main
+from msdn_tf.cli.common import CommandParser, add_report_flag, cli_main, print_report
 from msdn_tf.perf.extraction_speed import VARIANTS, report_text, run_extraction_benchmark
-from msdn_tf.utils import atomic_write_text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,15 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also time torchvision in the same run: an interpreter with torch and torchvision "
         "(e.g. a separate venv's bin/python), run as a worker process on the same weights and images",
     )
-    p.add_argument(
-        "--json",
-        dest="json_out",
-        nargs="?",
-        const="-",
-        metavar="FILE",
-        help="print the full JSON report instead of the short table; with FILE, write it there (and print the table)",
-    )
-    return p
+    return add_report_flag(p)
 
 
 @cli_main
@@ -63,11 +53,5 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     command = "python -m msdn_tf.bench_extract " + " ".join(sys.argv[1:] if argv is None else argv)
     report = run_extraction_benchmark(args, command=command, log=lambda line: print(line, file=sys.stderr))
-    text = json.dumps(report, indent=1)
-    if args.json_out == "-":
-        print(text)
-        return 0
-    if args.json_out:
-        atomic_write_text(args.json_out, text + "\n")
-    print(report_text(report))
+    print_report(report, args.json_out, report_text)
     return 0

@@ -7,7 +7,8 @@ Every ``python -m msdn_tf.<command>`` (and console script) uses this module:
   it also accepts ``--verbose`` on every command;
 * :func:`add_common_flags` adds the flags that commands repeat (``--dataset``,
   ``--data-dir``, ``--config``, ``--set``, ``--verbose``); :func:`config_from_common_flags`
-  resolves the config they name;
+  resolves the config they name; :func:`add_report_flag` and :func:`print_report` give the
+  benchmarks their ``--json [FILE]`` and short table;
 * :func:`quiet_tensorflow_startup` hides TensorFlow's C++ start-up lines (``WARNING: All log
   messages before absl::InitializeLog()``, the oneDNN and ``cudart_stub`` INFO lines,
   ``failed call to cuInit``, ``NodeDef mentions attribute use_unbounded_threadpool``). It is
@@ -188,6 +189,40 @@ def add_verbose_flag(parser):
         VERBOSE_FLAG, action="store_true", help=f"show TensorFlow's start-up and log lines (also: {VERBOSE_ENV}=1)"
     )
     return parser
+
+
+def add_report_flag(parser):
+    """Add a benchmark's ``--json [FILE]``: the full report instead of the short table, or written to FILE.
+
+    :func:`print_report` acts on it.
+    """
+    parser.add_argument(
+        "--json",
+        dest="json_out",
+        nargs="?",
+        const="-",
+        metavar="FILE",
+        help="print the full JSON report instead of the short table; with FILE, write it there (and print the table)",
+    )
+    return parser
+
+
+def print_report(report: dict, json_out, table) -> None:
+    """Print a benchmark's report as :func:`add_report_flag` asked: the JSON, or ``table(report)`` (and FILE).
+
+    The file is written atomically (a temporary file, then a rename).
+    """
+    import json
+
+    from msdn_tf.utils import atomic_write_text
+
+    text = json.dumps(report, indent=1)
+    if json_out == "-":
+        print(text)
+        return
+    if json_out:
+        atomic_write_text(json_out, text + "\n")
+    print(table(report))
 
 
 CONSOLE_SCRIPT_PREFIX = "msdn-"

@@ -24,11 +24,11 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 from msdn_tf.errors import MSDNError
+from msdn_tf.perf.pipe_worker import PipeWorker
 
 WORKER_CODE = "from msdn_tf.perf.backend_compare import worker; worker()"
 SHAPE_KEYS = ("batch", "eval_batch", "attributes", "classes", "unseen", "features", "embed")
@@ -75,48 +75,20 @@ def worker() -> None:  # pragma: no cover - runs in the subprocess of compare_ba
         out.flush()
 
 
-class _Worker:
-    def __init__(self, backend: str, settings: dict, env=None):
-        from msdn_tf.utils import subprocess_env
+def _worker(backend: str, settings: dict) -> PipeWorker:
+    """A worker process for ``backend`` (``KERAS_BACKEND`` set), sent its settings."""
+    from msdn_tf.utils import subprocess_env
 
-        self.backend = backend
-        env = subprocess_env(env)
-        env["KERAS_BACKEND"] = backend
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", WORKER_CODE],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        self.send(settings)
-
-    def send(self, message) -> None:
-        self.proc.stdin.write((message if isinstance(message, str) else json.dumps(message)) + "\n")
-        self.proc.stdin.flush()
-
-    def receive(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            err = self.proc.stderr.read().strip().splitlines()
-            raise MSDNError(
-                f"the {self.backend} benchmark worker stopped: {err[-1] if err else 'no message'} "
-                f"(run KERAS_BACKEND={self.backend} python -m msdn_tf.bench to see why)"
-            )
-        return json.loads(line)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.send("quit")
-                self.proc.stdin.close()
-            except OSError:
-                pass
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+    env = subprocess_env()
+    env["KERAS_BACKEND"] = backend
+    worker = PipeWorker(
+        [sys.executable, "-c", WORKER_CODE],
+        f"the {backend} benchmark worker",
+        env=env,
+        hint=f" (run KERAS_BACKEND={backend} python -m msdn_tf.bench to see why)",
+    )
+    worker.send(settings)
+    return worker
 
 
 def _load():
@@ -130,22 +102,23 @@ def compare_shape(regions: int, args, backends, log=None) -> dict:
     """Time ``backends`` (e.g. ``["tensorflow", "jax"]``) at one region count, repeat by repeat."""
     common = {k: getattr(args, k) for k in SHAPE_KEYS}
     common.update(steps=args.steps, warmup=args.warmup, loop_steps=args.loop_steps, jit=None)
-    workers = []
+    workers = {}
     try:
         for backend in backends:
             settings = {"regions": regions, "variant": _default_variant(backend), "args": common}
-            workers.append(_Worker(backend, settings))
-        ready = {w.backend: w.receive() for w in workers}  # all built and warmed up (compiled)
-        seconds = {w.backend: {"train": [], "eval": []} for w in workers}
+            workers[backend] = _worker(backend, settings)
+        # All built and warmed up (compiled):
+        ready = {backend: w.receive_json(what="starting") for backend, w in workers.items()}
+        seconds = {backend: {"train": [], "eval": []} for backend in workers}
         for repeat in range(args.repeats):
-            for w in workers:
+            for backend, w in workers.items():
                 w.send("time")
-                for mode, s in w.receive().items():
-                    seconds[w.backend][mode].append(s)
+                for mode, s in w.receive_json().items():
+                    seconds[backend][mode].append(s)
             if log:
                 log(f"R={regions} repeat {repeat + 1}/{args.repeats} done")
     finally:
-        for w in workers:
+        for w in workers.values():
             w.close()
     images = {"train": args.batch, "eval": args.eval_batch}
     result = {"regions": regions, "backends": {}}

@@ -50,6 +50,7 @@ import time
 import numpy as np
 
 from msdn_tf.errors import MSDNError
+from msdn_tf.perf.pipe_worker import PipeWorker, require_executable
 
 VARIANTS = ("before", "float32", "auto", "mixed_bfloat16")
 TORCHVISION_COMMANDS = ("net", "net_channels_last", "end_to_end")
@@ -204,86 +205,47 @@ class TorchvisionWorker:
     """
 
     def __init__(self, python, trunk, paths, x, size, batch, folder, startup_s=600.0, call_s=900.0):
-        import subprocess
-
         from msdn_tf.backbones.torchvision_resnet import torchvision_state
 
-        if not (os.path.isfile(python) and os.access(python, os.X_OK)):
-            raise MSDNError(f"--torch-python {python}: not an executable file")
-        self.python, self.call_s, self.settle_s = python, float(call_s), 0.25
+        self.call_s, self.settle_s = float(call_s), 0.25
         np.savez(os.path.join(folder, "state.npz"), **torchvision_state(trunk))
         with open(os.path.join(folder, "images.txt"), "w", encoding="utf-8") as f:
             f.write("".join(p + "\n" for p in paths))
         np.save(os.path.join(folder, "x.npy"), np.asarray(x, np.float32))
-        self._stderr = open(os.path.join(folder, "worker.stderr"), "w+", encoding="utf-8")
         script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torchvision_worker.py")
         argv = [python, script, "--weights", os.path.join(folder, "state.npz")]
         argv += ["--images", os.path.join(folder, "images.txt"), "--image-size", str(size), "--batch", str(batch)]
         argv += ["--batch-input", os.path.join(folder, "x.npy"), "--out", folder]
-        self.proc = subprocess.Popen(
-            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True, cwd=folder
-        )
-        line = self._readline(float(startup_s), "starting")
+        self.worker = PipeWorker(argv, f"--torch-python {python}", cwd=folder)
+        line = self.worker.receive(float(startup_s), "starting")
         if not line.startswith("ready"):
-            self._raise(line, "starting")
+            self._fail(line, "starting")
         self.info = json.loads(line[len("ready") :] or "{}")
         self.features = np.load(os.path.join(folder, "features.npy"))
         self.preprocessed = np.load(os.path.join(folder, "preprocessed.npy"))
 
-    def _readline(self, budget_s: float, what: str) -> str:
-        import selectors
-
-        with selectors.DefaultSelector() as sel:
-            sel.register(self.proc.stdout, selectors.EVENT_READ)
-            if not sel.select(timeout=budget_s):
-                self.close()
-                raise MSDNError(
-                    f"--torch-python {self.python}: the torchvision worker took over {budget_s:.0f} s {what}"
-                )
-        line = self.proc.stdout.readline()
-        if not line:
-            self._raise("", what)
-        return line.strip()
-
-    def _raise(self, line: str, what: str):
+    def _fail(self, line: str, what: str):
+        """The worker's own ``{"error": ...}`` reply, or the line it gave instead of an answer."""
         try:
             message = json.loads(line)["error"]
         except (ValueError, KeyError, TypeError):
-            self._stop()
-            self._stderr.seek(0)
-            tail = [t for t in self._stderr.read().strip().splitlines() if t.strip()][-1:] or [line or "no output"]
-            message = f"exited with code {self.proc.returncode} while {what}: {tail[0]}"
-        self.close()
-        raise MSDNError(f"--torch-python {self.python}: {message}")
+            message = f"answered {line[:200]!r} while {what}"
+        self.worker.fail(message)
 
     def call(self, command: str) -> float:
         """Run ``net``, ``net_channels_last`` or ``end_to_end`` in the worker; the seconds it timed."""
-        self.proc.stdin.write(command + "\n")
-        self.proc.stdin.flush()
-        line = self._readline(self.call_s, f"running {command}")
+        self.worker.send(command)
+        line = self.worker.receive(self.call_s, f"running {command}")
         try:
             seconds = float(json.loads(line)["seconds"])
         except (ValueError, KeyError, TypeError):
-            self._raise(line, f"running {command}")
+            self._fail(line, f"running {command}")
         time.sleep(self.settle_s)  # torch's idle OpenMP threads spin a while: not into the next timing
         return seconds
 
-    def _stop(self) -> None:
-        import subprocess
-
-        if self.proc.poll() is None:
-            try:
-                self.proc.stdin.write("quit\n")
-                self.proc.stdin.flush()
-                self.proc.wait(timeout=30)
-            except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait()
-
     def close(self) -> None:
-        """Stop the worker (``quit``, then kill after 30 s)."""
-        self._stop()
-        self._stderr.close()
+        """Stop the worker (``quit``, then kill after 60 s)."""
+        self.worker.close()
 
 
 def run_extraction_benchmark(args, command=None, log=None) -> dict:
@@ -313,8 +275,8 @@ def run_extraction_benchmark(args, command=None, log=None) -> dict:
         raise MSDNError(f"--variants: unknown {unknown}; expected some of {list(VARIANTS)}")
     size, batch = int(args.image_size), int(args.batch)
     torch_python = getattr(args, "torch_python", None)
-    if torch_python and not (os.path.isfile(torch_python) and os.access(torch_python, os.X_OK)):
-        raise MSDNError(f"--torch-python {torch_python}: not an executable file")  # before minutes of work
+    if torch_python:
+        require_executable(torch_python, f"--torch-python {torch_python}")  # before minutes of work
     started, load_before = time.time(), _load()
     if args.weights:
         trunk, _ = load_backbone_file(args.weights, image_size=size)
