@@ -33,8 +33,8 @@ Each variant's features are compared with ``before``'s (relative L2), so the rep
 says what bfloat16 costs in accuracy; with ``--torch-python`` also with torchvision's
 features on the same weights and batch, and the preprocessed batch with torchvision's.
 Without ``--weights`` the trunk has seeded random weights (He-initialised convolutions,
-BatchNorm statistics drawn near the identity, so the maps stay finite through 33 blocks); with the reference's
-``resnet101-63fe2227.pth`` the error figures are the real ones. Without
+BatchNorm statistics drawn near the identity, so the maps stay finite through 33
+blocks); with the reference's ``resnet101-63fe2227.pth`` the error figures are the real ones. Without
 ``--images`` the command writes synthetic 500x375 JPEG photos (CUB's typical size)
 to a temporary folder.
 """
@@ -318,10 +318,10 @@ def run_extraction_benchmark(args, command=None, log=None) -> dict:
         fns[f"end_to_end/{v}"] = (lambda n, old: lambda: _end_to_end(n, paths, batch, size, old))(
             nets[v], v == "before"
         )
-    worker = None
-    handover = tempfile.TemporaryDirectory(prefix="msdn-bench-torchvision-")
+    worker = handover = None
     try:
         if torch_python:
+            handover = tempfile.TemporaryDirectory(prefix="msdn-bench-torchvision-")
             log(f"starting the torchvision worker ({args.torch_python})")
             worker = TorchvisionWorker(args.torch_python, trunk, paths, x, size, batch, handover.name)
             for name in TORCHVISION_COMMANDS:
@@ -339,7 +339,8 @@ def run_extraction_benchmark(args, command=None, log=None) -> dict:
     finally:
         if worker is not None:
             worker.close()
-        handover.cleanup()
+        if handover is not None:
+            handover.cleanup()
         if tmp is not None:
             tmp.cleanup()
 
