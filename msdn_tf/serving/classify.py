@@ -361,14 +361,7 @@ def classify(
         else:
             raise MSDNError(f"features must be (B, R, F) or (B, H, W, F), got shape {x.shape}")
     outputs = _predict(inputs, signature, model=model, server=server, rest=rest, version=version, timeout=timeout)
-    return {
-        "model": model,
-        "transport": "rest" if rest else "grpc",
-        "server": rest or server,
-        "signature": signature,
-        "gamma": float(metadata["gamma"]),
-        "results": summarize(outputs, metadata, top_k, labels),
-    }
+    return _answer(model, rest, server, signature, summarize(outputs, metadata, top_k, labels), metadata)
 
 
 def classify_open(
@@ -422,13 +415,18 @@ def classify_open(
         seen_classes=seen,
         unseen_classes=[i for i in range(len(names)) if i not in set(seen)],
     )
+    return _answer(model, rest, server, signature, summarize(outputs, request_meta, top_k, labels), metadata)
+
+
+def _answer(model, rest, server, signature, results, metadata) -> dict:
+    """The reply of :func:`classify` and :func:`classify_open`: what was asked where, and the results."""
     return {
         "model": model,
         "transport": "rest" if rest else "grpc",
         "server": rest or server,
         "signature": signature,
         "gamma": float(metadata["gamma"]),
-        "results": summarize(outputs, request_meta, top_k, labels),
+        "results": results,
     }
 
 
